@@ -1,0 +1,100 @@
+"""graft (tract) vs onnxruntime on the same ONNX file and the same photo, in one run.
+
+For each bundled model and thread count it runs `graft bench --json` (load, embed batch-1
+latency, median of --runs) and onnxruntime on the same .onnx with the reference preprocessing
+(models/export/preprocess.py, which graft's golden test checks it matches), then prints the
+latency ratio and the cosine between graft's and onnxruntime's embeddings of the photo.
+
+    cargo build --release
+    .venv/bin/python benches/compare_onnxruntime.py [--graft target/release/graft] [--runs 30]
+
+Needs numpy, pillow, onnx, onnxruntime (models/export/requirements.txt).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "models" / "export"))
+from preprocess import preprocess_path  # noqa: E402
+
+MODELS = {
+    "efficientnet-lite0-fp32": ROOT / "models/efficientnet-lite0/fp32.onnx",
+    "efficientnet-lite0-int8": ROOT / "models/efficientnet-lite0/int8.onnx",
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ort_session(path: Path, threads: int, with_features: bool):
+    model = onnx.load(str(path))
+    if with_features:
+        model.graph.output.append(onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    t = time.perf_counter()
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess, (time.perf_counter() - t) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--graft", default=str(ROOT / "target/release/graft"))
+    ap.add_argument("--image", default=str(ROOT / "tests/fixtures/images/chelsea.jpg"))
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args()
+    x = preprocess_path(args.image)
+    rows = []
+    for name, path in MODELS.items():
+        for threads in [int(t) for t in args.threads.split(",")]:
+            g = json.loads(subprocess.check_output(
+                [args.graft, "bench", "--json", "--model", name, "--threads", str(threads),
+                 "--runs", str(args.runs), "--image", args.image], cwd=ROOT))
+            sess, load_ms = ort_session(path, threads, with_features=False)
+            sess.run(None, {"input": x})
+            times = []
+            for _ in range(args.runs):
+                t = time.perf_counter()
+                sess.run(None, {"input": x})
+                times.append((time.perf_counter() - t) * 1e3)
+            ort_ms = statistics.median(times)
+            # Embedding agreement on the same photo.
+            fsess, _ = ort_session(path, 1, with_features=True)
+            ref = fsess.run(["features"], {"input": x})[0][0]
+            with tempfile.TemporaryDirectory() as d:
+                out = Path(d) / "e.jsonl"
+                subprocess.check_call([args.graft, "embed", "--model", name, args.image, "--out", str(out)],
+                                      cwd=ROOT, stderr=subprocess.DEVNULL)
+                emb = np.array(json.loads(out.read_text().splitlines()[1])["embedding"], dtype=np.float64)
+            cos = float(emb @ ref / (np.linalg.norm(emb) * np.linalg.norm(ref)))
+            rows.append((name, threads, g["load_ms"], load_ms, g["embed_batch1_ms"], ort_ms, cos))
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; onnxruntime {ort.__version__}; "
+          f"batch 1, median of {args.runs} runs, same .onnx file, same photo")
+    print(f"{'model':<26} {'thr':>3} {'graft load':>10} {'ort load':>9} {'graft ms':>9} {'ort ms':>7} {'ratio':>6} {'cosine':>8}")
+    for name, thr, gl, ol, gm, om, cos in rows:
+        print(f"{name:<26} {thr:>3} {gl:>10.0f} {ol:>9.0f} {gm:>9.2f} {om:>7.2f} {gm / om:>5.1f}x {cos:>8.5f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+//! Model manifests: the TOML file beside every ONNX backbone that says how to feed it and where
+//! to cut it. Bundled manifests (and their model files) are compiled into the binary so that a
+//! board needs nothing but `graft` itself.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::BackboneError;
+
+/// The manifest format this build reads. Newer formats are refused with a clear error.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// A parsed model manifest (`models/*.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest format version.
+    pub format: u32,
+    /// Unique model name, e.g. `efficientnet-lite0-int8`.
+    pub name: String,
+    /// The architecture family; models of one family share preprocessing and labels.
+    #[serde(default)]
+    pub family: String,
+    /// One line for humans.
+    #[serde(default)]
+    pub description: String,
+    /// `fp32`, `int8`, ...
+    pub precision: String,
+    /// The ONNX file, relative to the manifest.
+    pub file: String,
+    /// sha256 of the ONNX file, lowercase hex.
+    pub sha256: String,
+    /// Class names, one per line in logit order, relative to the manifest. Optional for
+    /// feature-only backbones.
+    #[serde(default)]
+    pub labels: Option<String>,
+    /// sha256 of the labels file.
+    #[serde(default)]
+    pub labels_sha256: Option<String>,
+    /// How images become the input tensor.
+    pub input: InputSpec,
+    /// Which graph outputs mean what.
+    pub output: OutputSpec,
+    /// Where the weights came from.
+    #[serde(default)]
+    pub provenance: Option<toml::Table>,
+}
+
+/// The input tensor and the preprocessing that produces it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Name of the graph input.
+    pub name: String,
+    /// Only `NCHW` for now.
+    pub layout: String,
+    /// Only `RGB` for now.
+    pub channels: String,
+    /// Side of the square input, in pixels.
+    pub size: u32,
+    /// The shorter side is resized to this before the centre crop.
+    pub resize_shorter: u32,
+    /// Only `bilinear` for now.
+    pub resize_filter: String,
+    /// Per-channel value subtracted from the 0..255 pixel.
+    pub mean: [f32; 3],
+    /// Per-channel divisor applied after the mean.
+    pub std: [f32; 3],
+}
+
+/// Named outputs of the graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// The classifier logits (for `classify`); optional for feature-only backbones.
+    #[serde(default)]
+    pub logits: Option<String>,
+    /// The node at which the graph is cut for embeddings.
+    pub features: String,
+    /// Number of values in one embedding.
+    pub features_size: usize,
+    /// Number of classes of the logits output.
+    #[serde(default)]
+    pub classes: Option<usize>,
+}
+
+/// Where the bytes of a model come from: compiled in, or files on disk.
+#[derive(Debug, Clone)]
+pub(crate) enum Source {
+    Bundled {
+        onnx: &'static [u8],
+        labels: Option<&'static str>,
+    },
+    Disk {
+        manifest_path: PathBuf,
+    },
+}
+
+/// A manifest together with where to find its files.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// The parsed manifest.
+    pub manifest: Manifest,
+    pub(crate) source: Source,
+}
+
+struct BundledModel {
+    name: &'static str,
+    manifest: &'static str,
+    onnx: &'static [u8],
+}
+
+const LITE0_LABELS: &str = include_str!("../../models/efficientnet-lite0/labels.txt");
+
+const BUNDLED: &[BundledModel] = &[
+    BundledModel {
+        name: "efficientnet-lite0-fp32",
+        manifest: include_str!("../../models/efficientnet-lite0-fp32.toml"),
+        onnx: include_bytes!("../../models/efficientnet-lite0/fp32.onnx"),
+    },
+    BundledModel {
+        name: "efficientnet-lite0-int8",
+        manifest: include_str!("../../models/efficientnet-lite0-int8.toml"),
+        onnx: include_bytes!("../../models/efficientnet-lite0/int8.onnx"),
+    },
+];
+
+/// The name `--model` defaults to.
+pub const DEFAULT_MODEL: &str = "efficientnet-lite0";
+
+/// The precision the family alias `efficientnet-lite0` resolves to on this target.
+///
+/// On x86_64 tract runs the fp32 graph faster than the int8 one (see docs/performance.md); on
+/// ARM boards the int8 graph is a quarter of the memory and tract has int8 NEON kernels.
+pub const fn default_precision() -> &'static str {
+    if cfg!(any(target_arch = "aarch64", target_arch = "arm")) {
+        "int8"
+    } else {
+        "fp32"
+    }
+}
+
+/// Names accepted by `--model` besides manifest paths.
+pub fn bundled_names() -> Vec<String> {
+    let mut names = vec![DEFAULT_MODEL.to_string()];
+    names.extend(BUNDLED.iter().map(|b| b.name.to_string()));
+    names
+}
+
+impl ModelSpec {
+    /// Resolves `--model`: an existing manifest path, or a bundled name (`efficientnet-lite0`
+    /// picks the precision for this target).
+    pub fn resolve(name: &str) -> Result<ModelSpec, BackboneError> {
+        let path = Path::new(name);
+        if path.is_file() || name.ends_with(".toml") {
+            return ModelSpec::from_path(path);
+        }
+        let wanted = if name == DEFAULT_MODEL {
+            format!("{DEFAULT_MODEL}-{}", default_precision())
+        } else {
+            name.to_string()
+        };
+        let bundled = BUNDLED.iter().find(|b| b.name == wanted).ok_or_else(|| {
+            BackboneError::UnknownModel {
+                name: name.to_string(),
+                known: bundled_names().join(", "),
+            }
+        })?;
+        let manifest = parse(bundled.manifest, &format!("bundled:{}", bundled.name))?;
+        Ok(ModelSpec {
+            manifest,
+            source: Source::Bundled {
+                onnx: bundled.onnx,
+                labels: Some(LITE0_LABELS),
+            },
+        })
+    }
+
+    /// Reads a manifest from disk; its files are resolved relative to it.
+    pub fn from_path(path: &Path) -> Result<ModelSpec, BackboneError> {
+        let text = std::fs::read_to_string(path).map_err(|e| BackboneError::io(path, e))?;
+        let manifest = parse(&text, &path.display().to_string())?;
+        Ok(ModelSpec {
+            manifest,
+            source: Source::Disk {
+                manifest_path: path.to_path_buf(),
+            },
+        })
+    }
+
+    /// Where this model came from, for messages: `bundled:NAME` or the manifest path.
+    pub fn origin(&self) -> String {
+        match &self.source {
+            Source::Bundled { .. } => format!("bundled:{}", self.manifest.name),
+            Source::Disk { manifest_path } => manifest_path.display().to_string(),
+        }
+    }
+
+    /// The ONNX file's path on disk, if it has one.
+    pub fn onnx_path(&self) -> Option<PathBuf> {
+        match &self.source {
+            Source::Bundled { .. } => None,
+            Source::Disk { manifest_path } => Some(relative_to(manifest_path, &self.manifest.file)),
+        }
+    }
+
+    pub(crate) fn read_onnx(&self) -> Result<std::borrow::Cow<'static, [u8]>, BackboneError> {
+        match &self.source {
+            Source::Bundled { onnx, .. } => Ok(std::borrow::Cow::Borrowed(onnx)),
+            Source::Disk { manifest_path } => {
+                let p = relative_to(manifest_path, &self.manifest.file);
+                std::fs::read(&p)
+                    .map(std::borrow::Cow::Owned)
+                    .map_err(|e| BackboneError::io(p, e))
+            }
+        }
+    }
+
+    pub(crate) fn read_labels(&self) -> Result<Option<Vec<String>>, BackboneError> {
+        let text = match (&self.source, &self.manifest.labels) {
+            (_, None) => return Ok(None),
+            (Source::Bundled { labels, .. }, Some(_)) => labels.map(str::to_string),
+            (Source::Disk { manifest_path }, Some(file)) => {
+                let p = relative_to(manifest_path, file);
+                let text = std::fs::read_to_string(&p).map_err(|e| BackboneError::io(&p, e))?;
+                if let Some(expected) = &self.manifest.labels_sha256 {
+                    let actual = super::sha256_hex(text.as_bytes());
+                    if &actual != expected {
+                        return Err(BackboneError::Sha256Mismatch {
+                            manifest: self.origin(),
+                            file: p,
+                            expected: expected.clone(),
+                            actual,
+                        });
+                    }
+                }
+                Some(text)
+            }
+        };
+        Ok(text.map(|t| t.lines().map(str::to_string).collect()))
+    }
+}
+
+fn relative_to(manifest: &Path, file: &str) -> PathBuf {
+    manifest.parent().unwrap_or(Path::new(".")).join(file)
+}
+
+fn parse(text: &str, origin: &str) -> Result<Manifest, BackboneError> {
+    let bad = |reason: String| BackboneError::Manifest {
+        manifest: origin.to_string(),
+        reason,
+    };
+    let m: Manifest = toml::from_str(text).map_err(|e| bad(e.message().to_string()))?;
+    if m.format > MANIFEST_FORMAT {
+        return Err(bad(format!(
+            "format {} is newer than this graft understands ({MANIFEST_FORMAT}); upgrade graft",
+            m.format
+        )));
+    }
+    if m.input.layout != "NCHW" {
+        return Err(bad(format!("input.layout {:?}: only NCHW is supported", m.input.layout)));
+    }
+    if m.input.channels != "RGB" {
+        return Err(bad(format!("input.channels {:?}: only RGB is supported", m.input.channels)));
+    }
+    if m.input.resize_filter != "bilinear" {
+        return Err(bad(format!(
+            "input.resize_filter {:?}: only bilinear is supported",
+            m.input.resize_filter
+        )));
+    }
+    if m.input.size == 0 || m.input.resize_shorter < m.input.size {
+        return Err(bad(format!(
+            "input.size {} and input.resize_shorter {} must satisfy 0 < size <= resize_shorter",
+            m.input.size, m.input.resize_shorter
+        )));
+    }
+    if m.input.std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+        return Err(bad("input.std must be finite and non-zero".into()));
+    }
+    if m.output.features_size == 0 {
+        return Err(bad("output.features_size must be positive".into()));
+    }
+    if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(format!("sha256 {:?} is not 64 hex digits", m.sha256)));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_manifests_parse_and_alias_resolves() {
+        for name in bundled_names() {
+            let spec = ModelSpec::resolve(&name).unwrap();
+            assert_eq!(spec.manifest.output.features_size, 1280, "{name}");
+        }
+        let alias = ModelSpec::resolve(DEFAULT_MODEL).unwrap();
+        assert!(alias.manifest.name.ends_with(default_precision()));
+    }
+
+    #[test]
+    fn unknown_model_lists_the_bundled_ones() {
+        let err = ModelSpec::resolve("resnet-9000").unwrap_err().to_string();
+        assert!(err.contains("efficientnet-lite0-int8"), "{err}");
+    }
+
+    #[test]
+    fn bad_manifests_are_refused_with_the_reason() {
+        let good = BUNDLED[0].manifest;
+        let cases: &[(&str, &str, &str)] = &[
+            ("format = 1", "format = 99", "newer than this graft"),
+            ("layout = \"NCHW\"", "layout = \"NHWC\"", "only NCHW"),
+            ("size = 224", "size = 0", "0 < size"),
+        ];
+        for (from, to, expect) in cases {
+            assert!(good.contains(from), "fixture lacks {from}");
+            let text = good.replacen(from, to, 1);
+            let err = parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains(expect), "{to}: {err}");
+        }
+        let err = parse("name = 3", "t.toml").unwrap_err().to_string();
+        assert!(err.starts_with("model manifest t.toml:"), "{err}");
+    }
+}

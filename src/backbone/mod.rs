@@ -1,0 +1,527 @@
+//! The rootstock: a frozen, pretrained ONNX image model run with tract.
+//!
+//! This is the only module that touches `tract`; it hands out graft's own types ([`Embedding`],
+//! [`ClassScore`], [`BackboneId`]). A [`Backbone`] is loaded once from a [`ModelSpec`]: the graph
+//! is parsed, its input shape fixed, cut at the manifest's feature node (the logits are kept as a
+//! second output), optimised, and the runnable plan kept. One forward pass yields both the
+//! embedding (for few-shot heads) and the ImageNet logits (for `classify`).
+//!
+//! Plans are built per batch size on first use and cached; bulk work ([`Backbone::embed_files`])
+//! runs several batch-1 plans on worker threads, which on small boards scales better than
+//! splitting one matrix product across cores.
+
+mod error;
+pub mod manifest;
+pub mod preprocess;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tract_onnx::prelude::*;
+
+pub use error::BackboneError;
+pub use manifest::{Manifest, ModelSpec, DEFAULT_MODEL};
+pub use preprocess::{Prepared, RgbFrame};
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// Lowercase hex sha256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What identifies the backbone that made an embedding. Heads and embedding files carry it, and
+/// refuse to mix with a different backbone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackboneId {
+    /// Manifest name, e.g. `efficientnet-lite0-int8`.
+    pub name: String,
+    /// sha256 of the ONNX file.
+    pub sha256: String,
+    /// Values per embedding.
+    pub dim: usize,
+    /// Preprocessing, as a short canonical string.
+    pub preprocess: String,
+}
+
+impl BackboneId {
+    /// True if embeddings from `other` can be mixed with ours.
+    pub fn compatible(&self, other: &BackboneId) -> bool {
+        self.sha256 == other.sha256 && self.dim == other.dim && self.preprocess == other.preprocess
+    }
+}
+
+/// One image's embedding: the raw pooled feature vector of the backbone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedding {
+    /// The values (not normalised; see [`Embedding::normalized`]).
+    pub vector: Vec<f32>,
+}
+
+impl Embedding {
+    /// L2 norm.
+    pub fn norm(&self) -> f32 {
+        self.vector.iter().map(|v| v * v).sum::<f32>().sqrt()
+    }
+    /// A unit-length copy (an all-zero vector stays zero).
+    pub fn normalized(&self) -> Vec<f32> {
+        let n = self.norm();
+        if n > 0.0 {
+            self.vector.iter().map(|v| v / n).collect()
+        } else {
+            self.vector.clone()
+        }
+    }
+    /// Cosine similarity with another vector of the same length.
+    pub fn cosine(&self, other: &[f32]) -> f32 {
+        cosine(&self.vector, other)
+    }
+}
+
+/// Cosine similarity of two equal-length vectors (0 if either is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        ab += (*x as f64) * (*y as f64);
+        aa += (*x as f64) * (*x as f64);
+        bb += (*y as f64) * (*y as f64);
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        (ab / (aa.sqrt() * bb.sqrt())) as f32
+    }
+}
+
+/// One class of the backbone's own classifier (ImageNet for the bundled model).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassScore {
+    /// Index in the logits.
+    pub index: usize,
+    /// Class name from the labels file.
+    pub label: String,
+    /// Softmax probability.
+    pub probability: f32,
+}
+
+/// What one forward pass gives for one image.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The feature vector.
+    pub embedding: Embedding,
+    /// Logits, if the model has a classifier output.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// Options for loading a backbone.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Threads: `1` runs single-threaded; more lets tract split matrix products and lets bulk
+    /// embedding run that many images at once.
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { threads: 1 }
+    }
+}
+
+/// A loaded, optimised backbone, ready to embed and classify.
+pub struct Backbone {
+    spec: ModelSpec,
+    id: BackboneId,
+    onnx: std::borrow::Cow<'static, [u8]>,
+    labels: Option<Vec<String>>,
+    threads: usize,
+    plans: Mutex<HashMap<usize, Plan>>,
+    load_time: Duration,
+}
+
+impl std::fmt::Debug for Backbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backbone").field("id", &self.id).finish()
+    }
+}
+
+impl Backbone {
+    /// Loads `--model` (a manifest path or a bundled name) with default options.
+    pub fn load_named(name: &str) -> Result<Backbone, BackboneError> {
+        Backbone::load(ModelSpec::resolve(name)?, &LoadOptions::default())
+    }
+
+    /// Verifies the model file against its manifest, then parses, cuts and optimises it.
+    pub fn load(spec: ModelSpec, options: &LoadOptions) -> Result<Backbone, BackboneError> {
+        let start = Instant::now();
+        let onnx = spec.read_onnx()?;
+        let actual = sha256_hex(&onnx);
+        if actual != spec.manifest.sha256 {
+            return Err(BackboneError::Sha256Mismatch {
+                manifest: spec.origin(),
+                file: spec
+                    .onnx_path()
+                    .unwrap_or_else(|| PathBuf::from(&spec.manifest.file)),
+                expected: spec.manifest.sha256.clone(),
+                actual,
+            });
+        }
+        let labels = spec.read_labels()?;
+        if let (Some(labels), Some(classes)) = (&labels, spec.manifest.output.classes) {
+            if labels.len() != classes {
+                return Err(BackboneError::Manifest {
+                    manifest: spec.origin(),
+                    reason: format!(
+                        "labels file has {} lines but output.classes is {classes}",
+                        labels.len()
+                    ),
+                });
+            }
+        }
+        let threads = options.threads.max(1);
+        if threads > 1 {
+            tract_linalg::multithread::set_default_executor(
+                tract_linalg::multithread::Executor::multithread(threads),
+            );
+        }
+        let i = &spec.manifest.input;
+        let id = BackboneId {
+            name: spec.manifest.name.clone(),
+            sha256: actual,
+            dim: spec.manifest.output.features_size,
+            preprocess: format!(
+                "rgb,shorter{},bilinear,center{},mean{:?},std{:?},nchw",
+                i.resize_shorter, i.size, i.mean, i.std
+            ),
+        };
+        let backbone = Backbone {
+            spec,
+            id,
+            onnx,
+            labels,
+            threads,
+            plans: Mutex::new(HashMap::new()),
+            load_time: Duration::ZERO,
+        };
+        // Build the batch-1 plan now: it validates the graph and is what most calls use.
+        backbone.plan(1)?;
+        Ok(Backbone {
+            load_time: start.elapsed(),
+            ..backbone
+        })
+    }
+
+    /// The identity embeddings from this backbone carry.
+    pub fn id(&self) -> &BackboneId {
+        &self.id
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.spec.manifest
+    }
+
+    /// Where it was loaded from (`bundled:NAME` or the manifest path).
+    pub fn origin(&self) -> String {
+        self.spec.origin()
+    }
+
+    /// Class names of the built-in classifier, if any.
+    pub fn labels(&self) -> Option<&[String]> {
+        self.labels.as_deref()
+    }
+
+    /// Threads this backbone was loaded with.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Wall time spent verifying, parsing and optimising in [`Backbone::load`].
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Size in bytes of the ONNX file.
+    pub fn model_bytes(&self) -> usize {
+        self.onnx.len()
+    }
+
+    /// Instruction-set features tract detected and will pick kernels for.
+    pub fn cpu_features() -> Vec<String> {
+        tract_linalg::isa::native()
+            .iter()
+            .map(|i| i.name().to_string())
+            .collect()
+    }
+
+    fn model_name(&self) -> String {
+        self.spec.manifest.name.clone()
+    }
+
+    fn plan(&self, batch: usize) -> Result<Plan, BackboneError> {
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = plans.get(&batch) {
+            return Ok(p.clone());
+        }
+        let plan = self.build_plan(batch)?;
+        plans.insert(batch, plan.clone());
+        Ok(plan)
+    }
+
+    fn build_plan(&self, batch: usize) -> Result<Plan, BackboneError> {
+        let m = &self.spec.manifest;
+        let model = self.model_name();
+        let load = |e: TractError| BackboneError::Load {
+            model: model.clone(),
+            reason: error::chain(&e),
+        };
+        let mut graph = tract_onnx::onnx()
+            .model_for_read(&mut &self.onnx[..])
+            .map_err(load)?;
+        if graph.inputs.len() != 1 {
+            return Err(BackboneError::NotImageModel {
+                model,
+                reason: format!("it has {} inputs, an image model has 1", graph.inputs.len()),
+            });
+        }
+        let mut wanted: Vec<(&'static str, &str)> = vec![("output.features", &m.output.features)];
+        if let Some(logits) = &m.output.logits {
+            wanted.push(("output.logits", logits));
+        }
+        for (field, node) in &wanted {
+            if !has_outlet(&graph, node) {
+                return Err(BackboneError::MissingNode {
+                    model,
+                    node: node.to_string(),
+                    field,
+                });
+            }
+        }
+        let size = m.input.size as usize;
+        graph
+            .set_input_fact(0, f32::fact([batch, 3, size, size]).into())
+            .map_err(load)?;
+        graph
+            .select_outputs_by_name(wanted.iter().map(|(_, n)| *n))
+            .map_err(load)?;
+        let typed = graph.into_optimized().map_err(|e| BackboneError::NotImageModel {
+            model: model.clone(),
+            reason: format!(
+                "it does not accept a [{batch},3,{size},{size}] float image: {}",
+                error::chain(&e)
+            ),
+        })?;
+        // The cut must really be a `features_size` vector per image.
+        let check = |ix: usize, field: &str, want: usize| -> Result<(), BackboneError> {
+            let fact = typed.output_fact(ix).map_err(load)?;
+            let shape = fact.shape.as_concrete().map(|s| s.to_vec());
+            let per_image = shape.as_ref().map(|s| s.iter().product::<usize>() / batch.max(1));
+            if per_image != Some(want) || shape.as_ref().map(|s| s[0]) != Some(batch) {
+                return Err(BackboneError::NotImageModel {
+                    model: model.clone(),
+                    reason: format!(
+                        "{field} {:?} has shape {:?}, expected {want} values per image",
+                        wanted[ix].1, shape
+                    ),
+                });
+            }
+            Ok(())
+        };
+        check(0, "output.features", m.output.features_size)?;
+        if let Some(classes) = m.output.classes.filter(|_| wanted.len() > 1) {
+            check(1, "output.logits", classes)?;
+        }
+        typed.into_runnable().map_err(load)
+    }
+
+    /// Runs the graph on a batch of prepared images.
+    pub fn run(&self, images: &[Prepared]) -> Result<Vec<Output>, BackboneError> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = images.len();
+        let plan = self.plan(batch)?;
+        let size = self.spec.manifest.input.size as usize;
+        let mut data = Vec::with_capacity(batch * 3 * size * size);
+        for p in images {
+            data.extend_from_slice(&p.data);
+        }
+        let fail = |e: TractError| BackboneError::Inference {
+            model: self.model_name(),
+            reason: error::chain(&e),
+        };
+        let input = Tensor::from_shape(&[batch, 3, size, size], &data).map_err(fail)?;
+        let outputs = plan.run(tvec!(input.into())).map_err(fail)?;
+        let rows = |ix: usize| -> Result<Vec<Vec<f32>>, BackboneError> {
+            let view = outputs[ix].to_plain_array_view::<f32>().map_err(fail)?;
+            let flat: Vec<f32> = view.iter().copied().collect();
+            let per = flat.len() / batch;
+            Ok(flat.chunks_exact(per).map(<[f32]>::to_vec).collect())
+        };
+        let features = rows(0)?;
+        let logits = if outputs.len() > 1 {
+            rows(1)?.into_iter().map(Some).collect()
+        } else {
+            vec![None; batch]
+        };
+        Ok(features
+            .into_iter()
+            .zip(logits)
+            .map(|(vector, logits)| Output {
+                embedding: Embedding { vector },
+                logits,
+            })
+            .collect())
+    }
+
+    /// Decodes and prepares one image file.
+    pub fn prepare_file(&self, path: &Path) -> Result<Prepared, BackboneError> {
+        preprocess::prepare_file(path, &self.spec.manifest.input)
+    }
+
+    /// Prepares a decoded frame.
+    pub fn prepare_frame(&self, frame: &RgbFrame) -> Prepared {
+        preprocess::prepare(frame, &self.spec.manifest.input)
+    }
+
+    /// Embeds one image file.
+    pub fn embed_file(&self, path: &Path) -> Result<Embedding, BackboneError> {
+        let p = self.prepare_file(path)?;
+        Ok(self.run(std::slice::from_ref(&p))?.remove(0).embedding)
+    }
+
+    /// The top `k` classes of the built-in classifier for some logits.
+    pub fn top_k(&self, logits: &[f32], k: usize) -> Vec<ClassScore> {
+        let probs = softmax(logits);
+        let mut idx: Vec<usize> = (0..probs.len()).collect();
+        idx.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]));
+        idx.into_iter()
+            .take(k)
+            .map(|index| ClassScore {
+                index,
+                label: self
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(index).cloned())
+                    .unwrap_or_else(|| format!("class {index}")),
+                probability: probs[index],
+            })
+            .collect()
+    }
+
+    /// Classifies one image file with the backbone's own classifier.
+    pub fn classify_file(&self, path: &Path, k: usize) -> Result<Vec<ClassScore>, BackboneError> {
+        let p = self.prepare_file(path)?;
+        let out = self.run(std::slice::from_ref(&p))?.remove(0);
+        let logits = out.logits.ok_or_else(|| BackboneError::Manifest {
+            manifest: self.origin(),
+            reason: "this model has no output.logits, so it cannot classify directly".into(),
+        })?;
+        Ok(self.top_k(&logits, k))
+    }
+
+    /// Embeds many files, `threads` at a time, calling `progress` after each one. Results come
+    /// back in input order; the first failure (naming its file) stops the work.
+    pub fn embed_files<F>(&self, paths: &[PathBuf], progress: F) -> Result<Vec<Embedding>, BackboneError>
+    where
+        F: Fn(&Path) + Sync,
+    {
+        let workers = self.threads.min(paths.len()).max(1);
+        if workers == 1 {
+            return paths
+                .iter()
+                .map(|p| {
+                    let e = self.embed_file(p);
+                    progress(p);
+                    e
+                })
+                .collect();
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Mutex<Vec<Option<Result<Embedding, BackboneError>>>> =
+            Mutex::new((0..paths.len()).map(|_| None).collect());
+        // Each worker is single-threaded inside tract; the parallelism is across images.
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    tract_linalg::multithread::multithread_tract_scope(
+                        tract_linalg::multithread::Executor::SingleThread,
+                        || loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if i >= paths.len() {
+                                break;
+                            }
+                            let r = self.embed_file(&paths[i]);
+                            let failed = r.is_err();
+                            progress(&paths[i]);
+                            results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                            if failed {
+                                next.store(paths.len(), std::sync::atomic::Ordering::Relaxed);
+                            }
+                        },
+                    )
+                });
+            }
+        });
+        let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::with_capacity(paths.len());
+        for r in results {
+            match r {
+                Some(Ok(e)) => out.push(e),
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn has_outlet(graph: &InferenceModel, name: &str) -> bool {
+    graph.outlet_labels.values().any(|l| l == name)
+        || graph.nodes().iter().any(|n| n.name == name)
+}
+
+/// Numerically stable softmax.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let p = softmax(&[1.0, 3.0, 2.0, -1000.0]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(p[1] > p[2] && p[2] > p[0] && p[3] >= 0.0);
+    }
+
+    #[test]
+    fn cosine_cases() {
+        let cases: &[(&[f32], &[f32], f32)] = &[
+            (&[1.0, 0.0], &[1.0, 0.0], 1.0),
+            (&[1.0, 0.0], &[0.0, 2.0], 0.0),
+            (&[1.0, 1.0], &[-1.0, -1.0], -1.0),
+            (&[0.0, 0.0], &[1.0, 1.0], 0.0),
+        ];
+        for (a, b, want) in cases {
+            assert!((cosine(a, b) - want).abs() < 1e-6, "{a:?} {b:?}");
+        }
+    }
+
+    #[test]
+    fn sha256_of_empty_input() {
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

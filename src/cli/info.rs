@@ -1,0 +1,76 @@
+//! `graft info`: what backbone is loaded, its identity and what the CPU offers.
+
+use serde::Serialize;
+
+use super::{output, Global};
+use graft::backbone::Backbone;
+
+#[derive(Serialize)]
+struct Info<'a> {
+    graft_version: &'a str,
+    model: &'a str,
+    origin: String,
+    description: &'a str,
+    precision: &'a str,
+    sha256: &'a str,
+    model_bytes: usize,
+    input: &'a graft::backbone::manifest::InputSpec,
+    embedding_size: usize,
+    feature_node: &'a str,
+    logits_node: Option<&'a str>,
+    classes: Option<usize>,
+    preprocess: &'a str,
+    target_arch: &'a str,
+    cpu_features: Vec<String>,
+    threads: usize,
+    load_ms: f64,
+    provenance: Option<&'a toml::Table>,
+}
+
+pub fn run(g: &Global) -> anyhow::Result<()> {
+    let bb = super::load_backbone(g)?;
+    let m = bb.manifest();
+    let info = Info {
+        graft_version: env!("CARGO_PKG_VERSION"),
+        model: &m.name,
+        origin: bb.origin(),
+        description: &m.description,
+        precision: &m.precision,
+        sha256: &bb.id().sha256,
+        model_bytes: bb.model_bytes(),
+        input: &m.input,
+        embedding_size: bb.id().dim,
+        feature_node: &m.output.features,
+        logits_node: m.output.logits.as_deref(),
+        classes: m.output.classes,
+        preprocess: &bb.id().preprocess,
+        target_arch: std::env::consts::ARCH,
+        cpu_features: Backbone::cpu_features(),
+        threads: bb.threads(),
+        load_ms: bb.load_time().as_secs_f64() * 1e3,
+        provenance: m.provenance.as_ref(),
+    };
+    if g.json {
+        return output::json_line(&info);
+    }
+    println!("model          {} ({})", info.model, info.origin);
+    if !info.description.is_empty() {
+        println!("description    {}", info.description);
+    }
+    println!("precision      {}", info.precision);
+    println!("sha256         {}", info.sha256);
+    println!("model size     {:.1} MB", info.model_bytes as f64 / 1e6);
+    println!(
+        "input          {} {}x{}x{} {}, shorter side -> {} ({}), centre crop, mean {:?}, std {:?}",
+        m.input.name, 3, m.input.size, m.input.size, m.input.layout, m.input.resize_shorter,
+        m.input.resize_filter, m.input.mean, m.input.std
+    );
+    println!("embedding      {} values at node {}", info.embedding_size, info.feature_node);
+    if let (Some(l), Some(c)) = (info.logits_node, info.classes) {
+        println!("classifier     {c} classes at node {l}");
+    }
+    println!("cpu            {} [{}]", info.target_arch, info.cpu_features.join(" "));
+    println!("threads        {}", info.threads);
+    println!("load time      {:.0} ms", info.load_ms);
+    Ok(())
+}

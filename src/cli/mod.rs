@@ -1,0 +1,136 @@
+//! Command-line front end. Arguments are parsed in two stages (raw flags with clap, then the
+//! components they build: the backbone, the heads); each command lives in its own file.
+
+mod bench;
+mod classify;
+mod embed;
+mod heads;
+mod info;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Grow new image classifiers on the edge.
+#[derive(Debug, Parser)]
+#[command(name = "graft", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args, Clone)]
+pub struct Global {
+    /// Backbone: a manifest path or a bundled model name (efficientnet-lite0 [the default;
+    /// fp32 on x86, int8 on ARM], efficientnet-lite0-fp32, efficientnet-lite0-int8). Commands
+    /// that read a head default to the backbone the head was trained with.
+    #[arg(long, global = true)]
+    pub model: Option<String>,
+    /// Machine-readable output on stdout (JSON, one object per line), nothing else there.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Threads for inference (bulk work runs this many images at once).
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Classify images with the backbone's own ImageNet classifier (top-k classes).
+    Classify {
+        /// Image files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// How many classes to show per image.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        top: u16,
+    },
+    /// Embed images (files or folders, recursively) into an embedding file (JSON lines).
+    Embed {
+        /// Image files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Where to write the embeddings (JSON lines: a header, then one image per line).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show the backbone's manifest, identity, sizes and the CPU features tract uses.
+    Info,
+    /// Train a few-shot head on an image folder (DATASET/<label>/*.jpg).
+    Train(heads::TrainArgs),
+    /// Predict with a trained head (label or `unknown`, score, top-3).
+    Predict(heads::PredictArgs),
+    /// Add examples (or a new class) to a head and refit it in place.
+    Add(heads::AddArgs),
+    /// Evaluate a head type on a labelled folder (k-fold or few-shot trials).
+    Eval(heads::EvalArgs),
+    /// Learning curve: accuracy vs examples per class, backbone features vs raw pixels.
+    Curve(heads::CurveArgs),
+    /// Measure load, preprocess and embed latency of the backbone on this machine.
+    Bench {
+        /// Photo to use [default: tests/fixtures/images/chelsea.jpg].
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Timed runs per stage (median reported).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+}
+
+/// Runs the CLI and maps errors to one line on stderr and a non-zero exit.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("graft: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        // thiserror messages often repeat their source; keep the line short.
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let g = cli.global;
+    match cli.command {
+        Command::Classify { images, top } => classify::run(&g, &images, top as usize),
+        Command::Embed { paths, out } => embed::run(&g, &paths, &out),
+        Command::Info => info::run(&g),
+        Command::Train(a) => heads::train(&g, a),
+        Command::Predict(a) => heads::predict(&g, a),
+        Command::Add(a) => heads::add(&g, a),
+        Command::Eval(a) => heads::eval(&g, a),
+        Command::Curve(a) => heads::curve(&g, a),
+        Command::Bench { image, runs } => bench::run(&g, image, runs),
+    }
+}
+
+/// Loads the backbone `--model` names (or the default).
+pub fn load_backbone(g: &Global) -> anyhow::Result<graft::backbone::Backbone> {
+    load_backbone_or(g, graft::backbone::DEFAULT_MODEL)
+}
+
+/// Loads `--model`, or `fallback` when it was not given.
+pub fn load_backbone_or(g: &Global, fallback: &str) -> anyhow::Result<graft::backbone::Backbone> {
+    let spec = graft::backbone::ModelSpec::resolve(g.model.as_deref().unwrap_or(fallback))?;
+    let options = graft::backbone::LoadOptions {
+        threads: g.threads as usize,
+    };
+    Ok(graft::backbone::Backbone::load(spec, &options)?)
+}

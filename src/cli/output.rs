@@ -1,0 +1,26 @@
+//! Printing helpers shared by commands: JSON lines on stdout, progress bars on stderr.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+/// Prints one JSON object as a line on stdout.
+pub fn json_line<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+/// A progress bar on stderr for `len` steps; invisible when stderr is not a terminal or there
+/// is only one step.
+pub fn progress(len: usize, what: &str) -> ProgressBar {
+    if len < 2 {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}

@@ -1,0 +1,165 @@
+//! Labelled image folders (`DATASET/<label>/**/*.jpg`, the ImageFolder layout) and embedding
+//! them through the cache.
+
+use std::path::{Path, PathBuf};
+
+use super::cache::Cache;
+use super::files::{collect_images, file_sha256};
+use super::StoreError;
+use crate::backbone::{Backbone, BackboneError};
+
+/// A labelled image folder.
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    /// Class names (sub-folder names, sorted).
+    pub labels: Vec<String>,
+    /// Every image with its class id, sorted by class then path.
+    pub items: Vec<(PathBuf, usize)>,
+}
+
+/// Errors of embedding a dataset: the store's or the backbone's.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A file problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A model or image problem.
+    #[error(transparent)]
+    Backbone(#[from] BackboneError),
+}
+
+impl ImageFolder {
+    /// Scans `root`: each sub-folder is a class; images are found recursively inside it.
+    /// Empty class folders are skipped; a dataset with no class folders is an error.
+    pub fn scan(root: &Path) -> Result<ImageFolder, StoreError> {
+        let meta = std::fs::metadata(root).map_err(|e| StoreError::io(root, e))?;
+        if !meta.is_dir() {
+            return Err(StoreError::format(root, "dataset must be a folder of class folders (DATASET/<label>/*.jpg)"));
+        }
+        let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
+            .map_err(|e| StoreError::io(root, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .filter(|p| !p.file_name().and_then(|n| n.to_str()).unwrap_or(".").starts_with('.'))
+            .collect();
+        classes.sort();
+        let mut labels = Vec::new();
+        let mut items = Vec::new();
+        for dir in classes {
+            let Ok(images) = collect_images(std::slice::from_ref(&dir)) else { continue };
+            let label = dir.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+            let id = labels.len();
+            labels.push(label);
+            items.extend(images.into_iter().map(|p| (p, id)));
+        }
+        if labels.is_empty() {
+            return Err(StoreError::format(
+                root,
+                "no class folders with images in it (expected DATASET/<label>/*.jpg)",
+            ));
+        }
+        Ok(ImageFolder { labels, items })
+    }
+
+    /// Images per class.
+    pub fn counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.labels.len()];
+        for (_, l) in &self.items {
+            c[*l] += 1;
+        }
+        c
+    }
+}
+
+/// An image's hash and embedding.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// sha256 of the image bytes.
+    pub sha256: String,
+    /// Raw embedding.
+    pub embedding: Vec<f32>,
+}
+
+/// Embeds `paths` in order, taking what it can from `cache` and adding the rest to it.
+/// `progress(done, total)` is called as images are embedded (cache hits are not counted).
+/// Returns the embeddings and how many came from the cache.
+pub fn embed_cached<F>(
+    backbone: &Backbone,
+    paths: &[PathBuf],
+    mut cache: Option<&mut Cache>,
+    progress: F,
+) -> Result<(Vec<Embedded>, usize), DatasetError>
+where
+    F: Fn(usize) + Sync,
+{
+    let shas: Vec<String> = paths.iter().map(|p| file_sha256(p)).collect::<Result<_, _>>()?;
+    let mut out: Vec<Option<Vec<f32>>> = shas
+        .iter()
+        .map(|s| cache.as_ref().and_then(|c| c.get(s)).map(<[f32]>::to_vec))
+        .collect();
+    let hits = out.iter().filter(|o| o.is_some()).count();
+    let missing: Vec<usize> = (0..paths.len()).filter(|i| out[*i].is_none()).collect();
+    let todo: Vec<PathBuf> = missing.iter().map(|i| paths[*i].clone()).collect();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let fresh = backbone.embed_files(&todo, |_| {
+        let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        progress(d);
+    })?;
+    for (i, e) in missing.iter().zip(fresh) {
+        out[*i] = Some(e.vector);
+    }
+    if let Some(c) = cache.as_mut() {
+        c.put_many(
+            missing
+                .iter()
+                .filter_map(|i| out[*i].as_deref().map(|v| (shas[*i].as_str(), v))),
+        )?;
+    }
+    let embedded = shas
+        .into_iter()
+        .zip(out)
+        .map(|(sha256, e)| Embedded {
+            sha256,
+            embedding: e.unwrap_or_default(),
+        })
+        .collect();
+    Ok((embedded, hits))
+}
+
+/// The group an image belongs to, for splits that keep near-duplicates together: the file stem
+/// without a trailing `_<digits>` (so `owl_0.jpg` and `owl_1.jpg`, two shots of one object, are
+/// one group).
+pub fn group_key(path: &Path) -> String {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    match stem.rsplit_once('_') {
+        Some((head, tail)) if !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) => head.to_string(),
+        _ => stem.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_keys() {
+        for (p, want) in [("a/owl_0.jpg", "owl"), ("owl_12.png", "owl"), ("my_owl.jpg", "my_owl"), ("x_.jpg", "x_"), ("plain.jpg", "plain")] {
+            assert_eq!(group_key(Path::new(p)), want, "{p}");
+        }
+    }
+
+    #[test]
+    fn scan_finds_classes_and_skips_empty_ones() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["b/1.jpg", "a/x/2.png", "a/3.jpg", "empty/readme.txt"] {
+            let p = d.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let ds = ImageFolder::scan(d.path()).unwrap();
+        assert_eq!(ds.labels, vec!["a", "b"]);
+        assert_eq!(ds.counts(), vec![2, 1]);
+        let err = ImageFolder::scan(&d.path().join("empty")).unwrap_err().to_string();
+        assert!(err.contains("no class folders"), "{err}");
+    }
+}

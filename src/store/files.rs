@@ -1,0 +1,88 @@
+//! Finding image files: explicit paths, and folders walked recursively in sorted order (so every
+//! run, and every board, sees the same files in the same order).
+
+use std::path::{Path, PathBuf};
+
+use super::StoreError;
+use crate::backbone::preprocess::has_image_extension;
+
+/// Expands files and folders into the list of image files. A file given explicitly is kept
+/// whatever its extension (the decoder will say if it is not an image); folders contribute the
+/// files with an image extension, recursively. A folder with no image in it is an error.
+pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|e| StoreError::io(p, e))?;
+        if meta.is_dir() {
+            let before = out.len();
+            walk(p, &mut out)?;
+            if out.len() == before {
+                return Err(StoreError::format(
+                    p,
+                    format!(
+                        "folder contains no images (looked for {})",
+                        crate::backbone::preprocess::IMAGE_EXTENSIONS.join(", ")
+                    ),
+                ));
+            }
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StoreError> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| StoreError::io(dir, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|err| StoreError::io(dir, err)))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    for p in entries {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if has_image_extension(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// sha256 of a file's bytes, lowercase hex.
+pub fn file_sha256(path: &Path) -> Result<String, StoreError> {
+    let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    Ok(crate::backbone::sha256_hex(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walks_sorted_recursively_skipping_hidden_and_non_images() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        for f in ["b/2.JPG", "b/1.png", "a.jpeg", ".hidden/x.jpg", "b/notes.txt", "c/.x.png"] {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let got = collect_images(&[root.to_path_buf()]).unwrap();
+        let rel: Vec<_> = got.iter().map(|p| p.strip_prefix(root).unwrap().to_path_buf()).collect();
+        assert_eq!(rel, vec![PathBuf::from("a.jpeg"), "b/1.png".into(), "b/2.JPG".into()]);
+    }
+
+    #[test]
+    fn empty_folder_and_missing_path_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("readme.txt"), b"x").unwrap();
+        let err = collect_images(&[d.path().to_path_buf()]).unwrap_err().to_string();
+        assert!(err.contains("no images"), "{err}");
+        let err = collect_images(&[d.path().join("nope")]).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+}

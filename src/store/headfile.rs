@@ -1,0 +1,334 @@
+//! The head file (`*.graft`): one self-describing file holding a trained head *and* the
+//! embeddings it was trained on, so adding examples, switching head type or re-evaluating never
+//! re-runs the backbone on old images.
+//!
+//! Layout (all little-endian):
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 11 | magic `GRAFT-HEAD\n` |
+//! | 4 | `u32` length H of the header |
+//! | H | JSON header: format, backbone identity, labels, head type, params, temperature, threshold, linear weights, CV summary, and per example its label, source path and image sha256 |
+//! | 4·n·dim | the raw training embeddings, `f32`, one row per example in header order |
+//! | 32 | sha256 of every byte above — a truncated or damaged file is refused |
+//!
+//! Files are written atomically ([`super::write_atomic`]). Format 1 is the first; a newer
+//! format is refused with a message saying so.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{write_atomic, StoreError};
+use crate::backbone::BackboneId;
+use crate::head::{self, Head, HeadKind, HeadParams, Model};
+
+const MAGIC: &[u8] = b"GRAFT-HEAD\n";
+/// Format version written.
+pub const FORMAT: u32 = 1;
+
+/// One training example: where it came from and its embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    /// Class id (index into the labels).
+    pub label: usize,
+    /// The image path it was made from (as given when it was added).
+    pub path: PathBuf,
+    /// sha256 of the image bytes.
+    pub sha256: String,
+    /// The raw embedding.
+    pub embedding: Vec<f32>,
+}
+
+/// Everything a head file holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadFile {
+    /// The backbone the embeddings come from.
+    pub backbone: BackboneId,
+    /// The trained head.
+    pub head: Head,
+    /// The training set.
+    pub examples: Vec<Example>,
+    /// Held-out accuracy measured when the head was trained, if any.
+    pub cv_accuracy: Option<f64>,
+    /// How the CV was run (`loo`, `kfold-5`).
+    pub cv_method: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ExampleMeta {
+    label: usize,
+    path: PathBuf,
+    sha256: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    format: u32,
+    backbone: BackboneId,
+    labels: Vec<String>,
+    kind: HeadKind,
+    params: HeadParams,
+    temperature: f32,
+    threshold: f32,
+    #[serde(default)]
+    linear_weights: Option<Vec<f32>>,
+    #[serde(default)]
+    linear_bias: Option<Vec<f32>>,
+    #[serde(default)]
+    cv_accuracy: Option<f64>,
+    #[serde(default)]
+    cv_method: Option<String>,
+    examples: Vec<ExampleMeta>,
+}
+
+impl HeadFile {
+    /// Training vectors (unit length) and class ids, as the heads want them.
+    pub fn training_set(&self) -> (Vec<Vec<f32>>, Vec<usize>) {
+        (
+            self.examples.iter().map(|e| head::normalize(&e.embedding)).collect(),
+            self.examples.iter().map(|e| e.label).collect(),
+        )
+    }
+
+    /// Examples per class, in label order.
+    pub fn counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.head.labels.len()];
+        for e in &self.examples {
+            c[e.label] += 1;
+        }
+        c
+    }
+}
+
+/// Writes a head file atomically.
+pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
+    let dim = file.backbone.dim;
+    if let Some(bad) = file.examples.iter().find(|e| e.embedding.len() != dim) {
+        return Err(StoreError::format(
+            path,
+            format!("example {} has {} values, backbone has {dim}", bad.path.display(), bad.embedding.len()),
+        ));
+    }
+    let h = &file.head;
+    let linear = h.model.linear();
+    let header = Header {
+        format: FORMAT,
+        backbone: file.backbone.clone(),
+        labels: h.labels.clone(),
+        kind: h.kind,
+        params: h.params.clone(),
+        temperature: h.temperature,
+        threshold: h.threshold,
+        linear_weights: linear.map(|(w, _)| w.to_vec()),
+        linear_bias: linear.map(|(_, b)| b.to_vec()),
+        cv_accuracy: file.cv_accuracy,
+        cv_method: file.cv_method.clone(),
+        examples: file
+            .examples
+            .iter()
+            .map(|e| ExampleMeta {
+                label: e.label,
+                path: e.path.clone(),
+                sha256: e.sha256.clone(),
+            })
+            .collect(),
+    };
+    let json = serde_json::to_vec(&header).map_err(|e| StoreError::format(path, e.to_string()))?;
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 4 + json.len() + file.examples.len() * dim * 4 + 32);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    for e in &file.examples {
+        for v in &e.embedding {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let digest = Sha256::digest(&bytes);
+    bytes.extend_from_slice(&digest);
+    write_atomic(path, |w| w.write_all(&bytes))
+}
+
+/// Reads and verifies a head file, rebuilding the model (exactly, from the stored examples, for
+/// every head type but logistic, whose stored weights are used as they are).
+pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
+    let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    let bad = |reason: String| StoreError::format(path, reason);
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(bad("not a graft head file (bad magic)".into()));
+    }
+    if bytes.len() < MAGIC.len() + 4 + 32 {
+        return Err(bad("head file is truncated".into()));
+    }
+    let (body, digest) = bytes.split_at(bytes.len() - 32);
+    if Sha256::digest(body).as_slice() != digest {
+        return Err(bad("head file is damaged or truncated (checksum mismatch)".into()));
+    }
+    let len_at = MAGIC.len();
+    let hlen = u32::from_le_bytes([body[len_at], body[len_at + 1], body[len_at + 2], body[len_at + 3]]) as usize;
+    let json = body
+        .get(len_at + 4..len_at + 4 + hlen)
+        .ok_or_else(|| bad("header length points past the end of the file".into()))?;
+    // Peek at the format first, so a newer file gets the right message, not a parse error.
+    let format = serde_json::from_slice::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v.get("format").and_then(|f| f.as_u64()))
+        .ok_or_else(|| bad("header is not valid JSON with a format field".into()))?;
+    if format > FORMAT as u64 {
+        return Err(bad(format!(
+            "head file format {format} is newer than this graft reads ({FORMAT}); upgrade graft"
+        )));
+    }
+    let header: Header = serde_json::from_slice(json).map_err(|e| bad(format!("bad header: {e}")))?;
+    let dim = header.backbone.dim;
+    let data = &body[len_at + 4 + hlen..];
+    let n = header.examples.len();
+    if data.len() != n * dim * 4 {
+        return Err(bad(format!(
+            "embedding block has {} bytes, {n} examples of {dim} values need {}",
+            data.len(),
+            n * dim * 4
+        )));
+    }
+    let classes = header.labels.len();
+    if classes == 0 {
+        return Err(bad("head has no classes".into()));
+    }
+    let mut examples = Vec::with_capacity(n);
+    for (i, meta) in header.examples.into_iter().enumerate() {
+        if meta.label >= classes {
+            return Err(bad(format!("example {i} has label {} of {classes}", meta.label)));
+        }
+        let row = &data[i * dim * 4..(i + 1) * dim * 4];
+        let embedding = row
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        examples.push(Example {
+            label: meta.label,
+            path: meta.path,
+            sha256: meta.sha256,
+            embedding,
+        });
+    }
+    let model = match (header.kind, header.linear_weights, header.linear_bias) {
+        (HeadKind::Logistic, Some(w), Some(b)) => {
+            if b.len() != classes || w.len() != classes * dim {
+                return Err(bad("logistic weights do not match the labels and embedding size".into()));
+            }
+            Model::from_linear(w, b).map_err(|e| bad(e.to_string()))?
+        }
+        (HeadKind::Logistic, _, _) => return Err(bad("logistic head without weights".into())),
+        (kind, _, _) => {
+            let x: Vec<Vec<f32>> = examples.iter().map(|e| head::normalize(&e.embedding)).collect();
+            let y: Vec<usize> = examples.iter().map(|e| e.label).collect();
+            head::fit(kind, &x, &y, classes, &header.params).map_err(|e| bad(e.to_string()))?
+        }
+    };
+    Ok(HeadFile {
+        backbone: header.backbone,
+        head: Head {
+            kind: header.kind,
+            labels: header.labels,
+            model,
+            temperature: header.temperature,
+            threshold: header.threshold,
+            params: header.params,
+        },
+        examples,
+        cv_accuracy: header.cv_accuracy,
+        cv_method: header.cv_method,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(kind: HeadKind) -> HeadFile {
+        let backbone = BackboneId {
+            name: "m".into(),
+            sha256: "ab".repeat(32),
+            dim: 4,
+            preprocess: "p".into(),
+        };
+        let vecs = [[1.0, 0.1, 0.0, 0.0], [0.9, 0.0, 0.2, 0.0], [0.0, 1.0, 0.0, 0.1], [0.1, 0.8, 0.0, 0.0]];
+        let examples: Vec<Example> = vecs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Example {
+                label: i / 2,
+                path: format!("img{i}.jpg").into(),
+                sha256: format!("{i:064}"),
+                embedding: v.to_vec(),
+            })
+            .collect();
+        let x: Vec<Vec<f32>> = examples.iter().map(|e| head::normalize(&e.embedding)).collect();
+        let y: Vec<usize> = examples.iter().map(|e| e.label).collect();
+        let params = HeadParams::default();
+        let model = head::fit(kind, &x, &y, 2, &params).unwrap();
+        HeadFile {
+            backbone,
+            head: Head {
+                kind,
+                labels: vec!["a".into(), "b".into()],
+                model,
+                temperature: 3.0,
+                threshold: 0.6,
+                params,
+            },
+            examples,
+            cv_accuracy: Some(1.0),
+            cv_method: Some("loo".into()),
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips_and_predicts_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in HeadKind::ALL {
+            let p = dir.path().join(format!("{kind}.graft"));
+            let f = sample(kind);
+            write(&p, &f).unwrap();
+            let g = read(&p).unwrap();
+            assert_eq!(g.examples, f.examples);
+            for e in &f.examples {
+                let a = f.head.predict(&e.embedding, None, 2).unwrap();
+                let b = g.head.predict(&e.embedding, None, 2).unwrap();
+                assert_eq!(a, b, "{kind}");
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_truncated_foreign_and_newer_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.graft");
+        write(&p, &sample(HeadKind::Centroid)).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let mut flipped = good.clone();
+        flipped[40] ^= 1;
+        let newer = {
+            let s = String::from_utf8_lossy(&good).replace("\"format\":1", "\"format\":7");
+            // Re-seal so only the version differs.
+            let mut b = s.into_bytes();
+            b.truncate(b.len() - 32);
+            let d = Sha256::digest(&b);
+            b.extend_from_slice(&d);
+            b
+        };
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("empty", vec![], "bad magic"),
+            ("jpeg", vec![0xFF, 0xD8, 0xFF], "bad magic"),
+            ("truncated", good[..good.len() / 2].to_vec(), "damaged or truncated"),
+            ("flipped bit", flipped, "damaged or truncated"),
+            ("newer", newer, "newer than this graft"),
+        ];
+        for (name, bytes, want) in cases {
+            std::fs::write(&p, bytes).unwrap();
+            let err = read(&p).unwrap_err().to_string();
+            assert!(err.contains(want), "{name}: {err}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Files graft writes and reads back: embedding files now, saved heads and the embedding cache
+//! (see the heads module). Every write is atomic: temp file in the same folder, fsync, rename,
+//! fsync of the folder — a power cut leaves either the old file or the new one, never half.
+
+pub mod embeddings;
+pub mod files;
+pub mod headfile;
+pub mod cache;
+pub mod dataset;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Errors of the store: which file, and what was wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Reading or writing failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not what graft wrote, is damaged, or is of a newer format.
+    #[error("{}: {reason}", path.display())]
+    Format { path: PathBuf, reason: String },
+}
+
+impl StoreError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    pub(crate) fn format(path: &Path, reason: impl Into<String>) -> Self {
+        StoreError::Format {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Environment variable naming a pause (milliseconds) that [`write_atomic`] takes half-way
+/// through writing its temp file. A fault-injection hook for the tests that kill a writer
+/// mid-write; unset in normal use.
+pub const FAULT_PAUSE_ENV: &str = "GRAFT_FAULT_PAUSE_MS";
+
+/// Writes `path` atomically: `write` produces the bytes, which go to a temp file beside `path`
+/// that is fsynced and renamed over it; then the folder is fsynced so the rename itself survives
+/// a power cut. A crash at any point leaves the old file or the new one, never a mix.
+pub fn write_atomic<F>(path: &Path, write: F) -> Result<(), StoreError>
+where
+    F: FnOnce(&mut dyn Write) -> std::io::Result<()>,
+{
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let io = |e| StoreError::io(path, e);
+    let mut bytes = Vec::new();
+    write(&mut bytes).map_err(io)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".graft-tmp-")
+        .tempfile_in(&dir)
+        .map_err(io)?;
+    let (first, second) = bytes.split_at(bytes.len() / 2);
+    tmp.as_file_mut().write_all(first).map_err(io)?;
+    if let Some(ms) = std::env::var(FAULT_PAUSE_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+        tmp.as_file().sync_all().map_err(io)?;
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    tmp.as_file_mut().write_all(second).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    // Make the rename durable. Not every filesystem allows opening a directory; ignore that.
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_failed_write_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.txt");
+        write_atomic(&p, |w| w.write_all(b"one")).unwrap();
+        write_atomic(&p, |w| w.write_all(b"two")).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let err = write_atomic(&p, |w| {
+            w.write_all(b"half")?;
+            Err(std::io::Error::other("disk on fire"))
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temp file left behind");
+    }
+}

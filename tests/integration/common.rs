@@ -1,0 +1,54 @@
+//! Shared helpers: paths to fixtures, running the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+pub fn image(name: &str) -> PathBuf {
+    fixture("images").join(name)
+}
+
+/// The `graft` binary with a private, empty embedding cache.
+pub fn graft(cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_graft"));
+    c.env("GRAFT_CACHE", cache);
+    c
+}
+
+/// Runs and insists on success, returning stdout.
+pub fn ok(mut c: Command) -> String {
+    let out = c.output().expect("run graft");
+    assert!(
+        out.status.success(),
+        "graft failed ({:?}): {}\nstdout: {}",
+        c.get_args().collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs and insists on a clean failure: exit code 1, one `graft: error:` line naming `needle`,
+/// no panic, nothing on stdout.
+pub fn fails(mut c: Command, needle: &str) -> String {
+    let out: Output = c.output().expect("run graft");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", c.get_args().collect::<Vec<_>>());
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(stderr.starts_with("graft: error: "), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(out.stdout.is_empty(), "stdout not empty: {}", String::from_utf8_lossy(&out.stdout));
+    stderr
+}
+
+pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines().map(|l| serde_json::from_str(l).expect("json line")).collect()
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real `graft` binary and library on real files.
+//! One test binary, split into topic modules (see TESTING in ARCHITECTURE.md).
+
+mod backbone;
+mod common;
+mod errors;
+mod heads;
