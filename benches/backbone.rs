@@ -15,14 +15,19 @@ fn bench(c: &mut Criterion) {
     let input = spec.manifest.input.clone();
 
     let mut g = c.benchmark_group("preprocess");
-    g.bench_function("decode_jpeg", |b| b.iter(|| preprocess::decode_file(path).unwrap()));
-    g.bench_function("resize_crop_normalise", |b| b.iter(|| preprocess::prepare(&frame, &input)));
+    g.bench_function("decode_jpeg", |b| {
+        b.iter(|| preprocess::decode_file(path).unwrap())
+    });
+    g.bench_function("resize_crop_normalise", |b| {
+        b.iter(|| preprocess::prepare(&frame, &input))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("embed");
     g.sample_size(10);
     for model in ["efficientnet-lite0-fp32", "efficientnet-lite0-int8"] {
-        let bb = Backbone::load(ModelSpec::resolve(model).unwrap(), &LoadOptions::default()).unwrap();
+        let bb =
+            Backbone::load(ModelSpec::resolve(model).unwrap(), &LoadOptions::default()).unwrap();
         let p = bb.prepare_frame(&frame);
         for batch in [1usize, 8] {
             let inputs = vec![p.clone(); batch];
@@ -37,7 +42,9 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("classify");
     g.sample_size(10);
     let bb = Backbone::load_named("efficientnet-lite0").unwrap();
-    g.bench_function("file_top5", |b| b.iter(|| bb.classify_file(path, 5).unwrap()));
+    g.bench_function("file_top5", |b| {
+        b.iter(|| bb.classify_file(path, 5).unwrap())
+    });
     g.finish();
 }
 

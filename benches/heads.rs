@@ -9,13 +9,22 @@ use rand::{Rng, SeedableRng};
 fn data(classes: usize, shots: usize) -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let centres: Vec<Vec<f32>> = (0..classes)
-        .map(|_| head::normalize(&(0..1280).map(|_| rng.gen_range(0.0f32..1.0)).collect::<Vec<_>>()))
+        .map(|_| {
+            head::normalize(
+                &(0..1280)
+                    .map(|_| rng.gen_range(0.0f32..1.0))
+                    .collect::<Vec<_>>(),
+            )
+        })
         .collect();
     let mut x = Vec::new();
     let mut y = Vec::new();
     for (c, centre) in centres.iter().enumerate() {
         for _ in 0..shots {
-            let v: Vec<f32> = centre.iter().map(|m| m + rng.gen_range(-0.02f32..0.02)).collect();
+            let v: Vec<f32> = centre
+                .iter()
+                .map(|m| m + rng.gen_range(-0.02f32..0.02))
+                .collect();
             x.push(head::normalize(&v));
             y.push(c);
         }
@@ -43,9 +52,10 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     for (classes, shots) in [(5, 5), (5, 20)] {
         let (x, y, labels) = data(classes, shots);
-        g.bench_function(BenchmarkId::new("auto", format!("{classes}c x {shots}s")), |b| {
-            b.iter(|| head::train(None, &x, &y, &labels, &params, 0).unwrap())
-        });
+        g.bench_function(
+            BenchmarkId::new("auto", format!("{classes}c x {shots}s")),
+            |b| b.iter(|| head::train(None, &x, &y, &labels, &params, 0).unwrap()),
+        );
     }
     g.finish();
 

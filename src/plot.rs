@@ -37,32 +37,63 @@ pub fn confusion_svg(path: &Path, c: &Confusion, title: &str) -> Result<(), Stor
         let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
         let font = ("sans-serif", 14).into_font();
-        root.draw(&Text::new(title.to_string(), (10, 10), ("sans-serif", 18).into_font()))
-            .map_err(|e| plot_err(path, e))?;
-        root.draw(&Text::new("true \\ predicted", (10, margin_top as i32 - 24), font.clone()))
-            .map_err(|e| plot_err(path, e))?;
+        root.draw(&Text::new(
+            title.to_string(),
+            (10, 10),
+            ("sans-serif", 18).into_font(),
+        ))
+        .map_err(|e| plot_err(path, e))?;
+        root.draw(&Text::new(
+            "true \\ predicted",
+            (10, margin_top as i32 - 24),
+            font.clone(),
+        ))
+        .map_err(|e| plot_err(path, e))?;
         for (r, row) in c.counts.iter().enumerate() {
             let total: usize = row.iter().sum::<usize>().max(1);
             let y0 = (margin_top + cell * r as u32) as i32;
-            root.draw(&Text::new(c.labels[r].clone(), (10, y0 + cell as i32 / 2 - 7), font.clone()))
-                .map_err(|e| plot_err(path, e))?;
+            root.draw(&Text::new(
+                c.labels[r].clone(),
+                (10, y0 + cell as i32 / 2 - 7),
+                font.clone(),
+            ))
+            .map_err(|e| plot_err(path, e))?;
             for (col, count) in row.iter().enumerate() {
                 let x0 = (margin_left + cell * col as u32) as i32;
                 let share = *count as f64 / total as f64;
                 let shade = (255.0 * (1.0 - share)) as u8;
-                let colour = if col == r { RGBColor(shade, 255, shade) } else { RGBColor(255, shade, shade) };
-                root.draw(&Rectangle::new([(x0, y0), (x0 + cell as i32 - 2, y0 + cell as i32 - 2)], colour.filled()))
-                    .map_err(|e| plot_err(path, e))?;
-                root.draw(&Text::new(count.to_string(), (x0 + 8, y0 + cell as i32 / 2 - 7), font.clone()))
-                    .map_err(|e| plot_err(path, e))?;
+                let colour = if col == r {
+                    RGBColor(shade, 255, shade)
+                } else {
+                    RGBColor(255, shade, shade)
+                };
+                root.draw(&Rectangle::new(
+                    [(x0, y0), (x0 + cell as i32 - 2, y0 + cell as i32 - 2)],
+                    colour.filled(),
+                ))
+                .map_err(|e| plot_err(path, e))?;
+                root.draw(&Text::new(
+                    count.to_string(),
+                    (x0 + 8, y0 + cell as i32 / 2 - 7),
+                    font.clone(),
+                ))
+                .map_err(|e| plot_err(path, e))?;
             }
         }
         for col in 0..=n {
             let x0 = (margin_left + cell * col as u32) as i32;
-            let name = c.labels.get(col).cloned().unwrap_or_else(|| "unknown".into());
+            let name = c
+                .labels
+                .get(col)
+                .cloned()
+                .unwrap_or_else(|| "unknown".into());
             let style = font.clone().transform(FontTransform::Rotate270);
-            root.draw(&Text::new(name, (x0 + cell as i32 / 2 - 7, margin_top as i32 - 6), style))
-                .map_err(|e| plot_err(path, e))?;
+            root.draw(&Text::new(
+                name,
+                (x0 + cell as i32 / 2 - 7, margin_top as i32 - 6),
+                style,
+            ))
+            .map_err(|e| plot_err(path, e))?;
         }
         root.present().map_err(|e| plot_err(path, e))?;
     }
@@ -79,7 +110,12 @@ const PALETTE: [RGBColor; 6] = [
 ];
 
 /// Draws accuracy against examples per class, one line per series, with ±1 std whiskers.
-pub fn curve_svg(path: &Path, series: &[Series], title: &str, chance: f64) -> Result<(), StoreError> {
+pub fn curve_svg(
+    path: &Path,
+    series: &[Series],
+    title: &str,
+    chance: f64,
+) -> Result<(), StoreError> {
     let max_x = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
@@ -102,7 +138,10 @@ pub fn curve_svg(path: &Path, series: &[Series], title: &str, chance: f64) -> Re
             .draw()
             .map_err(|e| plot_err(path, e))?;
         chart
-            .draw_series(LineSeries::new(vec![(0.0, chance), (max_x * 1.05, chance)], BLACK.mix(0.3)))
+            .draw_series(LineSeries::new(
+                vec![(0.0, chance), (max_x * 1.05, chance)],
+                BLACK.mix(0.3),
+            ))
             .map_err(|e| plot_err(path, e))?
             .label(format!("chance ({chance:.2})"))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.3)));
@@ -127,7 +166,10 @@ pub fn curve_svg(path: &Path, series: &[Series], title: &str, chance: f64) -> Re
                 .map_err(|e| plot_err(path, e))?;
             chart
                 .draw_series(s.points.iter().map(|(x, m, sd)| {
-                    PathElement::new(vec![(*x, (m - sd).max(0.0)), (*x, (m + sd).min(1.0))], colour)
+                    PathElement::new(
+                        vec![(*x, (m - sd).max(0.0)), (*x, (m + sd).min(1.0))],
+                        colour,
+                    )
                 }))
                 .map_err(|e| plot_err(path, e))?;
         }

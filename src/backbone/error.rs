@@ -45,7 +45,9 @@ pub enum BackboneError {
     #[error("model {model}: cannot load ONNX graph: {reason}")]
     Load { model: String, reason: String },
     /// The manifest names an output node the graph does not have.
-    #[error("model {model}: the graph has no node or output named {node:?} (manifest field {field})")]
+    #[error(
+        "model {model}: the graph has no node or output named {node:?} (manifest field {field})"
+    )]
     MissingNode {
         model: String,
         node: String,

@@ -259,10 +259,16 @@ fn parse(text: &str, origin: &str) -> Result<Manifest, BackboneError> {
         )));
     }
     if m.input.layout != "NCHW" {
-        return Err(bad(format!("input.layout {:?}: only NCHW is supported", m.input.layout)));
+        return Err(bad(format!(
+            "input.layout {:?}: only NCHW is supported",
+            m.input.layout
+        )));
     }
     if m.input.channels != "RGB" {
-        return Err(bad(format!("input.channels {:?}: only RGB is supported", m.input.channels)));
+        return Err(bad(format!(
+            "input.channels {:?}: only RGB is supported",
+            m.input.channels
+        )));
     }
     if m.input.resize_filter != "bilinear" {
         return Err(bad(format!(

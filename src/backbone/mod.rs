@@ -308,18 +308,22 @@ impl Backbone {
         graph
             .select_outputs_by_name(wanted.iter().map(|(_, n)| *n))
             .map_err(load)?;
-        let typed = graph.into_optimized().map_err(|e| BackboneError::NotImageModel {
-            model: model.clone(),
-            reason: format!(
-                "it does not accept a [{batch},3,{size},{size}] float image: {}",
-                error::chain(&e)
-            ),
-        })?;
+        let typed = graph
+            .into_optimized()
+            .map_err(|e| BackboneError::NotImageModel {
+                model: model.clone(),
+                reason: format!(
+                    "it does not accept a [{batch},3,{size},{size}] float image: {}",
+                    error::chain(&e)
+                ),
+            })?;
         // The cut must really be a `features_size` vector per image.
         let check = |ix: usize, field: &str, want: usize| -> Result<(), BackboneError> {
             let fact = typed.output_fact(ix).map_err(load)?;
             let shape = fact.shape.as_concrete().map(|s| s.to_vec());
-            let per_image = shape.as_ref().map(|s| s.iter().product::<usize>() / batch.max(1));
+            let per_image = shape
+                .as_ref()
+                .map(|s| s.iter().product::<usize>() / batch.max(1));
             if per_image != Some(want) || shape.as_ref().map(|s| s[0]) != Some(batch) {
                 return Err(BackboneError::NotImageModel {
                     model: model.clone(),
@@ -426,7 +430,11 @@ impl Backbone {
 
     /// Embeds many files, `threads` at a time, calling `progress` after each one. Results come
     /// back in input order; the first failure (naming its file) stops the work.
-    pub fn embed_files<F>(&self, paths: &[PathBuf], progress: F) -> Result<Vec<Embedding>, BackboneError>
+    pub fn embed_files<F>(
+        &self,
+        paths: &[PathBuf],
+        progress: F,
+    ) -> Result<Vec<Embedding>, BackboneError>
     where
         F: Fn(&Path) + Sync,
     {
@@ -481,8 +489,7 @@ impl Backbone {
 }
 
 fn has_outlet(graph: &InferenceModel, name: &str) -> bool {
-    graph.outlet_labels.values().any(|l| l == name)
-        || graph.nodes().iter().any(|n| n.name == name)
+    graph.outlet_labels.values().any(|l| l == name) || graph.nodes().iter().any(|n| n.name == name)
 }
 
 /// Numerically stable softmax.

@@ -15,9 +15,7 @@ use super::manifest::InputSpec;
 use super::BackboneError;
 
 /// File extensions `graft` treats as images when it walks folders.
-pub const IMAGE_EXTENSIONS: &[&str] = &[
-    "jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff",
-];
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff"];
 
 /// True if the path has one of [`IMAGE_EXTENSIONS`] (case-insensitive).
 pub fn has_image_extension(path: &Path) -> bool {
@@ -112,7 +110,9 @@ fn decode_reader<R: BufRead + Seek>(
         // The JPEG decoder fills a cut-off picture with grey instead of failing; a camera
         // frame cut by a full disk or a half-copied file must not be learned from.
         Some(image::ImageFormat::Jpeg) if jpeg_is_truncated(reader_bytes) => {
-            return Err(bad("truncated JPEG (no end-of-image marker after the image data)".into()))
+            return Err(bad(
+                "truncated JPEG (no end-of-image marker after the image data)".into(),
+            ))
         }
         Some(_) => {}
     }
@@ -285,7 +285,11 @@ fn coefficients(in_size: u32, out_size: u32) -> (Vec<(usize, usize)>, Vec<i32>, 
         for x in 0..xmax {
             let v = if total != 0.0 { w[x] / total } else { w[x] };
             let f = v * (1u32 << PRECISION_BITS) as f64;
-            k[xx * ks + x] = if v < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
+            k[xx * ks + x] = if v < 0.0 {
+                (f - 0.5) as i32
+            } else {
+                (f + 0.5) as i32
+            };
         }
         bounds.push((xmin, xmax));
     }
@@ -307,6 +311,21 @@ fn resized_dims(w: u32, h: u32, shorter: u32) -> (u32, u32) {
 /// Decode + prepare in one step.
 pub fn prepare_file(path: &Path, spec: &InputSpec) -> Result<Prepared, BackboneError> {
     Ok(prepare(&decode_file(path)?, spec))
+}
+
+/// The "from scratch" baseline's features: the picture squashed to `side × side` RGB, centred
+/// (mean removed) and scaled to unit length. What a head on raw pixels sees.
+pub fn pixel_features(frame: &RgbFrame, side: u32) -> Vec<f32> {
+    let small = image::imageops::resize(&frame.inner, side, side, FilterType::Triangle);
+    let v: Vec<f32> = small.as_raw().iter().map(|b| *b as f32 / 255.0).collect();
+    let mean = v.iter().sum::<f32>() / v.len().max(1) as f32;
+    let centred: Vec<f32> = v.iter().map(|x| x - mean).collect();
+    let n = centred.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        centred.iter().map(|x| x / n).collect()
+    } else {
+        centred
+    }
 }
 
 #[cfg(test)]
@@ -349,7 +368,9 @@ mod tests {
         assert_eq!(p.data.len(), 3 * plane);
         assert!(p.data[..plane].iter().all(|v| (*v - 1.0).abs() < 1e-6));
         assert!(p.data[plane..2 * plane].iter().all(|v| v.abs() < 1e-6));
-        assert!(p.data[2 * plane..].iter().all(|v| (*v + 127.0 / 128.0).abs() < 1e-6));
+        assert!(p.data[2 * plane..]
+            .iter()
+            .all(|v| (*v + 127.0 / 128.0).abs() < 1e-6));
     }
 
     #[test]
@@ -368,7 +389,11 @@ mod tests {
 
     #[test]
     fn truncation_detection_on_a_real_jpeg() {
-        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/images/dog.jpg")).unwrap();
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/images/dog.jpg"
+        ))
+        .unwrap();
         assert!(!jpeg_is_truncated(&bytes));
         for cut in [bytes.len() - 2, bytes.len() / 2, 200, 3] {
             assert!(jpeg_is_truncated(&bytes[..cut]), "cut at {cut}");
@@ -382,7 +407,9 @@ mod tests {
         let src: Vec<u8> = (0..105u32).map(|i| ((i * 37 + 11) % 256) as u8).collect();
         let frame = RgbFrame::from_raw(7, 5, src).unwrap();
         let out = resize_bilinear(&frame.inner, 3, 2);
-        let pillow = [113, 97, 134, 154, 131, 111, 134, 169, 128, 93, 115, 152, 131, 108, 129, 152, 149, 83];
+        let pillow = [
+            113, 97, 134, 154, 131, 111, 134, 169, 128, 93, 115, 152, 131, 108, 129, 152, 149, 83,
+        ];
         assert_eq!(out.as_raw().as_slice(), &pillow);
     }
 
@@ -393,20 +420,5 @@ mod tests {
         for bytes in cases {
             assert!(decode_bytes(bytes, path).is_err());
         }
-    }
-}
-
-/// The "from scratch" baseline's features: the picture squashed to `side × side` RGB, centred
-/// (mean removed) and scaled to unit length. What a head on raw pixels sees.
-pub fn pixel_features(frame: &RgbFrame, side: u32) -> Vec<f32> {
-    let small = image::imageops::resize(&frame.inner, side, side, FilterType::Triangle);
-    let v: Vec<f32> = small.as_raw().iter().map(|b| *b as f32 / 255.0).collect();
-    let mean = v.iter().sum::<f32>() / v.len().max(1) as f32;
-    let centred: Vec<f32> = v.iter().map(|x| x - mean).collect();
-    let n = centred.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if n > 0.0 {
-        centred.iter().map(|x| x / n).collect()
-    } else {
-        centred
     }
 }

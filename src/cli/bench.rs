@@ -74,12 +74,22 @@ pub fn run(g: &Global, image: Option<PathBuf>, runs: usize) -> anyhow::Result<()
     if g.json {
         return output::json_line(&report);
     }
-    println!("model        {} ({}, {} thread(s), {})", report.model, report.precision, report.threads, report.target_arch);
+    println!(
+        "model        {} ({}, {} thread(s), {})",
+        report.model, report.precision, report.threads, report.target_arch
+    );
     println!("load         {:>8.1} ms", report.load_ms);
-    println!("decode       {:>8.2} ms   ({})", report.decode_ms, report.image.display());
+    println!(
+        "decode       {:>8.2} ms   ({})",
+        report.decode_ms,
+        report.image.display()
+    );
     println!("preprocess   {:>8.2} ms", report.preprocess_ms);
     println!("embed b=1    {:>8.2} ms", report.embed_batch1_ms);
-    println!("embed b=8    {:>8.2} ms per image", report.embed_batch8_ms_per_image);
+    println!(
+        "embed b=8    {:>8.2} ms per image",
+        report.embed_batch8_ms_per_image
+    );
     println!("(median of {} runs)", report.runs);
     Ok(())
 }

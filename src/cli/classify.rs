@@ -30,7 +30,13 @@ pub fn run(g: &Global, images: &[PathBuf], top: usize) -> anyhow::Result<()> {
         } else {
             println!("{}", path.display());
             for (rank, s) in scores.iter().enumerate() {
-                println!("  {:>2}. {:<40} {:>6.2}%  (class {})", rank + 1, s.label, s.probability * 100.0, s.index);
+                println!(
+                    "  {:>2}. {:<40} {:>6.2}%  (class {})",
+                    rank + 1,
+                    s.label,
+                    s.probability * 100.0,
+                    s.index
+                );
             }
         }
     }

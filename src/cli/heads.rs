@@ -176,6 +176,9 @@ struct TrainSummary<'a> {
     candidates: Vec<Candidate>,
     temperature: f32,
     threshold: f32,
+    calibration: &'static str,
+    known_accepted: Option<f32>,
+    novel_rejected: Option<f32>,
     model: &'a str,
     embedded: usize,
     cached: usize,
@@ -192,18 +195,46 @@ fn print_train_summary(g: &Global, s: &TrainSummary) -> anyhow::Result<()> {
         s.head,
         s.examples,
         s.labels.len(),
-        s.labels.iter().zip(&s.counts).map(|(l, c)| format!("{l}:{c}")).collect::<Vec<_>>().join(" "),
+        s.labels
+            .iter()
+            .zip(&s.counts)
+            .map(|(l, c)| format!("{l}:{c}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         s.out.display()
     );
     if !s.candidates.is_empty() {
-        println!("  auto: chose {} by {} cross-validation:", s.head, s.cv_method);
+        println!(
+            "  auto: chose {} by {} cross-validation:",
+            s.head, s.cv_method
+        );
         for c in &s.candidates {
-            println!("    {:<9} {:>6.1}%{}", c.head.to_string(), c.cv_accuracy * 100.0, if c.head == s.head { "  <- chosen" } else { "" });
+            println!(
+                "    {:<9} {:>6.1}%{}",
+                c.head.to_string(),
+                c.cv_accuracy * 100.0,
+                if c.head == s.head { "  <- chosen" } else { "" }
+            );
         }
     } else {
-        println!("  {} cross-validation accuracy {:.1}%", s.cv_method, s.cv_accuracy * 100.0);
+        println!(
+            "  {} cross-validation accuracy {:.1}%",
+            s.cv_method,
+            s.cv_accuracy * 100.0
+        );
     }
-    println!("  threshold {:.3} (scores below are `unknown`), temperature {:.3}", s.threshold, s.temperature);
+    println!(
+        "  threshold {:.3} (scores below are `unknown`), temperature {:.3}",
+        s.threshold, s.temperature
+    );
+    if let (Some(k), Some(n)) = (s.known_accepted, s.novel_rejected) {
+        println!(
+            "  {}: on training data it accepts {:.0}% of known objects and rejects {:.0}% of left-out classes",
+            s.calibration,
+            k * 100.0,
+            n * 100.0
+        );
+    }
     println!(
         "  embedding {:.2}s ({} new, {} from cache), fitting {:.2}s",
         s.embed_seconds, s.embedded, s.cached, s.fit_seconds
@@ -220,7 +251,10 @@ fn fit_and_write(
     seed: u64,
 ) -> anyhow::Result<(HeadFile, head::Trained, f64)> {
     let start = Instant::now();
-    let x: Vec<Vec<f32>> = examples.iter().map(|e| head::normalize(&e.embedding)).collect();
+    let x: Vec<Vec<f32>> = examples
+        .iter()
+        .map(|e| head::normalize(&e.embedding))
+        .collect();
     let y: Vec<usize> = examples.iter().map(|e| e.label).collect();
     let trained = head::train(choice, &x, &y, labels, &HeadParams::default(), seed)?;
     let fit_seconds = start.elapsed().as_secs_f64();
@@ -271,7 +305,8 @@ pub fn train(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
             embedding: e.embedding,
         })
         .collect();
-    let (file, trained, fit_seconds) = fit_and_write(&a.out, &bb, choice, &ds.labels, examples, a.seed)?;
+    let (file, trained, fit_seconds) =
+        fit_and_write(&a.out, &bb, choice, &ds.labels, examples, a.seed)?;
     print_train_summary(
         g,
         &TrainSummary {
@@ -285,6 +320,9 @@ pub fn train(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
             candidates: candidates(&trained),
             temperature: file.head.temperature,
             threshold: file.head.threshold,
+            calibration: trained.calibration.method,
+            known_accepted: trained.calibration.known_accepted,
+            novel_rejected: trained.calibration.novel_rejected,
             model: &bb.id().name,
             embedded: paths.len() - hits,
             cached: hits,
@@ -330,14 +368,34 @@ pub fn predict(g: &Global, a: PredictArgs) -> anyhow::Result<()> {
     let (file, bb) = load_head(g, &a.head)?;
     let images = collect_images(&a.paths)?;
     for path in &images {
-        let e = bb.embed_file(path).with_context(|| format!("predicting {}", path.display()))?;
+        let e = bb
+            .embed_file(path)
+            .with_context(|| format!("predicting {}", path.display()))?;
         let p = file.head.predict(&e.vector, a.threshold, a.top)?;
         if g.json {
-            output::json_line(&PredictLine { path, prediction: &p })?;
+            output::json_line(&PredictLine {
+                path,
+                prediction: &p,
+            })?;
         } else {
-            let guess = if p.unknown { format!(" (best guess {} {:.3})", p.best, p.score) } else { String::new() };
-            let top: Vec<String> = p.top.iter().map(|t| format!("{} {:.3}", t.label, t.score)).collect();
-            println!("{}: {} {:.3}{}  [{}]", path.display(), p.label, p.score, guess, top.join(", "));
+            let guess = if p.unknown {
+                format!(" (best guess {} {:.3})", p.best, p.score)
+            } else {
+                String::new()
+            };
+            let top: Vec<String> = p
+                .top
+                .iter()
+                .map(|t| format!("{} {:.3}", t.label, t.score))
+                .collect();
+            println!(
+                "{}: {} {:.3}{}  [{}]",
+                path.display(),
+                p.label,
+                p.score,
+                guess,
+                top.join(", ")
+            );
         }
     }
     Ok(())
@@ -362,7 +420,11 @@ pub fn add(g: &Global, a: AddArgs) -> anyhow::Result<()> {
     };
     let mut added = 0;
     for (path, e) in images.iter().zip(embedded) {
-        if file.examples.iter().any(|x| x.sha256 == e.sha256 && x.label == id) {
+        if file
+            .examples
+            .iter()
+            .any(|x| x.sha256 == e.sha256 && x.label == id)
+        {
             continue; // the same picture under the same label: already there
         }
         file.examples.push(Example {
@@ -374,9 +436,13 @@ pub fn add(g: &Global, a: AddArgs) -> anyhow::Result<()> {
         added += 1;
     }
     let kind = file.head.kind;
-    let (file, trained, fit_seconds) = fit_and_write(&a.head, &bb, Some(kind), &labels, file.examples, 0)?;
+    let (file, trained, fit_seconds) =
+        fit_and_write(&a.head, &bb, Some(kind), &labels, file.examples, 0)?;
     if !g.json {
-        println!("added {added} examples of {label:?} ({} skipped as duplicates)", images.len() - added);
+        println!(
+            "added {added} examples of {label:?} ({} skipped as duplicates)",
+            images.len() - added
+        );
     }
     print_train_summary(
         g,
@@ -391,6 +457,9 @@ pub fn add(g: &Global, a: AddArgs) -> anyhow::Result<()> {
             candidates: Vec::new(),
             temperature: file.head.temperature,
             threshold: file.head.threshold,
+            calibration: trained.calibration.method,
+            known_accepted: trained.calibration.known_accepted,
+            novel_rejected: trained.calibration.novel_rejected,
             model: &bb.id().name,
             embedded: images.len() - hits,
             cached: hits,
@@ -408,7 +477,11 @@ struct Data {
     groups: Vec<String>,
 }
 
-fn load_dataset(g: &Global, dataset: &Path, cache: &CacheArgs) -> anyhow::Result<(Data, ImageFolder, Backbone)> {
+fn load_dataset(
+    g: &Global,
+    dataset: &Path,
+    cache: &CacheArgs,
+) -> anyhow::Result<(Data, ImageFolder, Backbone)> {
     let ds = ImageFolder::scan(dataset)?;
     if ds.labels.len() < 2 {
         bail!("{}: need at least 2 class folders", dataset.display());
@@ -419,16 +492,27 @@ fn load_dataset(g: &Global, dataset: &Path, cache: &CacheArgs) -> anyhow::Result
     let (embedded, _, _) = embed_folder(&bb, &paths, c.as_mut())?;
     let data = Data {
         labels: ds.labels.clone(),
-        x: embedded.iter().map(|e| head::normalize(&e.embedding)).collect(),
+        x: embedded
+            .iter()
+            .map(|e| head::normalize(&e.embedding))
+            .collect(),
         y: ds.items.iter().map(|(_, l)| *l).collect(),
-        groups: ds.items.iter().map(|(p, l)| format!("{l}/{}", group_key(p))).collect(),
+        groups: ds
+            .items
+            .iter()
+            .map(|(p, l)| format!("{l}/{}", group_key(p)))
+            .collect(),
     };
     Ok((data, ds, bb))
 }
 
 /// Few-shot split: `shots` examples per class for training, the rest for testing, minus test
 /// images of a group (the same object) that is in the training set.
-fn few_shot_split(d: &Data, shots: usize, rng: &mut rand::rngs::StdRng) -> Option<(Vec<usize>, Vec<usize>)> {
+fn few_shot_split(
+    d: &Data,
+    shots: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> Option<(Vec<usize>, Vec<usize>)> {
     let mut train = Vec::new();
     for c in 0..d.labels.len() {
         let mut idx: Vec<usize> = (0..d.y.len()).filter(|i| d.y[*i] == c).collect();
@@ -438,7 +522,8 @@ fn few_shot_split(d: &Data, shots: usize, rng: &mut rand::rngs::StdRng) -> Optio
         idx.shuffle(rng);
         train.extend_from_slice(&idx[..shots]);
     }
-    let used: std::collections::HashSet<&str> = train.iter().map(|i| d.groups[*i].as_str()).collect();
+    let used: std::collections::HashSet<&str> =
+        train.iter().map(|i| d.groups[*i].as_str()).collect();
     let test: Vec<usize> = (0..d.y.len())
         .filter(|i| !train.contains(i) && !used.contains(d.groups[*i].as_str()))
         .collect();
@@ -453,14 +538,17 @@ fn kfold_splits(d: &Data, k: usize, seed: u64) -> Vec<(Vec<usize>, Vec<usize>)> 
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut fold_of = vec![0usize; d.y.len()];
     for c in 0..d.labels.len() {
-        let mut groups: Vec<&str> = (0..d.y.len()).filter(|i| d.y[*i] == c).map(|i| d.groups[i].as_str()).collect();
+        let mut groups: Vec<&str> = (0..d.y.len())
+            .filter(|i| d.y[*i] == c)
+            .map(|i| d.groups[i].as_str())
+            .collect();
         groups.sort_unstable();
         groups.dedup();
         groups.shuffle(&mut rng);
         for (j, gname) in groups.iter().enumerate() {
-            for i in 0..d.y.len() {
-                if d.groups[i] == *gname {
-                    fold_of[i] = j % k;
+            for (fold, group) in fold_of.iter_mut().zip(&d.groups) {
+                if group == gname {
+                    *fold = j % k;
                 }
             }
         }
@@ -487,7 +575,10 @@ fn run_split(
     let tx: Vec<Vec<f32>> = train.iter().map(|i| x[*i].clone()).collect();
     let ty: Vec<usize> = train.iter().map(|i| d.y[*i]).collect();
     let (model, kind) = match choice {
-        Some(k) => (head::fit(k, &tx, &ty, d.labels.len(), &HeadParams::default())?, k),
+        Some(k) => (
+            head::fit(k, &tx, &ty, d.labels.len(), &HeadParams::default())?,
+            k,
+        ),
         None => {
             let t = head::train(None, &tx, &ty, &d.labels, &HeadParams::default(), seed)?;
             let k = t.head.kind;
@@ -498,7 +589,9 @@ fn run_split(
         .iter()
         .map(|i| {
             let l = model.logits(&x[*i]);
-            (0..l.len()).max_by(|a, b| l[*a].total_cmp(&l[*b])).unwrap_or(0)
+            (0..l.len())
+                .max_by(|a, b| l[*a].total_cmp(&l[*b]))
+                .unwrap_or(0)
         })
         .collect();
     Ok((preds, kind))
@@ -545,7 +638,10 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed.wrapping_add(t as u64));
             match few_shot_split(&d, shots, &mut rng) {
                 Some(split) => s.push(split),
-                None => bail!("{}: every class needs more than {shots} images for a {shots}-shot split", a.dataset.display()),
+                None => bail!(
+                    "{}: every class needs more than {shots} images for a {shots}-shot split",
+                    a.dataset.display()
+                ),
             }
         }
         splits = s;
@@ -563,7 +659,8 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
     let mut chosen = Vec::new();
     let bar = output::progress(splits.len(), "evaluating");
     for (i, (train, test)) in splits.iter().enumerate() {
-        let (preds, kind) = run_split(&d.x, &d, choice, train, test, a.seed.wrapping_add(i as u64))?;
+        let (preds, kind) =
+            run_split(&d.x, &d, choice, train, test, a.seed.wrapping_add(i as u64))?;
         let mut right = 0;
         for (t, p) in test.iter().zip(&preds) {
             confusion.add(d.y[*t], Some(*p));
@@ -575,7 +672,11 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     let (m, s) = mean_std(&accs);
-    let title = format!("graft eval: {} head, {mode}, accuracy {:.1}%", a.head, m * 100.0);
+    let title = format!(
+        "graft eval: {} head, {mode}, accuracy {:.1}%",
+        a.head,
+        m * 100.0
+    );
     if let Some(p) = &a.plot {
         graft::plot::confusion_svg(p, &confusion, &title)?;
     }
@@ -596,10 +697,21 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
         return output::json_line(&report);
     }
     println!("{title}");
-    println!("accuracy {:.1}% ± {:.1}% over {} splits", m * 100.0, s * 100.0, report.splits);
-    println!("{:<14} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support");
+    println!(
+        "accuracy {:.1}% ± {:.1}% over {} splits",
+        m * 100.0,
+        s * 100.0,
+        report.splits
+    );
+    println!(
+        "{:<14} {:>9} {:>9} {:>9} {:>8}",
+        "class", "precision", "recall", "f1", "support"
+    );
     for c in &report.per_class {
-        println!("{:<14} {:>9.3} {:>9.3} {:>9.3} {:>8}", c.label, c.precision, c.recall, c.f1, c.support);
+        println!(
+            "{:<14} {:>9.3} {:>9.3} {:>9.3} {:>8}",
+            c.label, c.precision, c.recall, c.f1, c.support
+        );
     }
     print!("{}", confusion.to_text());
     if let Some(p) = &a.plot {
@@ -628,7 +740,11 @@ struct CurveReport<'a> {
 }
 
 pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
-    let kinds: Vec<HeadKind> = a.heads.iter().map(|h| h.parse()).collect::<Result<_, _>>()?;
+    let kinds: Vec<HeadKind> = a
+        .heads
+        .iter()
+        .map(|h| h.parse())
+        .collect::<Result<_, _>>()?;
     if a.trials == 0 || a.shots.is_empty() || a.shots.contains(&0) {
         bail!("--trials and every --shots value must be at least 1");
     }
@@ -643,14 +759,24 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
     let bar = output::progress(a.shots.len() * kinds.len() * 2, "learning curve");
     for &shots in &a.shots {
         for features in ["backbone", "pixels"] {
-            let x = if features == "backbone" { &d.x } else { &pixels };
+            let x = if features == "backbone" {
+                &d.x
+            } else {
+                &pixels
+            };
             for &kind in &kinds {
                 let mut accs = Vec::new();
                 for t in 0..a.trials {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed.wrapping_add(t as u64));
-                    let Some((train, test)) = few_shot_split(&d, shots, &mut rng) else { break };
+                    let Some((train, test)) = few_shot_split(&d, shots, &mut rng) else {
+                        break;
+                    };
                     let (preds, _) = run_split(x, &d, Some(kind), &train, &test, a.seed)?;
-                    let right = test.iter().zip(&preds).filter(|(t, p)| d.y[**t] == **p).count();
+                    let right = test
+                        .iter()
+                        .zip(&preds)
+                        .filter(|(t, p)| d.y[**t] == **p)
+                        .count();
                     accs.push(right as f64 / test.len() as f64);
                 }
                 bar.inc(1);
@@ -658,13 +784,23 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
                     continue; // not enough images for this many shots
                 }
                 let (m, s) = mean_std(&accs);
-                points.push(CurvePoint { features, head: kind, shots, accuracy: m, std: s, trials: accs.len() });
+                points.push(CurvePoint {
+                    features,
+                    head: kind,
+                    shots,
+                    accuracy: m,
+                    std: s,
+                    trials: accs.len(),
+                });
             }
         }
     }
     bar.finish_and_clear();
     if points.is_empty() {
-        bail!("{}: not enough images per class for any of the requested shots", a.dataset.display());
+        bail!(
+            "{}: not enough images per class for any of the requested shots",
+            a.dataset.display()
+        );
     }
     let chance = 1.0 / d.labels.len() as f64;
     if let Some(p) = &a.plot {
@@ -677,22 +813,48 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
                     .map(|q| (q.shots as f64, q.accuracy, q.std))
                     .collect();
                 series.push(graft::plot::Series {
-                    name: format!("{kind} on {}", if features == "backbone" { "backbone features" } else { "raw pixels (32x32)" }),
+                    name: format!(
+                        "{kind} on {}",
+                        if features == "backbone" {
+                            "backbone features"
+                        } else {
+                            "raw pixels (32x32)"
+                        }
+                    ),
                     points: pts,
                     dashed: features == "pixels",
                 });
             }
         }
-        let title = format!("graft: accuracy vs examples per class ({} classes)", d.labels.len());
+        let title = format!(
+            "graft: accuracy vs examples per class ({} classes)",
+            d.labels.len()
+        );
         graft::plot::curve_svg(p, &series, &title, chance)?;
     }
-    let report = CurveReport { dataset: &a.dataset, classes: d.labels.len(), chance, points, plot: a.plot.as_deref() };
+    let report = CurveReport {
+        dataset: &a.dataset,
+        classes: d.labels.len(),
+        chance,
+        points,
+        plot: a.plot.as_deref(),
+    };
     if g.json {
         return output::json_line(&report);
     }
-    println!("{:<9} {:<9} {:>6} {:>9} {:>7}", "features", "head", "shots", "accuracy", "std");
+    println!(
+        "{:<9} {:<9} {:>6} {:>9} {:>7}",
+        "features", "head", "shots", "accuracy", "std"
+    );
     for q in &report.points {
-        println!("{:<9} {:<9} {:>6} {:>8.1}% {:>6.1}%", q.features, q.head.to_string(), q.shots, q.accuracy * 100.0, q.std * 100.0);
+        println!(
+            "{:<9} {:<9} {:>6} {:>8.1}% {:>6.1}%",
+            q.features,
+            q.head.to_string(),
+            q.shots,
+            q.accuracy * 100.0,
+            q.std * 100.0
+        );
     }
     println!("chance {:.1}%", chance * 100.0);
     if let Some(p) = &a.plot {

@@ -62,14 +62,28 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
     println!("model size     {:.1} MB", info.model_bytes as f64 / 1e6);
     println!(
         "input          {} {}x{}x{} {}, shorter side -> {} ({}), centre crop, mean {:?}, std {:?}",
-        m.input.name, 3, m.input.size, m.input.size, m.input.layout, m.input.resize_shorter,
-        m.input.resize_filter, m.input.mean, m.input.std
+        m.input.name,
+        3,
+        m.input.size,
+        m.input.size,
+        m.input.layout,
+        m.input.resize_shorter,
+        m.input.resize_filter,
+        m.input.mean,
+        m.input.std
     );
-    println!("embedding      {} values at node {}", info.embedding_size, info.feature_node);
+    println!(
+        "embedding      {} values at node {}",
+        info.embedding_size, info.feature_node
+    );
     if let (Some(l), Some(c)) = (info.logits_node, info.classes) {
         println!("classifier     {c} classes at node {l}");
     }
-    println!("cpu            {} [{}]", info.target_arch, info.cpu_features.join(" "));
+    println!(
+        "cpu            {} [{}]",
+        info.target_arch,
+        info.cpu_features.join(" ")
+    );
     println!("threads        {}", info.threads);
     println!("load time      {:.0} ms", info.load_ms);
     Ok(())

@@ -97,7 +97,11 @@ pub fn cross_validate(
     Ok(CvReport {
         kind,
         method,
-        accuracy: if scored > 0 { correct as f64 / scored as f64 } else { 0.0 },
+        accuracy: if scored > 0 {
+            correct as f64 / scored as f64
+        } else {
+            0.0
+        },
         scored,
         held_out,
     })
@@ -131,10 +135,41 @@ pub fn auto_select(
     Ok(Selection { chosen, reports })
 }
 
+/// Share of correctly classified held-out training examples the threshold may reject at most.
+pub const MAX_KNOWN_REJECTION: f32 = 0.2;
+
+/// How the `unknown` threshold was calibrated.
+#[derive(Debug, Clone, Serialize)]
+pub struct Calibration {
+    /// Softmax temperature.
+    pub temperature: f32,
+    /// Best scores below this are `unknown`.
+    pub threshold: f32,
+    /// `leave-one-class-out`, `quantile` or `fallback`.
+    pub method: &'static str,
+    /// Share of held-out known examples (correctly classified) the threshold accepts.
+    pub known_accepted: Option<f32>,
+    /// Share of left-out-class examples (stand-ins for never-seen objects) it rejects.
+    pub novel_rejected: Option<f32>,
+}
+
 /// Fits the softmax temperature (minimum held-out negative log-likelihood over a log grid) and
-/// the `unknown` threshold (the [`THRESHOLD_QUANTILE`] of the best scores of correctly classified
-/// held-out examples). Returns `(temperature, threshold)`.
-pub fn calibrate(report: &CvReport, y: &[usize], classes: usize) -> (f32, f32) {
+/// the `unknown` threshold.
+///
+/// The threshold is calibrated *open-set* from the training data alone: every class in turn is
+/// left out entirely, a head is fitted on the others, and the left-out class's examples are
+/// scored — they play the objects the head has never seen. Their best scores are set against
+/// the held-out scores of correctly classified known examples, and the threshold is the one that
+/// best separates the two (Youden's J), capped so that it rejects at most
+/// [`MAX_KNOWN_REJECTION`] of the known ones. With fewer than three classes there is nothing to
+/// leave out, and the threshold is the [`THRESHOLD_QUANTILE`] of the known scores.
+pub fn calibrate(
+    report: &CvReport,
+    x: &[Vec<f32>],
+    y: &[usize],
+    classes: usize,
+    params: &HeadParams,
+) -> Result<Calibration, HeadError> {
     let scored: Vec<(&Vec<f32>, usize)> = report
         .held_out
         .iter()
@@ -146,7 +181,13 @@ pub fn calibrate(report: &CvReport, y: &[usize], classes: usize) -> (f32, f32) {
             HeadKind::Logistic | HeadKind::Bayes => 1.0,
             HeadKind::Centroid | HeadKind::Knn => 20.0,
         };
-        return (t, FALLBACK_THRESHOLD.max(1.0 / classes.max(1) as f32));
+        return Ok(Calibration {
+            temperature: t,
+            threshold: FALLBACK_THRESHOLD.max(1.0 / classes.max(1) as f32),
+            method: "fallback",
+            known_accepted: None,
+            novel_rejected: None,
+        });
     }
     let mut best_t = 1.0f32;
     let mut best_nll = f64::INFINITY;
@@ -164,23 +205,75 @@ pub fn calibrate(report: &CvReport, y: &[usize], classes: usize) -> (f32, f32) {
             best_t = t;
         }
     }
-    let mut correct_scores: Vec<f32> = scored
+    let top = |l: &[f32]| -> f32 {
+        softmax(&l.iter().map(|v| v * best_t).collect::<Vec<_>>())
+            .into_iter()
+            .fold(0f32, f32::max)
+    };
+    let mut known: Vec<f32> = scored
         .iter()
         .filter(|(l, c)| argmax(l) == *c)
-        .map(|(l, _)| {
-            let p = softmax(&l.iter().map(|v| v * best_t).collect::<Vec<_>>());
-            p.into_iter().fold(0f32, f32::max)
-        })
+        .map(|(l, _)| top(l))
         .collect();
-    correct_scores.sort_by(f32::total_cmp);
-    let threshold = if correct_scores.is_empty() {
-        FALLBACK_THRESHOLD
-    } else {
-        let i = ((correct_scores.len() as f32 * THRESHOLD_QUANTILE).floor() as usize)
-            .min(correct_scores.len() - 1);
-        correct_scores[i]
+    known.sort_by(f32::total_cmp);
+    if known.is_empty() {
+        return Ok(Calibration {
+            temperature: best_t,
+            threshold: FALLBACK_THRESHOLD,
+            method: "fallback",
+            known_accepted: None,
+            novel_rejected: None,
+        });
+    }
+    let quantile = |q: f32| known[((known.len() as f32 * q).floor() as usize).min(known.len() - 1)];
+    let present: Vec<usize> = (0..classes).filter(|c| y.contains(c)).collect();
+    if present.len() < 3 {
+        return Ok(Calibration {
+            temperature: best_t,
+            threshold: quantile(THRESHOLD_QUANTILE),
+            method: "quantile",
+            known_accepted: None,
+            novel_rejected: None,
+        });
+    }
+    // Leave each class out; score its examples with a head that never saw it.
+    let mut novel = Vec::new();
+    for &c in &present {
+        let keep: Vec<usize> = (0..y.len()).filter(|i| y[*i] != c).collect();
+        let tx: Vec<Vec<f32>> = keep.iter().map(|i| x[*i].clone()).collect();
+        let ty: Vec<usize> = keep.iter().map(|i| y[*i]).collect();
+        let model = fit(report.kind, &tx, &ty, classes, params)?;
+        for i in (0..y.len()).filter(|i| y[*i] == c) {
+            novel.push(top(&model.logits(&x[i])));
+        }
+    }
+    let cap = quantile(MAX_KNOWN_REJECTION);
+    let mut candidates: Vec<f32> = known
+        .iter()
+        .chain(&novel)
+        .copied()
+        .filter(|t| *t <= cap)
+        .collect();
+    candidates.push(cap);
+    candidates.sort_by(f32::total_cmp);
+    let rate = |v: &[f32], t: f32, below: bool| -> f32 {
+        v.iter().filter(|s| (**s < t) == below).count() as f32 / v.len().max(1) as f32
     };
-    (best_t, threshold)
+    let mut best = (f32::NEG_INFINITY, candidates[0]);
+    for &t in &candidates {
+        let j = rate(&known, t, false) + rate(&novel, t, true);
+        if j > best.0 + 1e-6 {
+            best = (j, t);
+        }
+    }
+    let threshold = best.1;
+    Ok(Calibration {
+        temperature: best_t,
+        threshold,
+        method: "leave-one-class-out",
+        known_accepted: Some(rate(&known, threshold, false)),
+        novel_rejected: Some(rate(&novel, threshold, true)),
+    })
 }
 
 fn stratified_folds(y: &[usize], classes: usize, k: usize, seed: u64) -> Vec<usize> {
@@ -238,8 +331,10 @@ mod tests {
                 Some(vec![0.3, 0.7]),
             ],
         };
-        let (t, thr) = calibrate(&report, &[0, 0, 1, 1], 2);
-        assert!(t > 10.0, "{t}");
-        assert!(thr > 0.9 && thr <= 1.0, "{thr}");
+        let x = vec![vec![1.0, 0.0]; 4];
+        let c = calibrate(&report, &x, &[0, 0, 1, 1], 2, &HeadParams::default()).unwrap();
+        assert!(c.temperature > 10.0, "{}", c.temperature);
+        assert!(c.threshold > 0.9 && c.threshold <= 1.0, "{}", c.threshold);
+        assert_eq!(c.method, "quantile");
     }
 }

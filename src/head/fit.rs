@@ -56,7 +56,13 @@ impl Inner {
                 .collect(),
             Inner::Centroid { centroids, dim } => centroids
                 .chunks_exact(*dim)
-                .map(|c| if c.iter().all(|v| *v == 0.0) { ABSENT } else { dot(c, x) })
+                .map(|c| {
+                    if c.iter().all(|v| *v == 0.0) {
+                        ABSENT
+                    } else {
+                        dot(c, x)
+                    }
+                })
                 .collect(),
             Inner::Knn {
                 k,
@@ -98,16 +104,17 @@ pub(crate) fn knn_logits(
     }
     let data = ArrayView2::from_shape((n, dim), examples).expect("examples are n x dim");
     let k = k.min(n).max(1);
-    let neighbours: Vec<usize> = match CommonNearestNeighbour::LinearSearch.from_batch(&data, L2Dist) {
-        Ok(index) => {
-            let q = ndarray::ArrayView1::from(x);
-            match index.k_nearest(q, k) {
-                Ok(found) => found.into_iter().map(|(_, i)| i).collect(),
-                Err(_) => Vec::new(),
+    let neighbours: Vec<usize> =
+        match CommonNearestNeighbour::LinearSearch.from_batch(&data, L2Dist) {
+            Ok(index) => {
+                let q = ndarray::ArrayView1::from(x);
+                match index.k_nearest(q, k) {
+                    Ok(found) => found.into_iter().map(|(_, i)| i).collect(),
+                    Err(_) => Vec::new(),
+                }
             }
-        }
-        Err(_) => Vec::new(),
-    };
+            Err(_) => Vec::new(),
+        };
     for i in neighbours {
         let s = dot(&examples[i * dim..(i + 1) * dim], x);
         logits[labels[i]] += (1.0 + s) / k as f32;

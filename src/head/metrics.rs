@@ -61,8 +61,16 @@ impl Confusion {
                 let tp = self.counts[c][c] as f64;
                 let support: usize = self.counts[c].iter().sum();
                 let predicted: usize = (0..n).map(|r| self.counts[r][c]).sum();
-                let precision = if predicted > 0 { tp / predicted as f64 } else { 0.0 };
-                let recall = if support > 0 { tp / support as f64 } else { 0.0 };
+                let precision = if predicted > 0 {
+                    tp / predicted as f64
+                } else {
+                    0.0
+                };
+                let recall = if support > 0 {
+                    tp / support as f64
+                } else {
+                    0.0
+                };
                 let f1 = if precision + recall > 0.0 {
                     2.0 * precision * recall / (precision + recall)
                 } else {
@@ -111,7 +119,13 @@ mod tests {
     #[test]
     fn figures_of_a_small_matrix() {
         let mut c = Confusion::new(vec!["a".into(), "b".into()]);
-        for (t, p) in [(0, Some(0)), (0, Some(0)), (0, Some(1)), (1, Some(1)), (1, None)] {
+        for (t, p) in [
+            (0, Some(0)),
+            (0, Some(0)),
+            (0, Some(1)),
+            (1, Some(1)),
+            (1, None),
+        ] {
             c.add(t, p);
         }
         assert!((c.accuracy() - 0.6).abs() < 1e-12);

@@ -22,7 +22,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use cv::{auto_select, calibrate, cross_validate, CvReport, Selection};
+pub use cv::{auto_select, calibrate, cross_validate, Calibration, CvReport, Selection};
 pub use fit::fit;
 
 /// Errors of the heads module.
@@ -91,7 +91,7 @@ impl FromStr for HeadKind {
 ///
 /// | name | default | range | meaning |
 /// |---|---|---|---|
-/// | `logistic_alpha` | 0.05 | > 0 | L2 penalty on the weights (sum of losses, not mean) |
+/// | `logistic_alpha` | 0.05 | > 0 | L2 penalty on the weights (sum of losses, not mean; scikit-learn's C = 1/alpha) |
 /// | `logistic_max_iter` | 200 | >= 1 | L-BFGS iterations |
 /// | `knn_k` | 5 | >= 1 | neighbours (capped at the number of examples) |
 /// | `bayes_var_smoothing` | 1e-3 | > 0 | added variance, relative to the largest |
@@ -142,7 +142,11 @@ impl Model {
 
     /// Probabilities `softmax(temperature · logits)`.
     pub fn probabilities(&self, x: &[f32], temperature: f32) -> Vec<f32> {
-        let l: Vec<f32> = self.logits(x).into_iter().map(|v| v * temperature).collect();
+        let l: Vec<f32> = self
+            .logits(x)
+            .into_iter()
+            .map(|v| v * temperature)
+            .collect();
         softmax(&l)
     }
 
@@ -158,7 +162,7 @@ impl Model {
 
     /// A linear model from stored weights.
     pub fn from_linear(weights: Vec<f32>, bias: Vec<f32>) -> Result<Model, HeadError> {
-        if bias.is_empty() || weights.len() % bias.len() != 0 {
+        if bias.is_empty() || !weights.len().is_multiple_of(bias.len()) {
             return Err(HeadError::NotEnoughData(format!(
                 "linear weights of length {} do not match {} classes",
                 weights.len(),
@@ -216,7 +220,12 @@ pub const UNKNOWN: &str = "unknown";
 
 impl Head {
     /// Predicts from a raw (not yet normalised) embedding; `threshold` overrides the head's own.
-    pub fn predict(&self, embedding: &[f32], threshold: Option<f32>, top: usize) -> Result<Prediction, HeadError> {
+    pub fn predict(
+        &self,
+        embedding: &[f32],
+        threshold: Option<f32>,
+        top: usize,
+    ) -> Result<Prediction, HeadError> {
         let want = self.model.dim();
         if embedding.len() != want {
             return Err(HeadError::Dimension {
@@ -301,7 +310,10 @@ mod tests {
         let p = head.predict(&[3.0, 0.1], None, 3).unwrap();
         assert_eq!((p.label.as_str(), p.unknown), ("a", false));
         let p = head.predict(&[1.0, 0.9], None, 3).unwrap();
-        assert_eq!((p.label.as_str(), p.best.as_str(), p.unknown), (UNKNOWN, "a", true));
+        assert_eq!(
+            (p.label.as_str(), p.best.as_str(), p.unknown),
+            (UNKNOWN, "a", true)
+        );
         let p = head.predict(&[1.0, 0.9], Some(0.0), 1).unwrap();
         assert_eq!((p.label.as_str(), p.top.len()), ("a", 1));
         assert!(head.predict(&[1.0], None, 1).is_err());
@@ -317,6 +329,8 @@ pub struct Trained {
     pub report: CvReport,
     /// For `--head auto`: every candidate's report.
     pub candidates: Vec<CvReport>,
+    /// How temperature and threshold were set.
+    pub calibration: Calibration,
 }
 
 /// Trains a head on unit vectors: cross-validates (choosing the kind when `kind` is `None`),
@@ -353,18 +367,19 @@ pub fn train(
             (sel.chosen, r, sel.reports)
         }
     };
-    let (temperature, threshold) = calibrate(&report, y, classes);
+    let calibration = calibrate(&report, x, y, classes, params)?;
     let model = fit(chosen, x, y, classes, params)?;
     Ok(Trained {
         head: Head {
             kind: chosen,
             labels: labels.to_vec(),
             model,
-            temperature,
-            threshold,
+            temperature: calibration.temperature,
+            threshold: calibration.threshold,
             params: params.clone(),
         },
         report,
         candidates,
+        calibration,
     })
 }

@@ -87,7 +87,8 @@ impl Cache {
                         .write(true)
                         .open(&path)
                         .map_err(|e| StoreError::io(&path, e))?;
-                    f.set_len(valid as u64).map_err(|e| StoreError::io(&path, e))?;
+                    f.set_len(valid as u64)
+                        .map_err(|e| StoreError::io(&path, e))?;
                 }
             }
             Ok(_) | Err(_) => {
@@ -114,10 +115,15 @@ impl Cache {
     }
 
     /// Appends new embeddings and fsyncs.
-    pub fn put_many<'a>(&mut self, items: impl IntoIterator<Item = (&'a str, &'a [f32])>) -> Result<(), StoreError> {
+    pub fn put_many<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = (&'a str, &'a [f32])>,
+    ) -> Result<(), StoreError> {
         let mut buf = Vec::new();
         for (sha, v) in items {
-            let Some(key) = hex_to_bytes(sha) else { continue };
+            let Some(key) = hex_to_bytes(sha) else {
+                continue;
+            };
             if v.len() != self.dim || self.entries.contains_key(&key) {
                 continue;
             }
@@ -134,7 +140,10 @@ impl Cache {
             return Ok(());
         }
         let io = |e| StoreError::io(&self.path, e);
-        let mut f = std::fs::OpenOptions::new().append(true).open(&self.path).map_err(io)?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
         f.write_all(&buf).map_err(io)?;
         f.sync_data().map_err(io)?;
         Ok(())
@@ -160,10 +169,20 @@ mod tests {
             c.put_many([(a.as_str(), &[1.0f32, 2.0, 3.0][..])]).unwrap();
             c.put_many([(b.as_str(), &[4.0f32, 5.0, 6.0][..])]).unwrap();
         }
-        let file = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let len = std::fs::metadata(&file).unwrap().len();
         // Tear the last record.
-        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 5).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
         let mut c = Cache::open(dir.path(), &id).unwrap();
         assert_eq!(c.get(&a), Some(&[1.0f32, 2.0, 3.0][..]));
         assert_eq!(c.get(&b), None);
@@ -171,7 +190,10 @@ mod tests {
         let c = Cache::open(dir.path(), &id).unwrap();
         assert_eq!(c.get(&b), Some(&[7.0f32, 8.0, 9.0][..]));
         // Another backbone does not see these entries.
-        let other = BackboneId { sha256: "ef".repeat(32), ..id };
+        let other = BackboneId {
+            sha256: "ef".repeat(32),
+            ..id
+        };
         assert!(Cache::open(dir.path(), &other).unwrap().is_empty());
     }
 }

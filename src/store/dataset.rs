@@ -34,20 +34,34 @@ impl ImageFolder {
     pub fn scan(root: &Path) -> Result<ImageFolder, StoreError> {
         let meta = std::fs::metadata(root).map_err(|e| StoreError::io(root, e))?;
         if !meta.is_dir() {
-            return Err(StoreError::format(root, "dataset must be a folder of class folders (DATASET/<label>/*.jpg)"));
+            return Err(StoreError::format(
+                root,
+                "dataset must be a folder of class folders (DATASET/<label>/*.jpg)",
+            ));
         }
         let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
             .map_err(|e| StoreError::io(root, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_dir())
-            .filter(|p| !p.file_name().and_then(|n| n.to_str()).unwrap_or(".").starts_with('.'))
+            .filter(|p| {
+                !p.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(".")
+                    .starts_with('.')
+            })
             .collect();
         classes.sort();
         let mut labels = Vec::new();
         let mut items = Vec::new();
         for dir in classes {
-            let Ok(images) = collect_images(std::slice::from_ref(&dir)) else { continue };
-            let label = dir.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+            let Ok(images) = collect_images(std::slice::from_ref(&dir)) else {
+                continue;
+            };
+            let label = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("?")
+                .to_string();
             let id = labels.len();
             labels.push(label);
             items.extend(images.into_iter().map(|p| (p, id)));
@@ -92,7 +106,10 @@ pub fn embed_cached<F>(
 where
     F: Fn(usize) + Sync,
 {
-    let shas: Vec<String> = paths.iter().map(|p| file_sha256(p)).collect::<Result<_, _>>()?;
+    let shas: Vec<String> = paths
+        .iter()
+        .map(|p| file_sha256(p))
+        .collect::<Result<_, _>>()?;
     let mut out: Vec<Option<Vec<f32>>> = shas
         .iter()
         .map(|s| cache.as_ref().and_then(|c| c.get(s)).map(<[f32]>::to_vec))
@@ -132,7 +149,9 @@ where
 pub fn group_key(path: &Path) -> String {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
     match stem.rsplit_once('_') {
-        Some((head, tail)) if !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) => head.to_string(),
+        Some((head, tail)) if !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) => {
+            head.to_string()
+        }
         _ => stem.to_string(),
     }
 }
@@ -143,7 +162,13 @@ mod tests {
 
     #[test]
     fn group_keys() {
-        for (p, want) in [("a/owl_0.jpg", "owl"), ("owl_12.png", "owl"), ("my_owl.jpg", "my_owl"), ("x_.jpg", "x_"), ("plain.jpg", "plain")] {
+        for (p, want) in [
+            ("a/owl_0.jpg", "owl"),
+            ("owl_12.png", "owl"),
+            ("my_owl.jpg", "my_owl"),
+            ("x_.jpg", "x_"),
+            ("plain.jpg", "plain"),
+        ] {
             assert_eq!(group_key(Path::new(p)), want, "{p}");
         }
     }
@@ -159,7 +184,9 @@ mod tests {
         let ds = ImageFolder::scan(d.path()).unwrap();
         assert_eq!(ds.labels, vec!["a", "b"]);
         assert_eq!(ds.counts(), vec![2, 1]);
-        let err = ImageFolder::scan(&d.path().join("empty")).unwrap_err().to_string();
+        let err = ImageFolder::scan(&d.path().join("empty"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no class folders"), "{err}");
     }
 }

@@ -66,23 +66,40 @@ mod tests {
     fn walks_sorted_recursively_skipping_hidden_and_non_images() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        for f in ["b/2.JPG", "b/1.png", "a.jpeg", ".hidden/x.jpg", "b/notes.txt", "c/.x.png"] {
+        for f in [
+            "b/2.JPG",
+            "b/1.png",
+            "a.jpeg",
+            ".hidden/x.jpg",
+            "b/notes.txt",
+            "c/.x.png",
+        ] {
             let p = root.join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, b"x").unwrap();
         }
         let got = collect_images(&[root.to_path_buf()]).unwrap();
-        let rel: Vec<_> = got.iter().map(|p| p.strip_prefix(root).unwrap().to_path_buf()).collect();
-        assert_eq!(rel, vec![PathBuf::from("a.jpeg"), "b/1.png".into(), "b/2.JPG".into()]);
+        let rel: Vec<_> = got
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap().to_path_buf())
+            .collect();
+        assert_eq!(
+            rel,
+            vec![PathBuf::from("a.jpeg"), "b/1.png".into(), "b/2.JPG".into()]
+        );
     }
 
     #[test]
     fn empty_folder_and_missing_path_are_errors() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("readme.txt"), b"x").unwrap();
-        let err = collect_images(&[d.path().to_path_buf()]).unwrap_err().to_string();
+        let err = collect_images(&[d.path().to_path_buf()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no images"), "{err}");
-        let err = collect_images(&[d.path().join("nope")]).unwrap_err().to_string();
+        let err = collect_images(&[d.path().join("nope")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nope"), "{err}");
     }
 }

@@ -87,7 +87,10 @@ impl HeadFile {
     /// Training vectors (unit length) and class ids, as the heads want them.
     pub fn training_set(&self) -> (Vec<Vec<f32>>, Vec<usize>) {
         (
-            self.examples.iter().map(|e| head::normalize(&e.embedding)).collect(),
+            self.examples
+                .iter()
+                .map(|e| head::normalize(&e.embedding))
+                .collect(),
             self.examples.iter().map(|e| e.label).collect(),
         )
     }
@@ -108,7 +111,11 @@ pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
     if let Some(bad) = file.examples.iter().find(|e| e.embedding.len() != dim) {
         return Err(StoreError::format(
             path,
-            format!("example {} has {} values, backbone has {dim}", bad.path.display(), bad.embedding.len()),
+            format!(
+                "example {} has {} values, backbone has {dim}",
+                bad.path.display(),
+                bad.embedding.len()
+            ),
         ));
     }
     let h = &file.head;
@@ -136,7 +143,8 @@ pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
             .collect(),
     };
     let json = serde_json::to_vec(&header).map_err(|e| StoreError::format(path, e.to_string()))?;
-    let mut bytes = Vec::with_capacity(MAGIC.len() + 4 + json.len() + file.examples.len() * dim * 4 + 32);
+    let mut bytes =
+        Vec::with_capacity(MAGIC.len() + 4 + json.len() + file.examples.len() * dim * 4 + 32);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&json);
@@ -163,10 +171,17 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
     }
     let (body, digest) = bytes.split_at(bytes.len() - 32);
     if Sha256::digest(body).as_slice() != digest {
-        return Err(bad("head file is damaged or truncated (checksum mismatch)".into()));
+        return Err(bad(
+            "head file is damaged or truncated (checksum mismatch)".into()
+        ));
     }
     let len_at = MAGIC.len();
-    let hlen = u32::from_le_bytes([body[len_at], body[len_at + 1], body[len_at + 2], body[len_at + 3]]) as usize;
+    let hlen = u32::from_le_bytes([
+        body[len_at],
+        body[len_at + 1],
+        body[len_at + 2],
+        body[len_at + 3],
+    ]) as usize;
     let json = body
         .get(len_at + 4..len_at + 4 + hlen)
         .ok_or_else(|| bad("header length points past the end of the file".into()))?;
@@ -180,7 +195,8 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
             "head file format {format} is newer than this graft reads ({FORMAT}); upgrade graft"
         )));
     }
-    let header: Header = serde_json::from_slice(json).map_err(|e| bad(format!("bad header: {e}")))?;
+    let header: Header =
+        serde_json::from_slice(json).map_err(|e| bad(format!("bad header: {e}")))?;
     let dim = header.backbone.dim;
     let data = &body[len_at + 4 + hlen..];
     let n = header.examples.len();
@@ -198,7 +214,10 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
     let mut examples = Vec::with_capacity(n);
     for (i, meta) in header.examples.into_iter().enumerate() {
         if meta.label >= classes {
-            return Err(bad(format!("example {i} has label {} of {classes}", meta.label)));
+            return Err(bad(format!(
+                "example {i} has label {} of {classes}",
+                meta.label
+            )));
         }
         let row = &data[i * dim * 4..(i + 1) * dim * 4];
         let embedding = row
@@ -215,13 +234,18 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
     let model = match (header.kind, header.linear_weights, header.linear_bias) {
         (HeadKind::Logistic, Some(w), Some(b)) => {
             if b.len() != classes || w.len() != classes * dim {
-                return Err(bad("logistic weights do not match the labels and embedding size".into()));
+                return Err(bad(
+                    "logistic weights do not match the labels and embedding size".into(),
+                ));
             }
             Model::from_linear(w, b).map_err(|e| bad(e.to_string()))?
         }
         (HeadKind::Logistic, _, _) => return Err(bad("logistic head without weights".into())),
         (kind, _, _) => {
-            let x: Vec<Vec<f32>> = examples.iter().map(|e| head::normalize(&e.embedding)).collect();
+            let x: Vec<Vec<f32>> = examples
+                .iter()
+                .map(|e| head::normalize(&e.embedding))
+                .collect();
             let y: Vec<usize> = examples.iter().map(|e| e.label).collect();
             head::fit(kind, &x, &y, classes, &header.params).map_err(|e| bad(e.to_string()))?
         }
@@ -253,7 +277,12 @@ mod tests {
             dim: 4,
             preprocess: "p".into(),
         };
-        let vecs = [[1.0, 0.1, 0.0, 0.0], [0.9, 0.0, 0.2, 0.0], [0.0, 1.0, 0.0, 0.1], [0.1, 0.8, 0.0, 0.0]];
+        let vecs = [
+            [1.0, 0.1, 0.0, 0.0],
+            [0.9, 0.0, 0.2, 0.0],
+            [0.0, 1.0, 0.0, 0.1],
+            [0.1, 0.8, 0.0, 0.0],
+        ];
         let examples: Vec<Example> = vecs
             .iter()
             .enumerate()
@@ -264,7 +293,10 @@ mod tests {
                 embedding: v.to_vec(),
             })
             .collect();
-        let x: Vec<Vec<f32>> = examples.iter().map(|e| head::normalize(&e.embedding)).collect();
+        let x: Vec<Vec<f32>> = examples
+            .iter()
+            .map(|e| head::normalize(&e.embedding))
+            .collect();
         let y: Vec<usize> = examples.iter().map(|e| e.label).collect();
         let params = HeadParams::default();
         let model = head::fit(kind, &x, &y, 2, &params).unwrap();
@@ -321,7 +353,11 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             ("empty", vec![], "bad magic"),
             ("jpeg", vec![0xFF, 0xD8, 0xFF], "bad magic"),
-            ("truncated", good[..good.len() / 2].to_vec(), "damaged or truncated"),
+            (
+                "truncated",
+                good[..good.len() / 2].to_vec(),
+                "damaged or truncated",
+            ),
             ("flipped bit", flipped, "damaged or truncated"),
             ("newer", newer, "newer than this graft"),
         ];

@@ -2,11 +2,11 @@
 //! (see the heads module). Every write is atomic: temp file in the same folder, fsync, rename,
 //! fsync of the folder — a power cut leaves either the old file or the new one, never half.
 
+pub mod cache;
+pub mod dataset;
 pub mod embeddings;
 pub mod files;
 pub mod headfile;
-pub mod cache;
-pub mod dataset;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -66,7 +66,10 @@ where
         .map_err(io)?;
     let (first, second) = bytes.split_at(bytes.len() / 2);
     tmp.as_file_mut().write_all(first).map_err(io)?;
-    if let Some(ms) = std::env::var(FAULT_PAUSE_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(ms) = std::env::var(FAULT_PAUSE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         tmp.as_file().sync_all().map_err(io)?;
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }

@@ -22,18 +22,34 @@ fn golden_embeddings_and_top1_match_onnxruntime() {
     let g = golden();
     for (model, entry) in g["models"].as_object().unwrap() {
         let bb = Backbone::load_named(model).unwrap();
-        assert_eq!(bb.id().sha256, entry["sha256"].as_str().unwrap(), "{model}: golden made from another file");
+        assert_eq!(
+            bb.id().sha256,
+            entry["sha256"].as_str().unwrap(),
+            "{model}: golden made from another file"
+        );
         for (name, want) in entry["images"].as_object().unwrap() {
             let path = image(name);
             let p = bb.prepare_file(&path).unwrap();
             let v = p.as_slice();
             let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
-            let std = (v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
-            let (wm, ws) = (want["input_mean"].as_f64().unwrap(), want["input_std"].as_f64().unwrap());
-            assert!((mean - wm).abs() < 0.01 && (std - ws).abs() < 0.01, "{model}/{name}: input {mean},{std} vs {wm},{ws}");
+            let std =
+                (v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            let (wm, ws) = (
+                want["input_mean"].as_f64().unwrap(),
+                want["input_std"].as_f64().unwrap(),
+            );
+            assert!(
+                (mean - wm).abs() < 0.01 && (std - ws).abs() < 0.01,
+                "{model}/{name}: input {mean},{std} vs {wm},{ws}"
+            );
 
             let out = bb.run(std::slice::from_ref(&p)).unwrap().remove(0);
-            let reference: Vec<f32> = want["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let reference: Vec<f32> = want["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
             let cos = cosine(&out.embedding.vector, &reference);
             let jpeg_int8 = model.ends_with("int8") && name.ends_with(".jpg");
             let floor = if jpeg_int8 { 0.995 } else { 0.999 };
@@ -64,7 +80,10 @@ fn golden_embeddings_and_top1_match_onnxruntime() {
 fn exif_orientation_is_honoured() {
     let upright = preprocess::decode_file(&image("chelsea.jpg")).unwrap();
     let rotated = preprocess::decode_file(&image("chelsea_exif6.jpg")).unwrap();
-    assert_eq!((rotated.width(), rotated.height()), (upright.width(), upright.height()));
+    assert_eq!(
+        (rotated.width(), rotated.height()),
+        (upright.width(), upright.height())
+    );
     let bb = Backbone::load_named("efficientnet-lite0").unwrap();
     let a = bb.embed_file(&image("chelsea.jpg")).unwrap();
     let b = bb.embed_file(&image("chelsea_exif6.jpg")).unwrap();
@@ -75,7 +94,8 @@ fn exif_orientation_is_honoured() {
 fn classify_the_cat_as_a_cat() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = graft(dir.path());
-    c.args(["classify", "--json", "--top", "3"]).arg(image("chelsea.jpg"));
+    c.args(["classify", "--json", "--top", "3"])
+        .arg(image("chelsea.jpg"));
     let lines = json_lines(&ok(c));
     assert_eq!(lines.len(), 1);
     let top = lines[0]["top"].as_array().unwrap();
@@ -89,7 +109,10 @@ fn classify_the_cat_as_a_cat() {
     let mut c = graft(dir.path());
     c.args(["classify"]).arg(image("coffee.jpg"));
     let text = ok(c);
-    assert!(text.contains("coffee.jpg") && text.contains("espresso"), "{text}");
+    assert!(
+        text.contains("coffee.jpg") && text.contains("espresso"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -99,7 +122,11 @@ fn both_precisions_classify_the_fixtures_alike() {
     for name in ["coffee.jpg", "dog.jpg", "eagle.jpg", "camera_gray.png"] {
         let a = fp32.classify_file(&image(name), 1).unwrap();
         let b = int8.classify_file(&image(name), 1).unwrap();
-        assert_eq!(a[0].index, b[0].index, "{name}: {} vs {}", a[0].label, b[0].label);
+        assert_eq!(
+            a[0].index, b[0].index,
+            "{name}: {} vs {}",
+            a[0].label, b[0].label
+        );
     }
 }
 
@@ -108,10 +135,17 @@ fn embed_writes_a_reloadable_file_for_folders() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("emb.jsonl");
     let mut c = graft(dir.path());
-    c.args(["embed", "--json", "--threads", "2", "--model", "efficientnet-lite0-int8"])
-        .arg(fixture("images"))
-        .arg("--out")
-        .arg(&out);
+    c.args([
+        "embed",
+        "--json",
+        "--threads",
+        "2",
+        "--model",
+        "efficientnet-lite0-int8",
+    ])
+    .arg(fixture("images"))
+    .arg("--out")
+    .arg(&out);
     let summary = json_lines(&ok(c));
     assert_eq!(summary[0]["images"], 8);
     let file = graft::store::embeddings::read(&out).unwrap();
@@ -119,7 +153,11 @@ fn embed_writes_a_reloadable_file_for_folders() {
     assert_eq!(file.backbone.dim, 1280);
     assert_eq!(file.backbone.name, "efficientnet-lite0-int8");
     // Sorted walk order, and the same vector as a direct embedding.
-    let names: Vec<_> = file.records.iter().map(|r| r.path.file_name().unwrap().to_str().unwrap().to_string()).collect();
+    let names: Vec<_> = file
+        .records
+        .iter()
+        .map(|r| r.path.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted);

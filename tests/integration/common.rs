@@ -40,15 +40,30 @@ pub fn ok(mut c: Command) -> String {
 pub fn fails(mut c: Command, needle: &str) -> String {
     let out: Output = c.output().expect("run graft");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", c.get_args().collect::<Vec<_>>());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{:?}: {stderr}",
+        c.get_args().collect::<Vec<_>>()
+    );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     assert!(stderr.starts_with("graft: error: "), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
     assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
-    assert!(out.stdout.is_empty(), "stdout not empty: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "stdout not empty: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     stderr
 }
 
 pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
-    s.lines().map(|l| serde_json::from_str(l).expect("json line")).collect()
+    s.lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
 }

@@ -41,7 +41,10 @@ fn a_folder_without_images_is_refused() {
     std::fs::create_dir(&empty).unwrap();
     std::fs::write(empty.join("readme.txt"), b"hi").unwrap();
     let mut c = graft(dir.path());
-    c.arg("embed").arg(&empty).arg("--out").arg(dir.path().join("e.jsonl"));
+    c.arg("embed")
+        .arg(&empty)
+        .arg("--out")
+        .arg(dir.path().join("e.jsonl"));
     fails(c, "no images");
     assert!(!dir.path().join("e.jsonl").exists());
 }
@@ -51,15 +54,30 @@ fn a_folder_without_images_is_refused() {
 fn manifest(dir: &Path, onnx: &Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
     let text = std::fs::read_to_string(root().join("models/efficientnet-lite0-fp32.toml")).unwrap();
     let text = text
-        .replace("file = \"efficientnet-lite0/fp32.onnx\"", &format!("file = {:?}", onnx.display().to_string()))
-        .replace("labels = \"efficientnet-lite0/labels.txt\"", &format!("labels = {:?}", root().join("models/efficientnet-lite0/labels.txt").display().to_string()));
+        .replace(
+            "file = \"efficientnet-lite0/fp32.onnx\"",
+            &format!("file = {:?}", onnx.display().to_string()),
+        )
+        .replace(
+            "labels = \"efficientnet-lite0/labels.txt\"",
+            &format!(
+                "labels = {:?}",
+                root()
+                    .join("models/efficientnet-lite0/labels.txt")
+                    .display()
+                    .to_string()
+            ),
+        );
     let p = dir.join("m.toml");
     std::fs::write(&p, edit(text)).unwrap();
     p
 }
 
 fn sha_line(text: &str) -> String {
-    text.lines().find(|l| l.starts_with("sha256 = ")).unwrap().to_string()
+    text.lines()
+        .find(|l| l.starts_with("sha256 = "))
+        .unwrap()
+        .to_string()
 }
 
 #[test]
@@ -76,24 +94,56 @@ fn bad_models_and_manifests_are_refused_clearly() {
     c.args(["info", "--model"]).arg(&m);
     ok(c);
 
-    let cases: Vec<(&str, Box<dyn Fn(String) -> String>, &Path, &str)> = vec![
-        ("sha mismatch", Box::new(|t: String| t.replace(&sha_line(&t), &format!("sha256 = \"{}\"", "0".repeat(64)))), &fp32, "does not match manifest"),
-        ("missing feature node", Box::new(|t: String| t.replace("features = \"features\"", "features = \"no_such_node\"")), &fp32, "no_such_node"),
+    type Edit = Box<dyn Fn(String) -> String>;
+    let cases: Vec<(&str, Edit, &Path, &str)> = vec![
+        (
+            "sha mismatch",
+            Box::new(|t: String| {
+                t.replace(&sha_line(&t), &format!("sha256 = \"{}\"", "0".repeat(64)))
+            }),
+            &fp32,
+            "does not match manifest",
+        ),
+        (
+            "missing feature node",
+            Box::new(|t: String| {
+                t.replace("features = \"features\"", "features = \"no_such_node\"")
+            }),
+            &fp32,
+            "no_such_node",
+        ),
         (
             "not an image model",
-            Box::new(move |t: String| t.replace(&sha_line(&t), &format!("sha256 = \"{not_image_sha}\"")).replace("features = \"features\"", "features = \"output\"").replace("logits = \"logits\"\n", "")),
+            Box::new(move |t: String| {
+                t.replace(&sha_line(&t), &format!("sha256 = \"{not_image_sha}\""))
+                    .replace("features = \"features\"", "features = \"output\"")
+                    .replace("logits = \"logits\"\n", "")
+            }),
             &not_image,
             "not an image model",
         ),
-        ("not a manifest", Box::new(|_| "this is = not [toml".to_string()), &fp32, "m.toml"),
-        ("newer manifest", Box::new(|t: String| t.replace("format = 1", "format = 2")), &fp32, "newer"),
+        (
+            "not a manifest",
+            Box::new(|_| "this is = not [toml".to_string()),
+            &fp32,
+            "m.toml",
+        ),
+        (
+            "newer manifest",
+            Box::new(|t: String| t.replace("format = 1", "format = 2")),
+            &fp32,
+            "newer",
+        ),
     ];
     for (name, edit, onnx, needle) in cases {
         let m = manifest(d, onnx, edit);
         let mut c = graft(d);
         c.args(["info", "--model"]).arg(&m);
         let err = fails(c, needle);
-        assert!(err.contains("m.toml") || err.contains("model"), "{name}: {err}");
+        assert!(
+            err.contains("m.toml") || err.contains("model"),
+            "{name}: {err}"
+        );
     }
 
     let mut c = graft(d);
