@@ -54,7 +54,10 @@ fn bench(c: &mut Criterion) {
         let (x, y, labels) = data(classes, shots);
         g.bench_function(
             BenchmarkId::new("auto", format!("{classes}c x {shots}s")),
-            |b| b.iter(|| head::train(None, &x, &y, &labels, &params, 0).unwrap()),
+            |b| {
+                let groups: Vec<usize> = (0..x.len()).collect();
+                b.iter(|| head::train(None, &x, &y, &groups, &labels, &params, 0).unwrap())
+            },
         );
     }
     g.finish();
@@ -62,7 +65,8 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("predict");
     for kind in HeadKind::ALL {
         let (x, y, labels) = data(5, 10);
-        let t = head::train(Some(kind), &x, &y, &labels, &params, 0).unwrap();
+        let groups: Vec<usize> = (0..x.len()).collect();
+        let t = head::train(Some(kind), &x, &y, &groups, &labels, &params, 0).unwrap();
         g.bench_function(BenchmarkId::new(kind.to_string(), "5c x 10s"), |b| {
             b.iter(|| t.head.predict(&x[3], None, 3).unwrap())
         });

@@ -14,7 +14,7 @@ use graft::backbone::{preprocess, Backbone};
 use graft::head::metrics::{ClassMetrics, Confusion};
 use graft::head::{self, HeadKind, HeadParams};
 use graft::store::cache::{self, Cache};
-use graft::store::dataset::{embed_cached, group_key, ImageFolder};
+use graft::store::dataset::{embed_cached, group_ids, group_key, ImageFolder};
 use graft::store::files::collect_images;
 use graft::store::headfile::{self, Example, HeadFile};
 
@@ -256,7 +256,21 @@ fn fit_and_write(
         .map(|e| head::normalize(&e.embedding))
         .collect();
     let y: Vec<usize> = examples.iter().map(|e| e.label).collect();
-    let trained = head::train(choice, &x, &y, labels, &HeadParams::default(), seed)?;
+    // Photos of one object (`owl_0.jpg`, `owl_1.jpg`) are held out together in CV.
+    let keys: Vec<String> = examples
+        .iter()
+        .map(|e| format!("{}/{}", e.label, group_key(&e.path)))
+        .collect();
+    let groups = group_ids(&keys);
+    let trained = head::train(
+        choice,
+        &x,
+        &y,
+        &groups,
+        labels,
+        &HeadParams::default(),
+        seed,
+    )?;
     let fit_seconds = start.elapsed().as_secs_f64();
     let file = HeadFile {
         backbone: bb.id().clone(),
@@ -563,7 +577,7 @@ fn kfold_splits(d: &Data, k: usize, seed: u64) -> Vec<(Vec<usize>, Vec<usize>)> 
         .collect()
 }
 
-/// Fits on `train` and returns (predicted class per test item).
+/// Fits on `train` and returns (predicted class per test item, head kind, fit seconds).
 fn run_split(
     x: &[Vec<f32>],
     d: &Data,
@@ -571,20 +585,32 @@ fn run_split(
     train: &[usize],
     test: &[usize],
     seed: u64,
-) -> anyhow::Result<(Vec<usize>, HeadKind)> {
+) -> anyhow::Result<(Vec<usize>, HeadKind, f64)> {
     let tx: Vec<Vec<f32>> = train.iter().map(|i| x[*i].clone()).collect();
     let ty: Vec<usize> = train.iter().map(|i| d.y[*i]).collect();
+    let start = Instant::now();
     let (model, kind) = match choice {
         Some(k) => (
             head::fit(k, &tx, &ty, d.labels.len(), &HeadParams::default())?,
             k,
         ),
         None => {
-            let t = head::train(None, &tx, &ty, &d.labels, &HeadParams::default(), seed)?;
+            let keys: Vec<&str> = train.iter().map(|i| d.groups[*i].as_str()).collect();
+            let groups = group_ids(&keys);
+            let t = head::train(
+                None,
+                &tx,
+                &ty,
+                &groups,
+                &d.labels,
+                &HeadParams::default(),
+                seed,
+            )?;
             let k = t.head.kind;
             (t.head.model, k)
         }
     };
+    let fit_seconds = start.elapsed().as_secs_f64();
     let preds = test
         .iter()
         .map(|i| {
@@ -594,7 +620,7 @@ fn run_split(
                 .unwrap_or(0)
         })
         .collect();
-    Ok((preds, kind))
+    Ok((preds, kind, fit_seconds))
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -615,6 +641,7 @@ struct EvalReport<'a> {
     accuracy: f64,
     accuracy_std: f64,
     split_accuracies: Vec<f64>,
+    fit_seconds_mean: f64,
     chosen_heads: Vec<HeadKind>,
     per_class: Vec<ClassMetrics>,
     confusion: &'a Confusion,
@@ -657,10 +684,12 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
     let mut confusion = Confusion::new(d.labels.clone());
     let mut accs = Vec::new();
     let mut chosen = Vec::new();
+    let mut fit_seconds = Vec::new();
     let bar = output::progress(splits.len(), "evaluating");
     for (i, (train, test)) in splits.iter().enumerate() {
-        let (preds, kind) =
+        let (preds, kind, secs) =
             run_split(&d.x, &d, choice, train, test, a.seed.wrapping_add(i as u64))?;
+        fit_seconds.push(secs);
         let mut right = 0;
         for (t, p) in test.iter().zip(&preds) {
             confusion.add(d.y[*t], Some(*p));
@@ -673,7 +702,7 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let (m, s) = mean_std(&accs);
     let title = format!(
-        "graft eval: {} head, {mode}, accuracy {:.1}%",
+        "graft eval: {} head, {mode}, closed-set accuracy {:.1}%",
         a.head,
         m * 100.0
     );
@@ -688,6 +717,7 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
         accuracy: m,
         accuracy_std: s,
         split_accuracies: accs,
+        fit_seconds_mean: mean_std(&fit_seconds).0,
         chosen_heads: chosen,
         per_class: confusion.per_class(),
         confusion: &confusion,
@@ -771,7 +801,7 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
                     let Some((train, test)) = few_shot_split(&d, shots, &mut rng) else {
                         break;
                     };
-                    let (preds, _) = run_split(x, &d, Some(kind), &train, &test, a.seed)?;
+                    let (preds, _, _) = run_split(x, &d, Some(kind), &train, &test, a.seed)?;
                     let right = test
                         .iter()
                         .zip(&preds)

@@ -42,32 +42,61 @@ pub struct Selection {
     pub reports: Vec<CvReport>,
 }
 
-/// Runs leave-one-out (few shots) or stratified k-fold CV of one head type.
+/// Runs leave-one-group-out (few shots) or group-stratified k-fold CV of one head type.
+///
+/// `groups[i]` names the object example `i` shows: several photos of one object (a burst of
+/// camera frames, two shots of one thing) are held out together, or the held-out scores would
+/// measure recognising a photo's twin rather than a new object, and the threshold calibrated
+/// from them would reject new objects of known classes.
 pub fn cross_validate(
     kind: HeadKind,
     x: &[Vec<f32>],
     y: &[usize],
+    groups: &[usize],
     classes: usize,
     params: &HeadParams,
     seed: u64,
 ) -> Result<CvReport, HeadError> {
     let n = x.len();
+    if groups.len() != n {
+        return Err(HeadError::NotEnoughData(format!(
+            "{} group ids for {n} examples",
+            groups.len()
+        )));
+    }
     let min_shots = (0..classes)
-        .map(|c| y.iter().filter(|v| **v == c).count())
+        .map(|c| distinct_groups(y, groups, c).len())
         .filter(|c| *c > 0)
         .min()
         .unwrap_or(0);
-    let folds = if min_shots <= LOO_MAX_SHOTS || n <= K_FOLDS {
-        (0..n).collect::<Vec<usize>>()
+    let total_groups = {
+        let mut g = groups.to_vec();
+        g.sort_unstable();
+        g.dedup();
+        g.len()
+    };
+    let (folds, method) = if min_shots <= LOO_MAX_SHOTS || total_groups <= K_FOLDS {
+        // Fold id = rank of the example's group.
+        let mut ids: Vec<usize> = groups.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let folds = groups
+            .iter()
+            .map(|g| ids.binary_search(g).unwrap_or(0))
+            .collect::<Vec<usize>>();
+        let method = if total_groups == n {
+            "loo"
+        } else {
+            "leave-one-object-out"
+        };
+        (folds, method.to_string())
     } else {
-        stratified_folds(y, classes, K_FOLDS, seed)
+        (
+            stratified_folds(y, groups, classes, K_FOLDS, seed),
+            format!("kfold-{K_FOLDS}"),
+        )
     };
     let k = folds.iter().max().map(|m| m + 1).unwrap_or(0);
-    let method = if k == n {
-        "loo".to_string()
-    } else {
-        format!("kfold-{k}")
-    };
     let mut held_out = vec![None; n];
     for f in 0..k {
         let train: Vec<usize> = (0..n).filter(|i| folds[*i] != f).collect();
@@ -113,13 +142,14 @@ pub fn cross_validate(
 pub fn auto_select(
     x: &[Vec<f32>],
     y: &[usize],
+    groups: &[usize],
     classes: usize,
     params: &HeadParams,
     seed: u64,
 ) -> Result<Selection, HeadError> {
     let mut reports = Vec::new();
     for kind in HeadKind::ALL {
-        reports.push(cross_validate(kind, x, y, classes, params, seed)?);
+        reports.push(cross_validate(kind, x, y, groups, classes, params, seed)?);
     }
     let chosen = if reports.iter().all(|r| r.scored == 0) {
         HeadKind::Centroid
@@ -276,17 +306,39 @@ pub fn calibrate(
     })
 }
 
-fn stratified_folds(y: &[usize], classes: usize, k: usize, seed: u64) -> Vec<usize> {
+fn distinct_groups(y: &[usize], groups: &[usize], class: usize) -> Vec<usize> {
+    let mut g: Vec<usize> = (0..y.len())
+        .filter(|i| y[*i] == class)
+        .map(|i| groups[i])
+        .collect();
+    g.sort_unstable();
+    g.dedup();
+    g
+}
+
+/// Per class, its groups shuffled and dealt round-robin into `k` folds (the offset carries over
+/// between classes so small classes do not all land in fold 0).
+fn stratified_folds(
+    y: &[usize],
+    groups: &[usize],
+    classes: usize,
+    k: usize,
+    seed: u64,
+) -> Vec<usize> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut folds = vec![0; y.len()];
     let mut offset = 0;
     for c in 0..classes {
-        let mut idx: Vec<usize> = (0..y.len()).filter(|i| y[*i] == c).collect();
-        idx.shuffle(&mut rng);
-        for (j, i) in idx.iter().enumerate() {
-            folds[*i] = (j + offset) % k;
+        let mut gs = distinct_groups(y, groups, c);
+        gs.shuffle(&mut rng);
+        for (j, g) in gs.iter().enumerate() {
+            for i in 0..y.len() {
+                if y[i] == c && groups[i] == *g {
+                    folds[i] = (j + offset) % k;
+                }
+            }
         }
-        offset += idx.len();
+        offset += gs.len();
     }
     folds
 }
@@ -308,13 +360,78 @@ mod tests {
     #[test]
     fn stratified_folds_balance_every_class() {
         let y: Vec<usize> = (0..30).map(|i| i % 3).collect();
-        let f = stratified_folds(&y, 3, 5, 7);
+        let groups: Vec<usize> = (0..30).collect();
+        let f = stratified_folds(&y, &groups, 3, 5, 7);
         for fold in 0..5 {
             for c in 0..3 {
                 let n = (0..30).filter(|i| f[*i] == fold && y[*i] == c).count();
                 assert_eq!(n, 2, "fold {fold} class {c}");
             }
         }
+    }
+
+    #[test]
+    fn photos_of_one_object_are_held_out_together() {
+        // Two classes, 12 objects each, two near-identical photos per object.
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        let mut groups = Vec::new();
+        for c in 0..2usize {
+            for o in 0..12usize {
+                let mut v = vec![0.0f32; 4];
+                v[c] = 1.0;
+                v[2 + (o % 2)] = o as f32;
+                for shot in 0..2 {
+                    let mut w = v.clone();
+                    w[0] += shot as f32 * 1e-3;
+                    x.push(crate::head::normalize(&w));
+                    y.push(c);
+                    groups.push(c * 100 + o);
+                }
+            }
+        }
+        let r = cross_validate(
+            HeadKind::Knn,
+            &x,
+            &y,
+            &groups,
+            2,
+            &HeadParams {
+                knn_k: 1,
+                ..HeadParams::default()
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(r.method, "kfold-5");
+        let r = cross_validate(
+            HeadKind::Centroid,
+            &x[..16],
+            &y[..16],
+            &groups[..16],
+            2,
+            &HeadParams::default(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(r.method, "leave-one-object-out");
+        // With grouping, a 1-NN never sees the held-out photo's twin: its nearest neighbour is
+        // another object, whose second coordinate pattern differs half the time.
+        let twins = cross_validate(
+            HeadKind::Knn,
+            &x,
+            &y,
+            &(0..x.len()).collect::<Vec<_>>(),
+            2,
+            &HeadParams {
+                knn_k: 1,
+                ..HeadParams::default()
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(twins.method, "kfold-5");
+        assert!(twins.scored == x.len());
     }
 
     #[test]

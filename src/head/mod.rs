@@ -333,12 +333,14 @@ pub struct Trained {
     pub calibration: Calibration,
 }
 
-/// Trains a head on unit vectors: cross-validates (choosing the kind when `kind` is `None`),
+/// Trains a head on unit vectors: cross-validates (choosing the kind when `kind` is `None`;
+/// `groups[i]` names the object example `i` shows, see [`cross_validate`]),
 /// fits temperature and threshold from held-out scores, then fits on everything.
 pub fn train(
     kind: Option<HeadKind>,
     x: &[Vec<f32>],
     y: &[usize],
+    groups: &[usize],
     labels: &[String],
     params: &HeadParams,
     seed: u64,
@@ -353,11 +355,11 @@ pub fn train(
     }
     let (chosen, report, candidates) = match kind {
         Some(k) => {
-            let r = cross_validate(k, x, y, classes, params, seed)?;
+            let r = cross_validate(k, x, y, groups, classes, params, seed)?;
             (k, r, Vec::new())
         }
         None => {
-            let sel = auto_select(x, y, classes, params, seed)?;
+            let sel = auto_select(x, y, groups, classes, params, seed)?;
             let r = sel
                 .reports
                 .iter()

@@ -156,9 +156,25 @@ pub fn group_key(path: &Path) -> String {
     }
 }
 
+/// Dense ids for group names (equal names, equal ids), for [`crate::head::train`].
+pub fn group_ids<S: AsRef<str>>(keys: &[S]) -> Vec<usize> {
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    keys.iter()
+        .map(|k| {
+            let n = seen.len();
+            *seen.entry(k.as_ref()).or_insert(n)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_ids_are_dense_and_stable() {
+        assert_eq!(group_ids(&["a", "b", "a", "c", "b"]), vec![0, 1, 0, 2, 1]);
+    }
 
     #[test]
     fn group_keys() {
