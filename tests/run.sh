@@ -5,12 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-py=target/pyenv/bin/python
-if [ ! -x "$py" ]; then
-    mkdir -p target
-    python3 -m venv target/pyenv
-fi
-"$py" -m pip install --quiet --disable-pip-version-check -r tests/data/requirements.txt
-"$py" tests/data/make_dataset.py --out target/graft-data/kiosk
+source tests/data/photoset.sh
 
 cargo test "$@"

@@ -70,16 +70,21 @@ impl Embedding {
     }
     /// A unit-length copy (an all-zero vector stays zero).
     pub fn normalized(&self) -> Vec<f32> {
-        let n = self.norm();
-        if n > 0.0 {
-            self.vector.iter().map(|v| v / n).collect()
-        } else {
-            self.vector.clone()
-        }
+        l2_normalized(&self.vector)
     }
     /// Cosine similarity with another vector of the same length.
     pub fn cosine(&self, other: &[f32]) -> f32 {
         cosine(&self.vector, other)
+    }
+}
+
+/// A unit-length copy of `v` (an all-zero vector stays zero).
+pub fn l2_normalized(v: &[f32]) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter().map(|x| x / n).collect()
+    } else {
+        v.to_vec()
     }
 }
 

@@ -323,27 +323,50 @@ pub fn train(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
         fit_and_write(&a.out, &bb, choice, &ds.labels, examples, a.seed)?;
     print_train_summary(
         g,
-        &TrainSummary {
-            out: &a.out,
-            head: file.head.kind,
-            labels: &file.head.labels,
-            counts: file.counts(),
-            examples: file.examples.len(),
-            cv_method: trained.report.method.clone(),
-            cv_accuracy: trained.report.accuracy,
-            candidates: candidates(&trained),
-            temperature: file.head.temperature,
-            threshold: file.head.threshold,
-            calibration: trained.calibration.method,
-            known_accepted: trained.calibration.known_accepted,
-            novel_rejected: trained.calibration.novel_rejected,
-            model: &bb.id().name,
-            embedded: paths.len() - hits,
-            cached: hits,
+        &summary(
+            &a.out,
+            &file,
+            &trained,
+            &bb,
+            paths.len() - hits,
+            hits,
             embed_seconds,
             fit_seconds,
-        },
+        ),
     )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summary<'a>(
+    out: &'a Path,
+    file: &'a HeadFile,
+    trained: &head::Trained,
+    bb: &'a Backbone,
+    embedded: usize,
+    cached: usize,
+    embed_seconds: f64,
+    fit_seconds: f64,
+) -> TrainSummary<'a> {
+    TrainSummary {
+        out,
+        head: file.head.kind,
+        labels: &file.head.labels,
+        counts: file.counts(),
+        examples: file.examples.len(),
+        cv_method: trained.report.method.clone(),
+        cv_accuracy: trained.report.accuracy,
+        candidates: candidates(trained),
+        temperature: file.head.temperature,
+        threshold: file.head.threshold,
+        calibration: trained.calibration.method,
+        known_accepted: trained.calibration.known_accepted,
+        novel_rejected: trained.calibration.novel_rejected,
+        model: &bb.id().name,
+        embedded,
+        cached,
+        embed_seconds,
+        fit_seconds,
+    }
 }
 
 /// Loads a head file and the backbone it was trained with (or `--model`, if compatible).
@@ -460,26 +483,16 @@ pub fn add(g: &Global, a: AddArgs) -> anyhow::Result<()> {
     }
     print_train_summary(
         g,
-        &TrainSummary {
-            out: &a.head,
-            head: file.head.kind,
-            labels: &file.head.labels,
-            counts: file.counts(),
-            examples: file.examples.len(),
-            cv_method: trained.report.method.clone(),
-            cv_accuracy: trained.report.accuracy,
-            candidates: Vec::new(),
-            temperature: file.head.temperature,
-            threshold: file.head.threshold,
-            calibration: trained.calibration.method,
-            known_accepted: trained.calibration.known_accepted,
-            novel_rejected: trained.calibration.novel_rejected,
-            model: &bb.id().name,
-            embedded: images.len() - hits,
-            cached: hits,
+        &summary(
+            &a.head,
+            &file,
+            &trained,
+            &bb,
+            images.len() - hits,
+            hits,
             embed_seconds,
             fit_seconds,
-        },
+        ),
     )
 }
 

@@ -69,17 +69,12 @@ pub fn cross_validate(
         .filter(|c| *c > 0)
         .min()
         .unwrap_or(0);
-    let total_groups = {
-        let mut g = groups.to_vec();
-        g.sort_unstable();
-        g.dedup();
-        g.len()
-    };
+    let mut ids: Vec<usize> = groups.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let total_groups = ids.len();
     let (folds, method) = if min_shots <= LOO_MAX_SHOTS || total_groups <= K_FOLDS {
         // Fold id = rank of the example's group.
-        let mut ids: Vec<usize> = groups.to_vec();
-        ids.sort_unstable();
-        ids.dedup();
         let folds = groups
             .iter()
             .map(|g| ids.binary_search(g).unwrap_or(0))

@@ -1,17 +1,11 @@
 #!/usr/bin/env bash
 # The README's first command: a few-shot round trip on the bundled model.
-# Makes the example photo set, trains a head on 5 photos per class, predicts on photos it has
+# Makes the example photo set, trains a head on 10 objects per class (2 photos each), predicts on objects it has
 # never seen (including two classes it was never taught, which should come out `unknown`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-py=target/pyenv/bin/python
-if [ ! -x "$py" ]; then
-    mkdir -p target
-    python3 -m venv target/pyenv
-fi
-"$py" -m pip install --quiet --disable-pip-version-check -r tests/data/requirements.txt
-"$py" tests/data/make_dataset.py --out target/graft-data/kiosk
+source tests/data/photoset.sh
 
 cargo build --release --quiet
 graft=target/release/graft

@@ -55,6 +55,15 @@ fn golden_embeddings_and_top1_match_onnxruntime() {
             let floor = if jpeg_int8 { 0.995 } else { 0.999 };
             assert!(cos >= floor, "{model}/{name}: cosine {cos} < {floor}");
 
+            if let Some(png) = want["pillow_decoded_png"].as_str() {
+                let same_pixels = bb.embed_file(&fixture(png)).unwrap();
+                let cos = cosine(&same_pixels.vector, &reference);
+                assert!(
+                    cos >= 0.999,
+                    "{model}/{name} via Pillow's decode {png}: cosine {cos}"
+                );
+            }
+
             let top = bb.top_k(out.logits.as_ref().unwrap(), 5);
             let ref_top: Vec<(u64, f64)> = want["top5"]
                 .as_array()
