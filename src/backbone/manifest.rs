@@ -103,6 +103,9 @@ pub struct ModelSpec {
     /// The parsed manifest.
     pub manifest: Manifest,
     pub(crate) source: Source,
+    /// Set when the model is a graft export (backbone + head in one ONNX file): its output is
+    /// the head's scores, described here.
+    pub exported: Option<super::export::ExportMeta>,
 }
 
 struct BundledModel {
@@ -153,6 +156,9 @@ impl ModelSpec {
     /// picks the precision for this target).
     pub fn resolve(name: &str) -> Result<ModelSpec, BackboneError> {
         let path = Path::new(name);
+        if name.ends_with(".onnx") {
+            return ModelSpec::from_export(path);
+        }
         if path.is_file() || name.ends_with(".toml") {
             return ModelSpec::from_path(path);
         }
@@ -174,6 +180,7 @@ impl ModelSpec {
                 onnx: bundled.onnx,
                 labels: Some(LITE0_LABELS),
             },
+            exported: None,
         })
     }
 
@@ -186,6 +193,52 @@ impl ModelSpec {
             source: Source::Disk {
                 manifest_path: path.to_path_buf(),
             },
+            exported: None,
+        })
+    }
+
+    /// Reads a model written by `graft export`: the manifest comes from its metadata.
+    pub fn from_export(path: &Path) -> Result<ModelSpec, BackboneError> {
+        let origin = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| BackboneError::io(path, e))?;
+        let meta = super::export::read_meta(&bytes, &origin)?.ok_or_else(|| BackboneError::Manifest {
+            manifest: origin.clone(),
+            reason: "this ONNX file has no graft metadata; give a manifest (.toml) for a plain backbone".into(),
+        })?;
+        let file = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            name: path
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .unwrap_or("export")
+                .to_string(),
+            family: String::new(),
+            description: format!("graft export: {} head on {}", meta.head, meta.backbone),
+            precision: "export".into(),
+            file,
+            sha256: super::sha256_hex(&bytes),
+            labels: None,
+            labels_sha256: None,
+            input: meta.preprocess.clone(),
+            output: OutputSpec {
+                logits: None,
+                features: super::export::OUTPUT.into(),
+                features_size: meta.labels.len(),
+                classes: None,
+            },
+            provenance: None,
+        };
+        Ok(ModelSpec {
+            manifest,
+            source: Source::Disk {
+                manifest_path: path.to_path_buf(),
+            },
+            exported: Some(meta),
         })
     }
 

@@ -11,6 +11,7 @@
 //! splitting one matrix product across cores.
 
 mod error;
+pub mod export;
 pub mod manifest;
 pub mod preprocess;
 
@@ -223,6 +224,11 @@ impl Backbone {
     /// The identity embeddings from this backbone carry.
     pub fn id(&self) -> &BackboneId {
         &self.id
+    }
+
+    /// For a graft export: its labels, threshold and output kind.
+    pub fn exported(&self) -> Option<&export::ExportMeta> {
+        self.spec.exported.as_ref()
     }
 
     /// The manifest.

@@ -4,6 +4,7 @@
 mod bench;
 mod classify;
 mod embed;
+mod export;
 mod heads;
 mod info;
 mod output;
@@ -71,6 +72,8 @@ enum Command {
     Eval(heads::EvalArgs),
     /// Learning curve: accuracy vs examples per class, backbone features vs raw pixels.
     Curve(heads::CurveArgs),
+    /// Export a head with its backbone as one ONNX file (or the head alone as JSON).
+    Export(export::ExportArgs),
     /// Measure load, preprocess and embed latency of the backbone on this machine.
     Bench {
         /// Photo to use [default: tests/fixtures/images/chelsea.jpg].
@@ -117,6 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Add(a) => heads::add(&g, a),
         Command::Eval(a) => heads::eval(&g, a),
         Command::Curve(a) => heads::curve(&g, a),
+        Command::Export(a) => export::run(&g, a),
         Command::Bench { image, runs } => bench::run(&g, image, runs),
     }
 }

@@ -10,7 +10,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 use super::{dot, normalize, HeadError, HeadKind, HeadParams, Model};
 
 /// Logit given to a class the fit never saw (it can never win).
-const ABSENT: f32 = -1.0e4;
+pub(crate) const ABSENT: f32 = -1.0e4;
 
 #[derive(Debug, Clone)]
 pub(crate) enum Inner {

@@ -37,6 +37,9 @@ pub enum HeadError {
     /// An embedding of the wrong size.
     #[error("embedding has {got} values, the head expects {want}")]
     Dimension { got: usize, want: usize },
+    /// This head type has no ONNX form yet.
+    #[error("a {0} head cannot be exported yet (retrain with --head logistic, centroid or knn)")]
+    NotExportable(HeadKind),
     /// Unknown head name.
     #[error("unknown head type {0:?} (choose auto, logistic, centroid, knn or bayes)")]
     UnknownKind(String),
@@ -215,10 +218,80 @@ pub struct Prediction {
     pub top: Vec<LabelScore>,
 }
 
+impl Prediction {
+    /// Builds a prediction from per-class probabilities (`labels.len()` of them).
+    pub fn from_scores(labels: &[String], probs: &[f32], threshold: f32, top: usize) -> Prediction {
+        let mut idx: Vec<usize> = (0..probs.len().min(labels.len())).collect();
+        idx.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]));
+        let best = idx.first().copied().unwrap_or(0);
+        let score = probs.get(best).copied().unwrap_or(0.0);
+        let name = labels
+            .get(best)
+            .cloned()
+            .unwrap_or_else(|| UNKNOWN.to_string());
+        let unknown = score < threshold;
+        Prediction {
+            label: if unknown {
+                UNKNOWN.to_string()
+            } else {
+                name.clone()
+            },
+            score,
+            unknown,
+            best: name,
+            top: idx
+                .into_iter()
+                .take(top.max(1))
+                .map(|i| LabelScore {
+                    label: labels[i].clone(),
+                    score: probs[i],
+                })
+                .collect(),
+        }
+    }
+}
+
 /// What `unknown` predictions are called.
 pub const UNKNOWN: &str = "unknown";
 
 impl Head {
+    /// The head as plain matrices for [`crate::backbone::export`]: linear heads (logistic,
+    /// centroid) as `W·x + b`, k-NN as its stored examples.
+    pub fn export_ops(&self) -> Result<crate::backbone::export::HeadOps, HeadError> {
+        use crate::backbone::export::HeadOps;
+        match &self.model.0 {
+            fit::Inner::Linear { weights, bias, .. } => Ok(HeadOps::Linear {
+                weights: weights.clone(),
+                bias: bias.clone(),
+            }),
+            fit::Inner::Centroid { centroids, dim } => Ok(HeadOps::Linear {
+                weights: centroids.clone(),
+                // A class without examples has a zero centroid and must never win.
+                bias: centroids
+                    .chunks_exact(*dim)
+                    .map(|c| {
+                        if c.iter().all(|v| *v == 0.0) {
+                            fit::ABSENT
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect(),
+            }),
+            fit::Inner::Knn {
+                k,
+                examples,
+                labels,
+                ..
+            } => Ok(HeadOps::Knn {
+                k: *k,
+                examples: examples.clone(),
+                labels: labels.clone(),
+            }),
+            fit::Inner::Bayes { .. } => Err(HeadError::NotExportable(self.kind)),
+        }
+    }
+
     /// Predicts from a raw (not yet normalised) embedding; `threshold` overrides the head's own.
     pub fn predict(
         &self,
@@ -235,29 +308,12 @@ impl Head {
         }
         let x = normalize(embedding);
         let probs = self.model.probabilities(&x, self.temperature);
-        let mut idx: Vec<usize> = (0..probs.len()).collect();
-        idx.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]));
-        let best = idx[0];
-        let threshold = threshold.unwrap_or(self.threshold);
-        let unknown = probs[best] < threshold;
-        Ok(Prediction {
-            label: if unknown {
-                UNKNOWN.to_string()
-            } else {
-                self.labels[best].clone()
-            },
-            score: probs[best],
-            unknown,
-            best: self.labels[best].clone(),
-            top: idx
-                .into_iter()
-                .take(top.max(1))
-                .map(|i| LabelScore {
-                    label: self.labels[i].clone(),
-                    score: probs[i],
-                })
-                .collect(),
-        })
+        Ok(Prediction::from_scores(
+            &self.labels,
+            &probs,
+            threshold.unwrap_or(self.threshold),
+            top,
+        ))
     }
 }
 

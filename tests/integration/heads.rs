@@ -14,7 +14,7 @@ const NEW_CLASS: &str = "instruments";
 /// Never trained: tools, and sea animals (a hard case: mammals include whales and dolphins).
 const NEVER_TRAINED: [&str; 2] = ["tools", "sea_animals"];
 
-fn data_dir() -> PathBuf {
+pub fn data_dir() -> PathBuf {
     let dir = std::env::var_os("GRAFT_TEST_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target/graft-data/kiosk"));

@@ -4,4 +4,5 @@
 mod backbone;
 mod common;
 mod errors;
+mod export;
 mod heads;
