@@ -22,7 +22,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use cv::{auto_select, calibrate, cross_validate, Calibration, CvReport, Selection};
+pub use cv::{
+    auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, FALLBACK_THRESHOLD,
+    K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION, THRESHOLD_QUANTILE,
+};
 pub use fit::fit;
 
 /// Errors of the heads module.

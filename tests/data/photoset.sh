@@ -1,5 +1,6 @@
 # Sourced by tests/run.sh and tests/data/quickstart.sh (from the repository root): a Python venv
-# under target/ with the data script's pinned packages, then the composited photo set (cached).
+# under target/ with the pinned test packages (Pillow and numpy for the data script, onnxruntime for
+# the export check), then the composited photo set (cached).
 py=target/pyenv/bin/python
 if [ ! -x "$py" ]; then
     mkdir -p target
