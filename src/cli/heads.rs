@@ -251,11 +251,7 @@ fn fit_and_write(
     seed: u64,
 ) -> anyhow::Result<(HeadFile, head::Trained, f64)> {
     let start = Instant::now();
-    let x: Vec<Vec<f32>> = examples
-        .iter()
-        .map(|e| head::normalize(&e.embedding))
-        .collect();
-    let y: Vec<usize> = examples.iter().map(|e| e.label).collect();
+    let (x, y) = headfile::training_set(&examples);
     // Photos of one object (`owl_0.jpg`, `owl_1.jpg`) are held out together in CV.
     let keys: Vec<String> = examples
         .iter()

@@ -83,18 +83,18 @@ struct Header {
     examples: Vec<ExampleMeta>,
 }
 
-impl HeadFile {
-    /// Training vectors (unit length) and class ids, as the heads want them.
-    pub fn training_set(&self) -> (Vec<Vec<f32>>, Vec<usize>) {
-        (
-            self.examples
-                .iter()
-                .map(|e| head::normalize(&e.embedding))
-                .collect(),
-            self.examples.iter().map(|e| e.label).collect(),
-        )
-    }
+/// Training vectors (unit length) and class ids of some examples, as the heads want them.
+pub fn training_set(examples: &[Example]) -> (Vec<Vec<f32>>, Vec<usize>) {
+    (
+        examples
+            .iter()
+            .map(|e| head::normalize(&e.embedding))
+            .collect(),
+        examples.iter().map(|e| e.label).collect(),
+    )
+}
 
+impl HeadFile {
     /// Examples per class, in label order.
     pub fn counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.head.labels.len()];
@@ -242,11 +242,7 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
         }
         (HeadKind::Logistic, _, _) => return Err(bad("logistic head without weights".into())),
         (kind, _, _) => {
-            let x: Vec<Vec<f32>> = examples
-                .iter()
-                .map(|e| head::normalize(&e.embedding))
-                .collect();
-            let y: Vec<usize> = examples.iter().map(|e| e.label).collect();
+            let (x, y) = training_set(&examples);
             head::fit(kind, &x, &y, classes, &header.params).map_err(|e| bad(e.to_string()))?
         }
     };
@@ -293,11 +289,7 @@ mod tests {
                 embedding: v.to_vec(),
             })
             .collect();
-        let x: Vec<Vec<f32>> = examples
-            .iter()
-            .map(|e| head::normalize(&e.embedding))
-            .collect();
-        let y: Vec<usize> = examples.iter().map(|e| e.label).collect();
+        let (x, y) = training_set(&examples);
         let params = HeadParams::default();
         let model = head::fit(kind, &x, &y, 2, &params).unwrap();
         HeadFile {
