@@ -56,6 +56,9 @@ pub enum BackboneError {
     /// The graph does not look like an image model of the declared input size.
     #[error("model {model}: not an image model as the manifest describes it: {reason}")]
     NotImageModel { model: String, reason: String },
+    /// Building an export (backbone + head in one ONNX file) failed.
+    #[error("model {model}: cannot export: {reason}")]
+    Export { model: String, reason: String },
     /// Running the plan failed.
     #[error("model {model}: inference failed: {reason}")]
     Inference { model: String, reason: String },

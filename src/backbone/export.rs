@@ -80,6 +80,13 @@ fn bad(model: &str, reason: impl Into<String>) -> BackboneError {
     }
 }
 
+fn export_err(model: &str, reason: impl Into<String>) -> BackboneError {
+    BackboneError::Export {
+        model: model.to_string(),
+        reason: reason.into(),
+    }
+}
+
 fn tensor(name: &str, dims: &[i64], data: Vec<f32>) -> pb::TensorProto {
     pb::TensorProto {
         name: name.to_string(),
@@ -132,7 +139,7 @@ impl Backbone {
     pub fn export_with_head(&self, head: &ExportHead) -> Result<Vec<u8>, BackboneError> {
         let model_name = self.model_name();
         let mut model = pb::ModelProto::decode(&self.onnx[..])
-            .map_err(|e| bad(&model_name, format!("cannot parse ONNX protobuf: {e}")))?;
+            .map_err(|e| export_err(&model_name, format!("cannot parse ONNX protobuf: {e}")))?;
         let opset = model
             .opset_import
             .iter()
@@ -140,7 +147,7 @@ impl Backbone {
             .map(|o| o.version)
             .unwrap_or(0);
         if opset < 13 {
-            return Err(bad(
+            return Err(export_err(
                 &model_name,
                 format!("export needs opset >= 13, the backbone has {opset}"),
             ));
@@ -151,7 +158,7 @@ impl Backbone {
         let mut graph = model
             .graph
             .take()
-            .ok_or_else(|| bad(&model_name, "ONNX file has no graph"))?;
+            .ok_or_else(|| export_err(&model_name, "ONNX file has no graph"))?;
 
         // Keep only what computes the features.
         let mut needed: std::collections::HashSet<String> = [features.clone()].into();
@@ -214,7 +221,7 @@ impl Backbone {
         match &head.ops {
             HeadOps::Linear { weights, bias } => {
                 if weights.len() as i64 != classes * dim || bias.len() as i64 != classes {
-                    return Err(bad(
+                    return Err(export_err(
                         &model_name,
                         "head weights do not match labels and embedding size",
                     ));
@@ -239,7 +246,7 @@ impl Backbone {
             } => {
                 let count = labels.len() as i64;
                 if examples.len() as i64 != count * dim || count == 0 {
-                    return Err(bad(
+                    return Err(export_err(
                         &model_name,
                         "k-NN examples do not match the embedding size",
                     ));
