@@ -24,6 +24,8 @@
 //! ```
 
 pub mod backbone;
+pub mod capture;
 pub mod head;
+pub mod live;
 pub mod plot;
 pub mod store;

@@ -17,6 +17,13 @@ pub enum BackboneError {
     /// The file exists but is not an image this build can decode (or it is damaged).
     #[error("{} is not a readable image: {reason}", path.display())]
     Decode { path: PathBuf, reason: String },
+    /// A picture could not be encoded (e.g. larger than JPEG allows).
+    #[error("cannot encode {what} as {format}: {reason}")]
+    Encode {
+        what: String,
+        format: &'static str,
+        reason: String,
+    },
     /// The image decoded to zero pixels in one direction.
     #[error("{} is an empty image ({width}x{height})", path.display())]
     EmptyImage {

@@ -67,6 +67,21 @@ impl RgbFrame {
     pub fn as_raw(&self) -> &[u8] {
         self.inner.as_raw()
     }
+    /// Encodes as a baseline JPEG (`quality` 1–100), e.g. to save a camera frame.
+    /// `what` names the picture in the error (JPEG is limited to 65535 pixels a side).
+    pub fn to_jpeg(&self, quality: u8, what: &str) -> Result<Vec<u8>, BackboneError> {
+        let mut out = Vec::with_capacity(self.inner.len() / 8);
+        let mut enc =
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
+        enc.encode_image(&self.inner)
+            .map_err(|e| BackboneError::Encode {
+                what: what.to_string(),
+                format: "JPEG",
+                reason: e.to_string(),
+            })?;
+        Ok(out)
+    }
+
     /// Scales down (keeping the aspect ratio) so that the longer side is at most `max_side`.
     pub fn thumbnail(&self, max_side: u32) -> RgbFrame {
         let (w, h) = (self.width(), self.height());

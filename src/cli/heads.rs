@@ -251,30 +251,8 @@ fn fit_and_write(
     seed: u64,
 ) -> anyhow::Result<(HeadFile, head::Trained, f64)> {
     let start = Instant::now();
-    let (x, y) = headfile::training_set(&examples);
-    // Photos of one object (`owl_0.jpg`, `owl_1.jpg`) are held out together in CV.
-    let keys: Vec<String> = examples
-        .iter()
-        .map(|e| format!("{}/{}", e.label, group_key(&e.path)))
-        .collect();
-    let groups = group_ids(&keys);
-    let trained = head::train(
-        choice,
-        &x,
-        &y,
-        &groups,
-        labels,
-        &HeadParams::default(),
-        seed,
-    )?;
+    let (file, trained) = headfile::fit(bb.id(), choice, labels, examples, seed)?;
     let fit_seconds = start.elapsed().as_secs_f64();
-    let file = HeadFile {
-        backbone: bb.id().clone(),
-        head: trained.head.clone(),
-        examples,
-        cv_accuracy: Some(trained.report.accuracy),
-        cv_method: Some(trained.report.method.clone()),
-    };
     headfile::write(out, &file)?;
     Ok((file, trained, fit_seconds))
 }
@@ -366,7 +344,7 @@ fn summary<'a>(
 }
 
 /// Loads a head file and the backbone it was trained with (or `--model`, if compatible).
-fn load_head(g: &Global, path: &Path) -> anyhow::Result<(HeadFile, Backbone)> {
+pub fn load_head(g: &Global, path: &Path) -> anyhow::Result<(HeadFile, Backbone)> {
     let file = headfile::read(path)?;
     let bb = super::load_backbone_or(g, &file.backbone.name)?;
     if !bb.id().compatible(&file.backbone) {
@@ -483,30 +461,15 @@ pub fn add(g: &Global, a: AddArgs) -> anyhow::Result<()> {
     let mut cache = a.cache.open(&bb)?;
     let (embedded, hits, embed_seconds) = embed_folder(&bb, &images, cache.as_mut())?;
     let mut labels = file.head.labels.clone();
-    let id = match labels.iter().position(|l| l == label) {
-        Some(i) => i,
-        None => {
-            labels.push(label.to_string());
-            labels.len() - 1
-        }
-    };
-    let mut added = 0;
-    for (path, e) in images.iter().zip(embedded) {
-        if file
-            .examples
+    let added = headfile::add_examples(
+        &mut labels,
+        &mut file.examples,
+        label,
+        images
             .iter()
-            .any(|x| x.sha256 == e.sha256 && x.label == id)
-        {
-            continue; // the same picture under the same label: already there
-        }
-        file.examples.push(Example {
-            label: id,
-            path: path.clone(),
-            sha256: e.sha256,
-            embedding: e.embedding,
-        });
-        added += 1;
-    }
+            .zip(embedded)
+            .map(|(path, e)| (path.clone(), e.sha256, e.embedding)),
+    );
     let kind = file.head.kind;
     let (file, trained, fit_seconds) =
         fit_and_write(&a.head, &bb, Some(kind), &labels, file.examples, 0)?;

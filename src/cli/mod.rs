@@ -7,6 +7,7 @@ mod embed;
 mod export;
 mod heads;
 mod info;
+mod live;
 mod output;
 
 use std::path::PathBuf;
@@ -74,6 +75,12 @@ enum Command {
     Curve(heads::CurveArgs),
     /// Export a head with its backbone as one ONNX file (or the head alone as JSON).
     Export(export::ExportArgs),
+    /// List the cameras (V4L2 devices) with their formats, sizes and rates.
+    Cameras,
+    /// Save frames from a camera (or --source images) as examples: DATASET/LABEL/*.jpg.
+    Capture(live::CaptureArgs),
+    /// Live predictions from a camera (or --source images), smoothed and debounced.
+    Watch(live::WatchArgs),
     /// Measure load, preprocess and embed latency of the backbone on this machine.
     Bench {
         /// Photo to use [default: tests/fixtures/images/chelsea.jpg].
@@ -121,6 +128,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => heads::eval(&g, a),
         Command::Curve(a) => heads::curve(&g, a),
         Command::Export(a) => export::run(&g, a),
+        Command::Cameras => live::cameras(&g),
+        Command::Capture(a) => live::capture(&g, a),
+        Command::Watch(a) => live::watch(&g, a),
         Command::Bench { image, runs } => bench::run(&g, image, runs),
     }
 }

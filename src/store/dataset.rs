@@ -156,6 +156,28 @@ pub fn group_key(path: &Path) -> String {
     }
 }
 
+/// Checks a class name that becomes a folder name (`DATASET/<label>/`) and a protocol word:
+/// 1–64 characters of letters, digits, `_`, `-`, `.` (not starting with `.`), and not `unknown`.
+pub fn check_label(label: &str) -> Result<&str, String> {
+    let l = label.trim();
+    let ok = !l.is_empty()
+        && l.len() <= 64
+        && !l.starts_with('.')
+        && l.chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !ok {
+        return Err(format!(
+            "{label:?} is not a usable class name: use 1-64 letters, digits, '_', '-' or '.' (not starting with '.')"
+        ));
+    }
+    if l.eq_ignore_ascii_case(crate::head::UNKNOWN) {
+        return Err(format!(
+            "{label:?} is not a usable class name: it is reserved for rejected inputs"
+        ));
+    }
+    Ok(l)
+}
+
 /// Dense ids for group names (equal names, equal ids), for [`crate::head::train`].
 pub fn group_ids<S: AsRef<str>>(keys: &[S]) -> Vec<usize> {
     let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
@@ -170,6 +192,26 @@ pub fn group_ids<S: AsRef<str>>(keys: &[S]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_that_become_folders() {
+        for ok in ["cup", "red-mug", "Tasse_2", "v1.0", "ça"] {
+            assert_eq!(check_label(ok), Ok(ok));
+        }
+        for bad in [
+            "",
+            " ",
+            "a/b",
+            "..",
+            ".hidden",
+            "x y",
+            "unknown",
+            "UNKNOWN",
+            &"x".repeat(65),
+        ] {
+            assert!(check_label(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn group_ids_are_dense_and_stable() {

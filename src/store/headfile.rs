@@ -94,6 +94,72 @@ pub fn training_set(examples: &[Example]) -> (Vec<Vec<f32>>, Vec<usize>) {
     )
 }
 
+/// Adds examples of `label` (a new name becomes a new class, appended to `labels`). A picture
+/// already present under the same label (same sha256) is skipped. Returns how many were added.
+pub fn add_examples(
+    labels: &mut Vec<String>,
+    examples: &mut Vec<Example>,
+    label: &str,
+    new: impl IntoIterator<Item = (PathBuf, String, Vec<f32>)>,
+) -> usize {
+    let id = match labels.iter().position(|l| l == label) {
+        Some(i) => i,
+        None => {
+            labels.push(label.to_string());
+            labels.len() - 1
+        }
+    };
+    let mut added = 0;
+    for (path, sha256, embedding) in new {
+        if examples.iter().any(|x| x.sha256 == sha256 && x.label == id) {
+            continue;
+        }
+        examples.push(Example {
+            label: id,
+            path,
+            sha256,
+            embedding,
+        });
+        added += 1;
+    }
+    added
+}
+
+/// Trains a head on stored examples (the kind given, or the best by cross-validation) and
+/// builds the head file; photos of one object (`owl_0.jpg`, `owl_1.jpg`) are held out
+/// together in CV. Nothing is written.
+pub fn fit(
+    backbone: &BackboneId,
+    choice: Option<HeadKind>,
+    labels: &[String],
+    examples: Vec<Example>,
+    seed: u64,
+) -> Result<(HeadFile, head::Trained), crate::head::HeadError> {
+    let (x, y) = training_set(&examples);
+    let keys: Vec<String> = examples
+        .iter()
+        .map(|e| format!("{}/{}", e.label, super::dataset::group_key(&e.path)))
+        .collect();
+    let groups = super::dataset::group_ids(&keys);
+    let trained = head::train(
+        choice,
+        &x,
+        &y,
+        &groups,
+        labels,
+        &HeadParams::default(),
+        seed,
+    )?;
+    let file = HeadFile {
+        backbone: backbone.clone(),
+        head: trained.head.clone(),
+        examples,
+        cv_accuracy: Some(trained.report.accuracy),
+        cv_method: Some(trained.report.method.clone()),
+    };
+    Ok((file, trained))
+}
+
 impl HeadFile {
     /// Examples per class, in label order.
     pub fn counts(&self) -> Vec<usize> {

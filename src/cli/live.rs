@@ -1,0 +1,431 @@
+//! `graft cameras | capture | watch`: frames from a camera (or an image folder standing in for
+//! one), saved as examples or classified live.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Serialize;
+
+use super::{output, Global};
+use graft::backbone::{preprocess, sha256_hex};
+use graft::capture::{self, CameraRequest, FrameSource, PixelFormat, SourceSpec};
+use graft::head;
+use graft::live::{self, Smoother, Smoothing};
+use graft::store::{self, dataset, headfile};
+
+/// Where frames come from: a camera, or images standing in for one.
+#[derive(Debug, Args, Clone)]
+pub struct SourceArgs {
+    /// Camera: an index (0) or a device path (/dev/video0) [default: 0].
+    #[arg(long, conflicts_with = "source")]
+    pub camera: Option<String>,
+    /// Images instead of a camera: a file, a folder (recursive, sorted) or a glob ('shots/*.jpg').
+    #[arg(long)]
+    pub source: Option<String>,
+    /// With --source: start again at the first image after the last.
+    #[arg(long, requires = "source")]
+    pub repeat: bool,
+    /// Camera pixel format: yuyv, nv12, mjpeg, rgb, bgr, gray [default: the camera's, YUYV first].
+    #[arg(long, conflicts_with = "source")]
+    pub format: Option<String>,
+    /// Camera frame size WIDTHxHEIGHT [default: closest to 640x480].
+    #[arg(long, conflicts_with = "source")]
+    pub size: Option<String>,
+    /// Camera frame rate [default: closest to 30].
+    #[arg(long, conflicts_with = "source")]
+    pub fps: Option<u32>,
+}
+
+impl SourceArgs {
+    pub fn spec(&self) -> anyhow::Result<SourceSpec> {
+        if let Some(path) = &self.source {
+            return Ok(SourceSpec::Path {
+                path: path.clone(),
+                repeat: self.repeat,
+            });
+        }
+        let format = self
+            .format
+            .as_deref()
+            .map(str::parse::<PixelFormat>)
+            .transpose()?;
+        let size = match &self.size {
+            None => None,
+            Some(s) => {
+                let parsed = s
+                    .to_ascii_lowercase()
+                    .split_once('x')
+                    .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+                match parsed {
+                    Some((w, h)) if w > 0 && h > 0 => Some((w, h)),
+                    _ => bail!("--size {s:?}: expected WIDTHxHEIGHT, e.g. 640x480"),
+                }
+            }
+        };
+        Ok(SourceSpec::Camera {
+            device: self.camera.clone().unwrap_or_else(|| "0".into()),
+            request: CameraRequest {
+                format,
+                size,
+                fps: self.fps,
+            },
+        })
+    }
+
+    pub fn is_camera(&self) -> bool {
+        self.source.is_none()
+    }
+
+    pub fn open(&self) -> anyhow::Result<Box<dyn FrameSource>> {
+        Ok(capture::open(&self.spec()?)?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// Class of the frames (the folder they go in).
+    #[arg(long)]
+    label: String,
+    /// Frames to save.
+    #[arg(long, default_value_t = 10)]
+    count: usize,
+    /// Seconds between frames (time to move the object a little).
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+    /// Seconds of countdown before the first frame [default: 3 with a camera, 0 with --source].
+    #[arg(long)]
+    countdown: Option<u64>,
+    /// Image folder to save into: DATASET/LABEL/*.jpg, the layout `graft train` reads.
+    #[arg(long, default_value = "dataset")]
+    dataset: PathBuf,
+    /// Also add the frames to this head file and refit it.
+    #[arg(long)]
+    add_to: Option<PathBuf>,
+    /// JPEG quality of the saved frames.
+    #[arg(long, default_value_t = 92, value_parser = clap::value_parser!(u8).range(50..=100))]
+    quality: u8,
+    #[command(flatten)]
+    source: SourceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Head file to classify with.
+    #[arg(long)]
+    head: PathBuf,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Temporal smoothing: off, ema[:ALPHA] (moving average of scores) or vote[:FRAMES].
+    #[arg(long, default_value = "ema:0.4")]
+    smooth: String,
+    /// Frames a new label must hold before it is reported (debounce).
+    #[arg(long, default_value_t = 3)]
+    stable: usize,
+    /// Scores below this are `unknown` [default: the head's calibrated threshold].
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// Report every frame, not only changes of the stable label.
+    #[arg(long)]
+    every_frame: bool,
+    /// Stop after this many frames [default: until the source ends or Ctrl-C].
+    #[arg(long)]
+    frames: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct CameraLine<'a> {
+    index: u32,
+    device: &'a str,
+    name: &'a str,
+    modes: Vec<String>,
+    error: Option<&'a str>,
+}
+
+pub fn cameras(g: &Global) -> anyhow::Result<()> {
+    let found = capture::cameras()?;
+    if found.is_empty() {
+        eprintln!(
+            "no cameras found (looked for V4L2 devices {}); see README \"Cameras\" for the Raspberry Pi camera",
+            capture::DEVICE_GLOB
+        );
+    }
+    for c in &found {
+        let modes: Vec<String> = c
+            .modes
+            .as_ref()
+            .map(|m| m.iter().map(|m| m.to_string()).collect())
+            .unwrap_or_default();
+        if g.json {
+            output::json_line(&CameraLine {
+                index: c.index,
+                device: &c.device,
+                name: &c.name,
+                modes,
+                error: c.modes.as_ref().err().map(String::as_str),
+            })?;
+            continue;
+        }
+        println!("{}: {} {}", c.index, c.device, c.name);
+        match &c.modes {
+            Ok(m) if m.is_empty() => println!("    (no video formats graft can convert)"),
+            Ok(_) => println!("    {}", modes.join(", ")),
+            Err(e) => println!("    unusable: {e}"),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct SavedLine<'a> {
+    n: usize,
+    path: &'a Path,
+    label: &'a str,
+    width: u32,
+    height: u32,
+}
+
+#[derive(Serialize)]
+struct CaptureSummary<'a> {
+    label: &'a str,
+    saved: usize,
+    folder: &'a Path,
+    source: String,
+    added_to: Option<&'a Path>,
+    added: usize,
+    cv_accuracy: Option<f64>,
+}
+
+/// A name for this capture run: frames of one run show one object, so they form one CV group
+/// (`store::dataset::group_key` strips the `_<n>` suffix).
+fn session_name(label: &str) -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{label}-{secs}")
+}
+
+pub fn capture(g: &Global, a: CaptureArgs) -> anyhow::Result<()> {
+    let label = dataset::check_label(&a.label).map_err(anyhow::Error::msg)?;
+    if a.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    if !(a.interval.is_finite() && a.interval >= 0.0) {
+        bail!("--interval {} is not a number of seconds", a.interval);
+    }
+    // Check the head before taking pictures, so a typo does not cost a capture session.
+    let head = match &a.add_to {
+        Some(p) => Some(super::heads::load_head(g, p)?),
+        None => None,
+    };
+    let mut source = a.source.open()?;
+    let folder = a.dataset.join(label);
+    std::fs::create_dir_all(&folder)
+        .with_context(|| format!("cannot create {}", folder.display()))?;
+    let countdown = a
+        .countdown
+        .unwrap_or(if a.source.is_camera() { 3 } else { 0 });
+    for s in (1..=countdown).rev() {
+        eprintln!("capturing {label:?} in {s}…");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let session = session_name(label);
+    let bar = output::progress(a.count, &format!("capturing {label}"));
+    let mut saved: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+    let interval = Duration::from_secs_f64(a.interval);
+    let mut next_at = Instant::now();
+    while saved.len() < a.count {
+        let now = Instant::now();
+        if next_at > now {
+            std::thread::sleep(next_at - now);
+        }
+        next_at = Instant::now() + interval;
+        let Some(frame) = source.next_frame()? else {
+            bar.finish_and_clear();
+            bail!(
+                "{} ended after {} of {} frames ({} saved in {})",
+                source.describe(),
+                saved.len(),
+                a.count,
+                saved.len(),
+                folder.display()
+            );
+        };
+        let n = saved.len();
+        let path = folder.join(format!("{session}_{n:03}.jpg"));
+        let jpeg = frame
+            .image
+            .to_jpeg(a.quality, &frame.name)
+            .with_context(|| format!("saving {}", path.display()))?;
+        store::write_atomic(&path, |w| w.write_all(&jpeg))?;
+        if g.json {
+            output::json_line(&SavedLine {
+                n,
+                path: &path,
+                label,
+                width: frame.image.width(),
+                height: frame.image.height(),
+            })?;
+        }
+        saved.push((path, jpeg));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mut summary = CaptureSummary {
+        label,
+        saved: saved.len(),
+        folder: &folder,
+        source: source.describe(),
+        added_to: a.add_to.as_deref(),
+        added: 0,
+        cv_accuracy: None,
+    };
+    if let (Some((mut file, bb)), Some(head_path)) = (head, &a.add_to) {
+        let mut new = Vec::with_capacity(saved.len());
+        for (path, jpeg) in &saved {
+            // The saved JPEG, not the raw frame: the same pixels `graft train` will see.
+            let frame = preprocess::decode_bytes(jpeg, path)?;
+            let e = bb.run(&[bb.prepare_frame(&frame)])?.remove(0).embedding;
+            new.push((path.clone(), sha256_hex(jpeg), e.vector));
+        }
+        let mut labels = file.head.labels.clone();
+        summary.added = headfile::add_examples(&mut labels, &mut file.examples, label, new);
+        let (file, _) = headfile::fit(bb.id(), Some(file.head.kind), &labels, file.examples, 0)?;
+        headfile::write(head_path, &file)?;
+        summary.cv_accuracy = file.cv_accuracy;
+    }
+    if g.json {
+        return output::json_line(&summary);
+    }
+    println!(
+        "saved {} frames of {label:?} in {} (from {})",
+        summary.saved,
+        folder.display(),
+        summary.source
+    );
+    if let Some(p) = &a.add_to {
+        println!(
+            "added {} to {} and refit it (CV accuracy {:.1}%)",
+            summary.added,
+            p.display(),
+            summary.cv_accuracy.unwrap_or(0.0) * 100.0
+        );
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct WatchLine<'a> {
+    /// Seconds since the first frame.
+    t: f64,
+    frame: &'a str,
+    /// The stable (smoothed, debounced) label; `unknown` when rejected.
+    label: &'a str,
+    score: f32,
+    unknown: bool,
+    /// True when this line reports a change of the stable label.
+    changed: bool,
+    /// This frame alone.
+    frame_label: &'a str,
+    frame_score: f32,
+    fps: f64,
+    #[serde(flatten)]
+    stages: live::Stages,
+}
+
+/// Frames per second over the last few frames.
+struct Rate {
+    times: std::collections::VecDeque<Instant>,
+}
+
+impl Rate {
+    fn tick(&mut self) -> f64 {
+        let now = Instant::now();
+        self.times.push_back(now);
+        while self.times.len() > 30 {
+            self.times.pop_front();
+        }
+        let span = now - self.times[0];
+        if self.times.len() < 2 || span.is_zero() {
+            return 0.0;
+        }
+        (self.times.len() - 1) as f64 / span.as_secs_f64()
+    }
+}
+
+pub fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<()> {
+    let smoothing: Smoothing = a.smooth.parse().map_err(anyhow::Error::msg)?;
+    if let Some(t) = a.threshold {
+        if !(0.0..=1.0).contains(&t) {
+            bail!("--threshold {t} is outside [0, 1]");
+        }
+    }
+    let (file, bb) = super::heads::load_head(g, &a.head)?;
+    let head = &file.head;
+    let threshold = a.threshold.unwrap_or(head.threshold);
+    let mut source = a.source.open()?;
+    eprintln!(
+        "watching {} with {} ({} classes, threshold {:.2}, smoothing {smoothing}, stable {})",
+        source.describe(),
+        a.head.display(),
+        head.labels.len(),
+        threshold,
+        a.stable.max(1)
+    );
+    let mut smoother = Smoother::new(smoothing, threshold, a.stable);
+    let mut rate = Rate {
+        times: Default::default(),
+    };
+    let start = Instant::now();
+    let mut n = 0u64;
+    while a.frames.is_none_or(|max| n < max) {
+        let Some(frame) = source.next_frame()? else {
+            break;
+        };
+        n += 1;
+        let c = live::classify(&bb, head, &frame, a.threshold)
+            .with_context(|| format!("classifying {}", frame.name))?;
+        let (now, report) = smoother.push(&c.probs);
+        let fps = rate.tick();
+        if report.is_none() && !a.every_frame {
+            continue;
+        }
+        let label = now.label.map_or(head::UNKNOWN, |i| head.labels[i].as_str());
+        let line = WatchLine {
+            t: start.elapsed().as_secs_f64(),
+            frame: &frame.name,
+            label,
+            score: now.score,
+            unknown: now.label.is_none(),
+            changed: report.is_some(),
+            frame_label: &c.prediction.label,
+            frame_score: c.prediction.score,
+            fps,
+            stages: c.stages,
+        };
+        if g.json {
+            output::json_line(&line)?;
+        } else {
+            let s = &c.stages;
+            println!(
+                "{:7.2}s {}{} {:.3}  [{:.1} fps; capture {:.1} ms, preprocess {:.1} ms, embed {:.1} ms, head {:.2} ms]  {}",
+                line.t,
+                if line.changed { "→ " } else { "  " },
+                label,
+                now.score,
+                fps,
+                s.capture_ms,
+                s.preprocess_ms,
+                s.embed_ms,
+                s.head_ms,
+                frame.name
+            );
+        }
+    }
+    if n == 0 {
+        bail!("{} gave no frames", source.describe());
+    }
+    Ok(())
+}
