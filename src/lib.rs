@@ -26,6 +26,9 @@
 pub mod backbone;
 pub mod capture;
 pub mod head;
+pub mod kiosk;
 pub mod live;
 pub mod plot;
+#[cfg(feature = "serial")]
+pub mod serial;
 pub mod store;

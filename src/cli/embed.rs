@@ -28,6 +28,7 @@ pub fn run(g: &Global, paths: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     let mut records = Vec::with_capacity(images.len());
     for (path, e) in images.iter().zip(embedded) {
         records.push(Record {
+            label: None,
             path: path.clone(),
             sha256: files::file_sha256(path)?,
             embedding: e.vector,

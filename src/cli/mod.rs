@@ -9,6 +9,7 @@ mod heads;
 mod info;
 mod live;
 mod output;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,61 @@ pub struct Global {
     /// Threads for inference (bulk work runs this many images at once).
     #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
+    /// More log lines on stderr (-v: debug); GRAFT_LOG=error|warn|info|debug also sets the level.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Log lines on stderr: `graft: warn: ...`, or with systemd priority prefixes (`<4>...`) when
+/// stderr goes to the journal (`JOURNAL_STREAM` set), so `journalctl -p warning` works.
+struct StderrLog {
+    level: log::LevelFilter,
+    journal: bool,
+}
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= self.level
+    }
+    fn log(&self, r: &log::Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        if self.journal {
+            let prio = match r.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                _ => 7,
+            };
+            eprintln!("<{prio}>{}", r.args());
+        } else {
+            eprintln!(
+                "graft: {}: {}",
+                r.level().as_str().to_ascii_lowercase(),
+                r.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_log(verbose: u8) {
+    let from_env = std::env::var("GRAFT_LOG")
+        .ok()
+        .and_then(|v| v.parse::<log::LevelFilter>().ok());
+    let level = match verbose {
+        0 => from_env.unwrap_or(log::LevelFilter::Info),
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    let logger = StderrLog {
+        level,
+        journal: std::env::var_os("JOURNAL_STREAM").is_some(),
+    };
+    if log::set_logger(Box::leak(Box::new(logger))).is_ok() {
+        log::set_max_level(level);
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +137,8 @@ enum Command {
     Capture(live::CaptureArgs),
     /// Live predictions from a camera (or --source images), smoothed and debounced.
     Watch(live::WatchArgs),
+    /// Serve the kiosk line protocol over a serial port or TCP (see docs/PROTOCOL.md).
+    Serve(serve::ServeArgs),
     /// Measure load, preprocess and embed latency of the backbone on this machine.
     Bench {
         /// Photo to use [default: tests/fixtures/images/chelsea.jpg].
@@ -118,6 +176,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let g = cli.global;
+    init_log(g.verbose);
     match cli.command {
         Command::Classify { images, top } => classify::run(&g, &images, top as usize),
         Command::Embed { paths, out } => embed::run(&g, &paths, &out),
@@ -129,6 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Curve(a) => heads::curve(&g, a),
         Command::Export(a) => export::run(&g, a),
         Command::Cameras => live::cameras(&g),
+        Command::Serve(a) => serve::run(&g, a),
         Command::Capture(a) => live::capture(&g, a),
         Command::Watch(a) => live::watch(&g, a),
         Command::Bench { image, runs } => bench::run(&g, image, runs),

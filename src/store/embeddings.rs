@@ -24,6 +24,9 @@ struct Header {
 /// One embedded image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
+    /// Class name, when the file is a labelled example set (the kiosk's `examples.jsonl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     /// The image path as given (or found while walking a folder).
     pub path: PathBuf,
     /// sha256 of the image file's bytes.
@@ -124,6 +127,7 @@ mod tests {
         let file = EmbeddingFile {
             backbone: id(3),
             records: vec![Record {
+                label: Some("cup".into()),
                 path: "a/b.jpg".into(),
                 sha256: "ab".into(),
                 embedding: vec![0.5, -1.25, 3.0e-7],

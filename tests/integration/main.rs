@@ -7,3 +7,5 @@ mod common;
 mod errors;
 mod export;
 mod heads;
+#[cfg(feature = "serial")]
+mod serve;

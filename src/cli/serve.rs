@@ -1,0 +1,208 @@
+//! `graft serve`: the kiosk protocol over a serial port or TCP (docs/PROTOCOL.md).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Serialize;
+
+use super::live::SourceArgs;
+use super::{output, Global};
+use graft::kiosk::{Ended, Kiosk, Options, Server};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Serial port to serve on (/dev/serial0, /dev/ttyUSB0, /dev/ttyACM0).
+    #[arg(long, required_unless_present = "tcp", conflicts_with = "tcp")]
+    serial: Option<String>,
+    /// Serve on TCP instead, e.g. 0.0.0.0:7070 (one client at a time).
+    #[arg(long)]
+    tcp: Option<String>,
+    /// Baud rate.
+    #[arg(long, default_value_t = 115_200)]
+    baud: u32,
+    /// Data bits, parity (N/E/O), stop bits.
+    #[arg(long, default_value = "8N1")]
+    framing: String,
+    /// Flow control: none, hardware (RTS/CTS) or software (XON/XOFF).
+    #[arg(long, default_value = "none")]
+    flow: String,
+    /// Data folder: examples, frames, head, settings [default: HEAD's name + .kiosk/].
+    #[arg(long, required_unless_present = "head")]
+    data: Option<PathBuf>,
+    /// A head trained elsewhere, to start an empty data folder from.
+    #[arg(long)]
+    head: Option<PathBuf>,
+    /// Pause between the frames of one LEARN, in seconds [default: 0.2 with a camera, 0 with --source].
+    #[arg(long)]
+    learn_interval: Option<f64>,
+    #[command(flatten)]
+    source: SourceArgs,
+}
+
+#[derive(Serialize)]
+struct Listening<'a> {
+    listening: &'a str,
+    transport: &'a str,
+    data: &'a std::path::Path,
+}
+
+pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
+    let data = match (&a.data, &a.head) {
+        (Some(d), _) => d.clone(),
+        (None, Some(h)) => h.with_extension("kiosk"),
+        (None, None) => bail!("give --data DIR (or --head HEAD)"),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    let model = match &a.head {
+        Some(h) if g.model.is_none() => graft::store::headfile::read(h)?.backbone.name,
+        _ => graft::backbone::DEFAULT_MODEL.to_string(),
+    };
+    let bb = super::load_backbone_or(g, &model)?;
+    let kiosk = Kiosk::open(&data, bb, a.head.as_deref())?;
+    let source = a.source.open()?;
+    let learn_interval = a
+        .learn_interval
+        .unwrap_or(if a.source.is_camera() { 0.2 } else { 0.0 });
+    if !(learn_interval.is_finite() && learn_interval >= 0.0) {
+        bail!("--learn-interval {learn_interval} is not a number of seconds");
+    }
+    log::info!(
+        "kiosk {}: {} classes, {} examples, head {}; frames from {}",
+        data.display(),
+        kiosk.labels().len(),
+        kiosk.counts().iter().sum::<usize>(),
+        kiosk
+            .head()
+            .map_or("none".to_string(), |h| h.head.kind.to_string()),
+        source.describe()
+    );
+    let options = Options {
+        learn_interval: Duration::from_secs_f64(learn_interval),
+        ..Options::default()
+    };
+    let mut server = Server::new(kiosk, source, options);
+    if let Some(addr) = &a.tcp {
+        serve_tcp(g, &mut server, addr, &data, &stop)?;
+    } else if let Some(path) = &a.serial {
+        serve_serial(g, &mut server, &a, path, &data, &stop)?;
+    }
+    log::info!("stopped after {} replies", server.answered);
+    Ok(())
+}
+
+fn announce(
+    g: &Global,
+    listening: &str,
+    transport: &str,
+    data: &std::path::Path,
+) -> anyhow::Result<()> {
+    if g.json {
+        output::json_line(&Listening {
+            listening,
+            transport,
+            data,
+        })
+    } else {
+        println!("listening on {transport} {listening}");
+        Ok(())
+    }
+}
+
+fn serve_tcp(
+    g: &Global,
+    server: &mut Server,
+    addr: &str,
+    data: &std::path::Path,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?.to_string();
+    listener.set_nonblocking(true)?;
+    announce(g, &local, "tcp", data)?;
+    while !stop.load(Ordering::SeqCst) {
+        let (mut conn, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(e) => return Err(e).context("accepting a connection"),
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_millis(50)))?;
+        log::info!("client {peer} connected");
+        match server.serve(&mut conn, stop) {
+            Ok(Ended::Stopped) => break,
+            Ok(Ended::Closed) => log::info!("client {peer} closed the connection"),
+            Err(e) => log::warn!("client {peer}: {e}; dropped"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "serial")]
+fn serve_serial(
+    g: &Global,
+    server: &mut Server,
+    a: &ServeArgs,
+    path: &str,
+    data: &std::path::Path,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    use graft::serial::{self, SerialConfig};
+    let config = SerialConfig {
+        path: path.to_string(),
+        baud: a.baud,
+        framing: a.framing.parse()?,
+        flow: a.flow.parse()?,
+    };
+    // A port missing at start is an error (a typo, or the unit started too early); one that
+    // disappears later (USB unplug) is waited for.
+    let mut link = serial::open(&config)?;
+    announce(g, &config.to_string(), "serial", data)?;
+    loop {
+        match server.serve(&mut link, stop) {
+            Ok(Ended::Stopped) => return Ok(()),
+            Ok(Ended::Closed) => log::warn!("{path}: closed by the other side; reopening"),
+            Err(e) => log::warn!("{path}: {e}; waiting for it to come back"),
+        }
+        let since = Instant::now();
+        link = loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            match serial::open(&config) {
+                Ok(l) => {
+                    log::info!(
+                        "{path}: reopened after {:.1} s",
+                        since.elapsed().as_secs_f64()
+                    );
+                    break l;
+                }
+                Err(e) => log::debug!("{path}: {e}"),
+            }
+        };
+    }
+}
+
+#[cfg(not(feature = "serial"))]
+fn serve_serial(
+    _: &Global,
+    _: &mut Server,
+    _: &ServeArgs,
+    _: &str,
+    _: &std::path::Path,
+    _: &AtomicBool,
+) -> anyhow::Result<()> {
+    bail!("this graft was built without serial support: rebuild with `--features serial`, or use --tcp ADDR")
+}

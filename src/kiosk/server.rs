@@ -1,0 +1,433 @@
+//! The request loop: bytes in from a link (serial port, TCP connection), one reply line out per
+//! request, `EVT` lines while streaming.
+
+use std::io::{ErrorKind, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::protocol::{
+    err_line, event_line, ok_line, Code, Field, Input, LineSplitter, Rejection, Request, Verb,
+    VERBS, VERSION,
+};
+use super::state::{Kiosk, KioskError};
+use crate::capture::{Frame, FrameSource};
+use crate::head;
+use crate::live::{Smoother, Smoothing};
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A partial line followed by this much silence is answered with `ERR 408` and dropped.
+    pub line_timeout: Duration,
+    /// Requests arriving together beyond this many are answered `ERR 429` unexecuted.
+    pub max_queue: usize,
+    /// Pause between the frames of one `LEARN` (time for the object to move a little).
+    pub learn_interval: Duration,
+    /// Default `STREAM ON` period.
+    pub stream_period: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            line_timeout: Duration::from_secs(2),
+            max_queue: 32,
+            learn_interval: Duration::from_millis(200),
+            stream_period: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why [`Server::serve`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The other side closed the link.
+    Closed,
+    /// The stop flag was set (SIGTERM).
+    Stopped,
+}
+
+struct Stream {
+    period: Duration,
+    next_at: Instant,
+    smoother: Smoother,
+}
+
+/// A kiosk, its frame source and the session state of the protocol.
+pub struct Server {
+    kiosk: Kiosk,
+    source: Box<dyn FrameSource>,
+    options: Options,
+    stream: Option<Stream>,
+    reset_token: Option<(String, Instant)>,
+    /// Requests answered so far.
+    pub answered: u64,
+}
+
+struct Reply {
+    id: Option<String>,
+    checksum: bool,
+    line: Result<Vec<Field>, (Code, String)>,
+}
+
+fn conflict(e: KioskError) -> (Code, String) {
+    match e {
+        KioskError::NoHead { .. } | KioskError::NoClass(_) => (Code::Conflict, e.to_string()),
+        _ => (Code::Internal, e.to_string()),
+    }
+}
+
+impl Server {
+    /// A server over a kiosk and a frame source.
+    pub fn new(kiosk: Kiosk, source: Box<dyn FrameSource>, options: Options) -> Server {
+        Server {
+            kiosk,
+            source,
+            options,
+            stream: None,
+            reset_token: None,
+            answered: 0,
+        }
+    }
+
+    /// The kiosk.
+    pub fn kiosk(&self) -> &Kiosk {
+        &self.kiosk
+    }
+
+    fn frame(&mut self) -> Result<Frame, (Code, String)> {
+        match self.source.next_frame() {
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => Err((
+                Code::Camera,
+                format!("frame source {} has no more frames", self.source.describe()),
+            )),
+            Err(e) => Err((Code::Camera, e.to_string())),
+        }
+    }
+
+    /// Answers one input line: exactly one reply line (without its `\n`).
+    pub fn answer(&mut self, input: &Input) -> String {
+        self.answered += 1;
+        let reply = match input {
+            Input::TooLong => Reply {
+                id: None,
+                checksum: false,
+                line: Err((
+                    Code::TooLong,
+                    format!("line longer than {} bytes", super::protocol::MAX_LINE),
+                )),
+            },
+            Input::Line(bytes) => match Request::parse(bytes) {
+                Err(Rejection {
+                    id,
+                    checksum,
+                    code,
+                    message,
+                }) => Reply {
+                    id,
+                    checksum,
+                    line: Err((code, message)),
+                },
+                Ok(req) => {
+                    log::debug!("request: {}", req.encode());
+                    Reply {
+                        line: self.execute(&req.verb),
+                        id: req.id,
+                        checksum: req.checksum,
+                    }
+                }
+            },
+        };
+        match reply.line {
+            Ok(fields) => ok_line(reply.id.as_deref(), reply.checksum, &fields),
+            Err((code, message)) => {
+                log::info!("ERR {} {message}", code.number());
+                err_line(reply.id.as_deref(), reply.checksum, code, &message)
+            }
+        }
+    }
+
+    fn execute(&mut self, verb: &Verb) -> Result<Vec<Field>, (Code, String)> {
+        let k = &self.kiosk;
+        match verb {
+            Verb::Ping => Ok(vec![Field::new("pong", 1)]),
+            Verb::Help => Ok(vec![
+                Field::new("protocol", VERSION),
+                Field::new("verbs", VERBS.join(",")),
+            ]),
+            Verb::Info => {
+                let h = k.head();
+                Ok(vec![
+                    Field::new("version", env!("CARGO_PKG_VERSION")),
+                    Field::new("protocol", VERSION),
+                    Field::new("model", &k.backbone().id().name),
+                    Field::new("head", h.map_or("none".into(), |h| h.head.kind.to_string())),
+                    Field::new("labels", k.labels().join(",")),
+                    Field::new(
+                        "threshold",
+                        h.map_or("none".into(), |h| format!("{:.3}", h.head.threshold)),
+                    ),
+                    Field::new("examples", k.counts().iter().sum::<usize>()),
+                    Field::new(
+                        "cv",
+                        h.and_then(|h| h.cv_accuracy)
+                            .map_or("none".into(), |a| format!("{a:.3}")),
+                    ),
+                ])
+            }
+            Verb::Labels => {
+                let counts: Vec<String> = k.counts().iter().map(|c| c.to_string()).collect();
+                Ok(vec![
+                    Field::new("labels", k.labels().join(",")),
+                    Field::new("counts", counts.join(",")),
+                ])
+            }
+            Verb::Classify => {
+                if k.head().is_none() {
+                    return Err(conflict(KioskError::NoHead {
+                        have: k.labels().len(),
+                    }));
+                }
+                let frame = self.frame()?;
+                let c = self.kiosk.classify(&frame).map_err(conflict)?;
+                Ok(vec![
+                    Field::new("label", &c.prediction.label),
+                    Field::new("score", format!("{:.3}", c.prediction.score)),
+                    Field::new("best", &c.prediction.best),
+                    Field::new("ms", format!("{:.0}", c.stages.total_ms())),
+                ])
+            }
+            Verb::Learn { label, n } => {
+                let mut frames = Vec::with_capacity(*n as usize);
+                for i in 0..*n {
+                    if i > 0 {
+                        std::thread::sleep(self.options.learn_interval);
+                    }
+                    frames.push(self.frame()?);
+                }
+                let l = self.kiosk.learn(label, &frames).map_err(conflict)?;
+                log::info!(
+                    "learned {} frames of {label:?} ({} classes)",
+                    l.added,
+                    l.classes
+                );
+                self.reset_stream();
+                Ok(vec![
+                    Field::new("label", label),
+                    Field::new("added", l.added),
+                    Field::new("examples", l.examples),
+                    Field::new("classes", l.classes),
+                    Field::new("trained", u8::from(l.trained)),
+                ])
+            }
+            Verb::Train => {
+                let t = self.kiosk.train().map_err(conflict)?;
+                self.reset_stream();
+                Ok(vec![
+                    Field::new("head", t.kind),
+                    Field::new("cv", format!("{:.3}", t.cv_accuracy)),
+                    Field::new("threshold", format!("{:.3}", t.threshold)),
+                ])
+            }
+            Verb::Forget { label } => {
+                let removed = self.kiosk.forget(label).map_err(conflict)?;
+                self.reset_stream();
+                Ok(vec![
+                    Field::new("label", label),
+                    Field::new("removed", removed),
+                    Field::new("classes", self.kiosk.labels().len()),
+                ])
+            }
+            Verb::Threshold(None) => match k.head() {
+                Some(h) => Ok(vec![Field::new(
+                    "threshold",
+                    format!("{:.3}", h.head.threshold),
+                )]),
+                None => Err(conflict(KioskError::NoHead {
+                    have: k.labels().len(),
+                })),
+            },
+            Verb::Threshold(Some(t)) => {
+                self.kiosk.set_threshold(*t).map_err(conflict)?;
+                self.reset_stream();
+                Ok(vec![Field::new("threshold", format!("{t:.3}"))])
+            }
+            Verb::Save => {
+                self.kiosk.save().map_err(conflict)?;
+                Ok(vec![Field::new("saved", self.kiosk.dir().display())])
+            }
+            Verb::Reset(None) => {
+                let token = format!("{:06x}", rand::thread_rng().gen_range(0..0x100_0000u32));
+                self.reset_token = Some((token.clone(), Instant::now()));
+                Ok(vec![
+                    Field::new("confirm", &token),
+                    Field::new("within_s", 30),
+                ])
+            }
+            Verb::Reset(Some(t)) => {
+                let valid = self
+                    .reset_token
+                    .take()
+                    .filter(|(tok, at)| tok == t && at.elapsed() < Duration::from_secs(30));
+                if valid.is_none() {
+                    return Err((
+                        Code::Conflict,
+                        "wrong or expired confirmation token: send RESET, then RESET <token> within 30 s".into(),
+                    ));
+                }
+                self.kiosk.reset().map_err(conflict)?;
+                self.stream = None;
+                log::warn!("reset: every example and the head deleted");
+                Ok(vec![Field::new("reset", 1)])
+            }
+            Verb::Stream { on: false, .. } => {
+                self.stream = None;
+                Ok(vec![Field::new("stream", "off")])
+            }
+            Verb::Stream {
+                on: true,
+                period_ms,
+            } => {
+                let Some(h) = k.head() else {
+                    return Err(conflict(KioskError::NoHead {
+                        have: k.labels().len(),
+                    }));
+                };
+                let period = period_ms
+                    .map(|p| Duration::from_millis(u64::from(p)))
+                    .unwrap_or(self.options.stream_period);
+                self.stream = Some(Stream {
+                    period,
+                    next_at: Instant::now(),
+                    smoother: Smoother::new(Smoothing::Ema { alpha: 0.5 }, h.head.threshold, 2),
+                });
+                Ok(vec![
+                    Field::new("stream", "on"),
+                    Field::new("period_ms", period.as_millis()),
+                ])
+            }
+        }
+    }
+
+    fn reset_stream(&mut self) {
+        let threshold = self.kiosk.head().map(|h| h.head.threshold);
+        match (self.stream.as_mut(), threshold) {
+            (Some(s), Some(t)) => {
+                s.smoother = Smoother::new(Smoothing::Ema { alpha: 0.5 }, t, 2);
+            }
+            _ => self.stream = None,
+        }
+    }
+
+    /// One streaming step if one is due: an `EVT` line (or none).
+    fn stream_tick(&mut self) -> Option<String> {
+        let s = self.stream.as_ref()?;
+        if Instant::now() < s.next_at {
+            return None;
+        }
+        let frame = match self.frame() {
+            Ok(f) => f,
+            Err((_, message)) => {
+                self.stream = None;
+                return Some(event_line(&[
+                    Field::new("error", message),
+                    Field::new("stream", "off"),
+                ]));
+            }
+        };
+        let result = self.kiosk.classify(&frame);
+        let head = self.kiosk.head()?;
+        let s = self.stream.as_mut()?;
+        s.next_at = Instant::now() + s.period;
+        let c = match result {
+            Ok(c) => c,
+            Err(e) => return Some(event_line(&[Field::new("error", e)])),
+        };
+        let (now, report) = s.smoother.push(&c.probs);
+        let label = now
+            .label
+            .map_or(head::UNKNOWN, |i| head.head.labels[i].as_str());
+        Some(event_line(&[
+            Field::new("label", label),
+            Field::new("score", format!("{:.3}", now.score)),
+            Field::new("changed", u8::from(report.is_some())),
+        ]))
+    }
+
+    /// Serves one link until it closes or `stop` is set. The link's reads must time out (a
+    /// serial port's timeout, a socket's read timeout) so that silence, streaming and `stop`
+    /// are noticed. I/O errors other than timeouts are returned (the caller reopens the port).
+    pub fn serve<L: Read + Write>(
+        &mut self,
+        link: &mut L,
+        stop: &AtomicBool,
+    ) -> std::io::Result<Ended> {
+        let mut splitter = LineSplitter::default();
+        let mut buf = [0u8; 1024];
+        let mut last_byte = Instant::now();
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(Ended::Stopped);
+            }
+            let mut out: Vec<String> = Vec::new();
+            match link.read(&mut buf) {
+                Ok(0) => return Ok(Ended::Closed),
+                Ok(n) => {
+                    last_byte = Instant::now();
+                    let inputs = splitter.push(&buf[..n]);
+                    for (i, input) in inputs.iter().enumerate() {
+                        if i < self.options.max_queue {
+                            out.push(self.answer(input));
+                        } else {
+                            self.answered += 1;
+                            let id = match input {
+                                Input::Line(l) => Request::parse(l).ok().and_then(|r| r.id),
+                                Input::TooLong => None,
+                            };
+                            out.push(err_line(
+                                id.as_deref(),
+                                false,
+                                Code::Busy,
+                                &format!(
+                                    "more than {} requests at once; this one was not run",
+                                    self.options.max_queue
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::TimedOut | ErrorKind::WouldBlock | ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            if splitter.pending() && last_byte.elapsed() >= self.options.line_timeout {
+                splitter.expire();
+                self.answered += 1;
+                out.push(err_line(
+                    None,
+                    false,
+                    Code::Timeout,
+                    &format!(
+                        "partial line dropped after {} ms of silence",
+                        self.options.line_timeout.as_millis()
+                    ),
+                ));
+            }
+            if let Some(evt) = self.stream_tick() {
+                out.push(evt);
+            }
+            if !out.is_empty() {
+                let mut bytes = out.join("\n");
+                bytes.push('\n');
+                link.write_all(bytes.as_bytes())?;
+                link.flush()?;
+            }
+        }
+    }
+}

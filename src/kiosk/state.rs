@@ -1,0 +1,466 @@
+//! The kiosk's persistent state in its data directory, and the operations the protocol drives.
+//!
+//! ```text
+//! DIR/examples.jsonl            the examples: label, image path, sha256, embedding (JSON lines)
+//! DIR/examples/<label>/*.jpg    the captured frames they came from
+//! DIR/head.graft                the head trained on them (when there are 2+ classes)
+//! DIR/settings.json             the threshold set with THRESHOLD, if any
+//! ```
+//!
+//! `examples.jsonl` is the commit point: LEARN writes the frames, then the example file, then the
+//! head; FORGET writes the example file, then the head, then deletes the frames. Every file is
+//! written atomically (temp file, fsync, rename, fsync of the folder), so after a power cut the
+//! state is the last committed one: frames not (or no longer) in the example file are deleted at
+//! start, and a head that does not match the examples is retrained.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::{preprocess, sha256_hex, Backbone, BackboneError, RgbFrame};
+use crate::capture::Frame;
+use crate::head::{HeadError, HeadKind};
+use crate::live::{self, Classified, LiveError};
+use crate::store::embeddings::{self, EmbeddingFile, Record};
+use crate::store::headfile::{self, Example, HeadFile};
+use crate::store::{write_atomic, StoreError};
+
+/// Kiosk failures.
+#[derive(Debug, thiserror::Error)]
+pub enum KioskError {
+    /// Nothing to classify with yet.
+    #[error("no head yet: LEARN at least 2 classes first (have {have})")]
+    NoHead {
+        /// Classes with examples.
+        have: usize,
+    },
+    /// A class that does not exist.
+    #[error("no class {0:?}")]
+    NoClass(String),
+    /// A file problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A model or image problem.
+    #[error(transparent)]
+    Backbone(#[from] BackboneError),
+    /// Training failed.
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    /// The data directory belongs to another backbone.
+    #[error("{}: examples were embedded by backbone {theirs}, but {ours} is loaded; use --model {theirs} or another --data folder", path.display())]
+    OtherBackbone {
+        /// The example file.
+        path: PathBuf,
+        /// Its backbone.
+        theirs: String,
+        /// The loaded one.
+        ours: String,
+    },
+    /// A folder could not be created / removed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl From<LiveError> for KioskError {
+    fn from(e: LiveError) -> Self {
+        match e {
+            LiveError::Backbone(b) => KioskError::Backbone(b),
+            LiveError::Head(h) => KioskError::Head(h),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Settings {
+    threshold: Option<f32>,
+}
+
+/// What LEARN did.
+#[derive(Debug, Clone)]
+pub struct Learned {
+    /// Frames added.
+    pub added: usize,
+    /// Examples of this label now.
+    pub examples: usize,
+    /// Classes now.
+    pub classes: usize,
+    /// Whether a head is trained now.
+    pub trained: bool,
+}
+
+/// What TRAIN did.
+#[derive(Debug, Clone)]
+pub struct TrainedInfo {
+    /// Head type chosen.
+    pub kind: HeadKind,
+    /// Held-out accuracy.
+    pub cv_accuracy: f64,
+    /// Threshold in use.
+    pub threshold: f32,
+}
+
+/// The kiosk: backbone, examples, head, settings, and the data directory behind them.
+#[derive(Debug)]
+pub struct Kiosk {
+    dir: PathBuf,
+    backbone: Backbone,
+    labels: Vec<String>,
+    examples: Vec<Example>,
+    head: Option<HeadFile>,
+    settings: Settings,
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KioskError + '_ {
+    move |source| KioskError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Kiosk {
+    fn examples_file(&self) -> PathBuf {
+        self.dir.join("examples.jsonl")
+    }
+    fn head_file(&self) -> PathBuf {
+        self.dir.join("head.graft")
+    }
+    fn settings_file(&self) -> PathBuf {
+        self.dir.join("settings.json")
+    }
+    fn frames_dir(&self) -> PathBuf {
+        self.dir.join("examples")
+    }
+
+    /// Opens (or creates) a data directory; `seed` is a head file whose examples start an empty
+    /// one. Cleans up after an interrupted write and retrains a head that does not match.
+    pub fn open(dir: &Path, backbone: Backbone, seed: Option<&Path>) -> Result<Kiosk, KioskError> {
+        std::fs::create_dir_all(dir.join("examples")).map_err(io(dir))?;
+        let mut k = Kiosk {
+            dir: dir.to_path_buf(),
+            backbone,
+            labels: Vec::new(),
+            examples: Vec::new(),
+            head: None,
+            settings: Settings::default(),
+        };
+        if let Ok(bytes) = std::fs::read(k.settings_file()) {
+            k.settings = serde_json::from_slice(&bytes).map_err(|e| {
+                StoreError::format(&k.settings_file(), format!("not kiosk settings: {e}"))
+            })?;
+        }
+        if k.examples_file().exists() {
+            let file = embeddings::read(&k.examples_file())?;
+            if !file.backbone.compatible(k.backbone.id()) {
+                return Err(KioskError::OtherBackbone {
+                    path: k.examples_file(),
+                    theirs: file.backbone.name,
+                    ours: k.backbone.id().name.clone(),
+                });
+            }
+            for r in file.records {
+                let label = r.label.unwrap_or_else(|| "unlabelled".into());
+                let id = match k.labels.iter().position(|l| *l == label) {
+                    Some(i) => i,
+                    None => {
+                        k.labels.push(label);
+                        k.labels.len() - 1
+                    }
+                };
+                k.examples.push(Example {
+                    label: id,
+                    path: r.path,
+                    sha256: r.sha256,
+                    embedding: r.embedding,
+                });
+            }
+        } else if let Some(seed) = seed {
+            let h = headfile::read(seed)?;
+            if !h.backbone.compatible(k.backbone.id()) {
+                return Err(KioskError::OtherBackbone {
+                    path: seed.to_path_buf(),
+                    theirs: h.backbone.name,
+                    ours: k.backbone.id().name.clone(),
+                });
+            }
+            log::info!(
+                "seeding {} from {} ({} examples)",
+                dir.display(),
+                seed.display(),
+                h.examples.len()
+            );
+            k.labels = h.head.labels.clone();
+            k.examples = h.examples;
+            k.write_examples()?;
+        }
+        k.remove_orphans()?;
+        if k.head_file().exists() {
+            match headfile::read(&k.head_file()) {
+                Ok(h) if k.matches(&h) => k.head = Some(h),
+                Ok(_) => {
+                    log::warn!("head does not match the examples (interrupted write?): retraining")
+                }
+                Err(e) => log::warn!("head unreadable ({e}): retraining"),
+            }
+        }
+        if k.head.is_none() {
+            k.refit(None)?;
+        }
+        Ok(k)
+    }
+
+    /// The head's examples are exactly the kiosk's (same labels, same pictures).
+    fn matches(&self, h: &HeadFile) -> bool {
+        let key = |labels: &[String], e: &Example| (labels[e.label].clone(), e.sha256.clone());
+        let ours: BTreeSet<_> = self.examples.iter().map(|e| key(&self.labels, e)).collect();
+        let theirs: BTreeSet<_> = h.examples.iter().map(|e| key(&h.head.labels, e)).collect();
+        h.backbone.compatible(self.backbone.id())
+            && ours == theirs
+            && h.examples.len() == self.examples.len()
+    }
+
+    /// Deletes frames that no committed example refers to, and leftovers of interrupted deletes.
+    fn remove_orphans(&self) -> Result<(), KioskError> {
+        let keep: BTreeSet<&Path> = self.examples.iter().map(|e| e.path.as_path()).collect();
+        let frames = self.frames_dir();
+        for entry in std::fs::read_dir(&frames).map_err(io(&frames))?.flatten() {
+            let p = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with(".trash-") {
+                std::fs::remove_dir_all(&p).map_err(io(&p))?;
+                continue;
+            }
+            if !p.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&p).map_err(io(&p))?.flatten() {
+                let fp = f.path();
+                if !keep.contains(fp.as_path()) {
+                    log::warn!("removing {} (not in the committed examples)", fp.display());
+                    std::fs::remove_file(&fp).map_err(io(&fp))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_examples(&self) -> Result<(), KioskError> {
+        let file = EmbeddingFile {
+            backbone: self.backbone.id().clone(),
+            records: self
+                .examples
+                .iter()
+                .map(|e| Record {
+                    label: Some(self.labels[e.label].clone()),
+                    path: e.path.clone(),
+                    sha256: e.sha256.clone(),
+                    embedding: e.embedding.clone(),
+                })
+                .collect(),
+        };
+        embeddings::write(&self.examples_file(), &file)?;
+        Ok(())
+    }
+
+    /// Labels that still have examples, with their examples renumbered.
+    fn compact(&mut self) {
+        let used: Vec<usize> = (0..self.labels.len())
+            .filter(|l| self.examples.iter().any(|e| e.label == *l))
+            .collect();
+        let labels = used.iter().map(|l| self.labels[*l].clone()).collect();
+        for e in &mut self.examples {
+            e.label = used.iter().position(|l| *l == e.label).unwrap_or(0);
+        }
+        self.labels = labels;
+    }
+
+    /// Fits the head (kind given, else the current one, else by CV) and writes it; with fewer
+    /// than 2 classes there is no head (and the file goes).
+    fn refit(&mut self, kind: Option<HeadKind>) -> Result<(), KioskError> {
+        self.compact();
+        if self.labels.len() < 2 {
+            self.head = None;
+            if self.head_file().exists() {
+                std::fs::remove_file(self.head_file()).map_err(io(&self.head_file()))?;
+            }
+            return Ok(());
+        }
+        let kind = kind.or(self.head.as_ref().map(|h| h.head.kind));
+        let (mut file, _) = headfile::fit(
+            self.backbone.id(),
+            kind,
+            &self.labels,
+            self.examples.clone(),
+            0,
+        )?;
+        if let Some(t) = self.settings.threshold {
+            file.head.threshold = t;
+        }
+        headfile::write(&self.head_file(), &file)?;
+        self.head = Some(file);
+        Ok(())
+    }
+
+    /// Adds frames as examples of `label` (saved as JPEGs, embedded) and refits.
+    pub fn learn(&mut self, label: &str, frames: &[Frame]) -> Result<Learned, KioskError> {
+        let folder = self.frames_dir().join(label);
+        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
+        let session = format!("{label}-{}", unix_ms());
+        let mut new = Vec::new();
+        for (n, f) in frames.iter().enumerate() {
+            let path = folder.join(format!("{session}_{n:03}.jpg"));
+            let jpeg = f.image.to_jpeg(92, &f.name)?;
+            write_atomic(&path, |w| w.write_all(&jpeg))?;
+            // Embed the saved JPEG: the same pixels a retrain from the folder would see.
+            let decoded = preprocess::decode_bytes(&jpeg, &path)?;
+            let e = self.embed(&decoded)?;
+            new.push((path, sha256_hex(&jpeg), e));
+        }
+        let added = headfile::add_examples(&mut self.labels, &mut self.examples, label, new);
+        self.write_examples()?;
+        self.refit(None)?;
+        let id = self.labels.iter().position(|l| l == label);
+        Ok(Learned {
+            added,
+            examples: self.examples.iter().filter(|e| Some(e.label) == id).count(),
+            classes: self.labels.len(),
+            trained: self.head.is_some(),
+        })
+    }
+
+    fn embed(&self, frame: &RgbFrame) -> Result<Vec<f32>, KioskError> {
+        let p = self.backbone.prepare_frame(frame);
+        Ok(self.backbone.run(&[p])?.remove(0).embedding.vector)
+    }
+
+    /// Refits choosing the head type by cross-validation.
+    pub fn train(&mut self) -> Result<TrainedInfo, KioskError> {
+        if self.labels.len() < 2 {
+            return Err(KioskError::NoHead {
+                have: self.labels.len(),
+            });
+        }
+        self.head = None; // choose afresh
+        self.refit(None)?;
+        let h = self.head.as_ref().ok_or(KioskError::NoHead { have: 0 })?;
+        Ok(TrainedInfo {
+            kind: h.head.kind,
+            cv_accuracy: h.cv_accuracy.unwrap_or(0.0),
+            threshold: h.head.threshold,
+        })
+    }
+
+    /// Removes a class and its examples; returns how many examples went.
+    pub fn forget(&mut self, label: &str) -> Result<usize, KioskError> {
+        let id = self
+            .labels
+            .iter()
+            .position(|l| l == label)
+            .ok_or_else(|| KioskError::NoClass(label.into()))?;
+        let before = self.examples.len();
+        self.examples.retain(|e| e.label != id);
+        let removed = before - self.examples.len();
+        self.write_examples()?;
+        self.refit(None)?;
+        let folder = self.frames_dir().join(label);
+        if folder.exists() {
+            let trash = self
+                .frames_dir()
+                .join(format!(".trash-{label}-{}", unix_ms()));
+            std::fs::rename(&folder, &trash).map_err(io(&folder))?;
+            std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
+        }
+        Ok(removed)
+    }
+
+    /// Sets the rejection threshold (kept across retraining) and rewrites the head.
+    pub fn set_threshold(&mut self, t: f32) -> Result<(), KioskError> {
+        self.settings.threshold = Some(t);
+        let settings = serde_json::to_vec(&self.settings)
+            .map_err(|e| StoreError::format(&self.settings_file(), e.to_string()))?;
+        write_atomic(&self.settings_file(), |w| w.write_all(&settings))?;
+        if let Some(h) = &mut self.head {
+            h.head.threshold = t;
+            headfile::write(&self.dir.join("head.graft"), h)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the example file and head again (everything is already committed after each
+    /// change; this is for hosts that want an explicit checkpoint).
+    pub fn save(&self) -> Result<(), KioskError> {
+        self.write_examples()?;
+        if let Some(h) = &self.head {
+            headfile::write(&self.head_file(), h)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets everything: examples, frames, head, settings.
+    pub fn reset(&mut self) -> Result<(), KioskError> {
+        self.examples.clear();
+        self.labels.clear();
+        self.settings = Settings::default();
+        self.write_examples()?;
+        self.refit(None)?;
+        if self.settings_file().exists() {
+            std::fs::remove_file(self.settings_file()).map_err(io(&self.settings_file()))?;
+        }
+        self.remove_orphans()?;
+        let frames = self.frames_dir();
+        for entry in std::fs::read_dir(&frames).map_err(io(&frames))?.flatten() {
+            if entry.path().is_dir() {
+                std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Classifies one frame.
+    pub fn classify(&self, frame: &Frame) -> Result<Classified, KioskError> {
+        let h = self.head.as_ref().ok_or(KioskError::NoHead {
+            have: self.labels.len(),
+        })?;
+        Ok(live::classify(&self.backbone, &h.head, frame, None)?)
+    }
+
+    /// Class names, in head order.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// Examples per class.
+    pub fn counts(&self) -> Vec<usize> {
+        (0..self.labels.len())
+            .map(|l| self.examples.iter().filter(|e| e.label == l).count())
+            .collect()
+    }
+
+    /// The trained head, if any.
+    pub fn head(&self) -> Option<&HeadFile> {
+        self.head.as_ref()
+    }
+
+    /// The backbone.
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}

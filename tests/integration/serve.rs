@@ -1,0 +1,350 @@
+//! `graft serve` end to end: over a real pseudo-terminal with the same serialport code users get,
+//! and over TCP; the PROTOCOL.md session; bad input; a bounded soak; restart with the same state.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::heads::data_dir;
+
+/// A folder whose sorted pictures are: 3 birds, 3 fruit, then one bird and one fruit not among
+/// them (what a camera would see as a person shows objects in turn).
+fn frames(dir: &Path) -> PathBuf {
+    let out = dir.join("frames");
+    std::fs::create_dir_all(&out).unwrap();
+    let pick = |class: &str, skip: usize, n: usize| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(data_dir().join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with("_0.jpg"))
+            .collect();
+        v.sort();
+        v.into_iter().skip(skip).step_by(5).take(n).collect()
+    };
+    let order: Vec<PathBuf> = [
+        pick("birds", 0, 3),
+        pick("fruit", 0, 3),
+        pick("birds", 2, 1),
+        pick("fruit", 2, 1),
+    ]
+    .concat();
+    for (i, f) in order.iter().enumerate() {
+        std::os::unix::fs::symlink(f, out.join(format!("{i:02}.jpg"))).unwrap();
+    }
+    out
+}
+
+struct Served {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Served {
+    fn start(cache: &Path, args: &[&str], source: &Path, data: &Path) -> (Served, String) {
+        let log = data.with_extension("log");
+        let mut c = graft(cache);
+        c.arg("serve")
+            .args(args)
+            .arg("--data")
+            .arg(data)
+            .arg("--source")
+            .arg(source)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = c.spawn().unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(
+            first.starts_with("listening on "),
+            "{first:?}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let addr = first.trim().rsplit(' ').next().unwrap().to_string();
+        (Served { child, stderr: log }, addr)
+    }
+
+    /// SIGTERM, then the exit status must be success.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let st = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "serve exited {status}: {}",
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        );
+    }
+
+    fn rss_kb(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A line-oriented client over any byte link whose reads time out.
+struct Client<L: Read + Write> {
+    link: L,
+    buf: Vec<u8>,
+}
+
+impl<L: Read + Write> Client<L> {
+    fn new(link: L) -> Self {
+        Client {
+            link,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.link.write_all(bytes).unwrap();
+        self.link.flush().unwrap();
+    }
+
+    /// The next line, waiting up to `wait`.
+    fn line(&mut self, wait: Duration) -> Option<String> {
+        let start = Instant::now();
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(String::from_utf8(line).unwrap().trim_end().to_string());
+            }
+            if start.elapsed() > wait {
+                return None;
+            }
+            let mut chunk = [0u8; 4096];
+            match self.link.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                    ) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    fn ask(&mut self, request: &str) -> String {
+        self.send(format!("{request}\n").as_bytes());
+        self.line(Duration::from_secs(120))
+            .unwrap_or_else(|| panic!("no reply to {request:?}"))
+    }
+}
+
+fn tcp(addr: &str) -> Client<TcpStream> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    Client::new(s)
+}
+
+fn field<'a>(reply: &'a str, key: &str) -> &'a str {
+    reply
+        .split(' ')
+        .find_map(|f| f.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {reply:?}"))
+}
+
+/// Learn two classes, train, classify over a real PTY; restart the server on the same data
+/// folder: same state, same answer.
+#[test]
+fn pty_learn_train_classify_restart() {
+    use graft::serial::SerialLink;
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let source = frames(t.path());
+    let data = t.path().join("kiosk");
+    let (host, dev) = SerialLink::pty_pair().unwrap();
+    let (server, _) = Served::start(&cache, &["--serial", &dev], &source, &data);
+    let mut c = Client::new(host);
+    assert_eq!(c.ask("PING"), "OK pong=1");
+    assert!(c.ask("LEARN birds 3").starts_with("OK label=birds added=3"));
+    assert!(c.ask("LEARN fruit 3").ends_with("classes=2 trained=1"));
+    let trained = c.ask("TRAIN");
+    assert!(trained.starts_with("OK head="), "{trained}");
+    let first = c.ask("#9 CLASSIFY");
+    assert!(first.starts_with("OK #9 label=birds "), "{first}");
+    let info = c.ask("INFO");
+    server.stop();
+
+    // Restarted on the same folder, reading frames from the bird picture alone.
+    let bird = t.path().join("bird");
+    std::fs::create_dir_all(&bird).unwrap();
+    std::fs::copy(source.join("06.jpg"), bird.join("06.jpg")).unwrap();
+    let (host, dev) = SerialLink::pty_pair().unwrap();
+    let (server, _) = Served::start(&cache, &["--serial", &dev], &bird, &data);
+    let mut c = Client::new(host);
+    assert_eq!(c.ask("INFO"), info, "state survives a restart");
+    let again = c.ask("#9 CLASSIFY");
+    assert_eq!(field(&again, "label"), field(&first, "label"));
+    assert_eq!(field(&again, "score"), field(&first, "score"));
+    server.stop();
+}
+
+/// Every `> ` line of the example session in docs/PROTOCOL.md, sent to a live server, gets the
+/// `< ` reply written under it (`…` matches any value).
+#[test]
+fn protocol_md_session_runs_as_written() {
+    let doc = std::fs::read_to_string(root().join("docs/PROTOCOL.md")).unwrap();
+    let session = doc
+        .split("```session")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("a ```session block in PROTOCOL.md");
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let (server, addr) = Served::start(
+        &cache,
+        &["--tcp", "127.0.0.1:0"],
+        &frames(t.path()),
+        &t.path().join("kiosk"),
+    );
+    let mut c = tcp(&addr);
+    let mut lines = session.lines().filter(|l| !l.trim().is_empty()).peekable();
+    let mut checked = 0;
+    while let Some(l) = lines.next() {
+        let req = l.strip_prefix("> ").expect("a request line");
+        let want = lines
+            .next()
+            .and_then(|l| l.strip_prefix("< "))
+            .expect("a reply line after each request");
+        let got = c.ask(req);
+        assert!(
+            matches(want, &got),
+            "{req:?}: expected {want:?}, got {got:?}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10);
+    server.stop();
+}
+
+/// `want` with `…` matching any run of characters other than space.
+fn matches(want: &str, got: &str) -> bool {
+    let parts: Vec<&str> = want.split('…').collect();
+    let mut rest = got;
+    for (i, p) in parts.iter().enumerate() {
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(p) else {
+                return false;
+            };
+            rest = r;
+            continue;
+        }
+        // The wildcard before `p` eats non-space characters up to the next occurrence of `p`.
+        let Some(at) = (0..=rest.len()).find(|k| {
+            rest.is_char_boundary(*k)
+                && !rest[..*k].contains(' ')
+                && (p.is_empty() && (*k == rest.len() || i + 1 < parts.len())
+                    || !p.is_empty() && rest[*k..].starts_with(p))
+        }) else {
+            return false;
+        };
+        rest = &rest[at + p.len()..];
+        if p.is_empty() && i + 1 == parts.len() {
+            return !rest.contains(' ');
+        }
+    }
+    rest.is_empty()
+}
+
+#[test]
+fn wildcard_matching() {
+    assert!(matches("OK a=… b=1", "OK a=0.93 b=1"));
+    assert!(!matches("OK a=… b=1", "OK a=0 9 b=1"));
+    assert!(matches("OK x=…*…", "OK x=1*3E"));
+    assert!(!matches("OK pong=1", "OK pong=12"));
+}
+
+/// Garbage, overlong lines, invalid UTF-8, silence after half a line, floods, unknown verbs,
+/// verbs before any head: each gets its ERR and the server keeps serving; then a bounded soak.
+#[test]
+fn bad_input_floods_and_soak() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let (server, addr) = Served::start(
+        &cache,
+        &["--tcp", "127.0.0.1:0"],
+        &frames(t.path()),
+        &t.path().join("kiosk"),
+    );
+    let mut c = tcp(&addr);
+    let wait = Duration::from_secs(30);
+    c.send(&[b'A'; 1000]);
+    c.send(b"\n");
+    assert!(c.line(wait).unwrap().starts_with("ERR 413 "));
+    c.send(&[0xFF, 0xFE, 0x00, b'\n']);
+    assert!(c.line(wait).unwrap().starts_with("ERR 415 "));
+    c.send(b"\x01\x02garbage\x7f\r\n");
+    assert!(c.line(wait).unwrap().starts_with("ERR 415 "));
+    assert!(
+        c.ask("CLASSIFY").starts_with("ERR 409 "),
+        "verb before any head"
+    );
+    assert!(c.ask("STREAM ON").starts_with("ERR 409 "));
+    assert!(c.ask("FORGET ghosts").starts_with("ERR 409 "));
+    assert!(c.ask("LEARN").starts_with("ERR 400 "));
+    assert!(c.ask("DANCE").starts_with("ERR 404 "));
+    c.send(b"PIN");
+    let timed_out = c.line(Duration::from_secs(10)).unwrap();
+    assert!(timed_out.starts_with("ERR 408 "), "{timed_out}");
+    // A flood in one write: the first 32 run, the rest are refused, none is lost.
+    let flood: String = (0..100).map(|i| format!("#f{i} PING\n")).collect();
+    c.send(flood.as_bytes());
+    let replies: Vec<String> = (0..100).map(|_| c.line(wait).unwrap()).collect();
+    for (i, r) in replies.iter().enumerate() {
+        if i < 32 {
+            assert_eq!(r, &format!("OK #f{i} pong=1"));
+        } else {
+            assert!(r.starts_with(&format!("ERR 429 #f{i} ")), "{r}");
+        }
+    }
+    assert_eq!(c.ask("PING"), "OK pong=1", "still serving");
+
+    // Soak: 10 000 requests in pipelined batches, every reply matched to its id, memory steady.
+    let verbs = ["PING", "INFO", "LABELS", "HELP", "THRESHOLD"];
+    let mut rss = Vec::new();
+    for batch in 0..500 {
+        let reqs: String = (0..20)
+            .map(|i| format!("#s{}x{i} {}\n", batch, verbs[(batch + i) % verbs.len()]))
+            .collect();
+        c.send(reqs.as_bytes());
+        for i in 0..20 {
+            let r = c.line(wait).expect("no reply lost");
+            let id = format!("#s{batch}x{i} ");
+            assert!(
+                r.starts_with(&format!("OK {id}")) || r.starts_with(&format!("ERR 409 {id}")),
+                "{r}"
+            );
+        }
+        if batch == 50 || batch == 499 {
+            rss.push(server.rss_kb());
+        }
+    }
+    let growth = rss[1] as i64 - rss[0] as i64;
+    assert!(
+        growth < 4096,
+        "resident memory grew {growth} kB over 9 000 requests ({rss:?} kB)"
+    );
+    drop(c);
+    server.stop();
+}
