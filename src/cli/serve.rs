@@ -4,7 +4,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -159,6 +159,7 @@ fn serve_serial(
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     use graft::serial::{self, SerialConfig};
+    use std::time::Instant;
     let config = SerialConfig {
         path: path.to_string(),
         baud: a.baud,
