@@ -274,6 +274,19 @@ mod tests {
         assert!(e.to_string().contains("/dev/graft-no-such-port"));
     }
 
+    fn read_n(link: &mut SerialLink, n: usize) -> Vec<u8> {
+        let mut buf = [0u8; 16];
+        let mut got = Vec::new();
+        while got.len() < n {
+            match link.read(&mut buf) {
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        got
+    }
+
     #[test]
     fn a_pty_pair_carries_bytes_both_ways() {
         let (mut host, path) = SerialLink::pty_pair().unwrap();
@@ -285,25 +298,9 @@ mod tests {
         })
         .unwrap();
         host.write_all(b"PING\n").unwrap();
-        let mut buf = [0u8; 16];
-        let mut got = Vec::new();
-        while got.len() < 5 {
-            match dev.read(&mut buf) {
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-        assert_eq!(got, b"PING\n");
+        assert_eq!(read_n(&mut dev, 5), b"PING\n");
         dev.write_all(b"OK\n").unwrap();
-        let mut got = Vec::new();
-        while got.len() < 3 {
-            match host.read(&mut buf) {
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
+        let got = read_n(&mut host, 3);
         assert_eq!(got, b"OK\n");
     }
 }

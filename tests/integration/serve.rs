@@ -157,6 +157,16 @@ fn tcp(addr: &str) -> Client<TcpStream> {
     Client::new(s)
 }
 
+/// A server on a free TCP port over a fresh data folder, frames from [`frames`].
+fn tcp_server(dir: &Path) -> (Served, String) {
+    Served::start(
+        &dir.join("cache"),
+        &["--tcp", "127.0.0.1:0"],
+        &frames(dir),
+        &dir.join("kiosk"),
+    )
+}
+
 fn field<'a>(reply: &'a str, key: &str) -> &'a str {
     reply
         .split(' ')
@@ -211,13 +221,7 @@ fn protocol_md_session_runs_as_written() {
         .and_then(|s| s.split("```").next())
         .expect("a ```session block in PROTOCOL.md");
     let t = tempfile::tempdir().unwrap();
-    let cache = t.path().join("cache");
-    let (server, addr) = Served::start(
-        &cache,
-        &["--tcp", "127.0.0.1:0"],
-        &frames(t.path()),
-        &t.path().join("kiosk"),
-    );
+    let (server, addr) = tcp_server(t.path());
     let mut c = tcp(&addr);
     let mut lines = session.lines().filter(|l| !l.trim().is_empty()).peekable();
     let mut checked = 0;
@@ -280,13 +284,7 @@ fn wildcard_matching() {
 #[test]
 fn bad_input_floods_and_soak() {
     let t = tempfile::tempdir().unwrap();
-    let cache = t.path().join("cache");
-    let (server, addr) = Served::start(
-        &cache,
-        &["--tcp", "127.0.0.1:0"],
-        &frames(t.path()),
-        &t.path().join("kiosk"),
-    );
+    let (server, addr) = tcp_server(t.path());
     let mut c = tcp(&addr);
     let wait = Duration::from_secs(30);
     c.send(&[b'A'; 1000]);
