@@ -24,6 +24,7 @@
 //! ```
 
 pub mod backbone;
+pub mod board;
 pub mod capture;
 pub mod head;
 pub mod kiosk;

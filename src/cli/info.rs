@@ -25,10 +25,13 @@ struct Info<'a> {
     threads: usize,
     load_ms: f64,
     provenance: Option<&'a toml::Table>,
+    board: Option<graft::board::Board>,
+    board_source: Option<String>,
 }
 
 pub fn run(g: &Global) -> anyhow::Result<()> {
     let bb = super::load_backbone(g)?;
+    let board = g.board()?;
     let m = bb.manifest();
     let info = Info {
         graft_version: env!("CARGO_PKG_VERSION"),
@@ -49,9 +52,40 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
         threads: bb.threads(),
         load_ms: bb.load_time().as_secs_f64() * 1e3,
         provenance: m.provenance.as_ref(),
+        board_source: board.as_ref().map(|(_, s)| s.to_string()),
+        board: board.map(|(b, _)| b),
     };
     if g.json {
         return output::json_line(&info);
+    }
+    match (&info.board, &info.board_source) {
+        (Some(b), Some(src)) => {
+            println!("board          {} ({}; from {src})", b.name, b.title);
+            println!(
+                "               {}, {} cores, target {}, threads {}, model {}",
+                b.cpu,
+                if b.cores == 0 {
+                    "all".to_string()
+                } else {
+                    b.cores.to_string()
+                },
+                b.target,
+                b.threads(),
+                b.model
+            );
+            println!(
+                "               camera {} {} {}x{}@{}, serial {}, GPU {} ({})",
+                b.camera.device,
+                b.camera.format,
+                b.camera.width,
+                b.camera.height,
+                b.camera.fps,
+                b.serial.device,
+                if b.gpu.capable { "capable" } else { "no" },
+                b.gpu.reason
+            );
+        }
+        _ => println!("board          none matched (give --board NAME; see boards/README.md)"),
     }
     println!("model          {} ({})", info.model, info.origin);
     if !info.description.is_empty() {

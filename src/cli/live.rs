@@ -18,7 +18,7 @@ use graft::store::{self, dataset, headfile};
 /// Where frames come from: a camera, or images standing in for one.
 #[derive(Debug, Args, Clone)]
 pub struct SourceArgs {
-    /// Camera: an index (0) or a device path (/dev/video0) [default: 0].
+    /// Camera: an index (0) or a device path (/dev/video0) [default: the board's, else 0].
     #[arg(long, conflicts_with = "source")]
     pub camera: Option<String>,
     /// Images instead of a camera: a file, a folder (recursive, sorted) or a glob ('shots/*.jpg').
@@ -39,6 +39,14 @@ pub struct SourceArgs {
 }
 
 impl SourceArgs {
+    /// The camera request when the user gave no mode: the board profile's preference.
+    fn board_request(&self, g: &Global) -> anyhow::Result<Option<CameraRequest>> {
+        if self.format.is_some() || self.size.is_some() || self.fps.is_some() {
+            return Ok(None);
+        }
+        Ok(g.board()?.map(|(b, _)| b.camera_request()))
+    }
+
     pub fn spec(&self) -> anyhow::Result<SourceSpec> {
         if let Some(path) = &self.source {
             return Ok(SourceSpec::Path {
@@ -78,8 +86,29 @@ impl SourceArgs {
         self.source.is_none()
     }
 
-    pub fn open(&self) -> anyhow::Result<Box<dyn FrameSource>> {
-        Ok(capture::open(&self.spec()?)?)
+    /// Opens the source; a camera with no mode given tries the board profile's mode first
+    /// and falls back to the closest one it has.
+    pub fn open(&self, g: &Global) -> anyhow::Result<Box<dyn FrameSource>> {
+        let mut spec = self.spec()?;
+        if let SourceSpec::Camera { device, .. } = &mut spec {
+            if let (None, Some((b, _))) = (&self.camera, g.board()?) {
+                *device = b.camera.device.clone();
+            }
+        }
+        if let (SourceSpec::Camera { device, .. }, Some(preferred)) =
+            (&spec, self.board_request(g)?)
+        {
+            let first = SourceSpec::Camera {
+                device: device.clone(),
+                request: preferred,
+            };
+            match capture::open(&first) {
+                Ok(s) => return Ok(s),
+                Err(capture::CaptureError::Unsupported { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(capture::open(&spec)?)
     }
 }
 
@@ -220,7 +249,7 @@ pub fn capture(g: &Global, a: CaptureArgs) -> anyhow::Result<()> {
         Some(p) => Some(super::heads::load_head(g, p)?),
         None => None,
     };
-    let mut source = a.source.open()?;
+    let mut source = a.source.open(g)?;
     let folder = a.dataset.join(label);
     std::fs::create_dir_all(&folder)
         .with_context(|| format!("cannot create {}", folder.display()))?;
@@ -365,7 +394,7 @@ pub fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<()> {
     let (file, bb) = super::heads::load_head(g, &a.head)?;
     let head = &file.head;
     let threshold = a.threshold.unwrap_or(head.threshold);
-    let mut source = a.source.open()?;
+    let mut source = a.source.open(g)?;
     eprintln!(
         "watching {} with {} ({} classes, threshold {:.2}, smoothing {smoothing}, stable {})",
         source.describe(),

@@ -3,6 +3,7 @@
 
 mod bench;
 mod classify;
+mod doctor;
 mod embed;
 mod export;
 mod heads;
@@ -37,9 +38,14 @@ pub struct Global {
     /// Machine-readable output on stdout (JSON, one object per line), nothing else there.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Threads for inference (bulk work runs this many images at once).
-    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub threads: u16,
+    /// Threads for inference (bulk work runs this many images at once) [default: the board
+    /// profile's, else 1].
+    #[arg(long, global = true, env = "GRAFT_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: Option<u16>,
+    /// Board profile (boards/*.toml: pi-zero-2w, pi3-armv7, pi3-aarch64, pi4, pi5,
+    /// jetson-orin-nano, x86_64) [default: detected from /proc/device-tree/model and the CPU].
+    #[arg(long, global = true, env = "GRAFT_BOARD")]
+    pub board: Option<String>,
     /// More log lines on stderr (-v: debug); GRAFT_LOG=error|warn|info|debug also sets the level.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -137,6 +143,8 @@ enum Command {
     Capture(live::CaptureArgs),
     /// Live predictions from a camera (or --source images), smoothed and debounced.
     Watch(live::WatchArgs),
+    /// Check what a kiosk needs: model, camera, serial port, groups, data folder, board.
+    Doctor(doctor::DoctorArgs),
     /// Serve the kiosk line protocol over a serial port or TCP (see docs/PROTOCOL.md).
     Serve(serve::ServeArgs),
     /// Measure load, preprocess and embed latency of the backbone on this machine.
@@ -152,6 +160,11 @@ enum Command {
 
 /// Runs the CLI and maps errors to one line on stderr and a non-zero exit.
 pub fn main() -> ExitCode {
+    // `graft ... | head` must end quietly, as other Unix tools do, not panic on a closed pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,22 +202,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => export::run(&g, a),
         Command::Cameras => live::cameras(&g),
         Command::Serve(a) => serve::run(&g, a),
+        Command::Doctor(a) => doctor::run(&g, a),
         Command::Capture(a) => live::capture(&g, a),
         Command::Watch(a) => live::watch(&g, a),
         Command::Bench { image, runs } => bench::run(&g, image, runs),
     }
 }
 
-/// Loads the backbone `--model` names (or the default).
+impl Global {
+    /// The board profile: `--board`, else detected, else none.
+    pub fn board(&self) -> anyhow::Result<Option<(graft::board::Board, graft::board::Source)>> {
+        Ok(match &self.board {
+            Some(name) => Some((graft::board::by_name(name)?, graft::board::Source::Given)),
+            None => graft::board::detect()?,
+        })
+    }
+
+    /// Inference threads: `--threads`, else the board's, else 1.
+    pub fn threads(&self) -> anyhow::Result<usize> {
+        Ok(match self.threads {
+            Some(t) => t as usize,
+            None => self.board()?.map_or(1, |(b, _)| b.threads()),
+        })
+    }
+}
+
+/// Loads the backbone `--model` names (or the board's default model, or the default).
 pub fn load_backbone(g: &Global) -> anyhow::Result<graft::backbone::Backbone> {
-    load_backbone_or(g, graft::backbone::DEFAULT_MODEL)
+    let fallback = match g.board()? {
+        Some((b, _)) => b.model,
+        None => graft::backbone::DEFAULT_MODEL.to_string(),
+    };
+    load_backbone_or(g, &fallback)
 }
 
 /// Loads `--model`, or `fallback` when it was not given.
 pub fn load_backbone_or(g: &Global, fallback: &str) -> anyhow::Result<graft::backbone::Backbone> {
     let spec = graft::backbone::ModelSpec::resolve(g.model.as_deref().unwrap_or(fallback))?;
     let options = graft::backbone::LoadOptions {
-        threads: g.threads as usize,
+        threads: g.threads()?,
     };
     Ok(graft::backbone::Backbone::load(spec, &options)?)
 }

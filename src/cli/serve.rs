@@ -16,8 +16,9 @@ use graft::kiosk::{Ended, Kiosk, Options, Server};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Serial port to serve on (/dev/serial0, /dev/ttyUSB0, /dev/ttyACM0).
-    #[arg(long, required_unless_present = "tcp", conflicts_with = "tcp")]
+    /// Serial port to serve on (/dev/serial0, /dev/ttyUSB0, /dev/ttyACM0); without a value, the
+    /// board profile's.
+    #[arg(long, required_unless_present = "tcp", conflicts_with = "tcp", num_args = 0..=1, default_missing_value = "board")]
     serial: Option<String>,
     /// Serve on TCP instead, e.g. 0.0.0.0:7070 (one client at a time).
     #[arg(long)]
@@ -68,7 +69,7 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
     };
     let bb = super::load_backbone_or(g, &model)?;
     let kiosk = Kiosk::open(&data, bb, a.head.as_deref())?;
-    let source = a.source.open()?;
+    let source = a.source.open(g)?;
     let learn_interval = a
         .learn_interval
         .unwrap_or(if a.source.is_camera() { 0.2 } else { 0.0 });
@@ -93,7 +94,14 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
     if let Some(addr) = &a.tcp {
         serve_tcp(g, &mut server, addr, &data, &stop)?;
     } else if let Some(path) = &a.serial {
-        serve_serial(g, &mut server, &a, path, &data, &stop)?;
+        let path = if path == "board" {
+            g.board()?.map(|(b, _)| b.serial.device).ok_or_else(|| {
+                anyhow::anyhow!("--serial without a path needs a board profile (--board NAME)")
+            })?
+        } else {
+            path.clone()
+        };
+        serve_serial(g, &mut server, &a, &path, &data, &stop)?;
     }
     log::info!("stopped after {} replies", server.answered);
     Ok(())

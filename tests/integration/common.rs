@@ -19,6 +19,8 @@ pub fn image(name: &str) -> PathBuf {
 pub fn graft(cache: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_graft"));
     c.env("GRAFT_CACHE", cache);
+    // The test binaries run in parallel: one inference thread each, whatever the board.
+    c.env("GRAFT_THREADS", "1");
     c
 }
 

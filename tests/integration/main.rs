@@ -2,6 +2,7 @@
 //! One test binary, split into topic modules (see TESTING in ARCHITECTURE.md).
 
 mod backbone;
+mod boards;
 mod capture;
 mod common;
 mod errors;

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs a cross-built graft under qemu-user and checks it against the host build (CI, issue 6):
+#   bash boards/qemu-check.sh aarch64-unknown-linux-gnu [full]
+# - `graft info` runs and names the target architecture;
+# - `graft classify` on a fixture photo: same top-1 as the host binary, for fp32 and int8;
+# - `graft embed`: embedding cosine >= 0.999 to the host's, same model file;
+# - with `full`: a train + predict round trip (few-shot head on fixture photos) under qemu.
+# Timing under emulation means nothing and is not measured.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=${1:?usage: boards/qemu-check.sh TARGET [full]}
+mode=${2:-}
+case "$target" in
+    aarch64-unknown-linux-gnu) qemu="qemu-aarch64 -L /usr/aarch64-linux-gnu" ;;
+    armv7-unknown-linux-gnueabihf) qemu="qemu-arm -L /usr/arm-linux-gnueabihf" ;;
+    *) echo "unsupported target $target" >&2; exit 2 ;;
+esac
+arm="$qemu target/$target/release/graft"
+host=${GRAFT_HOST_BIN:-target/debug/graft}
+[ -x "$host" ] || { echo "qemu-check: host binary $host missing (cargo build first)" >&2; exit 1; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export GRAFT_CACHE=$work/cache GRAFT_THREADS=1
+
+$arm info > "$work/info.txt"
+grep -q "target arch\|target_arch\|arch" "$work/info.txt"
+echo "qemu-check $target: info ok ($(grep -m1 '^model' "$work/info.txt"))"
+
+photo=tests/fixtures/images/dog.jpg
+for model in efficientnet-lite0-fp32 efficientnet-lite0-int8; do
+    a=$($arm --json classify --model $model --top 1 "$photo" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["top"][0]["label"])')
+    h=$($host --json classify --model $model --top 1 "$photo" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["top"][0]["label"])')
+    [ "$a" = "$h" ] || { echo "qemu-check $target: $model top-1 $a, host says $h" >&2; exit 1; }
+    $arm embed --model $model --out "$work/arm.jsonl" "$photo" 2>/dev/null
+    $host embed --model $model --out "$work/host.jsonl" "$photo" 2>/dev/null
+    cos=$(python3 - "$work/arm.jsonl" "$work/host.jsonl" <<'PY'
+import json, math, sys
+def vec(p):
+    lines = open(p).read().splitlines()
+    return json.loads(lines[1])["embedding"]
+a, b = vec(sys.argv[1]), vec(sys.argv[2])
+dot = sum(x * y for x, y in zip(a, b))
+print("%.6f" % (dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))))
+PY
+)
+    python3 -c "import sys; sys.exit(0 if float('$cos') >= 0.999 else 1)" || { echo "qemu-check $target: $model embedding cosine $cos < 0.999" >&2; exit 1; }
+    echo "qemu-check $target: $model top-1 '$a' = host, embedding cosine $cos"
+done
+
+if [ "$mode" = full ]; then
+    for c in cats dogs; do mkdir -p "$work/ds/$c"; done
+    cp tests/fixtures/images/chelsea.jpg tests/fixtures/decoded/chelsea.png "$work/ds/cats/"
+    cp tests/fixtures/images/chelsea_exif6.jpg "$work/ds/cats/"
+    cp tests/fixtures/images/dog.jpg tests/fixtures/decoded/dog.png "$work/ds/dogs/"
+    cp tests/fixtures/images/camera_gray.png "$work/ds/dogs/"
+    $arm train "$work/ds" --head centroid --out "$work/pets.graft" > /dev/null
+    got=$($arm --json predict --head "$work/pets.graft" tests/fixtures/images/dog.jpg | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["best"])')
+    [ "$got" = dogs ] || { echo "qemu-check $target: train+predict says $got for dog.jpg" >&2; exit 1; }
+    echo "qemu-check $target: train + predict round trip ok (dog.jpg -> $got)"
+fi
