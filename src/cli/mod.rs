@@ -60,7 +60,9 @@ struct StderrLog {
 
 impl log::Log for StderrLog {
     fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= self.level
+        // Libraries (tract's CPU detection, ...) speak only at -v or for errors.
+        let own = m.target().starts_with("graft");
+        m.level() <= self.level && (own || m.level() == log::Level::Error || self.level >= log::LevelFilter::Debug)
     }
     fn log(&self, r: &log::Record) {
         if !self.enabled(r.metadata()) {
