@@ -62,7 +62,8 @@ impl log::Log for StderrLog {
     fn enabled(&self, m: &log::Metadata) -> bool {
         // Libraries (tract's CPU detection, ...) speak only at -v or for errors.
         let own = m.target().starts_with("graft");
-        m.level() <= self.level && (own || m.level() == log::Level::Error || self.level >= log::LevelFilter::Debug)
+        m.level() <= self.level
+            && (own || m.level() == log::Level::Error || self.level >= log::LevelFilter::Debug)
     }
     fn log(&self, r: &log::Record) {
         if !self.enabled(r.metadata()) {

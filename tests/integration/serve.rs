@@ -210,6 +210,35 @@ fn pty_learn_train_classify_restart() {
     server.stop();
 }
 
+/// The Python host client (pyserial; ids and checksums on every request) against a live server.
+#[test]
+fn python_client_talks_to_the_server() {
+    let python = root().join("target/pyenv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run `bash tests/run.sh` (it installs pyserial)",
+        python.display()
+    );
+    let t = tempfile::tempdir().unwrap();
+    let (server, addr) = tcp_server(t.path());
+    let out = std::process::Command::new(&python)
+        .arg(root().join("examples/kiosk_client.py"))
+        .arg(format!("socket://{addr}"))
+        .args(["PING", "LEARN birds 3", "LABELS", "CLASSIFY"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("< OK #0 pong=1"), "{stdout}");
+    assert!(stdout.contains("< OK #2 labels=birds counts=3"), "{stdout}");
+    assert!(stdout.contains("< ERR 409 #3 no head yet"), "{stdout}");
+    server.stop();
+}
+
 /// Every `> ` line of the example session in docs/PROTOCOL.md, sent to a live server, gets the
 /// `< ` reply written under it (`…` matches any value).
 #[test]
