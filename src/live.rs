@@ -1,8 +1,8 @@
 //! Live classification: a frame through the backbone and a head, timed per stage, and the
 //! temporal smoothing + debounce that turn a stream of per-frame guesses into stable reports.
 //!
-//! Pure code over [`backbone`](crate::backbone), [`head`](crate::head) and
-//! [`capture`](crate::capture); used by `graft watch` and by `graft serve`'s `STREAM`.
+//! Pure code over [`crate::backbone`], [`crate::head`] and
+//! [`crate::capture`]; used by `graft watch` and by `graft serve`'s `STREAM`.
 
 use std::collections::VecDeque;
 use std::fmt;

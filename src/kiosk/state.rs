@@ -235,6 +235,20 @@ impl Kiosk {
     /// Deletes frames that no committed example refers to, and leftovers of interrupted deletes.
     fn remove_orphans(&self) -> Result<(), KioskError> {
         let keep: BTreeSet<&Path> = self.examples.iter().map(|e| e.path.as_path()).collect();
+        // Temp files of writes a power cut interrupted.
+        for entry in std::fs::read_dir(&self.dir)
+            .map_err(io(&self.dir))?
+            .flatten()
+        {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".graft-tmp-")
+            {
+                let p = entry.path();
+                std::fs::remove_file(&p).map_err(io(&p))?;
+            }
+        }
         let frames = self.frames_dir();
         for entry in std::fs::read_dir(&frames).map_err(io(&frames))?.flatten() {
             let p = entry.path();
@@ -329,8 +343,14 @@ impl Kiosk {
             let e = self.embed(&decoded)?;
             new.push((path, sha256_hex(&jpeg), e));
         }
+        let before = (self.labels.clone(), self.examples.clone());
         let added = headfile::add_examples(&mut self.labels, &mut self.examples, label, new);
-        self.write_examples()?;
+        if let Err(e) = self.write_examples() {
+            // Not committed: memory goes back to what the disk holds (the new frames are
+            // orphans, removed at the next start).
+            (self.labels, self.examples) = before;
+            return Err(e);
+        }
         self.refit(None)?;
         let id = self.labels.iter().position(|l| l == label);
         Ok(Learned {
@@ -370,10 +390,13 @@ impl Kiosk {
             .iter()
             .position(|l| l == label)
             .ok_or_else(|| KioskError::NoClass(label.into()))?;
-        let before = self.examples.len();
+        let kept = self.examples.clone();
         self.examples.retain(|e| e.label != id);
-        let removed = before - self.examples.len();
-        self.write_examples()?;
+        let removed = kept.len() - self.examples.len();
+        if let Err(e) = self.write_examples() {
+            self.examples = kept;
+            return Err(e);
+        }
         self.refit(None)?;
         let folder = self.frames_dir().join(label);
         if folder.exists() {

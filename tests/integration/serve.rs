@@ -44,8 +44,19 @@ struct Served {
 
 impl Served {
     fn start(cache: &Path, args: &[&str], source: &Path, data: &Path) -> (Served, String) {
+        Served::start_env(cache, args, source, data, &[])
+    }
+
+    fn start_env(
+        cache: &Path,
+        args: &[&str],
+        source: &Path,
+        data: &Path,
+        env: &[(&str, &str)],
+    ) -> (Served, String) {
         let log = data.with_extension("log");
         let mut c = graft(cache);
+        c.envs(env.iter().copied());
         c.arg("serve")
             .args(args)
             .arg("--data")
@@ -207,6 +218,53 @@ fn pty_learn_train_classify_restart() {
     let again = c.ask("#9 CLASSIFY");
     assert_eq!(field(&again, "label"), field(&first, "label"));
     assert_eq!(field(&again, "score"), field(&first, "score"));
+    server.stop();
+}
+
+/// Power cut in the middle of a LEARN (SIGKILL while its files are being written, each write
+/// slowed by the fault-injection pause): the restarted server holds exactly one committed state,
+/// and no frame on disk is outside it.
+#[test]
+fn killed_mid_learn_keeps_a_committed_state() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let source = frames(t.path());
+    let data = t.path().join("kiosk");
+    let (mut server, addr) = Served::start_env(
+        &cache,
+        &["--tcp", "127.0.0.1:0"],
+        &source,
+        &data,
+        &[("GRAFT_FAULT_PAUSE_MS", "250")],
+    );
+    let mut c = tcp(&addr);
+    assert!(c.ask("LEARN birds 3").starts_with("OK "));
+    c.send(b"LEARN fruit 3\n");
+    // Frames take 3 x 250 ms, the example file another 250: kill in the middle of it all.
+    std::thread::sleep(Duration::from_millis(900));
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(server);
+
+    let (server, addr) = Served::start(&cache, &["--tcp", "127.0.0.1:0"], &source, &data);
+    let mut c = tcp(&addr);
+    let labels = c.ask("LABELS");
+    assert!(
+        labels == "OK labels=birds counts=3" || labels == "OK labels=birds,fruit counts=3,3",
+        "{labels}"
+    );
+    let on_disk: usize = std::fs::read_dir(data.join("examples"))
+        .unwrap()
+        .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+        .sum();
+    let committed: usize = field(&labels, "counts")
+        .split(',')
+        .map(|n| n.parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(
+        on_disk, committed,
+        "frames outside the committed state were removed"
+    );
     server.stop();
 }
 
