@@ -58,17 +58,22 @@ fn classify(device: &str, e: &NokhwaError) -> CaptureError {
     super::classify_driver_error(device, &message)
 }
 
+/// "Not found", listing the device nodes that do exist.
+fn no_camera(wanted: &str, looked_for: String) -> CaptureError {
+    CaptureError::NoCamera {
+        wanted: wanted.into(),
+        looked_for,
+        present: device_nodes()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    }
+}
+
 /// Checks the node exists and can be opened read-write, for errors that name the fix.
 fn check_node(wanted: &str, device: &str) -> Result<(), CaptureError> {
     if !Path::new(device).exists() {
-        return Err(CaptureError::NoCamera {
-            wanted: wanted.into(),
-            looked_for: format!("{device} (V4L2)"),
-            present: device_nodes()
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect(),
-        });
+        return Err(no_camera(wanted, format!("{device} (V4L2)")));
     }
     std::fs::OpenOptions::new()
         .read(true)
@@ -143,13 +148,11 @@ pub struct CameraSource {
 impl CameraSource {
     /// Opens a camera by index (`0`) or path (`/dev/video0`) in the mode closest to `request`.
     pub fn open(wanted: &str, request: CameraRequest) -> Result<CameraSource, CaptureError> {
-        let index = device_index(wanted).ok_or_else(|| CaptureError::NoCamera {
-            wanted: wanted.into(),
-            looked_for: format!("{DEVICE_GLOB} (give an index like 0 or a path like /dev/video0)"),
-            present: device_nodes()
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect(),
+        let index = device_index(wanted).ok_or_else(|| {
+            no_camera(
+                wanted,
+                format!("{DEVICE_GLOB} (give an index like 0 or a path like /dev/video0)"),
+            )
         })?;
         let device = device_path(index);
         check_node(wanted, &device)?;
