@@ -268,6 +268,31 @@ fn killed_mid_learn_keeps_a_committed_state() {
     server.stop();
 }
 
+/// `STREAM ON`: smoothed `EVT` lines between replies, until the frame source runs out (then an
+/// error event and the stream stops) or `STREAM OFF`.
+#[test]
+fn stream_sends_events_until_the_source_ends() {
+    let t = tempfile::tempdir().unwrap();
+    let (server, addr) = tcp_server(t.path());
+    let mut c = tcp(&addr);
+    assert!(c.ask("STREAM ON").starts_with("ERR 409 "), "no head yet");
+    c.ask("LEARN birds 3");
+    c.ask("LEARN fruit 3");
+    assert_eq!(c.ask("STREAM ON 0"), "OK stream=on period_ms=0");
+    // Two frames left (a bird, a fruit), then the folder is used up.
+    let wait = Duration::from_secs(60);
+    let first = c.line(wait).unwrap();
+    assert!(first.starts_with("EVT label="), "{first}");
+    assert!(first.ends_with(" changed=0"), "a label must hold 2 frames first: {first}");
+    let second = c.line(wait).unwrap();
+    assert!(second.starts_with("EVT label="), "{second}");
+    let end = c.line(wait).unwrap();
+    assert!(end.starts_with("EVT error=") && end.ends_with("stream=off"), "{end}");
+    assert_eq!(c.ask("PING"), "OK pong=1", "still serving, no more events");
+    assert_eq!(c.ask("STREAM OFF"), "OK stream=off");
+    server.stop();
+}
+
 /// The Python host client (pyserial; ids and checksums on every request) against a live server.
 #[test]
 fn python_client_talks_to_the_server() {
