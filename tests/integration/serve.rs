@@ -283,11 +283,17 @@ fn stream_sends_events_until_the_source_ends() {
     let wait = Duration::from_secs(60);
     let first = c.line(wait).unwrap();
     assert!(first.starts_with("EVT label="), "{first}");
-    assert!(first.ends_with(" changed=0"), "a label must hold 2 frames first: {first}");
+    assert!(
+        first.ends_with(" changed=0"),
+        "a label must hold 2 frames first: {first}"
+    );
     let second = c.line(wait).unwrap();
     assert!(second.starts_with("EVT label="), "{second}");
     let end = c.line(wait).unwrap();
-    assert!(end.starts_with("EVT error=") && end.ends_with("stream=off"), "{end}");
+    assert!(
+        end.starts_with("EVT error=") && end.ends_with("stream=off"),
+        "{end}"
+    );
     assert_eq!(c.ask("PING"), "OK pong=1", "still serving, no more events");
     assert_eq!(c.ask("STREAM OFF"), "OK stream=off");
     server.stop();
