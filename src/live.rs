@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::backbone::{Backbone, BackboneError};
 use crate::capture::Frame;
-use crate::head::{self, Head, HeadError, Prediction};
+use crate::head::{Head, HeadError, Prediction};
 
 /// Where the time of one frame went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -79,10 +79,10 @@ pub fn classify(
         .embedding
         .vector;
     let t2 = Instant::now();
-    let prediction = head.predict(&embedding, threshold, 3)?;
-    let probs = head
-        .model
-        .probabilities(&head::normalize(&embedding), head.temperature);
+    // One pass through the head: the smoother wants every class's score, the report the top 3.
+    let probs = head.scores(&embedding)?;
+    let prediction =
+        Prediction::from_scores(&head.labels, &probs, threshold.unwrap_or(head.threshold), 3);
     let t3 = Instant::now();
     Ok(Classified {
         probs,

@@ -295,13 +295,8 @@ impl Head {
         }
     }
 
-    /// Predicts from a raw (not yet normalised) embedding; `threshold` overrides the head's own.
-    pub fn predict(
-        &self,
-        embedding: &[f32],
-        threshold: Option<f32>,
-        top: usize,
-    ) -> Result<Prediction, HeadError> {
+    /// Per-class probabilities for a raw (not yet normalised) embedding.
+    pub fn scores(&self, embedding: &[f32]) -> Result<Vec<f32>, HeadError> {
         let want = self.model.dim();
         if embedding.len() != want {
             return Err(HeadError::Dimension {
@@ -309,8 +304,19 @@ impl Head {
                 want,
             });
         }
-        let x = normalize(embedding);
-        let probs = self.model.probabilities(&x, self.temperature);
+        Ok(self
+            .model
+            .probabilities(&normalize(embedding), self.temperature))
+    }
+
+    /// Predicts from a raw (not yet normalised) embedding; `threshold` overrides the head's own.
+    pub fn predict(
+        &self,
+        embedding: &[f32],
+        threshold: Option<f32>,
+        top: usize,
+    ) -> Result<Prediction, HeadError> {
+        let probs = self.scores(embedding)?;
         Ok(Prediction::from_scores(
             &self.labels,
             &probs,
