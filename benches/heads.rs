@@ -4,32 +4,9 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use graft::head::{self, HeadKind, HeadParams};
-use rand::{Rng, SeedableRng};
 
 fn data(classes: usize, shots: usize) -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let centres: Vec<Vec<f32>> = (0..classes)
-        .map(|_| {
-            head::normalize(
-                &(0..1280)
-                    .map(|_| rng.gen_range(0.0f32..1.0))
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .collect();
-    let mut x = Vec::new();
-    let mut y = Vec::new();
-    for (c, centre) in centres.iter().enumerate() {
-        for _ in 0..shots {
-            let v: Vec<f32> = centre
-                .iter()
-                .map(|m| m + rng.gen_range(-0.02f32..0.02))
-                .collect();
-            x.push(head::normalize(&v));
-            y.push(c);
-        }
-    }
-    (x, y, (0..classes).map(|c| format!("c{c}")).collect())
+    head::synthetic(classes, shots, 1280, 42)
 }
 
 fn bench(c: &mut Criterion) {
@@ -37,7 +14,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("fit");
     g.sample_size(10);
     for kind in HeadKind::ALL {
-        for (classes, shots) in [(5, 1), (5, 5), (5, 20), (20, 5)] {
+        for (classes, shots) in [(5, 1), (5, 5), (5, 20), (20, 5), (10, 20)] {
             let (x, y, _) = data(classes, shots);
             g.bench_with_input(
                 BenchmarkId::new(kind.to_string(), format!("{classes}c x {shots}s")),

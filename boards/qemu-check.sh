@@ -2,7 +2,9 @@
 # Runs a cross-built graft under qemu-user and checks it against the host build (CI, issue 6):
 #   bash boards/qemu-check.sh aarch64-unknown-linux-gnu [full]
 # - `graft info` runs and names the target architecture;
-# - `graft classify` on a fixture photo: same top-1 as the host binary, for fp32 and int8;
+# - `graft classify` on a fixture photo: same top-1 as the host binary, for fp32, int8 and w8;
+# - `graft bench --profile`: runs, and the plan uses the target's NEON kernels (kernel names in the
+#   profile), the int8 graph still pays for activation quantise/dequantise and w8 does not;
 # - `graft embed`: embedding cosine >= 0.999 to the host's, same model file;
 # - with `full`: a train + predict round trip (few-shot head on fixture photos) under qemu.
 # Timing under emulation means nothing and is not measured.
@@ -29,12 +31,12 @@ python3 - "$work/info.json" "$arch" <<'PY'
 import json, sys
 info = json.loads(open(sys.argv[1]).readline())
 assert info["target_arch"] == sys.argv[2], info["target_arch"]
-assert info["model"] == "efficientnet-lite0-int8", "ARM builds default to int8: " + info["model"]
+assert info["model"] == "efficientnet-lite0-w8", "ARM builds default to w8: " + info["model"]
 print("qemu-check: info ok: %s, %s, cpu features %s" % (info["target_arch"], info["model"], ",".join(info["cpu_features"]) or "-"))
 PY
 
 photo=tests/fixtures/images/dog.jpg
-for model in efficientnet-lite0-fp32 efficientnet-lite0-int8; do
+for model in efficientnet-lite0-fp32 efficientnet-lite0-int8 efficientnet-lite0-w8; do
     a=$($arm --json classify --model $model --top 1 "$photo" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["top"][0]["label"])')
     h=$($host --json classify --model $model --top 1 "$photo" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["top"][0]["label"])')
     [ "$a" = "$h" ] || { echo "qemu-check $target: $model top-1 $a, host says $h" >&2; exit 1; }
@@ -52,6 +54,32 @@ PY
 )
     python3 -c "import sys; sys.exit(0 if float('$cos') >= 0.999 else 1)" || { echo "qemu-check $target: $model embedding cosine $cos < 0.999" >&2; exit 1; }
     echo "qemu-check $target: $model top-1 '$a' = host, embedding cosine $cos"
+done
+
+# Which kernels tract picks here, per model (timings under emulation mean nothing: not checked).
+# aarch64 always has NEON; on armv7 tract asks the kernel's hwcaps, which qemu-user may not
+# report as a board would, so there the kernel names are printed, not required.
+case "$arch" in aarch64) simd=arm64simd ;; arm) simd=armv7neon? ;; esac
+for model in efficientnet-lite0-int8 efficientnet-lite0-w8; do
+    $arm --json bench --model $model --runs 1 --max-batch 1 --profile > "$work/bench.json"
+    python3 - "$work/bench.json" "$model" "$simd" <<'PY'
+import json, sys
+r = json.loads(open(sys.argv[1]).readline())
+model, simd = sys.argv[2], sys.argv[3]
+p = r["profile"]
+ops = {o["op"]: o["share"] for o in p["by_op"]}
+kernels = sorted({w.strip("[],;") for n in p["nodes"] for w in n["info"].split() if "mmm" in w})
+if simd.endswith("?"):
+    if not any(simd[:-1] in k for k in kernels):
+        print(f"qemu-check: note: {model}: no {simd[:-1]} kernel under emulation: {kernels}")
+else:
+    assert any(simd in k for k in kernels), f"{model}: no {simd} kernel among {kernels}"
+qdq = sum(s for op, s in ops.items() if "uantizeLinear" in op)
+if model.endswith("w8"):
+    assert qdq == 0, f"w8 still has quantise ops: {ops}"
+print(f"qemu-check: bench {model}: kernels {', '.join(kernels)}; quantise/dequantise share {qdq:.0%}; "
+      f"peak {r['peak_rss_mib']:.0f} MiB")
+PY
 done
 
 if [ "$mode" = full ]; then

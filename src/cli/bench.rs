@@ -1,28 +1,70 @@
-//! `graft bench`: the numbers a user posts in an issue — load, preprocess and embed latency of
-//! the backbone on this machine (median of `--runs`).
+//! `graft bench`: the numbers a user posts in an issue — on this board, with this build: load
+//! time (and its stages), decode, preprocess, embed at batch 1 and at the best batch size, head
+//! fit and predict, peak memory; `--profile` adds where a forward pass spends its time, per
+//! operator. Medians of `--runs`; with no `--image` the photo compiled into the binary is used,
+//! so the command needs nothing but the binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 
 use super::{output, Global};
-use graft::backbone::{preprocess, Backbone};
+use graft::backbone::{preprocess, Backbone, Profile};
+use graft::head::{self, HeadKind, HeadParams};
+
+/// The photo timed when no `--image` is given (scikit-image's `chelsea`, see
+/// tests/fixtures/images/LICENSES.md): 451×300 JPEG, a typical small camera frame.
+const BUILTIN_PHOTO: &[u8] = include_bytes!("../../tests/fixtures/images/chelsea.jpg");
+const BUILTIN_NAME: &str = "builtin:chelsea.jpg";
+
+/// The head problem timed: the issue tracker's yardstick, 10 classes × 20 shots.
+const HEAD_CLASSES: usize = 10;
+const HEAD_SHOTS: usize = 20;
 
 #[derive(Serialize)]
 struct Report {
+    graft_version: &'static str,
     model: String,
     precision: String,
     target_arch: &'static str,
     cpu_features: Vec<String>,
     threads: usize,
     runs: usize,
-    image: PathBuf,
+    image: String,
     load_ms: f64,
+    load_verify_ms: f64,
+    load_parse_ms: f64,
+    load_optimize_ms: f64,
     decode_ms: f64,
     preprocess_ms: f64,
     embed_batch1_ms: f64,
-    embed_batch8_ms_per_image: f64,
+    /// Per-image latency at each batch size tried.
+    batches: Vec<BatchTime>,
+    best_batch: usize,
+    best_batch_ms_per_image: f64,
+    head: HeadTimes,
+    /// Peak resident memory of this process so far (Linux `VmHWM`), MiB.
+    peak_rss_mib: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    profile: Option<Profile>,
+}
+
+#[derive(Serialize)]
+struct BatchTime {
+    batch: usize,
+    ms_per_image: f64,
+}
+
+#[derive(Serialize)]
+struct HeadTimes {
+    classes: usize,
+    shots: usize,
+    fit_logistic_ms: f64,
+    fit_centroid_ms: f64,
+    /// `graft train --head auto`: cross-validation of every head kind, calibration, final fit.
+    train_auto_ms: f64,
+    predict_us: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -45,51 +87,205 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Res
     Ok(median(t))
 }
 
-pub fn run(g: &Global, image: Option<PathBuf>, runs: usize) -> anyhow::Result<()> {
-    let image = image.unwrap_or_else(|| PathBuf::from("tests/fixtures/images/chelsea.jpg"));
-    let runs = runs.max(1);
+/// Peak resident set size of this process in MiB, from `/proc/self/status` (Linux only).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// What `graft bench` was asked to do.
+pub struct Options {
+    pub image: Option<PathBuf>,
+    pub runs: usize,
+    pub max_batch: usize,
+    pub profile: bool,
+}
+
+pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
+    let runs = o.runs.max(1);
+    // Peak memory is read at the end, so the model is loaded and used first: the figure covers
+    // a whole predict-like session (load, decode, embed, head).
     let bb = super::load_backbone(g)?;
-    let frame = preprocess::decode_file(&image)?;
-    let decode_ms = time(runs, || Ok(preprocess::decode_file(&image)?))?;
+    let (bytes, name) = match &o.image {
+        Some(p) => (
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => (BUILTIN_PHOTO.to_vec(), BUILTIN_NAME.to_string()),
+    };
+    let path = Path::new(&name);
+    let frame = preprocess::decode_bytes(&bytes, path)?;
+    let decode_ms = time(runs, || Ok(preprocess::decode_bytes(&bytes, path)?))?;
     let preprocess_ms = time(runs, || Ok(bb.prepare_frame(&frame)))?;
     let p = bb.prepare_frame(&frame);
-    let one = vec![p.clone()];
-    let embed_batch1_ms = time(runs, || Ok(bb.run(&one)?))?;
-    let eight = vec![p; 8];
-    let embed_batch8_ms_per_image = time(runs.div_ceil(4), || Ok(bb.run(&eight)?))? / 8.0;
+
+    let embed_batch1_ms = time(runs, || Ok(bb.run(std::slice::from_ref(&p))?))?;
+    let mut batches = vec![BatchTime {
+        batch: 1,
+        ms_per_image: embed_batch1_ms,
+    }];
+    let mut batch = 2;
+    while batch <= o.max_batch {
+        let images = vec![p.clone(); batch];
+        // Fewer runs for bigger batches: each is `batch` images' worth of work.
+        let ms = time(runs.div_ceil(batch).max(3), || Ok(bb.run(&images)?))?;
+        batches.push(BatchTime {
+            batch,
+            ms_per_image: ms / batch as f64,
+        });
+        batch *= 2;
+    }
+    let best = batches
+        .iter()
+        .min_by(|a, b| a.ms_per_image.total_cmp(&b.ms_per_image))
+        .map(|b| (b.batch, b.ms_per_image))
+        .unwrap_or((1, embed_batch1_ms));
+
+    let head = time_heads(bb.id().dim, runs)?;
+    let profile = if o.profile {
+        Some(bb.profile(std::slice::from_ref(&p), runs)?)
+    } else {
+        None
+    };
+    let stages = bb.load_stages();
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let report = Report {
+        graft_version: env!("CARGO_PKG_VERSION"),
         model: bb.id().name.clone(),
         precision: bb.manifest().precision.clone(),
         target_arch: std::env::consts::ARCH,
         cpu_features: Backbone::cpu_features(),
         threads: bb.threads(),
         runs,
-        image,
-        load_ms: bb.load_time().as_secs_f64() * 1e3,
+        image: name,
+        load_ms: ms(bb.load_time()),
+        load_verify_ms: ms(stages.verify),
+        load_parse_ms: ms(stages.parse),
+        load_optimize_ms: ms(stages.optimize),
         decode_ms,
         preprocess_ms,
         embed_batch1_ms,
-        embed_batch8_ms_per_image,
+        batches,
+        best_batch: best.0,
+        best_batch_ms_per_image: best.1,
+        head,
+        peak_rss_mib: peak_rss_mib(),
+        profile,
     };
     if g.json {
         return output::json_line(&report);
     }
-    println!(
-        "model        {} ({}, {} thread(s), {})",
-        report.model, report.precision, report.threads, report.target_arch
-    );
-    println!("load         {:>8.1} ms", report.load_ms);
-    println!(
-        "decode       {:>8.2} ms   ({})",
-        report.decode_ms,
-        report.image.display()
-    );
-    println!("preprocess   {:>8.2} ms", report.preprocess_ms);
-    println!("embed b=1    {:>8.2} ms", report.embed_batch1_ms);
-    println!(
-        "embed b=8    {:>8.2} ms per image",
-        report.embed_batch8_ms_per_image
-    );
-    println!("(median of {} runs)", report.runs);
+    print_report(&report);
     Ok(())
+}
+
+fn time_heads(dim: usize, runs: usize) -> anyhow::Result<HeadTimes> {
+    let (x, y, labels) = head::synthetic(HEAD_CLASSES, HEAD_SHOTS, dim, 42);
+    let params = HeadParams::default();
+    let fit = |kind| time(runs, || Ok(head::fit(kind, &x, &y, HEAD_CLASSES, &params)?));
+    let fit_logistic_ms = fit(HeadKind::Logistic)?;
+    let fit_centroid_ms = fit(HeadKind::Centroid)?;
+    // Every example its own object, as for photos with no `<object>_<n>` names.
+    let groups: Vec<usize> = (0..x.len()).collect();
+    let train = || Ok(head::train(None, &x, &y, &groups, &labels, &params, 0)?);
+    let train_auto_ms = time(runs.min(3), train)?;
+    let trained = head::train(
+        Some(HeadKind::Logistic),
+        &x,
+        &y,
+        &groups,
+        &labels,
+        &params,
+        0,
+    )?;
+    // One predict is microseconds: time a block of them.
+    const BLOCK: usize = 100;
+    let predict_block_ms = time(runs, || {
+        for v in x.iter().cycle().take(BLOCK) {
+            trained.head.predict(v, None, 3)?;
+        }
+        Ok(())
+    })?;
+    Ok(HeadTimes {
+        classes: HEAD_CLASSES,
+        shots: HEAD_SHOTS,
+        fit_logistic_ms,
+        fit_centroid_ms,
+        train_auto_ms,
+        predict_us: predict_block_ms * 1e3 / BLOCK as f64,
+    })
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "graft {}  model {} ({}), {} thread(s), {} [{}]",
+        r.graft_version,
+        r.model,
+        r.precision,
+        r.threads,
+        r.target_arch,
+        r.cpu_features.join(" ")
+    );
+    println!(
+        "load          {:>9.1} ms   (verify {:.1}, parse {:.1}, optimise {:.1})",
+        r.load_ms, r.load_verify_ms, r.load_parse_ms, r.load_optimize_ms
+    );
+    println!("decode        {:>9.2} ms   ({})", r.decode_ms, r.image);
+    println!("preprocess    {:>9.2} ms", r.preprocess_ms);
+    for b in &r.batches {
+        let best = if b.batch == r.best_batch {
+            "  best"
+        } else {
+            ""
+        };
+        println!(
+            "embed b={:<4}  {:>9.2} ms per image{best}",
+            b.batch, b.ms_per_image
+        );
+    }
+    let h = &r.head;
+    let shape = format!("{} classes x {} shots", h.classes, h.shots);
+    println!("fit logistic  {:>9.2} ms   ({shape})", h.fit_logistic_ms);
+    println!("fit centroid  {:>9.2} ms   ({shape})", h.fit_centroid_ms);
+    println!(
+        "train auto    {:>9.1} ms   ({shape}: CV of every head, calibration, fit)",
+        h.train_auto_ms
+    );
+    println!("predict       {:>9.1} µs   (logistic head)", h.predict_us);
+    match r.peak_rss_mib {
+        Some(m) => println!("peak memory   {m:>9.1} MiB (resident, whole run)"),
+        None => println!("peak memory         n/a   (no /proc/self/status)"),
+    }
+    println!("(median of {} runs)", r.runs);
+    if let Some(p) = &r.profile {
+        print_profile(p);
+    }
+}
+
+fn print_profile(p: &Profile) {
+    println!();
+    println!(
+        "profile: batch {}, mean of {} passes: {:.2} ms per pass, {:.2} ms inside operators",
+        p.batch, p.runs, p.total_ms, p.nodes_ms
+    );
+    println!(
+        "{:<28} {:>5} {:>9} {:>7}",
+        "operator", "nodes", "ms", "share"
+    );
+    for o in &p.by_op {
+        println!(
+            "{:<28} {:>5} {:>9.3} {:>6.1}%",
+            o.op,
+            o.nodes,
+            o.ms,
+            o.share * 100.0
+        );
+    }
+    println!();
+    println!("slowest nodes:");
+    for n in p.nodes.iter().take(15) {
+        println!("{:>8.3} ms  {:<18} {}  [{}]", n.ms, n.op, n.node, n.info);
+    }
 }

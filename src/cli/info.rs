@@ -13,6 +13,8 @@ struct Info<'a> {
     description: &'a str,
     precision: &'a str,
     sha256: &'a str,
+    /// Rewrites applied before loading (manifest `[graph]`).
+    graph: String,
     model_bytes: usize,
     input: &'a graft::backbone::manifest::InputSpec,
     embedding_size: usize,
@@ -40,6 +42,7 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
         description: &m.description,
         precision: &m.precision,
         sha256: &bb.id().sha256,
+        graph: graph_line(&bb),
         model_bytes: bb.model_bytes(),
         input: &m.input,
         embedding_size: bb.id().dim,
@@ -93,6 +96,7 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
     }
     println!("precision      {}", info.precision);
     println!("sha256         {}", info.sha256);
+    println!("graph          {}", info.graph);
     println!("model size     {:.1} MB", info.model_bytes as f64 / 1e6);
     println!(
         "input          {} {}x{}x{} {}, shorter side -> {} ({}), centre crop, mean {:?}, std {:?}",
@@ -121,4 +125,19 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
     println!("threads        {}", info.threads);
     println!("load time      {:.0} ms", info.load_ms);
     Ok(())
+}
+
+/// The manifest's graph preparation and what it changed, in one line.
+fn graph_line(bb: &Backbone) -> String {
+    let spec = bb.manifest().graph;
+    let done = bb.prepared();
+    if spec.is_identity() {
+        return spec.describe();
+    }
+    format!(
+        "{}: {} activation pairs clipped, {} constants dequantised at load",
+        spec.describe(),
+        done.qdq_pairs_clipped,
+        done.weights_dequantized
+    )
 }

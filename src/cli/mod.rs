@@ -31,7 +31,8 @@ struct Cli {
 #[derive(Debug, Args, Clone)]
 pub struct Global {
     /// Backbone: a manifest path or a bundled model name (efficientnet-lite0 [the default;
-    /// fp32 on x86, int8 on ARM], efficientnet-lite0-fp32, efficientnet-lite0-int8). Commands
+    /// fp32 on x86, w8 on ARM], efficientnet-lite0-fp32, efficientnet-lite0-int8,
+    /// efficientnet-lite0-w8 [the int8 file with float activations]). Commands
     /// that read a head default to the backbone the head was trained with.
     #[arg(long, global = true)]
     pub model: Option<String>,
@@ -150,14 +151,20 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Serve the kiosk line protocol over a serial port or TCP (see docs/PROTOCOL.md).
     Serve(serve::ServeArgs),
-    /// Measure load, preprocess and embed latency of the backbone on this machine.
+    /// Measure this board: load, preprocess, embed (batch 1 and best), head fit/predict, memory.
     Bench {
-        /// Photo to use [default: tests/fixtures/images/chelsea.jpg].
+        /// Photo to time [default: a photo compiled into graft].
         #[arg(long)]
         image: Option<PathBuf>,
         /// Timed runs per stage (median reported).
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=10000))]
+        runs: u16,
+        /// Largest batch tried when looking for the best batch size (1, 2, 4, ... up to this).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+        max_batch: u16,
+        /// Also time every operator of the forward pass (batch 1) and print where time goes.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -208,7 +215,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Doctor(a) => doctor::run(&g, a),
         Command::Capture(a) => live::capture(&g, a),
         Command::Watch(a) => live::watch(&g, a),
-        Command::Bench { image, runs } => bench::run(&g, image, runs),
+        Command::Bench {
+            image,
+            runs,
+            max_batch,
+            profile,
+        } => bench::run(
+            &g,
+            bench::Options {
+                image,
+                runs: runs as usize,
+                max_batch: max_batch as usize,
+                profile,
+            },
+        ),
     }
 }
 

@@ -331,6 +331,43 @@ pub fn normalize(v: &[f32]) -> Vec<f32> {
     crate::backbone::l2_normalized(v)
 }
 
+/// Separable synthetic examples for timing heads: `classes` random centres on the positive
+/// orthant of the `dim`-sphere, `shots` unit vectors jittered around each (seeded, so every run
+/// times the same problem). The cost of fitting depends on n, d and classes, not on what the
+/// pictures showed, so `graft bench` and `benches/heads.rs` time heads on these. Returns the
+/// vectors, their class ids and class names `c0, c1, ...`.
+pub fn synthetic(
+    classes: usize,
+    shots: usize,
+    dim: usize,
+    seed: u64,
+) -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let centres: Vec<Vec<f32>> = (0..classes)
+        .map(|_| {
+            normalize(
+                &(0..dim)
+                    .map(|_| rng.gen_range(0.0f32..1.0))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    let mut x = Vec::with_capacity(classes * shots);
+    let mut y = Vec::with_capacity(classes * shots);
+    for (c, centre) in centres.iter().enumerate() {
+        for _ in 0..shots {
+            let v: Vec<f32> = centre
+                .iter()
+                .map(|m| m + rng.gen_range(-0.02f32..0.02))
+                .collect();
+            x.push(normalize(&v));
+            y.push(c);
+        }
+    }
+    (x, y, (0..classes).map(|c| format!("c{c}")).collect())
+}
+
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }

@@ -8,5 +8,6 @@ mod common;
 mod errors;
 mod export;
 mod heads;
+mod performance;
 #[cfg(feature = "serial")]
 mod serve;

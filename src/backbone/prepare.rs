@@ -1,0 +1,574 @@
+//! Graph preparation: rewrites of the ONNX graph made before tract sees it, chosen by the
+//! manifest's `[graph]` section. Each one is a standard-op rewrite of the file's protobuf, so the
+//! prepared graph is itself a valid ONNX model: it is what runs, what `graft export` writes and
+//! what the backbone's identity hashes.
+//!
+//! `activation_qdq = "clip"` — why it exists: in a static QDQ int8 model every activation passes
+//! through a `QuantizeLinear → DequantizeLinear` pair. onnxruntime fuses those pairs with the
+//! convolutions into int8 kernels; tract 0.23 does not: it runs the convolutions in float and
+//! pays for the two element-wise passes on every activation, 52% of the int8 forward pass on
+//! x86 (`graft bench --profile`, docs/performance.md). This rewrite replaces each pair by the
+//! `Clip` its quantisation range implies (`[(qmin − zp)·s, (qmax − zp)·s]`, which is also where
+//! the model's ReLU6 went when it was quantised), so the graph keeps its int8 weights (folded to
+//! float constants at load, as tract does anyway) and the saturation of every activation, and
+//! drops only the rounding of activations to 256 levels. It is then as fast as the fp32 graph
+//! and closer to it than the fully quantised one (checked in tests/integration/backbone.rs).
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tract_onnx::pb;
+
+use super::BackboneError;
+
+/// What to do with activation `QuantizeLinear → DequantizeLinear` pairs (manifest `[graph]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationQdq {
+    /// Run the graph as the file has it.
+    #[default]
+    Keep,
+    /// Replace each pair by the `Clip` of its quantisation range.
+    Clip,
+}
+
+/// The manifest's `[graph]` section: rewrites applied before tract loads the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphSpec {
+    /// Activation quantise/dequantise pairs: `keep` (default) or `clip`.
+    #[serde(default)]
+    pub activation_qdq: ActivationQdq,
+}
+
+impl GraphSpec {
+    /// True when the file runs as it is.
+    pub fn is_identity(&self) -> bool {
+        *self == GraphSpec::default()
+    }
+
+    /// A short description for `graft info`.
+    pub fn describe(&self) -> String {
+        match self.activation_qdq {
+            ActivationQdq::Keep => "as in the file".into(),
+            ActivationQdq::Clip => {
+                "int8 weights, float activations (activation Q/DQ pairs → Clip)".into()
+            }
+        }
+    }
+}
+
+/// What [`prepare`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// Activation Q/DQ pairs replaced by a `Clip`.
+    pub qdq_pairs_clipped: usize,
+    /// Constant `DequantizeLinear`s (weights, biases) folded into float initializers.
+    pub weights_dequantized: usize,
+}
+
+/// The recipe's name in identities: bump it whenever a rewrite's output changes, so embeddings
+/// made by an older rewrite are never mixed with a newer one's.
+const RECIPE: &str = "graft-prepare-1";
+
+/// The identity of a prepared graph: sha256 of the file's sha256 and the recipe. (Hashing the
+/// re-encoded protobuf would tie it to the encoder; this ties it to what was asked.)
+pub fn prepared_sha256(file_sha256: &str, spec: &GraphSpec) -> String {
+    let recipe = format!(
+        "{RECIPE}\n{file_sha256}\nactivation_qdq={:?}\n",
+        spec.activation_qdq
+    );
+    super::sha256_hex(recipe.as_bytes())
+}
+
+/// Applies `spec` to a decoded ONNX model in place.
+pub fn prepare(
+    proto: &mut pb::ModelProto,
+    spec: &GraphSpec,
+    model: &str,
+) -> Result<Prepared, BackboneError> {
+    let mut done = Prepared::default();
+    if spec.is_identity() {
+        return Ok(done);
+    }
+    let bad = |reason: String| BackboneError::Load {
+        model: model.to_string(),
+        reason,
+    };
+    let graph = proto
+        .graph
+        .as_mut()
+        .ok_or_else(|| bad("the ONNX file has no graph".into()))?;
+    if spec.activation_qdq == ActivationQdq::Clip {
+        done.qdq_pairs_clipped = clip_activation_qdq(graph).map_err(bad)?;
+        if done.qdq_pairs_clipped == 0 {
+            return Err(bad(
+                "[graph] activation_qdq = \"clip\", but the graph has no activation \
+                 QuantizeLinear → DequantizeLinear pair (is it a QDQ model?)"
+                    .into(),
+            ));
+        }
+        // With the activations in float, what is left quantised is constants: folding them here
+        // gives tract a plain float graph, which it optimises in a fraction of the time it
+        // takes to fold them itself (load 650 → 150 ms).
+        done.weights_dequantized = fold_constant_dequantize(graph).map_err(bad)?;
+    }
+    Ok(done)
+}
+
+/// Decodes ONNX bytes (for preparation and export).
+pub fn decode(onnx: &[u8], model: &str) -> Result<pb::ModelProto, BackboneError> {
+    pb::ModelProto::decode(onnx).map_err(|e| BackboneError::Load {
+        model: model.to_string(),
+        reason: format!("not an ONNX file: {e}"),
+    })
+}
+
+/// A per-tensor quantisation: scale, zero point and the integer range of its type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Quant {
+    scale: f32,
+    zero_point: i32,
+    qmin: i32,
+    qmax: i32,
+}
+
+impl Quant {
+    /// The float range a quantise/dequantise round trip saturates to.
+    fn range(&self) -> (f32, f32) {
+        (
+            (self.qmin - self.zero_point) as f32 * self.scale,
+            (self.qmax - self.zero_point) as f32 * self.scale,
+        )
+    }
+}
+
+/// Reads a scalar initializer's value as f64 (float, uint8, int8).
+fn scalar(t: &pb::TensorProto) -> Option<f64> {
+    use pb::tensor_proto::DataType;
+    if t.dims.iter().product::<i64>() != 1 {
+        return None;
+    }
+    let raw = &t.raw_data;
+    match DataType::try_from(t.data_type).ok()? {
+        DataType::Float => t
+            .float_data
+            .first()
+            .copied()
+            .or_else(|| Some(f32::from_le_bytes(raw.get(..4)?.try_into().ok()?)))
+            .map(f64::from),
+        DataType::Uint8 => t
+            .int32_data
+            .first()
+            .map(|v| *v as f64)
+            .or_else(|| raw.first().map(|b| *b as f64)),
+        DataType::Int8 => t
+            .int32_data
+            .first()
+            .map(|v| *v as f64)
+            .or_else(|| raw.first().map(|b| *b as i8 as f64)),
+        _ => None,
+    }
+}
+
+fn quant_of(
+    node: &pb::NodeProto,
+    inits: &std::collections::HashMap<&str, &pb::TensorProto>,
+) -> Option<Quant> {
+    use pb::tensor_proto::DataType;
+    let scale = scalar(inits.get(node.input.get(1)?.as_str())?)? as f32;
+    // No zero point means 0 of type uint8 (the ONNX default).
+    let (zero_point, ty) = match node.input.get(2).filter(|n| !n.is_empty()) {
+        Some(name) => {
+            let t = inits.get(name.as_str())?;
+            (scalar(t)? as i32, DataType::try_from(t.data_type).ok()?)
+        }
+        None => (0, DataType::Uint8),
+    };
+    let (qmin, qmax) = match ty {
+        DataType::Uint8 => (0, 255),
+        DataType::Int8 => (-128, 127),
+        _ => return None,
+    };
+    (scale > 0.0 && scale.is_finite()).then_some(Quant {
+        scale,
+        zero_point,
+        qmin,
+        qmax,
+    })
+}
+
+/// Replaces every `QuantizeLinear` whose consumers are all per-tensor `DequantizeLinear`s with
+/// the same quantisation by one `Clip` per consumer. Returns how many pairs were replaced.
+fn clip_activation_qdq(graph: &mut pb::GraphProto) -> Result<usize, String> {
+    use std::collections::{HashMap, HashSet};
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let inits: HashMap<&str, &pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for input in &n.input {
+            consumers.entry(input.as_str()).or_default().push(i);
+        }
+    }
+    // (quantize node, its dequantize consumers, the clip range)
+    let mut pairs: Vec<(usize, Vec<usize>, (f32, f32))> = Vec::new();
+    for (qi, q) in graph.node.iter().enumerate() {
+        if q.op_type != "QuantizeLinear" || !q.domain.is_empty() || q.output.len() != 1 {
+            continue;
+        }
+        let Some(quant) = quant_of(q, &inits) else {
+            continue; // per-channel or unreadable: leave it alone
+        };
+        let out = q.output[0].as_str();
+        let users = consumers.get(out).cloned().unwrap_or_default();
+        let all_matching_dq = !users.is_empty()
+            && !outputs.contains(out)
+            && users.iter().all(|&u| {
+                let d = &graph.node[u];
+                d.op_type == "DequantizeLinear"
+                    && d.domain.is_empty()
+                    && d.input.first().map(String::as_str) == Some(out)
+                    && quant_of(d, &inits) == Some(quant)
+            });
+        if all_matching_dq {
+            pairs.push((qi, users, quant.range()));
+        }
+    }
+    let count = pairs.len();
+    let mut remove: HashSet<usize> = HashSet::new();
+    let mut clips: HashMap<usize, pb::NodeProto> = HashMap::new();
+    let mut new_inits = Vec::new();
+    for (qi, dqs, (lo, hi)) in pairs {
+        let q = &graph.node[qi];
+        let source = q.input[0].clone();
+        let base = if q.name.is_empty() {
+            q.output[0].clone()
+        } else {
+            q.name.clone()
+        };
+        let (min_name, max_name) = (
+            format!("{base}/graft_clip_min"),
+            format!("{base}/graft_clip_max"),
+        );
+        for (name, v) in [(&min_name, lo), (&max_name, hi)] {
+            new_inits.push(pb::TensorProto {
+                name: name.clone(),
+                data_type: pb::tensor_proto::DataType::Float as i32,
+                float_data: vec![v],
+                ..Default::default()
+            });
+        }
+        remove.insert(qi);
+        for (k, dq) in dqs.into_iter().enumerate() {
+            remove.insert(dq);
+            // The Clip takes the Dequantize's place (and output name) in the node order, so
+            // the topological order of the graph is kept.
+            clips.insert(
+                dq,
+                pb::NodeProto {
+                    op_type: "Clip".into(),
+                    name: format!("{base}/graft_clip{k}"),
+                    input: vec![source.clone(), min_name.clone(), max_name.clone()],
+                    output: graph.node[dq].output.clone(),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    let nodes = std::mem::take(&mut graph.node);
+    graph.node = nodes
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, n)| match clips.remove(&i) {
+            Some(clip) => Some(clip),
+            None => (!remove.contains(&i)).then_some(n),
+        })
+        .collect();
+    graph.initializer.extend(new_inits);
+    Ok(count)
+}
+
+/// The values of an integer initializer (int8, uint8, int32) as i32.
+fn int_values(t: &pb::TensorProto) -> Option<Vec<i32>> {
+    use pb::tensor_proto::DataType;
+    let n = t.dims.iter().product::<i64>().max(0) as usize;
+    let raw = &t.raw_data;
+    let v: Vec<i32> = match DataType::try_from(t.data_type).ok()? {
+        DataType::Int8 if !raw.is_empty() => raw.iter().map(|b| *b as i8 as i32).collect(),
+        DataType::Uint8 if !raw.is_empty() => raw.iter().map(|b| *b as i32).collect(),
+        DataType::Int32 if !raw.is_empty() => raw
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DataType::Int8 | DataType::Uint8 | DataType::Int32 => t.int32_data.clone(),
+        _ => return None,
+    };
+    (v.len() == n).then_some(v)
+}
+
+/// The values of a float initializer.
+fn float_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != pb::tensor_proto::DataType::Float as i32 {
+        return None;
+    }
+    if t.raw_data.is_empty() {
+        Some(t.float_data.clone())
+    } else {
+        Some(
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+}
+
+/// Folds every `DequantizeLinear` of a constant (an initializer: weights, biases) into a float
+/// initializer, per tensor or per axis as the node says, then drops initializers nothing uses.
+fn fold_constant_dequantize(graph: &mut pb::GraphProto) -> Result<usize, String> {
+    use std::collections::{HashMap, HashSet};
+    let inits: HashMap<String, usize> = graph
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    let mut folded: HashSet<usize> = HashSet::new();
+    let mut new_inits = Vec::new();
+    for (ni, n) in graph.node.iter().enumerate() {
+        if n.op_type != "DequantizeLinear" || !n.domain.is_empty() || n.output.len() != 1 {
+            continue;
+        }
+        let get = |k: usize| {
+            n.input
+                .get(k)
+                .filter(|s| !s.is_empty())
+                .and_then(|s| inits.get(s))
+                .map(|&i| &graph.initializer[i])
+        };
+        let (Some(x), Some(scale)) = (get(0), get(1)) else {
+            continue; // an activation, not a constant
+        };
+        let what = |m: &str| format!("DequantizeLinear {:?}: {m}", n.name);
+        let q = int_values(x).ok_or_else(|| what("input is not int8/uint8/int32"))?;
+        let scale = float_values(scale).ok_or_else(|| what("scale is not float"))?;
+        let zp = match get(2) {
+            Some(z) => int_values(z).ok_or_else(|| what("zero point is not an integer"))?,
+            None => vec![0; scale.len()],
+        };
+        if scale.is_empty() || zp.len() != scale.len() {
+            return Err(what("scale and zero point differ in length"));
+        }
+        // Per-axis when the scale is a vector: the channel of element i along `axis`.
+        let rank = x.dims.len() as i64;
+        let axis = n
+            .attribute
+            .iter()
+            .find(|a| a.name == "axis")
+            .map_or(1, |a| a.i);
+        let axis = if axis < 0 { axis + rank } else { axis };
+        let (len, inner) = if scale.len() == 1 {
+            (1usize, 1usize)
+        } else {
+            if !(0..rank).contains(&axis) || x.dims[axis as usize] as usize != scale.len() {
+                return Err(what("per-axis scale does not match the tensor"));
+            }
+            let inner: i64 = x.dims[axis as usize + 1..].iter().product();
+            (scale.len(), inner.max(1) as usize)
+        };
+        let values: Vec<u8> = q
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| {
+                let c = (i / inner) % len;
+                (((*v - zp[c]) as f32) * scale[c]).to_le_bytes()
+            })
+            .collect();
+        new_inits.push(pb::TensorProto {
+            name: n.output[0].clone(),
+            dims: x.dims.clone(),
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            raw_data: values,
+            ..Default::default()
+        });
+        folded.insert(ni);
+    }
+    let count = folded.len();
+    let nodes = std::mem::take(&mut graph.node);
+    graph.node = nodes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !folded.contains(i))
+        .map(|(_, n)| n)
+        .collect();
+    graph.initializer.extend(new_inits);
+    let used: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(graph.output.iter().map(|o| o.name.clone()))
+        .collect();
+    graph.initializer.retain(|t| used.contains(&t.name));
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init_f32(name: &str, v: f32) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            raw_data: v.to_le_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn init_u8(name: &str, v: u8) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            data_type: pb::tensor_proto::DataType::Uint8 as i32,
+            raw_data: vec![v],
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: op.into(),
+            name: output.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    /// x → Q(s, zp) → DQ → Relu → y, plus a Q whose output is also a graph output (kept).
+    fn graph(zp: u8) -> pb::ModelProto {
+        pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                node: vec![
+                    node("QuantizeLinear", &["x", "s", "zp"], "xq"),
+                    node("DequantizeLinear", &["xq", "s", "zp"], "xd"),
+                    node("Relu", &["xd"], "r"),
+                    node("QuantizeLinear", &["r", "s", "zp"], "rq"),
+                ],
+                initializer: vec![init_f32("s", 0.5), init_u8("zp", zp)],
+                output: vec![pb::ValueInfoProto {
+                    name: "rq".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pair_becomes_the_clip_of_its_range_in_place() {
+        let cases = [(0u8, (0.0f32, 127.5f32)), (128, (-64.0, 63.5))];
+        for (zp, (lo, hi)) in cases {
+            let mut m = graph(zp);
+            let spec = GraphSpec {
+                activation_qdq: ActivationQdq::Clip,
+            };
+            let done = prepare(&mut m, &spec, "m").unwrap();
+            assert_eq!(done.qdq_pairs_clipped, 1);
+            let g = m.graph.unwrap();
+            let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+            assert_eq!(ops, ["Clip", "Relu", "QuantizeLinear"], "zp {zp}");
+            assert_eq!(g.node[0].input[0], "x");
+            assert_eq!(g.node[0].output[0], "xd");
+            let value = |name: &str| {
+                g.initializer
+                    .iter()
+                    .find(|t| t.name == name)
+                    .map(|t| t.float_data[0])
+                    .unwrap()
+            };
+            assert_eq!(value(&g.node[0].input[1]), lo);
+            assert_eq!(value(&g.node[0].input[2]), hi);
+        }
+    }
+
+    #[test]
+    fn keep_leaves_the_file_alone_and_a_graph_without_pairs_is_refused() {
+        let mut same = graph(0);
+        let done = prepare(&mut same, &GraphSpec::default(), "m").unwrap();
+        assert_eq!(done, Prepared::default());
+        assert_eq!(same, graph(0));
+        let mut none = graph(0);
+        none.graph.as_mut().unwrap().node.drain(..2);
+        let spec = GraphSpec {
+            activation_qdq: ActivationQdq::Clip,
+        };
+        let err = prepare(&mut none, &spec, "m").unwrap_err();
+        assert!(err.to_string().contains("no activation"), "{err}");
+        assert!(decode(b"not onnx", "m").is_err());
+    }
+
+    #[test]
+    fn constant_dequantize_folds_per_axis_and_per_tensor() {
+        // w: int8 [2, 3] per-axis along 0 (scales 0.5, 2; zero points 1, -1); b: int32 scalar scale.
+        let w = pb::TensorProto {
+            name: "w".into(),
+            dims: vec![2, 3],
+            data_type: pb::tensor_proto::DataType::Int8 as i32,
+            raw_data: [1i8, 3, -1, 0, 1, 2].iter().map(|v| *v as u8).collect(),
+            ..Default::default()
+        };
+        let ws = pb::TensorProto {
+            name: "ws".into(),
+            dims: vec![2],
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            float_data: vec![0.5, 2.0],
+            ..Default::default()
+        };
+        let wz = pb::TensorProto {
+            name: "wz".into(),
+            dims: vec![2],
+            data_type: pb::tensor_proto::DataType::Int8 as i32,
+            int32_data: vec![1, -1],
+            ..Default::default()
+        };
+        let b = pb::TensorProto {
+            name: "b".into(),
+            dims: vec![2],
+            data_type: pb::tensor_proto::DataType::Int32 as i32,
+            int32_data: vec![4, -6],
+            ..Default::default()
+        };
+        let mut dqw = node("DequantizeLinear", &["w", "ws", "wz"], "wf");
+        dqw.attribute.push(pb::AttributeProto {
+            name: "axis".into(),
+            i: 0,
+            ..Default::default()
+        });
+        let mut g = pb::GraphProto {
+            node: vec![
+                dqw,
+                node("DequantizeLinear", &["b", "s"], "bf"),
+                node("DequantizeLinear", &["x", "s", "zp"], "xf"),
+                node("Conv", &["xf", "wf", "bf"], "y"),
+            ],
+            initializer: vec![w, ws, wz, b, init_f32("s", 0.25), init_u8("zp", 0)],
+            ..Default::default()
+        };
+        assert_eq!(fold_constant_dequantize(&mut g).unwrap(), 2);
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            ["DequantizeLinear", "Conv"],
+            "the activation one stays"
+        );
+        let f = |name: &str| float_values(g.initializer.iter().find(|t| t.name == name).unwrap());
+        assert_eq!(f("wf").unwrap(), [0.0, 1.0, -1.0, 2.0, 4.0, 6.0]);
+        assert_eq!(f("bf").unwrap(), [1.0, -1.5]);
+        let names: Vec<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+        assert!(!names.contains(&"w") && !names.contains(&"ws"), "{names:?}");
+    }
+}
