@@ -96,8 +96,14 @@ fn the_prepared_graph_has_its_own_identity_and_no_quantize_ops() {
         let shares: f64 = p.by_op.iter().map(|o| o.share).sum();
         assert!((shares - 1.0).abs() < 1e-6, "{shares}");
         assert!(p.nodes_ms > 0.0 && p.total_ms >= p.nodes_ms * 0.5, "{p:?}");
-        assert!(p.nodes.windows(2).all(|w| w[0].ms >= w[1].ms), "slowest first");
-        assert!(p.nodes.iter().any(|n| n.info.contains("mmm")), "kernel names");
+        assert!(
+            p.nodes.windows(2).all(|w| w[0].ms >= w[1].ms),
+            "slowest first"
+        );
+        assert!(
+            p.nodes.iter().any(|n| n.info.contains("mmm")),
+            "kernel names"
+        );
         p.by_op.into_iter().map(|o| o.op).collect()
     };
     let int8_ops = ops(&int8);
