@@ -61,7 +61,7 @@ done
 # report as a board would, so there the kernel names are printed, not required.
 case "$arch" in aarch64) simd=arm64simd ;; arm) simd=armv7neon? ;; esac
 for model in efficientnet-lite0-int8 efficientnet-lite0-w8; do
-    $arm --json bench --model $model --runs 1 --max-batch 1 --profile > "$work/bench.json"
+    $arm --json bench --model $model --runs 1 --max-batch 1 --profile --skip-heads > "$work/bench.json"
     python3 - "$work/bench.json" "$model" "$simd" <<'PY'
 import json, sys
 r = json.loads(open(sys.argv[1]).readline())

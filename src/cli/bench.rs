@@ -43,7 +43,8 @@ struct Report {
     batches: Vec<BatchTime>,
     best_batch: usize,
     best_batch_ms_per_image: f64,
-    head: HeadTimes,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    head: Option<HeadTimes>,
     /// Peak resident memory of this process so far (Linux `VmHWM`), MiB.
     peak_rss_mib: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,6 +102,7 @@ pub struct Options {
     pub runs: usize,
     pub max_batch: usize,
     pub profile: bool,
+    pub skip_heads: bool,
 }
 
 pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
@@ -143,7 +145,11 @@ pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
         .map(|b| (b.batch, b.ms_per_image))
         .unwrap_or((1, embed_batch1_ms));
 
-    let head = time_heads(bb.id().dim, runs)?;
+    let head = if o.skip_heads {
+        None
+    } else {
+        Some(time_heads(bb.id().dim, runs)?)
+    };
     let profile = if o.profile {
         Some(bb.profile(std::slice::from_ref(&p), runs)?)
     } else {
@@ -245,15 +251,16 @@ fn print_report(r: &Report) {
             b.batch, b.ms_per_image
         );
     }
-    let h = &r.head;
-    let shape = format!("{} classes x {} shots", h.classes, h.shots);
-    println!("fit logistic  {:>9.2} ms   ({shape})", h.fit_logistic_ms);
-    println!("fit centroid  {:>9.2} ms   ({shape})", h.fit_centroid_ms);
-    println!(
-        "train auto    {:>9.1} ms   ({shape}: CV of every head, calibration, fit)",
-        h.train_auto_ms
-    );
-    println!("predict       {:>9.1} µs   (logistic head)", h.predict_us);
+    if let Some(h) = &r.head {
+        let shape = format!("{} classes x {} shots", h.classes, h.shots);
+        println!("fit logistic  {:>9.2} ms   ({shape})", h.fit_logistic_ms);
+        println!("fit centroid  {:>9.2} ms   ({shape})", h.fit_centroid_ms);
+        println!(
+            "train auto    {:>9.1} ms   ({shape}: CV of every head, calibration, fit)",
+            h.train_auto_ms
+        );
+        println!("predict       {:>9.1} µs   (logistic head)", h.predict_us);
+    }
     match r.peak_rss_mib {
         Some(m) => println!("peak memory   {m:>9.1} MiB (resident, whole run)"),
         None => println!("peak memory         n/a   (no /proc/self/status)"),

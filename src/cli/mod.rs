@@ -165,6 +165,9 @@ enum Command {
         /// Also time every operator of the forward pass (batch 1) and print where time goes.
         #[arg(long)]
         profile: bool,
+        /// Leave out head fit / train / predict timing (slow under emulation, e.g. qemu).
+        #[arg(long)]
+        skip_heads: bool,
     },
 }
 
@@ -220,6 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runs,
             max_batch,
             profile,
+            skip_heads,
         } => bench::run(
             &g,
             bench::Options {
@@ -227,6 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 runs: runs as usize,
                 max_batch: max_batch as usize,
                 profile,
+                skip_heads,
             },
         ),
     }
