@@ -142,7 +142,7 @@ impl Backbone {
         // computes what graft does.
         let (mut model, _) = self
             .graph_proto()
-            .map_err(|e| export_err(&model_name, format!("cannot parse ONNX protobuf: {e}")))?;
+            .map_err(|e| export_err(&model_name, format!("cannot read the backbone graph: {e}")))?;
         let opset = model
             .opset_import
             .iter()

@@ -158,10 +158,10 @@ pub struct Backbone {
 /// Where [`Backbone::load`] spent its time.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LoadStages {
-    /// Reading the model file, checking its sha256 against the manifest and preparing the
-    /// graph (manifest `[graph]`).
+    /// Reading the model file and checking its sha256 against the manifest.
     pub verify: Duration,
-    /// Parsing the ONNX protobuf into tract's graph.
+    /// Decoding the ONNX protobuf, applying the manifest's `[graph]` rewrites, and tract's
+    /// parse of the result.
     pub parse: Duration,
     /// Typing, decluttering and optimising the graph into a runnable plan (batch 1).
     pub optimize: Duration,
@@ -349,18 +349,11 @@ impl Backbone {
             model: model.clone(),
             reason: error::chain(&e),
         };
-        let (mut graph, prepared) = if m.graph.is_identity() {
-            let graph = tract_onnx::onnx()
-                .model_for_read(&mut &self.onnx[..])
-                .map_err(load)?;
-            (graph, prepare::Prepared::default())
-        } else {
-            let (proto, prepared) = self.graph_proto()?;
-            let graph = tract_onnx::onnx()
-                .model_for_proto_model(&proto)
-                .map_err(load)?;
-            (graph, prepared)
-        };
+        let (proto, prepared) = self.graph_proto()?;
+        let mut graph = tract_onnx::onnx()
+            .model_for_proto_model(&proto)
+            .map_err(load)?;
+        drop(proto);
         let parse = start.elapsed();
         if graph.inputs.len() != 1 {
             return Err(BackboneError::NotImageModel {
