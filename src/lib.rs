@@ -26,6 +26,8 @@
 pub mod backbone;
 pub mod board;
 pub mod capture;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod head;
 pub mod kiosk;
 pub mod live;

@@ -9,9 +9,15 @@
 //! Plans are built per batch size on first use and cached; bulk work ([`Backbone::embed_files`])
 //! runs several batch-1 plans on worker threads, which on small boards scales better than
 //! splitting one matrix product across cores.
+//!
+//! Another engine can take over the forward pass: [`Backbone::graph`] hands out the prepared
+//! graph as plain data ([`graph::Graph`]), an executor built from it (graft's `gpu` module)
+//! implements [`Accelerator`], and [`Backbone::set_accelerator`] plugs it in. Every caller of
+//! [`Backbone::run`] and [`Backbone::embed_files`] then uses it; tract stays the reference.
 
 mod error;
 pub mod export;
+pub mod graph;
 pub mod manifest;
 pub mod prepare;
 pub mod preprocess;
@@ -142,6 +148,20 @@ impl Default for LoadOptions {
     }
 }
 
+/// Another engine for the forward pass, built from [`Backbone::graph`] (graft's GPU executor).
+///
+/// It runs the same graph as tract with the same outputs: features, then logits when the
+/// manifest has them.
+pub trait Accelerator: Send + Sync {
+    /// Runs `batch` prepared images (`[batch, C, H, W]`, row-major) and returns each output of
+    /// the graph, `batch` rows each, row-major.
+    fn run(&self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String>;
+    /// What it is, for logs and `graft info`, e.g. `gpu: NVIDIA H100 (Vulkan)`.
+    fn describe(&self) -> String;
+    /// The batch size bulk work should hand it.
+    fn preferred_batch(&self) -> usize;
+}
+
 /// A loaded, optimised backbone, ready to embed and classify.
 pub struct Backbone {
     spec: ModelSpec,
@@ -153,6 +173,7 @@ pub struct Backbone {
     load_time: Duration,
     load_stages: LoadStages,
     prepared: prepare::Prepared,
+    accelerator: Option<Arc<dyn Accelerator>>,
 }
 
 /// Where [`Backbone::load`] spent its time.
@@ -240,6 +261,7 @@ impl Backbone {
             load_time: Duration::ZERO,
             load_stages: LoadStages::default(),
             prepared: prepare::Prepared::default(),
+            accelerator: None,
         };
         // Build the batch-1 plan now: it validates the graph and is what most calls use.
         let (plan, stages, prepared) = backbone.build_plan(1)?;
@@ -254,6 +276,53 @@ impl Backbone {
             prepared,
             ..backbone
         })
+    }
+
+    /// The prepared graph as plain data, cut at the manifest's outputs (features, then logits),
+    /// constant dequantisation folded: what another executor lowers.
+    pub fn graph(&self) -> Result<graph::Graph, BackboneError> {
+        let (proto, _) = self.graph_proto()?;
+        let m = &self.spec.manifest;
+        let size = m.input.size as usize;
+        let mut outputs = vec![m.output.features.clone()];
+        outputs.extend(m.output.logits.clone());
+        graph::Graph::from_proto(proto, &self.model_name(), [3, size, size], outputs)
+    }
+
+    /// Runs the forward pass on `accelerator` from now on (`None`: back to tract).
+    pub fn set_accelerator(&mut self, accelerator: Option<Arc<dyn Accelerator>>) {
+        self.accelerator = accelerator;
+    }
+
+    /// What runs the forward pass: `cpu (tract)` or the accelerator's description.
+    pub fn engine(&self) -> String {
+        match &self.accelerator {
+            Some(a) => a.describe(),
+            None => "cpu (tract)".into(),
+        }
+    }
+
+    /// Runs the graph on tract even when an accelerator is plugged in (the reference).
+    pub fn run_on_cpu(&self, images: &[Prepared]) -> Result<Vec<Output>, BackboneError> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = images.len();
+        let plan = self.plan(batch)?;
+        let fail = |e: TractError| BackboneError::Inference {
+            model: self.model_name(),
+            reason: error::chain(&e),
+        };
+        let input = self.input_tensor(images)?;
+        let outputs = plan.run(tvec!(input.into())).map_err(fail)?;
+        let flat = outputs
+            .iter()
+            .map(|o| {
+                let view = o.to_plain_array_view::<f32>().map_err(fail)?;
+                Ok(view.iter().copied().collect())
+            })
+            .collect::<Result<Vec<Vec<f32>>, BackboneError>>()?;
+        Ok(split_outputs(flat, batch))
     }
 
     /// The identity embeddings from this backbone carry.
@@ -421,39 +490,27 @@ impl Backbone {
         Ok((plan, stages, prepared))
     }
 
-    /// Runs the graph on a batch of prepared images.
+    /// Runs the graph on a batch of prepared images (on the accelerator when one is plugged
+    /// in, else tract).
     pub fn run(&self, images: &[Prepared]) -> Result<Vec<Output>, BackboneError> {
+        let Some(acc) = &self.accelerator else {
+            return self.run_on_cpu(images);
+        };
         if images.is_empty() {
             return Ok(Vec::new());
         }
         let batch = images.len();
-        let plan = self.plan(batch)?;
-        let fail = |e: TractError| BackboneError::Inference {
-            model: self.model_name(),
-            reason: error::chain(&e),
-        };
-        let input = self.input_tensor(images)?;
-        let outputs = plan.run(tvec!(input.into())).map_err(fail)?;
-        let rows = |ix: usize| -> Result<Vec<Vec<f32>>, BackboneError> {
-            let view = outputs[ix].to_plain_array_view::<f32>().map_err(fail)?;
-            let flat: Vec<f32> = view.iter().copied().collect();
-            let per = flat.len() / batch;
-            Ok(flat.chunks_exact(per).map(<[f32]>::to_vec).collect())
-        };
-        let features = rows(0)?;
-        let logits = if outputs.len() > 1 {
-            rows(1)?.into_iter().map(Some).collect()
-        } else {
-            vec![None; batch]
-        };
-        Ok(features
-            .into_iter()
-            .zip(logits)
-            .map(|(vector, logits)| Output {
-                embedding: Embedding { vector },
-                logits,
-            })
-            .collect())
+        let mut data = Vec::with_capacity(batch * images[0].data.len());
+        for p in images {
+            data.extend_from_slice(&p.data);
+        }
+        let flat = acc
+            .run(&data, batch)
+            .map_err(|reason| BackboneError::Inference {
+                model: format!("{} on {}", self.model_name(), acc.describe()),
+                reason,
+            })?;
+        Ok(split_outputs(flat, batch))
     }
 
     /// The `[batch, 3, size, size]` input tensor of some prepared images.
@@ -527,6 +584,9 @@ impl Backbone {
     where
         F: Fn(&Path) + Sync,
     {
+        if let Some(acc) = &self.accelerator {
+            return self.embed_files_batched(acc.as_ref(), paths, progress);
+        }
         let workers = self.threads.min(paths.len()).max(1);
         if workers == 1 {
             return paths
@@ -575,6 +635,100 @@ impl Backbone {
         }
         Ok(out)
     }
+}
+
+/// Splits flat per-output data (features, then logits) into one [`Output`] per image.
+fn split_outputs(flat: Vec<Vec<f32>>, batch: usize) -> Vec<Output> {
+    let mut outs = flat.into_iter();
+    let rows = |v: Vec<f32>| -> Vec<Vec<f32>> {
+        let per = (v.len() / batch).max(1);
+        v.chunks(per).map(<[f32]>::to_vec).collect()
+    };
+    let features = rows(outs.next().unwrap_or_default());
+    let logits: Vec<Option<Vec<f32>>> = match outs.next() {
+        Some(l) => rows(l).into_iter().map(Some).collect(),
+        None => vec![None; batch],
+    };
+    features
+        .into_iter()
+        .zip(logits)
+        .map(|(vector, logits)| Output {
+            embedding: Embedding { vector },
+            logits,
+        })
+        .collect()
+}
+
+impl Backbone {
+    /// [`Backbone::embed_files`] on an accelerator: batches of its preferred size, the next
+    /// batch decoded and prepared on every core while the accelerator runs the current one.
+    fn embed_files_batched<F>(
+        &self,
+        acc: &dyn Accelerator,
+        paths: &[PathBuf],
+        progress: F,
+    ) -> Result<Vec<Embedding>, BackboneError>
+    where
+        F: Fn(&Path) + Sync,
+    {
+        let chunk = acc.preferred_batch().max(1);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Prepared>, BackboneError>>(1);
+        let mut out = Vec::with_capacity(paths.len());
+        std::thread::scope(|s| -> Result<(), BackboneError> {
+            s.spawn(move || {
+                for part in paths.chunks(chunk) {
+                    let prepared = prepare_parallel(part, workers, |p| self.prepare_file(p));
+                    let failed = prepared.is_err();
+                    if tx.send(prepared).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            for part in paths.chunks(chunk) {
+                let prepared = rx.recv().map_err(|_| BackboneError::Inference {
+                    model: self.model_name(),
+                    reason: "the image preparation thread stopped".into(),
+                })??;
+                for o in self.run(&prepared)? {
+                    out.push(o.embedding);
+                }
+                part.iter().for_each(|p| progress(p));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+/// Runs `f` on every path, `workers` at a time; results in input order, the first error wins.
+fn prepare_parallel<F>(
+    paths: &[PathBuf],
+    workers: usize,
+    f: F,
+) -> Result<Vec<Prepared>, BackboneError>
+where
+    F: Fn(&Path) -> Result<Prepared, BackboneError> + Sync,
+{
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<Result<Prepared, BackboneError>>>> =
+        paths.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(paths.len()).max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= paths.len() {
+                    break;
+                }
+                let r = f(&paths[i]);
+                *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect()
 }
 
 fn has_outlet(graph: &InferenceModel, name: &str) -> bool {

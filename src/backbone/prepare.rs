@@ -275,7 +275,7 @@ fn clip_activation_qdq(graph: &mut pb::GraphProto) -> Result<usize, String> {
 }
 
 /// The values of an integer initializer (int8, uint8, int32) as i32.
-fn int_values(t: &pb::TensorProto) -> Option<Vec<i32>> {
+pub(super) fn int_values(t: &pb::TensorProto) -> Option<Vec<i32>> {
     use pb::tensor_proto::DataType;
     let n = t.dims.iter().product::<i64>().max(0) as usize;
     let raw = &t.raw_data;
@@ -293,7 +293,7 @@ fn int_values(t: &pb::TensorProto) -> Option<Vec<i32>> {
 }
 
 /// The values of a float initializer.
-fn float_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
+pub(super) fn float_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
     if t.data_type != pb::tensor_proto::DataType::Float as i32 {
         return None;
     }
@@ -311,7 +311,7 @@ fn float_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
 
 /// Folds every `DequantizeLinear` of a constant (an initializer: weights, biases) into a float
 /// initializer, per tensor or per axis as the node says, then drops initializers nothing uses.
-fn fold_constant_dequantize(graph: &mut pb::GraphProto) -> Result<usize, String> {
+pub(super) fn fold_constant_dequantize(graph: &mut pb::GraphProto) -> Result<usize, String> {
     use std::collections::{HashMap, HashSet};
     let inits: HashMap<String, usize> = graph
         .initializer

@@ -30,6 +30,8 @@ struct Report {
     target_arch: &'static str,
     cpu_features: Vec<String>,
     threads: usize,
+    /// What ran the forward pass: `cpu (tract)` or the GPU adapter.
+    device: String,
     runs: usize,
     image: String,
     load_ms: f64,
@@ -49,6 +51,9 @@ struct Report {
     peak_rss_mib: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     profile: Option<Profile>,
+    /// Per-kernel GPU times at the largest batch (`--profile` on a GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu_profile: Option<super::device::GpuProfile>,
 }
 
 #[derive(Serialize)]
@@ -109,7 +114,7 @@ pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
     let runs = o.runs.max(1);
     // Peak memory is read at the end, so the model is loaded and used first: the figure covers
     // a whole predict-like session (load, decode, embed, head).
-    let bb = super::load_backbone(g)?;
+    let (bb, gpu) = super::load_backbone_with_gpu(g)?;
     let (bytes, name) = match &o.image {
         Some(p) => (
             std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
@@ -150,8 +155,14 @@ pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
     } else {
         Some(time_heads(bb.id().dim, runs)?)
     };
+    // The operator profile is tract's (the CPU reference); on a GPU, its kernels are timed too.
     let profile = if o.profile {
         Some(bb.profile(std::slice::from_ref(&p), runs)?)
+    } else {
+        None
+    };
+    let gpu_profile = if o.profile {
+        super::device::gpu_profile(gpu.as_ref(), o.max_batch, runs)?
     } else {
         None
     };
@@ -164,6 +175,7 @@ pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
         target_arch: std::env::consts::ARCH,
         cpu_features: Backbone::cpu_features(),
         threads: bb.threads(),
+        device: bb.engine(),
         runs,
         image: name,
         load_ms: ms(bb.load_time()),
@@ -179,6 +191,7 @@ pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
         head,
         peak_rss_mib: peak_rss_mib(),
         profile,
+        gpu_profile,
     };
     if g.json {
         return output::json_line(&report);
@@ -234,6 +247,7 @@ fn print_report(r: &Report) {
         r.target_arch,
         r.cpu_features.join(" ")
     );
+    println!("device        {}", r.device);
     println!(
         "load          {:>9.1} ms   (verify {:.1}, parse {:.1}, optimise {:.1})",
         r.load_ms, r.load_verify_ms, r.load_parse_ms, r.load_optimize_ms
@@ -268,6 +282,9 @@ fn print_report(r: &Report) {
     println!("(median of {} runs)", r.runs);
     if let Some(p) = &r.profile {
         print_profile(p);
+    }
+    if let Some(p) = &r.gpu_profile {
+        p.print();
     }
 }
 

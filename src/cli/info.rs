@@ -1,4 +1,5 @@
-//! `graft info`: what backbone is loaded, its identity and what the CPU offers.
+//! `graft info`: what backbone is loaded, its identity, what the CPU offers, the GPU adapters
+//! seen and which device runs the forward pass.
 
 use serde::Serialize;
 
@@ -29,10 +30,12 @@ struct Info<'a> {
     provenance: Option<&'a toml::Table>,
     board: Option<graft::board::Board>,
     board_source: Option<String>,
+    #[serde(flatten)]
+    device: super::device::Report,
 }
 
 pub fn run(g: &Global) -> anyhow::Result<()> {
-    let bb = super::load_backbone(g)?;
+    let (bb, gpu) = super::load_backbone_with_gpu(g)?;
     let board = g.board()?;
     let m = bb.manifest();
     let info = Info {
@@ -57,6 +60,7 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
         provenance: m.provenance.as_ref(),
         board_source: board.as_ref().map(|(_, s)| s.to_string()),
         board: board.map(|(b, _)| b),
+        device: super::device::Report::new(&bb, gpu.as_ref(), true),
     };
     if g.json {
         return output::json_line(&info);
@@ -123,6 +127,7 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
         info.cpu_features.join(" ")
     );
     println!("threads        {}", info.threads);
+    info.device.print();
     println!("load time      {:.0} ms", info.load_ms);
     Ok(())
 }

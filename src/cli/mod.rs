@@ -3,6 +3,7 @@
 
 mod bench;
 mod classify;
+mod device;
 mod doctor;
 mod embed;
 mod export;
@@ -47,6 +48,11 @@ pub struct Global {
     /// jetson-orin-nano, x86_64) [default: detected from /proc/device-tree/model and the CPU].
     #[arg(long, global = true, env = "GRAFT_BOARD")]
     pub board: Option<String>,
+    /// Where the backbone runs: auto (a hardware GPU faster than the CPU when graft is built
+    /// with the `gpu` feature and one is there, else the CPU), cpu, or gpu (any GPU adapter,
+    /// software ones included; an error without one).
+    #[arg(long, global = true, env = "GRAFT_DEVICE", value_enum, default_value_t = device::Device::Auto)]
+    pub device: device::Device,
     /// More log lines on stderr (-v: debug); GRAFT_LOG=error|warn|info|debug also sets the level.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -178,6 +184,13 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Mesa's device-select Vulkan layer (present wherever Mesa's drivers are) probes for a
+    // Wayland display and prints an error line without one; graft enumerates adapters itself.
+    // SAFETY: before any thread starts, as set_var requires.
+    #[cfg(feature = "gpu")]
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -264,11 +277,31 @@ pub fn load_backbone(g: &Global) -> anyhow::Result<graft::backbone::Backbone> {
     load_backbone_or(g, &fallback)
 }
 
-/// Loads `--model`, or `fallback` when it was not given.
+/// Loads `--model`, or `fallback` when it was not given, on the `--device` chosen.
 pub fn load_backbone_or(g: &Global, fallback: &str) -> anyhow::Result<graft::backbone::Backbone> {
+    Ok(load_backbone_on_device(g, fallback)?.0)
+}
+
+/// [`load_backbone`] that also hands back the GPU executor when one runs the backbone.
+pub fn load_backbone_with_gpu(
+    g: &Global,
+) -> anyhow::Result<(graft::backbone::Backbone, Option<device::Gpu>)> {
+    let fallback = match g.board()? {
+        Some((b, _)) => b.model,
+        None => graft::backbone::DEFAULT_MODEL.to_string(),
+    };
+    load_backbone_on_device(g, &fallback)
+}
+
+fn load_backbone_on_device(
+    g: &Global,
+    fallback: &str,
+) -> anyhow::Result<(graft::backbone::Backbone, Option<device::Gpu>)> {
     let spec = graft::backbone::ModelSpec::resolve(g.model.as_deref().unwrap_or(fallback))?;
     let options = graft::backbone::LoadOptions {
         threads: g.threads()?,
     };
-    Ok(graft::backbone::Backbone::load(spec, &options)?)
+    let mut bb = graft::backbone::Backbone::load(spec, &options)?;
+    let gpu = device::attach(g.device, &mut bb)?;
+    Ok((bb, gpu))
 }

@@ -1,0 +1,236 @@
+//! `--device auto|cpu|gpu`: where the backbone's forward pass runs. With the `gpu` feature the
+//! GPU executor is built and plugged into the backbone; without it, `gpu` is an error that says
+//! how to get it and `auto` is the CPU.
+
+use clap::ValueEnum;
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Device {
+    /// A hardware GPU faster than the CPU if there is one (needs the `gpu` feature), else the CPU.
+    #[default]
+    Auto,
+    /// tract on the CPU.
+    Cpu,
+    /// The best GPU adapter there is, software renderers included; an error if there is none.
+    Gpu,
+}
+
+/// The GPU executor plugged into a backbone, kept for `info` and `bench`.
+#[cfg(feature = "gpu")]
+pub type Gpu = std::sync::Arc<graft::gpu::GpuBackbone>;
+/// Without the `gpu` feature there never is one.
+#[cfg(not(feature = "gpu"))]
+pub type Gpu = std::convert::Infallible;
+
+/// Plugs the device `--device` chooses into `bb`; `None` when the CPU runs it.
+#[cfg(feature = "gpu")]
+pub fn attach(device: Device, bb: &mut graft::backbone::Backbone) -> anyhow::Result<Option<Gpu>> {
+    use graft::gpu::{DeviceChoice, GpuBackbone};
+    let choice = match device {
+        Device::Auto => DeviceChoice::Auto,
+        Device::Cpu => DeviceChoice::Cpu,
+        Device::Gpu => DeviceChoice::Gpu,
+    };
+    let Some(gpu) = GpuBackbone::open(bb, choice)? else {
+        return Ok(None);
+    };
+    let gpu = std::sync::Arc::new(gpu);
+    bb.set_accelerator(Some(gpu.clone()));
+    log::debug!("forward pass on {}", bb.engine());
+    Ok(Some(gpu))
+}
+
+/// Plugs the device `--device` chooses into `bb`; `None` when the CPU runs it.
+#[cfg(not(feature = "gpu"))]
+pub fn attach(device: Device, _bb: &mut graft::backbone::Backbone) -> anyhow::Result<Option<Gpu>> {
+    if device == Device::Gpu {
+        anyhow::bail!(
+            "--device gpu: this graft was built without the `gpu` feature \
+             (cargo build --release --features gpu)"
+        );
+    }
+    Ok(None)
+}
+
+/// What `info` and `bench` say about the device.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    /// What runs the forward pass: `cpu (tract)` or `gpu: NAME (BACKEND, TYPE)`.
+    pub device: String,
+    /// Whether this graft was built with the `gpu` feature.
+    pub gpu_feature: bool,
+    /// The adapters wgpu sees (empty without the feature).
+    pub adapters: Vec<serde_json::Value>,
+    /// The GPU plan's size, when the GPU runs it.
+    pub gpu_plan: Option<serde_json::Value>,
+}
+
+impl Report {
+    /// Describes the device of `bb` (and lists the adapters when `list` is set).
+    pub fn new(bb: &graft::backbone::Backbone, gpu: Option<&Gpu>, list: bool) -> Report {
+        #[cfg(feature = "gpu")]
+        {
+            let adapters = if list {
+                graft::gpu::adapters()
+                    .into_iter()
+                    .filter_map(|a| serde_json::to_value(a).ok())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut plan = gpu.and_then(|g| serde_json::to_value(g.summary()).ok());
+            if let Some(serde_json::Value::Object(p)) = &mut plan {
+                // Weights the manifest's preparation already folded count too.
+                let before = bb.prepared().weights_dequantized as u64;
+                if let Some(n) = p.get("weights_dequantized").and_then(|v| v.as_u64()) {
+                    p.insert("weights_dequantized".into(), (n + before).into());
+                }
+            }
+            Report {
+                device: bb.engine(),
+                gpu_feature: true,
+                adapters,
+                gpu_plan: plan,
+            }
+        }
+        #[cfg(not(feature = "gpu"))]
+        {
+            let _ = (gpu, list);
+            Report {
+                device: bb.engine(),
+                gpu_feature: false,
+                adapters: Vec::new(),
+                gpu_plan: None,
+            }
+        }
+    }
+
+    /// The `info` lines.
+    pub fn print(&self) {
+        println!("device         {}", self.device);
+        if !self.gpu_feature {
+            println!("adapters       (this graft is built without the `gpu` feature)");
+        }
+        for (i, a) in self.adapters.iter().enumerate() {
+            let s = |k: &str| a.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+            let note = match a.get("auto_skips").and_then(|v| v.as_str()) {
+                Some(why) => format!("auto skips it: {why}"),
+                None => "auto may use it".into(),
+            };
+            let head = if i == 0 { "adapters" } else { "" };
+            println!(
+                "{head:<14} {} ({}, {}; {}) - {note}",
+                s("name"),
+                s("backend"),
+                s("device_type"),
+                s("driver")
+            );
+        }
+        if self.gpu_feature && self.adapters.is_empty() {
+            println!("adapters       none found (no Vulkan driver?)");
+        }
+        if let Some(p) = &self.gpu_plan {
+            let n = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+            let dq = n("weights_dequantized");
+            let weights = if dq > 0.0 {
+                format!(
+                    "{:.1} MiB f32 weights (int8 weights dequantised to f32 at load: {dq} tensors)",
+                    n("weights_mib")
+                )
+            } else {
+                format!("{:.1} MiB f32 weights", n("weights_mib"))
+            };
+            println!(
+                "gpu plan       {} kernels ({} nodes fused), {:.0} MMAC per image, {weights}, \
+                 batch up to {}, {:.0} MiB of activation buffers",
+                n("kernels"),
+                n("fused_nodes"),
+                n("mmac_per_image"),
+                n("max_batch"),
+                n("buffers_mib")
+            );
+        }
+    }
+}
+
+/// Per-kernel GPU times for `bench --profile` (each kernel submitted alone and waited for, so
+/// the sum is above a real pass, which has no waits between kernels).
+#[derive(Debug, serde::Serialize)]
+pub struct GpuProfile {
+    /// Images per dispatch.
+    pub batch: usize,
+    /// Kernel kinds, slowest first.
+    pub kernels: Vec<GpuKernel>,
+}
+
+/// One kind of kernel in a [`GpuProfile`].
+#[derive(Debug, serde::Serialize)]
+pub struct GpuKernel {
+    pub kernel: String,
+    pub steps: usize,
+    pub ms: f64,
+    /// Billion multiply-accumulates per second: how close the kernel is to the device's peak.
+    pub gmac_per_s: f64,
+}
+
+/// Profiles the GPU executor at `batch`, if one runs the backbone.
+pub fn gpu_profile(
+    gpu: Option<&Gpu>,
+    batch: usize,
+    runs: usize,
+) -> anyhow::Result<Option<GpuProfile>> {
+    #[cfg(feature = "gpu")]
+    {
+        let Some(g) = gpu else { return Ok(None) };
+        let batch = batch.min(g.summary().max_batch).max(1);
+        let kernels = g
+            .profile(batch, runs)?
+            .into_iter()
+            .map(|k| GpuKernel {
+                gmac_per_s: if k.ms > 0.0 {
+                    k.gmac / (k.ms / 1e3)
+                } else {
+                    0.0
+                },
+                kernel: k.kernel,
+                steps: k.steps,
+                ms: k.ms,
+            })
+            .collect();
+        Ok(Some(GpuProfile { batch, kernels }))
+    }
+    #[cfg(not(feature = "gpu"))]
+    {
+        let _ = (gpu, batch, runs);
+        Ok(None)
+    }
+}
+
+impl GpuProfile {
+    /// The `bench --profile` table.
+    pub fn print(&self) {
+        let total: f64 = self.kernels.iter().map(|k| k.ms).sum();
+        println!();
+        println!(
+            "gpu profile: batch {}, each kernel alone: {:.2} ms per batch ({:.2} ms per image)",
+            self.batch,
+            total,
+            total / self.batch as f64
+        );
+        println!(
+            "{:<20} {:>5} {:>9} {:>7} {:>9}",
+            "kernel", "steps", "ms", "share", "GMAC/s"
+        );
+        for k in &self.kernels {
+            println!(
+                "{:<20} {:>5} {:>9.3} {:>6.1}% {:>9.1}",
+                k.kernel,
+                k.steps,
+                k.ms,
+                k.ms / total.max(1e-9) * 100.0,
+                k.gmac_per_s
+            );
+        }
+    }
+}

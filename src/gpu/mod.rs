@@ -1,0 +1,339 @@
+//! The optional GPU path (cargo feature `gpu`): the backbone's forward pass on a GPU through
+//! wgpu (Vulkan, Metal or DX12), by graft's own small WGSL executor.
+//!
+//! This is the only module that touches wgpu. It takes the backbone's graph as plain data
+//! ([`Backbone::graph`]: the prepared ONNX graph, int8 weights already dequantised to f32),
+//! lowers it to four kernels with fused epilogues (`lower.rs`, no GPU needed), builds the
+//! pipelines and buffers once (`exec.rs`, shaders in `kernels.wgsl`) and plugs itself into the
+//! backbone as its [`Accelerator`]: every command that embeds then runs on the GPU. tract stays
+//! the reference: the tests compare the two on the bundled models and on one-operator graphs.
+//!
+//! Choosing the device ([`open`]): `cpu` never touches wgpu; `gpu` takes the best adapter there
+//! is (software renderers too, which is how CI tests this path on Mesa's lavapipe) and fails
+//! with a clear error when there is none or the graph has an operator the executor lacks;
+//! `auto` (the default) takes only a hardware GPU not known to be slower than the CPU for this
+//! work (software renderers, the Raspberry Pi's V3D) and otherwise stays on the CPU, saying why
+//! in a log line.
+
+mod exec;
+mod lower;
+
+use crate::backbone::graph::Graph;
+use crate::backbone::{Accelerator, Backbone};
+
+pub use exec::KernelTime;
+
+/// Environment variable: pick the adapter whose name contains this text (case-insensitive).
+pub const ADAPTER_ENV: &str = "GRAFT_GPU_ADAPTER";
+/// Environment variable: the most images per GPU dispatch (default 64).
+pub const BATCH_ENV: &str = "GRAFT_GPU_BATCH";
+/// Images per dispatch unless [`BATCH_ENV`] says otherwise.
+pub const DEFAULT_BATCH: usize = 64;
+
+/// Everything that can go wrong on the GPU path.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// No adapter to run on.
+    #[error("no GPU adapter found{0} (install the GPU's Vulkan driver; Mesa's lavapipe, Debian package mesa-vulkan-drivers, is a software one for testing)")]
+    NoAdapter(String),
+    /// The graph has an operator (or a form of one) the executor does not run.
+    #[error("model {model}: the GPU executor cannot run node {node}: {reason}")]
+    Unsupported {
+        model: String,
+        node: String,
+        reason: String,
+    },
+    /// The graph is not one the executor can plan.
+    #[error("model {model}: cannot plan the graph for the GPU: {reason}")]
+    Lower { model: String, reason: String },
+    /// The adapter refused a device, a buffer or a kernel.
+    #[error("GPU {adapter}: {reason}")]
+    Device { adapter: String, reason: String },
+    /// A run failed on the device.
+    #[error("GPU run failed: {0}")]
+    Run(String),
+}
+
+/// Where the forward pass runs (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// A hardware GPU faster than the CPU when there is one, else the CPU.
+    #[default]
+    Auto,
+    /// tract on the CPU.
+    Cpu,
+    /// The best GPU adapter there is, software ones included; an error if there is none.
+    Gpu,
+}
+
+/// An adapter wgpu found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdapterSummary {
+    /// The adapter's name, e.g. `NVIDIA H100 80GB HBM3` or `llvmpipe (LLVM 15.0.6, 256 bits)`.
+    pub name: String,
+    /// `Vulkan`, `Metal`, `Dx12`.
+    pub backend: String,
+    /// `DiscreteGpu`, `IntegratedGpu`, `VirtualGpu`, `Cpu` (a software renderer), `Other`.
+    pub device_type: String,
+    /// Driver name and version.
+    pub driver: String,
+    /// Why `--device auto` does not use it, if it does not.
+    pub auto_skips: Option<String>,
+    rank: u8,
+}
+
+/// Every adapter wgpu can see, best first.
+pub fn adapters() -> Vec<AdapterSummary> {
+    let mut found: Vec<AdapterSummary> = enumerate().into_iter().map(|(_, s)| s).collect();
+    found.sort_by_key(|s| s.rank);
+    found
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn enumerate() -> Vec<(wgpu::Adapter, AdapterSummary)> {
+    let adapters = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+    adapters
+        .into_iter()
+        .map(|a| {
+            let s = summarize(&a.get_info());
+            (a, s)
+        })
+        .collect()
+}
+
+fn summarize(info: &wgpu::AdapterInfo) -> AdapterSummary {
+    let name = info.name.to_lowercase();
+    let software = [
+        "llvmpipe",
+        "lavapipe",
+        "softpipe",
+        "swiftshader",
+        "microsoft basic render",
+    ];
+    let auto_skips =
+        if info.device_type == wgpu::DeviceType::Cpu || software.iter().any(|s| name.contains(s)) {
+            Some("a software renderer: it runs on the CPU, slower than tract".to_string())
+        } else if name.contains("v3d") || name.contains("videocore") {
+            Some("Raspberry Pi V3D: slower than the board's CPU for this network".to_string())
+        } else if info.device_type == wgpu::DeviceType::Other {
+            Some("an adapter of unknown kind".to_string())
+        } else {
+            None
+        };
+    let rank = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    } + if auto_skips.is_some() { 5 } else { 0 };
+    AdapterSummary {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
+        auto_skips,
+        rank,
+    }
+}
+
+/// The backbone's forward pass on a GPU: an [`Accelerator`] for [`Backbone::set_accelerator`].
+pub struct GpuBackbone {
+    exec: exec::Executor,
+    adapter: AdapterSummary,
+    weights_dequantized: usize,
+}
+
+impl std::fmt::Debug for GpuBackbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuBackbone")
+            .field("adapter", &self.adapter.name)
+            .finish()
+    }
+}
+
+/// What [`GpuBackbone::summary`] says of a plan.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PlanSummary {
+    /// Kernel dispatches per forward pass.
+    pub kernels: usize,
+    /// ONNX nodes fused into an earlier kernel.
+    pub fused_nodes: usize,
+    /// Multiply-accumulates per image, in millions.
+    pub mmac_per_image: f64,
+    /// Weights and biases on the GPU, in MiB (f32).
+    pub weights_mib: f64,
+    /// Constant `DequantizeLinear`s folded into f32 weights when the graph was read.
+    pub weights_dequantized: usize,
+    /// Images per dispatch.
+    pub max_batch: usize,
+    /// Activation buffers, in MiB at that batch.
+    pub buffers_mib: f64,
+}
+
+impl GpuBackbone {
+    /// Lowers `backbone`'s graph and builds it on the adapter `choice` allows, with up to
+    /// [`BATCH_ENV`] (default 64) images per dispatch.
+    ///
+    /// `Ok(None)`: `cpu`; or `auto` found no adapter worth using, or the graph needs an
+    /// operator the executor lacks: the reason is logged and the caller stays on the CPU.
+    pub fn open(
+        backbone: &Backbone,
+        choice: DeviceChoice,
+    ) -> Result<Option<GpuBackbone>, GpuError> {
+        if choice == DeviceChoice::Cpu {
+            return Ok(None);
+        }
+        let graph = backbone.graph().map_err(|e| GpuError::Lower {
+            model: backbone.id().name.clone(),
+            reason: e.to_string(),
+        })?;
+        let batch = std::env::var(BATCH_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|b| *b > 0)
+            .unwrap_or(DEFAULT_BATCH);
+        GpuBackbone::from_graph(&graph, choice, batch)
+    }
+
+    /// [`GpuBackbone::open`] for any graph (one made by hand, for instance), with up to
+    /// `max_batch` images per dispatch.
+    pub fn from_graph(
+        graph: &Graph,
+        choice: DeviceChoice,
+        max_batch: usize,
+    ) -> Result<Option<GpuBackbone>, GpuError> {
+        if choice == DeviceChoice::Cpu {
+            return Ok(None);
+        }
+        let auto = choice == DeviceChoice::Auto;
+        let plan = match lower::lower(graph) {
+            Ok(p) => p,
+            Err(e) if auto => {
+                log::warn!("{e}; running on the CPU");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty());
+        let mut found = enumerate();
+        found.sort_by_key(|(_, s)| s.rank);
+        let names: Vec<String> = found.iter().map(|(_, s)| s.name.clone()).collect();
+        let pick = found.into_iter().find(|(_, s)| match &wanted {
+            Some(w) => s.name.to_lowercase().contains(&w.to_lowercase()),
+            None => !auto || s.auto_skips.is_none(),
+        });
+        let Some((adapter, summary)) = pick else {
+            let why = match &wanted {
+                Some(w) => format!(" named like {ADAPTER_ENV}={w:?} (seen: {names:?})"),
+                None if names.is_empty() => String::new(),
+                None => format!(" that is faster than the CPU (seen: {names:?})"),
+            };
+            if auto {
+                log::info!("no GPU adapter{why}; running on the CPU");
+                return Ok(None);
+            }
+            return Err(GpuError::NoAdapter(why));
+        };
+        if let Some(why) = &summary.auto_skips {
+            log::warn!("GPU {}: {why}", summary.name);
+        }
+        match Self::build(adapter, summary, plan, graph.weights_dequantized, max_batch) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) if auto => {
+                log::warn!("{e}; running on the CPU");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn build(
+        adapter: wgpu::Adapter,
+        summary: AdapterSummary,
+        plan: lower::Plan,
+        weights_dequantized: usize,
+        want: usize,
+    ) -> Result<GpuBackbone, GpuError> {
+        let what = format!("{} ({})", summary.name, summary.backend);
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("graft"),
+            required_features: wgpu::Features::empty(),
+            // All the adapter offers: large activation buffers need more than the defaults.
+            required_limits: adapter.limits(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| GpuError::Device {
+            adapter: what.clone(),
+            reason: e.to_string(),
+        })?;
+        let exec = exec::Executor::new(device, queue, plan, want, &what)?;
+        log::debug!(
+            "GPU {what}: {} kernels, batch up to {}",
+            exec.plan().steps.len(),
+            exec.max_batch()
+        );
+        Ok(GpuBackbone {
+            exec,
+            adapter: summary,
+            weights_dequantized,
+        })
+    }
+
+    /// The adapter in use.
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.adapter
+    }
+
+    /// The plan's size.
+    pub fn summary(&self) -> PlanSummary {
+        let plan = self.exec.plan();
+        let mib = |floats: usize| floats as f64 * 4.0 / (1024.0 * 1024.0);
+        PlanSummary {
+            kernels: plan.steps.len(),
+            fused_nodes: plan.fused(),
+            mmac_per_image: plan.macs() as f64 / 1e6,
+            weights_mib: mib(plan.weights.len()),
+            weights_dequantized: self.weights_dequantized,
+            max_batch: self.exec.max_batch(),
+            buffers_mib: mib(plan.slots.iter().sum::<usize>() * self.exec.max_batch()),
+        }
+    }
+
+    /// Runs `batch` images (`[batch, C, H, W]`): each output, row-major.
+    pub fn run(&self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, GpuError> {
+        self.exec.run(input, batch)
+    }
+
+    /// Times every kernel on `batch` images (median of `runs`), summed by kernel kind.
+    pub fn profile(&self, batch: usize, runs: usize) -> Result<Vec<KernelTime>, GpuError> {
+        self.exec.profile(batch, runs)
+    }
+}
+
+impl Accelerator for GpuBackbone {
+    fn run(&self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
+        self.exec.run(input, batch).map_err(|e| e.to_string())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "gpu: {} ({}, {})",
+            self.adapter.name, self.adapter.backend, self.adapter.device_type
+        )
+    }
+
+    fn preferred_batch(&self) -> usize {
+        self.exec.max_batch()
+    }
+}
+
+#[cfg(test)]
+mod tests;
