@@ -63,6 +63,7 @@ impl Executor {
         plan: Plan,
         want_batch: usize,
         what: &str,
+        tiled: bool,
     ) -> Result<Executor, GpuError> {
         let limits = device.limits();
         let fail = |reason: String| GpuError::Device {
@@ -145,7 +146,7 @@ impl Executor {
         };
         let pipelines = Pipelines {
             conv: pipeline("conv"),
-            matmul: pipeline("matmul"),
+            matmul: pipeline(if tiled { "matmul" } else { "matmul_flat" }),
             pool: pipeline("pool"),
             eltwise: pipeline("eltwise"),
         };
@@ -595,6 +596,11 @@ fn params(s: &Step, batch: usize) -> [u32; 40] {
     }
     if e.residual.is_some() {
         flags |= 8;
+    }
+    if let Some((lo, hi)) = e.clip2 {
+        flags |= 32;
+        w[36] = f(lo);
+        w[37] = f(hi);
     }
     if let Some(q) = e.q2 {
         flags |= 16;

@@ -3,7 +3,7 @@
 // Layout: every tensor is f32, NCHW, images one after another (`n` of them). One bind group
 // for every kernel: the step's parameters, its input, the weights buffer (all weights and
 // biases of the model; a step reads from its offsets), its output and a residual input.
-// Every output value goes through `epilogue`: bias → clip → fake-quant → + residual →
+// Every output value goes through `epilogue`: bias → clip → fake-quant → + residual → clip →
 // fake-quant, each stage switched by a bit of `flags`.
 
 struct Params {
@@ -16,7 +16,7 @@ struct Params {
     q1_s: f32, q1_zp: f32, q1_ds: f32, q1_dzp: f32,
     q1_min: f32, q1_max: f32, q2_s: f32, q2_zp: f32,
     q2_ds: f32, q2_dzp: f32, q2_min: f32, q2_max: f32,
-    pad0: u32, pad1: u32, pad2: u32, pad3: u32,
+    clip2_lo: f32, clip2_hi: f32, pad0: u32, pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -30,6 +30,7 @@ const CLIP: u32 = 2u;
 const Q1: u32 = 4u;
 const RESIDUAL: u32 = 8u;
 const Q2: u32 = 16u;
+const CLIP2: u32 = 32u;
 
 // ONNX QuantizeLinear then DequantizeLinear, in float. WGSL's round() is half-to-even, as
 // ONNX requires.
@@ -51,6 +52,9 @@ fn epilogue(acc: f32, channel: u32, idx: u32) -> f32 {
     }
     if ((p.flags & RESIDUAL) != 0u) {
         v = v + res[idx];
+    }
+    if ((p.flags & CLIP2) != 0u) {
+        v = clamp(v, p.clip2_lo, p.clip2_hi);
     }
     if ((p.flags & Q2) != 0u) {
         v = fake_quant(v, p.q2_s, p.q2_zp, p.q2_ds, p.q2_dzp, p.q2_min, p.q2_max);
@@ -204,4 +208,51 @@ fn eltwise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         return;
     }
     y[idx] = epilogue(x[idx], 0u, idx);
+}
+
+// The same product without workgroup memory or barriers: each thread reads its operands
+// straight from the buffers. For software adapters (lavapipe runs a workgroup's threads as
+// SIMD lanes of one CPU thread, and every barrier is a switch between them).
+@compute @workgroup_size(16, 16)
+fn matmul_flat(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let m_all = p.c_out;
+    let k_all = p.c_in;
+    let q_all = p.oh * p.ow;
+    let cols = p.n * q_all;
+    var acc: array<f32, 16>;
+    var rows: array<u32, 4>;
+    var bases: array<u32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        rows[i] = min(wg.y * TM + lid.y + 16u * i, m_all - 1u);
+        let col = min(wg.x * TN + lid.x + 16u * i, cols - 1u);
+        bases[i] = (col / q_all) * k_all * q_all + col % q_all;
+    }
+    for (var k = 0u; k < k_all; k++) {
+        var a: array<f32, 4>;
+        var b: array<f32, 4>;
+        for (var i = 0u; i < 4u; i++) {
+            a[i] = wt[p.w_off + rows[i] * k_all + k];
+            b[i] = x[bases[i] + k * q_all];
+        }
+        for (var i = 0u; i < 4u; i++) {
+            for (var j = 0u; j < 4u; j++) {
+                acc[i * 4u + j] = acc[i * 4u + j] + a[i] * b[j];
+            }
+        }
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let m = wg.y * TM + lid.y + 16u * i;
+        if (m >= m_all) {
+            continue;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let col = wg.x * TN + lid.x + 16u * j;
+            if (col >= cols) {
+                continue;
+            }
+            let n = col / q_all;
+            let idx = (n * m_all + m) * q_all + col % q_all;
+            y[idx] = epilogue(acc[i * 4u + j], m, idx);
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! (1×1 convolutions and `Gemm`/`MatMul`), a global average pool, or an element-wise pass.
 //! Element-wise followers are fused into their producer's *epilogue* where the graph allows:
 //! bias → `Clip`/`Relu` → a `QuantizeLinear → DequantizeLinear` pair → the residual `Add` →
-//! a second Q/DQ pair, in that order. Reshapes (`Flatten`, `Reshape`, `Identity`) move no data.
+//! a second clip → a second Q/DQ pair, in that order. Reshapes (`Flatten`, `Reshape`, `Identity`) move no data.
 //! Values that live at the same time get different buffers; the rest share (`Plan::slots`).
 //!
 //! Shapes here are per image: the batch is a run-time parameter of every kernel.
@@ -58,13 +58,16 @@ pub(crate) struct Epilogue {
     pub q1: Option<FakeQuant>,
     /// A value of the output's shape added element-wise.
     pub residual: Option<ValueId>,
+    pub clip2: Option<(f32, f32)>,
     pub q2: Option<FakeQuant>,
 }
 
 impl Epilogue {
-    /// The last stage in use: 0 none/bias, 1 clip, 2 q1, 3 residual, 4 q2.
+    /// The last stage in use: 0 none/bias, 1 clip, 2 q1, 3 residual, 4 clip2, 5 q2.
     fn stage(&self) -> u8 {
         if self.q2.is_some() {
+            5
+        } else if self.clip2.is_some() {
             4
         } else if self.residual.is_some() {
             3
@@ -661,7 +664,7 @@ impl<'g> Lowering<'g> {
         }
         let stage = step.epilogue.stage();
         match n.op.as_str() {
-            "Relu" | "Clip" if stage < 1 => {
+            "Relu" | "Clip" if stage < 4 => {
                 let (lo, hi) = if n.op == "Relu" {
                     (0.0, f32::MAX)
                 } else {
@@ -669,9 +672,13 @@ impl<'g> Lowering<'g> {
                     let hi = self.scalar(n, 2)?.unwrap_or(n.float("max", f32::MAX));
                     (lo, hi)
                 };
-                step.epilogue.clip = Some((lo, hi));
+                if stage < 1 {
+                    step.epilogue.clip = Some((lo, hi));
+                } else {
+                    step.epilogue.clip2 = Some((lo, hi));
+                }
             }
-            "QuantizeLinear" if stage < 4 => {
+            "QuantizeLinear" if stage < 5 => {
                 let Some(fq) = self.fake_quant(j)? else {
                     return Ok(None);
                 };

@@ -157,6 +157,26 @@ impl std::fmt::Debug for GpuBackbone {
     }
 }
 
+/// How to build the executor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// The most images per dispatch (fewer when the adapter's limits say so).
+    pub max_batch: usize,
+    /// Matrix products in workgroup-shared tiles (`true`) or straight from the buffers
+    /// (`false`); `None`: tiles on hardware GPUs, straight on software renderers, where
+    /// barriers are expensive.
+    pub tiled_matmul: Option<bool>,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            max_batch: DEFAULT_BATCH,
+            tiled_matmul: None,
+        }
+    }
+}
+
 /// What [`GpuBackbone::summary`] says of a plan.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PlanSummary {
@@ -198,15 +218,18 @@ impl GpuBackbone {
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|b| *b > 0)
             .unwrap_or(DEFAULT_BATCH);
-        GpuBackbone::from_graph(&graph, choice, batch)
+        let options = GpuOptions {
+            max_batch: batch,
+            ..GpuOptions::default()
+        };
+        GpuBackbone::from_graph(&graph, choice, &options)
     }
 
-    /// [`GpuBackbone::open`] for any graph (one made by hand, for instance), with up to
-    /// `max_batch` images per dispatch.
+    /// [`GpuBackbone::open`] for any graph (one made by hand, for instance).
     pub fn from_graph(
         graph: &Graph,
         choice: DeviceChoice,
-        max_batch: usize,
+        options: &GpuOptions,
     ) -> Result<Option<GpuBackbone>, GpuError> {
         if choice == DeviceChoice::Cpu {
             return Ok(None);
@@ -243,7 +266,7 @@ impl GpuBackbone {
         if let Some(why) = &summary.auto_skips {
             log::warn!("GPU {}: {why}", summary.name);
         }
-        match Self::build(adapter, summary, plan, graph.weights_dequantized, max_batch) {
+        match Self::build(adapter, summary, plan, graph.weights_dequantized, options) {
             Ok(g) => Ok(Some(g)),
             Err(e) if auto => {
                 log::warn!("{e}; running on the CPU");
@@ -258,7 +281,7 @@ impl GpuBackbone {
         summary: AdapterSummary,
         plan: lower::Plan,
         weights_dequantized: usize,
-        want: usize,
+        options: &GpuOptions,
     ) -> Result<GpuBackbone, GpuError> {
         let what = format!("{} ({})", summary.name, summary.backend);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -274,7 +297,8 @@ impl GpuBackbone {
             adapter: what.clone(),
             reason: e.to_string(),
         })?;
-        let exec = exec::Executor::new(device, queue, plan, want, &what)?;
+        let tiled = options.tiled_matmul.unwrap_or(summary.device_type != "Cpu");
+        let exec = exec::Executor::new(device, queue, plan, options.max_batch, &what, tiled)?;
         log::debug!(
             "GPU {what}: {} kernels, batch up to {}",
             exec.plan().steps.len(),

@@ -30,12 +30,27 @@ fn check(g: &Graph, batch: usize, max_batch: usize, seed: u64, tol: f32) -> (usi
     let [c, h, w] = g.input_chw;
     let input = random(&mut rng, batch * c * h * w, 1.0);
     let want = g.run_on_cpu(&input, batch).expect("tract runs the graph");
-    let gpu = GpuBackbone::from_graph(g, DeviceChoice::Gpu, max_batch)
-        .expect("a GPU adapter (CI: mesa-vulkan-drivers)")
-        .expect("gpu chosen");
-    let got = gpu.run(&input, batch).expect("the GPU runs the graph");
+    let mut plan = (0, 0);
+    // Both matrix-product kernels, whatever the adapter would pick.
+    for tiled in [true, false] {
+        let options = GpuOptions {
+            max_batch,
+            tiled_matmul: Some(tiled),
+        };
+        let gpu = GpuBackbone::from_graph(g, DeviceChoice::Gpu, &options)
+            .expect("a GPU adapter (CI: mesa-vulkan-drivers)")
+            .expect("gpu chosen");
+        let got = gpu.run(&input, batch).expect("the GPU runs the graph");
+        compare(g, &want, &got, tol);
+        let s = gpu.summary();
+        plan = (s.kernels, s.fused_nodes);
+    }
+    plan
+}
+
+fn compare(g: &Graph, want: &[(Vec<usize>, Vec<f32>)], got: &[Vec<f32>], tol: f32) {
     assert_eq!(got.len(), want.len());
-    for (o, ((shape, want), got)) in want.iter().zip(&got).enumerate() {
+    for (o, ((shape, want), got)) in want.iter().zip(got).enumerate() {
         assert_eq!(got.len(), want.len(), "output {o}: shape {shape:?}");
         let peak = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         let worst = want
@@ -49,8 +64,6 @@ fn check(g: &Graph, batch: usize, max_batch: usize, seed: u64, tol: f32) -> (usi
             g.nodes.iter().map(|n| n.op.as_str()).collect::<Vec<_>>()
         );
     }
-    let s = gpu.summary();
-    (s.kernels, s.fused_nodes)
 }
 
 struct ConvCase {
@@ -239,9 +252,9 @@ fn epilogues_fuse_clip_residual_add_and_match_tract() {
         Node::new("Relu", "relu", &["e"], &["out"]),
     ];
     let (kernels, fused) = check(&g, 2, 64, 8, 1e-5);
-    // Clip into the matmul; the Add into the depthwise conv; Relu after the Add has no stage
-    // left in that epilogue, so it is its own element-wise kernel.
-    assert_eq!((kernels, fused), (3, 2));
+    // Clip into the matmul; the Add and the Relu after it (the second clip stage) into the
+    // depthwise conv.
+    assert_eq!((kernels, fused), (2, 3));
 }
 
 #[test]
@@ -344,4 +357,44 @@ fn adapters_are_listed_and_software_ones_are_not_auto() {
             assert!(a.auto_skips.is_some(), "{a:?}");
         }
     }
+}
+
+#[test]
+fn an_operator_without_a_kernel_fails_on_gpu_and_falls_back_on_auto() {
+    let mut g = conv_graph(
+        &ConvCase {
+            c_in: 2,
+            c_out: 2,
+            hw: [4, 4],
+            k: [1, 1],
+            strides: [1, 1],
+            pads: [0, 0, 0, 0],
+            group: 1,
+            dilation: [1, 1],
+            bias: false,
+        },
+        1,
+    );
+    g.nodes.push(Node::new(
+        "Sigmoid",
+        "/_blocks.0/_swish/Sigmoid",
+        &["y"],
+        &["z"],
+    ));
+    g.outputs = vec!["z".into()];
+    let options = GpuOptions::default();
+    let e = GpuBackbone::from_graph(&g, DeviceChoice::Gpu, &options).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("cannot run node Sigmoid \"/_blocks.0/_swish/Sigmoid\""),
+        "{msg}"
+    );
+    assert!(matches!(
+        GpuBackbone::from_graph(&g, DeviceChoice::Auto, &options),
+        Ok(None)
+    ));
+    assert!(matches!(
+        GpuBackbone::from_graph(&g, DeviceChoice::Cpu, &options),
+        Ok(None)
+    ));
 }

@@ -153,3 +153,24 @@ fn bad_models_and_manifests_are_refused_clearly() {
     c.args(["info", "--model"]).arg(d.join("absent.toml"));
     fails(c, "absent.toml");
 }
+
+/// Without the `gpu` feature, `--device gpu` says how to get it; `auto` is the CPU.
+#[cfg(not(feature = "gpu"))]
+#[test]
+fn device_gpu_without_the_feature_says_how_to_build_it() {
+    let dir = tempfile::tempdir().unwrap();
+    fails(
+        {
+            let mut c = graft(dir.path());
+            c.args(["--device", "gpu", "classify"])
+                .arg(image("dog.jpg"));
+            c
+        },
+        "built without the `gpu` feature",
+    );
+    let mut c = graft(dir.path());
+    c.args(["--json", "--device", "auto", "info"]);
+    let info = json_lines(&ok(c)).remove(0);
+    assert_eq!(info["device"], "cpu (tract)");
+    assert_eq!(info["gpu_feature"], false);
+}

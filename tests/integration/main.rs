@@ -7,6 +7,8 @@ mod capture;
 mod common;
 mod errors;
 mod export;
+#[cfg(feature = "gpu")]
+mod gpu;
 mod heads;
 mod performance;
 #[cfg(feature = "serial")]
