@@ -12,8 +12,12 @@
 //! | [`head`] | linfa | few-shot heads: fit, cross-validate, calibrate, predict, metrics |
 //! | [`store`] | serde_json, tempfile | atomic files: head files, embedding files, the embedding cache, image folders |
 //! | [`plot`] | plotters | confusion matrices and learning curves as SVG |
+//! | `gpu` (feature `gpu`) | wgpu | the backbone's forward pass on a GPU: graft's WGSL executor |
 //!
-//! Dependencies point one way: `cli → plot/store → head → backbone`.
+//! Dependencies point one way: `cli → plot/store → head → backbone`, `cli → gpu → backbone`.
+//!
+//! Cargo features, by axis: `serial` (default: UART kiosks), `camera` (V4L2 cameras through
+//! nokhwa), `gpu` (wgpu; `--device auto|cpu|gpu`).
 //!
 //! ```no_run
 //! use graft::backbone::Backbone;

@@ -142,6 +142,39 @@ fn summarize(info: &wgpu::AdapterInfo) -> AdapterSummary {
     }
 }
 
+/// The adapter `choice` allows ([`ADAPTER_ENV`] narrows it by name); `None` for `cpu`, or for
+/// `auto` without one worth using.
+fn pick(choice: DeviceChoice) -> Result<Option<(wgpu::Adapter, AdapterSummary)>, GpuError> {
+    if choice == DeviceChoice::Cpu {
+        return Ok(None);
+    }
+    let auto = choice == DeviceChoice::Auto;
+    let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty());
+    let mut found = enumerate();
+    found.sort_by_key(|(_, s)| s.rank);
+    let names: Vec<String> = found.iter().map(|(_, s)| s.name.clone()).collect();
+    let pick = found.into_iter().find(|(_, s)| match &wanted {
+        Some(w) => s.name.to_lowercase().contains(&w.to_lowercase()),
+        None => !auto || s.auto_skips.is_none(),
+    });
+    match pick {
+        Some(p) => Ok(Some(p)),
+        None => {
+            let why = match &wanted {
+                Some(w) => format!(" named like {ADAPTER_ENV}={w:?} (seen: {names:?})"),
+                None if names.is_empty() => String::new(),
+                None => format!(" that is faster than the CPU (seen: {names:?})"),
+            };
+            if auto {
+                // Every command on such a machine would say it: `info` and `-v` tell.
+                log::debug!("no GPU adapter{why}; running on the CPU");
+                return Ok(None);
+            }
+            Err(GpuError::NoAdapter(why))
+        }
+    }
+}
+
 /// The backbone's forward pass on a GPU: an [`Accelerator`] for [`Backbone::set_accelerator`].
 pub struct GpuBackbone {
     exec: exec::Executor,
@@ -206,9 +239,10 @@ impl GpuBackbone {
         backbone: &Backbone,
         choice: DeviceChoice,
     ) -> Result<Option<GpuBackbone>, GpuError> {
-        if choice == DeviceChoice::Cpu {
+        // The adapter first: with none worth using, `auto` costs no graph work.
+        let Some(adapter) = pick(choice)? else {
             return Ok(None);
-        }
+        };
         let graph = backbone.graph().map_err(|e| GpuError::Lower {
             model: backbone.id().name.clone(),
             reason: e.to_string(),
@@ -222,7 +256,7 @@ impl GpuBackbone {
             max_batch: batch,
             ..GpuOptions::default()
         };
-        GpuBackbone::from_graph(&graph, choice, &options)
+        Self::on(adapter, &graph, choice, &options)
     }
 
     /// [`GpuBackbone::open`] for any graph (one made by hand, for instance).
@@ -231,9 +265,18 @@ impl GpuBackbone {
         choice: DeviceChoice,
         options: &GpuOptions,
     ) -> Result<Option<GpuBackbone>, GpuError> {
-        if choice == DeviceChoice::Cpu {
+        let Some(adapter) = pick(choice)? else {
             return Ok(None);
-        }
+        };
+        Self::on(adapter, graph, choice, options)
+    }
+
+    fn on(
+        (adapter, summary): (wgpu::Adapter, AdapterSummary),
+        graph: &Graph,
+        choice: DeviceChoice,
+        options: &GpuOptions,
+    ) -> Result<Option<GpuBackbone>, GpuError> {
         let auto = choice == DeviceChoice::Auto;
         let plan = match lower::lower(graph) {
             Ok(p) => p,
@@ -242,26 +285,6 @@ impl GpuBackbone {
                 return Ok(None);
             }
             Err(e) => return Err(e),
-        };
-        let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty());
-        let mut found = enumerate();
-        found.sort_by_key(|(_, s)| s.rank);
-        let names: Vec<String> = found.iter().map(|(_, s)| s.name.clone()).collect();
-        let pick = found.into_iter().find(|(_, s)| match &wanted {
-            Some(w) => s.name.to_lowercase().contains(&w.to_lowercase()),
-            None => !auto || s.auto_skips.is_none(),
-        });
-        let Some((adapter, summary)) = pick else {
-            let why = match &wanted {
-                Some(w) => format!(" named like {ADAPTER_ENV}={w:?} (seen: {names:?})"),
-                None if names.is_empty() => String::new(),
-                None => format!(" that is faster than the CPU (seen: {names:?})"),
-            };
-            if auto {
-                log::info!("no GPU adapter{why}; running on the CPU");
-                return Ok(None);
-            }
-            return Err(GpuError::NoAdapter(why));
         };
         if let Some(why) = &summary.auto_skips {
             log::warn!("GPU {}: {why}", summary.name);
