@@ -16,6 +16,17 @@ pub enum Device {
     Gpu,
 }
 
+impl Device {
+    /// As given on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Gpu => "gpu",
+        }
+    }
+}
+
 /// The GPU executor plugged into a backbone, kept for `info` and `bench`.
 #[cfg(feature = "gpu")]
 pub type Gpu = std::sync::Arc<graft::gpu::GpuBackbone>;
@@ -143,11 +154,12 @@ impl Report {
             };
             println!(
                 "gpu plan       {} kernels ({} nodes fused), {:.0} MMAC per image, {weights}, \
-                 batch up to {}, {:.0} MiB of activation buffers",
+                 batch up to {}, {} activation buffers ({:.0} MiB)",
                 n("kernels"),
                 n("fused_nodes"),
                 n("mmac_per_image"),
                 n("max_batch"),
+                n("buffers"),
                 n("buffers_mib")
             );
         }

@@ -120,23 +120,34 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
             detail: "no profile matched: defaults apply (give --board NAME)".into(),
         },
     });
-    checks.push(match super::load_backbone(g) {
-        Ok(bb) => Check {
-            check: "model",
-            status: Status::Ok,
-            detail: format!(
-                "{} intact (sha256 {}…), loads in {:.0} ms",
-                bb.id().name,
-                &bb.id().sha256[..12],
-                bb.load_time().as_secs_f64() * 1e3
-            ),
-        },
-        Err(e) => Check {
+    match super::load_backbone(g) {
+        Ok(bb) => {
+            checks.push(Check {
+                check: "model",
+                status: Status::Ok,
+                detail: format!(
+                    "{} intact (sha256 {}…), loads in {:.0} ms",
+                    bb.id().name,
+                    &bb.id().sha256[..12],
+                    bb.load_time().as_secs_f64() * 1e3
+                ),
+            });
+            checks.push(Check {
+                check: "device",
+                status: Status::Ok,
+                detail: format!(
+                    "forward pass on {} (--device {})",
+                    bb.engine(),
+                    g.device.name()
+                ),
+            });
+        }
+        Err(e) => checks.push(Check {
             check: "model",
             status: Status::Fail,
             detail: super::one_line(&e),
-        },
-    });
+        }),
+    }
     let camera = a
         .camera
         .clone()

@@ -162,7 +162,9 @@ impl Executor {
             | wgpu::BufferUsages::COPY_DST
             | wgpu::BufferUsages::COPY_SRC;
         let weights = buffer("weights", plan.weights.len() as u64 * 4, store);
-        queue.write_buffer(&weights, 0, bytemuck::cast_slice(&plan.weights));
+        if !plan.weights.is_empty() {
+            queue.write_buffer(&weights, 0, bytemuck::cast_slice(&plan.weights));
+        }
         let slots: Vec<wgpu::Buffer> = plan
             .slots
             .iter()

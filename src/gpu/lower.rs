@@ -393,6 +393,9 @@ impl<'g> Lowering<'g> {
         let [c_out, cpg, kh, kw] = wt.dims[..] else {
             return Err(self.unsupported(n, "only 2-D convolutions (weights O×I×kH×kW)"));
         };
+        if kh == 0 || kw == 0 || c_out == 0 {
+            return Err(self.unsupported(n, &format!("empty weights {:?}", wt.dims)));
+        }
         let groups = n.int("group", 1).max(1) as usize;
         if cpg * groups != c_in || c_out % groups != 0 {
             return Err(self.unsupported(

@@ -225,6 +225,8 @@ pub struct PlanSummary {
     pub weights_dequantized: usize,
     /// Images per dispatch.
     pub max_batch: usize,
+    /// Activation buffers (values share them when their lifetimes do not overlap).
+    pub buffers: usize,
     /// Activation buffers, in MiB at that batch.
     pub buffers_mib: f64,
 }
@@ -350,6 +352,7 @@ impl GpuBackbone {
             weights_mib: mib(plan.weights.len()),
             weights_dequantized: self.weights_dequantized,
             max_batch: self.exec.max_batch(),
+            buffers: plan.slots.len(),
             buffers_mib: mib(plan.slots.iter().sum::<usize>() * self.exec.max_batch()),
         }
     }
