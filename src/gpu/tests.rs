@@ -398,3 +398,52 @@ fn an_operator_without_a_kernel_fails_on_gpu_and_falls_back_on_auto() {
         Ok(None)
     ));
 }
+
+/// Thirty convolutions drawn at random (seeded): channels, groups (depthwise, grouped, dense),
+/// kernel sizes, strides, asymmetric pads, dilations and map sizes, each against tract.
+#[test]
+fn random_convolutions_match_tract() {
+    let mut rng = StdRng::seed_from_u64(2026);
+    for i in 0..30u64 {
+        let groups = [1, 2, 3, 4][rng.gen_range(0..4)];
+        let depthwise = rng.gen_bool(0.3);
+        let c_in = if depthwise {
+            rng.gen_range(1..=20)
+        } else {
+            groups * rng.gen_range(1..=6)
+        };
+        let (group, c_out) = if depthwise {
+            (c_in, c_in)
+        } else {
+            (groups, groups * rng.gen_range(1..=6))
+        };
+        let k = [rng.gen_range(1..=5), rng.gen_range(1..=5)];
+        let dilation = [rng.gen_range(1..=2), rng.gen_range(1..=2)];
+        let pads = [
+            rng.gen_range(0..=2),
+            rng.gen_range(0..=2),
+            rng.gen_range(0..=2),
+            rng.gen_range(0..=2),
+        ];
+        // Big enough for the dilated kernel after padding.
+        let reach = |a: usize| (dilation[a] as usize) * (k[a] - 1) + 1;
+        let hw = [
+            reach(0) + rng.gen_range(0..=12),
+            reach(1) + rng.gen_range(0..=12),
+        ];
+        let case = ConvCase {
+            c_in,
+            c_out,
+            hw,
+            k,
+            strides: [rng.gen_range(1..=3), rng.gen_range(1..=3)],
+            pads,
+            group,
+            dilation,
+            bias: rng.gen_bool(0.5),
+        };
+        let g = conv_graph(&case, 500 + i);
+        let batch = rng.gen_range(1..=3);
+        check(&g, batch, 64, 600 + i, 1e-5);
+    }
+}

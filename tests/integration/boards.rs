@@ -43,7 +43,14 @@ fn doctor_reports_each_check_and_fails_on_what_blocks_a_kiosk() {
         .arg(t.path());
     let lines = json_lines(&ok(c));
     let checks: Vec<&str> = lines.iter().map(|l| l["check"].as_str().unwrap()).collect();
-    for want in ["board", "model", "device", "camera", "serial", "data folder"] {
+    for want in [
+        "board",
+        "model",
+        "device",
+        "camera",
+        "serial",
+        "data folder",
+    ] {
         assert!(checks.contains(&want), "{want} missing from {checks:?}");
     }
     let serial = lines.iter().find(|l| l["check"] == "serial").unwrap();
@@ -55,7 +62,10 @@ fn doctor_reports_each_check_and_fails_on_what_blocks_a_kiosk() {
     let model = lines.iter().find(|l| l["check"] == "model").unwrap();
     assert_eq!(model["status"], "ok", "{model}");
     let device = lines.iter().find(|l| l["check"] == "device").unwrap();
-    assert!(device["detail"].as_str().unwrap().contains("--device auto"), "{device}");
+    assert!(
+        device["detail"].as_str().unwrap().contains("--device auto"),
+        "{device}"
+    );
 
     // A data folder that cannot be written fails the doctor (exit 1, the failing check shown).
     let mut c = graft(t.path());
