@@ -41,7 +41,7 @@ struct Pipelines {
     eltwise: wgpu::ComputePipeline,
 }
 
-/// Time spent in one kind of kernel, from [`Executor::profile`].
+/// Time spent in one kind of kernel, from [`GpuBackbone::profile`](super::GpuBackbone::profile).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelTime {
     /// `conv depthwise`, `matmul (1x1 conv)`, ...

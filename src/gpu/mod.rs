@@ -8,7 +8,7 @@
 //! backbone as its [`Accelerator`]: every command that embeds then runs on the GPU. tract stays
 //! the reference: the tests compare the two on the bundled models and on one-operator graphs.
 //!
-//! Choosing the device ([`open`]): `cpu` never touches wgpu; `gpu` takes the best adapter there
+//! Choosing the device ([`GpuBackbone::open`]): `cpu` never touches wgpu; `gpu` takes the best adapter there
 //! is (software renderers too, which is how CI tests this path on Mesa's lavapipe) and fails
 //! with a clear error when there is none or the graph has an operator the executor lacks;
 //! `auto` (the default) takes only a hardware GPU not known to be slower than the CPU for this
