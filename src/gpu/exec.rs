@@ -6,7 +6,7 @@
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
-use super::lower::{Kernel, Plan, Step};
+use super::lower::{FakeQuant, Kernel, Plan, Step};
 use super::GpuError;
 
 /// Bytes of one step's parameters in the uniform buffer (the WGSL `Params`: 40 words).
@@ -520,6 +520,21 @@ fn max_batch(plan: &Plan, limits: &wgpu::Limits) -> usize {
     batch.min(u32::MAX as usize / values)
 }
 
+impl FakeQuant {
+    /// The six `Params` words of a Q/DQ stage, in the WGSL order.
+    fn words(&self) -> [u32; 6] {
+        [
+            self.scale,
+            self.zero_point,
+            self.dq_scale,
+            self.dq_zero_point,
+            self.qmin,
+            self.qmax,
+        ]
+        .map(f32::to_bits)
+    }
+}
+
 /// One step's WGSL `Params` for `batch` images.
 fn params(s: &Step, batch: usize) -> [u32; 40] {
     let mut w = [0u32; 40];
@@ -582,19 +597,7 @@ fn params(s: &Step, batch: usize) -> [u32; 40] {
     }
     if let Some(q) = e.q1 {
         flags |= 4;
-        for (i, v) in [
-            q.scale,
-            q.zero_point,
-            q.dq_scale,
-            q.dq_zero_point,
-            q.qmin,
-            q.qmax,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            w[24 + i] = f(v);
-        }
+        w[24..30].copy_from_slice(&q.words());
     }
     if e.residual.is_some() {
         flags |= 8;
@@ -606,19 +609,7 @@ fn params(s: &Step, batch: usize) -> [u32; 40] {
     }
     if let Some(q) = e.q2 {
         flags |= 16;
-        for (i, v) in [
-            q.scale,
-            q.zero_point,
-            q.dq_scale,
-            q.dq_zero_point,
-            q.qmin,
-            q.qmax,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            w[30 + i] = f(v);
-        }
+        w[30..36].copy_from_slice(&q.words());
     }
     w[19] = flags;
     w

@@ -110,6 +110,27 @@ fn conv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // fully connected layer). The columns of all images are one axis of n·Q. A 16×16 workgroup
 // computes a 64×64 tile, each thread 4×4 values strided by 16, K in steps of 16 through
 // workgroup memory.
+// Writes a thread's 4×4 values of the 64×64 tile at (m0, j0) through the epilogue.
+fn store_tile(acc: array<f32, 16>, m0: u32, j0: u32, lid: vec3<u32>) {
+    let m_all = p.c_out;
+    let q_all = p.oh * p.ow;
+    let cols = p.n * q_all;
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + lid.y + 16u * i;
+        if (m >= m_all) {
+            continue;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let col = j0 + lid.x + 16u * j;
+            if (col >= cols) {
+                continue;
+            }
+            let idx = ((col / q_all) * m_all + m) * q_all + col % q_all;
+            y[idx] = epilogue(acc[i * 4u + j], m, idx);
+        }
+    }
+}
+
 const TM: u32 = 64u;
 const TN: u32 = 64u;
 const TK: u32 = 16u;
@@ -168,21 +189,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        let m = m0 + lid.y + 16u * i;
-        if (m >= m_all) {
-            continue;
-        }
-        for (var j = 0u; j < 4u; j++) {
-            let col = j0 + lid.x + 16u * j;
-            if (col >= cols) {
-                continue;
-            }
-            let n = col / q_all;
-            let idx = (n * m_all + m) * q_all + col % q_all;
-            y[idx] = epilogue(acc[i * 4u + j], m, idx);
-        }
-    }
+    store_tile(acc, m0, j0, lid);
 }
 
 // Global average pool: one (image, channel) per thread, `len` = H·W values.
@@ -240,19 +247,5 @@ fn matmul_flat(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
             }
         }
     }
-    for (var i = 0u; i < 4u; i++) {
-        let m = wg.y * TM + lid.y + 16u * i;
-        if (m >= m_all) {
-            continue;
-        }
-        for (var j = 0u; j < 4u; j++) {
-            let col = wg.x * TN + lid.x + 16u * j;
-            if (col >= cols) {
-                continue;
-            }
-            let n = col / q_all;
-            let idx = (n * m_all + m) * q_all + col % q_all;
-            y[idx] = epilogue(acc[i * 4u + j], m, idx);
-        }
-    }
+    store_tile(acc, wg.y * TM, wg.x * TN, lid);
 }

@@ -3,6 +3,18 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Every fixture photo: JPEGs (one with EXIF rotation), RGBA and grey PNGs.
+pub const PHOTOS: [&str; 8] = [
+    "chelsea.jpg",
+    "chelsea_exif6.jpg",
+    "coffee.jpg",
+    "dog.jpg",
+    "eagle.jpg",
+    "giraffe.jpg",
+    "astronaut_rgba.png",
+    "camera_gray.png",
+];
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -7,17 +7,6 @@ use graft::gpu::{self, DeviceChoice, GpuBackbone};
 
 use crate::common::*;
 
-const PHOTOS: [&str; 8] = [
-    "chelsea.jpg",
-    "chelsea_exif6.jpg",
-    "coffee.jpg",
-    "dog.jpg",
-    "eagle.jpg",
-    "giraffe.jpg",
-    "astronaut_rgba.png",
-    "camera_gray.png",
-];
-
 fn argmax(v: &[f32]) -> usize {
     (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap()
 }

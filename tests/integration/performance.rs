@@ -6,17 +6,6 @@ use graft::backbone::{cosine, prepare, Backbone};
 
 use crate::common::*;
 
-const PHOTOS: [&str; 8] = [
-    "chelsea.jpg",
-    "chelsea_exif6.jpg",
-    "coffee.jpg",
-    "dog.jpg",
-    "eagle.jpg",
-    "giraffe.jpg",
-    "astronaut_rgba.png",
-    "camera_gray.png",
-];
-
 /// Per photo: embedding and top-1 class.
 fn outputs(bb: &Backbone) -> Vec<(Vec<f32>, usize)> {
     PHOTOS
