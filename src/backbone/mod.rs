@@ -676,6 +676,9 @@ impl Backbone {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Prepared>, BackboneError>>(1);
         let mut out = Vec::with_capacity(paths.len());
         std::thread::scope(|s| -> Result<(), BackboneError> {
+            // Owned here, so an early error return drops it and a producer blocked on a full
+            // channel wakes up (send fails) instead of keeping the scope from ending.
+            let rx = rx;
             s.spawn(move || {
                 for part in paths.chunks(chunk) {
                     let prepared = prepare_parallel(part, workers, |p| self.prepare_file(p));

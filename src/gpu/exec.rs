@@ -456,9 +456,7 @@ impl Executor {
             .zip(&self.staging[p.set])
             .zip(self.plan.outputs.iter().zip(outputs.iter_mut()))
         {
-            let status = rx
-                .recv()
-                .map_err(|_| GpuError::Run("a readback was never mapped".into()))?;
+            let status = self.mapped(&rx)?;
             status.map_err(|e| GpuError::Run(format!("reading results back: {e}")))?;
             let bytes = (self.plan.values[*o].len() * p.batch * 4) as u64;
             {
@@ -470,6 +468,29 @@ impl Executor {
             buf.unmap();
         }
         Ok(())
+    }
+
+    /// The result of a `map_async`, polling the device until its callback has run.
+    fn mapped(
+        &self,
+        rx: &mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
+    ) -> Result<Result<(), wgpu::BufferAsyncError>, GpuError> {
+        for _ in 0..100 {
+            match rx.try_recv() {
+                Ok(r) => return Ok(r),
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    self.device
+                        .poll(wgpu::PollType::Wait {
+                            submission_index: None,
+                            timeout: Some(std::time::Duration::from_secs(10)),
+                        })
+                        .map_err(|e| GpuError::Run(e.to_string()))?;
+                    self.check()?;
+                }
+            }
+        }
+        Err(GpuError::Run("a readback buffer was never mapped".into()))
     }
 
     fn check(&self) -> Result<(), GpuError> {

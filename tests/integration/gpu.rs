@@ -210,3 +210,33 @@ fn asking_for_a_gpu_that_is_not_there_is_one_clear_error() {
         .arg(image("dog.jpg"));
     ok(c);
 }
+
+/// A damaged picture in a later chunk of a GPU embed stops the work with one error naming it,
+/// and no output file (the pipelined producer and the GPU consumer both wind down).
+#[test]
+fn a_bad_picture_in_a_later_gpu_chunk_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    for name in ["chelsea.jpg", "coffee.jpg", "dog.jpg", "eagle.jpg"] {
+        std::fs::copy(image(name), photos.join(name)).unwrap();
+    }
+    std::fs::write(
+        photos.join("zz_damaged.jpg"),
+        b"\xff\xd8\xff\xe0 not really a jpeg",
+    )
+    .unwrap();
+    let out = dir.path().join("e.jsonl");
+    let mut c = graft(dir.path());
+    c.env("GRAFT_GPU_BATCH", "2")
+        .args(["--device", "gpu", "embed"])
+        .arg(&photos)
+        .arg("--out")
+        .arg(&out);
+    let out_err = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out_err.stderr);
+    assert_eq!(out_err.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("zz_damaged.jpg"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.exists());
+}
