@@ -235,9 +235,11 @@ impl Executor {
         };
         let staging = [staging_set(0), staging_set(1)];
         if let Some(e) = pollster::block_on(oom.pop()) {
-            return Err(fail(format!(
-                "out of GPU memory for batch {max_batch}: {e}"
-            )));
+            return Err(GpuError::OutOfMemory {
+                adapter: what.to_string(),
+                batch: max_batch,
+                reason: e.to_string(),
+            });
         }
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(fail(format!("building the kernels failed: {e}")));

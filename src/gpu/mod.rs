@@ -49,6 +49,13 @@ pub enum GpuError {
     /// The adapter refused a device, a buffer or a kernel.
     #[error("GPU {adapter}: {reason}")]
     Device { adapter: String, reason: String },
+    /// The adapter could not hold the buffers for this many images per dispatch.
+    #[error("GPU {adapter}: out of memory for {batch} images per dispatch: {reason}")]
+    OutOfMemory {
+        adapter: String,
+        batch: usize,
+        reason: String,
+    },
     /// A run failed on the device.
     #[error("GPU run failed: {0}")]
     Run(String),
@@ -323,7 +330,28 @@ impl GpuBackbone {
             reason: e.to_string(),
         })?;
         let tiled = options.tiled_matmul.unwrap_or(summary.device_type != "Cpu");
-        let exec = exec::Executor::new(device, queue, plan, options.max_batch, &what, tiled)?;
+        // A GPU with little memory (a Jetson's shared RAM) gets fewer images per dispatch.
+        let mut batch = options.max_batch.max(1);
+        let exec = loop {
+            let built = exec::Executor::new(
+                device.clone(),
+                queue.clone(),
+                plan.clone(),
+                batch,
+                &what,
+                tiled,
+            );
+            match built {
+                Err(GpuError::OutOfMemory { .. }) if batch > 1 => {
+                    log::warn!(
+                        "GPU {what}: out of memory at {batch} images per dispatch; trying {}",
+                        batch / 2
+                    );
+                    batch /= 2;
+                }
+                other => break other?,
+            }
+        };
         log::debug!(
             "GPU {what}: {} kernels, batch up to {}",
             exec.plan().steps.len(),
