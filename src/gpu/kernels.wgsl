@@ -110,6 +110,15 @@ fn conv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // fully connected layer). The columns of all images are one axis of n·Q. A 16×16 workgroup
 // computes a 64×64 tile, each thread 4×4 values strided by 16, K in steps of 16 through
 // workgroup memory.
+// acc += a ⊗ b: a thread's 4×4 block of the product, one k at a time.
+fn outer4(acc: ptr<function, array<f32, 16>>, a: array<f32, 4>, b: array<f32, 4>) {
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            (*acc)[i * 4u + j] = (*acc)[i * 4u + j] + a[i] * b[j];
+        }
+    }
+}
+
 // Writes a thread's 4×4 values of the 64×64 tile at (m0, j0) through the epilogue.
 fn store_tile(acc: array<f32, 16>, m0: u32, j0: u32, lid: vec3<u32>) {
     let m_all = p.c_out;
@@ -181,11 +190,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
                 a[i] = tile_a[kk * TM + lid.y + 16u * i];
                 b[i] = tile_b[kk * TN + lid.x + 16u * i];
             }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i * 4u + j] = acc[i * 4u + j] + a[i] * b[j];
-                }
-            }
+            outer4(&acc, a, b);
         }
         workgroupBarrier();
     }
@@ -241,11 +246,7 @@ fn matmul_flat(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
             a[i] = wt[p.w_off + rows[i] * k_all + k];
             b[i] = x[bases[i] + k * q_all];
         }
-        for (var i = 0u; i < 4u; i++) {
-            for (var j = 0u; j < 4u; j++) {
-                acc[i * 4u + j] = acc[i * 4u + j] + a[i] * b[j];
-            }
-        }
+        outer4(&acc, a, b);
     }
     store_tile(acc, wg.y * TM, wg.x * TN, lid);
 }
