@@ -31,8 +31,8 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     /// Constants (initializers and `Constant` nodes) by name.
     pub constants: HashMap<String, Constant>,
-    /// Constant `DequantizeLinear`s (int8 weights, int32 biases) folded into float constants
-    /// when the graph was read.
+    /// Constant `DequantizeLinear`s (int8 weights, int32 biases) folded into float constants,
+    /// by the manifest's preparation or when the graph was read.
     pub weights_dequantized: usize,
 }
 

@@ -281,12 +281,15 @@ impl Backbone {
     /// The prepared graph as plain data, cut at the manifest's outputs (features, then logits),
     /// constant dequantisation folded: what another executor lowers.
     pub fn graph(&self) -> Result<graph::Graph, BackboneError> {
-        let (proto, _) = self.graph_proto()?;
+        let (proto, prepared) = self.graph_proto()?;
         let m = &self.spec.manifest;
         let size = m.input.size as usize;
         let mut outputs = vec![m.output.features.clone()];
         outputs.extend(m.output.logits.clone());
-        graph::Graph::from_proto(proto, &self.model_name(), [3, size, size], outputs)
+        let mut g = graph::Graph::from_proto(proto, &self.model_name(), [3, size, size], outputs)?;
+        // Constants the manifest's preparation already folded (w8) were dequantised too.
+        g.weights_dequantized += prepared.weights_dequantized;
+        Ok(g)
     }
 
     /// Runs the forward pass on `accelerator` from now on (`None`: back to tract).

@@ -90,14 +90,7 @@ impl Report {
             } else {
                 Vec::new()
             };
-            let mut plan = gpu.and_then(|g| serde_json::to_value(g.summary()).ok());
-            if let Some(serde_json::Value::Object(p)) = &mut plan {
-                // Weights the manifest's preparation already folded count too.
-                let before = bb.prepared().weights_dequantized as u64;
-                if let Some(n) = p.get("weights_dequantized").and_then(|v| v.as_u64()) {
-                    p.insert("weights_dequantized".into(), (n + before).into());
-                }
-            }
+            let plan = gpu.and_then(|g| serde_json::to_value(g.summary()).ok());
             Report {
                 device: bb.engine(),
                 gpu_feature: true,

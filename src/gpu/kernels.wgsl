@@ -155,10 +155,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     let m0 = wg.y * TM;
     let j0 = wg.x * TN;
     let tid = lid.y * 16u + lid.x;
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) {
-        acc[i] = 0.0;
-    }
+    var acc: array<f32, 16>; // function-scope variables start at zero
     for (var k0 = 0u; k0 < k_all; k0 += TK) {
         for (var i = 0u; i < 4u; i++) {
             let e = tid + i * 256u;

@@ -228,7 +228,7 @@ pub struct PlanSummary {
     pub mmac_per_image: f64,
     /// Weights and biases on the GPU, in MiB (f32).
     pub weights_mib: f64,
-    /// Constant `DequantizeLinear`s folded into f32 weights when the graph was read.
+    /// Constant `DequantizeLinear`s folded into f32 weights (int8 weights dequantised at load).
     pub weights_dequantized: usize,
     /// Images per dispatch.
     pub max_batch: usize,
