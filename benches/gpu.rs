@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use graft::backbone::{preprocess, Backbone};
-use graft::gpu::{DeviceChoice, GpuBackbone};
+use graft::gpu::{DeviceChoice, GpuBackbone, GpuOptions};
 
 const PHOTO: &str = "tests/fixtures/images/chelsea.jpg";
 
@@ -20,7 +20,7 @@ fn bench(c: &mut Criterion) {
     let frame = preprocess::decode_file(Path::new(PHOTO)).expect("fixture photo");
     let cpu = Backbone::load_named("efficientnet-lite0-fp32").expect("bundled model");
     let mut gpu = Backbone::load_named("efficientnet-lite0-fp32").expect("bundled model");
-    let exec = GpuBackbone::open(&gpu, DeviceChoice::Gpu)
+    let exec = GpuBackbone::open(&gpu, DeviceChoice::Gpu, &GpuOptions::default())
         .expect("a GPU adapter")
         .expect("gpu");
     eprintln!("gpu: {} ({:?})", exec.adapter().name, exec.summary());

@@ -3,9 +3,9 @@
 //! depend on what the pixels showed, only on n, d and classes.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use graft::head::{self, HeadKind, HeadParams};
+use graft::head::{self, Examples, HeadKind, HeadParams};
 
-fn data(classes: usize, shots: usize) -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
+fn data(classes: usize, shots: usize) -> Examples {
     head::synthetic(classes, shots, 1280, 42)
 }
 
@@ -15,7 +15,8 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     for kind in HeadKind::ALL {
         for (classes, shots) in [(5, 1), (5, 5), (5, 20), (20, 5), (10, 20)] {
-            let (x, y, _) = data(classes, shots);
+            let ex = data(classes, shots);
+            let (x, y) = (ex.x, ex.y);
             g.bench_with_input(
                 BenchmarkId::new(kind.to_string(), format!("{classes}c x {shots}s")),
                 &(x, y),
@@ -28,24 +29,20 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("train_with_cv");
     g.sample_size(10);
     for (classes, shots) in [(5, 5), (5, 20)] {
-        let (x, y, labels) = data(classes, shots);
+        let ex = data(classes, shots);
         g.bench_function(
             BenchmarkId::new("auto", format!("{classes}c x {shots}s")),
-            |b| {
-                let groups: Vec<usize> = (0..x.len()).collect();
-                b.iter(|| head::train(None, &x, &y, &groups, &labels, &params, 0).unwrap())
-            },
+            |b| b.iter(|| head::train(None, &ex, &params, 0).unwrap()),
         );
     }
     g.finish();
 
     let mut g = c.benchmark_group("predict");
     for kind in HeadKind::ALL {
-        let (x, y, labels) = data(5, 10);
-        let groups: Vec<usize> = (0..x.len()).collect();
-        let t = head::train(Some(kind), &x, &y, &groups, &labels, &params, 0).unwrap();
+        let ex = data(5, 10);
+        let t = head::train(Some(kind), &ex, &params, 0).unwrap();
         g.bench_function(BenchmarkId::new(kind.to_string(), "5c x 10s"), |b| {
-            b.iter(|| t.head.predict(&x[3], None, 3).unwrap())
+            b.iter(|| t.head.predict(&ex.x[3], None, 3).unwrap())
         });
     }
     g.finish();

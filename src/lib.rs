@@ -2,30 +2,60 @@
 //!
 //! A frozen, pretrained, quantised ONNX backbone is the *rootstock*: it turns a picture into an
 //! embedding (and can classify ImageNet directly). A small classifier trained on the device from
-//! a handful of examples is the *scion* grafted onto it.
+//! a handful of examples is the *scion* grafted onto it. This crate is the library; the `graft`
+//! command line (`cli/`) is a thin front end over it, as are the serial/TCP kiosk and the live
+//! camera loop, which live here.
 //!
-//! Modules, each owning one outside dependency and hiding its types:
+//! ## The few things most programs need
+//!
+//! | item | what it is |
+//! |---|---|
+//! | [`Backbone`] | a loaded model: [`Backbone::load_named`], [`Backbone::embed_file`], [`Backbone::classify_file`] |
+//! | [`ImageFolder`] | a labelled folder `DATASET/<label>/*.jpg` |
+//! | [`ExampleSet`] | class names + stored examples; [`ExampleSet::fit`] trains a head |
+//! | [`HeadFile`] | a trained head with its examples, as saved: [`headfile::write`] / [`headfile::read`] |
+//! | [`Head`] | the fitted classifier: [`Head::predict`] gives a [`Prediction`] (label or `unknown`) |
+//! | [`add_examples`] | **the** way examples are added to a head file or a kiosk, then refit |
+//! | [`Label`] | a validated class name, the same rule for every front end |
+//! | [`FrameSource`] | frames from a camera or images ([`capture::open`]) |
+//! | [`Kiosk`] | the kiosk's state in a data folder, driven by the line protocol ([`kiosk`]) |
+//!
+//! `examples/few_shot.rs` embeds a folder, trains, saves, reloads and predicts with these alone.
+//!
+//! ## Modules
+//!
+//! Each owns one outside dependency and hides its types behind graft's own:
 //!
 //! | module | owns | does |
 //! |---|---|---|
-//! | [`backbone`] | tract, image | manifests, decoding, preprocessing, embeddings, ImageNet top-k |
-//! | [`head`] | linfa | few-shot heads: fit, cross-validate, calibrate, predict, metrics |
-//! | [`store`] | serde_json, tempfile | atomic files: head files, embedding files, the embedding cache, image folders |
-//! | [`plot`] | plotters | confusion matrices and learning curves as SVG |
+//! | [`backbone`] | tract, image, prost | manifests, decoding, preprocessing, embeddings, ImageNet top-k, export |
+//! | [`head`] | linfa, ndarray | few-shot heads: fit, cross-validate, calibrate, evaluate, predict; labels |
+//! | [`store`] | serde_json, tempfile, sha2 | atomic files: head files, embedding files, the cache, image folders; adding examples |
+//! | [`capture`] | nokhwa (feature `camera`), glob | frame sources: V4L2 cameras, image files, memory |
+//! | [`live`] | — | one frame → label with per-stage times; temporal smoothing |
+//! | [`kiosk`] | — (std TCP) | the line protocol, the kiosk's data folder, the request loop |
+//! | `serial` (feature `serial`) | serialport | serial ports and PTY pairs |
 //! | `gpu` (feature `gpu`) | wgpu | the backbone's forward pass on a GPU: graft's WGSL executor |
+//! | [`board`] | toml | board profiles (`boards/*.toml`) and detection |
+//! | [`plot`] | plotters | confusion matrices and learning curves as SVG |
 //!
-//! Dependencies point one way: `cli → plot/store → head → backbone`, `cli → gpu → backbone`.
+//! Dependencies point one way: `kiosk → live → capture / store → head → backbone`,
+//! `gpu → backbone`, `board → capture`. The library never reads the environment (the binary
+//! does, and passes options down), never touches the network, and writes every file that
+//! matters atomically.
 //!
 //! Cargo features, by axis: `serial` (default: UART kiosks), `camera` (V4L2 cameras through
-//! nokhwa), `gpu` (wgpu; `--device auto|cpu|gpu`).
+//! nokhwa), `gpu` (wgpu; [`DeviceChoice`]), `fault-injection` (tests only).
 //!
 //! ```no_run
-//! use graft::backbone::Backbone;
+//! use graft::Backbone;
 //! let bb = Backbone::load_named("efficientnet-lite0")?;
 //! let top = bb.classify_file(std::path::Path::new("cat.jpg"), 5)?;
 //! println!("{} {:.3}", top[0].label, top[0].probability);
-//! # Ok::<(), graft::backbone::BackboneError>(())
+//! # Ok::<(), graft::BackboneError>(())
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod backbone;
 pub mod board;
@@ -39,3 +69,16 @@ pub mod plot;
 #[cfg(feature = "serial")]
 pub mod serial;
 pub mod store;
+
+pub use backbone::{
+    Backbone, BackboneError, BackboneId, DeviceChoice, Embedding, LoadOptions, ModelSpec, RgbFrame,
+};
+pub use capture::{CaptureError, Frame, FrameSource, SourceSpec};
+pub use head::{Examples, Head, HeadError, HeadKind, HeadParams, Label, LabelError, Prediction};
+pub use kiosk::{Kiosk, KioskError};
+pub use store::dataset::ImageFolder;
+pub use store::headfile::{self, Example, HeadFile};
+pub use store::learn::{
+    add_examples, ExampleSet, ExampleStore, FrameSaver, HeadFileStore, LearnError, NewExample,
+};
+pub use store::StoreError;

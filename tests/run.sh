@@ -39,4 +39,5 @@ fi
 # Mesa's device-select layer probes for a Wayland display and prints an error without one.
 export NODEVICE_SELECT=1
 
+features+=(fault-injection)   # test-only: the kill-mid-write tests pause writes half-way
 cargo test --features "$(IFS=,; echo "${features[*]}")" "$@"

@@ -10,65 +10,144 @@ pub enum BackboneError {
     /// A file could not be read.
     #[error("cannot read {}: {source}", path.display())]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
     /// The file exists but is not an image this build can decode (or it is damaged).
     #[error("{} is not a readable image: {reason}", path.display())]
-    Decode { path: PathBuf, reason: String },
+    Decode {
+        /// The file or folder.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
     /// A picture could not be encoded (e.g. larger than JPEG allows).
     #[error("cannot encode {what} as {format}: {reason}")]
     Encode {
+        /// What was being encoded.
         what: String,
+        /// The format.
         format: &'static str,
+        /// What was wrong.
         reason: String,
     },
     /// The image decoded to zero pixels in one direction.
     #[error("{} is an empty image ({width}x{height})", path.display())]
     EmptyImage {
+        /// The file or folder.
         path: PathBuf,
+        /// Width in pixels.
         width: u32,
+        /// Height in pixels.
         height: u32,
     },
     /// A manifest is missing, malformed or inconsistent.
     #[error("model manifest {manifest}: {reason}")]
-    Manifest { manifest: String, reason: String },
+    Manifest {
+        /// The manifest (a path or `bundled:NAME`).
+        manifest: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// `--model` named neither an existing manifest file nor a bundled model.
     #[error("unknown model {name:?}: not a manifest file, and not a bundled model ({known})")]
-    UnknownModel { name: String, known: String },
+    UnknownModel {
+        /// The name given.
+        name: String,
+        /// The names there are.
+        known: String,
+    },
     /// The model file is not the one the manifest describes.
     #[error(
         "model file {} does not match manifest {manifest}: sha256 is {actual}, manifest says {expected}",
         file.display()
     )]
     Sha256Mismatch {
+        /// The manifest (a path or `bundled:NAME`).
         manifest: String,
+        /// The file.
         file: PathBuf,
+        /// The sha256 the manifest gives.
         expected: String,
+        /// The file's sha256.
         actual: String,
     },
     /// tract could not parse, type or optimise the ONNX graph.
     #[error("model {model}: cannot load ONNX graph: {reason}")]
-    Load { model: String, reason: String },
+    Load {
+        /// The model.
+        model: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// The manifest names an output node the graph does not have.
     #[error(
         "model {model}: the graph has no node or output named {node:?} (manifest field {field})"
     )]
     MissingNode {
+        /// The model.
         model: String,
+        /// The node.
         node: String,
+        /// The manifest field.
         field: &'static str,
     },
     /// The graph does not look like an image model of the declared input size.
     #[error("model {model}: not an image model as the manifest describes it: {reason}")]
-    NotImageModel { model: String, reason: String },
+    NotImageModel {
+        /// The model.
+        model: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// Building an export (backbone + head in one ONNX file) failed.
     #[error("model {model}: cannot export: {reason}")]
-    Export { model: String, reason: String },
+    Export {
+        /// The model.
+        model: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// Running the plan failed.
     #[error("model {model}: inference failed: {reason}")]
-    Inference { model: String, reason: String },
+    Inference {
+        /// The model.
+        model: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The plugged-in accelerator (the GPU executor) failed.
+    #[error("model {model}: inference failed: {source}")]
+    Accelerator {
+        /// The model.
+        model: String,
+        /// The underlying error.
+        #[source]
+        source: super::AcceleratorError,
+    },
+    /// A head, example or export file was made with another backbone than the one loaded.
+    #[error(
+        "{}: trained on backbone {} (sha256 {}…, {}-d, {}) but {} (sha256 {}…, {}-d, {}) is loaded; load the backbone it was trained on, or retrain",
+        file.display(),
+        theirs.name, short(&theirs.sha256), theirs.dim, theirs.preprocess,
+        ours.name, short(&ours.sha256), ours.dim, ours.preprocess
+    )]
+    OtherBackbone {
+        /// The file.
+        file: PathBuf,
+        /// The backbone the file was made with.
+        theirs: Box<super::BackboneId>,
+        /// The backbone that is loaded.
+        ours: Box<super::BackboneId>,
+    },
+}
+
+/// The first 12 hex digits of a sha256 (all of it, if shorter or not ASCII).
+fn short(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
 }
 
 impl BackboneError {

@@ -13,26 +13,28 @@
 //! ```
 
 use prost::Message;
-use serde::{Deserialize, Serialize};
 use tract_onnx::pb;
 
-use super::manifest::InputSpec;
+use super::exported::{ExportMeta, META_PREFIX, OUTPUT};
 use super::{Backbone, BackboneError};
-
-/// Metadata key prefix of graft exports.
-pub const META_PREFIX: &str = "graft.";
-/// Name of the exported output.
-pub const OUTPUT: &str = "scores";
 
 /// The head, as plain matrices.
 #[derive(Debug, Clone)]
 pub enum HeadOps {
     /// `logits = W·x + b`, `weights` is `classes × dim` row-major.
-    Linear { weights: Vec<f32>, bias: Vec<f32> },
+    Linear {
+        /// `classes × dim` weights, row-major.
+        weights: Vec<f32>,
+        /// One bias per class.
+        bias: Vec<f32>,
+    },
     /// Soft vote of the `k` nearest stored unit vectors (`n × dim`), with their class ids.
     Knn {
+        /// Neighbours that vote.
         k: usize,
+        /// Unit vectors, `n × dim`, row-major.
         examples: Vec<f32>,
+        /// Class id per example.
         labels: Vec<usize>,
     },
 }
@@ -52,32 +54,6 @@ pub struct ExportHead {
     pub kind: String,
     /// Output probabilities (true) or temperature-scaled logits (false).
     pub probabilities: bool,
-}
-
-/// What a graft export says about itself (read back from `metadata_props`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ExportMeta {
-    /// Class names, in output order.
-    pub labels: Vec<String>,
-    /// Threshold under which the best score means `unknown` (on probabilities).
-    pub threshold: f32,
-    /// `probabilities` or `logits`.
-    pub output: String,
-    /// Head type.
-    pub head: String,
-    /// Preprocessing the backbone expects.
-    pub preprocess: InputSpec,
-    /// The backbone's manifest name and sha256.
-    pub backbone: String,
-    /// sha256 of the backbone ONNX file the head was trained on.
-    pub backbone_sha256: String,
-}
-
-fn bad(model: &str, reason: impl Into<String>) -> BackboneError {
-    BackboneError::Load {
-        model: model.to_string(),
-        reason: reason.into(),
-    }
 }
 
 fn export_err(model: &str, reason: impl Into<String>) -> BackboneError {
@@ -412,39 +388,4 @@ impl Backbone {
         }
         Ok(model.encode_to_vec())
     }
-}
-
-/// Reads graft's metadata from an exported ONNX file's bytes; `None` if it is not a graft
-/// export.
-pub fn read_meta(onnx: &[u8], origin: &str) -> Result<Option<ExportMeta>, BackboneError> {
-    let model =
-        pb::ModelProto::decode(onnx).map_err(|e| bad(origin, format!("not an ONNX file: {e}")))?;
-    let get = |k: &str| {
-        model
-            .metadata_props
-            .iter()
-            .find(|p| p.key == format!("{META_PREFIX}{k}"))
-            .map(|p| p.value.clone())
-    };
-    let Some(labels) = get("labels") else {
-        return Ok(None);
-    };
-    let field = |k: &str| {
-        get(k).ok_or_else(|| bad(origin, format!("graft metadata lacks {META_PREFIX}{k}")))
-    };
-    let parse_err = |k: &str, e: &dyn std::fmt::Display| {
-        bad(origin, format!("graft metadata {META_PREFIX}{k}: {e}"))
-    };
-    Ok(Some(ExportMeta {
-        labels: serde_json::from_str(&labels).map_err(|e| parse_err("labels", &e))?,
-        threshold: field("threshold")?
-            .parse()
-            .map_err(|e| parse_err("threshold", &e))?,
-        output: field("output")?,
-        head: field("head")?,
-        preprocess: serde_json::from_str(&field("preprocess")?)
-            .map_err(|e| parse_err("preprocess", &e))?,
-        backbone: field("backbone")?,
-        backbone_sha256: field("backbone_sha256")?,
-    }))
 }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
-use super::{error, prepare, BackboneError};
+use super::{error, rewrite, BackboneError};
 
 /// An ONNX graph as plain data: nodes in topological order and their constants.
 #[derive(Debug, Clone, Default)]
@@ -192,7 +192,7 @@ impl Graph {
             .graph
             .as_mut()
             .ok_or_else(|| bad("the ONNX file has no graph".into()))?;
-        let weights_dequantized = prepare::fold_constant_dequantize(g).map_err(bad)?;
+        let weights_dequantized = rewrite::fold_constant_dequantize(g).map_err(bad)?;
         let mut constants = HashMap::new();
         for t in &g.initializer {
             constants.insert(t.name.clone(), constant(t).map_err(bad)?);
@@ -399,10 +399,10 @@ fn constant(t: &pb::TensorProto) -> Result<Constant, String> {
     let (dtype, values): (DataType, Vec<f32>) = match D::try_from(t.data_type) {
         Ok(D::Float) => (
             DataType::F32,
-            prepare::float_values(t).ok_or("float tensor without data")?,
+            rewrite::float_values(t).ok_or("float tensor without data")?,
         ),
         Ok(D::Int8) | Ok(D::Uint8) | Ok(D::Int32) => {
-            let v = prepare::int_values(t).ok_or("integer tensor without data")?;
+            let v = rewrite::int_values(t).ok_or("integer tensor without data")?;
             let dtype = match D::try_from(t.data_type) {
                 Ok(D::Int8) => DataType::I8,
                 Ok(D::Uint8) => DataType::U8,

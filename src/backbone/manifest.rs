@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::prepare::GraphSpec;
+use super::exported::{self, ExportMeta};
+pub use super::preprocess::InputSpec;
+use super::rewrite::GraphSpec;
 use super::BackboneError;
 
 /// The manifest format this build reads. Newer formats are refused with a clear error.
@@ -51,28 +53,6 @@ pub struct Manifest {
     pub provenance: Option<toml::Table>,
 }
 
-/// The input tensor and the preprocessing that produces it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputSpec {
-    /// Name of the graph input.
-    pub name: String,
-    /// Only `NCHW` for now.
-    pub layout: String,
-    /// Only `RGB` for now.
-    pub channels: String,
-    /// Side of the square input, in pixels.
-    pub size: u32,
-    /// The shorter side is resized to this before the centre crop.
-    pub resize_shorter: u32,
-    /// Only `bilinear` for now.
-    pub resize_filter: String,
-    /// Per-channel value subtracted from the 0..255 pixel.
-    pub mean: [f32; 3],
-    /// Per-channel divisor applied after the mean.
-    pub std: [f32; 3],
-}
-
 /// Named outputs of the graph.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,7 +89,7 @@ pub struct ModelSpec {
     pub(crate) source: Source,
     /// Set when the model is a graft export (backbone + head in one ONNX file): its output is
     /// the head's scores, described here.
-    pub exported: Option<super::export::ExportMeta>,
+    pub exported: Option<ExportMeta>,
 }
 
 struct BundledModel {
@@ -216,7 +196,7 @@ impl ModelSpec {
     pub fn from_export(path: &Path) -> Result<ModelSpec, BackboneError> {
         let origin = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| BackboneError::io(path, e))?;
-        let meta = super::export::read_meta(&bytes, &origin)?.ok_or_else(|| BackboneError::Manifest {
+        let meta = exported::read_meta(&bytes, &origin)?.ok_or_else(|| BackboneError::Manifest {
             manifest: origin.clone(),
             reason: "this ONNX file has no graft metadata; give a manifest (.toml) for a plain backbone".into(),
         })?;
@@ -242,7 +222,7 @@ impl ModelSpec {
             input: meta.preprocess.clone(),
             output: OutputSpec {
                 logits: None,
-                features: super::export::OUTPUT.into(),
+                features: exported::OUTPUT.into(),
                 features_size: meta.labels.len(),
                 classes: None,
             },

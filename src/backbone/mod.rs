@@ -10,18 +10,19 @@
 //! runs several batch-1 plans on worker threads, which on small boards scales better than
 //! splitting one matrix product across cores.
 //!
-//! Another engine can take over the forward pass: [`Backbone::graph`] hands out the prepared
+//! Another engine can take over the forward pass: [`Backbone::graph`] hands out the rewritten
 //! graph as plain data ([`graph::Graph`]), an executor built from it (graft's `gpu` module)
 //! implements [`Accelerator`], and [`Backbone::set_accelerator`] plugs it in. Every caller of
 //! [`Backbone::run`] and [`Backbone::embed_files`] then uses it; tract stays the reference.
 
 mod error;
 pub mod export;
+pub mod exported;
 pub mod graph;
 pub mod manifest;
-pub mod prepare;
 pub mod preprocess;
 mod profile;
+mod rewrite;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub use error::BackboneError;
 pub use manifest::{Manifest, ModelSpec, DEFAULT_MODEL};
 pub use preprocess::{Prepared, RgbFrame};
 pub use profile::{NodeTime, OpTime, Profile};
+pub use rewrite::{rewritten_sha256, ActivationQdq, GraphSpec, Rewrites};
 
 type Plan = Arc<TypedRunnableModel>;
 
@@ -64,6 +66,20 @@ impl BackboneId {
     /// True if embeddings from `other` can be mixed with ours.
     pub fn compatible(&self, other: &BackboneId) -> bool {
         self.sha256 == other.sha256 && self.dim == other.dim && self.preprocess == other.preprocess
+    }
+
+    /// The one compatibility check of a file against the loaded backbone (`self`): `theirs` is
+    /// the backbone the head, example or export `file` was made with. Every front end that
+    /// reads such a file calls this, so the rule and its message are the same everywhere.
+    pub fn check_file(&self, theirs: &BackboneId, file: &Path) -> Result<(), BackboneError> {
+        if self.compatible(theirs) {
+            return Ok(());
+        }
+        Err(BackboneError::OtherBackbone {
+            file: file.to_path_buf(),
+            theirs: Box::new(theirs.clone()),
+            ours: Box::new(self.clone()),
+        })
     }
 }
 
@@ -148,6 +164,54 @@ impl Default for LoadOptions {
     }
 }
 
+/// An [`Accelerator`]'s own error (e.g. `graft::gpu::GpuError`), kept as the `source()` of
+/// [`BackboneError::Accelerator`].
+pub type AcceleratorError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where the forward pass runs (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// A hardware GPU faster than the CPU when there is one (with the `gpu` feature), else
+    /// the CPU.
+    #[default]
+    Auto,
+    /// tract on the CPU.
+    Cpu,
+    /// The best GPU adapter there is, software ones included; an error if there is none.
+    Gpu,
+}
+
+impl DeviceChoice {
+    /// Every choice, in the order `--help` lists them.
+    pub const ALL: [DeviceChoice; 3] = [DeviceChoice::Auto, DeviceChoice::Cpu, DeviceChoice::Gpu];
+
+    /// As written on a command line or in a config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Gpu => "gpu",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DeviceChoice::ALL
+            .into_iter()
+            .find(|d| d.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("{s:?} is not a device (auto, cpu or gpu)"))
+    }
+}
+
 /// Another engine for the forward pass, built from [`Backbone::graph`] (graft's GPU executor).
 ///
 /// It runs the same graph as tract with the same outputs: features, then logits when the
@@ -155,7 +219,7 @@ impl Default for LoadOptions {
 pub trait Accelerator: Send + Sync {
     /// Runs `batch` prepared images (`[batch, C, H, W]`, row-major) and returns each output of
     /// the graph, `batch` rows each, row-major.
-    fn run(&self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String>;
+    fn run(&self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, AcceleratorError>;
     /// What it is, for logs and `graft info`, e.g. `gpu: NVIDIA H100 (Vulkan)`.
     fn describe(&self) -> String;
     /// The batch size bulk work should hand it.
@@ -172,7 +236,7 @@ pub struct Backbone {
     plans: Mutex<HashMap<usize, Plan>>,
     load_time: Duration,
     load_stages: LoadStages,
-    prepared: prepare::Prepared,
+    rewrites: rewrite::Rewrites,
     accelerator: Option<Arc<dyn Accelerator>>,
 }
 
@@ -220,7 +284,7 @@ impl Backbone {
         let actual = if spec.manifest.graph.is_identity() {
             actual
         } else {
-            prepare::prepared_sha256(&actual, &spec.manifest.graph)
+            rewrite::rewritten_sha256(&actual, &spec.manifest.graph)
         };
         let verify = start.elapsed();
         let labels = spec.read_labels()?;
@@ -260,11 +324,11 @@ impl Backbone {
             plans: Mutex::new(HashMap::new()),
             load_time: Duration::ZERO,
             load_stages: LoadStages::default(),
-            prepared: prepare::Prepared::default(),
+            rewrites: rewrite::Rewrites::default(),
             accelerator: None,
         };
         // Build the batch-1 plan now: it validates the graph and is what most calls use.
-        let (plan, stages, prepared) = backbone.build_plan(1)?;
+        let (plan, stages, rewrites) = backbone.build_plan(1)?;
         backbone
             .plans
             .lock()
@@ -273,7 +337,7 @@ impl Backbone {
         Ok(Backbone {
             load_time: start.elapsed(),
             load_stages: LoadStages { verify, ..stages },
-            prepared,
+            rewrites,
             ..backbone
         })
     }
@@ -334,7 +398,7 @@ impl Backbone {
     }
 
     /// For a graft export: its labels, threshold and output kind.
-    pub fn exported(&self) -> Option<&export::ExportMeta> {
+    pub fn exported(&self) -> Option<&exported::ExportMeta> {
         self.spec.exported.as_ref()
     }
 
@@ -368,9 +432,9 @@ impl Backbone {
         self.load_stages
     }
 
-    /// What graph preparation changed (nothing unless the manifest has a `[graph]` section).
-    pub fn prepared(&self) -> prepare::Prepared {
-        self.prepared
+    /// What the graph rewrites changed (nothing unless the manifest has a `[graph]` section).
+    pub fn rewrites(&self) -> Rewrites {
+        self.rewrites
     }
 
     /// Size in bytes of the ONNX file.
@@ -403,17 +467,17 @@ impl Backbone {
     /// The ONNX model as it runs: the file, with the manifest's `[graph]` rewrites applied.
     pub(crate) fn graph_proto(
         &self,
-    ) -> Result<(tract_onnx::pb::ModelProto, prepare::Prepared), BackboneError> {
+    ) -> Result<(tract_onnx::pb::ModelProto, rewrite::Rewrites), BackboneError> {
         let model = self.model_name();
-        let mut proto = prepare::decode(&self.onnx, &model)?;
-        let done = prepare::prepare(&mut proto, &self.spec.manifest.graph, &model)?;
+        let mut proto = rewrite::decode(&self.onnx, &model)?;
+        let done = rewrite::apply(&mut proto, &self.spec.manifest.graph, &model)?;
         Ok((proto, done))
     }
 
     fn build_plan(
         &self,
         batch: usize,
-    ) -> Result<(Plan, LoadStages, prepare::Prepared), BackboneError> {
+    ) -> Result<(Plan, LoadStages, rewrite::Rewrites), BackboneError> {
         let start = Instant::now();
         let m = &self.spec.manifest;
         let model = self.model_name();
@@ -509,9 +573,9 @@ impl Backbone {
         }
         let flat = acc
             .run(&data, batch)
-            .map_err(|reason| BackboneError::Inference {
+            .map_err(|source| BackboneError::Accelerator {
                 model: format!("{} on {}", self.model_name(), acc.describe()),
-                reason,
+                source,
             })?;
         Ok(split_outputs(flat, batch))
     }
@@ -770,6 +834,39 @@ mod tests {
         ];
         for (a, b, want) in cases {
             assert!((cosine(a, b) - want).abs() < 1e-6, "{a:?} {b:?}");
+        }
+    }
+
+    #[test]
+    fn compatibility_is_one_rule_with_one_message() {
+        let ours = BackboneId {
+            name: "a".into(),
+            sha256: "0123456789abcdef".into(),
+            dim: 4,
+            preprocess: "p".into(),
+        };
+        assert!(ours.check_file(&ours.clone(), Path::new("h.graft")).is_ok());
+        // A crafted file with a short or non-ASCII sha256 must not panic the message.
+        for (sha, dim, pre) in [
+            ("é", 4, "p"),
+            ("0123456789abcdef", 5, "p"),
+            ("0123456789abcdef", 4, "q"),
+        ] {
+            let theirs = BackboneId {
+                name: "b".into(),
+                sha256: sha.into(),
+                dim,
+                preprocess: pre.into(),
+            };
+            let e = ours
+                .check_file(&theirs, Path::new("h.graft"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("h.graft: trained on backbone b"), "{e}");
+            assert!(
+                e.contains("but a (sha256 0123456789ab…, 4-d, p) is loaded"),
+                "{e}"
+            );
         }
     }
 

@@ -6,12 +6,12 @@
 //! this against PIL + onnxruntime (`tests/fixtures/reference.py`).
 
 use std::io::{BufRead, Cursor, Seek};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use serde::{Deserialize, Serialize};
 
-use super::manifest::InputSpec;
 use super::BackboneError;
 
 /// File extensions `graft` treats as images when it walks folders.
@@ -23,6 +23,63 @@ pub fn has_image_extension(path: &Path) -> bool {
         .and_then(|e| e.to_str())
         .map(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
         .unwrap_or(false)
+}
+
+/// The input tensor and the preprocessing that produces it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Name of the graph input.
+    pub name: String,
+    /// Only `NCHW` for now.
+    pub layout: String,
+    /// Only `RGB` for now.
+    pub channels: String,
+    /// Side of the square input, in pixels.
+    pub size: u32,
+    /// The shorter side is resized to this before the centre crop.
+    pub resize_shorter: u32,
+    /// Only `bilinear` for now.
+    pub resize_filter: String,
+    /// Per-channel value subtracted from the 0..255 pixel.
+    pub mean: [f32; 3],
+    /// Per-channel divisor applied after the mean.
+    pub std: [f32; 3],
+}
+
+/// The image files under `dir`, recursively, sorted (so every run and every board sees the same
+/// files in the same order), skipping hidden files and folders (names starting with `.`). The
+/// one folder walk: `train`'s class folders, `embed` / `predict` / `add` folders and `--source`
+/// folders all see the same files. An error names the folder that could not be read.
+pub fn image_files_in(dir: &Path) -> Result<Vec<PathBuf>, BackboneError> {
+    let mut out = Vec::new();
+    walk(dir, &mut out)?;
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), BackboneError> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| BackboneError::io(dir, e))?
+        .map(|e| {
+            e.map(|e| e.path())
+                .map_err(|err| BackboneError::io(dir, err))
+        })
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    for p in entries {
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'))
+        {
+            continue;
+        }
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if has_image_extension(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
 }
 
 /// One image made ready for the backbone: `3 * size * size` floats, planar RGB.

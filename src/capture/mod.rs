@@ -72,7 +72,7 @@ pub enum CaptureError {
         message: String,
     },
     /// This binary was built without the `camera` feature.
-    #[error("this graft was built without camera support: rebuild with `cargo build --release --features camera`, or give --source PATH (an image, folder or glob)")]
+    #[error("this graft was built without camera support: rebuild it with the `camera` feature, or read frames from images (a file, folder or glob) instead")]
     CameraDisabled,
     /// A pixel format name graft does not know.
     #[error("unknown pixel format {format:?}; known: {}", .known.join(", "))]
@@ -357,7 +357,7 @@ impl FileSource {
         if p.is_file() {
             files.push(p.to_path_buf());
         } else if p.is_dir() {
-            walk(p, &mut files).map_err(|e| BackboneError::io(p, e))?;
+            files = preprocess::image_files_in(p)?;
         } else if path.contains(['*', '?', '[']) {
             let entries = glob::glob(path).map_err(|e| CaptureError::BadPattern {
                 pattern: path.into(),
@@ -398,18 +398,6 @@ impl FileSource {
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
     }
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let p = entry?.path();
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else if preprocess::has_image_extension(&p) {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 impl FrameSource for FileSource {
@@ -586,5 +574,21 @@ mod tests {
         assert!(e.to_string().contains("/nonexistent/graft/x.jpg"), "{e}");
         let e = FileSource::open("/nonexistent/graft/*.jpg", false).unwrap_err();
         assert!(matches!(e, CaptureError::NoImages { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_folder_source_sees_the_files_train_sees() {
+        // Regression: `--source DIR` used to replay hidden files (`.x.jpg`, `.thumbs/`) that
+        // `train` and `embed` skip.
+        let d = tempfile::tempdir().unwrap();
+        for f in ["b/2.jpg", "a.png", ".x.jpg", ".thumbs/t.jpg", "notes.txt"] {
+            let p = d.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let s = FileSource::open(d.path().to_str().unwrap(), false).unwrap();
+        let listed = crate::store::files::collect_images(&[d.path().to_path_buf()]).unwrap();
+        assert_eq!(s.files, listed);
+        assert_eq!(s.len(), 2);
     }
 }

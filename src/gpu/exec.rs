@@ -10,7 +10,9 @@ use super::lower::{FakeQuant, Kernel, Plan, Step};
 use super::GpuError;
 
 /// Bytes of one step's parameters in the uniform buffer (the WGSL `Params`: 40 words).
-const PARAMS_BYTES: u64 = 160;
+/// Bytes of one step's `Params` (a uniform block: a multiple of 16).
+const PARAMS_BYTES: u64 = std::mem::size_of::<Params>() as u64;
+const _: () = assert!(PARAMS_BYTES == 160 && PARAMS_BYTES % 16 == 0);
 /// Threads per workgroup of the one-thread-per-output kernels.
 const WG: u64 = 256;
 /// Columns per matmul workgroup (the WGSL `TN`; `TM` is the same).
@@ -392,9 +394,9 @@ impl Executor {
     fn write_params(&self, batch: usize) {
         let mut bytes = vec![0u8; self.params_stride as usize * self.plan.steps.len()];
         for (i, s) in self.plan.steps.iter().enumerate() {
-            let words = params(s, batch);
             let at = i * self.params_stride as usize;
-            bytes[at..at + PARAMS_BYTES as usize].copy_from_slice(bytemuck::cast_slice(&words));
+            bytes[at..at + PARAMS_BYTES as usize]
+                .copy_from_slice(bytemuck::bytes_of(&params(s, batch)));
         }
         self.queue.write_buffer(&self.params, 0, &bytes);
     }
@@ -543,97 +545,233 @@ fn max_batch(plan: &Plan, limits: &wgpu::Limits) -> usize {
     batch.min(u32::MAX as usize / values)
 }
 
-impl FakeQuant {
-    /// The six `Params` words of a Q/DQ stage, in the WGSL order.
-    fn words(&self) -> [u32; 6] {
-        [
-            self.scale,
-            self.zero_point,
-            self.dq_scale,
-            self.dq_zero_point,
-            self.qmin,
-            self.qmax,
-        ]
-        .map(f32::to_bits)
+/// One step's uniform block: `struct Params` in `kernels.wgsl`, field for field and in the
+/// same order (every field 4 bytes, so `#[repr(C)]` has no padding; bytemuck's derive checks).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    c_in: u32,
+    h: u32,
+    w: u32,
+    c_out: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    sh: u32,
+    sw: u32,
+    pt: u32,
+    pl: u32,
+    dh: u32,
+    dw: u32,
+    group_in: u32,
+    group_out: u32,
+    w_off: u32,
+    b_off: u32,
+    flags: u32,
+    clip_lo: f32,
+    clip_hi: f32,
+    total: u32,
+    len: u32,
+    q1: QParams,
+    q2: QParams,
+    clip2_lo: f32,
+    clip2_hi: f32,
+    pad0: u32,
+    pad1: u32,
+}
+
+/// A quantise/dequantise stage in `Params` (`q1_s, q1_zp, q1_ds, q1_dzp, q1_min, q1_max`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+struct QParams {
+    s: f32,
+    zp: f32,
+    ds: f32,
+    dzp: f32,
+    min: f32,
+    max: f32,
+}
+
+/// `Params::flags` bits: the `const`s of the same names in `kernels.wgsl`.
+mod flag {
+    pub const BIAS: u32 = 1;
+    pub const CLIP: u32 = 2;
+    pub const Q1: u32 = 4;
+    pub const RESIDUAL: u32 = 8;
+    pub const Q2: u32 = 16;
+    pub const CLIP2: u32 = 32;
+}
+
+impl From<FakeQuant> for QParams {
+    fn from(q: FakeQuant) -> QParams {
+        QParams {
+            s: q.scale,
+            zp: q.zero_point,
+            ds: q.dq_scale,
+            dzp: q.dq_zero_point,
+            min: q.qmin,
+            max: q.qmax,
+        }
     }
 }
 
 /// One step's WGSL `Params` for `batch` images.
-fn params(s: &Step, batch: usize) -> [u32; 40] {
-    let mut w = [0u32; 40];
-    let f = |v: f32| v.to_bits();
+fn params(s: &Step, batch: usize) -> Params {
     let u = |v: usize| v as u32;
-    w[0] = u(batch);
+    let mut p = Params {
+        n: u(batch),
+        w_off: u(s.weights),
+        ..Params::default()
+    };
     match s.kernel {
         Kernel::Conv(g) => {
-            let geom = [
-                g.c_in,
-                g.h,
-                g.w,
-                g.c_out,
-                g.oh,
-                g.ow,
-                g.kh,
-                g.kw,
-                g.sh,
-                g.sw,
-                g.pt,
-                g.pl,
-                g.dh,
-                g.dw,
-                g.c_in / g.groups,
-                g.c_out / g.groups,
-            ];
-            for (i, v) in geom.into_iter().enumerate() {
-                w[1 + i] = u(v);
-            }
-            w[22] = u(batch * g.c_out * g.oh * g.ow);
+            p.c_in = u(g.c_in);
+            p.h = u(g.h);
+            p.w = u(g.w);
+            p.c_out = u(g.c_out);
+            p.oh = u(g.oh);
+            p.ow = u(g.ow);
+            p.kh = u(g.kh);
+            p.kw = u(g.kw);
+            p.sh = u(g.sh);
+            p.sw = u(g.sw);
+            p.pt = u(g.pt);
+            p.pl = u(g.pl);
+            p.dh = u(g.dh);
+            p.dw = u(g.dw);
+            p.group_in = u(g.c_in / g.groups);
+            p.group_out = u(g.c_out / g.groups);
+            p.total = u(batch * g.c_out * g.oh * g.ow);
         }
-        Kernel::MatMul { m, k, p } => {
-            w[1] = u(k);
-            w[4] = u(m);
-            w[5] = u(p);
-            w[6] = 1;
-            w[22] = u(batch * m * p);
+        Kernel::MatMul { m, k, p: cols } => {
+            // The matmul kernel reads k as c_in, m as c_out, the columns as oh (ow = 1).
+            p.c_in = u(k);
+            p.c_out = u(m);
+            p.oh = u(cols);
+            p.ow = 1;
+            p.total = u(batch * m * cols);
         }
         Kernel::Pool { c, hw } => {
-            w[4] = u(c);
-            w[22] = u(batch * c);
-            w[23] = u(hw);
+            p.c_out = u(c);
+            p.total = u(batch * c);
+            p.len = u(hw);
         }
         Kernel::Eltwise { len } => {
-            w[22] = u(batch * len);
-            w[23] = u(len);
+            p.total = u(batch * len);
+            p.len = u(len);
         }
     }
     let e = &s.epilogue;
-    w[17] = u(s.weights);
-    let mut flags = 0;
     if let Some(b) = e.bias {
-        w[18] = u(b);
-        flags |= 1;
+        p.b_off = u(b);
+        p.flags |= flag::BIAS;
     }
     if let Some((lo, hi)) = e.clip {
-        flags |= 2;
-        w[20] = f(lo);
-        w[21] = f(hi);
+        p.flags |= flag::CLIP;
+        (p.clip_lo, p.clip_hi) = (lo, hi);
     }
     if let Some(q) = e.q1 {
-        flags |= 4;
-        w[24..30].copy_from_slice(&q.words());
+        p.flags |= flag::Q1;
+        p.q1 = q.into();
     }
     if e.residual.is_some() {
-        flags |= 8;
+        p.flags |= flag::RESIDUAL;
     }
     if let Some((lo, hi)) = e.clip2 {
-        flags |= 32;
-        w[36] = f(lo);
-        w[37] = f(hi);
+        p.flags |= flag::CLIP2;
+        (p.clip2_lo, p.clip2_hi) = (lo, hi);
     }
     if let Some(q) = e.q2 {
-        flags |= 16;
-        w[30..36].copy_from_slice(&q.words());
+        p.flags |= flag::Q2;
+        p.q2 = q.into();
     }
-    w[19] = flags;
-    w
+    p
+}
+
+#[cfg(test)]
+mod params_layout {
+    use super::*;
+    use std::mem::offset_of;
+
+    /// The Rust block and `struct Params` in `kernels.wgsl` must agree field by field: every
+    /// WGSL field (all 4 bytes) sits at 4 × its index, and so must the Rust field of that name.
+    #[test]
+    fn rust_params_mirror_the_wgsl_struct() {
+        let wgsl = include_str!("kernels.wgsl");
+        let body = wgsl
+            .split("struct Params {")
+            .nth(1)
+            .and_then(|b| b.split('}').next())
+            .expect("struct Params in kernels.wgsl");
+        let fields: Vec<&str> = body
+            .split(',')
+            .filter_map(|f| f.split(':').next())
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .collect();
+        assert_eq!(fields.len() as u64 * 4, PARAMS_BYTES, "{fields:?}");
+        let q = |base: usize, part: &str| {
+            base + match part {
+                "s" => offset_of!(QParams, s),
+                "zp" => offset_of!(QParams, zp),
+                "ds" => offset_of!(QParams, ds),
+                "dzp" => offset_of!(QParams, dzp),
+                "min" => offset_of!(QParams, min),
+                "max" => offset_of!(QParams, max),
+                other => panic!("unknown Q/DQ field {other}"),
+            }
+        };
+        for (i, name) in fields.iter().enumerate() {
+            let at = match *name {
+                "n" => offset_of!(Params, n),
+                "c_in" => offset_of!(Params, c_in),
+                "h" => offset_of!(Params, h),
+                "w" => offset_of!(Params, w),
+                "c_out" => offset_of!(Params, c_out),
+                "oh" => offset_of!(Params, oh),
+                "ow" => offset_of!(Params, ow),
+                "kh" => offset_of!(Params, kh),
+                "kw" => offset_of!(Params, kw),
+                "sh" => offset_of!(Params, sh),
+                "sw" => offset_of!(Params, sw),
+                "pt" => offset_of!(Params, pt),
+                "pl" => offset_of!(Params, pl),
+                "dh" => offset_of!(Params, dh),
+                "dw" => offset_of!(Params, dw),
+                "group_in" => offset_of!(Params, group_in),
+                "group_out" => offset_of!(Params, group_out),
+                "w_off" => offset_of!(Params, w_off),
+                "b_off" => offset_of!(Params, b_off),
+                "flags" => offset_of!(Params, flags),
+                "clip_lo" => offset_of!(Params, clip_lo),
+                "clip_hi" => offset_of!(Params, clip_hi),
+                "total" => offset_of!(Params, total),
+                "len" => offset_of!(Params, len),
+                "clip2_lo" => offset_of!(Params, clip2_lo),
+                "clip2_hi" => offset_of!(Params, clip2_hi),
+                "pad0" => offset_of!(Params, pad0),
+                "pad1" => offset_of!(Params, pad1),
+                n if n.starts_with("q1_") => q(offset_of!(Params, q1), &n[3..]),
+                n if n.starts_with("q2_") => q(offset_of!(Params, q2), &n[3..]),
+                other => panic!("WGSL field {other} has no Rust twin"),
+            };
+            assert_eq!(at, i * 4, "field {name}");
+        }
+        // And the flag bits.
+        for (name, bit) in [
+            ("BIAS", flag::BIAS),
+            ("CLIP", flag::CLIP),
+            ("Q1", flag::Q1),
+            ("RESIDUAL", flag::RESIDUAL),
+            ("Q2", flag::Q2),
+            ("CLIP2", flag::CLIP2),
+        ] {
+            assert!(
+                wgsl.contains(&format!("const {name}: u32 = {bit}u;")),
+                "flag {name} = {bit} differs from kernels.wgsl"
+            );
+        }
+    }
 }

@@ -23,37 +23,59 @@ use crate::backbone::{Accelerator, Backbone};
 
 pub use exec::KernelTime;
 
-/// Environment variable: pick the adapter whose name contains this text (case-insensitive).
-pub const ADAPTER_ENV: &str = "GRAFT_GPU_ADAPTER";
-/// Environment variable: the most images per GPU dispatch (default 64).
-pub const BATCH_ENV: &str = "GRAFT_GPU_BATCH";
-/// Images per dispatch unless [`BATCH_ENV`] says otherwise.
+/// Images per dispatch unless [`GpuOptions::max_batch`] says otherwise.
 pub const DEFAULT_BATCH: usize = 64;
+
+pub use crate::backbone::DeviceChoice;
 
 /// Everything that can go wrong on the GPU path.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
     /// No adapter to run on.
-    #[error("no GPU adapter found{0} (install the GPU's Vulkan driver; Mesa's lavapipe, Debian package mesa-vulkan-drivers, is a software one for testing)")]
-    NoAdapter(String),
+    #[error(
+        "no GPU adapter found{} (install the GPU's Vulkan driver; Mesa's lavapipe, Debian package mesa-vulkan-drivers, is a software one for testing)",
+        no_adapter_detail(wanted.as_deref(), seen)
+    )]
+    NoAdapter {
+        /// The name asked for ([`GpuOptions::adapter`]), if any.
+        wanted: Option<String>,
+        /// The adapters there are.
+        seen: Vec<String>,
+    },
     /// The graph has an operator (or a form of one) the executor does not run.
     #[error("model {model}: the GPU executor cannot run node {node}: {reason}")]
     Unsupported {
+        /// The model.
         model: String,
+        /// The node.
         node: String,
+        /// What was wrong.
         reason: String,
     },
     /// The graph is not one the executor can plan.
     #[error("model {model}: cannot plan the graph for the GPU: {reason}")]
-    Lower { model: String, reason: String },
+    Lower {
+        /// The model.
+        model: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// The adapter refused a device, a buffer or a kernel.
     #[error("GPU {adapter}: {reason}")]
-    Device { adapter: String, reason: String },
+    Device {
+        /// The adapter.
+        adapter: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// The adapter could not hold the buffers for this many images per dispatch.
     #[error("GPU {adapter}: out of memory for {batch} images per dispatch: {reason}")]
     OutOfMemory {
+        /// The adapter.
         adapter: String,
+        /// Images per dispatch.
         batch: usize,
+        /// What was wrong.
         reason: String,
     },
     /// A run failed on the device.
@@ -61,16 +83,12 @@ pub enum GpuError {
     Run(String),
 }
 
-/// Where the forward pass runs (`--device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceChoice {
-    /// A hardware GPU faster than the CPU when there is one, else the CPU.
-    #[default]
-    Auto,
-    /// tract on the CPU.
-    Cpu,
-    /// The best GPU adapter there is, software ones included; an error if there is none.
-    Gpu,
+fn no_adapter_detail(wanted: Option<&str>, seen: &[String]) -> String {
+    match wanted {
+        Some(w) => format!(" named like {w:?} (seen: {seen:?})"),
+        None if seen.is_empty() => String::new(),
+        None => format!(" that is faster than the CPU (seen: {seen:?})"),
+    }
 }
 
 /// An adapter wgpu found.
@@ -149,14 +167,17 @@ fn summarize(info: &wgpu::AdapterInfo) -> AdapterSummary {
     }
 }
 
-/// The adapter `choice` allows ([`ADAPTER_ENV`] narrows it by name); `None` for `cpu`, or for
-/// `auto` without one worth using.
-fn pick(choice: DeviceChoice) -> Result<Option<(wgpu::Adapter, AdapterSummary)>, GpuError> {
+/// The adapter `choice` allows (`wanted` narrows it by name); `None` for `cpu`, or for `auto`
+/// without one worth using.
+fn pick(
+    choice: DeviceChoice,
+    wanted: Option<&str>,
+) -> Result<Option<(wgpu::Adapter, AdapterSummary)>, GpuError> {
     if choice == DeviceChoice::Cpu {
         return Ok(None);
     }
     let auto = choice == DeviceChoice::Auto;
-    let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty());
+    let wanted = wanted.filter(|s| !s.is_empty());
     let mut found = enumerate();
     found.sort_by_key(|(_, s)| s.rank);
     let names: Vec<String> = found.iter().map(|(_, s)| s.name.clone()).collect();
@@ -167,17 +188,18 @@ fn pick(choice: DeviceChoice) -> Result<Option<(wgpu::Adapter, AdapterSummary)>,
     match pick {
         Some(p) => Ok(Some(p)),
         None => {
-            let why = match &wanted {
-                Some(w) => format!(" named like {ADAPTER_ENV}={w:?} (seen: {names:?})"),
-                None if names.is_empty() => String::new(),
-                None => format!(" that is faster than the CPU (seen: {names:?})"),
-            };
             if auto {
                 // Every command on such a machine would say it: `info` and `-v` tell.
-                log::debug!("no GPU adapter{why}; running on the CPU");
+                log::debug!(
+                    "no GPU adapter{}; running on the CPU",
+                    no_adapter_detail(wanted, &names)
+                );
                 return Ok(None);
             }
-            Err(GpuError::NoAdapter(why))
+            Err(GpuError::NoAdapter {
+                wanted: wanted.map(str::to_string),
+                seen: names,
+            })
         }
     }
 }
@@ -206,6 +228,8 @@ pub struct GpuOptions {
     /// (`false`); `None`: tiles on hardware GPUs, straight on software renderers, where
     /// barriers are expensive.
     pub tiled_matmul: Option<bool>,
+    /// Take the adapter whose name contains this text (case-insensitive), whatever its type.
+    pub adapter: Option<String>,
 }
 
 impl Default for GpuOptions {
@@ -213,6 +237,7 @@ impl Default for GpuOptions {
         GpuOptions {
             max_batch: DEFAULT_BATCH,
             tiled_matmul: None,
+            adapter: None,
         }
     }
 }
@@ -239,33 +264,26 @@ pub struct PlanSummary {
 }
 
 impl GpuBackbone {
-    /// Lowers `backbone`'s graph and builds it on the adapter `choice` allows, with up to
-    /// [`BATCH_ENV`] (default 64) images per dispatch.
+    /// Lowers `backbone`'s graph and builds it on the adapter `choice` (and
+    /// [`GpuOptions::adapter`]) allows, with up to [`GpuOptions::max_batch`] images per
+    /// dispatch.
     ///
     /// `Ok(None)`: `cpu`; or `auto` found no adapter worth using, or the graph needs an
     /// operator the executor lacks: the reason is logged and the caller stays on the CPU.
     pub fn open(
         backbone: &Backbone,
         choice: DeviceChoice,
+        options: &GpuOptions,
     ) -> Result<Option<GpuBackbone>, GpuError> {
         // The adapter first: with none worth using, `auto` costs no graph work.
-        let Some(adapter) = pick(choice)? else {
+        let Some(adapter) = pick(choice, options.adapter.as_deref())? else {
             return Ok(None);
         };
         let graph = backbone.graph().map_err(|e| GpuError::Lower {
             model: backbone.id().name.clone(),
             reason: e.to_string(),
         })?;
-        let batch = std::env::var(BATCH_ENV)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|b| *b > 0)
-            .unwrap_or(DEFAULT_BATCH);
-        let options = GpuOptions {
-            max_batch: batch,
-            ..GpuOptions::default()
-        };
-        Self::on(adapter, &graph, choice, &options)
+        Self::on(adapter, &graph, choice, options)
     }
 
     /// [`GpuBackbone::open`] for any graph (one made by hand, for instance).
@@ -274,7 +292,7 @@ impl GpuBackbone {
         choice: DeviceChoice,
         options: &GpuOptions,
     ) -> Result<Option<GpuBackbone>, GpuError> {
-        let Some(adapter) = pick(choice)? else {
+        let Some(adapter) = pick(choice, options.adapter.as_deref())? else {
             return Ok(None);
         };
         Self::on(adapter, graph, choice, options)
@@ -397,8 +415,12 @@ impl GpuBackbone {
 }
 
 impl Accelerator for GpuBackbone {
-    fn run(&self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
-        self.exec.run(input, batch).map_err(|e| e.to_string())
+    fn run(
+        &self,
+        input: &[f32],
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>, crate::backbone::AcceleratorError> {
+        Ok(self.exec.run(input, batch)?)
     }
 
     fn describe(&self) -> String {

@@ -36,6 +36,7 @@ fn check(g: &Graph, batch: usize, max_batch: usize, seed: u64, tol: f32) -> (usi
         let options = GpuOptions {
             max_batch,
             tiled_matmul: Some(tiled),
+            ..GpuOptions::default()
         };
         let gpu = GpuBackbone::from_graph(g, DeviceChoice::Gpu, &options)
             .expect("a GPU adapter (CI: mesa-vulkan-drivers)")

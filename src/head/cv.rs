@@ -6,7 +6,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use super::{fit, softmax, HeadError, HeadKind, HeadParams};
+use super::{fit, softmax, Examples, HeadError, HeadKind, HeadParams};
 
 /// Below this many examples in the smallest class, CV is leave-one-out; above, stratified k-fold.
 pub const LOO_MAX_SHOTS: usize = 10;
@@ -50,40 +50,31 @@ pub struct Selection {
 /// from them would reject new objects of known classes.
 pub fn cross_validate(
     kind: HeadKind,
-    x: &[Vec<f32>],
-    y: &[usize],
-    groups: &[usize],
-    classes: usize,
+    ex: &Examples,
     params: &HeadParams,
     seed: u64,
 ) -> Result<CvReport, HeadError> {
-    let n = x.len();
-    if groups.len() != n {
-        return Err(HeadError::NotEnoughData(format!(
-            "{} group ids for {n} examples",
-            groups.len()
-        )));
-    }
+    let (x, y, classes, n) = (&ex.x, &ex.y, ex.classes(), ex.len());
     // A class whose examples all show one object (one capture session) cannot be held out by
     // object: its frames are held out one by one instead (optimistic: a held-out frame's twins
     // stay in training, but the class is measured at all).
-    let mut split = groups.to_vec();
-    let mut next = groups.iter().max().map_or(0, |m| m + 1);
+    let mut split = ex.clone();
+    let mut next = ex.groups.iter().max().map_or(0, |m| m + 1);
     for c in 0..classes {
         let members: Vec<usize> = (0..n).filter(|i| y[*i] == c).collect();
-        if members.len() > 1 && distinct_groups(y, groups, c).len() == 1 {
+        if members.len() > 1 && ex.groups_of(c).len() == 1 {
             for i in members {
-                split[i] = next;
+                split.groups[i] = next;
                 next += 1;
             }
         }
     }
-    let groups = &split[..];
     let min_shots = (0..classes)
-        .map(|c| distinct_groups(y, groups, c).len())
+        .map(|c| split.groups_of(c).len())
         .filter(|c| *c > 0)
         .min()
         .unwrap_or(0);
+    let groups = &split.groups;
     let mut ids: Vec<usize> = groups.to_vec();
     ids.sort_unstable();
     ids.dedup();
@@ -102,7 +93,7 @@ pub fn cross_validate(
         (folds, method.to_string())
     } else {
         (
-            stratified_folds(y, groups, classes, K_FOLDS, seed),
+            stratified_folds(&split, K_FOLDS, seed),
             format!("kfold-{K_FOLDS}"),
         )
     };
@@ -149,17 +140,10 @@ pub fn cross_validate(
 /// Tries every kind and picks the best held-out accuracy (ties: the earlier in
 /// [`HeadKind::ALL`], i.e. the simpler-to-explain head). With one example per class nothing can
 /// be held out, and the centroid head (weight imprinting) is chosen.
-pub fn auto_select(
-    x: &[Vec<f32>],
-    y: &[usize],
-    groups: &[usize],
-    classes: usize,
-    params: &HeadParams,
-    seed: u64,
-) -> Result<Selection, HeadError> {
+pub fn auto_select(ex: &Examples, params: &HeadParams, seed: u64) -> Result<Selection, HeadError> {
     let mut reports = Vec::new();
     for kind in HeadKind::ALL {
-        reports.push(cross_validate(kind, x, y, groups, classes, params, seed)?);
+        reports.push(cross_validate(kind, ex, params, seed)?);
     }
     let chosen = if reports.iter().all(|r| r.scored == 0) {
         HeadKind::Centroid
@@ -205,11 +189,10 @@ pub struct Calibration {
 /// leave out, and the threshold is the [`THRESHOLD_QUANTILE`] of the known scores.
 pub fn calibrate(
     report: &CvReport,
-    x: &[Vec<f32>],
-    y: &[usize],
-    classes: usize,
+    ex: &Examples,
     params: &HeadParams,
 ) -> Result<Calibration, HeadError> {
+    let (x, y, classes) = (&ex.x, &ex.y, ex.classes());
     let scored: Vec<(&Vec<f32>, usize)> = report
         .held_out
         .iter()
@@ -316,30 +299,15 @@ pub fn calibrate(
     })
 }
 
-fn distinct_groups(y: &[usize], groups: &[usize], class: usize) -> Vec<usize> {
-    let mut g: Vec<usize> = (0..y.len())
-        .filter(|i| y[*i] == class)
-        .map(|i| groups[i])
-        .collect();
-    g.sort_unstable();
-    g.dedup();
-    g
-}
-
 /// Per class, its groups shuffled and dealt round-robin into `k` folds (the offset carries over
 /// between classes so small classes do not all land in fold 0).
-fn stratified_folds(
-    y: &[usize],
-    groups: &[usize],
-    classes: usize,
-    k: usize,
-    seed: u64,
-) -> Vec<usize> {
+pub(crate) fn stratified_folds(ex: &Examples, k: usize, seed: u64) -> Vec<usize> {
+    let (y, groups) = (&ex.y, &ex.groups);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut folds = vec![0; y.len()];
     let mut offset = 0;
-    for c in 0..classes {
-        let mut gs = distinct_groups(y, groups, c);
+    for c in 0..ex.classes() {
+        let mut gs = ex.groups_of(c);
         gs.shuffle(&mut rng);
         for (j, g) in gs.iter().enumerate() {
             for i in 0..y.len() {
@@ -367,11 +335,16 @@ pub(crate) fn argmax(v: &[f32]) -> usize {
 mod tests {
     use super::*;
 
+    fn labels(n: usize) -> Vec<String> {
+        (0..n).map(|c| format!("c{c}")).collect()
+    }
+
     #[test]
     fn stratified_folds_balance_every_class() {
         let y: Vec<usize> = (0..30).map(|i| i % 3).collect();
         let groups: Vec<usize> = (0..30).collect();
-        let f = stratified_folds(&y, &groups, 3, 5, 7);
+        let ex = Examples::new(vec![vec![0.0]; 30], y.clone(), groups, labels(3)).unwrap();
+        let f = stratified_folds(&ex, 5, 7);
         for fold in 0..5 {
             for c in 0..3 {
                 let n = (0..30).filter(|i| f[*i] == fold && y[*i] == c).count();
@@ -394,17 +367,9 @@ mod tests {
                 y.push(c);
             }
         }
-        let groups = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1];
-        let r = cross_validate(
-            HeadKind::Centroid,
-            &x,
-            &y,
-            &groups,
-            2,
-            &HeadParams::default(),
-            0,
-        )
-        .unwrap();
+        let groups = vec![0, 0, 0, 0, 0, 1, 1, 1, 1, 1];
+        let ex = Examples::new(x, y, groups, labels(2)).unwrap();
+        let r = cross_validate(HeadKind::Centroid, &ex, &HeadParams::default(), 0).unwrap();
         assert_eq!(r.scored, 10);
         assert_eq!(r.accuracy, 1.0);
     }
@@ -429,26 +394,17 @@ mod tests {
                 }
             }
         }
-        let r = cross_validate(
-            HeadKind::Knn,
-            &x,
-            &y,
-            &groups,
-            2,
-            &HeadParams {
-                knn_k: 1,
-                ..HeadParams::default()
-            },
-            0,
-        )
-        .unwrap();
+        let one_nn = HeadParams {
+            knn_k: 1,
+            ..HeadParams::default()
+        };
+        let ex = Examples::new(x.clone(), y.clone(), groups.clone(), labels(2)).unwrap();
+        let r = cross_validate(HeadKind::Knn, &ex, &one_nn, 0).unwrap();
         assert_eq!(r.method, "kfold-5");
+        let first16: Vec<usize> = (0..16).collect();
         let r = cross_validate(
             HeadKind::Centroid,
-            &x[..16],
-            &y[..16],
-            &groups[..16],
-            2,
+            &ex.subset(&first16),
             &HeadParams::default(),
             0,
         )
@@ -456,21 +412,11 @@ mod tests {
         assert_eq!(r.method, "leave-one-object-out");
         // With grouping, a 1-NN never sees the held-out photo's twin: its nearest neighbour is
         // another object, whose second coordinate pattern differs half the time.
-        let twins = cross_validate(
-            HeadKind::Knn,
-            &x,
-            &y,
-            &(0..x.len()).collect::<Vec<_>>(),
-            2,
-            &HeadParams {
-                knn_k: 1,
-                ..HeadParams::default()
-            },
-            0,
-        )
-        .unwrap();
+        let n = x.len();
+        let singles = Examples::new(x, y, (0..n).collect(), labels(2)).unwrap();
+        let twins = cross_validate(HeadKind::Knn, &singles, &one_nn, 0).unwrap();
         assert_eq!(twins.method, "kfold-5");
-        assert!(twins.scored == x.len());
+        assert!(twins.scored == n);
     }
 
     #[test]
@@ -487,8 +433,14 @@ mod tests {
                 Some(vec![0.3, 0.7]),
             ],
         };
-        let x = vec![vec![1.0, 0.0]; 4];
-        let c = calibrate(&report, &x, &[0, 0, 1, 1], 2, &HeadParams::default()).unwrap();
+        let ex = Examples::new(
+            vec![vec![1.0, 0.0]; 4],
+            vec![0, 0, 1, 1],
+            vec![0, 1, 2, 3],
+            labels(2),
+        )
+        .unwrap();
+        let c = calibrate(&report, &ex, &HeadParams::default()).unwrap();
         assert!(c.temperature > 10.0, "{}", c.temperature);
         assert!(c.threshold > 0.9 && c.threshold <= 1.0, "{}", c.threshold);
         assert_eq!(c.method, "quantile");

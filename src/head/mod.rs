@@ -14,7 +14,10 @@
 //! | `bayes` | Gaussian naive Bayes joint log-likelihood (linfa-bayes) | means / variances | exact refit |
 
 mod cv;
+pub mod eval;
+mod examples;
 mod fit;
+mod label;
 pub mod metrics;
 
 use std::fmt;
@@ -26,7 +29,9 @@ pub use cv::{
     auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, FALLBACK_THRESHOLD,
     K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION, THRESHOLD_QUANTILE,
 };
+pub use examples::{group_ids, Examples};
 pub use fit::fit;
+pub use label::{Label, LabelError, MAX_LABEL_BYTES};
 
 /// Errors of the heads module.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +41,22 @@ pub enum HeadError {
     NotEnoughData(String),
     /// The underlying linfa fit failed.
     #[error("fitting the {kind} head failed: {reason}")]
-    Fit { kind: HeadKind, reason: String },
+    Fit {
+        /// The head type.
+        kind: HeadKind,
+        /// What was wrong.
+        reason: String,
+    },
     /// An embedding of the wrong size.
     #[error("embedding has {got} values, the head expects {want}")]
-    Dimension { got: usize, want: usize },
+    Dimension {
+        /// Values given.
+        got: usize,
+        /// Values expected.
+        want: usize,
+    },
     /// This head type has no ONNX form yet.
-    #[error("a {0} head cannot be exported yet (retrain with --head logistic, centroid or knn)")]
+    #[error("a {0} head cannot be exported yet (retrain it as a logistic, centroid or knn head)")]
     NotExportable(HeadKind),
     /// Unknown head name.
     #[error("unknown head type {0:?} (choose auto, logistic, centroid, knn or bayes)")]
@@ -334,14 +349,9 @@ pub fn normalize(v: &[f32]) -> Vec<f32> {
 /// Separable synthetic examples for timing heads: `classes` random centres on the positive
 /// orthant of the `dim`-sphere, `shots` unit vectors jittered around each (seeded, so every run
 /// times the same problem). The cost of fitting depends on n, d and classes, not on what the
-/// pictures showed, so `graft bench` and `benches/heads.rs` time heads on these. Returns the
-/// vectors, their class ids and class names `c0, c1, ...`.
-pub fn synthetic(
-    classes: usize,
-    shots: usize,
-    dim: usize,
-    seed: u64,
-) -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
+/// pictures showed, so `graft bench` and `benches/heads.rs` time heads on these. Every example
+/// is its own object (as photos without `<object>_<n>` names); classes are named `c0, c1, ...`.
+pub fn synthetic(classes: usize, shots: usize, dim: usize, seed: u64) -> Examples {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let centres: Vec<Vec<f32>> = (0..classes)
@@ -365,7 +375,13 @@ pub fn synthetic(
             y.push(c);
         }
     }
-    (x, y, (0..classes).map(|c| format!("c{c}")).collect())
+    let n = x.len();
+    Examples {
+        x,
+        y,
+        groups: (0..n).collect(),
+        labels: (0..classes).map(|c| format!("c{c}")).collect(),
+    }
 }
 
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -426,32 +442,28 @@ pub struct Trained {
 }
 
 /// Trains a head on unit vectors: cross-validates (choosing the kind when `kind` is `None`;
-/// `groups[i]` names the object example `i` shows, see [`cross_validate`]),
-/// fits temperature and threshold from held-out scores, then fits on everything.
+/// photos of one object are held out together, see [`cross_validate`]), fits temperature and
+/// threshold from held-out scores, then fits on everything.
 pub fn train(
     kind: Option<HeadKind>,
-    x: &[Vec<f32>],
-    y: &[usize],
-    groups: &[usize],
-    labels: &[String],
+    ex: &Examples,
     params: &HeadParams,
     seed: u64,
 ) -> Result<Trained, HeadError> {
-    let classes = labels.len();
-    let present = (0..classes).filter(|c| y.contains(c)).count();
+    let present = ex.present_classes().len();
     if present < 2 {
         return Err(HeadError::NotEnoughData(format!(
             "need examples of at least 2 classes to train, got {present} ({})",
-            labels.join(", ")
+            ex.labels.join(", ")
         )));
     }
     let (chosen, report, candidates) = match kind {
         Some(k) => {
-            let r = cross_validate(k, x, y, groups, classes, params, seed)?;
+            let r = cross_validate(k, ex, params, seed)?;
             (k, r, Vec::new())
         }
         None => {
-            let sel = auto_select(x, y, groups, classes, params, seed)?;
+            let sel = auto_select(ex, params, seed)?;
             let r = sel
                 .reports
                 .iter()
@@ -461,12 +473,12 @@ pub fn train(
             (sel.chosen, r, sel.reports)
         }
     };
-    let calibration = calibrate(&report, x, y, classes, params)?;
-    let model = fit(chosen, x, y, classes, params)?;
+    let calibration = calibrate(&report, ex, params)?;
+    let model = fit(chosen, &ex.x, &ex.y, ex.classes(), params)?;
     Ok(Trained {
         head: Head {
             kind: chosen,
-            labels: labels.to_vec(),
+            labels: ex.labels.clone(),
             model,
             temperature: calibration.temperature,
             threshold: calibration.threshold,

@@ -12,6 +12,8 @@
 
 use std::fmt;
 
+use crate::head::Label;
+
 /// Protocol version, reported by `INFO`.
 pub const VERSION: u32 = 1;
 /// Longest request line accepted, in bytes (without the line end).
@@ -74,7 +76,7 @@ pub enum Verb {
     /// Capture `n` frames as examples of `label` and add them.
     Learn {
         /// Class name.
-        label: String,
+        label: Label,
         /// Frames.
         n: u32,
     },
@@ -85,7 +87,7 @@ pub enum Verb {
     /// Remove a class and its examples.
     Forget {
         /// Class name.
-        label: String,
+        label: Label,
     },
     /// Show (`None`) or set the rejection threshold.
     Threshold(Option<f32>),
@@ -147,14 +149,6 @@ pub struct Rejection {
 /// XOR of the bytes, NMEA style.
 pub fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0, |a, b| a ^ b)
-}
-
-fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with('.')
-        && s.chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 fn is_id(s: &str) -> bool {
@@ -259,15 +253,7 @@ impl Request {
                 Ok(())
             }
         };
-        let label = |s: &str| -> Result<String, Rejection> {
-            if is_label(s) && !s.eq_ignore_ascii_case(crate::head::UNKNOWN) {
-                Ok(s.to_string())
-            } else {
-                Err(bad(format!(
-                    "{s:?} is not a usable class name (1-64 letters, digits, '_', '-', '.'; not unknown)"
-                )))
-            }
-        };
+        let label = |s: &str| Label::new(s).map_err(|e| bad(e.to_string()));
         let verb = match verb_upper.as_str() {
             "PING" => n_args(0, 0).map(|_| Verb::Ping),
             "INFO" => n_args(0, 0).map(|_| Verb::Info),
@@ -532,7 +518,7 @@ mod tests {
         assert_eq!(
             r.verb,
             Verb::Learn {
-                label: "cup".into(),
+                label: Label::new("cup").unwrap(),
                 n: 3
             }
         );
@@ -540,7 +526,7 @@ mod tests {
         assert_eq!(
             parse("LEARN mug").unwrap().verb,
             Verb::Learn {
-                label: "mug".into(),
+                label: Label::new("mug").unwrap(),
                 n: 5
             }
         );

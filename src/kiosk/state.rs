@@ -19,12 +19,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::{preprocess, sha256_hex, Backbone, BackboneError, RgbFrame};
+use crate::backbone::{Backbone, BackboneError, BackboneId};
 use crate::capture::Frame;
-use crate::head::{HeadError, HeadKind};
+use crate::head::{HeadError, HeadKind, Label};
 use crate::live::{self, Classified, LiveError};
 use crate::store::embeddings::{self, EmbeddingFile, Record};
 use crate::store::headfile::{self, Example, HeadFile};
+use crate::store::learn::{self, ExampleSet, ExampleStore, FrameSaver, LearnError, JPEG_QUALITY};
 use crate::store::{write_atomic, StoreError};
 
 /// Kiosk failures.
@@ -48,16 +49,6 @@ pub enum KioskError {
     /// Training failed.
     #[error(transparent)]
     Head(#[from] HeadError),
-    /// The data directory belongs to another backbone.
-    #[error("{}: examples were embedded by backbone {theirs}, but {ours} is loaded; use --model {theirs} or another --data folder", path.display())]
-    OtherBackbone {
-        /// The example file.
-        path: PathBuf,
-        /// Its backbone.
-        theirs: String,
-        /// The loaded one.
-        ours: String,
-    },
     /// A folder could not be created / removed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -66,6 +57,16 @@ pub enum KioskError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+impl From<LearnError> for KioskError {
+    fn from(e: LearnError) -> Self {
+        match e {
+            LearnError::Store(e) => KioskError::Store(e),
+            LearnError::Backbone(e) => KioskError::Backbone(e),
+            LearnError::Head(e) => KioskError::Head(e),
+        }
+    }
 }
 
 impl From<LiveError> for KioskError {
@@ -111,8 +112,7 @@ pub struct TrainedInfo {
 pub struct Kiosk {
     dir: PathBuf,
     backbone: Backbone,
-    labels: Vec<String>,
-    examples: Vec<Example>,
+    set: ExampleSet,
     head: Option<HeadFile>,
     settings: Settings,
 }
@@ -152,8 +152,7 @@ impl Kiosk {
         let mut k = Kiosk {
             dir: dir.to_path_buf(),
             backbone,
-            labels: Vec::new(),
-            examples: Vec::new(),
+            set: ExampleSet::default(),
             head: None,
             settings: Settings::default(),
         };
@@ -164,23 +163,20 @@ impl Kiosk {
         }
         if k.examples_file().exists() {
             let file = embeddings::read(&k.examples_file())?;
-            if !file.backbone.compatible(k.backbone.id()) {
-                return Err(KioskError::OtherBackbone {
-                    path: k.examples_file(),
-                    theirs: file.backbone.name,
-                    ours: k.backbone.id().name.clone(),
-                });
-            }
+            k.backbone
+                .id()
+                .check_file(&file.backbone, &k.examples_file())?;
             for r in file.records {
                 let label = r.label.unwrap_or_else(|| "unlabelled".into());
-                let id = match k.labels.iter().position(|l| *l == label) {
+                let labels = &mut k.set.labels;
+                let id = match labels.iter().position(|l| *l == label) {
                     Some(i) => i,
                     None => {
-                        k.labels.push(label);
-                        k.labels.len() - 1
+                        labels.push(label);
+                        labels.len() - 1
                     }
                 };
-                k.examples.push(Example {
+                k.set.examples.push(Example {
                     label: id,
                     path: r.path,
                     sha256: r.sha256,
@@ -189,21 +185,14 @@ impl Kiosk {
             }
         } else if let Some(seed) = seed {
             let h = headfile::read(seed)?;
-            if !h.backbone.compatible(k.backbone.id()) {
-                return Err(KioskError::OtherBackbone {
-                    path: seed.to_path_buf(),
-                    theirs: h.backbone.name,
-                    ours: k.backbone.id().name.clone(),
-                });
-            }
+            k.backbone.id().check_file(&h.backbone, seed)?;
             log::info!(
                 "seeding {} from {} ({} examples)",
                 dir.display(),
                 seed.display(),
                 h.examples.len()
             );
-            k.labels = h.head.labels.clone();
-            k.examples = h.examples;
+            k.set = ExampleSet::of(&h);
             k.write_examples()?;
         }
         k.remove_orphans()?;
@@ -217,7 +206,7 @@ impl Kiosk {
             }
         }
         if k.head.is_none() {
-            k.refit(None)?;
+            learn::refit(&mut k, None)?;
         }
         Ok(k)
     }
@@ -225,16 +214,17 @@ impl Kiosk {
     /// The head's examples are exactly the kiosk's (same labels, same pictures).
     fn matches(&self, h: &HeadFile) -> bool {
         let key = |labels: &[String], e: &Example| (labels[e.label].clone(), e.sha256.clone());
-        let ours: BTreeSet<_> = self.examples.iter().map(|e| key(&self.labels, e)).collect();
+        let s = &self.set;
+        let ours: BTreeSet<_> = s.examples.iter().map(|e| key(&s.labels, e)).collect();
         let theirs: BTreeSet<_> = h.examples.iter().map(|e| key(&h.head.labels, e)).collect();
         h.backbone.compatible(self.backbone.id())
             && ours == theirs
-            && h.examples.len() == self.examples.len()
+            && h.examples.len() == s.examples.len()
     }
 
     /// Deletes frames that no committed example refers to, and leftovers of interrupted deletes.
     fn remove_orphans(&self) -> Result<(), KioskError> {
-        let keep: BTreeSet<&Path> = self.examples.iter().map(|e| e.path.as_path()).collect();
+        let keep: BTreeSet<&Path> = self.set.examples.iter().map(|e| e.path.as_path()).collect();
         // Temp files of writes a power cut interrupted.
         for entry in std::fs::read_dir(&self.dir)
             .map_err(io(&self.dir))?
@@ -271,110 +261,57 @@ impl Kiosk {
         Ok(())
     }
 
-    fn write_examples(&self) -> Result<(), KioskError> {
+    fn write_examples(&self) -> Result<(), StoreError> {
         let file = EmbeddingFile {
             backbone: self.backbone.id().clone(),
             records: self
+                .set
                 .examples
                 .iter()
                 .map(|e| Record {
-                    label: Some(self.labels[e.label].clone()),
+                    label: Some(self.set.labels[e.label].clone()),
                     path: e.path.clone(),
                     sha256: e.sha256.clone(),
                     embedding: e.embedding.clone(),
                 })
                 .collect(),
         };
-        embeddings::write(&self.examples_file(), &file)?;
-        Ok(())
-    }
-
-    /// Labels that still have examples, with their examples renumbered.
-    fn compact(&mut self) {
-        let used: Vec<usize> = (0..self.labels.len())
-            .filter(|l| self.examples.iter().any(|e| e.label == *l))
-            .collect();
-        let labels = used.iter().map(|l| self.labels[*l].clone()).collect();
-        for e in &mut self.examples {
-            e.label = used.iter().position(|l| *l == e.label).unwrap_or(0);
-        }
-        self.labels = labels;
-    }
-
-    /// Fits the head (kind given, else the current one, else by CV) and writes it; with fewer
-    /// than 2 classes there is no head (and the file goes).
-    fn refit(&mut self, kind: Option<HeadKind>) -> Result<(), KioskError> {
-        self.compact();
-        if self.labels.len() < 2 {
-            self.head = None;
-            if self.head_file().exists() {
-                std::fs::remove_file(self.head_file()).map_err(io(&self.head_file()))?;
-            }
-            return Ok(());
-        }
-        let kind = kind.or(self.head.as_ref().map(|h| h.head.kind));
-        let (mut file, _) = headfile::fit(
-            self.backbone.id(),
-            kind,
-            &self.labels,
-            self.examples.clone(),
-            0,
-        )?;
-        if let Some(t) = self.settings.threshold {
-            file.head.threshold = t;
-        }
-        headfile::write(&self.head_file(), &file)?;
-        self.head = Some(file);
-        Ok(())
+        embeddings::write(&self.examples_file(), &file)
     }
 
     /// Adds frames as examples of `label` (saved as JPEGs, embedded) and refits.
-    pub fn learn(&mut self, label: &str, frames: &[Frame]) -> Result<Learned, KioskError> {
-        let folder = self.frames_dir().join(label);
-        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
-        let session = format!("{label}-{}", unix_ms());
-        let mut new = Vec::new();
-        for (n, f) in frames.iter().enumerate() {
-            let path = folder.join(format!("{session}_{n:03}.jpg"));
-            let jpeg = f.image.to_jpeg(92, &f.name)?;
-            write_atomic(&path, |w| w.write_all(&jpeg))?;
-            // Embed the saved JPEG: the same pixels a retrain from the folder would see.
-            let decoded = preprocess::decode_bytes(&jpeg, &path)?;
-            let e = self.embed(&decoded)?;
-            new.push((path, sha256_hex(&jpeg), e));
+    pub fn learn(&mut self, label: &Label, frames: &[Frame]) -> Result<Learned, KioskError> {
+        let mut saver =
+            FrameSaver::new(&self.frames_dir().join(label.as_str()), label, JPEG_QUALITY)?;
+        let mut new = Vec::with_capacity(frames.len());
+        for f in frames {
+            new.push(saver.save(&f.image, &f.name)?.embed(&self.backbone)?);
         }
-        let before = (self.labels.clone(), self.examples.clone());
-        let added = headfile::add_examples(&mut self.labels, &mut self.examples, label, new);
-        if let Err(e) = self.write_examples() {
-            // Not committed: memory goes back to what the disk holds (the new frames are
-            // orphans, removed at the next start).
-            (self.labels, self.examples) = before;
-            return Err(e);
-        }
-        self.refit(None)?;
-        let id = self.labels.iter().position(|l| l == label);
+        // Frames saved but not committed (a failure below) are orphans, removed at the next
+        // start.
+        let added = learn::add_examples(self, label, new)?;
+        let id = self.set.labels.iter().position(|l| label == l);
         Ok(Learned {
-            added,
-            examples: self.examples.iter().filter(|e| Some(e.label) == id).count(),
-            classes: self.labels.len(),
+            added: added.added,
+            examples: self
+                .set
+                .examples
+                .iter()
+                .filter(|e| Some(e.label) == id)
+                .count(),
+            classes: self.set.labels.len(),
             trained: self.head.is_some(),
         })
     }
 
-    fn embed(&self, frame: &RgbFrame) -> Result<Vec<f32>, KioskError> {
-        let p = self.backbone.prepare_frame(frame);
-        Ok(self.backbone.run(&[p])?.remove(0).embedding.vector)
-    }
-
     /// Refits choosing the head type by cross-validation.
     pub fn train(&mut self) -> Result<TrainedInfo, KioskError> {
-        if self.labels.len() < 2 {
+        if self.set.labels.len() < 2 {
             return Err(KioskError::NoHead {
-                have: self.labels.len(),
+                have: self.set.labels.len(),
             });
         }
-        self.head = None; // choose afresh
-        self.refit(None)?;
+        learn::refit(self, None)?; // choose the kind afresh
         let h = self.head.as_ref().ok_or(KioskError::NoHead { have: 0 })?;
         Ok(TrainedInfo {
             kind: h.head.kind,
@@ -384,20 +321,18 @@ impl Kiosk {
     }
 
     /// Removes a class and its examples; returns how many examples went.
-    pub fn forget(&mut self, label: &str) -> Result<usize, KioskError> {
-        let id = self
-            .labels
-            .iter()
-            .position(|l| l == label)
-            .ok_or_else(|| KioskError::NoClass(label.into()))?;
-        let kept = self.examples.clone();
-        self.examples.retain(|e| e.label != id);
-        let removed = kept.len() - self.examples.len();
+    pub fn forget(&mut self, label: &Label) -> Result<usize, KioskError> {
+        let kept = self.set.clone();
+        let removed = self
+            .set
+            .remove(label.as_str())
+            .ok_or_else(|| KioskError::NoClass(label.to_string()))?;
         if let Err(e) = self.write_examples() {
-            self.examples = kept;
-            return Err(e);
+            self.set = kept;
+            return Err(e.into());
         }
-        self.refit(None)?;
+        let kind = self.head_kind();
+        learn::refit(self, kind)?;
         let folder = self.frames_dir().join(label);
         if folder.exists() {
             let trash = self
@@ -434,11 +369,10 @@ impl Kiosk {
 
     /// Forgets everything: examples, frames, head, settings.
     pub fn reset(&mut self) -> Result<(), KioskError> {
-        self.examples.clear();
-        self.labels.clear();
+        self.set = ExampleSet::default();
         self.settings = Settings::default();
         self.write_examples()?;
-        self.refit(None)?;
+        learn::refit(self, None)?;
         if self.settings_file().exists() {
             std::fs::remove_file(self.settings_file()).map_err(io(&self.settings_file()))?;
         }
@@ -455,21 +389,19 @@ impl Kiosk {
     /// Classifies one frame.
     pub fn classify(&self, frame: &Frame) -> Result<Classified, KioskError> {
         let h = self.head.as_ref().ok_or(KioskError::NoHead {
-            have: self.labels.len(),
+            have: self.set.labels.len(),
         })?;
         Ok(live::classify(&self.backbone, &h.head, frame, None)?)
     }
 
     /// Class names, in head order.
     pub fn labels(&self) -> &[String] {
-        &self.labels
+        &self.set.labels
     }
 
     /// Examples per class.
     pub fn counts(&self) -> Vec<usize> {
-        (0..self.labels.len())
-            .map(|l| self.examples.iter().filter(|e| e.label == l).count())
-            .collect()
+        self.set.counts()
     }
 
     /// The trained head, if any.
@@ -485,5 +417,41 @@ impl Kiosk {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// The kiosk's data folder as an example store: `examples.jsonl` is the commit point,
+/// `head.graft` the head trained on it (with the THRESHOLD setting applied).
+impl ExampleStore for Kiosk {
+    fn backbone(&self) -> &BackboneId {
+        self.backbone.id()
+    }
+    fn set(&mut self) -> &mut ExampleSet {
+        &mut self.set
+    }
+    fn head_kind(&self) -> Option<HeadKind> {
+        self.head.as_ref().map(|h| h.head.kind)
+    }
+    fn threshold_override(&self) -> Option<f32> {
+        self.settings.threshold
+    }
+    fn commit_examples(&mut self) -> Result<(), StoreError> {
+        self.write_examples()
+    }
+    fn commit_head(&mut self, head: Option<HeadFile>) -> Result<(), StoreError> {
+        let path = self.head_file();
+        match head {
+            Some(h) => {
+                headfile::write(&path, &h)?;
+                self.head = Some(h);
+            }
+            None => {
+                self.head = None;
+                if path.exists() {
+                    std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -26,21 +26,6 @@ pub struct Cache {
     entries: HashMap<[u8; 32], Vec<f32>>,
 }
 
-/// The default cache folder: `$GRAFT_CACHE`, else `$XDG_CACHE_HOME/graft`, else
-/// `$HOME/.cache/graft`, else `.graft-cache`.
-pub fn default_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("GRAFT_CACHE") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("graft");
-    }
-    if let Some(h) = std::env::var_os("HOME") {
-        return PathBuf::from(h).join(".cache").join("graft");
-    }
-    PathBuf::from(".graft-cache")
-}
-
 fn hex_to_bytes(hex: &str) -> Option<[u8; 32]> {
     if hex.len() != 64 {
         return None;

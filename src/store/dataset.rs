@@ -7,6 +7,7 @@ use super::cache::Cache;
 use super::files::{collect_images, file_sha256};
 use super::StoreError;
 use crate::backbone::{Backbone, BackboneError};
+use crate::head::Label;
 
 /// A labelled image folder.
 #[derive(Debug, Clone)]
@@ -30,7 +31,10 @@ pub enum DatasetError {
 
 impl ImageFolder {
     /// Scans `root`: each sub-folder is a class; images are found recursively inside it.
-    /// Empty class folders are skipped; a dataset with no class folders is an error.
+    /// Empty class folders are skipped; a dataset with no class folders is an error, and so is
+    /// a class folder whose name is not a usable class name ([`Label`]: e.g. `unknown`, a name
+    /// with a space, or one that is not UTF-8), since the kiosk and the protocol could never
+    /// name that class.
     pub fn scan(root: &Path) -> Result<ImageFolder, StoreError> {
         let meta = std::fs::metadata(root).map_err(|e| StoreError::io(root, e))?;
         if !meta.is_dir() {
@@ -57,13 +61,16 @@ impl ImageFolder {
             let Ok(images) = collect_images(std::slice::from_ref(&dir)) else {
                 continue;
             };
-            let label = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("?")
-                .to_string();
+            let name = dir.file_name().unwrap_or_default();
+            let label = name
+                .to_str()
+                .ok_or_else(|| crate::head::LabelError::Invalid(name.to_string_lossy().into()))
+                .and_then(Label::new)
+                .map_err(|e| {
+                    StoreError::format(&dir, format!("class folder: {e}; rename the folder"))
+                })?;
             let id = labels.len();
-            labels.push(label);
+            labels.push(label.to_string());
             items.extend(images.into_iter().map(|p| (p, id)));
         }
         if labels.is_empty() {
@@ -156,67 +163,9 @@ pub fn group_key(path: &Path) -> String {
     }
 }
 
-/// Checks a class name that becomes a folder name (`DATASET/<label>/`) and a protocol word:
-/// 1–64 characters of letters, digits, `_`, `-`, `.` (not starting with `.`), and not `unknown`.
-pub fn check_label(label: &str) -> Result<&str, String> {
-    let l = label.trim();
-    let ok = !l.is_empty()
-        && l.len() <= 64
-        && !l.starts_with('.')
-        && l.chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !ok {
-        return Err(format!(
-            "{label:?} is not a usable class name: use 1-64 letters, digits, '_', '-' or '.' (not starting with '.')"
-        ));
-    }
-    if l.eq_ignore_ascii_case(crate::head::UNKNOWN) {
-        return Err(format!(
-            "{label:?} is not a usable class name: it is reserved for rejected inputs"
-        ));
-    }
-    Ok(l)
-}
-
-/// Dense ids for group names (equal names, equal ids), for [`crate::head::train`].
-pub fn group_ids<S: AsRef<str>>(keys: &[S]) -> Vec<usize> {
-    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    keys.iter()
-        .map(|k| {
-            let n = seen.len();
-            *seen.entry(k.as_ref()).or_insert(n)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn labels_that_become_folders() {
-        for ok in ["cup", "red-mug", "Tasse_2", "v1.0", "ça"] {
-            assert_eq!(check_label(ok), Ok(ok));
-        }
-        for bad in [
-            "",
-            " ",
-            "a/b",
-            "..",
-            ".hidden",
-            "x y",
-            "unknown",
-            "UNKNOWN",
-            &"x".repeat(65),
-        ] {
-            assert!(check_label(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn group_ids_are_dense_and_stable() {
-        assert_eq!(group_ids(&["a", "b", "a", "c", "b"]), vec![0, 1, 0, 2, 1]);
-    }
 
     #[test]
     fn group_keys() {
@@ -228,6 +177,20 @@ mod tests {
             ("plain.jpg", "plain"),
         ] {
             assert_eq!(group_key(Path::new(p)), want, "{p}");
+        }
+    }
+
+    #[test]
+    fn class_folders_that_are_not_labels_are_refused() {
+        for bad in ["unknown", "x y"] {
+            let d = tempfile::tempdir().unwrap();
+            for f in ["cup/1.jpg".to_string(), format!("{bad}/2.jpg")] {
+                let p = d.path().join(f);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, b"x").unwrap();
+            }
+            let err = ImageFolder::scan(d.path()).unwrap_err().to_string();
+            assert!(err.contains(bad) && err.contains("class folder"), "{err}");
         }
     }
 

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use super::StoreError;
-use crate::backbone::preprocess::has_image_extension;
+use crate::backbone::preprocess::image_files_in;
+use crate::backbone::BackboneError;
 
 /// Expands files and folders into the list of image files. A file given explicitly is kept
 /// whatever its extension (the decoder will say if it is not an image); folders contribute the
@@ -14,9 +15,11 @@ pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
     for p in paths {
         let meta = std::fs::metadata(p).map_err(|e| StoreError::io(p, e))?;
         if meta.is_dir() {
-            let before = out.len();
-            walk(p, &mut out)?;
-            if out.len() == before {
+            let found = image_files_in(p).map_err(|e| match e {
+                BackboneError::Io { path, source } => StoreError::Io { path, source },
+                other => StoreError::format(p, other.to_string()),
+            })?;
+            if found.is_empty() {
                 return Err(StoreError::format(
                     p,
                     format!(
@@ -25,31 +28,12 @@ pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
                     ),
                 ));
             }
+            out.extend(found);
         } else {
             out.push(p.clone());
         }
     }
     Ok(out)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StoreError> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| StoreError::io(dir, e))?
-        .map(|e| e.map(|e| e.path()).map_err(|err| StoreError::io(dir, err)))
-        .collect::<Result<_, _>>()?;
-    entries.sort();
-    for p in entries {
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with('.') {
-            continue;
-        }
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else if has_image_extension(&p) {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 /// sha256 of a file's bytes, lowercase hex.

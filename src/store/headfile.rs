@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::dataset::group_key;
 use super::{write_atomic, StoreError};
 use crate::backbone::BackboneId;
-use crate::head::{self, Head, HeadKind, HeadParams, Model};
+use crate::head::{self, Examples, Head, HeadKind, HeadParams, Model};
 
 const MAGIC: &[u8] = b"GRAFT-HEAD\n";
 /// Format version written.
@@ -83,81 +84,23 @@ struct Header {
     examples: Vec<ExampleMeta>,
 }
 
-/// Training vectors (unit length) and class ids of some examples, as the heads want them.
-pub fn training_set(examples: &[Example]) -> (Vec<Vec<f32>>, Vec<usize>) {
-    (
-        examples
+/// The training form of stored examples: unit vectors, class ids, and one group per object
+/// (`<object>_<n>.jpg` names, see [`group_key`]) within its class. The one conversion from
+/// stored examples to what the heads fit on.
+pub fn training_examples(labels: &[String], examples: &[Example]) -> Examples {
+    let keys: Vec<String> = examples
+        .iter()
+        .map(|e| format!("{}/{}", e.label, group_key(&e.path)))
+        .collect();
+    Examples {
+        x: examples
             .iter()
             .map(|e| head::normalize(&e.embedding))
             .collect(),
-        examples.iter().map(|e| e.label).collect(),
-    )
-}
-
-/// Adds examples of `label` (a new name becomes a new class, appended to `labels`). A picture
-/// already present under the same label (same sha256) is skipped. Returns how many were added.
-pub fn add_examples(
-    labels: &mut Vec<String>,
-    examples: &mut Vec<Example>,
-    label: &str,
-    new: impl IntoIterator<Item = (PathBuf, String, Vec<f32>)>,
-) -> usize {
-    let id = match labels.iter().position(|l| l == label) {
-        Some(i) => i,
-        None => {
-            labels.push(label.to_string());
-            labels.len() - 1
-        }
-    };
-    let mut added = 0;
-    for (path, sha256, embedding) in new {
-        if examples.iter().any(|x| x.sha256 == sha256 && x.label == id) {
-            continue;
-        }
-        examples.push(Example {
-            label: id,
-            path,
-            sha256,
-            embedding,
-        });
-        added += 1;
+        y: examples.iter().map(|e| e.label).collect(),
+        groups: head::group_ids(&keys),
+        labels: labels.to_vec(),
     }
-    added
-}
-
-/// Trains a head on stored examples (the kind given, or the best by cross-validation) and
-/// builds the head file; photos of one object (`owl_0.jpg`, `owl_1.jpg`) are held out
-/// together in CV. Nothing is written.
-pub fn fit(
-    backbone: &BackboneId,
-    choice: Option<HeadKind>,
-    labels: &[String],
-    examples: Vec<Example>,
-    seed: u64,
-) -> Result<(HeadFile, head::Trained), crate::head::HeadError> {
-    let (x, y) = training_set(&examples);
-    let keys: Vec<String> = examples
-        .iter()
-        .map(|e| format!("{}/{}", e.label, super::dataset::group_key(&e.path)))
-        .collect();
-    let groups = super::dataset::group_ids(&keys);
-    let trained = head::train(
-        choice,
-        &x,
-        &y,
-        &groups,
-        labels,
-        &HeadParams::default(),
-        seed,
-    )?;
-    let file = HeadFile {
-        backbone: backbone.clone(),
-        head: trained.head.clone(),
-        examples,
-        cv_accuracy: Some(trained.report.accuracy),
-        cv_method: Some(trained.report.method.clone()),
-    };
-    Ok((file, trained))
 }
 
 impl HeadFile {
@@ -308,8 +251,8 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
         }
         (HeadKind::Logistic, _, _) => return Err(bad("logistic head without weights".into())),
         (kind, _, _) => {
-            let (x, y) = training_set(&examples);
-            head::fit(kind, &x, &y, classes, &header.params).map_err(|e| bad(e.to_string()))?
+            let t = training_examples(&header.labels, &examples);
+            head::fit(kind, &t.x, &t.y, classes, &header.params).map_err(|e| bad(e.to_string()))?
         }
     };
     Ok(HeadFile {
@@ -355,9 +298,10 @@ mod tests {
                 embedding: v.to_vec(),
             })
             .collect();
-        let (x, y) = training_set(&examples);
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let t = training_examples(&labels, &examples);
         let params = HeadParams::default();
-        let model = head::fit(kind, &x, &y, 2, &params).unwrap();
+        let model = head::fit(kind, &t.x, &t.y, 2, &params).unwrap();
         HeadFile {
             backbone,
             head: Head {

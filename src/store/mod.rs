@@ -1,12 +1,15 @@
-//! Files graft writes and reads back: embedding files now, saved heads and the embedding cache
-//! (see the heads module). Every write is atomic: temp file in the same folder, fsync, rename,
-//! fsync of the folder — a power cut leaves either the old file or the new one, never half.
+//! Files graft writes and reads back, and the workflows that change them: head files
+//! (`headfile`), embedding files (`embeddings`), the embedding cache (`cache`), image folders
+//! (`files`, `dataset`), and adding examples to a head or a kiosk (`learn`, the one place an
+//! example is added). Every write is atomic: temp file in the same folder, fsync, rename, fsync
+//! of the folder — a power cut leaves either the old file or the new one, never half.
 
 pub mod cache;
 pub mod dataset;
 pub mod embeddings;
 pub mod files;
 pub mod headfile;
+pub mod learn;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,13 +20,20 @@ pub enum StoreError {
     /// Reading or writing failed.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
     /// The file is not what graft wrote, is damaged, or is of a newer format.
     #[error("{}: {reason}", path.display())]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The file or folder.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -41,10 +51,25 @@ impl StoreError {
     }
 }
 
-/// Environment variable naming a pause (milliseconds) that [`write_atomic`] takes half-way
-/// through writing its temp file. A fault-injection hook for the tests that kill a writer
-/// mid-write; unset in normal use.
+/// With the test-only feature `fault-injection`: environment variable naming a pause
+/// (milliseconds) that [`write_atomic`] takes half-way through writing its temp file, so the
+/// tests can kill a writer mid-write. A build without the feature never reads it.
+#[cfg(feature = "fault-injection")]
 pub const FAULT_PAUSE_ENV: &str = "GRAFT_FAULT_PAUSE_MS";
+
+/// The pause [`FAULT_PAUSE_ENV`] asks for (fault-injection builds only).
+#[cfg(feature = "fault-injection")]
+fn fault_pause() -> Option<std::time::Duration> {
+    std::env::var(FAULT_PAUSE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn fault_pause() -> Option<std::time::Duration> {
+    None
+}
 
 /// Writes `path` atomically: `write` produces the bytes, which go to a temp file beside `path`
 /// that is fsynced and renamed over it; then the folder is fsynced so the rename itself survives
@@ -66,12 +91,9 @@ where
         .map_err(io)?;
     let (first, second) = bytes.split_at(bytes.len() / 2);
     tmp.as_file_mut().write_all(first).map_err(io)?;
-    if let Some(ms) = std::env::var(FAULT_PAUSE_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(pause) = fault_pause() {
         tmp.as_file().sync_all().map_err(io)?;
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+        std::thread::sleep(pause);
     }
     tmp.as_file_mut().write_all(second).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;

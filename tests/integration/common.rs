@@ -16,7 +16,11 @@ pub const PHOTOS: [&str; 8] = [
 ];
 
 pub fn root() -> PathBuf {
+    // The tests belong to the cli package (cli/); fixtures, models and docs are at the top.
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ sits in the repository")
+        .to_path_buf()
 }
 
 pub fn fixture(name: &str) -> PathBuf {

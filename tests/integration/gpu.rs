@@ -3,7 +3,7 @@
 //! driver (lavapipe), so no GPU is needed to keep the path correct; no timing is asserted.
 
 use graft::backbone::{cosine, Backbone};
-use graft::gpu::{self, DeviceChoice, GpuBackbone};
+use graft::gpu::{DeviceChoice, GpuBackbone, GpuOptions};
 
 use crate::common::*;
 
@@ -31,7 +31,7 @@ fn gpu_embeddings_and_logits_match_tract_on_the_bundled_models() {
             .map(|p| bb.prepare_file(&image(p)).unwrap())
             .collect();
         let cpu = bb.run(&images).unwrap();
-        let gpu = GpuBackbone::open(&bb, DeviceChoice::Gpu)
+        let gpu = GpuBackbone::open(&bb, DeviceChoice::Gpu, &GpuOptions::default())
             .expect("a GPU adapter (CI: mesa-vulkan-drivers)")
             .expect("--device gpu gives a GPU");
         bb.set_accelerator(Some(std::sync::Arc::new(gpu)));
@@ -193,7 +193,7 @@ fn info_lists_adapters_and_auto_never_takes_a_skipped_one() {
 fn asking_for_a_gpu_that_is_not_there_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = graft(dir.path());
-    c.env(gpu::ADAPTER_ENV, "no-such-adapter")
+    c.env("GRAFT_GPU_ADAPTER", "no-such-adapter")
         .args(["--device", "gpu", "embed"])
         .arg(image("dog.jpg"))
         .arg("--out")
@@ -205,7 +205,7 @@ fn asking_for_a_gpu_that_is_not_there_is_one_clear_error() {
     assert!(!dir.path().join("e.jsonl").exists());
     // auto with the same wish stays on the CPU and works.
     let mut c = graft(dir.path());
-    c.env(gpu::ADAPTER_ENV, "no-such-adapter")
+    c.env("GRAFT_GPU_ADAPTER", "no-such-adapter")
         .args(["--json", "--device", "auto", "classify"])
         .arg(image("dog.jpg"));
     ok(c);

@@ -2,7 +2,7 @@
 //! activations) against the fp32 reference on every fixture photo, what the profiler sees in each
 //! form, and `graft bench` end to end. No timing is asserted here (speed lives in `benches/`).
 
-use graft::backbone::{cosine, prepare, Backbone};
+use graft::backbone::{self, cosine, Backbone};
 
 use crate::common::*;
 
@@ -69,15 +69,15 @@ fn the_prepared_graph_has_its_own_identity_and_no_quantize_ops() {
     assert_eq!(w8.manifest().sha256, int8.manifest().sha256);
     assert_eq!(
         w8.id().sha256,
-        prepare::prepared_sha256(&int8.id().sha256, &w8.manifest().graph)
+        backbone::rewritten_sha256(&int8.id().sha256, &w8.manifest().graph)
     );
     assert!(!w8.id().compatible(int8.id()));
     // Every activation pair of the bundled QDQ file (62) and every quantised weight and bias
     // (49 convolutions and the classifier: 50 + 50).
-    let done = w8.prepared();
+    let done = w8.rewrites();
     assert_eq!(done.qdq_pairs_clipped, 62);
     assert_eq!(done.weights_dequantized, 100);
-    assert_eq!(int8.prepared(), prepare::Prepared::default());
+    assert_eq!(int8.rewrites(), backbone::Rewrites::default());
 
     let photo = w8.prepare_file(&image("dog.jpg")).unwrap();
     let ops = |bb: &Backbone| -> Vec<String> {

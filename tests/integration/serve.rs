@@ -225,6 +225,7 @@ fn pty_learn_train_classify_restart() {
 /// slowed by the fault-injection pause): the restarted server holds exactly one committed state,
 /// and no frame on disk is outside it.
 #[test]
+#[cfg(feature = "fault-injection")] // the write pause that lets the test kill mid-write
 fn killed_mid_learn_keeps_a_committed_state() {
     let t = tempfile::tempdir().unwrap();
     let cache = t.path().join("cache");

@@ -201,28 +201,22 @@ pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
 }
 
 fn time_heads(dim: usize, runs: usize) -> anyhow::Result<HeadTimes> {
-    let (x, y, labels) = head::synthetic(HEAD_CLASSES, HEAD_SHOTS, dim, 42);
+    let ex = head::synthetic(HEAD_CLASSES, HEAD_SHOTS, dim, 42);
     let params = HeadParams::default();
-    let fit = |kind| time(runs, || Ok(head::fit(kind, &x, &y, HEAD_CLASSES, &params)?));
+    let fit = |kind| {
+        time(runs, || {
+            Ok(head::fit(kind, &ex.x, &ex.y, HEAD_CLASSES, &params)?)
+        })
+    };
     let fit_logistic_ms = fit(HeadKind::Logistic)?;
     let fit_centroid_ms = fit(HeadKind::Centroid)?;
-    // Every example its own object, as for photos with no `<object>_<n>` names.
-    let groups: Vec<usize> = (0..x.len()).collect();
-    let train = || Ok(head::train(None, &x, &y, &groups, &labels, &params, 0)?);
+    let train = || Ok(head::train(None, &ex, &params, 0)?);
     let train_auto_ms = time(runs.min(3), train)?;
-    let trained = head::train(
-        Some(HeadKind::Logistic),
-        &x,
-        &y,
-        &groups,
-        &labels,
-        &params,
-        0,
-    )?;
+    let trained = head::train(Some(HeadKind::Logistic), &ex, &params, 0)?;
     // One predict is microseconds: time a block of them.
     const BLOCK: usize = 100;
     let predict_block_ms = time(runs, || {
-        for v in x.iter().cycle().take(BLOCK) {
+        for v in ex.x.iter().cycle().take(BLOCK) {
             trained.head.predict(v, None, 3)?;
         }
         Ok(())

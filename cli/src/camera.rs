@@ -2,18 +2,17 @@
 //! one), saved as examples or classified live.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 
 use super::{output, Global};
-use graft::backbone::{preprocess, sha256_hex};
 use graft::capture::{self, CameraRequest, FrameSource, PixelFormat, SourceSpec};
-use graft::head;
+use graft::head::{self, Label};
 use graft::live::{self, Smoother, Smoothing};
-use graft::store::{self, dataset, headfile};
+use graft::store::learn::{self, FrameSaver, HeadFileStore, JPEG_QUALITY};
 
 /// Where frames come from: a camera, or images standing in for one.
 #[derive(Debug, Args, Clone)]
@@ -105,10 +104,20 @@ impl SourceArgs {
             match capture::open(&first) {
                 Ok(s) => return Ok(s),
                 Err(capture::CaptureError::Unsupported { .. }) => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(with_hint(e)),
             }
         }
-        Ok(capture::open(&spec)?)
+        capture::open(&spec).map_err(with_hint)
+    }
+}
+
+/// The library's capture errors, with the flags that fix them where there are some.
+fn with_hint(e: capture::CaptureError) -> anyhow::Error {
+    match e {
+        capture::CaptureError::CameraDisabled => {
+            anyhow::anyhow!("{e}: cargo build --release --features camera, or give --source PATH")
+        }
+        e => e.into(),
     }
 }
 
@@ -133,7 +142,7 @@ pub struct CaptureArgs {
     #[arg(long)]
     add_to: Option<PathBuf>,
     /// JPEG quality of the saved frames.
-    #[arg(long, default_value_t = 92, value_parser = clap::value_parser!(u8).range(50..=100))]
+    #[arg(long, default_value_t = JPEG_QUALITY, value_parser = clap::value_parser!(u8).range(50..=100))]
     quality: u8,
     #[command(flatten)]
     source: SourceArgs,
@@ -226,18 +235,8 @@ struct CaptureSummary<'a> {
     cv_accuracy: Option<f64>,
 }
 
-/// A name for this capture run: frames of one run show one object, so they form one CV group
-/// (`store::dataset::group_key` strips the `_<n>` suffix).
-fn session_name(label: &str) -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!("{label}-{secs}")
-}
-
 pub fn capture(g: &Global, a: CaptureArgs) -> anyhow::Result<()> {
-    let label = dataset::check_label(&a.label).map_err(anyhow::Error::msg)?;
+    let label = Label::new(&a.label).context("--label")?;
     if a.count == 0 {
         bail!("--count must be at least 1");
     }
@@ -250,19 +249,18 @@ pub fn capture(g: &Global, a: CaptureArgs) -> anyhow::Result<()> {
         None => None,
     };
     let mut source = a.source.open(g)?;
-    let folder = a.dataset.join(label);
-    std::fs::create_dir_all(&folder)
-        .with_context(|| format!("cannot create {}", folder.display()))?;
+    let folder = a.dataset.join(label.as_str());
+    // Frames of one run show one object: one session, one group in cross-validation.
+    let mut saver = FrameSaver::new(&folder, &label, a.quality)?;
     let countdown = a
         .countdown
         .unwrap_or(if a.source.is_camera() { 3 } else { 0 });
     for s in (1..=countdown).rev() {
-        eprintln!("capturing {label:?} in {s}…");
+        eprintln!("capturing {:?} in {s}…", label.as_str());
         std::thread::sleep(Duration::from_secs(1));
     }
-    let session = session_name(label);
     let bar = output::progress(a.count, &format!("capturing {label}"));
-    let mut saved: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+    let mut saved = Vec::new();
     let interval = Duration::from_secs_f64(a.interval);
     let mut next_at = Instant::now();
     while saved.len() < a.count {
@@ -283,27 +281,24 @@ pub fn capture(g: &Global, a: CaptureArgs) -> anyhow::Result<()> {
             );
         };
         let n = saved.len();
-        let path = folder.join(format!("{session}_{n:03}.jpg"));
-        let jpeg = frame
-            .image
-            .to_jpeg(a.quality, &frame.name)
-            .with_context(|| format!("saving {}", path.display()))?;
-        store::write_atomic(&path, |w| w.write_all(&jpeg))?;
+        let s = saver
+            .save(&frame.image, &frame.name)
+            .with_context(|| format!("saving frame {n} in {}", folder.display()))?;
         if g.json {
             output::json_line(&SavedLine {
                 n,
-                path: &path,
-                label,
+                path: &s.path,
+                label: label.as_str(),
                 width: frame.image.width(),
                 height: frame.image.height(),
             })?;
         }
-        saved.push((path, jpeg));
+        saved.push(s);
         bar.inc(1);
     }
     bar.finish_and_clear();
     let mut summary = CaptureSummary {
-        label,
+        label: label.as_str(),
         saved: saved.len(),
         folder: &folder,
         source: source.describe(),
@@ -311,26 +306,22 @@ pub fn capture(g: &Global, a: CaptureArgs) -> anyhow::Result<()> {
         added: 0,
         cv_accuracy: None,
     };
-    if let (Some((mut file, bb)), Some(head_path)) = (head, &a.add_to) {
-        let mut new = Vec::with_capacity(saved.len());
-        for (path, jpeg) in &saved {
-            // The saved JPEG, not the raw frame: the same pixels `graft train` will see.
-            let frame = preprocess::decode_bytes(jpeg, path)?;
-            let e = bb.run(&[bb.prepare_frame(&frame)])?.remove(0).embedding;
-            new.push((path.clone(), sha256_hex(jpeg), e.vector));
-        }
-        let mut labels = file.head.labels.clone();
-        summary.added = headfile::add_examples(&mut labels, &mut file.examples, label, new);
-        let (file, _) = headfile::fit(bb.id(), Some(file.head.kind), &labels, file.examples, 0)?;
-        headfile::write(head_path, &file)?;
-        summary.cv_accuracy = file.cv_accuracy;
+    if let (Some((file, bb)), Some(head_path)) = (head, &a.add_to) {
+        let new = saved
+            .iter()
+            .map(|s| s.embed(&bb))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut store = HeadFileStore::new(head_path, file);
+        summary.added = learn::add_examples(&mut store, &label, new)?.added;
+        summary.cv_accuracy = store.file().cv_accuracy;
     }
     if g.json {
         return output::json_line(&summary);
     }
     println!(
-        "saved {} frames of {label:?} in {} (from {})",
+        "saved {} frames of {:?} in {} (from {})",
         summary.saved,
+        label.as_str(),
         folder.display(),
         summary.source
     );

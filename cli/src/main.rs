@@ -1,7 +1,13 @@
-//! Command-line front end. Arguments are parsed in two stages (raw flags with clap, then the
-//! components they build: the backbone, the heads); each command lives in its own file.
+//! The `graft` binary: a thin shell over the library. Arguments are parsed in two stages (raw
+//! flags with clap, then the components they build: the backbone, the heads); each command
+//! group lives in its own file. It prints one clear line and exits non-zero on error.
+//!
+//! Configuration from the environment (`GRAFT_THREADS`, `GRAFT_BOARD`, `GRAFT_DEVICE`,
+//! `GRAFT_CACHE`, `GRAFT_GPU_ADAPTER`, `GRAFT_GPU_BATCH`, `GRAFT_LOG`) is read here, through
+//! clap's `env =`, and passed down as options: the library never reads the environment.
 
 mod bench;
+mod camera;
 mod classify;
 mod device;
 mod doctor;
@@ -9,14 +15,15 @@ mod embed;
 mod export;
 mod heads;
 mod info;
-mod live;
 mod output;
 mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
+use graft::backbone::DeviceChoice;
 
 /// Grow new image classifiers on the edge.
 #[derive(Debug, Parser)]
@@ -51,8 +58,17 @@ pub struct Global {
     /// Where the backbone runs: auto (a hardware GPU faster than the CPU when graft is built
     /// with the `gpu` feature and one is there, else the CPU), cpu, or gpu (any GPU adapter,
     /// software ones included; an error without one).
-    #[arg(long, global = true, env = "GRAFT_DEVICE", value_enum, default_value_t = device::Device::Auto)]
-    pub device: device::Device,
+    #[arg(long, global = true, env = "GRAFT_DEVICE", default_value_t = DeviceChoice::Auto,
+          value_parser = clap::builder::PossibleValuesParser::new(["auto", "cpu", "gpu"])
+              .map(|s| s.parse::<DeviceChoice>().unwrap_or_default()))]
+    pub device: DeviceChoice,
+    /// With the GPU: take the adapter whose name contains this text (see `graft info`).
+    #[arg(long, global = true, env = "GRAFT_GPU_ADAPTER")]
+    pub gpu_adapter: Option<String>,
+    /// With the GPU: the most images per dispatch.
+    #[arg(long, global = true, env = "GRAFT_GPU_BATCH", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub gpu_batch: u32,
     /// More log lines on stderr (-v: debug); GRAFT_LOG=error|warn|info|debug also sets the level.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -150,9 +166,9 @@ enum Command {
     /// List the cameras (V4L2 devices) with their formats, sizes and rates.
     Cameras,
     /// Save frames from a camera (or --source images) as examples: DATASET/LABEL/*.jpg.
-    Capture(live::CaptureArgs),
+    Capture(camera::CaptureArgs),
     /// Live predictions from a camera (or --source images), smoothed and debounced.
-    Watch(live::WatchArgs),
+    Watch(camera::WatchArgs),
     /// Check what a kiosk needs: model, camera, serial port, groups, data folder, board.
     Doctor(doctor::DoctorArgs),
     /// Serve the kiosk line protocol over a serial port or TCP (see docs/PROTOCOL.md).
@@ -178,7 +194,7 @@ enum Command {
 }
 
 /// Runs the CLI and maps errors to one line on stderr and a non-zero exit.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     // `graft ... | head` must end quietly, as other Unix tools do, not panic on a closed pipe.
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe {
@@ -226,11 +242,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => heads::eval(&g, a),
         Command::Curve(a) => heads::curve(&g, a),
         Command::Export(a) => export::run(&g, a),
-        Command::Cameras => live::cameras(&g),
+        Command::Cameras => camera::cameras(&g),
         Command::Serve(a) => serve::run(&g, a),
         Command::Doctor(a) => doctor::run(&g, a),
-        Command::Capture(a) => live::capture(&g, a),
-        Command::Watch(a) => live::watch(&g, a),
+        Command::Capture(a) => camera::capture(&g, a),
+        Command::Watch(a) => camera::watch(&g, a),
         Command::Bench {
             image,
             runs,
@@ -302,6 +318,6 @@ fn load_backbone_on_device(
         threads: g.threads()?,
     };
     let mut bb = graft::backbone::Backbone::load(spec, &options)?;
-    let gpu = device::attach(g.device, &mut bb)?;
+    let gpu = device::attach(g, &mut bb)?;
     Ok((bb, gpu))
 }

@@ -135,7 +135,7 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
 /// The manifest's graph preparation and what it changed, in one line.
 fn graph_line(bb: &Backbone) -> String {
     let spec = bb.manifest().graph;
-    let done = bb.prepared();
+    let done = bb.rewrites();
     if spec.is_identity() {
         return spec.describe();
     }

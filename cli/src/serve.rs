@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 
-use super::live::SourceArgs;
+use super::camera::SourceArgs;
 use super::{output, Global};
 use graft::kiosk::{Ended, Kiosk, Options, Server};
 

@@ -1,7 +1,8 @@
-//! Graph preparation: rewrites of the ONNX graph made before tract sees it, chosen by the
+//! Graph rewrites: changes to the ONNX graph made before tract sees it, chosen by the
 //! manifest's `[graph]` section. Each one is a standard-op rewrite of the file's protobuf, so the
-//! prepared graph is itself a valid ONNX model: it is what runs, what `graft export` writes and
-//! what the backbone's identity hashes.
+//! rewritten graph is itself a valid ONNX model: it is what runs, what `graft export` writes and
+//! what the backbone's identity hashes. (Not to be confused with preparing a *picture* for the
+//! network, which is [`super::preprocess`].)
 //!
 //! `activation_qdq = "clip"` — why it exists: in a static QDQ int8 model every activation passes
 //! through a `QuantizeLinear → DequantizeLinear` pair. onnxruntime fuses those pairs with the
@@ -57,9 +58,9 @@ impl GraphSpec {
     }
 }
 
-/// What [`prepare`] changed.
+/// What [`apply`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Prepared {
+pub struct Rewrites {
     /// Activation Q/DQ pairs replaced by a `Clip`.
     pub qdq_pairs_clipped: usize,
     /// Constant `DequantizeLinear`s (weights, biases) folded into float initializers.
@@ -70,9 +71,9 @@ pub struct Prepared {
 /// made by an older rewrite are never mixed with a newer one's.
 const RECIPE: &str = "graft-prepare-1";
 
-/// The identity of a prepared graph: sha256 of the file's sha256 and the recipe. (Hashing the
+/// The identity of a rewritten graph: sha256 of the file's sha256 and the recipe. (Hashing the
 /// re-encoded protobuf would tie it to the encoder; this ties it to what was asked.)
-pub fn prepared_sha256(file_sha256: &str, spec: &GraphSpec) -> String {
+pub fn rewritten_sha256(file_sha256: &str, spec: &GraphSpec) -> String {
     let recipe = format!(
         "{RECIPE}\n{file_sha256}\nactivation_qdq={:?}\n",
         spec.activation_qdq
@@ -81,12 +82,12 @@ pub fn prepared_sha256(file_sha256: &str, spec: &GraphSpec) -> String {
 }
 
 /// Applies `spec` to a decoded ONNX model in place.
-pub fn prepare(
+pub(crate) fn apply(
     proto: &mut pb::ModelProto,
     spec: &GraphSpec,
     model: &str,
-) -> Result<Prepared, BackboneError> {
-    let mut done = Prepared::default();
+) -> Result<Rewrites, BackboneError> {
+    let mut done = Rewrites::default();
     if spec.is_identity() {
         return Ok(done);
     }
@@ -115,8 +116,8 @@ pub fn prepare(
     Ok(done)
 }
 
-/// Decodes ONNX bytes (for preparation and export).
-pub fn decode(onnx: &[u8], model: &str) -> Result<pb::ModelProto, BackboneError> {
+/// Decodes ONNX bytes (for rewriting and export).
+pub(crate) fn decode(onnx: &[u8], model: &str) -> Result<pb::ModelProto, BackboneError> {
     pb::ModelProto::decode(onnx).map_err(|e| BackboneError::Load {
         model: model.to_string(),
         reason: format!("not an ONNX file: {e}"),
@@ -459,7 +460,7 @@ mod tests {
             let spec = GraphSpec {
                 activation_qdq: ActivationQdq::Clip,
             };
-            let done = prepare(&mut m, &spec, "m").unwrap();
+            let done = apply(&mut m, &spec, "m").unwrap();
             assert_eq!(done.qdq_pairs_clipped, 1);
             let g = m.graph.unwrap();
             let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
@@ -481,15 +482,15 @@ mod tests {
     #[test]
     fn keep_leaves_the_file_alone_and_a_graph_without_pairs_is_refused() {
         let mut same = graph(0);
-        let done = prepare(&mut same, &GraphSpec::default(), "m").unwrap();
-        assert_eq!(done, Prepared::default());
+        let done = apply(&mut same, &GraphSpec::default(), "m").unwrap();
+        assert_eq!(done, Rewrites::default());
         assert_eq!(same, graph(0));
         let mut none = graph(0);
         none.graph.as_mut().unwrap().node.drain(..2);
         let spec = GraphSpec {
             activation_qdq: ActivationQdq::Clip,
         };
-        let err = prepare(&mut none, &spec, "m").unwrap_err();
+        let err = apply(&mut none, &spec, "m").unwrap_err();
         assert!(err.to_string().contains("no activation"), "{err}");
         assert!(decode(b"not onnx", "m").is_err());
     }

@@ -2,30 +2,10 @@
 //! GPU executor is built and plugged into the backbone; without it, `gpu` is an error that says
 //! how to get it and `auto` is the CPU.
 
-use clap::ValueEnum;
+#[cfg(not(feature = "gpu"))]
+use graft::backbone::DeviceChoice;
 
-/// `--device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum Device {
-    /// A hardware GPU faster than the CPU if there is one (needs the `gpu` feature), else the CPU.
-    #[default]
-    Auto,
-    /// tract on the CPU.
-    Cpu,
-    /// The best GPU adapter there is, software renderers included; an error if there is none.
-    Gpu,
-}
-
-impl Device {
-    /// As given on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Device::Auto => "auto",
-            Device::Cpu => "cpu",
-            Device::Gpu => "gpu",
-        }
-    }
-}
+use crate::Global;
 
 /// The GPU executor plugged into a backbone, kept for `info` and `bench`.
 #[cfg(feature = "gpu")]
@@ -36,15 +16,24 @@ pub type Gpu = std::convert::Infallible;
 
 /// Plugs the device `--device` chooses into `bb`; `None` when the CPU runs it.
 #[cfg(feature = "gpu")]
-pub fn attach(device: Device, bb: &mut graft::backbone::Backbone) -> anyhow::Result<Option<Gpu>> {
-    use graft::gpu::{DeviceChoice, GpuBackbone};
-    let choice = match device {
-        Device::Auto => DeviceChoice::Auto,
-        Device::Cpu => DeviceChoice::Cpu,
-        Device::Gpu => DeviceChoice::Gpu,
+pub fn attach(g: &Global, bb: &mut graft::backbone::Backbone) -> anyhow::Result<Option<Gpu>> {
+    use graft::gpu::{GpuBackbone, GpuError, GpuOptions};
+    let options = GpuOptions {
+        max_batch: g.gpu_batch as usize,
+        adapter: g.gpu_adapter.clone(),
+        ..GpuOptions::default()
     };
-    let Some(gpu) = GpuBackbone::open(bb, choice)? else {
-        return Ok(None);
+    let gpu = match GpuBackbone::open(bb, g.device, &options) {
+        Ok(Some(gpu)) => gpu,
+        Ok(None) => return Ok(None),
+        // Say where the name came from: the library only knows the name.
+        Err(GpuError::NoAdapter {
+            wanted: Some(w),
+            seen,
+        }) => anyhow::bail!(
+            "no GPU adapter found named like GRAFT_GPU_ADAPTER={w:?} (or --gpu-adapter; seen: {seen:?})"
+        ),
+        Err(e) => return Err(e.into()),
     };
     let gpu = std::sync::Arc::new(gpu);
     bb.set_accelerator(Some(gpu.clone()));
@@ -54,8 +43,8 @@ pub fn attach(device: Device, bb: &mut graft::backbone::Backbone) -> anyhow::Res
 
 /// Plugs the device `--device` chooses into `bb`; `None` when the CPU runs it.
 #[cfg(not(feature = "gpu"))]
-pub fn attach(device: Device, _bb: &mut graft::backbone::Backbone) -> anyhow::Result<Option<Gpu>> {
-    if device == Device::Gpu {
+pub fn attach(g: &Global, _bb: &mut graft::backbone::Backbone) -> anyhow::Result<Option<Gpu>> {
+    if g.device == DeviceChoice::Gpu {
         anyhow::bail!(
             "--device gpu: this graft was built without the `gpu` feature \
              (cargo build --release --features gpu)"

@@ -1,0 +1,218 @@
+//! `graft train | predict | add | eval | curve`: few-shot heads on backbone embeddings, one
+//! file per command; what they share (the cache flags, embedding a list of images with a
+//! progress bar, loading a head with its backbone, the training summary) is here.
+
+mod add;
+mod eval;
+mod predict;
+mod train;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::{output, Global};
+use graft::backbone::Backbone;
+use graft::head::{self, HeadKind};
+use graft::store::cache::Cache;
+use graft::store::dataset::{embed_cached, Embedded};
+use graft::store::headfile::{self, HeadFile};
+
+pub use add::{add, AddArgs};
+pub use eval::{curve, eval, CurveArgs, EvalArgs};
+pub use predict::{predict, PredictArgs};
+pub use train::{train, TrainArgs};
+
+/// `--head` for training: a kind or `auto`.
+fn parse_choice(s: &str) -> anyhow::Result<Option<HeadKind>> {
+    if s.eq_ignore_ascii_case("auto") {
+        Ok(None)
+    } else {
+        Ok(Some(s.parse()?))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// Embedding cache folder [default: $XDG_CACHE_HOME/graft or ~/.cache/graft].
+    #[arg(long, env = "GRAFT_CACHE")]
+    cache: Option<PathBuf>,
+    /// Do not read or write the embedding cache.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+impl CacheArgs {
+    fn open(&self, bb: &Backbone) -> anyhow::Result<Option<Cache>> {
+        if self.no_cache {
+            return Ok(None);
+        }
+        let dir = self.cache.clone().unwrap_or_else(default_cache_dir);
+        Ok(Some(Cache::open(&dir, bb.id())?))
+    }
+}
+
+/// `$XDG_CACHE_HOME/graft`, else `~/.cache/graft`, else `.graft-cache`.
+fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("graft");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".cache").join("graft");
+    }
+    PathBuf::from(".graft-cache")
+}
+
+/// Embeds a folder's images through the cache, with a progress bar.
+fn embed_folder(
+    bb: &Backbone,
+    paths: &[PathBuf],
+    cache: Option<&mut Cache>,
+) -> anyhow::Result<(Vec<Embedded>, usize, f64)> {
+    let start = Instant::now();
+    let bar = output::progress(paths.len(), "embedding");
+    let (e, hits) = embed_cached(bb, paths, cache, |d| bar.set_position(d as u64))?;
+    bar.finish_and_clear();
+    Ok((e, hits, start.elapsed().as_secs_f64()))
+}
+
+#[derive(Serialize)]
+struct Candidate {
+    head: HeadKind,
+    cv_accuracy: f64,
+    method: String,
+}
+
+#[derive(Serialize)]
+struct TrainSummary<'a> {
+    out: &'a Path,
+    head: HeadKind,
+    labels: &'a [String],
+    counts: Vec<usize>,
+    examples: usize,
+    cv_method: String,
+    cv_accuracy: f64,
+    candidates: Vec<Candidate>,
+    temperature: f32,
+    threshold: f32,
+    calibration: &'static str,
+    known_accepted: Option<f32>,
+    novel_rejected: Option<f32>,
+    model: &'a str,
+    embedded: usize,
+    cached: usize,
+    embed_seconds: f64,
+    fit_seconds: f64,
+}
+
+fn print_train_summary(g: &Global, s: &TrainSummary) -> anyhow::Result<()> {
+    if g.json {
+        return output::json_line(s);
+    }
+    println!(
+        "trained {} head on {} examples of {} classes ({}) -> {}",
+        s.head,
+        s.examples,
+        s.labels.len(),
+        s.labels
+            .iter()
+            .zip(&s.counts)
+            .map(|(l, c)| format!("{l}:{c}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        s.out.display()
+    );
+    if !s.candidates.is_empty() {
+        println!(
+            "  auto: chose {} by {} cross-validation:",
+            s.head, s.cv_method
+        );
+        for c in &s.candidates {
+            println!(
+                "    {:<9} {:>6.1}%{}",
+                c.head.to_string(),
+                c.cv_accuracy * 100.0,
+                if c.head == s.head { "  <- chosen" } else { "" }
+            );
+        }
+    } else {
+        println!(
+            "  {} cross-validation accuracy {:.1}%",
+            s.cv_method,
+            s.cv_accuracy * 100.0
+        );
+    }
+    println!(
+        "  threshold {:.3} (scores below are `unknown`), temperature {:.3}",
+        s.threshold, s.temperature
+    );
+    if let (Some(k), Some(n)) = (s.known_accepted, s.novel_rejected) {
+        println!(
+            "  {}: on training data it accepts {:.0}% of known objects and rejects {:.0}% of left-out classes",
+            s.calibration,
+            k * 100.0,
+            n * 100.0
+        );
+    }
+    println!(
+        "  embedding {:.2}s ({} new, {} from cache), fitting {:.2}s",
+        s.embed_seconds, s.embedded, s.cached, s.fit_seconds
+    );
+    Ok(())
+}
+
+fn candidates(t: &head::Trained) -> Vec<Candidate> {
+    t.candidates
+        .iter()
+        .map(|r| Candidate {
+            head: r.kind,
+            cv_accuracy: r.accuracy,
+            method: r.method.clone(),
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summary<'a>(
+    out: &'a Path,
+    file: &'a HeadFile,
+    trained: &head::Trained,
+    bb: &'a Backbone,
+    embedded: usize,
+    cached: usize,
+    embed_seconds: f64,
+    fit_seconds: f64,
+) -> TrainSummary<'a> {
+    TrainSummary {
+        out,
+        head: file.head.kind,
+        labels: &file.head.labels,
+        counts: file.counts(),
+        examples: file.examples.len(),
+        cv_method: trained.report.method.clone(),
+        cv_accuracy: trained.report.accuracy,
+        candidates: candidates(trained),
+        temperature: file.head.temperature,
+        threshold: file.head.threshold,
+        calibration: trained.calibration.method,
+        known_accepted: trained.calibration.known_accepted,
+        novel_rejected: trained.calibration.novel_rejected,
+        model: &bb.id().name,
+        embedded,
+        cached,
+        embed_seconds,
+        fit_seconds,
+    }
+}
+
+/// Loads a head file and the backbone it was trained with (or `--model`, if compatible).
+pub fn load_head(g: &Global, path: &Path) -> anyhow::Result<(HeadFile, Backbone)> {
+    let file = headfile::read(path)?;
+    let bb = super::load_backbone_or(g, &file.backbone.name)?;
+    if let Err(e) = bb.id().check_file(&file.backbone, path) {
+        anyhow::bail!("{e} (--model {})", file.backbone.name);
+    }
+    Ok((file, bb))
+}

@@ -1,0 +1,77 @@
+//! `graft train DATASET --out HEAD`: embed an image folder, fit a head, write it.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use clap::Args;
+
+use super::{embed_folder, parse_choice, print_train_summary, summary, CacheArgs};
+use crate::Global;
+use graft::store::dataset::ImageFolder;
+use graft::store::headfile::{self, Example};
+use graft::store::learn::ExampleSet;
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Image folder: DATASET/<label>/*.jpg (sub-folders searched recursively).
+    dataset: PathBuf,
+    /// Where to write the head file (e.g. kiosk.graft).
+    #[arg(long)]
+    out: PathBuf,
+    /// Head type: auto (chosen by cross-validation), logistic, centroid, knn or bayes.
+    #[arg(long, default_value = "auto")]
+    head: String,
+    /// Seed for the cross-validation folds.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+pub fn train(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
+    let choice = parse_choice(&a.head)?;
+    let ds = ImageFolder::scan(&a.dataset)?;
+    if ds.labels.len() < 2 {
+        bail!(
+            "{}: found only the class {:?}; a head needs at least 2 class folders",
+            a.dataset.display(),
+            ds.labels
+        );
+    }
+    let bb = crate::load_backbone(g)?;
+    let mut cache = a.cache.open(&bb)?;
+    let paths: Vec<PathBuf> = ds.items.iter().map(|(p, _)| p.clone()).collect();
+    let (embedded, hits, embed_seconds) = embed_folder(&bb, &paths, cache.as_mut())?;
+    let set = ExampleSet {
+        labels: ds.labels.clone(),
+        examples: ds
+            .items
+            .iter()
+            .zip(embedded)
+            .map(|((path, label), e)| Example {
+                label: *label,
+                path: path.clone(),
+                sha256: e.sha256,
+                embedding: e.embedding,
+            })
+            .collect(),
+    };
+    let start = Instant::now();
+    let (file, trained) = set.fit(bb.id(), choice, a.seed)?;
+    let fit_seconds = start.elapsed().as_secs_f64();
+    headfile::write(&a.out, &file)?;
+    print_train_summary(
+        g,
+        &summary(
+            &a.out,
+            &file,
+            &trained,
+            &bb,
+            paths.len() - hits,
+            hits,
+            embed_seconds,
+            fit_seconds,
+        ),
+    )
+}

@@ -1,0 +1,105 @@
+//! Models written by `graft export`, read back: their metadata (labels, threshold,
+//! preprocessing, the backbone they were cut from) and their answer for a picture, class scores,
+//! which has its own type ([`ClassScores`]) rather than travelling as an embedding.
+//! Writing them is [`super::export`]; this module only reads, so the manifest (which opens an
+//! exported file as a model) and the writer both depend on it and not on each other.
+
+use std::path::Path;
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tract_onnx::pb;
+
+use super::preprocess::InputSpec;
+use super::{softmax, Backbone, BackboneError};
+
+/// Metadata key prefix of graft exports.
+pub const META_PREFIX: &str = "graft.";
+/// Name of the exported output.
+pub const OUTPUT: &str = "scores";
+
+/// What a graft export says about itself (read back from `metadata_props`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportMeta {
+    /// Class names, in output order.
+    pub labels: Vec<String>,
+    /// Threshold under which the best score means `unknown` (on probabilities).
+    pub threshold: f32,
+    /// `probabilities` or `logits`.
+    pub output: String,
+    /// Head type.
+    pub head: String,
+    /// Preprocessing the backbone expects.
+    pub preprocess: InputSpec,
+    /// The backbone's manifest name and sha256.
+    pub backbone: String,
+    /// sha256 of the backbone ONNX file the head was trained on.
+    pub backbone_sha256: String,
+}
+
+fn bad(model: &str, reason: impl Into<String>) -> BackboneError {
+    BackboneError::Load {
+        model: model.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads graft's metadata from an exported ONNX file's bytes; `None` if it is not a graft
+/// export.
+pub fn read_meta(onnx: &[u8], origin: &str) -> Result<Option<ExportMeta>, BackboneError> {
+    let model =
+        pb::ModelProto::decode(onnx).map_err(|e| bad(origin, format!("not an ONNX file: {e}")))?;
+    let get = |k: &str| {
+        model
+            .metadata_props
+            .iter()
+            .find(|p| p.key == format!("{META_PREFIX}{k}"))
+            .map(|p| p.value.clone())
+    };
+    let Some(labels) = get("labels") else {
+        return Ok(None);
+    };
+    let field = |k: &str| {
+        get(k).ok_or_else(|| bad(origin, format!("graft metadata lacks {META_PREFIX}{k}")))
+    };
+    let parse_err = |k: &str, e: &dyn std::fmt::Display| {
+        bad(origin, format!("graft metadata {META_PREFIX}{k}: {e}"))
+    };
+    Ok(Some(ExportMeta {
+        labels: serde_json::from_str(&labels).map_err(|e| parse_err("labels", &e))?,
+        threshold: field("threshold")?
+            .parse()
+            .map_err(|e| parse_err("threshold", &e))?,
+        output: field("output")?,
+        head: field("head")?,
+        preprocess: serde_json::from_str(&field("preprocess")?)
+            .map_err(|e| parse_err("preprocess", &e))?,
+        backbone: field("backbone")?,
+        backbone_sha256: field("backbone_sha256")?,
+    }))
+}
+
+/// An exported model's answer for one picture: one probability per class, in
+/// [`ExportMeta::labels`] order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassScores {
+    /// Probabilities (softmax applied when the export outputs logits).
+    pub probabilities: Vec<f32>,
+}
+
+impl Backbone {
+    /// Scores one image file with an exported model (backbone and head in one ONNX file).
+    pub fn score_file(&self, path: &Path) -> Result<ClassScores, BackboneError> {
+        let meta = self.exported().ok_or_else(|| BackboneError::Manifest {
+            manifest: self.origin(),
+            reason: "not a graft export: it has no class scores (use a head file)".into(),
+        })?;
+        let out = self.embed_file(path)?.vector;
+        let probabilities = if meta.output == "logits" {
+            softmax(&out)
+        } else {
+            out
+        };
+        Ok(ClassScores { probabilities })
+    }
+}
