@@ -11,7 +11,8 @@ use graft::backbone::{preprocess, Backbone, RgbFrame};
 use graft::capture::{FrameSource, MemorySource, PixelFormat, RawFrame};
 use graft::head::HeadKind;
 use graft::live;
-use graft::store::headfile::{self, Example};
+use graft::store::headfile::Example;
+use graft::store::learn::ExampleSet;
 
 const PHOTO: &str = "tests/fixtures/images/dog.jpg"; // 512x384, close to a 640x480 webcam frame
 
@@ -76,8 +77,11 @@ fn head(bb: &Backbone) -> graft::head::Head {
             embedding: bb.embed_file(&dir.join(f)).unwrap().vector,
         })
         .collect();
-    let labels = vec!["a".to_string(), "b".to_string()];
-    headfile::fit(bb.id(), Some(HeadKind::Logistic), &labels, examples, 0)
+    let set = ExampleSet {
+        labels: vec!["a".to_string(), "b".to_string()],
+        examples,
+    };
+    set.fit(bb.id(), Some(HeadKind::Logistic), 0)
         .unwrap()
         .0
         .head

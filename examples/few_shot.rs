@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 
-use graft::{Backbone, Example, ExampleSet, ImageFolder};
+use graft::{Backbone, ImageFolder};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
@@ -24,24 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The rootstock: the bundled EfficientNet-Lite0, compiled into the library.
     let backbone = Backbone::load_named(graft::backbone::DEFAULT_MODEL)?;
 
-    // 1. Embed the folder (no cache here: `graft::store::cache` adds one).
-    let folder = ImageFolder::scan(dataset)?;
-    let paths: Vec<PathBuf> = folder.items.iter().map(|(p, _)| p.clone()).collect();
-    let (embedded, _) = graft::store::dataset::embed_cached(&backbone, &paths, None, |_| {})?;
-    let set = ExampleSet {
-        labels: folder.labels.clone(),
-        examples: folder
-            .items
-            .iter()
-            .zip(embedded)
-            .map(|((path, label), e)| Example {
-                label: *label,
-                path: path.clone(),
-                sha256: e.sha256,
-                embedding: e.embedding,
-            })
-            .collect(),
-    };
+    // 1. Embed the folder (no cache here: `graft::store::cache::Cache` adds one).
+    let (set, _) = ImageFolder::scan(dataset)?.embed(&backbone, None, |_| {})?;
 
     // 2. Train: `None` lets cross-validation choose the head type.
     let (file, trained) = set.fit(backbone.id(), None, 0)?;

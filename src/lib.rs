@@ -82,3 +82,82 @@ pub use store::learn::{
     add_examples, ExampleSet, ExampleStore, FrameSaver, HeadFileStore, LearnError, NewExample,
 };
 pub use store::StoreError;
+
+/// The module map held by a test: each outside crate is named only inside the module that owns
+/// it (ARCHITECTURE.md, "Module map"). A crate per module would have the compiler hold it, at
+/// the price of public cross-crate APIs for today's `pub(crate)` seams; this test holds the
+/// same rule for the price of a file scan.
+#[cfg(test)]
+mod ownership {
+    use std::path::{Path, PathBuf};
+
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn each_outside_crate_is_named_only_in_the_module_that_owns_it() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let owners: &[(&[&str], &str)] = &[
+            (
+                &[
+                    "tract_onnx::",
+                    "tract_linalg::",
+                    "tract_core::",
+                    "prost::",
+                    "image::",
+                ],
+                "backbone/",
+            ),
+            (
+                &[
+                    "linfa::",
+                    "linfa_logistic::",
+                    "linfa_nn::",
+                    "linfa_bayes::",
+                    "ndarray::",
+                ],
+                "head/",
+            ),
+            (&["wgpu::", "pollster::", "bytemuck::"], "gpu/"),
+            (&["nokhwa::"], "capture/"),
+            (&["serialport::"], "serial/"),
+            (&["plotters::"], "plot.rs"),
+        ];
+        let mut files = Vec::new();
+        sources(&src, &mut files);
+        assert!(files.len() > 20, "found only {} sources", files.len());
+        let mut wrong = Vec::new();
+        for f in &files {
+            let rel = f
+                .strip_prefix(&src)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            let text = std::fs::read_to_string(f).unwrap();
+            for (names, owner) in owners {
+                for name in *names {
+                    let named = text.lines().any(|l| {
+                        let code = l.split("//").next().unwrap_or("");
+                        code.match_indices(name).any(|(i, _)| {
+                            // a whole path segment (not `my_image::`), outside a string
+                            let before = if i == 0 { b' ' } else { code.as_bytes()[i - 1] };
+                            !(before.is_ascii_alphanumeric() || before == b'_' || before == b'"')
+                        })
+                    });
+                    if named && !rel.starts_with(owner) {
+                        wrong.push(format!("{rel} names {name} (owned by {owner})"));
+                    }
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+}

@@ -15,7 +15,7 @@ use graft::head::{self, HeadKind, HeadParams};
 
 /// The photo timed when no `--image` is given (scikit-image's `chelsea`, see
 /// tests/fixtures/images/LICENSES.md): 451×300 JPEG, a typical small camera frame.
-const BUILTIN_PHOTO: &[u8] = include_bytes!("../../tests/fixtures/images/chelsea.jpg");
+const BUILTIN_PHOTO: &[u8] = include_bytes!("../assets/bench.jpg");
 const BUILTIN_NAME: &str = "builtin:chelsea.jpg";
 
 /// The head problem timed: the issue tracker's yardstick, 10 classes × 20 shots.

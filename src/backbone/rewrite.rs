@@ -58,7 +58,7 @@ impl GraphSpec {
     }
 }
 
-/// What [`apply`] changed.
+/// What the `[graph]` rewrites changed in a graph (see [`GraphSpec`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rewrites {
     /// Activation Q/DQ pairs replaced by a `Clip`.

@@ -12,7 +12,7 @@ use super::GpuError;
 /// Bytes of one step's parameters in the uniform buffer (the WGSL `Params`: 40 words).
 /// Bytes of one step's `Params` (a uniform block: a multiple of 16).
 const PARAMS_BYTES: u64 = std::mem::size_of::<Params>() as u64;
-const _: () = assert!(PARAMS_BYTES == 160 && PARAMS_BYTES % 16 == 0);
+const _: () = assert!(PARAMS_BYTES == 160 && PARAMS_BYTES.is_multiple_of(16));
 /// Threads per workgroup of the one-thread-per-output kernels.
 const WG: u64 = 256;
 /// Columns per matmul workgroup (the WGSL `TN`; `TM` is the same).

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use super::cache::Cache;
 use super::files::{collect_images, file_sha256};
+use super::headfile::Example;
+use super::learn::ExampleSet;
 use super::StoreError;
 use crate::backbone::{Backbone, BackboneError};
 use crate::head::Label;
@@ -82,6 +84,41 @@ impl ImageFolder {
         Ok(ImageFolder { labels, items })
     }
 
+    /// Embeds every image (through `cache` when there is one) as an example of its class
+    /// folder: the one way a labelled folder becomes training examples (`train`, `eval`,
+    /// `curve`, library users). `progress(done)` counts images embedded (cache hits are not).
+    /// Returns the examples and how many came from the cache.
+    pub fn embed<F>(
+        &self,
+        backbone: &Backbone,
+        cache: Option<&mut Cache>,
+        progress: F,
+    ) -> Result<(ExampleSet, usize), DatasetError>
+    where
+        F: Fn(usize) + Sync,
+    {
+        let paths: Vec<PathBuf> = self.items.iter().map(|(p, _)| p.clone()).collect();
+        let (embedded, hits) = embed_cached(backbone, &paths, cache, progress)?;
+        let examples = self
+            .items
+            .iter()
+            .zip(embedded)
+            .map(|((path, label), e)| Example {
+                label: *label,
+                path: path.clone(),
+                sha256: e.sha256,
+                embedding: e.embedding,
+            })
+            .collect();
+        Ok((
+            ExampleSet {
+                labels: self.labels.clone(),
+                examples,
+            },
+            hits,
+        ))
+    }
+
     /// Images per class.
     pub fn counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.labels.len()];
@@ -150,35 +187,9 @@ where
     Ok((embedded, hits))
 }
 
-/// The group an image belongs to, for splits that keep near-duplicates together: the file stem
-/// without a trailing `_<digits>` (so `owl_0.jpg` and `owl_1.jpg`, two shots of one object, are
-/// one group).
-pub fn group_key(path: &Path) -> String {
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-    match stem.rsplit_once('_') {
-        Some((head, tail)) if !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) => {
-            head.to_string()
-        }
-        _ => stem.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn group_keys() {
-        for (p, want) in [
-            ("a/owl_0.jpg", "owl"),
-            ("owl_12.png", "owl"),
-            ("my_owl.jpg", "my_owl"),
-            ("x_.jpg", "x_"),
-            ("plain.jpg", "plain"),
-        ] {
-            assert_eq!(group_key(Path::new(p)), want, "{p}");
-        }
-    }
 
     #[test]
     fn class_folders_that_are_not_labels_are_refused() {

@@ -1,5 +1,6 @@
-//! Finding image files: explicit paths, and folders walked recursively in sorted order (so every
-//! run, and every board, sees the same files in the same order).
+//! Finding image files (explicit paths, and folders walked recursively in sorted order, so every
+//! run and every board sees the same files in the same order), hashing them, and what their
+//! names say: which object a photo shows ([`group_key`]).
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,19 @@ pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
     Ok(out)
 }
 
+/// The group an image belongs to, for splits that keep near-duplicates together: the file stem
+/// without a trailing `_<digits>` (so `owl_0.jpg` and `owl_1.jpg`, two shots of one object, are
+/// one group).
+pub fn group_key(path: &Path) -> String {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    match stem.rsplit_once('_') {
+        Some((head, tail)) if !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) => {
+            head.to_string()
+        }
+        _ => stem.to_string(),
+    }
+}
+
 /// sha256 of a file's bytes, lowercase hex.
 pub fn file_sha256(path: &Path) -> Result<String, StoreError> {
     let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
@@ -45,6 +59,19 @@ pub fn file_sha256(path: &Path) -> Result<String, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_keys() {
+        for (p, want) in [
+            ("a/owl_0.jpg", "owl"),
+            ("owl_12.png", "owl"),
+            ("my_owl.jpg", "my_owl"),
+            ("x_.jpg", "x_"),
+            ("plain.jpg", "plain"),
+        ] {
+            assert_eq!(group_key(Path::new(p)), want, "{p}");
+        }
+    }
 
     #[test]
     fn walks_sorted_recursively_skipping_hidden_and_non_images() {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::dataset::group_key;
+use super::files::group_key;
 use super::{write_atomic, StoreError};
 use crate::backbone::BackboneId;
 use crate::head::{self, Examples, Head, HeadKind, HeadParams, Model};

@@ -133,7 +133,7 @@ impl ExampleSet {
     }
 
     /// The training form: unit vectors, class ids, and one group per object
-    /// (`<object>_<n>.jpg` names, see [`group_key`](super::dataset::group_key)) within its class.
+    /// (`<object>_<n>.jpg` names, see [`group_key`](super::files::group_key)) within its class.
     pub fn training_examples(&self) -> Examples {
         headfile::training_examples(&self.labels, &self.examples)
     }
@@ -304,7 +304,7 @@ impl ExampleStore for HeadFileStore {
 }
 
 /// The name of one capture session of `label`: `<label>-<unix ms>`. Its frames are saved as
-/// `<session>_<n>.jpg`, so [`group_key`](super::dataset::group_key) makes them one object for cross-validation.
+/// `<session>_<n>.jpg`, so [`group_key`](super::files::group_key) makes them one object for cross-validation.
 pub fn session_name(label: &Label) -> String {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -8,14 +8,13 @@ use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 
-use super::{embed_folder, parse_choice, CacheArgs};
+use super::{embed_dataset, parse_choice, CacheArgs};
 use crate::{output, Global};
 use graft::backbone::preprocess;
 use graft::head::eval::{self, Split};
 use graft::head::metrics::{ClassMetrics, Confusion};
 use graft::head::{Examples, HeadKind, HeadParams};
 use graft::store::dataset::ImageFolder;
-use graft::store::headfile::{training_examples, Example};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -78,20 +77,8 @@ fn load_dataset(
     }
     let bb = crate::load_backbone(g)?;
     let mut c = cache.open(&bb)?;
-    let paths: Vec<PathBuf> = ds.items.iter().map(|(p, _)| p.clone()).collect();
-    let (embedded, _, _) = embed_folder(&bb, &paths, c.as_mut())?;
-    let examples: Vec<Example> = ds
-        .items
-        .iter()
-        .zip(embedded)
-        .map(|((path, label), e)| Example {
-            label: *label,
-            path: path.clone(),
-            sha256: e.sha256,
-            embedding: e.embedding,
-        })
-        .collect();
-    Ok((training_examples(&ds.labels, &examples), ds))
+    let (set, _, _) = embed_dataset(&bb, &ds, c.as_mut())?;
+    Ok((set.training_examples(), ds))
 }
 
 #[derive(Serialize)]

@@ -17,8 +17,9 @@ use super::{output, Global};
 use graft::backbone::Backbone;
 use graft::head::{self, HeadKind};
 use graft::store::cache::Cache;
-use graft::store::dataset::{embed_cached, Embedded};
+use graft::store::dataset::{embed_cached, Embedded, ImageFolder};
 use graft::store::headfile::{self, HeadFile};
+use graft::store::learn::ExampleSet;
 
 pub use add::{add, AddArgs};
 pub use eval::{curve, eval, CurveArgs, EvalArgs};
@@ -65,7 +66,21 @@ fn default_cache_dir() -> PathBuf {
     PathBuf::from(".graft-cache")
 }
 
-/// Embeds a folder's images through the cache, with a progress bar.
+/// Embeds a labelled folder into examples through the cache, with a progress bar: (examples,
+/// cache hits, seconds).
+fn embed_dataset(
+    bb: &Backbone,
+    ds: &ImageFolder,
+    cache: Option<&mut Cache>,
+) -> anyhow::Result<(ExampleSet, usize, f64)> {
+    let start = Instant::now();
+    let bar = output::progress(ds.items.len(), "embedding");
+    let (set, hits) = ds.embed(bb, cache, |d| bar.set_position(d as u64))?;
+    bar.finish_and_clear();
+    Ok((set, hits, start.elapsed().as_secs_f64()))
+}
+
+/// Embeds a list of images through the cache, with a progress bar.
 fn embed_folder(
     bb: &Backbone,
     paths: &[PathBuf],

@@ -6,11 +6,10 @@ use std::time::Instant;
 use anyhow::bail;
 use clap::Args;
 
-use super::{embed_folder, parse_choice, print_train_summary, summary, CacheArgs};
+use super::{embed_dataset, parse_choice, print_train_summary, summary, CacheArgs};
 use crate::Global;
 use graft::store::dataset::ImageFolder;
-use graft::store::headfile::{self, Example};
-use graft::store::learn::ExampleSet;
+use graft::store::headfile;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -41,22 +40,7 @@ pub fn train(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
     }
     let bb = crate::load_backbone(g)?;
     let mut cache = a.cache.open(&bb)?;
-    let paths: Vec<PathBuf> = ds.items.iter().map(|(p, _)| p.clone()).collect();
-    let (embedded, hits, embed_seconds) = embed_folder(&bb, &paths, cache.as_mut())?;
-    let set = ExampleSet {
-        labels: ds.labels.clone(),
-        examples: ds
-            .items
-            .iter()
-            .zip(embedded)
-            .map(|((path, label), e)| Example {
-                label: *label,
-                path: path.clone(),
-                sha256: e.sha256,
-                embedding: e.embedding,
-            })
-            .collect(),
-    };
+    let (set, hits, embed_seconds) = embed_dataset(&bb, &ds, cache.as_mut())?;
     let start = Instant::now();
     let (file, trained) = set.fit(bb.id(), choice, a.seed)?;
     let fit_seconds = start.elapsed().as_secs_f64();
@@ -68,7 +52,7 @@ pub fn train(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
             &file,
             &trained,
             &bb,
-            paths.len() - hits,
+            ds.items.len() - hits,
             hits,
             embed_seconds,
             fit_seconds,
