@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
 pub use error::BackboneError;
@@ -226,6 +227,12 @@ pub trait Accelerator: Send + Sync {
     fn preferred_batch(&self) -> usize;
 }
 
+thread_local! {
+    /// Set on the threads of [`Backbone::embed_files`]' worker pool, which run one image each,
+    /// single-threaded inside tract.
+    static BULK_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// A loaded, optimised backbone, ready to embed and classify.
 pub struct Backbone {
     spec: ModelSpec,
@@ -233,6 +240,7 @@ pub struct Backbone {
     onnx: std::borrow::Cow<'static, [u8]>,
     labels: Option<Vec<String>>,
     threads: usize,
+    executor: Executor,
     plans: Mutex<HashMap<usize, Plan>>,
     load_time: Duration,
     load_stages: LoadStages,
@@ -300,11 +308,14 @@ impl Backbone {
             }
         }
         let threads = options.threads.max(1);
-        if threads > 1 {
-            tract_linalg::multithread::set_default_executor(
-                tract_linalg::multithread::Executor::multithread(threads),
-            );
-        }
+        // This backbone's own pool for tract's matrix products, used in a scope around each
+        // run: loading a backbone never changes tract's process-wide executor, so two backbones
+        // (or a library user's own tract) keep their own thread counts.
+        let executor = if threads > 1 {
+            Executor::multithread_with_name(threads, "graft-tract")
+        } else {
+            Executor::SingleThread
+        };
         let i = &spec.manifest.input;
         let id = BackboneId {
             name: spec.manifest.name.clone(),
@@ -321,6 +332,7 @@ impl Backbone {
             onnx,
             labels,
             threads,
+            executor,
             plans: Mutex::new(HashMap::new()),
             load_time: Duration::ZERO,
             load_stages: LoadStages::default(),
@@ -369,6 +381,16 @@ impl Backbone {
         }
     }
 
+    /// Runs `f` (a tract plan run) with this backbone's thread pool, or single-threaded on a
+    /// bulk-embedding worker (whose parallelism is across images).
+    pub(crate) fn in_pool<R>(&self, f: impl FnOnce() -> R) -> R {
+        if BULK_WORKER.with(|b| b.get()) {
+            f()
+        } else {
+            multithread_tract_scope(self.executor.clone(), f)
+        }
+    }
+
     /// Runs the graph on tract even when an accelerator is plugged in (the reference).
     pub fn run_on_cpu(&self, images: &[Prepared]) -> Result<Vec<Output>, BackboneError> {
         if images.is_empty() {
@@ -381,7 +403,9 @@ impl Backbone {
             reason: error::chain(&e),
         };
         let input = self.input_tensor(images)?;
-        let outputs = plan.run(tvec!(input.into())).map_err(fail)?;
+        let outputs = self
+            .in_pool(|| plan.run(tvec!(input.into())))
+            .map_err(fail)?;
         let flat = outputs
             .iter()
             .map(|o| {
@@ -672,22 +696,20 @@ impl Backbone {
         std::thread::scope(|s| {
             for _ in 0..workers {
                 s.spawn(|| {
-                    tract_linalg::multithread::multithread_tract_scope(
-                        tract_linalg::multithread::Executor::SingleThread,
-                        || loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if i >= paths.len() {
-                                break;
-                            }
-                            let r = self.embed_file(&paths[i]);
-                            let failed = r.is_err();
-                            progress(&paths[i]);
-                            results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
-                            if failed {
-                                next.store(paths.len(), std::sync::atomic::Ordering::Relaxed);
-                            }
-                        },
-                    )
+                    BULK_WORKER.with(|b| b.set(true));
+                    multithread_tract_scope(Executor::SingleThread, || loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= paths.len() {
+                            break;
+                        }
+                        let r = self.embed_file(&paths[i]);
+                        let failed = r.is_err();
+                        progress(&paths[i]);
+                        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                        if failed {
+                            next.store(paths.len(), std::sync::atomic::Ordering::Relaxed);
+                        }
+                    })
                 });
             }
         });

@@ -76,8 +76,8 @@ impl Backbone {
         for pass in 0..=runs {
             let timed = pass > 0; // the first pass warms caches and allocates
             let start = Instant::now();
-            state
-                .run_plan_with_eval(
+            self.in_pool(|| {
+                state.run_plan_with_eval(
                     tvec!(input.clone().into()),
                     |ctx, op_state, node, inputs| {
                         let t = Instant::now();
@@ -88,7 +88,8 @@ impl Backbone {
                         out
                     },
                 )
-                .map_err(fail)?;
+            })
+            .map_err(fail)?;
             if timed {
                 total += start.elapsed();
             }

@@ -347,6 +347,86 @@ fn small_head(t: &Path, cache: &Path, model: &str) -> PathBuf {
     head
 }
 
+/// Regression (issue 15): `graft add` only refused empty names and `unknown`, so it accepted
+/// class names that `capture`, the kiosk protocol and the folder layout cannot use (`a,b`,
+/// `x y`, a newline, `../up`). Every front end now validates with the one `Label` rule; the
+/// head file is left as it was.
+#[test]
+fn add_refuses_class_names_no_other_front_end_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (t, cache) = (tmp.path(), tmp.path().join("cache"));
+    let head = small_head(t, &cache, "efficientnet-lite0-fp32");
+    let before = std::fs::read(&head).unwrap();
+    let (extra, _) = split("flowers", 1);
+    for bad in ["a,b", "x y", "two\nlines", "../up", "UNKNOWN", ".hidden"] {
+        let mut c = graft(&cache);
+        c.args(["add", "--head"])
+            .arg(&head)
+            .args(["--label", bad])
+            .args(&extra);
+        fails(c, "class name");
+        assert_eq!(
+            std::fs::read(&head).unwrap(),
+            before,
+            "{bad:?} changed the head"
+        );
+    }
+    // The same rule for a class folder given to `train`.
+    let bad_set = t.join("bad-set");
+    link_into(&bad_set, "fruit", &split("fruit", 2).0);
+    let (birds, _) = split("birds", 2);
+    std::fs::create_dir_all(bad_set.join("unknown")).unwrap();
+    for (i, f) in birds.iter().enumerate() {
+        std::fs::copy(f, bad_set.join("unknown").join(format!("b{i}.jpg"))).unwrap();
+    }
+    let mut c = graft(&cache);
+    c.args(["train", "--out"])
+        .arg(t.join("x.graft"))
+        .arg(&bad_set);
+    fails(c, "class folder");
+    assert!(!t.join("x.graft").exists());
+}
+
+/// Head files written by the release before the library/binary split (tests/fixtures/heads)
+/// still load and predict exactly what that release predicted.
+#[test]
+fn heads_written_by_the_previous_release_predict_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    for kind in ["centroid", "logistic"] {
+        let head = fixture(&format!("heads/release-42bf848-{kind}.graft"));
+        let want = std::fs::read_to_string(fixture(&format!(
+            "heads/release-42bf848-{kind}.predictions.jsonl"
+        )))
+        .unwrap();
+        let want = json_lines(&want);
+        assert_eq!(want.len(), PHOTOS.len(), "{kind}");
+        let mut c = graft(tmp.path());
+        c.args(["--json", "predict", "--top", "2", "--head"])
+            .arg(&head);
+        for w in &want {
+            c.arg(image(w["path"].as_str().unwrap()));
+        }
+        let got = json_lines(&ok(c));
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            let what = format!("{kind} {}", w["path"]);
+            for k in ["label", "best", "unknown"] {
+                assert_eq!(g[k], w[k], "{what}: {k}");
+            }
+            for (gt, wt) in g["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(w["top"].as_array().unwrap())
+            {
+                assert_eq!(gt["label"], wt["label"], "{what}");
+                let (a, b) = (gt["score"].as_f64().unwrap(), wt["score"].as_f64().unwrap());
+                assert!((a - b).abs() < 1e-6, "{what}: score {a} vs {b}");
+            }
+        }
+    }
+}
+
 /// A writer killed half-way through rewriting a head leaves the previous head intact.
 #[test]
 #[cfg(feature = "fault-injection")] // the write pause that lets the test kill mid-write
