@@ -124,14 +124,19 @@ impl fmt::Display for Smoothing {
     }
 }
 
+/// A smoothing spec that is not `off`, `ema[:ALPHA]` or `vote[:FRAMES]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad smoothing {0:?}: use off, ema[:ALPHA in (0,1]] or vote[:FRAMES]")]
+pub struct ParseSmoothingError(pub String);
+
 impl FromStr for Smoothing {
-    type Err = String;
+    type Err = ParseSmoothingError;
 
     /// `off`, `ema`, `ema:0.3`, `vote`, `vote:7`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim().to_ascii_lowercase();
         let (kind, arg) = s.split_once(':').unwrap_or((s.as_str(), ""));
-        let bad = || format!("bad smoothing {s:?}: use off, ema[:ALPHA in (0,1]] or vote[:FRAMES]");
+        let bad = || ParseSmoothingError(s.clone());
         match kind {
             "off" | "none" if arg.is_empty() => Ok(Smoothing::Off),
             "ema" => {

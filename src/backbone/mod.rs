@@ -203,13 +203,18 @@ impl std::fmt::Display for DeviceChoice {
     }
 }
 
+/// A device name that is not `auto`, `cpu` or `gpu`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a device (auto, cpu or gpu)")]
+pub struct ParseDeviceError(pub String);
+
 impl std::str::FromStr for DeviceChoice {
-    type Err = String;
+    type Err = ParseDeviceError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         DeviceChoice::ALL
             .into_iter()
             .find(|d| d.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("{s:?} is not a device (auto, cpu or gpu)"))
+            .ok_or_else(|| ParseDeviceError(s.to_string()))
     }
 }
 
