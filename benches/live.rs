@@ -81,10 +81,15 @@ fn head(bb: &Backbone) -> graft::head::Head {
         labels: vec!["a".to_string(), "b".to_string()],
         examples,
     };
-    set.fit(bb.id(), Some(HeadKind::Logistic), 0)
-        .unwrap()
-        .0
-        .head
+    set.fit(
+        bb.id(),
+        Some(HeadKind::Logistic),
+        &graft::head::HeadParams::default(),
+        0,
+    )
+    .unwrap()
+    .0
+    .head
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

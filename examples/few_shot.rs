@@ -28,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (set, _) = ImageFolder::scan(dataset)?.embed(&backbone, None, |_| {})?;
 
     // 2. Train: `None` lets cross-validation choose the head type.
-    let (file, trained) = set.fit(backbone.id(), None, 0)?;
+    let (file, trained) = set.fit(backbone.id(), None, &graft::HeadParams::default(), 0)?;
     println!(
         "{} head on {} examples of {} classes, held-out accuracy {:.1}% ({})",
         file.head.kind,

@@ -48,6 +48,9 @@ struct JsonHead<'a> {
     threshold: f32,
     backbone: &'a graft::backbone::BackboneId,
     preprocess: &'a graft::backbone::manifest::InputSpec,
+    /// The power transform, when there is one: x ← sign(x)·|x|^power before x̂ = x/‖x‖.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    power: Option<f32>,
     /// Linear heads: `classes × dim` row-major; scores = softmax(T · (W·x̂ + b)), x̂ = x/‖x‖.
     #[serde(skip_serializing_if = "Option::is_none")]
     weights: Option<Vec<Vec<f32>>>,
@@ -95,6 +98,7 @@ pub fn run(g: &Global, a: ExportArgs) -> anyhow::Result<()> {
             threshold: h.threshold,
             kind: h.kind.to_string(),
             probabilities: a.probabilities || !a.logits,
+            power: h.params.power,
         })?,
         Format::Json => {
             let dim = bb.id().dim;
@@ -107,6 +111,7 @@ pub fn run(g: &Global, a: ExportArgs) -> anyhow::Result<()> {
                 threshold: h.threshold,
                 backbone: bb.id(),
                 preprocess: &bb.manifest().input,
+                power: (h.params.power != 1.0).then_some(h.params.power),
                 weights: None,
                 bias: None,
                 k: None,

@@ -5,6 +5,7 @@
 //! Appended after the feature tensor `F` (`[N, D]`):
 //!
 //! ```text
+//! F = Sign(F) * Pow(Abs(F), p)                                  power transform (p ≠ 1 only)
 //! x = F / max(sqrt(ReduceSum(F * F, axis 1)), 1e-12)          L2 normalisation
 //! linear:  logits = Gemm(x, W, b, transB=1)                      W: [C, D]
 //! knn:     s = MatMul(x, Eᵀ); (v, i) = TopK(s, k)                E: [n, D] unit examples
@@ -54,6 +55,9 @@ pub struct ExportHead {
     pub kind: String,
     /// Output probabilities (true) or temperature-scaled logits (false).
     pub probabilities: bool,
+    /// The head's power transform: features become `sign(F)·|F|^power` before L2 (1: none,
+    /// and no operator is written).
+    pub power: f32,
 }
 
 fn export_err(model: &str, reason: impl Into<String>) -> BackboneError {
@@ -162,6 +166,27 @@ impl Backbone {
 
         let p = "graft_head";
         let n = |s: &str| format!("{p}/{s}");
+        // The power transform, F ← Sign(F) · Pow(Abs(F), power), as `HeadParams::input`.
+        let features = if head.power == 1.0 {
+            features
+        } else {
+            let (sign, abs, exp, pow, powered) =
+                (n("sign"), n("abs"), n("power"), n("pow"), n("powered"));
+            graph.initializer.push(tensor(&exp, &[], vec![head.power]));
+            graph
+                .node
+                .push(node("Sign", "sign", &[&features], &[&sign], vec![]));
+            graph
+                .node
+                .push(node("Abs", "abs", &[&features], &[&abs], vec![]));
+            graph
+                .node
+                .push(node("Pow", "pow", &[&abs, &exp], &[&pow], vec![]));
+            graph
+                .node
+                .push(node("Mul", "powered", &[&sign, &pow], &[&powered], vec![]));
+            powered
+        };
         let (sq, ss, axes1, norm, eps, normc, x) = (
             n("sq"),
             n("ss"),

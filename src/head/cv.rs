@@ -38,6 +38,8 @@ pub struct CvReport {
 pub struct Selection {
     /// The head chosen.
     pub chosen: HeadKind,
+    /// Why, and how sure: the lead over the prior in points and standard errors.
+    pub reason: String,
     /// Why: every candidate's CV accuracy.
     pub reports: Vec<CvReport>,
 }
@@ -137,26 +139,114 @@ pub fn cross_validate(
     })
 }
 
-/// Tries every kind and picks the best held-out accuracy (ties: the earlier in
-/// [`HeadKind::ALL`], i.e. the simpler-to-explain head). With one example per class nothing can
-/// be held out, and the centroid head (weight imprinting) is chosen.
+/// The head `auto` keeps unless the evidence says otherwise: logistic regression wins on
+/// average at every number of shots measured (README "What it gives", `graft curve`).
+pub const AUTO_PRIOR: HeadKind = HeadKind::Logistic;
+
+/// How far (in standard errors of the paired difference) another head's cross-validated
+/// accuracy must lead the prior's before `auto` takes it: about a one-sided 97.5% test.
+pub const AUTO_MIN_Z: f64 = 2.0;
+
+/// Tries every kind and keeps [`AUTO_PRIOR`] unless another kind beats it by more than the
+/// noise of the comparison.
+///
+/// With a few examples cross-validation cannot tell heads apart: one example more or less is
+/// several points of accuracy. So the comparison is paired (every kind is scored on the same
+/// held-out examples): with `b` examples the candidate gets right and the prior wrong, and `c`
+/// the other way round, the lead is `(b − c) / n` and its standard error `√(b + c) / n`
+/// (McNemar). A candidate is chosen only when its lead is at least [`AUTO_MIN_Z`] standard
+/// errors; among several, the largest lead. With nothing held out (one example per class)
+/// the prior is kept. [`Selection::reason`] says which and how sure.
 pub fn auto_select(ex: &Examples, params: &HeadParams, seed: u64) -> Result<Selection, HeadError> {
     let mut reports = Vec::new();
     for kind in HeadKind::ALL {
         reports.push(cross_validate(kind, ex, params, seed)?);
     }
-    let chosen = if reports.iter().all(|r| r.scored == 0) {
-        HeadKind::Centroid
-    } else {
-        let mut best = &reports[0];
-        for r in &reports[1..] {
-            if r.accuracy > best.accuracy + 1e-9 {
-                best = r;
+    let prior = reports
+        .iter()
+        .find(|r| r.kind == AUTO_PRIOR)
+        .ok_or_else(|| HeadError::NotEnoughData("no prior head".into()))?;
+    if prior.scored == 0 {
+        return Ok(Selection {
+            chosen: AUTO_PRIOR,
+            reason: format!(
+                "{AUTO_PRIOR} kept: nothing could be held out (one example per class or per object)"
+            ),
+            reports,
+        });
+    }
+    let right = |r: &CvReport| -> Vec<Option<bool>> {
+        r.held_out
+            .iter()
+            .zip(&ex.y)
+            .map(|(l, t)| l.as_ref().map(|l| argmax(l) == *t))
+            .collect()
+    };
+    let candidates: Vec<(HeadKind, Vec<Option<bool>>)> = reports
+        .iter()
+        .filter(|r| r.kind != AUTO_PRIOR)
+        .map(|r| (r.kind, right(r)))
+        .collect();
+    let (chosen, reason) = choose(&right(prior), &candidates);
+    Ok(Selection {
+        chosen,
+        reason,
+        reports,
+    })
+}
+
+/// `auto`'s decision from per-example held-out outcomes (`Some(right)`, `None`: not scored):
+/// the prior's, and each candidate's on the same examples. See [`auto_select`].
+fn choose(
+    prior: &[Option<bool>],
+    candidates: &[(HeadKind, Vec<Option<bool>>)],
+) -> (HeadKind, String) {
+    let mut best: Option<(HeadKind, f64, f64)> = None; // kind, lead, z
+    let mut closest: Option<(HeadKind, f64, f64)> = None;
+    let mut scored = 0;
+    for (kind, outcomes) in candidates {
+        let (mut b, mut c, mut n) = (0usize, 0usize, 0usize);
+        for (x, y) in outcomes.iter().zip(prior) {
+            if let (Some(x), Some(y)) = (x, y) {
+                n += 1;
+                b += usize::from(*x && !*y);
+                c += usize::from(!*x && *y);
             }
         }
-        best.kind
-    };
-    Ok(Selection { chosen, reports })
+        scored = scored.max(n);
+        if n == 0 {
+            continue;
+        }
+        let lead = (b as f64 - c as f64) / n as f64;
+        let se = ((b + c) as f64).sqrt() / n as f64;
+        let z = if se > 0.0 { lead / se } else { 0.0 };
+        if closest.is_none_or(|(_, l, _)| lead > l) {
+            closest = Some((*kind, lead, z));
+        }
+        if z >= AUTO_MIN_Z && best.is_none_or(|(_, l, _)| lead > l) {
+            best = Some((*kind, lead, z));
+        }
+    }
+    match (best, closest) {
+        (Some((k, lead, z)), _) => (
+            k,
+            format!(
+                "{k} chosen: {:+.1} points over {AUTO_PRIOR} on the same held-out examples ({z:.1} standard errors)",
+                lead * 100.0
+            ),
+        ),
+        (None, Some((k, lead, z))) if lead > 0.0 => (
+            AUTO_PRIOR,
+            format!(
+                "{AUTO_PRIOR} kept: {k}'s {:+.1} points are within the noise of {scored} held-out examples ({z:.1} standard errors, {AUTO_MIN_Z} needed)",
+                lead * 100.0
+            ),
+        ),
+        _ => (
+            AUTO_PRIOR,
+            format!("{AUTO_PRIOR} kept: no other head did better on the held-out examples"),
+        ),
+    }
 }
 
 /// Share of correctly classified held-out training examples the threshold may reject at most.
@@ -351,6 +441,48 @@ mod tests {
                 assert_eq!(n, 2, "fold {fold} class {c}");
             }
         }
+    }
+
+    #[test]
+    fn auto_keeps_the_prior_unless_another_head_leads_beyond_the_noise() {
+        let o = |v: &[u8]| -> Vec<Option<bool>> {
+            v.iter()
+                .map(|b| if *b == 2 { None } else { Some(*b == 1) })
+                .collect()
+        };
+        // 30 scored: the case, centroid 22/30 right, logistic 21/30: one example.
+        let prior = o(&[[1u8; 21].as_slice(), &[0; 9]].concat());
+        let one_more = o(&[[1u8; 22].as_slice(), &[0; 8]].concat());
+        let (k, why) = choose(&prior, &[(HeadKind::Centroid, one_more)]);
+        assert_eq!(k, HeadKind::Logistic, "{why}");
+        assert!(
+            why.contains("within the noise") && why.contains("+3.3 points"),
+            "{why}"
+        );
+        // A lead of 10 examples of 40, none the other way: z = 10/√10 ≈ 3.2.
+        let prior = o(&[[1u8; 20].as_slice(), &[0; 20]].concat());
+        let better = o(&[[1u8; 30].as_slice(), &[0; 10]].concat());
+        let worse = o(&[[1u8; 10].as_slice(), &[0; 30]].concat());
+        let (k, why) = choose(
+            &prior,
+            &[(HeadKind::Centroid, worse), (HeadKind::Knn, better.clone())],
+        );
+        assert_eq!(k, HeadKind::Knn, "{why}");
+        assert!(
+            why.contains("+25.0 points") && why.contains("3.2 standard errors"),
+            "{why}"
+        );
+        // Examples not scored by both are left out of the comparison.
+        let mut partly = better;
+        for v in partly.iter_mut().take(30) {
+            *v = None;
+        }
+        let (k, _) = choose(&prior, &[(HeadKind::Knn, partly)]);
+        assert_eq!(k, HeadKind::Logistic);
+        // Nothing better at all.
+        let (k, why) = choose(&prior, &[(HeadKind::Bayes, prior.clone())]);
+        assert_eq!(k, HeadKind::Logistic);
+        assert!(why.contains("no other head did better"), "{why}");
     }
 
     #[test]

@@ -186,6 +186,307 @@ pub fn evaluate(
     })
 }
 
+/// An open-set split: some classes are never taught; the head is fitted on `shots` examples of
+/// each other class and scored on held-out objects of both kinds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenSetSplit {
+    /// Classes the head is taught.
+    pub known: Vec<usize>,
+    /// Classes it never sees (their photos should come out `unknown`).
+    pub novel: Vec<usize>,
+    /// Fitted on (known classes only).
+    pub train: Vec<usize>,
+    /// Held-out objects of known classes.
+    pub known_test: Vec<usize>,
+    /// Every photo of the novel classes.
+    pub novel_test: Vec<usize>,
+}
+
+/// `trials` open-set splits: in each, `novel` classes drawn at random (seeded `seed + t`) are
+/// never taught, and a few-shot split of `shots` per class is drawn from the others. `None`
+/// when there are fewer than `novel + 2` classes or a few-shot split cannot be drawn.
+pub fn open_set_splits(
+    ex: &Examples,
+    shots: usize,
+    novel: usize,
+    trials: usize,
+    seed: u64,
+) -> Option<Vec<OpenSetSplit>> {
+    let present = ex.present_classes();
+    if novel == 0 || present.len() < novel + 2 {
+        return None;
+    }
+    (0..trials)
+        .map(|t| {
+            let seed = seed.wrapping_add(t as u64);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6f70_656e);
+            let mut classes = present.clone();
+            classes.shuffle(&mut rng);
+            let (novel_c, known_c) = classes.split_at(novel);
+            let (mut novel_c, mut known_c) = (novel_c.to_vec(), known_c.to_vec());
+            novel_c.sort_unstable();
+            known_c.sort_unstable();
+            let keep: Vec<usize> = (0..ex.len())
+                .filter(|i| known_c.contains(&ex.y[*i]))
+                .collect();
+            let sub = ex.subset(&keep);
+            let mut sub_y = sub.clone();
+            // few_shot_split wants every class to have examples: renumber the known ones.
+            sub_y.y = sub
+                .y
+                .iter()
+                .map(|c| known_c.iter().position(|k| k == c).unwrap_or(0))
+                .collect();
+            sub_y.labels = known_c.iter().map(|c| ex.labels[*c].clone()).collect();
+            let split = few_shot_split(&sub_y, shots, seed)?;
+            Some(OpenSetSplit {
+                train: split.train.iter().map(|i| keep[*i]).collect(),
+                known_test: split.test.iter().map(|i| keep[*i]).collect(),
+                novel_test: (0..ex.len())
+                    .filter(|i| novel_c.contains(&ex.y[*i]))
+                    .collect(),
+                known: known_c,
+                novel: novel_c,
+            })
+        })
+        .collect()
+}
+
+/// What one open-set split gave, at the threshold the head calibrated for itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenSetOutcome {
+    /// The head fitted.
+    pub kind: HeadKind,
+    /// Closed-set accuracy on the known classes' held-out objects.
+    pub accuracy: f64,
+    /// Area under the ROC curve of the head's best score, known (positive) vs never-taught.
+    pub auroc: f64,
+    /// The same for a feature-space score: cosine similarity to the nearest training example.
+    pub auroc_nearest: f64,
+    /// The same for minus the Mahalanobis distance to the nearest class mean, one shared
+    /// covariance shrunk halfway to a multiple of the identity ([`Mahalanobis`]).
+    pub auroc_mahalanobis: f64,
+    /// The head's calibrated threshold.
+    pub threshold: f32,
+    /// Share of known held-out photos the threshold keeps (answers with a label).
+    pub known_kept: f64,
+    /// Share of never-taught photos the threshold rejects (`unknown`).
+    pub novel_rejected: f64,
+    /// What training estimated for the latter (leave-one-class-out on the training set), if it
+    /// could.
+    pub estimated_novel_rejected: Option<f64>,
+    /// What training estimated for known kept.
+    pub estimated_known_kept: Option<f64>,
+}
+
+/// Fits a head per open-set split on its known classes (the kind given, or `auto`) exactly as
+/// `graft train` would, and measures it on held-out known objects and never-taught classes.
+pub fn evaluate_open_set(
+    ex: &Examples,
+    choice: Option<HeadKind>,
+    splits: &[OpenSetSplit],
+    params: &HeadParams,
+    seed: u64,
+    mut progress: impl FnMut(),
+) -> Result<Vec<OpenSetOutcome>, HeadError> {
+    let mut out = Vec::with_capacity(splits.len());
+    for (i, s) in splits.iter().enumerate() {
+        let remap = |c: usize| s.known.iter().position(|k| *k == c);
+        let mut tr = ex.subset(&s.train);
+        tr.y = tr.y.iter().map(|c| remap(*c).unwrap_or(0)).collect();
+        tr.labels = s.known.iter().map(|c| ex.labels[*c].clone()).collect();
+        let t = train(choice, &tr, params, seed.wrapping_add(i as u64))?;
+        let score = |j: usize| -> (f32, usize, f32) {
+            let p = t.head.model.probabilities(&ex.x[j], t.head.temperature);
+            let best = argmax(&p);
+            let nearest =
+                tr.x.iter()
+                    .map(|v| super::dot(v, &ex.x[j]))
+                    .fold(f32::NEG_INFINITY, f32::max);
+            (p[best], best, nearest)
+        };
+        let known: Vec<(f32, usize, f32)> = s.known_test.iter().map(|j| score(*j)).collect();
+        let novel: Vec<(f32, usize, f32)> = s.novel_test.iter().map(|j| score(*j)).collect();
+        let maha = Mahalanobis::fit(&tr, 0.5);
+        let m = |idx: &[usize]| -> Vec<f32> {
+            idx.iter()
+                .map(|j| maha.as_ref().map_or(0.0, |m| -m.nearest(&ex.x[*j]) as f32))
+                .collect()
+        };
+        let right = s
+            .known_test
+            .iter()
+            .zip(&known)
+            .filter(|(j, k)| remap(ex.y[**j]) == Some(k.1))
+            .count();
+        let th = t.head.threshold;
+        let share = |v: &[(f32, usize, f32)], keep: bool| {
+            v.iter().filter(|k| (k.0 >= th) == keep).count() as f64 / v.len().max(1) as f64
+        };
+        out.push(OpenSetOutcome {
+            kind: t.head.kind,
+            accuracy: right as f64 / known.len().max(1) as f64,
+            auroc: auroc(
+                &known.iter().map(|k| k.0).collect::<Vec<_>>(),
+                &novel.iter().map(|k| k.0).collect::<Vec<_>>(),
+            ),
+            auroc_nearest: auroc(
+                &known.iter().map(|k| k.2).collect::<Vec<_>>(),
+                &novel.iter().map(|k| k.2).collect::<Vec<_>>(),
+            ),
+            auroc_mahalanobis: auroc(&m(&s.known_test), &m(&s.novel_test)),
+            threshold: th,
+            known_kept: share(&known, true),
+            novel_rejected: share(&novel, false),
+            estimated_novel_rejected: t.calibration.novel_rejected.map(f64::from),
+            estimated_known_kept: t.calibration.known_accepted.map(f64::from),
+        });
+        progress();
+    }
+    Ok(out)
+}
+
+/// Squared Mahalanobis distance to the nearest class mean with one covariance shared by all
+/// classes and shrunk toward a multiple of the identity:
+/// `Σ = (1 − λ)·RᵀR/n + λ·(tr(RᵀR/n)/d)·I`, `R` the examples minus their class means. With
+/// a few shots `n ≪ d`, so the inverse goes through the Woodbury identity: one `n × n`
+/// Cholesky factor, no `d × d` matrix.
+#[derive(Debug, Clone)]
+pub struct Mahalanobis {
+    means: Vec<Vec<f64>>,
+    residuals: Vec<Vec<f64>>,
+    a: f64,
+    b: f64,
+    chol: Vec<Vec<f64>>,
+}
+
+impl Mahalanobis {
+    /// Fits the class means and the shrunk shared covariance (`shrink` = λ in (0, 1]); `None`
+    /// without examples.
+    pub fn fit(ex: &Examples, shrink: f64) -> Option<Mahalanobis> {
+        let n = ex.len();
+        let d = ex.x.first()?.len();
+        let classes = ex.present_classes();
+        let mut means = vec![vec![0f64; d]; ex.classes()];
+        for c in &classes {
+            let members: Vec<&Vec<f32>> = (0..n)
+                .filter(|i| ex.y[*i] == *c)
+                .map(|i| &ex.x[i])
+                .collect();
+            for v in &members {
+                for (m, x) in means[*c].iter_mut().zip(v.iter()) {
+                    *m += f64::from(*x) / members.len() as f64;
+                }
+            }
+        }
+        let residuals: Vec<Vec<f64>> = (0..n)
+            .map(|i| {
+                ex.x[i]
+                    .iter()
+                    .zip(&means[ex.y[i]])
+                    .map(|(x, m)| f64::from(*x) - m)
+                    .collect()
+            })
+            .collect();
+        let trace: f64 = residuals.iter().flatten().map(|r| r * r).sum::<f64>() / n as f64;
+        let lambda = shrink.clamp(1e-6, 1.0);
+        let a = (lambda * trace / d as f64).max(1e-12);
+        let b = (1.0 - lambda) / n as f64;
+        // G = a·I + b·R·Rᵀ (n × n), factored G = L·Lᵀ.
+        let mut g = vec![vec![0f64; n]; n];
+        for i in 0..n {
+            for j in 0..=i {
+                let dotp: f64 = residuals[i]
+                    .iter()
+                    .zip(&residuals[j])
+                    .map(|(p, q)| p * q)
+                    .sum();
+                g[i][j] = b * dotp + if i == j { a } else { 0.0 };
+                g[j][i] = g[i][j];
+            }
+        }
+        let chol = cholesky(&g)?;
+        Some(Mahalanobis {
+            means: classes.iter().map(|c| means[*c].clone()).collect(),
+            residuals,
+            a,
+            b,
+            chol,
+        })
+    }
+
+    /// The smallest squared distance from `x` to a class mean.
+    pub fn nearest(&self, x: &[f32]) -> f64 {
+        self.means
+            .iter()
+            .map(|m| {
+                let v: Vec<f64> = x.iter().zip(m).map(|(x, m)| f64::from(*x) - m).collect();
+                let rv: Vec<f64> = self
+                    .residuals
+                    .iter()
+                    .map(|r| r.iter().zip(&v).map(|(p, q)| p * q).sum())
+                    .collect();
+                let z = solve_cholesky(&self.chol, &rv);
+                let vv: f64 = v.iter().map(|t| t * t).sum();
+                let corr: f64 = rv.iter().zip(&z).map(|(p, q)| p * q).sum();
+                (vv - self.b * corr) / self.a
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+}
+
+/// Lower Cholesky factor of a symmetric positive-definite matrix; `None` if it is not.
+fn cholesky(g: &[Vec<f64>]) -> Option<Vec<Vec<f64>>> {
+    let n = g.len();
+    let mut l = vec![vec![0f64; n]; n];
+    for i in 0..n {
+        for j in 0..=i {
+            let s: f64 = (0..j).map(|k| l[i][k] * l[j][k]).sum();
+            if i == j {
+                let v = g[i][i] - s;
+                if v <= 0.0 {
+                    return None;
+                }
+                l[i][j] = v.sqrt();
+            } else {
+                l[i][j] = (g[i][j] - s) / l[j][j];
+            }
+        }
+    }
+    Some(l)
+}
+
+/// Solves `L·Lᵀ·z = y`.
+fn solve_cholesky(l: &[Vec<f64>], y: &[f64]) -> Vec<f64> {
+    let n = l.len();
+    let mut w = vec![0f64; n];
+    for i in 0..n {
+        w[i] = (y[i] - (0..i).map(|k| l[i][k] * w[k]).sum::<f64>()) / l[i][i];
+    }
+    let mut z = vec![0f64; n];
+    for i in (0..n).rev() {
+        z[i] = (w[i] - (i + 1..n).map(|k| l[k][i] * z[k]).sum::<f64>()) / l[i][i];
+    }
+    z
+}
+
+/// Area under the ROC curve: the chance that a random `positive` scores above a random
+/// `negative` (ties count half). 0.5 is no separation, 1 perfect.
+pub fn auroc(positive: &[f32], negative: &[f32]) -> f64 {
+    if positive.is_empty() || negative.is_empty() {
+        return 0.5;
+    }
+    let mut neg = negative.to_vec();
+    neg.sort_by(f32::total_cmp);
+    let mut wins = 0f64;
+    for p in positive {
+        let below = neg.partition_point(|n| n < p);
+        let not_above = neg.partition_point(|n| n <= p);
+        wins += below as f64 + 0.5 * (not_above - below) as f64;
+    }
+    wins / (positive.len() as f64 * neg.len() as f64)
+}
+
 /// Mean and (population) standard deviation; `(0, 0)` for nothing.
 pub fn mean_std(v: &[f64]) -> (f64, f64) {
     if v.is_empty() {
@@ -282,6 +583,106 @@ mod tests {
         assert_eq!(e.confusion.accuracy(), 1.0);
         let auto = evaluate(&ex, None, &splits[..1], &HeadParams::default(), 0, || {}).unwrap();
         assert_eq!(auto.splits[0].accuracy, 1.0);
+    }
+
+    #[test]
+    fn mahalanobis_through_woodbury_matches_the_direct_inverse() {
+        // 2-d, small enough to invert Σ directly.
+        let ex = Examples::new(
+            vec![
+                vec![1.0, 0.2],
+                vec![1.2, -0.1],
+                vec![-1.0, 0.4],
+                vec![-0.8, 0.0],
+            ],
+            vec![0, 0, 1, 1],
+            vec![0, 1, 2, 3],
+            vec!["a".into(), "b".into()],
+        )
+        .unwrap();
+        let m = Mahalanobis::fit(&ex, 0.3).unwrap();
+        // Direct: Σ = 0.7·RᵀR/4 + 0.3·(tr/2)·I.
+        let r = [[-0.1f64, 0.15], [0.1, -0.15], [-0.1, 0.2], [0.1, -0.2]];
+        let mut s = [[0f64; 2]; 2];
+        for v in &r {
+            for i in 0..2 {
+                for j in 0..2 {
+                    s[i][j] += v[i] * v[j] / 4.0;
+                }
+            }
+        }
+        let tr = s[0][0] + s[1][1];
+        for (i, row) in s.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = 0.7 * *v + if i == j { 0.3 * tr / 2.0 } else { 0.0 };
+            }
+        }
+        let det = s[0][0] * s[1][1] - s[0][1] * s[1][0];
+        let inv = [
+            [s[1][1] / det, -s[0][1] / det],
+            [-s[1][0] / det, s[0][0] / det],
+        ];
+        let x = [0.5f32, 0.5];
+        let direct = [[1.1f64, 0.05], [-0.9, 0.2]]
+            .iter()
+            .map(|mu| {
+                let v = [f64::from(x[0]) - mu[0], f64::from(x[1]) - mu[1]];
+                v[0] * (inv[0][0] * v[0] + inv[0][1] * v[1])
+                    + v[1] * (inv[1][0] * v[0] + inv[1][1] * v[1])
+            })
+            .fold(f64::INFINITY, f64::min);
+        let via = m.nearest(&x);
+        assert!(
+            (via - direct).abs() < 1e-6 * direct.max(1.0),
+            "{via} vs {direct}"
+        );
+    }
+
+    #[test]
+    fn auroc_cases() {
+        assert_eq!(auroc(&[0.9, 0.8], &[0.1, 0.2]), 1.0);
+        assert_eq!(auroc(&[0.1, 0.2], &[0.9, 0.8]), 0.0);
+        assert_eq!(auroc(&[0.5], &[0.5]), 0.5);
+        assert_eq!(auroc(&[0.3, 0.7], &[0.5]), 0.5);
+        assert_eq!(auroc(&[], &[0.5]), 0.5);
+    }
+
+    #[test]
+    fn open_set_splits_never_teach_the_novel_classes() {
+        let ex = set(5, 6, 2);
+        let splits = open_set_splits(&ex, 2, 2, 4, 3).unwrap();
+        assert_eq!(splits.len(), 4);
+        for s in &splits {
+            assert_eq!((s.known.len(), s.novel.len()), (3, 2));
+            assert!(s.train.iter().all(|i| s.known.contains(&ex.y[*i])));
+            assert_eq!(s.train.len(), 6);
+            assert!(s.novel_test.iter().all(|i| s.novel.contains(&ex.y[*i])));
+            assert_eq!(s.novel_test.len(), 2 * 12);
+            assert!(s
+                .known_test
+                .iter()
+                .all(|t| s.train.iter().all(|i| ex.groups[*i] != ex.groups[*t])));
+        }
+        assert!(
+            open_set_splits(&ex, 2, 4, 1, 0).is_none(),
+            "needs 2 known classes"
+        );
+        // Well-separated classes: known objects score above never-taught ones.
+        let o = evaluate_open_set(
+            &ex,
+            Some(HeadKind::Centroid),
+            &splits,
+            &HeadParams::default(),
+            0,
+            || {},
+        )
+        .unwrap();
+        assert_eq!(o.len(), 4);
+        for r in &o {
+            assert_eq!(r.accuracy, 1.0);
+            assert!(r.auroc_nearest > 0.9, "{r:?}");
+            assert!((0.0..=1.0).contains(&r.auroc) && (0.0..=1.0).contains(&r.known_kept));
+        }
     }
 
     #[test]

@@ -26,8 +26,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use cv::{
-    auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, FALLBACK_THRESHOLD,
-    K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION, THRESHOLD_QUANTILE,
+    auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, AUTO_MIN_Z,
+    AUTO_PRIOR, FALLBACK_THRESHOLD, K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION,
+    THRESHOLD_QUANTILE,
 };
 pub use examples::{group_ids, Examples};
 pub use fit::fit;
@@ -58,6 +59,9 @@ pub enum HeadError {
     /// This head type has no ONNX form yet.
     #[error("a {0} head cannot be exported yet (retrain it as a logistic, centroid or knn head)")]
     NotExportable(HeadKind),
+    /// Hyper-parameters outside their ranges (see [`HeadParams`]).
+    #[error("head parameters out of range: {0}")]
+    BadParams(String),
     /// Unknown head name.
     #[error("unknown head type {0:?} (choose auto, logistic, centroid, knn or bayes)")]
     UnknownKind(String),
@@ -116,6 +120,7 @@ impl FromStr for HeadKind {
 /// | `logistic_max_iter` | 200 | >= 1 | L-BFGS iterations |
 /// | `knn_k` | 5 | >= 1 | neighbours (capped at the number of examples) |
 /// | `bayes_var_smoothing` | 1e-3 | > 0 | added variance, relative to the largest |
+/// | `power` | [`DEFAULT_POWER`] | (0, 1] | the feature transform: each raw embedding value `v` becomes `sign(v)·|v|^power` before L2 normalisation; 1 is none (every head file without the field) |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadParams {
     /// L2 penalty of the logistic head.
@@ -126,6 +131,16 @@ pub struct HeadParams {
     pub knn_k: usize,
     /// Variance smoothing of the Bayes head.
     pub bayes_var_smoothing: f64,
+    /// Exponent of the power transform applied to raw embeddings (see [`HeadParams::input`]).
+    #[serde(default = "no_power")]
+    pub power: f32,
+}
+
+/// The power transform of new heads (`power` in [`HeadParams`]).
+pub const DEFAULT_POWER: f32 = 0.5;
+
+fn no_power() -> f32 {
+    1.0
 }
 
 impl Default for HeadParams {
@@ -135,6 +150,36 @@ impl Default for HeadParams {
             logistic_max_iter: 200,
             knn_k: 5,
             bayes_var_smoothing: 1e-3,
+            power: DEFAULT_POWER,
+        }
+    }
+}
+
+impl HeadParams {
+    /// A raw embedding as the head sees it: the power transform (`sign(v)·|v|^power`, skipped
+    /// at 1), then L2 normalisation. Training vectors and every prediction go through this one
+    /// function; exports write the same arithmetic as ONNX operators.
+    pub fn input(&self, raw: &[f32]) -> Vec<f32> {
+        if self.power == 1.0 {
+            return normalize(raw);
+        }
+        let p = self.power;
+        let powered: Vec<f32> = raw.iter().map(|v| v.signum() * v.abs().powf(p)).collect();
+        normalize(&powered)
+    }
+
+    /// Checks the ranges in the table above.
+    pub fn validate(&self) -> Result<(), HeadError> {
+        let ok = self.logistic_alpha > 0.0
+            && self.logistic_max_iter >= 1
+            && self.knn_k >= 1
+            && self.bayes_var_smoothing > 0.0
+            && self.power > 0.0
+            && self.power <= 1.0;
+        if ok {
+            Ok(())
+        } else {
+            Err(HeadError::BadParams(format!("{self:?}")))
         }
     }
 }
@@ -321,7 +366,7 @@ impl Head {
         }
         Ok(self
             .model
-            .probabilities(&normalize(embedding), self.temperature))
+            .probabilities(&self.params.input(embedding), self.temperature))
     }
 
     /// Predicts from a raw (not yet normalised) embedding; `threshold` overrides the head's own.
@@ -437,6 +482,8 @@ pub struct Trained {
     pub report: CvReport,
     /// For `--head auto`: every candidate's report.
     pub candidates: Vec<CvReport>,
+    /// For `--head auto`: why this kind, and how sure.
+    pub reason: Option<String>,
     /// How temperature and threshold were set.
     pub calibration: Calibration,
 }
@@ -457,10 +504,10 @@ pub fn train(
             ex.labels.join(", ")
         )));
     }
-    let (chosen, report, candidates) = match kind {
+    let (chosen, report, candidates, reason) = match kind {
         Some(k) => {
             let r = cross_validate(k, ex, params, seed)?;
-            (k, r, Vec::new())
+            (k, r, Vec::new(), None)
         }
         None => {
             let sel = auto_select(ex, params, seed)?;
@@ -470,7 +517,7 @@ pub fn train(
                 .find(|r| r.kind == sel.chosen)
                 .cloned()
                 .ok_or_else(|| HeadError::NotEnoughData("no candidate head".into()))?;
-            (sel.chosen, r, sel.reports)
+            (sel.chosen, r, sel.reports, Some(sel.reason))
         }
     };
     let calibration = calibrate(&report, ex, params)?;
@@ -486,6 +533,7 @@ pub fn train(
         },
         report,
         candidates,
+        reason,
         calibration,
     })
 }

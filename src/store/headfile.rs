@@ -12,8 +12,11 @@
 //! | 4·n·dim | the raw training embeddings, `f32`, one row per example in header order |
 //! | 32 | sha256 of every byte above — a truncated or damaged file is refused |
 //!
-//! Files are written atomically ([`super::write_atomic`]). Format 1 is the first; a newer
-//! format is refused with a message saying so.
+//! Files are written atomically ([`super::write_atomic`]). Format 1 is the first. Format 2 adds
+//! the power transform (`params.power`): a head with `power ≠ 1` is written as format 2, so a
+//! graft that predates the transform refuses it instead of predicting without it; a head
+//! without one is still written as format 1. A newer format is refused with a message saying
+//! so.
 
 use std::path::{Path, PathBuf};
 
@@ -27,7 +30,9 @@ use crate::head::{self, Examples, Head, HeadKind, HeadParams, Model};
 
 const MAGIC: &[u8] = b"GRAFT-HEAD\n";
 /// Format version written.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
+/// The format of heads that need nothing format 2 added (readable by every release).
+const FORMAT_PLAIN: u32 = 1;
 
 /// One training example: where it came from and its embedding.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,10 +89,11 @@ struct Header {
     examples: Vec<ExampleMeta>,
 }
 
-/// The training form of stored examples: unit vectors, class ids, and one group per object
-/// (`<object>_<n>.jpg` names, see [`group_key`]) within its class. The one conversion from
-/// stored examples to what the heads fit on.
-pub fn training_examples(labels: &[String], examples: &[Example]) -> Examples {
+/// The training form of stored examples: their raw embeddings through the head's input
+/// transform ([`HeadParams::input`]: power, then unit length), class ids, and one group per
+/// object (`<object>_<n>.jpg` names, see [`group_key`]) within its class. The one conversion
+/// from stored examples to what the heads fit on.
+pub fn training_examples(labels: &[String], examples: &[Example], params: &HeadParams) -> Examples {
     let keys: Vec<String> = examples
         .iter()
         .map(|e| format!("{}/{}", e.label, group_key(&e.path)))
@@ -95,7 +101,7 @@ pub fn training_examples(labels: &[String], examples: &[Example]) -> Examples {
     Examples {
         x: examples
             .iter()
-            .map(|e| head::normalize(&e.embedding))
+            .map(|e| params.input(&e.embedding))
             .collect(),
         y: examples.iter().map(|e| e.label).collect(),
         groups: head::group_ids(&keys),
@@ -130,7 +136,11 @@ pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
     let h = &file.head;
     let linear = h.model.linear();
     let header = Header {
-        format: FORMAT,
+        format: if h.params.power == 1.0 {
+            FORMAT_PLAIN
+        } else {
+            FORMAT
+        },
         backbone: file.backbone.clone(),
         labels: h.labels.clone(),
         kind: h.kind,
@@ -206,6 +216,7 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
     }
     let header: Header =
         serde_json::from_slice(json).map_err(|e| bad(format!("bad header: {e}")))?;
+    header.params.validate().map_err(|e| bad(e.to_string()))?;
     let dim = header.backbone.dim;
     let data = &body[len_at + 4 + hlen..];
     let n = header.examples.len();
@@ -251,7 +262,7 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
         }
         (HeadKind::Logistic, _, _) => return Err(bad("logistic head without weights".into())),
         (kind, _, _) => {
-            let t = training_examples(&header.labels, &examples);
+            let t = training_examples(&header.labels, &examples, &header.params);
             head::fit(kind, &t.x, &t.y, classes, &header.params).map_err(|e| bad(e.to_string()))?
         }
     };
@@ -299,7 +310,7 @@ mod tests {
             })
             .collect();
         let labels = vec!["a".to_string(), "b".to_string()];
-        let t = training_examples(&labels, &examples);
+        let t = training_examples(&labels, &examples, &HeadParams::default());
         let params = HeadParams::default();
         let model = head::fit(kind, &t.x, &t.y, 2, &params).unwrap();
         HeadFile {
@@ -336,6 +347,49 @@ mod tests {
     }
 
     #[test]
+    fn a_power_transform_makes_format_2_and_survives_the_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        for (power, format) in [(1.0f32, 1), (0.5, 2)] {
+            let mut f = sample(HeadKind::Centroid);
+            f.head.params.power = power;
+            let t = training_examples(&f.head.labels, &f.examples, &f.head.params);
+            f.head.model = head::fit(HeadKind::Centroid, &t.x, &t.y, 2, &f.head.params).unwrap();
+            let p = dir.path().join(format!("p{power}.graft"));
+            write(&p, &f).unwrap();
+            let bytes = std::fs::read(&p).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                text.contains(&format!("\"format\":{format},")),
+                "power {power}"
+            );
+            let g = read(&p).unwrap();
+            assert_eq!(g.head.params.power, power);
+            for e in &f.examples {
+                assert_eq!(
+                    f.head.predict(&e.embedding, None, 2).unwrap(),
+                    g.head.predict(&e.embedding, None, 2).unwrap()
+                );
+            }
+        }
+        // The transform is applied: sign(v)·|v|^0.5, then unit length.
+        let p = HeadParams {
+            power: 0.5,
+            ..HeadParams::default()
+        };
+        let x = p.input(&[4.0, -9.0, 0.0]);
+        let n = 13f32.sqrt();
+        assert!((x[0] - 2.0 / n).abs() < 1e-6 && (x[1] + 3.0 / n).abs() < 1e-6 && x[2] == 0.0);
+        // Out of range (a crafted header): refused by the validation `read` runs.
+        for power in [0.0, -1.0, 1.5, f32::NAN] {
+            let bad = HeadParams {
+                power,
+                ..HeadParams::default()
+            };
+            assert!(bad.validate().is_err(), "{power}");
+        }
+    }
+
+    #[test]
     fn damaged_truncated_foreign_and_newer_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("h.graft");
@@ -344,7 +398,9 @@ mod tests {
         let mut flipped = good.clone();
         flipped[40] ^= 1;
         let newer = {
-            let s = String::from_utf8_lossy(&good).replace("\"format\":1", "\"format\":7");
+            let s = String::from_utf8_lossy(&good)
+                .replace("\"format\":1", "\"format\":7")
+                .replace("\"format\":2", "\"format\":7");
             // Re-seal so only the version differs.
             let mut b = s.into_bytes();
             b.truncate(b.len() - 32);

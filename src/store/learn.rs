@@ -132,26 +132,24 @@ impl ExampleSet {
         c
     }
 
-    /// The training form: unit vectors, class ids, and one group per object
-    /// (`<object>_<n>.jpg` names, see [`group_key`](super::files::group_key)) within its class.
-    pub fn training_examples(&self) -> Examples {
-        headfile::training_examples(&self.labels, &self.examples)
+    /// The training form under `params`' input transform: unit vectors, class ids, and one
+    /// group per object (`<object>_<n>.jpg` names, see [`group_key`](super::files::group_key))
+    /// within its class.
+    pub fn training_examples(&self, params: &HeadParams) -> Examples {
+        headfile::training_examples(&self.labels, &self.examples, params)
     }
 
-    /// Trains a head on the examples (the kind given, or the best by cross-validation) and
-    /// builds the head file. Nothing is written.
+    /// Trains a head on the examples (the kind given, or the best by cross-validation) with
+    /// `params` (its input transform included) and builds the head file. Nothing is written.
     pub fn fit(
         &self,
         backbone: &BackboneId,
         choice: Option<HeadKind>,
+        params: &HeadParams,
         seed: u64,
     ) -> Result<(HeadFile, head::Trained), HeadError> {
-        let trained = head::train(
-            choice,
-            &self.training_examples(),
-            &HeadParams::default(),
-            seed,
-        )?;
+        params.validate()?;
+        let trained = head::train(choice, &self.training_examples(params), params, seed)?;
         let file = HeadFile {
             backbone: backbone.clone(),
             head: trained.head.clone(),
@@ -171,6 +169,10 @@ pub trait ExampleStore {
     fn set(&mut self) -> &mut ExampleSet;
     /// The head kind a refit keeps (`None`: choose by cross-validation).
     fn head_kind(&self) -> Option<HeadKind>;
+    /// The hyper-parameters (and input transform) a refit uses.
+    fn params(&self) -> HeadParams {
+        HeadParams::default()
+    }
     /// A threshold set by the user that survives refits, if any.
     fn threshold_override(&self) -> Option<f32> {
         None
@@ -232,7 +234,8 @@ pub fn refit(
         return Ok(None);
     }
     let backbone = store.backbone().clone();
-    let (mut file, trained) = store.set().fit(&backbone, kind, 0)?;
+    let params = store.params();
+    let (mut file, trained) = store.set().fit(&backbone, kind, &params, 0)?;
     if let Some(t) = store.threshold_override() {
         file.head.threshold = t;
     }
@@ -286,6 +289,9 @@ impl ExampleStore for HeadFileStore {
     }
     fn head_kind(&self) -> Option<HeadKind> {
         Some(self.file.head.kind)
+    }
+    fn params(&self) -> HeadParams {
+        self.file.head.params.clone()
     }
     fn commit_examples(&mut self) -> Result<(), StoreError> {
         Ok(()) // committed with the head
@@ -401,7 +407,7 @@ mod tests {
         assert_eq!(s.add(&mug, [new("b_0.jpg", "1", 0.1)]), 1);
         assert_eq!(s.labels, vec!["cup", "mug"]);
         assert_eq!(s.counts(), vec![2, 1]);
-        let t = s.training_examples();
+        let t = s.training_examples(&HeadParams::default());
         assert_eq!(t.y, vec![0, 0, 1]);
         // a_0 and a_1 are one object; b_0 another (and a different class).
         assert_eq!(t.groups, vec![0, 0, 1]);

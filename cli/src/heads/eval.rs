@@ -13,8 +13,9 @@ use crate::{output, Global};
 use graft::backbone::preprocess;
 use graft::head::eval::{self, Split};
 use graft::head::metrics::{ClassMetrics, Confusion};
-use graft::head::{Examples, HeadKind, HeadParams};
+use graft::head::{Examples, HeadKind, HeadParams, DEFAULT_POWER};
 use graft::store::dataset::ImageFolder;
+use graft::store::learn::ExampleSet;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -32,6 +33,17 @@ pub struct EvalArgs {
     /// Few-shot trials (different random draws).
     #[arg(long, default_value_t = 10)]
     trials: usize,
+    /// Open set: in each trial some classes are never taught; measures how well the head's
+    /// score separates them from known objects (AUROC) and what its threshold keeps and
+    /// rejects, against what training estimated. Needs --shots.
+    #[arg(long, requires = "shots")]
+    open_set: bool,
+    /// With --open-set: classes never taught per trial [default: a quarter, at least 1].
+    #[arg(long, requires = "open_set")]
+    novel: Option<usize>,
+    /// Feature transform of the heads: embedding values to this power before L2 (1: none).
+    #[arg(long, default_value_t = DEFAULT_POWER)]
+    power: f32,
     /// Seed of the splits.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -52,9 +64,12 @@ pub struct CurveArgs {
     /// Trials per point.
     #[arg(long, default_value_t = 10)]
     trials: usize,
-    /// Head types, comma-separated.
+    /// Head types, comma-separated (`auto` too: chosen by cross-validation in every draw).
     #[arg(long, value_delimiter = ',', default_value = "logistic,centroid")]
     heads: Vec<String>,
+    /// Feature transforms to compare, comma-separated powers (1: the plain pipeline).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    powers: Vec<f32>,
     /// Seed of the splits.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -65,12 +80,12 @@ pub struct CurveArgs {
     cache: CacheArgs,
 }
 
-/// Embeds a labelled folder (through the cache) into the library's training form.
+/// Embeds a labelled folder (through the cache): its examples and the folder.
 fn load_dataset(
     g: &Global,
     dataset: &Path,
     cache: &CacheArgs,
-) -> anyhow::Result<(Examples, ImageFolder)> {
+) -> anyhow::Result<(ExampleSet, ImageFolder)> {
     let ds = ImageFolder::scan(dataset)?;
     if ds.labels.len() < 2 {
         bail!("{}: need at least 2 class folders", dataset.display());
@@ -78,13 +93,14 @@ fn load_dataset(
     let bb = crate::load_backbone(g)?;
     let mut c = cache.open(&bb)?;
     let (set, _, _) = embed_dataset(&bb, &ds, c.as_mut())?;
-    Ok((set.training_examples(), ds))
+    Ok((set, ds))
 }
 
 #[derive(Serialize)]
 struct EvalReport<'a> {
     dataset: &'a Path,
     head: String,
+    power: f32,
     mode: String,
     splits: usize,
     accuracy: f64,
@@ -102,7 +118,16 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
     if a.trials == 0 {
         bail!("--trials must be at least 1");
     }
-    let (ex, _) = load_dataset(g, &a.dataset, &a.cache)?;
+    let params = HeadParams {
+        power: a.power,
+        ..HeadParams::default()
+    };
+    params.validate()?;
+    let (set, _) = load_dataset(g, &a.dataset, &a.cache)?;
+    let ex = set.training_examples(&params);
+    if a.open_set {
+        return open_set(g, &a, choice, &ex, &params);
+    }
     let (splits, mode): (Vec<Split>, String) = if let Some(shots) = a.shots {
         if shots == 0 {
             bail!("--shots must be at least 1");
@@ -125,14 +150,13 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
         )
     };
     let bar = output::progress(splits.len(), "evaluating");
-    let e = eval::evaluate(&ex, choice, &splits, &HeadParams::default(), a.seed, || {
-        bar.inc(1)
-    })?;
+    let e = eval::evaluate(&ex, choice, &splits, &params, a.seed, || bar.inc(1))?;
     bar.finish_and_clear();
     let (m, s) = e.accuracy();
     let title = format!(
-        "graft eval: {} head, {mode}, closed-set accuracy {:.1}%",
+        "graft eval: {} head, {mode}, power {}, closed-set accuracy {:.1}%",
         a.head,
+        a.power,
         m * 100.0
     );
     if let Some(p) = &a.plot {
@@ -141,6 +165,7 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
     let report = EvalReport {
         dataset: &a.dataset,
         head: a.head.clone(),
+        power: a.power,
         mode,
         splits: e.splits.len(),
         accuracy: m,
@@ -180,9 +205,109 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Serialize)]
+struct OpenSetReport<'a> {
+    dataset: &'a Path,
+    head: &'a str,
+    power: f32,
+    shots: usize,
+    novel_classes: usize,
+    trials: usize,
+    accuracy: (f64, f64),
+    auroc: (f64, f64),
+    auroc_nearest_example: (f64, f64),
+    auroc_mahalanobis: (f64, f64),
+    known_kept: (f64, f64),
+    novel_rejected: (f64, f64),
+    estimated_known_kept: Option<(f64, f64)>,
+    estimated_novel_rejected: Option<(f64, f64)>,
+    splits: Vec<eval::OpenSetOutcome>,
+}
+
+/// `eval --open-set`: whole classes held out, the head's own threshold judged on them.
+fn open_set(
+    g: &Global,
+    a: &EvalArgs,
+    choice: Option<HeadKind>,
+    ex: &Examples,
+    params: &HeadParams,
+) -> anyhow::Result<()> {
+    let shots = a.shots.unwrap_or(5);
+    let novel = a.novel.unwrap_or((ex.classes() / 4).max(1));
+    let Some(splits) = eval::open_set_splits(ex, shots, novel, a.trials, a.seed) else {
+        bail!(
+            "{}: an open-set split needs {} classes ({novel} never taught + 2 known) with more than {shots} images each",
+            a.dataset.display(),
+            novel + 2
+        );
+    };
+    let bar = output::progress(splits.len(), "open-set evaluation");
+    let o = eval::evaluate_open_set(ex, choice, &splits, params, a.seed, || bar.inc(1))?;
+    bar.finish_and_clear();
+    let ms = |f: &dyn Fn(&eval::OpenSetOutcome) -> f64| {
+        eval::mean_std(&o.iter().map(f).collect::<Vec<_>>())
+    };
+    let est = |f: &dyn Fn(&eval::OpenSetOutcome) -> Option<f64>| {
+        let v: Vec<f64> = o.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| eval::mean_std(&v))
+    };
+    let r = OpenSetReport {
+        dataset: &a.dataset,
+        head: &a.head,
+        power: params.power,
+        shots,
+        novel_classes: novel,
+        trials: o.len(),
+        accuracy: ms(&|s| s.accuracy),
+        auroc: ms(&|s| s.auroc),
+        auroc_nearest_example: ms(&|s| s.auroc_nearest),
+        auroc_mahalanobis: ms(&|s| s.auroc_mahalanobis),
+        known_kept: ms(&|s| s.known_kept),
+        novel_rejected: ms(&|s| s.novel_rejected),
+        estimated_known_kept: est(&|s| s.estimated_known_kept),
+        estimated_novel_rejected: est(&|s| s.estimated_novel_rejected),
+        splits: o,
+    };
+    if g.json {
+        return output::json_line(&r);
+    }
+    let pct = |(m, s): (f64, f64)| format!("{:5.1}% ± {:4.1}", m * 100.0, s * 100.0);
+    let opt = |v: Option<(f64, f64)>| v.map_or("(not estimated)".to_string(), pct);
+    println!(
+        "graft eval --open-set: {} head, power {}, {shots}-shot, {novel} of {} classes never taught, {} trials",
+        a.head,
+        params.power,
+        ex.classes(),
+        r.trials
+    );
+    println!("closed-set accuracy (known)      {}", pct(r.accuracy));
+    println!(
+        "AUROC known vs never-taught      {:.3} ± {:.3} head score, {:.3} ± {:.3} nearest example, {:.3} ± {:.3} Mahalanobis",
+        r.auroc.0,
+        r.auroc.1,
+        r.auroc_nearest_example.0,
+        r.auroc_nearest_example.1,
+        r.auroc_mahalanobis.0,
+        r.auroc_mahalanobis.1
+    );
+    println!(
+        "at the head's threshold          keeps {} of known, rejects {} of never-taught",
+        pct(r.known_kept),
+        pct(r.novel_rejected)
+    );
+    println!(
+        "what train estimated             keeps {} of known, rejects {} of never-taught",
+        opt(r.estimated_known_kept),
+        opt(r.estimated_novel_rejected)
+    );
+    Ok(())
+}
+
+#[derive(Serialize)]
 struct CurvePoint {
     features: &'static str,
-    head: HeadKind,
+    /// The power transform (backbone features; 1 for raw pixels).
+    power: f32,
+    head: String,
     shots: usize,
     accuracy: f64,
     std: f64,
@@ -199,45 +324,67 @@ struct CurveReport<'a> {
 }
 
 pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
-    let kinds: Vec<HeadKind> = a
+    let kinds: Vec<(String, Option<HeadKind>)> = a
         .heads
         .iter()
-        .map(|h| h.parse())
-        .collect::<Result<_, _>>()?;
+        .map(|h| Ok((h.to_ascii_lowercase(), parse_choice(h)?)))
+        .collect::<anyhow::Result<_>>()?;
     if a.trials == 0 || a.shots.is_empty() || a.shots.contains(&0) {
         bail!("--trials and every --shots value must be at least 1");
     }
-    let (ex, ds) = load_dataset(g, &a.dataset, &a.cache)?;
+    for p in &a.powers {
+        HeadParams {
+            power: *p,
+            ..HeadParams::default()
+        }
+        .validate()?;
+    }
+    let (set, ds) = load_dataset(g, &a.dataset, &a.cache)?;
     // The from-scratch baseline: the same heads on raw downscaled pixels.
-    let pixels = ex.with_features(
+    let plain = set.training_examples(&HeadParams {
+        power: 1.0,
+        ..HeadParams::default()
+    });
+    let pixels = plain.with_features(
         ds.items
             .iter()
             .map(|(p, _)| preprocess::decode_file(p).map(|f| preprocess::pixel_features(&f, 32)))
             .collect::<Result<_, _>>()?,
     )?;
+    // Each feature set: name, power, examples.
+    let mut sets: Vec<(&'static str, f32, Examples)> = a
+        .powers
+        .iter()
+        .map(|&power| {
+            let params = HeadParams {
+                power,
+                ..HeadParams::default()
+            };
+            ("backbone", power, set.training_examples(&params))
+        })
+        .collect();
+    sets.push(("pixels", 1.0, pixels));
     let mut points = Vec::new();
-    let bar = output::progress(a.shots.len() * kinds.len() * 2, "learning curve");
+    let bar = output::progress(a.shots.len() * kinds.len() * sets.len(), "learning curve");
     for &shots in &a.shots {
-        // The same draws for every head and both feature sets.
-        let splits = eval::few_shot_splits(&ex, shots, a.trials, a.seed);
-        for (features, data) in [("backbone", &ex), ("pixels", &pixels)] {
-            for &kind in &kinds {
+        // The same draws for every head and every feature set.
+        let splits = eval::few_shot_splits(&plain, shots, a.trials, a.seed);
+        for (features, power, data) in &sets {
+            let params = HeadParams {
+                power: *power,
+                ..HeadParams::default()
+            };
+            for (name, kind) in &kinds {
                 bar.inc(1);
                 let Some(splits) = &splits else {
                     continue; // not enough images for this many shots
                 };
-                let e = eval::evaluate(
-                    data,
-                    Some(kind),
-                    splits,
-                    &HeadParams::default(),
-                    a.seed,
-                    || {},
-                )?;
+                let e = eval::evaluate(data, *kind, splits, &params, a.seed, || {})?;
                 let (m, s) = e.accuracy();
                 points.push(CurvePoint {
                     features,
-                    head: kind,
+                    power: *power,
+                    head: name.clone(),
                     shots,
                     accuracy: m,
                     std: s,
@@ -253,39 +400,37 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
             a.dataset.display()
         );
     }
-    let chance = 1.0 / ex.classes() as f64;
+    let chance = 1.0 / plain.classes() as f64;
     if let Some(p) = &a.plot {
         let mut series = Vec::new();
-        for features in ["backbone", "pixels"] {
-            for &kind in &kinds {
+        for (features, power, _) in &sets {
+            for (kind, _) in &kinds {
                 let pts: Vec<(f64, f64, f64)> = points
                     .iter()
-                    .filter(|q| q.features == features && q.head == kind)
+                    .filter(|q| q.features == *features && q.power == *power && q.head == *kind)
                     .map(|q| (q.shots as f64, q.accuracy, q.std))
                     .collect();
+                let name = match (*features, *power) {
+                    ("pixels", _) => format!("{kind} on raw pixels (32x32)"),
+                    (_, p) if p == 1.0 => format!("{kind} on backbone features"),
+                    (_, p) => format!("{kind} on backbone features^{p}"),
+                };
                 series.push(graft::plot::Series {
-                    name: format!(
-                        "{kind} on {}",
-                        if features == "backbone" {
-                            "backbone features"
-                        } else {
-                            "raw pixels (32x32)"
-                        }
-                    ),
+                    name,
                     points: pts,
-                    dashed: features == "pixels",
+                    dashed: *features == "pixels",
                 });
             }
         }
         let title = format!(
             "graft: accuracy vs examples per class ({} classes)",
-            ex.classes()
+            plain.classes()
         );
         graft::plot::curve_svg(p, &series, &title, chance)?;
     }
     let report = CurveReport {
         dataset: &a.dataset,
-        classes: ex.classes(),
+        classes: plain.classes(),
         chance,
         points,
         plot: a.plot.as_deref(),
@@ -294,14 +439,15 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
         return output::json_line(&report);
     }
     println!(
-        "{:<9} {:<9} {:>6} {:>9} {:>7}",
-        "features", "head", "shots", "accuracy", "std"
+        "{:<9} {:>5} {:<9} {:>6} {:>9} {:>7}",
+        "features", "power", "head", "shots", "accuracy", "std"
     );
     for q in &report.points {
         println!(
-            "{:<9} {:<9} {:>6} {:>8.1}% {:>6.1}%",
+            "{:<9} {:>5} {:<9} {:>6} {:>8.1}% {:>6.1}%",
             q.features,
-            q.head.to_string(),
+            q.power,
+            q.head,
             q.shots,
             q.accuracy * 100.0,
             q.std * 100.0

@@ -110,6 +110,11 @@ struct TrainSummary<'a> {
     cv_method: String,
     cv_accuracy: f64,
     candidates: Vec<Candidate>,
+    /// `--head auto`: why the head was chosen and how sure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auto_reason: Option<String>,
+    /// The feature transform (power) the head applies.
+    power: f32,
     temperature: f32,
     threshold: f32,
     calibration: &'static str,
@@ -144,6 +149,9 @@ fn print_train_summary(g: &Global, s: &TrainSummary) -> anyhow::Result<()> {
             "  auto: chose {} by {} cross-validation:",
             s.head, s.cv_method
         );
+        if let Some(r) = &s.auto_reason {
+            println!("    {r}");
+        }
         for c in &s.candidates {
             println!(
                 "    {:<9} {:>6.1}%{}",
@@ -209,6 +217,8 @@ fn summary<'a>(
         cv_method: trained.report.method.clone(),
         cv_accuracy: trained.report.accuracy,
         candidates: candidates(trained),
+        auto_reason: trained.reason.clone(),
+        power: file.head.params.power,
         temperature: file.head.temperature,
         threshold: file.head.threshold,
         calibration: trained.calibration.method,

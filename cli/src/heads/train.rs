@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::{embed_dataset, parse_choice, print_train_summary, summary, CacheArgs};
 use crate::Global;
+use graft::head::{HeadParams, DEFAULT_POWER};
 use graft::store::dataset::ImageFolder;
 use graft::store::headfile;
 
@@ -21,6 +22,10 @@ pub struct TrainArgs {
     /// Head type: auto (chosen by cross-validation), logistic, centroid, knn or bayes.
     #[arg(long, default_value = "auto")]
     head: String,
+    /// Feature transform: every embedding value to this power before L2 normalisation, in
+    /// (0, 1] (1: none; stored in the head, applied by every front end and by exports).
+    #[arg(long, default_value_t = DEFAULT_POWER)]
+    power: f32,
     /// Seed for the cross-validation folds.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -42,7 +47,11 @@ pub fn train(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
     let mut cache = a.cache.open(&bb)?;
     let (set, hits, embed_seconds) = embed_dataset(&bb, &ds, cache.as_mut())?;
     let start = Instant::now();
-    let (file, trained) = set.fit(bb.id(), choice, a.seed)?;
+    let params = HeadParams {
+        power: a.power,
+        ..HeadParams::default()
+    };
+    let (file, trained) = set.fit(bb.id(), choice, &params, a.seed)?;
     let fit_seconds = start.elapsed().as_secs_f64();
     headfile::write(&a.out, &file)?;
     print_train_summary(
