@@ -412,7 +412,7 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
                     .collect();
                 let name = match (*features, *power) {
                     ("pixels", _) => format!("{kind} on raw pixels (32x32)"),
-                    (_, p) if p == 1.0 => format!("{kind} on backbone features"),
+                    (_, 1.0) => format!("{kind} on backbone features"),
                     (_, p) => format!("{kind} on backbone features^{p}"),
                 };
                 series.push(graft::plot::Series {
