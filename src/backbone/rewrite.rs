@@ -39,6 +39,11 @@ pub struct GraphSpec {
     /// Activation quantise/dequantise pairs: `keep` (default) or `clip`.
     #[serde(default)]
     pub activation_qdq: ActivationQdq,
+    /// Drop the file's intermediate shape annotations (`value_info`) and the spatial sizes of
+    /// its input, so the graph runs at the manifest's `[input] size` instead of the one it was
+    /// exported at (a fully convolutional network, e.g. EfficientNet-Lite0 at 320 px).
+    #[serde(default)]
+    pub free_shapes: bool,
 }
 
 impl GraphSpec {
@@ -49,11 +54,14 @@ impl GraphSpec {
 
     /// A short description for `graft info`.
     pub fn describe(&self) -> String {
-        match self.activation_qdq {
-            ActivationQdq::Keep => "as in the file".into(),
-            ActivationQdq::Clip => {
-                "int8 weights, float activations (activation Q/DQ pairs → Clip)".into()
-            }
+        let qdq = match self.activation_qdq {
+            ActivationQdq::Keep => "as in the file",
+            ActivationQdq::Clip => "int8 weights, float activations (activation Q/DQ pairs → Clip)",
+        };
+        if self.free_shapes {
+            format!("{qdq}; shapes re-inferred for the manifest's input size")
+        } else {
+            qdq.to_string()
         }
     }
 }
@@ -65,6 +73,8 @@ pub struct Rewrites {
     pub qdq_pairs_clipped: usize,
     /// Constant `DequantizeLinear`s (weights, biases) folded into float initializers.
     pub weights_dequantized: usize,
+    /// Intermediate shape annotations dropped (`free_shapes`).
+    pub shapes_freed: usize,
 }
 
 /// The recipe's name in identities: bump it whenever a rewrite's output changes, so embeddings
@@ -74,10 +84,14 @@ const RECIPE: &str = "graft-prepare-1";
 /// The identity of a rewritten graph: sha256 of the file's sha256 and the recipe. (Hashing the
 /// re-encoded protobuf would tie it to the encoder; this ties it to what was asked.)
 pub fn rewritten_sha256(file_sha256: &str, spec: &GraphSpec) -> String {
-    let recipe = format!(
+    let mut recipe = format!(
         "{RECIPE}\n{file_sha256}\nactivation_qdq={:?}\n",
         spec.activation_qdq
     );
+    // Only when set, so every identity made before the option existed stays the same.
+    if spec.free_shapes {
+        recipe.push_str("free_shapes\n");
+    }
     super::sha256_hex(recipe.as_bytes())
 }
 
@@ -99,6 +113,27 @@ pub(crate) fn apply(
         .graph
         .as_mut()
         .ok_or_else(|| bad("the ONNX file has no graph".into()))?;
+    if spec.free_shapes {
+        done.shapes_freed = graph.value_info.len();
+        graph.value_info.clear();
+        for input in &mut graph.input {
+            let dims = input
+                .r#type
+                .as_mut()
+                .and_then(|t| t.value.as_mut())
+                .and_then(|v| match v {
+                    pb::type_proto::Value::TensorType(t) => t.shape.as_mut(),
+                });
+            // [N, C, H, W]: the batch and the spatial sizes come from the manifest at load.
+            if let Some(shape) = dims {
+                for (i, d) in shape.dim.iter_mut().enumerate() {
+                    if i != 1 {
+                        d.value = None;
+                    }
+                }
+            }
+        }
+    }
     if spec.activation_qdq == ActivationQdq::Clip {
         done.qdq_pairs_clipped = clip_activation_qdq(graph).map_err(bad)?;
         if done.qdq_pairs_clipped == 0 {
@@ -401,6 +436,28 @@ pub(super) fn fold_constant_dequantize(graph: &mut pb::GraphProto) -> Result<usi
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn identities_of_existing_recipes_never_change() {
+        // Pinned: a new option must not move the identity of graphs made without it (heads and
+        // caches of w8 models would stop matching).
+        let w8 = GraphSpec {
+            activation_qdq: ActivationQdq::Clip,
+            ..GraphSpec::default()
+        };
+        assert_eq!(
+            rewritten_sha256("abc", &w8),
+            "5810272386f4608f39a30161481fbb4445bd2256d32eae29e693c49af38b14c2"
+        );
+        let free = GraphSpec {
+            free_shapes: true,
+            ..GraphSpec::default()
+        };
+        assert_eq!(
+            rewritten_sha256("abc", &free),
+            "150403765a7aefc1cc1a5543fa47cf106ab2c2a6467abeb1c2b6ebe07db2a187"
+        );
+    }
+
     use super::*;
 
     fn init_f32(name: &str, v: f32) -> pb::TensorProto {
@@ -459,6 +516,7 @@ mod tests {
             let mut m = graph(zp);
             let spec = GraphSpec {
                 activation_qdq: ActivationQdq::Clip,
+                ..GraphSpec::default()
             };
             let done = apply(&mut m, &spec, "m").unwrap();
             assert_eq!(done.qdq_pairs_clipped, 1);
@@ -489,6 +547,7 @@ mod tests {
         none.graph.as_mut().unwrap().node.drain(..2);
         let spec = GraphSpec {
             activation_qdq: ActivationQdq::Clip,
+            ..GraphSpec::default()
         };
         let err = apply(&mut none, &spec, "m").unwrap_err();
         assert!(err.to_string().contains("no activation"), "{err}");

@@ -85,6 +85,53 @@ fn golden_embeddings_and_top1_match_onnxruntime() {
     }
 }
 
+/// The 320 px manifest (`[graph] free_shapes`) runs the bundled file at another input size: its
+/// own identity, 1280-d features that differ from 224's, and the same ImageNet answer where
+/// the network is sure.
+#[test]
+fn the_320_px_manifest_runs_the_same_file_at_another_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let m320 = root().join("models/efficientnet-lite0-fp32-320.toml");
+    let mut c = graft(dir.path());
+    c.args(["--json", "--model"]).arg(&m320).arg("info");
+    let info = &json_lines(&ok(c))[0];
+    assert_eq!(info["model"], "efficientnet-lite0-fp32-320");
+    let out = dir.path().join("e.jsonl");
+    let mut c = graft(dir.path());
+    c.args(["--model"])
+        .arg(&m320)
+        .args(["embed", "--out"])
+        .arg(&out)
+        .arg(image("coffee.jpg"));
+    ok(c);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines = json_lines(&text);
+    assert!(lines[0].to_string().contains("center320"), "{}", lines[0]);
+    let e320: Vec<f64> = serde_json::from_value(lines[1]["embedding"].clone()).unwrap();
+    assert_eq!(e320.len(), 1280);
+    let mut c = graft(dir.path());
+    c.args(["--model", "efficientnet-lite0-fp32", "embed", "--out"])
+        .arg(dir.path().join("e224.jsonl"))
+        .arg(image("coffee.jpg"));
+    ok(c);
+    let e224: Vec<f64> = serde_json::from_value(
+        json_lines(&std::fs::read_to_string(dir.path().join("e224.jsonl")).unwrap())[1]
+            ["embedding"]
+            .clone(),
+    )
+    .unwrap();
+    let cos = e320.iter().zip(&e224).map(|(a, b)| a * b).sum::<f64>()
+        / (e320.iter().map(|a| a * a).sum::<f64>().sqrt()
+            * e224.iter().map(|a| a * a).sum::<f64>().sqrt());
+    assert!(cos > 0.5 && cos < 0.999, "cosine 320 vs 224: {cos}");
+    let mut c = graft(dir.path());
+    c.args(["--json", "--model"])
+        .arg(&m320)
+        .args(["classify", "--top", "1"])
+        .arg(image("coffee.jpg"));
+    assert_eq!(json_lines(&ok(c))[0]["top"][0]["label"], "espresso");
+}
+
 #[test]
 fn exif_orientation_is_honoured() {
     let upright = preprocess::decode_file(&image("chelsea.jpg")).unwrap();
