@@ -6,6 +6,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use super::examples::distinct_groups;
 use super::{fit, softmax, Examples, HeadError, HeadKind, HeadParams};
 
 /// Below this many examples in the smallest class, CV is leave-one-out; above, stratified k-fold.
@@ -60,23 +61,24 @@ pub fn cross_validate(
     // A class whose examples all show one object (one capture session) cannot be held out by
     // object: its frames are held out one by one instead (optimistic: a held-out frame's twins
     // stay in training, but the class is measured at all).
-    let mut split = ex.clone();
+    // Only the group ids change: the vectors are not copied (this runs per candidate head).
+    let mut groups = ex.groups.clone();
     let mut next = ex.groups.iter().max().map_or(0, |m| m + 1);
     for c in 0..classes {
         let members: Vec<usize> = (0..n).filter(|i| y[*i] == c).collect();
         if members.len() > 1 && ex.groups_of(c).len() == 1 {
             for i in members {
-                split.groups[i] = next;
+                groups[i] = next;
                 next += 1;
             }
         }
     }
     let min_shots = (0..classes)
-        .map(|c| split.groups_of(c).len())
+        .map(|c| distinct_groups(y, &groups, c).len())
         .filter(|c| *c > 0)
         .min()
         .unwrap_or(0);
-    let groups = &split.groups;
+    let groups = &groups;
     let mut ids: Vec<usize> = groups.to_vec();
     ids.sort_unstable();
     ids.dedup();
@@ -95,7 +97,7 @@ pub fn cross_validate(
         (folds, method.to_string())
     } else {
         (
-            stratified_folds(&split, K_FOLDS, seed),
+            stratified_folds(y, groups, classes, K_FOLDS, seed),
             format!("kfold-{K_FOLDS}"),
         )
     };
@@ -391,13 +393,18 @@ pub fn calibrate(
 
 /// Per class, its groups shuffled and dealt round-robin into `k` folds (the offset carries over
 /// between classes so small classes do not all land in fold 0).
-pub(crate) fn stratified_folds(ex: &Examples, k: usize, seed: u64) -> Vec<usize> {
-    let (y, groups) = (&ex.y, &ex.groups);
+pub(crate) fn stratified_folds(
+    y: &[usize],
+    groups: &[usize],
+    classes: usize,
+    k: usize,
+    seed: u64,
+) -> Vec<usize> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut folds = vec![0; y.len()];
     let mut offset = 0;
-    for c in 0..ex.classes() {
-        let mut gs = ex.groups_of(c);
+    for c in 0..classes {
+        let mut gs = distinct_groups(y, groups, c);
         gs.shuffle(&mut rng);
         for (j, g) in gs.iter().enumerate() {
             for i in 0..y.len() {
@@ -434,7 +441,7 @@ mod tests {
         let y: Vec<usize> = (0..30).map(|i| i % 3).collect();
         let groups: Vec<usize> = (0..30).collect();
         let ex = Examples::new(vec![vec![0.0]; 30], y.clone(), groups, labels(3)).unwrap();
-        let f = stratified_folds(&ex, 5, 7);
+        let f = stratified_folds(&ex.y, &ex.groups, ex.classes(), 5, 7);
         for fold in 0..5 {
             for c in 0..3 {
                 let n = (0..30).filter(|i| f[*i] == fold && y[*i] == c).count();

@@ -64,7 +64,7 @@ pub fn few_shot_splits(
 /// folds, the same way the heads' own cross-validation does. Folds that would leave nothing to
 /// fit or nothing to score are dropped.
 pub fn kfold_splits(ex: &Examples, k: usize, seed: u64) -> Vec<Split> {
-    let folds = stratified_folds(ex, k, seed);
+    let folds = stratified_folds(&ex.y, &ex.groups, ex.classes(), k, seed);
     (0..k)
         .map(|f| Split {
             train: (0..ex.len()).filter(|i| folds[*i] != f).collect(),

@@ -96,14 +96,20 @@ impl Examples {
 
     /// The distinct groups of class `c`, sorted.
     pub(crate) fn groups_of(&self, c: usize) -> Vec<usize> {
-        let mut g: Vec<usize> = (0..self.len())
-            .filter(|i| self.y[*i] == c)
-            .map(|i| self.groups[i])
-            .collect();
-        g.sort_unstable();
-        g.dedup();
-        g
+        distinct_groups(&self.y, &self.groups, c)
     }
+}
+
+/// The distinct groups of class `c` among examples with class ids `y` and groups `groups`,
+/// sorted.
+pub(crate) fn distinct_groups(y: &[usize], groups: &[usize], c: usize) -> Vec<usize> {
+    let mut g: Vec<usize> = (0..y.len())
+        .filter(|i| y[*i] == c)
+        .map(|i| groups[i])
+        .collect();
+    g.sort_unstable();
+    g.dedup();
+    g
 }
 
 /// Dense ids for group names (equal names, equal ids, numbered in order of first appearance).
