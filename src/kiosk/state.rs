@@ -1,7 +1,8 @@
 //! The kiosk's persistent state in its data directory, and the operations the protocol drives.
 //!
 //! ```text
-//! DIR/examples.jsonl            the examples: label, image path, sha256, embedding (JSON lines)
+//! DIR/examples.jsonl            the examples: label, frame path (relative to DIR), sha256,
+//!                               embedding (JSON lines)
 //! DIR/examples/<label>/*.jpg    the captured frames they came from
 //! DIR/head.graft                the head trained on them (when there are 2+ classes)
 //! DIR/settings.json             the threshold set with THRESHOLD, if any
@@ -10,8 +11,17 @@
 //! `examples.jsonl` is the commit point: LEARN writes the frames, then the example file, then the
 //! head; FORGET writes the example file, then the head, then deletes the frames. Every file is
 //! written atomically (temp file, fsync, rename, fsync of the folder), so after a power cut the
-//! state is the last committed one: frames not (or no longer) in the example file are deleted at
-//! start, and a head that does not match the examples is retrained.
+//! state is the last committed one: frames that the example file provably does not refer to are
+//! deleted at start, and a head that does not match the examples is retrained.
+//!
+//! The head is derived data: when it cannot be written (a full disk), the kiosk keeps the new
+//! head in memory, goes on answering with it, and retrains it from the examples at the next
+//! start. A reply's `OK` means the examples (or `settings.json`) are on disk.
+//!
+//! Frame paths are stored relative to DIR, so the folder can be moved, or reached by another
+//! spelling or through a symlink. Files of older versions, which stored the path as `--data`
+//! was given, are matched by `<label>/<file name>`: a frame is an orphan only when no committed
+//! example has its label folder and file name.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -83,6 +93,32 @@ struct Settings {
     threshold: Option<f32>,
 }
 
+impl Settings {
+    fn read(path: &Path) -> Result<Settings, StoreError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Settings::default()),
+            Err(e) => return Err(StoreError::io(path, e)),
+        };
+        let s: Settings = serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::format(path, format!("not kiosk settings: {e}")))?;
+        if let Some(t) = s.threshold {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(StoreError::format(
+                    path,
+                    format!("threshold {t} is not in [0, 1]: fix or delete the file"),
+                ));
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// A frame's identity across spellings of the data folder: its label folder and file name.
+fn frame_key(p: &Path) -> Option<(&std::ffi::OsStr, &std::ffi::OsStr)> {
+    Some((p.parent()?.file_name()?, p.file_name()?))
+}
+
 /// What LEARN did.
 #[derive(Debug, Clone)]
 pub struct Learned {
@@ -115,6 +151,8 @@ pub struct Kiosk {
     set: ExampleSet,
     head: Option<HeadFile>,
     settings: Settings,
+    /// The head in memory is not the one on disk (its write failed).
+    head_unsaved: bool,
 }
 
 fn unix_ms() -> u128 {
@@ -155,12 +193,9 @@ impl Kiosk {
             set: ExampleSet::default(),
             head: None,
             settings: Settings::default(),
+            head_unsaved: false,
         };
-        if let Ok(bytes) = std::fs::read(k.settings_file()) {
-            k.settings = serde_json::from_slice(&bytes).map_err(|e| {
-                StoreError::format(&k.settings_file(), format!("not kiosk settings: {e}"))
-            })?;
-        }
+        k.settings = Settings::read(&k.settings_file())?;
         if k.examples_file().exists() {
             let file = embeddings::read(&k.examples_file())?;
             k.backbone
@@ -176,9 +211,10 @@ impl Kiosk {
                         labels.len() - 1
                     }
                 };
+                let path = k.resolve(r.path);
                 k.set.examples.push(Example {
                     label: id,
-                    path: r.path,
+                    path,
                     sha256: r.sha256,
                     embedding: r.embedding,
                 });
@@ -198,7 +234,16 @@ impl Kiosk {
         k.remove_orphans()?;
         if k.head_file().exists() {
             match headfile::read(&k.head_file()) {
-                Ok(h) if k.matches(&h) => k.head = Some(h),
+                Ok(mut h) if k.matches(&h) => {
+                    // THRESHOLD commits settings.json first; the head may not have followed.
+                    if let Some(t) = k.settings.threshold {
+                        if h.head.threshold != t {
+                            h.head.threshold = t;
+                            k.head_unsaved = true;
+                        }
+                    }
+                    k.head = Some(h)
+                }
                 Ok(_) => {
                     log::warn!("head does not match the examples (interrupted write?): retraining")
                 }
@@ -209,6 +254,22 @@ impl Kiosk {
             learn::refit(&mut k, None)?;
         }
         Ok(k)
+    }
+
+    /// Where a stored frame path points in this data folder: relative paths are under it;
+    /// absolute ones (older versions) are looked for in this folder's `examples/<label>/` first,
+    /// so a moved or respelled folder keeps its frames.
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        if p.is_relative() {
+            return self.dir.join(p);
+        }
+        if let Some((label, name)) = frame_key(&p) {
+            let here = self.frames_dir().join(label).join(name);
+            if here.exists() {
+                return here;
+            }
+        }
+        p
     }
 
     /// The head's examples are exactly the kiosk's (same labels, same pictures).
@@ -224,7 +285,15 @@ impl Kiosk {
 
     /// Deletes frames that no committed example refers to, and leftovers of interrupted deletes.
     fn remove_orphans(&self) -> Result<(), KioskError> {
-        let keep: BTreeSet<&Path> = self.set.examples.iter().map(|e| e.path.as_path()).collect();
+        let keep: BTreeSet<_> = self
+            .set
+            .examples
+            .iter()
+            .filter_map(|e| frame_key(&e.path))
+            .collect();
+        // Without a committed example file nothing proves a frame is an orphan (it may have
+        // been deleted by hand): keep them all.
+        let proven = self.examples_file().exists();
         // Temp files of writes a power cut interrupted.
         for entry in std::fs::read_dir(&self.dir)
             .map_err(io(&self.dir))?
@@ -252,7 +321,13 @@ impl Kiosk {
             }
             for f in std::fs::read_dir(&p).map_err(io(&p))?.flatten() {
                 let fp = f.path();
-                if !keep.contains(fp.as_path()) {
+                let orphan = frame_key(&fp).is_some_and(|k| !keep.contains(&k));
+                if orphan && !proven {
+                    log::warn!(
+                        "{}: not in any example file; kept (no examples.jsonl to check it against)",
+                        fp.display()
+                    );
+                } else if orphan {
                     log::warn!("removing {} (not in the committed examples)", fp.display());
                     std::fs::remove_file(&fp).map_err(io(&fp))?;
                 }
@@ -270,7 +345,10 @@ impl Kiosk {
                 .iter()
                 .map(|e| Record {
                     label: Some(self.set.labels[e.label].clone()),
-                    path: e.path.clone(),
+                    path: e
+                        .path
+                        .strip_prefix(&self.dir)
+                        .map_or_else(|_| e.path.clone(), Path::to_path_buf),
                     sha256: e.sha256.clone(),
                     embedding: e.embedding.clone(),
                 })
@@ -283,13 +361,35 @@ impl Kiosk {
     pub fn learn(&mut self, label: &Label, frames: &[Frame]) -> Result<Learned, KioskError> {
         let mut saver =
             FrameSaver::new(&self.frames_dir().join(label.as_str()), label, JPEG_QUALITY)?;
+        let mut saved: Vec<PathBuf> = Vec::with_capacity(frames.len());
+        // Frames saved but not kept (a failure, or the same picture already an example) are
+        // removed now; if the process dies first, at the next start.
+        let drop_unused = |saved: &[PathBuf], keep: &ExampleSet| {
+            for p in saved {
+                if !keep.examples.iter().any(|e| &e.path == p) {
+                    if let Err(e) = std::fs::remove_file(p) {
+                        log::warn!("{}: {e}", p.display());
+                    }
+                }
+            }
+        };
         let mut new = Vec::with_capacity(frames.len());
         for f in frames {
-            new.push(saver.save(&f.image, &f.name)?.embed(&self.backbone)?);
+            let embedded = saver.save(&f.image, &f.name).and_then(|s| {
+                saved.push(s.path.clone());
+                Ok(s.embed(&self.backbone)?)
+            });
+            match embedded {
+                Ok(n) => new.push(n),
+                Err(e) => {
+                    drop_unused(&saved, &self.set);
+                    return Err(e.into());
+                }
+            }
         }
-        // Frames saved but not committed (a failure below) are orphans, removed at the next
-        // start.
-        let added = learn::add_examples(self, label, new)?;
+        let result = learn::add_examples(self, label, new);
+        drop_unused(&saved, &self.set);
+        let added = result?;
         let id = self.set.labels.iter().position(|l| label == l);
         Ok(Learned {
             added: added.added,
@@ -345,33 +445,62 @@ impl Kiosk {
     }
 
     /// Sets the rejection threshold (kept across retraining) and rewrites the head.
+    ///
+    /// `settings.json` is the commit point: if it cannot be written nothing changes; the head
+    /// file follows when it can (at the next start the setting is applied again).
     pub fn set_threshold(&mut self, t: f32) -> Result<(), KioskError> {
-        self.settings.threshold = Some(t);
-        let settings = serde_json::to_vec(&self.settings)
+        let mut settings = self.settings.clone();
+        settings.threshold = Some(t);
+        let bytes = serde_json::to_vec(&settings)
             .map_err(|e| StoreError::format(&self.settings_file(), e.to_string()))?;
-        write_atomic(&self.settings_file(), |w| w.write_all(&settings))?;
-        if let Some(h) = &mut self.head {
+        write_atomic(&self.settings_file(), |w| w.write_all(&bytes))?;
+        self.settings = settings;
+        if let Some(mut h) = self.head.take() {
             h.head.threshold = t;
-            headfile::write(&self.dir.join("head.graft"), h)?;
+            self.keep_head(h);
         }
         Ok(())
     }
 
+    /// Makes `h` the current head and writes it if the disk allows (see the module docs).
+    fn keep_head(&mut self, h: HeadFile) {
+        let path = self.head_file();
+        match headfile::write(&path, &h) {
+            Ok(()) => self.head_unsaved = false,
+            Err(e) => {
+                log::warn!(
+                    "{e}: the new head is used from memory and retrained from the examples at the next start"
+                );
+                self.head_unsaved = true;
+            }
+        }
+        self.head = Some(h);
+    }
+
+    /// Whether the head in use is not (yet) the one on disk (a full disk, see the module docs).
+    pub fn head_unsaved(&self) -> bool {
+        self.head_unsaved
+    }
+
     /// Writes the example file and head again (everything is already committed after each
     /// change; this is for hosts that want an explicit checkpoint).
-    pub fn save(&self) -> Result<(), KioskError> {
+    pub fn save(&mut self) -> Result<(), KioskError> {
         self.write_examples()?;
         if let Some(h) = &self.head {
             headfile::write(&self.head_file(), h)?;
+            self.head_unsaved = false;
         }
         Ok(())
     }
 
     /// Forgets everything: examples, frames, head, settings.
     pub fn reset(&mut self) -> Result<(), KioskError> {
-        self.set = ExampleSet::default();
+        let before = std::mem::take(&mut self.set);
+        if let Err(e) = self.write_examples() {
+            self.set = before;
+            return Err(e.into());
+        }
         self.settings = Settings::default();
-        self.write_examples()?;
         learn::refit(self, None)?;
         if self.settings_file().exists() {
             std::fs::remove_file(self.settings_file()).map_err(io(&self.settings_file()))?;
@@ -438,17 +567,20 @@ impl ExampleStore for Kiosk {
     fn commit_examples(&mut self) -> Result<(), StoreError> {
         self.write_examples()
     }
+    /// Never fails: the head is derived from the committed examples, so one that cannot be
+    /// written is kept in memory (and retrained at the next start), see the module docs.
     fn commit_head(&mut self, head: Option<HeadFile>) -> Result<(), StoreError> {
         let path = self.head_file();
         match head {
-            Some(h) => {
-                headfile::write(&path, &h)?;
-                self.head = Some(h);
-            }
+            Some(h) => self.keep_head(h),
             None => {
                 self.head = None;
-                if path.exists() {
-                    std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+                self.head_unsaved = false;
+                if let Err(e) = std::fs::remove_file(&path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        log::warn!("{}: {e}", path.display());
+                        self.head_unsaved = true;
+                    }
                 }
             }
         }

@@ -37,6 +37,13 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether this is a full disk (or an exhausted quota): nothing was written, and retrying
+    /// after freeing space will work.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::StorageFull
+                || source.kind() == std::io::ErrorKind::QuotaExceeded)
+    }
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         StoreError::Io {
             path: path.to_path_buf(),
@@ -71,6 +78,27 @@ fn fault_pause() -> Option<std::time::Duration> {
     None
 }
 
+/// With the test-only feature `fault-injection`: environment variable naming a file; while that
+/// file exists, [`write_atomic`] fails half-way through its temp file with "no space left on
+/// device", as on a full disk (the tests fill and free the "disk" by creating and deleting it).
+/// When the file holds text, only writes of paths containing it fail.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_FULL_ENV: &str = "GRAFT_FAULT_FULL";
+
+#[cfg(feature = "fault-injection")]
+fn fault_full(path: &Path) -> Option<std::io::Error> {
+    let flag = std::env::var_os(FAULT_FULL_ENV)?;
+    let only = std::fs::read_to_string(flag).ok()?;
+    let only = only.trim();
+    (only.is_empty() || path.to_string_lossy().contains(only))
+        .then(|| std::io::Error::from(std::io::ErrorKind::StorageFull))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn fault_full(_: &Path) -> Option<std::io::Error> {
+    None
+}
+
 /// Writes `path` atomically: `write` produces the bytes, which go to a temp file beside `path`
 /// that is fsynced and renamed over it; then the folder is fsynced so the rename itself survives
 /// a power cut. A crash at any point leaves the old file or the new one, never a mix.
@@ -91,6 +119,9 @@ where
         .map_err(io)?;
     let (first, second) = bytes.split_at(bytes.len() / 2);
     tmp.as_file_mut().write_all(first).map_err(io)?;
+    if let Some(full) = fault_full(path) {
+        return Err(io(full));
+    }
     if let Some(pause) = fault_pause() {
         tmp.as_file().sync_all().map_err(io)?;
         std::thread::sleep(pause);
