@@ -240,6 +240,31 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
             detail: format!("{} not writable: {e}", data.display()),
         },
     });
+    checks.push(match graft::kiosk::Secret::load(&data) {
+        Ok(Some(secret)) => Check {
+            check: "kiosk secret",
+            status: Status::Ok,
+            detail: format!(
+                "{}: {} (TCP clients AUTH with it, docs/PROTOCOL.md)",
+                graft::kiosk::Secret::path(&data).display(),
+                secret.reveal()
+            ),
+        },
+        Ok(None) => Check {
+            check: "kiosk secret",
+            status: Status::Ok,
+            detail: format!(
+                "none in {} yet (`graft serve --data {}` makes one at its first start)",
+                data.display(),
+                data.display()
+            ),
+        },
+        Err(e) => Check {
+            check: "kiosk secret",
+            status: Status::Fail,
+            detail: e.to_string(),
+        },
+    });
     let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
     for c in &checks {
         if g.json {

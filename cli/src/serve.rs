@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::camera::SourceArgs;
 use super::{output, Global};
-use graft::kiosk::{Ended, Kiosk, Options, Server};
+use graft::kiosk::{Ended, Kiosk, Options, Secret, Server, TcpOptions, Trust};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -20,9 +20,25 @@ pub struct ServeArgs {
     /// board profile's.
     #[arg(long, required_unless_present = "tcp", conflicts_with = "tcp", num_args = 0..=1, default_missing_value = "board")]
     serial: Option<String>,
-    /// Serve on TCP instead, e.g. 0.0.0.0:7070 (one client at a time).
+    /// Serve on TCP instead, e.g. 127.0.0.1:7070, or 0.0.0.0:7070 for the LAN (clients from
+    /// other hosts must AUTH with the kiosk's secret before changing it).
     #[arg(long)]
     tcp: Option<String>,
+    /// TCP: let every client change the kiosk without AUTH (protocol version 1 behaviour).
+    #[arg(long, requires = "tcp")]
+    insecure: bool,
+    /// TCP: clients must AUTH even from this machine (loopback).
+    #[arg(long, requires = "tcp", conflicts_with = "insecure")]
+    auth_loopback: bool,
+    /// TCP: reads (INFO, LABELS, CLASSIFY, STREAM, THRESHOLD) need AUTH too.
+    #[arg(long, requires = "tcp", conflicts_with = "insecure")]
+    auth_reads: bool,
+    /// TCP: clients served at once.
+    #[arg(long, default_value_t = 8, requires = "tcp")]
+    max_clients: usize,
+    /// TCP: close a client silent for this many seconds.
+    #[arg(long, default_value_t = 300.0, requires = "tcp")]
+    idle_timeout: f64,
     /// Baud rate.
     #[arg(long, default_value_t = 115_200)]
     baud: u32,
@@ -86,13 +102,44 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
             .map_or("none".to_string(), |h| h.head.kind.to_string()),
         source.describe()
     );
+    let (secret, created) = Secret::load_or_create(&data)?;
+    if created {
+        eprintln!(
+            "graft: this kiosk's secret (TCP clients AUTH with it; `graft doctor --data {}` shows it again): {}",
+            data.display(),
+            secret.reveal()
+        );
+    }
     let options = Options {
         learn_interval: Duration::from_secs_f64(learn_interval),
+        secret: (!a.insecure).then_some(secret),
+        reads_need_auth: a.auth_reads,
         ..Options::default()
     };
     let mut server = Server::new(kiosk, source, options);
     if let Some(addr) = &a.tcp {
-        serve_tcp(g, &mut server, addr, &data, &stop)?;
+        if !(a.idle_timeout.is_finite() && a.idle_timeout > 0.0) {
+            bail!(
+                "--idle-timeout {} is not a number of seconds",
+                a.idle_timeout
+            );
+        }
+        if a.max_clients == 0 {
+            bail!("--max-clients must be at least 1");
+        }
+        let tcp = TcpOptions {
+            max_clients: a.max_clients,
+            idle_timeout: Duration::from_secs_f64(a.idle_timeout),
+            trust: if a.insecure {
+                Trust::Everyone
+            } else if a.auth_loopback {
+                Trust::Nobody
+            } else {
+                Trust::Loopback
+            },
+            ..TcpOptions::default()
+        };
+        serve_tcp(g, &mut server, addr, &tcp, &data, &stop)?;
     } else if let Some(path) = &a.serial {
         let path = if path == "board" {
             g.board()?.map(|(b, _)| b.serial.device).ok_or_else(|| {
@@ -129,32 +176,19 @@ fn serve_tcp(
     g: &Global,
     server: &mut Server,
     addr: &str,
+    tcp: &TcpOptions,
     data: &std::path::Path,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    let local = listener.local_addr()?.to_string();
-    listener.set_nonblocking(true)?;
-    announce(g, &local, "tcp", data)?;
-    while !stop.load(Ordering::SeqCst) {
-        let (mut conn, peer) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            Err(e) => return Err(e).context("accepting a connection"),
-        };
-        conn.set_nonblocking(false)?;
-        conn.set_read_timeout(Some(Duration::from_millis(50)))?;
-        log::info!("client {peer} connected");
-        match server.serve(&mut conn, stop) {
-            Ok(Ended::Stopped) => break,
-            Ok(Ended::Closed) => log::info!("client {peer} closed the connection"),
-            Err(e) => log::warn!("client {peer}: {e}; dropped"),
-        }
+    let local = listener.local_addr()?;
+    if tcp.trust == Trust::Everyone && !local.ip().is_loopback() {
+        log::warn!("--insecure on {local}: anyone who reaches this port can change the kiosk");
     }
-    Ok(())
+    announce(g, &local.to_string(), "tcp", data)?;
+    server
+        .serve_tcp(listener, tcp, stop)
+        .with_context(|| format!("serving on {local}"))
 }
 
 #[cfg(feature = "serial")]

@@ -1,4 +1,4 @@
-//! The kiosk line protocol, version 1: parsing requests and formatting replies. Pure code, no
+//! The kiosk line protocol, version 2 (version 1 plus `AUTH`): parsing requests and formatting replies. Pure code, no
 //! I/O; `docs/PROTOCOL.md` is its specification and a test runs that document's examples.
 //!
 //! ```text
@@ -15,7 +15,9 @@ use std::fmt;
 use crate::head::Label;
 
 /// Protocol version, reported by `INFO`.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Length of an `AUTH` response: an HMAC-SHA256, as lowercase hex.
+pub const AUTH_RESPONSE_LEN: usize = 64;
 /// Longest request line accepted, in bytes (without the line end).
 pub const MAX_LINE: usize = 256;
 /// Longest request id.
@@ -28,6 +30,8 @@ pub enum Code {
     BadRequest,
     /// 401: checksum does not match.
     Checksum,
+    /// 403: this verb needs `AUTH` first on this link.
+    Forbidden,
     /// 404: unknown verb.
     UnknownVerb,
     /// 408: a partial line followed by silence.
@@ -42,8 +46,10 @@ pub enum Code {
     Busy,
     /// 500: failure inside graft (a file could not be written, ...).
     Internal,
-    /// 503: no frame could be captured.
+    /// 503: no frame could be captured, or no room for another client.
     Camera,
+    /// 507: the disk is full: nothing was changed.
+    NoSpace,
 }
 
 impl Code {
@@ -52,6 +58,7 @@ impl Code {
         match self {
             Code::BadRequest => 400,
             Code::Checksum => 401,
+            Code::Forbidden => 403,
             Code::UnknownVerb => 404,
             Code::Timeout => 408,
             Code::Conflict => 409,
@@ -60,6 +67,7 @@ impl Code {
             Code::Busy => 429,
             Code::Internal => 500,
             Code::Camera => 503,
+            Code::NoSpace => 507,
         }
     }
 }
@@ -104,10 +112,34 @@ pub enum Verb {
     },
     /// The verbs.
     Help,
+    /// Without an argument: a fresh challenge. With one: the response to it, the HMAC-SHA256 of
+    /// the challenge keyed with the kiosk's secret, as lowercase hex.
+    Auth(Option<String>),
+}
+
+impl Verb {
+    /// Whether the verb changes the kiosk's state (examples, head, settings): on a TCP link
+    /// from another host it needs `AUTH` first.
+    pub fn changes_state(&self) -> bool {
+        matches!(
+            self,
+            Verb::Learn { .. }
+                | Verb::Train
+                | Verb::Forget { .. }
+                | Verb::Threshold(Some(_))
+                | Verb::Save
+                | Verb::Reset(_)
+        )
+    }
+
+    /// Whether the verb is always allowed, before any `AUTH`.
+    pub fn always_allowed(&self) -> bool {
+        matches!(self, Verb::Ping | Verb::Help | Verb::Auth(_))
+    }
 }
 
 /// The verbs, as `HELP` lists them.
-pub const VERBS: [&str; 12] = [
+pub const VERBS: [&str; 13] = [
     "PING",
     "INFO",
     "CLASSIFY",
@@ -120,6 +152,7 @@ pub const VERBS: [&str; 12] = [
     "RESET",
     "STREAM",
     "HELP",
+    "AUTH",
 ];
 
 /// One parsed request.
@@ -290,6 +323,17 @@ impl Request {
                     .map(|t| Verb::Threshold(Some(t)))
                     .ok_or_else(|| bad(format!("threshold {s:?} is not a number in [0, 1]"))),
             }),
+            "AUTH" => n_args(0, 1).and_then(|_| match args.first() {
+                Some(r)
+                    if r.len() != AUTH_RESPONSE_LEN
+                        || !r.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                {
+                    Err(bad(format!(
+                        "AUTH response must be {AUTH_RESPONSE_LEN} hex digits"
+                    )))
+                }
+                r => Ok(Verb::Auth(r.map(|r| r.to_ascii_lowercase()))),
+            }),
             "RESET" => n_args(0, 1).and_then(|_| match args.first() {
                 Some(t) if !is_id(t) => Err(bad(format!("confirmation token {t:?} is malformed"))),
                 t => Ok(Verb::Reset(t.map(|t| t.to_string()))),
@@ -353,6 +397,8 @@ impl Request {
                 }
             }
             Verb::Help => s.push_str("HELP"),
+            Verb::Auth(None) => s.push_str("AUTH"),
+            Verb::Auth(Some(r)) => s.push_str(&format!("AUTH {r}")),
         }
         if self.checksum {
             let c = checksum(s.as_bytes());
@@ -568,6 +614,8 @@ mod tests {
             ("THRESHOLD nan", Code::BadRequest),
             ("STREAM maybe", Code::BadRequest),
             ("PING extra", Code::BadRequest),
+            ("AUTH 1234", Code::BadRequest),
+            ("AUTH a b", Code::BadRequest),
             ("#toolongidtoolongid PING", Code::BadRequest),
             ("PI\u{7}NG", Code::Encoding),
         ];
@@ -584,6 +632,24 @@ mod tests {
         );
         let e = parse("#k FLY").unwrap_err();
         assert_eq!(e.id.as_deref(), Some("k"), "ids are echoed on errors too");
+    }
+
+    #[test]
+    fn auth_takes_a_challenge_request_or_a_hex_hmac() {
+        assert_eq!(parse("auth").unwrap().verb, Verb::Auth(None));
+        let r = "AB".repeat(32);
+        assert_eq!(
+            parse(&format!("AUTH {r}")).unwrap().verb,
+            Verb::Auth(Some("ab".repeat(32)))
+        );
+        assert!(Verb::Learn {
+            label: Label::new("cup").unwrap(),
+            n: 1
+        }
+        .changes_state());
+        assert!(!Verb::Threshold(None).changes_state());
+        assert!(Verb::Threshold(Some(0.5)).changes_state());
+        assert!(Verb::Auth(None).always_allowed() && !Verb::Classify.always_allowed());
     }
 
     #[test]
@@ -620,8 +686,23 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(20261127);
         let mut words: Vec<&str> = VERBS.to_vec();
         words.extend([
-            "info", "Classify", "cup", "on", "OFF", "0.5", "3", "#a1", "*", "\r", "é", "1e3", "-1",
-            "unknown", "a/b", "",
+            "info",
+            "Classify",
+            "cup",
+            "on",
+            "OFF",
+            "0.5",
+            "3",
+            "#a1",
+            "*",
+            "\r",
+            "é",
+            "1e3",
+            "-1",
+            "unknown",
+            "a/b",
+            "",
+            "00112233445566778899AABBCCDDEEFF00112233445566778899aabbccddeeff",
         ]);
         let mut accepted = 0;
         for i in 0..100_000 {

@@ -1,5 +1,13 @@
 //! The request loop: bytes in from a link (serial port, TCP connection), one reply line out per
 //! request, `EVT` lines while streaming.
+//!
+//! One [`Server`] holds the kiosk and the frame source; each link has a [`Session`] of its own
+//! (its stream, its RESET token, its `AUTH` state). A serial port is served by [`Server::serve`]
+//! on the caller's thread. TCP ([`Server::serve_tcp`]) serves several clients at once: a reader
+//! and a writer thread per connection move bytes, and every request goes through one queue to
+//! the caller's thread, which runs them one at a time in arrival order, so all links see one
+//! state. A client that sends nothing is closed after an idle timeout; one that does not read
+//! its replies is closed when a write times out; neither holds up anyone else.
 
 use std::io::{ErrorKind, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
+use super::auth::{LinkAuth, Proof, Secret};
 use super::protocol::{
     err_line, event_line, ok_line, Code, Field, Input, LineSplitter, Rejection, Request, Verb,
     VERBS, VERSION,
@@ -27,6 +36,11 @@ pub struct Options {
     pub learn_interval: Duration,
     /// Default `STREAM ON` period.
     pub stream_period: Duration,
+    /// The secret `AUTH` proves (`None`: no link can authenticate, e.g. `--insecure`).
+    pub secret: Option<Secret>,
+    /// Whether read-only verbs (INFO, LABELS, CLASSIFY, STREAM, THRESHOLD) need `AUTH` too on
+    /// links that are not trusted. PING, HELP and AUTH never do.
+    pub reads_need_auth: bool,
 }
 
 impl Default for Options {
@@ -36,6 +50,8 @@ impl Default for Options {
             max_queue: 32,
             learn_interval: Duration::from_millis(200),
             stream_period: Duration::from_secs(1),
+            secret: None,
+            reads_need_auth: false,
         }
     }
 }
@@ -55,13 +71,45 @@ struct Stream {
     smoother: Smoother,
 }
 
-/// A kiosk, its frame source and the session state of the protocol.
+/// One link's state: its stream, its RESET confirmation, its authentication.
+pub struct Session {
+    stream: Option<Stream>,
+    reset_token: Option<(String, Instant)>,
+    auth: LinkAuth,
+    /// The link is to be closed after this reply (too many wrong AUTH answers).
+    close: bool,
+}
+
+impl Session {
+    /// A link that needs no `AUTH` (serial, loopback, `--insecure`).
+    pub fn trusted() -> Session {
+        Session {
+            stream: None,
+            reset_token: None,
+            auth: LinkAuth::trusted(),
+            close: false,
+        }
+    }
+
+    /// A link whose state changes need `AUTH` first.
+    pub fn untrusted() -> Session {
+        Session {
+            auth: LinkAuth::default(),
+            ..Session::trusted()
+        }
+    }
+
+    /// The link is to be closed after the last reply.
+    pub fn closing(&self) -> bool {
+        self.close
+    }
+}
+
+/// A kiosk and its frame source, served to one link or many.
 pub struct Server {
     kiosk: Kiosk,
     source: Box<dyn FrameSource>,
-    options: Options,
-    stream: Option<Stream>,
-    reset_token: Option<(String, Instant)>,
+    pub(super) options: Options,
     /// Requests answered so far.
     pub answered: u64,
 }
@@ -75,6 +123,9 @@ struct Reply {
 fn conflict(e: KioskError) -> (Code, String) {
     match e {
         KioskError::NoHead { .. } | KioskError::NoClass(_) => (Code::Conflict, e.to_string()),
+        KioskError::Store(ref s) if s.is_disk_full() => {
+            (Code::NoSpace, format!("{e}; nothing was changed"))
+        }
         _ => (Code::Internal, e.to_string()),
     }
 }
@@ -86,8 +137,6 @@ impl Server {
             kiosk,
             source,
             options,
-            stream: None,
-            reset_token: None,
             answered: 0,
         }
     }
@@ -108,8 +157,8 @@ impl Server {
         }
     }
 
-    /// Answers one input line: exactly one reply line (without its `\n`).
-    pub fn answer(&mut self, input: &Input) -> String {
+    /// Answers one input line of a link: exactly one reply line (without its `\n`).
+    pub fn answer(&mut self, session: &mut Session, input: &Input) -> String {
         self.answered += 1;
         let reply = match input {
             Input::TooLong => Reply {
@@ -134,7 +183,7 @@ impl Server {
                 Ok(req) => {
                     log::debug!("request: {}", req.encode());
                     Reply {
-                        line: self.execute(&req.verb),
+                        line: self.execute(session, &req.verb),
                         id: req.id,
                         checksum: req.checksum,
                     }
@@ -150,9 +199,60 @@ impl Server {
         }
     }
 
-    fn execute(&mut self, verb: &Verb) -> Result<Vec<Field>, (Code, String)> {
+    fn execute(
+        &mut self,
+        session: &mut Session,
+        verb: &Verb,
+    ) -> Result<Vec<Field>, (Code, String)> {
+        let needs_auth =
+            verb.changes_state() || (self.options.reads_need_auth && !verb.always_allowed());
+        if needs_auth && !session.auth.allowed() {
+            return Err((
+                Code::Forbidden,
+                "this link must AUTH first: send AUTH, then AUTH <HMAC-SHA256 of the challenge keyed with the kiosk secret> (docs/PROTOCOL.md)".into(),
+            ));
+        }
         let k = &self.kiosk;
         match verb {
+            Verb::Auth(None) => {
+                if self.options.secret.is_none() {
+                    return Err((
+                        Code::Conflict,
+                        "this kiosk has no secret (--insecure): nothing to prove".into(),
+                    ));
+                }
+                Ok(vec![
+                    Field::new("challenge", session.auth.challenge()),
+                    Field::new("within_s", super::auth::CHALLENGE_TTL.as_secs()),
+                ])
+            }
+            Verb::Auth(Some(response)) => {
+                let Some(secret) = &self.options.secret else {
+                    return Err((
+                        Code::Conflict,
+                        "this kiosk has no secret (--insecure): nothing to prove".into(),
+                    ));
+                };
+                match session.auth.prove(secret, response) {
+                    Proof::Accepted => Ok(vec![Field::new("auth", 1)]),
+                    Proof::NoChallenge => Err((
+                        Code::Conflict,
+                        "no challenge to answer (or it expired): send AUTH first".into(),
+                    )),
+                    Proof::Wrong { close } => {
+                        log::warn!("wrong AUTH response");
+                        session.close = close;
+                        Err((
+                            Code::Forbidden,
+                            if close {
+                                "wrong AUTH response; too many: closing".into()
+                            } else {
+                                "wrong AUTH response".into()
+                            },
+                        ))
+                    }
+                }
+            }
             Verb::Ping => Ok(vec![Field::new("pong", 1)]),
             Verb::Help => Ok(vec![
                 Field::new("protocol", VERSION),
@@ -176,6 +276,7 @@ impl Server {
                         h.and_then(|h| h.cv_accuracy)
                             .map_or("none".into(), |a| format!("{a:.3}")),
                     ),
+                    Field::new("saved", u8::from(!k.head_unsaved())),
                 ])
             }
             Verb::Labels => {
@@ -214,7 +315,7 @@ impl Server {
                     l.added,
                     l.classes
                 );
-                self.reset_stream();
+                Self::reset_stream(&self.kiosk, session);
                 Ok(vec![
                     Field::new("label", label),
                     Field::new("added", l.added),
@@ -225,7 +326,7 @@ impl Server {
             }
             Verb::Train => {
                 let t = self.kiosk.train().map_err(conflict)?;
-                self.reset_stream();
+                Self::reset_stream(&self.kiosk, session);
                 Ok(vec![
                     Field::new("head", t.kind),
                     Field::new("cv", format!("{:.3}", t.cv_accuracy)),
@@ -234,7 +335,7 @@ impl Server {
             }
             Verb::Forget { label } => {
                 let removed = self.kiosk.forget(label).map_err(conflict)?;
-                self.reset_stream();
+                Self::reset_stream(&self.kiosk, session);
                 Ok(vec![
                     Field::new("label", label),
                     Field::new("removed", removed),
@@ -252,7 +353,7 @@ impl Server {
             },
             Verb::Threshold(Some(t)) => {
                 self.kiosk.set_threshold(*t).map_err(conflict)?;
-                self.reset_stream();
+                Self::reset_stream(&self.kiosk, session);
                 Ok(vec![Field::new("threshold", format!("{t:.3}"))])
             }
             Verb::Save => {
@@ -261,14 +362,14 @@ impl Server {
             }
             Verb::Reset(None) => {
                 let token = format!("{:06x}", rand::thread_rng().gen_range(0..0x100_0000u32));
-                self.reset_token = Some((token.clone(), Instant::now()));
+                session.reset_token = Some((token.clone(), Instant::now()));
                 Ok(vec![
                     Field::new("confirm", &token),
                     Field::new("within_s", 30),
                 ])
             }
             Verb::Reset(Some(t)) => {
-                let valid = self
+                let valid = session
                     .reset_token
                     .take()
                     .filter(|(tok, at)| tok == t && at.elapsed() < Duration::from_secs(30));
@@ -279,12 +380,12 @@ impl Server {
                     ));
                 }
                 self.kiosk.reset().map_err(conflict)?;
-                self.stream = None;
+                session.stream = None;
                 log::warn!("reset: every example and the head deleted");
                 Ok(vec![Field::new("reset", 1)])
             }
             Verb::Stream { on: false, .. } => {
-                self.stream = None;
+                session.stream = None;
                 Ok(vec![Field::new("stream", "off")])
             }
             Verb::Stream {
@@ -299,7 +400,7 @@ impl Server {
                 let period = period_ms
                     .map(|p| Duration::from_millis(u64::from(p)))
                     .unwrap_or(self.options.stream_period);
-                self.stream = Some(Stream {
+                session.stream = Some(Stream {
                     period,
                     next_at: Instant::now(),
                     smoother: Smoother::new(Smoothing::Ema { alpha: 0.5 }, h.head.threshold, 2),
@@ -312,26 +413,26 @@ impl Server {
         }
     }
 
-    fn reset_stream(&mut self) {
-        let threshold = self.kiosk.head().map(|h| h.head.threshold);
-        match (self.stream.as_mut(), threshold) {
+    fn reset_stream(kiosk: &Kiosk, session: &mut Session) {
+        let threshold = kiosk.head().map(|h| h.head.threshold);
+        match (session.stream.as_mut(), threshold) {
             (Some(s), Some(t)) => {
                 s.smoother = Smoother::new(Smoothing::Ema { alpha: 0.5 }, t, 2);
             }
-            _ => self.stream = None,
+            _ => session.stream = None,
         }
     }
 
-    /// One streaming step if one is due: an `EVT` line (or none).
-    fn stream_tick(&mut self) -> Option<String> {
-        let s = self.stream.as_ref()?;
+    /// One streaming step of a link if one is due: an `EVT` line (or none).
+    pub(super) fn stream_tick(&mut self, session: &mut Session) -> Option<String> {
+        let s = session.stream.as_ref()?;
         if Instant::now() < s.next_at {
             return None;
         }
         let frame = match self.frame() {
             Ok(f) => f,
             Err((_, message)) => {
-                self.stream = None;
+                session.stream = None;
                 return Some(event_line(&[
                     Field::new("error", message),
                     Field::new("stream", "off"),
@@ -340,7 +441,7 @@ impl Server {
         };
         let result = self.kiosk.classify(&frame);
         let head = self.kiosk.head()?;
-        let s = self.stream.as_mut()?;
+        let s = session.stream.as_mut()?;
         s.next_at = Instant::now() + s.period;
         let c = match result {
             Ok(c) => c,
@@ -360,11 +461,13 @@ impl Server {
     /// Serves one link until it closes or `stop` is set. The link's reads must time out (a
     /// serial port's timeout, a socket's read timeout) so that silence, streaming and `stop`
     /// are noticed. I/O errors other than timeouts are returned (the caller reopens the port).
+    /// A serial link is trusted: whoever holds the wire holds the kiosk.
     pub fn serve<L: Read + Write>(
         &mut self,
         link: &mut L,
         stop: &AtomicBool,
     ) -> std::io::Result<Ended> {
+        let mut session = Session::trusted();
         let mut splitter = LineSplitter::default();
         let mut buf = [0u8; 1024];
         let mut last_byte = Instant::now();
@@ -380,7 +483,7 @@ impl Server {
                     let inputs = splitter.push(&buf[..n]);
                     for (i, input) in inputs.iter().enumerate() {
                         if i < self.options.max_queue {
-                            out.push(self.answer(input));
+                            out.push(self.answer(&mut session, input));
                         } else {
                             self.answered += 1;
                             let id = match input {
@@ -419,7 +522,7 @@ impl Server {
                     ),
                 ));
             }
-            if let Some(evt) = self.stream_tick() {
+            if let Some(evt) = self.stream_tick(&mut session) {
                 out.push(evt);
             }
             if !out.is_empty() {
