@@ -1,5 +1,6 @@
 //! Bad input gets one clear error line naming the file and exit code 1, never a panic.
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 
 use crate::common::*;
@@ -173,4 +174,168 @@ fn device_gpu_without_the_feature_says_how_to_build_it() {
     let info = json_lines(&ok(c)).remove(0);
     assert_eq!(info["device"], "cpu (tract)");
     assert_eq!(info["gpu_feature"], false);
+}
+
+fn varint(bytes: &[u8], at: &mut usize) -> u64 {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = bytes[*at];
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    v
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_string(out: &mut Vec<u8>, field: u64, s: &str) {
+    put_varint(out, field << 3 | 2);
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// An exported ONNX file with one `graft.*` metadata value changed. The metadata is field 14
+/// of the ONNX `ModelProto` (`metadata_props`, key = 1 and value = 2 of each entry), which
+/// `graft export` writes and `backbone::exported::read_meta` reads: top-level fields are
+/// copied as they are and the one entry is re-encoded, so nothing else differs.
+fn with_metadata(onnx: &[u8], key: &str, edit: &dyn Fn(&str) -> String) -> Vec<u8> {
+    let mut out = Vec::with_capacity(onnx.len());
+    let mut at = 0;
+    let mut found = false;
+    while at < onnx.len() {
+        let start = at;
+        let tag = varint(onnx, &mut at);
+        let len = match tag & 7 {
+            0 => {
+                varint(onnx, &mut at);
+                0
+            }
+            1 => 8,
+            2 => varint(onnx, &mut at) as usize,
+            5 => 4,
+            t => panic!("wire type {t} in an ONNX file"),
+        };
+        let body = &onnx[at..at + len];
+        at += len;
+        if tag == (14 << 3 | 2) {
+            let (mut k, mut v, mut i) = (String::new(), String::new(), 0);
+            while i < body.len() {
+                let t = varint(body, &mut i);
+                let n = varint(body, &mut i) as usize;
+                let s = String::from_utf8(body[i..i + n].to_vec()).unwrap();
+                i += n;
+                if t >> 3 == 1 {
+                    k = s;
+                } else {
+                    v = s;
+                }
+            }
+            if k == key {
+                found = true;
+                let mut entry = Vec::new();
+                put_string(&mut entry, 1, &k);
+                put_string(&mut entry, 2, &edit(&v));
+                put_varint(&mut out, tag);
+                put_varint(&mut out, entry.len() as u64);
+                out.extend_from_slice(&entry);
+                continue;
+            }
+        }
+        out.extend_from_slice(&onnx[start..at]);
+    }
+    assert!(found, "no metadata {key}");
+    out
+}
+
+/// Regression (issue 9): an exported model's metadata was read without the checks a manifest
+/// gets: `resize_shorter = 0` panicked (capacity overflow), `4e9` aborted, and `std = 0`,
+/// `NHWC`, `nearest` and a NaN threshold were accepted. The metadata now goes through the
+/// manifest's validation (and its own: labels, threshold, output).
+#[test]
+fn crafted_export_metadata_is_refused_naming_the_field() {
+    type Edit = Box<dyn Fn(&str) -> String>;
+    fn preprocess(field: &'static str, value: serde_json::Value) -> (&'static str, Edit) {
+        (
+            "graft.preprocess",
+            Box::new(move |v: &str| {
+                let mut j: serde_json::Value = serde_json::from_str(v).unwrap();
+                j[field] = value.clone();
+                j.to_string()
+            }),
+        )
+    }
+    fn plain(key: &'static str, value: &'static str) -> (&'static str, Edit) {
+        (key, Box::new(move |_: &str| value.to_string()))
+    }
+    use serde_json::json;
+    let cases: Vec<((&str, Edit), &str)> = vec![
+        (preprocess("resize_shorter", json!(0)), "resize_shorter"),
+        (
+            preprocess("resize_shorter", json!(4_000_000_000u32)),
+            "resize_shorter",
+        ),
+        (preprocess("size", json!(0)), "size"),
+        (preprocess("std", json!([0.0, 128.0, 128.0])), "std"),
+        (preprocess("mean", json!([1e39, 127.0, 127.0])), "mean"),
+        (preprocess("layout", json!("NHWC")), "layout"),
+        (preprocess("channels", json!("BGR")), "channels"),
+        (
+            preprocess("resize_filter", json!("nearest")),
+            "resize_filter",
+        ),
+        (plain("graft.threshold", "NaN"), "graft.threshold"),
+        (plain("graft.threshold", "5"), "graft.threshold"),
+        (plain("graft.threshold", "-inf"), "graft.threshold"),
+        (plain("graft.output", "banana"), "graft.output"),
+        (plain("graft.labels", "[]"), "graft.labels"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let onnx = d.join("export.onnx");
+    let mut c = graft(d);
+    c.args(["export", "--head"])
+        .arg(fixture("heads/release-42bf848-centroid.graft"))
+        .arg("--out")
+        .arg(&onnx);
+    ok(c);
+    let good = std::fs::read(&onnx).unwrap();
+    let crafted = d.join("crafted.onnx");
+    // Re-encoding with the value unchanged gives a model that still predicts.
+    std::fs::write(
+        &crafted,
+        with_metadata(&good, "graft.threshold", &|v| v.to_string()),
+    )
+    .unwrap();
+    let mut c = graft(d);
+    c.arg("--model")
+        .arg(&crafted)
+        .arg("predict")
+        .arg(image("dog.jpg"));
+    ok(c);
+    let mut wrong = Vec::new();
+    for ((key, edit), field) in &cases {
+        std::fs::write(&crafted, with_metadata(&good, key, edit.as_ref())).unwrap();
+        let mut c = graft(d);
+        c.arg("--model")
+            .arg(&crafted)
+            .arg("predict")
+            .arg(image("dog.jpg"));
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fails(c, field))) {
+            Ok(err) if err.contains("crafted.onnx") => {}
+            _ => wrong.push(format!("{key} -> {field}")),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "not refused naming file and field: {wrong:?}"
+    );
 }
