@@ -25,6 +25,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::backbone::FieldError;
 pub use cv::{
     auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, AUTO_MIN_Z,
     AUTO_PRIOR, FALLBACK_THRESHOLD, K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION,
@@ -59,9 +60,10 @@ pub enum HeadError {
     /// This head type has no ONNX form yet.
     #[error("a {0} head cannot be exported yet (retrain it as a logistic, centroid or knn head)")]
     NotExportable(HeadKind),
-    /// Hyper-parameters outside their ranges (see [`HeadParams`]).
-    #[error("head parameters out of range: {0}")]
-    BadParams(String),
+    /// A value outside what a head can use: a hyper-parameter (see [`HeadParams`]), the
+    /// temperature or threshold, a weight or an embedding value (see [`Head::validate`]).
+    #[error(transparent)]
+    Field(#[from] FieldError),
     /// Unknown head name.
     #[error("unknown head type {0:?} (choose auto, logistic, centroid, knn or bayes)")]
     UnknownKind(String),
@@ -168,19 +170,89 @@ impl HeadParams {
         normalize(&powered)
     }
 
-    /// Checks the ranges in the table above.
+    /// Checks the ranges in the table above (fields named `params.*`, as head files store
+    /// them).
     pub fn validate(&self) -> Result<(), HeadError> {
-        let ok = self.logistic_alpha > 0.0
-            && self.logistic_max_iter >= 1
-            && self.knn_k >= 1
-            && self.bayes_var_smoothing > 0.0
-            && self.power > 0.0
-            && self.power <= 1.0;
-        if ok {
-            Ok(())
-        } else {
-            Err(HeadError::BadParams(format!("{self:?}")))
+        let positive = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(FieldError::new(field, v, "must be finite and > 0"))
+            }
+        };
+        positive("params.logistic_alpha", self.logistic_alpha)?;
+        positive("params.bayes_var_smoothing", self.bayes_var_smoothing)?;
+        if self.logistic_max_iter < 1 {
+            return Err(FieldError::new(
+                "params.logistic_max_iter",
+                self.logistic_max_iter,
+                "must be >= 1",
+            )
+            .into());
         }
+        if self.knn_k < 1 {
+            return Err(FieldError::new("params.knn_k", self.knn_k, "must be >= 1").into());
+        }
+        if !(self.power > 0.0 && self.power <= 1.0) {
+            return Err(FieldError::new("params.power", self.power, "must be in (0, 1]").into());
+        }
+        Ok(())
+    }
+}
+
+/// The largest temperature a head may carry: a hundred times anything calibration has ever
+/// written (its grid ended at 1e4), and small enough that `temperature · logit` stays finite.
+pub const MAX_TEMPERATURE: f32 = 1e6;
+
+/// The largest magnitude of any number a head is built from (weights, biases, raw embedding
+/// values). Fitted heads are far below it (logistic weights are L2-penalised, centroids and
+/// examples are unit vectors, backbone features are O(1–100)); the bound keeps every dot
+/// product and norm of a 1280-d vector finite in f32, where a crafted 1e38 would overflow.
+pub const MAX_ABS_VALUE: f32 = 1e6;
+
+/// **The** check of a rejection threshold, wherever it comes from (a head file, `--threshold`,
+/// an export's metadata, a kiosk setting): a number in [0, 1]. Returns it, so a reader can
+/// write `validate_threshold(t)?`. NaN is refused: it would compare its way past every score.
+///
+/// ```
+/// assert!(graft::head::validate_threshold(0.4).is_ok());
+/// let err = graft::head::validate_threshold(5.0).unwrap_err();
+/// assert_eq!(err.to_string(), "threshold = 5.0: must be a number in [0, 1]");
+/// ```
+pub fn validate_threshold(threshold: f32) -> Result<f32, HeadError> {
+    Ok(FieldError::check_probability("threshold", threshold)?)
+}
+
+/// The check of a softmax temperature read back: finite, positive and at most
+/// [`MAX_TEMPERATURE`]. A negative one would rank classes backwards, zero makes every score
+/// `1 / classes`.
+pub fn validate_temperature(temperature: f32) -> Result<f32, HeadError> {
+    if temperature > 0.0 && temperature <= MAX_TEMPERATURE {
+        Ok(temperature)
+    } else {
+        Err(FieldError::new(
+            "temperature",
+            temperature,
+            format!("must be in (0, {MAX_TEMPERATURE:e}]"),
+        )
+        .into())
+    }
+}
+
+/// Checks that every number of `values` is finite and at most [`MAX_ABS_VALUE`] in
+/// magnitude; the error names `field` and the first value that is not.
+pub(crate) fn validate_values(field: &str, values: &[f32]) -> Result<(), HeadError> {
+    match values
+        .iter()
+        .position(|v| !v.is_finite() || v.abs() > MAX_ABS_VALUE)
+    {
+        None => Ok(()),
+        Some(i) => Err(FieldError::new(
+            format!("{field}[{i}]"),
+            values[i],
+            format!("must be finite, at most {MAX_ABS_VALUE:e} in magnitude"),
+        )
+        .into()),
     }
 }
 
@@ -224,6 +296,61 @@ impl Model {
             fit::Inner::Linear { weights, bias, .. } => Some((weights, bias)),
             _ => None,
         }
+    }
+
+    /// Checks the model's numbers against its `classes` and its size: every weight, bias,
+    /// centroid and stored example finite and within [`MAX_ABS_VALUE`] (named as head files
+    /// store them: `linear_weights`, `linear_bias`), and as many of each as classes × size.
+    pub fn validate(&self, classes: usize) -> Result<(), HeadError> {
+        let dim = self.dim();
+        if dim == 0 {
+            return Err(
+                FieldError::new("dim", dim, "a head needs embeddings of 1 value or more").into(),
+            );
+        }
+        let count = |field: &str, got: usize, want: usize| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(FieldError::new(
+                    field,
+                    got,
+                    format!("must hold {want} values ({classes} classes of {dim})"),
+                ))
+            }
+        };
+        match &self.0 {
+            fit::Inner::Linear { weights, bias, .. } => {
+                count("linear_weights.len", weights.len(), classes * dim)?;
+                count("linear_bias.len", bias.len(), classes)?;
+                validate_values("linear_weights", weights)?;
+                validate_values("linear_bias", bias)?;
+            }
+            fit::Inner::Centroid { centroids, .. } => {
+                count("centroids.len", centroids.len(), classes * dim)?;
+                validate_values("centroids", centroids)?;
+            }
+            fit::Inner::Knn {
+                examples,
+                labels,
+                classes: c,
+                ..
+            } => {
+                count("classes", *c, classes)?;
+                count("knn examples.len", examples.len(), labels.len() * dim)?;
+                if let Some(l) = labels.iter().find(|l| **l >= classes) {
+                    return Err(FieldError::new(
+                        "knn labels",
+                        l,
+                        format!("must be below {classes}"),
+                    )
+                    .into());
+                }
+                validate_values("knn examples", examples)?;
+            }
+            fit::Inner::Bayes { classes: c, .. } => count("classes", *c, classes)?,
+        }
+        Ok(())
     }
 
     /// A linear model from stored weights.
@@ -318,6 +445,23 @@ impl Prediction {
 pub const UNKNOWN: &str = "unknown";
 
 impl Head {
+    /// **The** check of a head, however it came in (a head file, a refit, a library user's own
+    /// head): at least one class, hyper-parameters in range ([`HeadParams::validate`]), a
+    /// temperature that can rank ([`validate_temperature`]), a threshold in [0, 1]
+    /// ([`validate_threshold`]), and a model whose numbers are finite and fit its classes
+    /// ([`Model::validate`]). `store::headfile` runs it on every read and before every write.
+    pub fn validate(&self) -> Result<(), HeadError> {
+        if self.labels.is_empty() {
+            return Err(
+                FieldError::new("labels", &self.labels, "a head needs at least one class").into(),
+            );
+        }
+        self.params.validate()?;
+        validate_temperature(self.temperature)?;
+        validate_threshold(self.threshold)?;
+        self.model.validate(self.labels.len())
+    }
+
     /// The head as plain matrices for [`crate::backbone::export`]: linear heads (logistic,
     /// centroid) as `W·x + b`, k-NN as its stored examples.
     pub fn export_ops(&self) -> Result<crate::backbone::export::HeadOps, HeadError> {

@@ -237,7 +237,7 @@ pub fn refit(
     let params = store.params();
     let (mut file, trained) = store.set().fit(&backbone, kind, &params, 0)?;
     if let Some(t) = store.threshold_override() {
-        file.head.threshold = t;
+        file.head.threshold = head::validate_threshold(t)?;
     }
     store.commit_head(Some(file))?;
     Ok(Some(trained))
