@@ -256,6 +256,13 @@ pub(crate) fn validate_values(field: &str, values: &[f32]) -> Result<(), HeadErr
     }
 }
 
+/// True when a best score of `score` is accepted as a known label under `threshold`: the one
+/// comparison, used by [`Prediction::from_scores`] and the live smoother. A score or threshold
+/// that is not a number, or a score that is not finite, is never accepted.
+pub fn passes(score: f32, threshold: f32) -> bool {
+    score.is_finite() && score >= threshold
+}
+
 /// A fitted model: the part of a head that turns a unit vector into logits. Opaque: the linfa
 /// types inside stay in this module.
 #[derive(Debug, Clone)]
@@ -410,16 +417,28 @@ pub struct Prediction {
 
 impl Prediction {
     /// Builds a prediction from per-class probabilities (`labels.len()` of them).
+    ///
+    /// The one place scores become a label: if any score is not finite (a damaged export, an
+    /// overflow) the answer is `unknown` whatever the threshold, and the best is [`passes`]ed
+    /// against the threshold, so NaN never gets through a comparison.
     pub fn from_scores(labels: &[String], probs: &[f32], threshold: f32, top: usize) -> Prediction {
-        let mut idx: Vec<usize> = (0..probs.len().min(labels.len())).collect();
-        idx.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]));
+        let n = probs.len().min(labels.len());
+        let mut idx: Vec<usize> = (0..n).collect();
+        // Non-finite scores rank last, so `best` is a number whenever there is one.
+        let rank = |i: usize| Some(probs[i]).filter(|p| p.is_finite());
+        idx.sort_by(|a, b| {
+            rank(*b)
+                .partial_cmp(&rank(*a))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         let best = idx.first().copied().unwrap_or(0);
         let score = probs.get(best).copied().unwrap_or(0.0);
         let name = labels
             .get(best)
             .cloned()
             .unwrap_or_else(|| UNKNOWN.to_string());
-        let unknown = score < threshold;
+        let sound = probs[..n].iter().all(|p| p.is_finite());
+        let unknown = !(sound && passes(score, threshold));
         Prediction {
             label: if unknown {
                 UNKNOWN.to_string()
@@ -614,6 +633,42 @@ mod tests {
         let p = head.predict(&[1.0, 0.9], Some(0.0), 1).unwrap();
         assert_eq!((p.label.as_str(), p.top.len()), ("a", 1));
         assert!(head.predict(&[1.0], None, 1).is_err());
+    }
+
+    /// Regression (issue 9): a NaN score compared false with `score < threshold`, so it passed
+    /// as a known label. Whatever the head or export produced, a non-finite score (or threshold)
+    /// is `unknown` at the one place scores become a label.
+    #[test]
+    fn non_finite_scores_never_pass_the_threshold() {
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let nan = f32::NAN;
+        let inf = f32::INFINITY;
+        let cases: &[(&str, [f32; 2], f32)] = &[
+            ("all NaN", [nan, nan], 0.5),
+            ("one NaN", [0.9, nan], 0.5),
+            ("NaN first", [nan, 0.9], 0.5),
+            ("infinite", [inf, 0.0], 0.5),
+            ("NaN threshold", [0.9, 0.1], nan),
+            ("zero threshold, NaN scores", [nan, nan], 0.0),
+        ];
+        for (name, probs, threshold) in cases {
+            let p = Prediction::from_scores(&labels, probs, *threshold, 2);
+            assert!(p.unknown, "{name}: {p:?}");
+            assert_eq!(p.label, UNKNOWN, "{name}");
+        }
+        let p = Prediction::from_scores(&labels, &[0.9, 0.1], 0.5, 2);
+        assert_eq!((p.label.as_str(), p.unknown), ("a", false));
+        // A head built in code, past every file check, with weights that overflow f32.
+        let head = Head {
+            kind: HeadKind::Logistic,
+            labels,
+            model: Model::from_linear(vec![3e38, 3e38, -3e38, -3e38], vec![0.0, 0.0]).unwrap(),
+            temperature: 1.0,
+            threshold: 0.5,
+            params: HeadParams::default(),
+        };
+        let p = head.predict(&[1.0, 1.0], None, 2).unwrap();
+        assert!(p.unknown, "{p:?}");
     }
 }
 
