@@ -27,9 +27,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::backbone::FieldError;
 pub use cv::{
-    auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, AUTO_MIN_Z,
-    AUTO_PRIOR, FALLBACK_THRESHOLD, K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION,
-    THRESHOLD_QUANTILE,
+    auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, TemperatureRange,
+    AUTO_MIN_Z, AUTO_PRIOR, FALLBACK_THRESHOLD, K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION,
+    TEMPERATURE_DECADES, THRESHOLD_QUANTILE,
 };
 pub use examples::{group_ids, Examples};
 pub use fit::fit;
@@ -225,7 +225,8 @@ pub fn validate_threshold(threshold: f32) -> Result<f32, HeadError> {
 
 /// The check of a softmax temperature read back: finite, positive and at most
 /// [`MAX_TEMPERATURE`]. A negative one would rank classes backwards, zero makes every score
-/// `1 / classes`.
+/// `1 / classes`. Training is stricter ([`TemperatureRange`]); this only refuses what cannot
+/// rank, so heads an earlier release calibrated to 1e-4 still load and predict as they did.
 pub fn validate_temperature(temperature: f32) -> Result<f32, HeadError> {
     if temperature > 0.0 && temperature <= MAX_TEMPERATURE {
         Ok(temperature)
