@@ -12,6 +12,11 @@
 //! | `centroid` | cosine to each class mean (weight imprinting) | means | exact |
 //! | `knn` | soft vote of the `k` nearest examples by cosine (linfa-nn) | none | exact |
 //! | `bayes` | Gaussian naive Bayes joint log-likelihood (linfa-bayes) | means / variances | exact refit |
+//!
+//! Whatever a head comes from — a head file, a refit, a library user's own — it is held to
+//! [`Head::validate`] before use, and a threshold from anywhere (a flag, a kiosk setting) to
+//! [`validate_threshold`]; a refusal is a [`FieldError`] naming the field. Behind that check,
+//! [`Prediction::from_scores`] never turns a non-finite score into a known label.
 
 mod cv;
 pub mod eval;

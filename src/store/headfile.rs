@@ -145,7 +145,7 @@ fn validate_examples(dim: usize, classes: usize, examples: &[Example]) -> Result
 }
 
 impl HeadFile {
-    /// **The** check of a head file's content, run by [`read`] on every file and by [`write`]
+    /// **The** check of a head file's content, run by [`read`] on every file and by [`write()`]
     /// before every write (so nothing graft writes is refused when read back): the examples
     /// (size, labels, finite values) and the head itself ([`Head::validate`]: classes,
     /// temperature, threshold, hyper-parameters, weights), which must be as wide as the
