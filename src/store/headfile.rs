@@ -110,7 +110,7 @@ pub fn training_examples(labels: &[String], examples: &[Example], params: &HeadP
 }
 
 /// The largest embedding size a head file may declare: far above any backbone's (1280 for
-/// the bundled one), and small enough that `examples × size × 4` bytes cannot overflow.
+/// the bundled one); a crafted size is refused before any arithmetic or allocation uses it.
 pub const MAX_DIM: usize = 1 << 20;
 
 /// The examples' part of [`HeadFile::validate`], on its own so that [`read`] can run it before
