@@ -71,7 +71,8 @@ pub mod serial;
 pub mod store;
 
 pub use backbone::{
-    Backbone, BackboneError, BackboneId, DeviceChoice, Embedding, LoadOptions, ModelSpec, RgbFrame,
+    Backbone, BackboneError, BackboneId, DeviceChoice, Embedding, FieldError, LoadOptions,
+    ModelSpec, RgbFrame,
 };
 pub use capture::{CaptureError, Frame, FrameSource, SourceSpec};
 pub use head::{Examples, Head, HeadError, HeadKind, HeadParams, Label, LabelError, Prediction};

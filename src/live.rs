@@ -219,7 +219,7 @@ impl Smoother {
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .unwrap_or((0, 0.0));
         Smoothed {
-            label: (s >= self.threshold).then_some(i),
+            label: crate::head::passes(s, self.threshold).then_some(i),
             score: s,
         }
     }
@@ -229,6 +229,9 @@ impl Smoother {
     pub fn push(&mut self, probs: &[f32]) -> (Smoothed, Option<Smoothed>) {
         let now = match self.smoothing {
             Smoothing::Off => self.best(probs),
+            // A frame whose scores are not all numbers carries no evidence: it is unknown, and
+            // is kept out of the average, which it would otherwise poison for good.
+            Smoothing::Ema { .. } if !probs.iter().all(|p| p.is_finite()) => self.best(probs),
             Smoothing::Ema { alpha } => {
                 if self.ema.len() != probs.len() {
                     self.ema = probs.to_vec();
@@ -312,6 +315,23 @@ mod tests {
         let got = reports(&mut s, &[A, B, B, B, B, B]);
         assert_eq!(got.first(), Some(&Some(0)));
         assert_eq!(got.last(), Some(&Some(1)), "a lasting change comes through");
+    }
+
+    /// A frame of NaN scores (from a head no check caught) is unknown under every smoothing,
+    /// and the next good frame counts again: the EMA does not stay NaN for good.
+    #[test]
+    fn frames_without_numbers_are_unknown_and_do_not_poison_the_average() {
+        const NAN: [f32; 2] = [f32::NAN, f32::NAN];
+        for smoothing in [
+            Smoothing::Off,
+            Smoothing::Ema { alpha: 0.5 },
+            Smoothing::Vote { window: 1 },
+        ] {
+            let mut s = Smoother::new(smoothing, 0.6, 1);
+            assert_eq!(s.push(&A).0.label, Some(0), "{smoothing}");
+            assert_eq!(s.push(&NAN).0.label, None, "{smoothing}");
+            assert_eq!(s.push(&A).0.label, Some(0), "{smoothing}: recovers");
+        }
     }
 
     #[test]

@@ -378,9 +378,7 @@ impl Rate {
 pub fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<()> {
     let smoothing: Smoothing = a.smooth.parse()?;
     if let Some(t) = a.threshold {
-        if !(0.0..=1.0).contains(&t) {
-            bail!("--threshold {t} is outside [0, 1]");
-        }
+        head::validate_threshold(t).context("--threshold")?;
     }
     let (file, bb) = super::heads::load_head(g, &a.head)?;
     let head = &file.head;

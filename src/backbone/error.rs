@@ -128,6 +128,16 @@ pub enum BackboneError {
         #[source]
         source: super::AcceleratorError,
     },
+    /// A field of a model manifest or of an export's graft metadata is outside what graft can
+    /// use (see [`super::manifest::Manifest::validate`], [`super::exported::ExportMeta::validate`]).
+    #[error("{origin}: {source}")]
+    Field {
+        /// The file: `model manifest PATH` or `exported model PATH`.
+        origin: String,
+        /// Which field, its value and the rule it breaks.
+        #[source]
+        source: FieldError,
+    },
     /// A head, example or export file was made with another backbone than the one loaded.
     #[error(
         "{}: trained on backbone {} (sha256 {}…, {}-d, {}) but {} (sha256 {}…, {}-d, {}) is loaded; load the backbone it was trained on, or retrain",
@@ -143,6 +153,54 @@ pub enum BackboneError {
         /// The backbone that is loaded.
         ours: Box<super::BackboneId>,
     },
+}
+
+/// A value outside what graft can use: which field, its value as read, and the rule it breaks.
+///
+/// The one vocabulary of graft's validation — manifests and exports' metadata here, head files
+/// and thresholds in [`crate::head`] — so every refusal reads the same way
+/// (`input.std = [0.0, 128.0, 128.0]: must be finite and positive`). The error that carries it
+/// names the file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} = {value}: {rule}")]
+pub struct FieldError {
+    /// The field, spelled as the file spells it (`input.std`, `graft.threshold`, `temperature`).
+    pub field: String,
+    /// Its value, as read (`Debug` form: `NaN`, `inf`, `"NHWC"`).
+    pub value: String,
+    /// What it must be.
+    pub rule: String,
+}
+
+impl FieldError {
+    /// `field` holds `value`, which breaks `rule`.
+    pub fn new(
+        field: impl Into<String>,
+        value: impl std::fmt::Debug,
+        rule: impl Into<String>,
+    ) -> FieldError {
+        FieldError {
+            field: field.into(),
+            value: format!("{value:?}"),
+            rule: rule.into(),
+        }
+    }
+
+    /// The same error for a field nested under `prefix` (`input` and `std` → `input.std`).
+    pub fn within(mut self, prefix: &str) -> FieldError {
+        self.field = format!("{prefix}.{}", self.field);
+        self
+    }
+
+    /// The rule of every probability graft reads back (a head's threshold, an export's): a
+    /// number in [0, 1]. NaN is not, so it can never be compared its way past a score.
+    pub fn check_probability(field: &str, value: f32) -> Result<f32, FieldError> {
+        if (0.0..=1.0).contains(&value) {
+            Ok(value)
+        } else {
+            Err(FieldError::new(field, value, "must be a number in [0, 1]"))
+        }
+    }
 }
 
 /// The first 12 hex digits of a sha256 (all of it, if shorter or not ASCII).

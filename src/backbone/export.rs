@@ -385,6 +385,8 @@ impl Backbone {
             backbone: self.id.name.clone(),
             backbone_sha256: self.id.sha256.clone(),
         };
+        meta.validate()
+            .map_err(|e| export_err(&model_name, e.to_string()))?;
         model
             .metadata_props
             .retain(|p| !p.key.starts_with(META_PREFIX));

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tract_onnx::pb;
 
 use super::preprocess::InputSpec;
-use super::{softmax, Backbone, BackboneError};
+use super::{softmax, Backbone, BackboneError, FieldError};
 
 /// Metadata key prefix of graft exports.
 pub const META_PREFIX: &str = "graft.";
@@ -35,6 +35,34 @@ pub struct ExportMeta {
     pub backbone: String,
     /// sha256 of the backbone ONNX file the head was trained on.
     pub backbone_sha256: String,
+}
+
+impl ExportMeta {
+    /// The one check of an export's metadata (field names as stored, `graft.*`): at least one
+    /// label, a threshold in [0, 1], an output of `probabilities` or `logits`, and the
+    /// preprocessing a manifest would need ([`InputSpec::validate`]). [`read_meta`] runs it, and
+    /// the writer runs it before writing, so an export graft writes is one graft reads.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let field = |k: &str| format!("{META_PREFIX}{k}");
+        if self.labels.is_empty() {
+            return Err(FieldError::new(
+                field("labels"),
+                &self.labels,
+                "must name at least one class",
+            ));
+        }
+        FieldError::check_probability(&field("threshold"), self.threshold)?;
+        if !matches!(self.output.as_str(), "probabilities" | "logits") {
+            return Err(FieldError::new(
+                field("output"),
+                &self.output,
+                "must be probabilities or logits",
+            ));
+        }
+        self.preprocess
+            .validate()
+            .map_err(|e| e.within(&field("preprocess")))
+    }
 }
 
 fn bad(model: &str, reason: impl Into<String>) -> BackboneError {
@@ -65,7 +93,7 @@ pub fn read_meta(onnx: &[u8], origin: &str) -> Result<Option<ExportMeta>, Backbo
     let parse_err = |k: &str, e: &dyn std::fmt::Display| {
         bad(origin, format!("graft metadata {META_PREFIX}{k}: {e}"))
     };
-    Ok(Some(ExportMeta {
+    let meta = ExportMeta {
         labels: serde_json::from_str(&labels).map_err(|e| parse_err("labels", &e))?,
         threshold: field("threshold")?
             .parse()
@@ -76,7 +104,12 @@ pub fn read_meta(onnx: &[u8], origin: &str) -> Result<Option<ExportMeta>, Backbo
             .map_err(|e| parse_err("preprocess", &e))?,
         backbone: field("backbone")?,
         backbone_sha256: field("backbone_sha256")?,
-    }))
+    };
+    meta.validate().map_err(|source| BackboneError::Field {
+        origin: format!("exported model {origin}"),
+        source,
+    })?;
+    Ok(Some(meta))
 }
 
 /// An exported model's answer for one picture: one probability per class, in

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::exported::{self, ExportMeta};
 pub use super::preprocess::InputSpec;
 use super::rewrite::GraphSpec;
-use super::BackboneError;
+use super::{BackboneError, FieldError};
 
 /// The manifest format this build reads. Newer formats are refused with a clear error.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -229,12 +229,32 @@ impl ModelSpec {
             graph: GraphSpec::default(),
             provenance: None,
         };
-        Ok(ModelSpec {
+        let spec = ModelSpec {
             manifest,
             source: Source::Disk {
                 manifest_path: path.to_path_buf(),
             },
             exported: Some(meta),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The one check of a model, however it came in: its manifest's values
+    /// ([`Manifest::validate`]) and, for an export, its graft metadata
+    /// ([`ExportMeta::validate`]). Run when a spec is made from a file and again by
+    /// [`Backbone::load`](super::Backbone::load), so a spec built in code is held to it too.
+    pub fn validate(&self) -> Result<(), BackboneError> {
+        let (what, checked) = match &self.exported {
+            Some(meta) => (
+                "exported model",
+                meta.validate().and_then(|()| self.manifest.validate()),
+            ),
+            None => ("model manifest", self.manifest.validate()),
+        };
+        checked.map_err(|source| BackboneError::Field {
+            origin: format!("{what} {}", self.origin()),
+            source,
         })
     }
 
@@ -307,40 +327,36 @@ fn parse(text: &str, origin: &str) -> Result<Manifest, BackboneError> {
             m.format
         )));
     }
-    if m.input.layout != "NCHW" {
-        return Err(bad(format!(
-            "input.layout {:?}: only NCHW is supported",
-            m.input.layout
-        )));
-    }
-    if m.input.channels != "RGB" {
-        return Err(bad(format!(
-            "input.channels {:?}: only RGB is supported",
-            m.input.channels
-        )));
-    }
-    if m.input.resize_filter != "bilinear" {
-        return Err(bad(format!(
-            "input.resize_filter {:?}: only bilinear is supported",
-            m.input.resize_filter
-        )));
-    }
-    if m.input.size == 0 || m.input.resize_shorter < m.input.size {
-        return Err(bad(format!(
-            "input.size {} and input.resize_shorter {} must satisfy 0 < size <= resize_shorter",
-            m.input.size, m.input.resize_shorter
-        )));
-    }
-    if m.input.std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
-        return Err(bad("input.std must be finite and non-zero".into()));
-    }
-    if m.output.features_size == 0 {
-        return Err(bad("output.features_size must be positive".into()));
-    }
-    if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad(format!("sha256 {:?} is not 64 hex digits", m.sha256)));
-    }
+    m.validate().map_err(|source| BackboneError::Field {
+        origin: format!("model manifest {origin}"),
+        source,
+    })?;
     Ok(m)
+}
+
+impl Manifest {
+    /// The one check of a manifest's values, whether it was read from TOML or made from an
+    /// export's metadata ([`ModelSpec::from_export`]); [`Backbone::load`](super::Backbone::load)
+    /// runs it again on whatever spec it is given. The preprocessing is
+    /// [`InputSpec::validate`].
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.input.validate().map_err(|e| e.within("input"))?;
+        if self.output.features_size == 0 {
+            return Err(FieldError::new(
+                "output.features_size",
+                self.output.features_size,
+                "must be positive",
+            ));
+        }
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(FieldError::new(
+                "sha256",
+                &self.sha256,
+                "must be 64 hex digits",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -370,6 +386,32 @@ mod tests {
             ("format = 1", "format = 99", "newer than this graft"),
             ("layout = \"NCHW\"", "layout = \"NHWC\"", "only NCHW"),
             ("size = 224", "size = 0", "0 < size"),
+            // Regression (issue 9): an infinite mean was accepted.
+            (
+                "mean = [127.0, 127.0, 127.0]",
+                "mean = [inf, 127.0, 127.0]",
+                "input.mean",
+            ),
+            (
+                "std = [128.0, 128.0, 128.0]",
+                "std = [128.0, -128.0, 128.0]",
+                "input.std",
+            ),
+            (
+                "resize_shorter = 256",
+                "resize_shorter = 4000000000",
+                "input.resize_shorter",
+            ),
+            (
+                "resize_filter = \"bilinear\"",
+                "resize_filter = \"nearest\"",
+                "input.resize_filter",
+            ),
+            (
+                "features_size = 1280",
+                "features_size = 0",
+                "output.features_size",
+            ),
         ];
         for (from, to, expect) in cases {
             assert!(good.contains(from), "fixture lacks {from}");

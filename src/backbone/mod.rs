@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
-pub use error::BackboneError;
+pub use error::{BackboneError, FieldError};
 pub use manifest::{Manifest, ModelSpec, DEFAULT_MODEL};
 pub use preprocess::{Prepared, RgbFrame};
 pub use profile::{NodeTime, OpTime, Profile};
@@ -280,6 +280,7 @@ impl Backbone {
     /// Verifies the model file against its manifest, then parses, cuts and optimises it.
     pub fn load(spec: ModelSpec, options: &LoadOptions) -> Result<Backbone, BackboneError> {
         let start = Instant::now();
+        spec.validate()?;
         let onnx = spec.read_onnx()?;
         let actual = sha256_hex(&onnx);
         if actual != spec.manifest.sha256 {

@@ -47,6 +47,65 @@ pub struct InputSpec {
     pub std: [f32; 3],
 }
 
+/// The largest `resize_shorter` (and so `size`) graft accepts: 16 times the bundled models'
+/// 256. Every picture is resized to it before the crop, so it bounds the memory one picture
+/// takes (an export claiming 4e9 asked for 64 GB and aborted).
+pub const MAX_RESIZE_SHORTER: u32 = 4096;
+
+impl InputSpec {
+    /// The one check of a preprocessing recipe, wherever it comes from: a manifest's `[input]`
+    /// table or an export's `graft.preprocess` metadata (the caller prefixes the field names).
+    /// What it refuses is what [`prepare`] cannot do or would do wrong: another layout, channel
+    /// order or filter; a crop larger than the resize (or none); a resize beyond
+    /// [`MAX_RESIZE_SHORTER`]; a non-finite mean, or a standard deviation that is not finite
+    /// and positive.
+    pub fn validate(&self) -> Result<(), super::FieldError> {
+        use super::FieldError;
+        let only = |field: &str, value: &str, want: &str| {
+            if value == want {
+                Ok(())
+            } else {
+                Err(FieldError::new(
+                    field,
+                    value,
+                    format!("only {want} is supported"),
+                ))
+            }
+        };
+        only("layout", &self.layout, "NCHW")?;
+        only("channels", &self.channels, "RGB")?;
+        only("resize_filter", &self.resize_filter, "bilinear")?;
+        if !(1..=MAX_RESIZE_SHORTER).contains(&self.resize_shorter) {
+            return Err(FieldError::new(
+                "resize_shorter",
+                self.resize_shorter,
+                format!("must be in 1..={MAX_RESIZE_SHORTER}"),
+            ));
+        }
+        if self.size == 0 || self.size > self.resize_shorter {
+            return Err(FieldError::new(
+                "size",
+                self.size,
+                format!(
+                    "must satisfy 0 < size <= resize_shorter ({})",
+                    self.resize_shorter
+                ),
+            ));
+        }
+        if !self.mean.iter().all(|m| m.is_finite()) {
+            return Err(FieldError::new("mean", self.mean, "must be finite"));
+        }
+        if !self.std.iter().all(|s| s.is_finite() && *s > 0.0) {
+            return Err(FieldError::new(
+                "std",
+                self.std,
+                "must be finite and positive",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The image files under `dir`, recursively, sorted (so every run and every board sees the same
 /// files in the same order), skipping hidden files and folders (names starting with `.`). The
 /// one folder walk: `train`'s class folders, `embed` / `predict` / `add` folders and `--source`

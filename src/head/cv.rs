@@ -254,11 +254,70 @@ fn choose(
 /// Share of correctly classified held-out training examples the threshold may reject at most.
 pub const MAX_KNOWN_REJECTION: f32 = 0.2;
 
+/// How far (in decades) a fitted temperature may lie either side of its kind's default.
+pub const TEMPERATURE_DECADES: i32 = 2;
+
+/// The temperatures calibration may fit for one head kind, and the default it falls back to.
+///
+/// The default is the temperature at which the kind's logits read as log-odds; the fit searches
+/// [`TEMPERATURE_DECADES`] decades either side of it, ten steps a decade:
+///
+/// | kind | logits | default | range |
+/// |---|---|---|---|
+/// | `logistic` | log-odds already | 1 | 0.01 – 100 |
+/// | `centroid` | cosines in [−1, 1], a few tenths apart | 20 | 0.2 – 2000 |
+/// | `knn` | votes in [0, 2] | 20 | 0.2 – 2000 |
+/// | `bayes` | joint log-likelihoods, sums over the `dim` values | 1 / dim | 0.01 / dim – 100 / dim |
+///
+/// A fit at either end of the range has no optimum inside it, and the default is used (see
+/// [`calibrate`]): at the low end the held-out scores are no better than chance and the
+/// likelihood is best with every score at `1 / classes`, which is what the threshold would
+/// then be calibrated to (issue 12: 0.0001 on 6 classes of 2 objects each); at the high end
+/// every held-out example is separated and the likelihood grows without bound (or reaches 1
+/// for every example in f32 before it, which is the same).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TemperatureRange {
+    /// The smallest temperature searched.
+    pub min: f32,
+    /// The kind's default, at the centre of the range.
+    pub default: f32,
+    /// The largest temperature searched.
+    pub max: f32,
+}
+
+impl TemperatureRange {
+    /// The range of `kind` on unit vectors of `dim` values (see the table above).
+    pub fn of(kind: HeadKind, dim: usize) -> TemperatureRange {
+        let default = match kind {
+            HeadKind::Logistic => 1.0,
+            HeadKind::Centroid | HeadKind::Knn => 20.0,
+            HeadKind::Bayes => 1.0 / dim.max(1) as f32,
+        };
+        TemperatureRange {
+            min: Self::step(default, -10 * TEMPERATURE_DECADES),
+            default,
+            max: Self::step(default, 10 * TEMPERATURE_DECADES),
+        }
+    }
+
+    /// The grid: `default · 10^(step / 10)`.
+    fn step(default: f32, step: i32) -> f32 {
+        default * 10f32.powf(step as f32 / 10.0)
+    }
+}
+
+/// Held-out negative log-likelihood (summed) below which every held-out example has its class
+/// at probability 1 in f32: the fit is as saturated as at the top of the range.
+const SEPARATED_NLL: f64 = 1e-6;
+
 /// How the `unknown` threshold was calibrated.
 #[derive(Debug, Clone, Serialize)]
 pub struct Calibration {
     /// Softmax temperature.
     pub temperature: f32,
+    /// Why the temperature is the kind's default instead of a fit (`None`: fitted). See
+    /// [`TemperatureRange`].
+    pub temperature_fallback: Option<String>,
     /// Best scores below this are `unknown`.
     pub threshold: f32,
     /// `leave-one-class-out`, `quantile` or `fallback`.
@@ -269,8 +328,12 @@ pub struct Calibration {
     pub novel_rejected: Option<f32>,
 }
 
-/// Fits the softmax temperature (minimum held-out negative log-likelihood over a log grid) and
-/// the `unknown` threshold.
+/// Fits the softmax temperature (minimum held-out negative log-likelihood over the kind's
+/// [`TemperatureRange`]) and the `unknown` threshold.
+///
+/// A fit at either end of the range is no fit: the kind's default temperature is used and
+/// [`Calibration::temperature_fallback`] says why. The threshold is then calibrated at the
+/// temperature used.
 ///
 /// The threshold is calibrated *open-set* from the training data alone: every class in turn is
 /// left out entirely, a head is fitted on the others, and the left-out class's examples are
@@ -291,23 +354,24 @@ pub fn calibrate(
         .zip(y)
         .filter_map(|(l, t)| l.as_ref().map(|l| (l, *t)))
         .collect();
+    let range = TemperatureRange::of(report.kind, x.first().map_or(1, Vec::len));
     if scored.is_empty() {
-        let t = match report.kind {
-            HeadKind::Logistic | HeadKind::Bayes => 1.0,
-            HeadKind::Centroid | HeadKind::Knn => 20.0,
-        };
         return Ok(Calibration {
-            temperature: t,
+            temperature: range.default,
+            temperature_fallback: Some(format!(
+                "nothing could be held out (one example per class or per object) to fit it; the {} default {} is used",
+                report.kind, range.default
+            )),
             threshold: FALLBACK_THRESHOLD.max(1.0 / classes.max(1) as f32),
             method: "fallback",
             known_accepted: None,
             novel_rejected: None,
         });
     }
-    let mut best_t = 1.0f32;
-    let mut best_nll = f64::INFINITY;
-    for step in -40..=40 {
-        let t = 10f32.powf(step as f32 / 10.0); // 1e-4 .. 1e4
+    let last = 10 * TEMPERATURE_DECADES;
+    let (mut best_step, mut best_nll) = (0, f64::INFINITY);
+    for step in -last..=last {
+        let t = TemperatureRange::step(range.default, step);
         let nll: f64 = scored
             .iter()
             .map(|(l, c)| {
@@ -317,9 +381,31 @@ pub fn calibrate(
             .sum();
         if nll < best_nll - 1e-9 {
             best_nll = nll;
-            best_t = t;
+            best_step = step;
         }
     }
+    let (best_t, temperature_fallback) = if best_step == -last {
+        (
+            range.default,
+            Some(format!(
+                "the held-out scores are no better than chance ({:.0}% right): the fit ran to the bottom of the {} range, {:.3}, where every score is about 1/{classes}; the default {} is used",
+                report.accuracy * 100.0,
+                report.kind,
+                range.min,
+                range.default
+            )),
+        )
+    } else if best_step == last || best_nll < SEPARATED_NLL {
+        (
+            range.default,
+            Some(format!(
+                "every held-out example is told apart with certainty: the likelihood only improves as the temperature grows (to the top of the {} range, {:.0}, or until every score is 1 in f32); the default {} is used",
+                report.kind, range.max, range.default
+            )),
+        )
+    } else {
+        (TemperatureRange::step(range.default, best_step), None)
+    };
     let top = |l: &[f32]| -> f32 {
         softmax(&l.iter().map(|v| v * best_t).collect::<Vec<_>>())
             .into_iter()
@@ -334,6 +420,7 @@ pub fn calibrate(
     if known.is_empty() {
         return Ok(Calibration {
             temperature: best_t,
+            temperature_fallback,
             threshold: FALLBACK_THRESHOLD,
             method: "fallback",
             known_accepted: None,
@@ -345,6 +432,7 @@ pub fn calibrate(
     if present.len() < 3 {
         return Ok(Calibration {
             temperature: best_t,
+            temperature_fallback,
             threshold: quantile(THRESHOLD_QUANTILE),
             method: "quantile",
             known_accepted: None,
@@ -384,6 +472,7 @@ pub fn calibrate(
     let threshold = best.1;
     Ok(Calibration {
         temperature: best_t,
+        temperature_fallback,
         threshold,
         method: "leave-one-class-out",
         known_accepted: Some(rate(&known, threshold, false)),
@@ -556,6 +645,116 @@ mod tests {
         let twins = cross_validate(HeadKind::Knn, &singles, &one_nn, 0).unwrap();
         assert_eq!(twins.method, "kfold-5");
         assert!(twins.scored == n);
+    }
+
+    /// Regression (issue 12): with held-out scores no better than chance (6 classes of 2
+    /// objects each), the temperature fit ran to the bottom of its grid, 0.0001, where every
+    /// score is 1/classes and so equals the threshold. A fit at either end of the kind's range
+    /// now falls back to the kind's default temperature.
+    #[test]
+    fn a_temperature_fit_at_the_end_of_its_range_falls_back_to_the_default() {
+        struct Case {
+            name: &'static str,
+            kind: HeadKind,
+            /// (true class, held-out logits)
+            held_out: Vec<(usize, [f32; 2])>,
+            /// `Some(t)`: fitted near `t`; `None`: the kind's default.
+            fitted: Option<f32>,
+            /// What the fallback's reason says.
+            why: &'static str,
+        }
+        let repeat = |n: usize, c: usize, l: [f32; 2]| vec![(c, l); n];
+        let cases = [
+            Case {
+                name: "wrong with large margins, right with small ones",
+                kind: HeadKind::Logistic,
+                held_out: [
+                    repeat(3, 0, [0.1, 0.0]),
+                    repeat(5, 0, [0.0, 2.0]),
+                    repeat(3, 1, [0.0, 0.1]),
+                    repeat(5, 1, [2.0, 0.0]),
+                ]
+                .concat(),
+                fitted: None,
+                why: "no better than chance",
+            },
+            Case {
+                name: "no information: every logit equal",
+                kind: HeadKind::Logistic,
+                held_out: [repeat(4, 0, [0.3, 0.3]), repeat(4, 1, [0.3, 0.3])].concat(),
+                fitted: None,
+                why: "no better than chance",
+            },
+            Case {
+                name: "every held-out example separated: no finite optimum",
+                kind: HeadKind::Centroid,
+                held_out: vec![
+                    (0, [0.9, 0.1]),
+                    (0, [0.8, 0.2]),
+                    (1, [0.1, 0.9]),
+                    (1, [0.3, 0.7]),
+                ],
+                fitted: None,
+                why: "told apart with certainty",
+            },
+            Case {
+                // 8 right and 2 wrong by a margin of 1: the optimum is T = ln 4.
+                name: "informative and overlapping: fitted",
+                kind: HeadKind::Logistic,
+                held_out: [
+                    repeat(4, 0, [1.0, 0.0]),
+                    repeat(1, 0, [0.0, 1.0]),
+                    repeat(4, 1, [0.0, 1.0]),
+                    repeat(1, 1, [1.0, 0.0]),
+                ]
+                .concat(),
+                fitted: Some(4f32.ln()),
+                why: "",
+            },
+        ];
+        for case in cases {
+            let n = case.held_out.len();
+            let ex = Examples::new(
+                vec![vec![1.0, 0.0]; n],
+                case.held_out.iter().map(|(c, _)| *c).collect(),
+                (0..n).collect(),
+                labels(2),
+            )
+            .unwrap();
+            let report = CvReport {
+                kind: case.kind,
+                method: "loo".into(),
+                accuracy: 0.5,
+                scored: n,
+                held_out: case
+                    .held_out
+                    .iter()
+                    .map(|(_, l)| Some(l.to_vec()))
+                    .collect(),
+            };
+            let c = calibrate(&report, &ex, &HeadParams::default()).unwrap();
+            let name = case.name;
+            match case.fitted {
+                Some(t) => {
+                    assert!(
+                        (c.temperature / t - 1.0).abs() < 0.15,
+                        "{name}: {} vs {t}",
+                        c.temperature
+                    );
+                    assert_eq!(c.temperature_fallback, None, "{name}");
+                }
+                None => {
+                    let default = match case.kind {
+                        HeadKind::Logistic => 1.0,
+                        _ => 20.0,
+                    };
+                    assert_eq!(c.temperature, default, "{name}");
+                    assert_eq!(default, TemperatureRange::of(case.kind, 2).default);
+                    let why = c.temperature_fallback.unwrap_or_default();
+                    assert!(why.contains(case.why), "{name}: {why}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -138,11 +138,27 @@ pub fn fit(
         )));
     }
     let dim = x[0].len();
+    if dim == 0 {
+        return Err(HeadError::NotEnoughData(
+            "cannot fit on embeddings of 0 values".into(),
+        ));
+    }
     if let Some(bad) = x.iter().find(|v| v.len() != dim) {
         return Err(HeadError::Dimension {
             got: bad.len(),
             want: dim,
         });
+    }
+    if let Some(c) = y.iter().find(|c| **c >= classes) {
+        return Err(HeadError::NotEnoughData(format!(
+            "class id {c} of {classes} classes"
+        )));
+    }
+    // Every fit goes through here (training, cross-validation, rebuilding a head from its
+    // file), so a non-finite value from anywhere stops here rather than in linfa or as NaN
+    // scores.
+    for (i, v) in x.iter().enumerate() {
+        super::validate_values(&format!("examples[{i}]"), v)?;
     }
     let inner = match kind {
         HeadKind::Centroid => {

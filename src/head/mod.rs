@@ -12,6 +12,11 @@
 //! | `centroid` | cosine to each class mean (weight imprinting) | means | exact |
 //! | `knn` | soft vote of the `k` nearest examples by cosine (linfa-nn) | none | exact |
 //! | `bayes` | Gaussian naive Bayes joint log-likelihood (linfa-bayes) | means / variances | exact refit |
+//!
+//! Whatever a head comes from — a head file, a refit, a library user's own — it is held to
+//! [`Head::validate`] before use, and a threshold from anywhere (a flag, a kiosk setting) to
+//! [`validate_threshold`]; a refusal is a [`FieldError`] naming the field. Behind that check,
+//! [`Prediction::from_scores`] never turns a non-finite score into a known label.
 
 mod cv;
 pub mod eval;
@@ -25,10 +30,11 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::backbone::FieldError;
 pub use cv::{
-    auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, AUTO_MIN_Z,
-    AUTO_PRIOR, FALLBACK_THRESHOLD, K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION,
-    THRESHOLD_QUANTILE,
+    auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, TemperatureRange,
+    AUTO_MIN_Z, AUTO_PRIOR, FALLBACK_THRESHOLD, K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION,
+    TEMPERATURE_DECADES, THRESHOLD_QUANTILE,
 };
 pub use examples::{group_ids, Examples};
 pub use fit::fit;
@@ -59,9 +65,10 @@ pub enum HeadError {
     /// This head type has no ONNX form yet.
     #[error("a {0} head cannot be exported yet (retrain it as a logistic, centroid or knn head)")]
     NotExportable(HeadKind),
-    /// Hyper-parameters outside their ranges (see [`HeadParams`]).
-    #[error("head parameters out of range: {0}")]
-    BadParams(String),
+    /// A value outside what a head can use: a hyper-parameter (see [`HeadParams`]), the
+    /// temperature or threshold, a weight or an embedding value (see [`Head::validate`]).
+    #[error(transparent)]
+    Field(#[from] FieldError),
     /// Unknown head name.
     #[error("unknown head type {0:?} (choose auto, logistic, centroid, knn or bayes)")]
     UnknownKind(String),
@@ -168,20 +175,98 @@ impl HeadParams {
         normalize(&powered)
     }
 
-    /// Checks the ranges in the table above.
+    /// Checks the ranges in the table above (fields named `params.*`, as head files store
+    /// them).
     pub fn validate(&self) -> Result<(), HeadError> {
-        let ok = self.logistic_alpha > 0.0
-            && self.logistic_max_iter >= 1
-            && self.knn_k >= 1
-            && self.bayes_var_smoothing > 0.0
-            && self.power > 0.0
-            && self.power <= 1.0;
-        if ok {
-            Ok(())
-        } else {
-            Err(HeadError::BadParams(format!("{self:?}")))
+        let positive = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(FieldError::new(field, v, "must be finite and > 0"))
+            }
+        };
+        positive("params.logistic_alpha", self.logistic_alpha)?;
+        positive("params.bayes_var_smoothing", self.bayes_var_smoothing)?;
+        if self.logistic_max_iter < 1 {
+            return Err(FieldError::new(
+                "params.logistic_max_iter",
+                self.logistic_max_iter,
+                "must be >= 1",
+            )
+            .into());
         }
+        if self.knn_k < 1 {
+            return Err(FieldError::new("params.knn_k", self.knn_k, "must be >= 1").into());
+        }
+        if !(self.power > 0.0 && self.power <= 1.0) {
+            return Err(FieldError::new("params.power", self.power, "must be in (0, 1]").into());
+        }
+        Ok(())
     }
+}
+
+/// The largest temperature a head may carry: a hundred times anything calibration has ever
+/// written (its grid ended at 1e4), and small enough that `temperature · logit` stays finite.
+pub const MAX_TEMPERATURE: f32 = 1e6;
+
+/// The largest magnitude of any number a head is built from (weights, biases, raw embedding
+/// values). Fitted heads are far below it (logistic weights are L2-penalised, centroids and
+/// examples are unit vectors, backbone features are O(1–100)); the bound keeps every dot
+/// product and norm of a 1280-d vector finite in f32, where a crafted 1e38 would overflow.
+pub const MAX_ABS_VALUE: f32 = 1e6;
+
+/// **The** check of a rejection threshold, wherever it comes from (a head file, `--threshold`,
+/// an export's metadata, a kiosk setting): a number in [0, 1]. Returns it, so a reader can
+/// write `validate_threshold(t)?`. NaN is refused: it would compare its way past every score.
+///
+/// ```
+/// assert!(graft::head::validate_threshold(0.4).is_ok());
+/// let err = graft::head::validate_threshold(5.0).unwrap_err();
+/// assert_eq!(err.to_string(), "threshold = 5.0: must be a number in [0, 1]");
+/// ```
+pub fn validate_threshold(threshold: f32) -> Result<f32, HeadError> {
+    Ok(FieldError::check_probability("threshold", threshold)?)
+}
+
+/// The check of a softmax temperature read back: finite, positive and at most
+/// [`MAX_TEMPERATURE`]. A negative one would rank classes backwards, zero makes every score
+/// `1 / classes`. Training is stricter ([`TemperatureRange`]); this only refuses what cannot
+/// rank, so heads an earlier release calibrated to 1e-4 still load and predict as they did.
+pub fn validate_temperature(temperature: f32) -> Result<f32, HeadError> {
+    if temperature > 0.0 && temperature <= MAX_TEMPERATURE {
+        Ok(temperature)
+    } else {
+        Err(FieldError::new(
+            "temperature",
+            temperature,
+            format!("must be in (0, {MAX_TEMPERATURE:e}]"),
+        )
+        .into())
+    }
+}
+
+/// Checks that every number of `values` is finite and at most [`MAX_ABS_VALUE`] in
+/// magnitude; the error names `field` and the first value that is not.
+pub(crate) fn validate_values(field: &str, values: &[f32]) -> Result<(), HeadError> {
+    match values
+        .iter()
+        .position(|v| !v.is_finite() || v.abs() > MAX_ABS_VALUE)
+    {
+        None => Ok(()),
+        Some(i) => Err(FieldError::new(
+            format!("{field}[{i}]"),
+            values[i],
+            format!("must be finite, at most {MAX_ABS_VALUE:e} in magnitude"),
+        )
+        .into()),
+    }
+}
+
+/// True when a best score of `score` is accepted as a known label under `threshold`: the one
+/// comparison, used by [`Prediction::from_scores`] and the live smoother. A score or threshold
+/// that is not a number, or a score that is not finite, is never accepted.
+pub fn passes(score: f32, threshold: f32) -> bool {
+    score.is_finite() && score >= threshold
 }
 
 /// A fitted model: the part of a head that turns a unit vector into logits. Opaque: the linfa
@@ -224,6 +309,61 @@ impl Model {
             fit::Inner::Linear { weights, bias, .. } => Some((weights, bias)),
             _ => None,
         }
+    }
+
+    /// Checks the model's numbers against its `classes` and its size: every weight, bias,
+    /// centroid and stored example finite and within [`MAX_ABS_VALUE`] (named as head files
+    /// store them: `linear_weights`, `linear_bias`), and as many of each as classes × size.
+    pub fn validate(&self, classes: usize) -> Result<(), HeadError> {
+        let dim = self.dim();
+        if dim == 0 {
+            return Err(
+                FieldError::new("dim", dim, "a head needs embeddings of 1 value or more").into(),
+            );
+        }
+        let count = |field: &str, got: usize, want: usize| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(FieldError::new(
+                    field,
+                    got,
+                    format!("must hold {want} values ({classes} classes of {dim})"),
+                ))
+            }
+        };
+        match &self.0 {
+            fit::Inner::Linear { weights, bias, .. } => {
+                count("linear_weights.len", weights.len(), classes * dim)?;
+                count("linear_bias.len", bias.len(), classes)?;
+                validate_values("linear_weights", weights)?;
+                validate_values("linear_bias", bias)?;
+            }
+            fit::Inner::Centroid { centroids, .. } => {
+                count("centroids.len", centroids.len(), classes * dim)?;
+                validate_values("centroids", centroids)?;
+            }
+            fit::Inner::Knn {
+                examples,
+                labels,
+                classes: c,
+                ..
+            } => {
+                count("classes", *c, classes)?;
+                count("knn examples.len", examples.len(), labels.len() * dim)?;
+                if let Some(l) = labels.iter().find(|l| **l >= classes) {
+                    return Err(FieldError::new(
+                        "knn labels",
+                        l,
+                        format!("must be below {classes}"),
+                    )
+                    .into());
+                }
+                validate_values("knn examples", examples)?;
+            }
+            fit::Inner::Bayes { classes: c, .. } => count("classes", *c, classes)?,
+        }
+        Ok(())
     }
 
     /// A linear model from stored weights.
@@ -283,16 +423,28 @@ pub struct Prediction {
 
 impl Prediction {
     /// Builds a prediction from per-class probabilities (`labels.len()` of them).
+    ///
+    /// The one place scores become a label: if any score is not finite (a damaged export, an
+    /// overflow) the answer is `unknown` whatever the threshold, and the best is [`passes`]ed
+    /// against the threshold, so NaN never gets through a comparison.
     pub fn from_scores(labels: &[String], probs: &[f32], threshold: f32, top: usize) -> Prediction {
-        let mut idx: Vec<usize> = (0..probs.len().min(labels.len())).collect();
-        idx.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]));
+        let n = probs.len().min(labels.len());
+        let mut idx: Vec<usize> = (0..n).collect();
+        // Non-finite scores rank last, so `best` is a number whenever there is one.
+        let rank = |i: usize| Some(probs[i]).filter(|p| p.is_finite());
+        idx.sort_by(|a, b| {
+            rank(*b)
+                .partial_cmp(&rank(*a))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         let best = idx.first().copied().unwrap_or(0);
         let score = probs.get(best).copied().unwrap_or(0.0);
         let name = labels
             .get(best)
             .cloned()
             .unwrap_or_else(|| UNKNOWN.to_string());
-        let unknown = score < threshold;
+        let sound = probs[..n].iter().all(|p| p.is_finite());
+        let unknown = !(sound && passes(score, threshold));
         Prediction {
             label: if unknown {
                 UNKNOWN.to_string()
@@ -318,6 +470,23 @@ impl Prediction {
 pub const UNKNOWN: &str = "unknown";
 
 impl Head {
+    /// **The** check of a head, however it came in (a head file, a refit, a library user's own
+    /// head): at least one class, hyper-parameters in range ([`HeadParams::validate`]), a
+    /// temperature that can rank ([`validate_temperature`]), a threshold in [0, 1]
+    /// ([`validate_threshold`]), and a model whose numbers are finite and fit its classes
+    /// ([`Model::validate`]). `store::headfile` runs it on every read and before every write.
+    pub fn validate(&self) -> Result<(), HeadError> {
+        if self.labels.is_empty() {
+            return Err(
+                FieldError::new("labels", &self.labels, "a head needs at least one class").into(),
+            );
+        }
+        self.params.validate()?;
+        validate_temperature(self.temperature)?;
+        validate_threshold(self.threshold)?;
+        self.model.validate(self.labels.len())
+    }
+
     /// The head as plain matrices for [`crate::backbone::export`]: linear heads (logistic,
     /// centroid) as `W·x + b`, k-NN as its stored examples.
     pub fn export_ops(&self) -> Result<crate::backbone::export::HeadOps, HeadError> {
@@ -470,6 +639,42 @@ mod tests {
         let p = head.predict(&[1.0, 0.9], Some(0.0), 1).unwrap();
         assert_eq!((p.label.as_str(), p.top.len()), ("a", 1));
         assert!(head.predict(&[1.0], None, 1).is_err());
+    }
+
+    /// Regression (issue 9): a NaN score compared false with `score < threshold`, so it passed
+    /// as a known label. Whatever the head or export produced, a non-finite score (or threshold)
+    /// is `unknown` at the one place scores become a label.
+    #[test]
+    fn non_finite_scores_never_pass_the_threshold() {
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let nan = f32::NAN;
+        let inf = f32::INFINITY;
+        let cases: &[(&str, [f32; 2], f32)] = &[
+            ("all NaN", [nan, nan], 0.5),
+            ("one NaN", [0.9, nan], 0.5),
+            ("NaN first", [nan, 0.9], 0.5),
+            ("infinite", [inf, 0.0], 0.5),
+            ("NaN threshold", [0.9, 0.1], nan),
+            ("zero threshold, NaN scores", [nan, nan], 0.0),
+        ];
+        for (name, probs, threshold) in cases {
+            let p = Prediction::from_scores(&labels, probs, *threshold, 2);
+            assert!(p.unknown, "{name}: {p:?}");
+            assert_eq!(p.label, UNKNOWN, "{name}");
+        }
+        let p = Prediction::from_scores(&labels, &[0.9, 0.1], 0.5, 2);
+        assert_eq!((p.label.as_str(), p.unknown), ("a", false));
+        // A head built in code, past every file check, with weights that overflow f32.
+        let head = Head {
+            kind: HeadKind::Logistic,
+            labels,
+            model: Model::from_linear(vec![3e38, 3e38, -3e38, -3e38], vec![0.0, 0.0]).unwrap(),
+            temperature: 1.0,
+            threshold: 0.5,
+            params: HeadParams::default(),
+        };
+        let p = head.predict(&[1.0, 1.0], None, 2).unwrap();
+        assert!(p.unknown, "{p:?}");
     }
 }
 

@@ -99,6 +99,8 @@ pub fn read(path: &Path) -> Result<EmbeddingFile, StoreError> {
                 ),
             ));
         }
+        crate::head::validate_values(&format!("line {} embedding", i + 2), &r.embedding)
+            .map_err(|e| StoreError::invalid(path, e))?;
         records.push(r);
     }
     Ok(EmbeddingFile {

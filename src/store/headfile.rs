@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use super::files::group_key;
 use super::{write_atomic, StoreError};
 use crate::backbone::BackboneId;
-use crate::head::{self, Examples, Head, HeadKind, HeadParams, Model};
+use crate::head::{self, Examples, FieldError, Head, HeadError, HeadKind, HeadParams, Model};
 
 const MAGIC: &[u8] = b"GRAFT-HEAD\n";
 /// Format version written.
@@ -109,7 +109,62 @@ pub fn training_examples(labels: &[String], examples: &[Example], params: &HeadP
     }
 }
 
+/// The largest embedding size a head file may declare: far above any backbone's (1280 for
+/// the bundled one); a crafted size is refused before any arithmetic or allocation uses it.
+pub const MAX_DIM: usize = 1 << 20;
+
+/// The examples' part of [`HeadFile::validate`], on its own so that [`read`] can run it before
+/// rebuilding a model from them: the embedding size in `1..=MAX_DIM`, every label a class,
+/// every embedding of that size with finite values in range.
+fn validate_examples(dim: usize, classes: usize, examples: &[Example]) -> Result<(), HeadError> {
+    if !(1..=MAX_DIM).contains(&dim) {
+        return Err(
+            FieldError::new("backbone.dim", dim, format!("must be in 1..={MAX_DIM}")).into(),
+        );
+    }
+    for (i, e) in examples.iter().enumerate() {
+        if e.label >= classes {
+            return Err(FieldError::new(
+                format!("examples[{i}].label"),
+                e.label,
+                format!("must be one of the {classes} classes"),
+            )
+            .into());
+        }
+        if e.embedding.len() != dim {
+            return Err(FieldError::new(
+                format!("examples[{i}].embedding.len"),
+                e.embedding.len(),
+                format!("must be backbone.dim ({dim})"),
+            )
+            .into());
+        }
+        head::validate_values(&format!("examples[{i}]"), &e.embedding)?;
+    }
+    Ok(())
+}
+
 impl HeadFile {
+    /// **The** check of a head file's content, run by [`read`] on every file and by [`write()`]
+    /// before every write (so nothing graft writes is refused when read back): the examples
+    /// (size, labels, finite values) and the head itself ([`Head::validate`]: classes,
+    /// temperature, threshold, hyper-parameters, weights), which must be as wide as the
+    /// backbone's embeddings.
+    pub fn validate(&self) -> Result<(), HeadError> {
+        let dim = self.backbone.dim;
+        validate_examples(dim, self.head.labels.len(), &self.examples)?;
+        self.head.validate()?;
+        if self.head.model.dim() != dim {
+            return Err(FieldError::new(
+                "backbone.dim",
+                dim,
+                format!("must match the head's {} values", self.head.model.dim()),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
     /// Examples per class, in label order.
     pub fn counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.head.labels.len()];
@@ -120,19 +175,9 @@ impl HeadFile {
     }
 }
 
-/// Writes a head file atomically.
+/// Writes a head file atomically, after [`HeadFile::validate`].
 pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
-    let dim = file.backbone.dim;
-    if let Some(bad) = file.examples.iter().find(|e| e.embedding.len() != dim) {
-        return Err(StoreError::format(
-            path,
-            format!(
-                "example {} has {} values, backbone has {dim}",
-                bad.path.display(),
-                bad.embedding.len()
-            ),
-        ));
-    }
+    file.validate().map_err(|e| StoreError::invalid(path, e))?;
     let h = &file.head;
     let linear = h.model.linear();
     let header = Header {
@@ -162,8 +207,9 @@ pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
             .collect(),
     };
     let json = serde_json::to_vec(&header).map_err(|e| StoreError::format(path, e.to_string()))?;
-    let mut bytes =
-        Vec::with_capacity(MAGIC.len() + 4 + json.len() + file.examples.len() * dim * 4 + 32);
+    let mut bytes = Vec::with_capacity(
+        MAGIC.len() + 4 + json.len() + file.examples.len() * file.backbone.dim * 4 + 32,
+    );
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&json);
@@ -216,29 +262,30 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
     }
     let header: Header =
         serde_json::from_slice(json).map_err(|e| bad(format!("bad header: {e}")))?;
-    header.params.validate().map_err(|e| bad(e.to_string()))?;
+    // What rebuilding the model needs is checked first (a model is fitted from the examples
+    // below); the rest with the whole file, by `HeadFile::validate`.
+    let invalid = |e: HeadError| StoreError::invalid(path, e);
+    let classes = header.labels.len();
+    if classes == 0 {
+        return Err(invalid(
+            FieldError::new("labels", &header.labels, "a head needs at least one class").into(),
+        ));
+    }
+    header.params.validate().map_err(invalid)?;
     let dim = header.backbone.dim;
+    validate_examples(dim, classes, &[]).map_err(invalid)?;
     let data = &body[len_at + 4 + hlen..];
     let n = header.examples.len();
-    if data.len() != n * dim * 4 {
+    let need = n.checked_mul(dim * 4);
+    if need != Some(data.len()) {
         return Err(bad(format!(
             "embedding block has {} bytes, {n} examples of {dim} values need {}",
             data.len(),
-            n * dim * 4
+            need.map_or("more than memory holds".into(), |b| b.to_string())
         )));
-    }
-    let classes = header.labels.len();
-    if classes == 0 {
-        return Err(bad("head has no classes".into()));
     }
     let mut examples = Vec::with_capacity(n);
     for (i, meta) in header.examples.into_iter().enumerate() {
-        if meta.label >= classes {
-            return Err(bad(format!(
-                "example {i} has label {} of {classes}",
-                meta.label
-            )));
-        }
         let row = &data[i * dim * 4..(i + 1) * dim * 4];
         let embedding = row
             .chunks_exact(4)
@@ -251,6 +298,7 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
             embedding,
         });
     }
+    validate_examples(dim, classes, &examples).map_err(invalid)?;
     let model = match (header.kind, header.linear_weights, header.linear_bias) {
         (HeadKind::Logistic, Some(w), Some(b)) => {
             if b.len() != classes || w.len() != classes * dim {
@@ -266,7 +314,7 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
             head::fit(kind, &t.x, &t.y, classes, &header.params).map_err(|e| bad(e.to_string()))?
         }
     };
-    Ok(HeadFile {
+    let file = HeadFile {
         backbone: header.backbone,
         head: Head {
             kind: header.kind,
@@ -279,7 +327,9 @@ pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
         examples,
         cv_accuracy: header.cv_accuracy,
         cv_method: header.cv_method,
-    })
+    };
+    file.validate().map_err(invalid)?;
+    Ok(file)
 }
 
 #[cfg(test)]

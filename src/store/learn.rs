@@ -237,7 +237,7 @@ pub fn refit(
     let params = store.params();
     let (mut file, trained) = store.set().fit(&backbone, kind, &params, 0)?;
     if let Some(t) = store.threshold_override() {
-        file.head.threshold = t;
+        file.head.threshold = head::validate_threshold(t)?;
     }
     store.commit_head(Some(file))?;
     Ok(Some(trained))
@@ -424,6 +424,7 @@ mod tests {
         committed: ExampleSet,
         head: Option<HeadFile>,
         fail_examples: bool,
+        threshold: f32,
     }
 
     impl ExampleStore for Memory {
@@ -437,7 +438,7 @@ mod tests {
             Some(HeadKind::Centroid)
         }
         fn threshold_override(&self) -> Option<f32> {
-            Some(0.25)
+            Some(self.threshold)
         }
         fn commit_examples(&mut self) -> Result<(), StoreError> {
             if self.fail_examples {
@@ -452,9 +453,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn add_commits_examples_then_the_refit_head_and_rolls_back_on_failure() {
-        let mut m = Memory {
+    fn memory(threshold: f32) -> Memory {
+        Memory {
             id: BackboneId {
                 name: "t".into(),
                 sha256: "0".into(),
@@ -465,7 +465,32 @@ mod tests {
             committed: ExampleSet::default(),
             head: None,
             fail_examples: false,
-        };
+            threshold,
+        }
+    }
+
+    /// Regression (issue 9): a store's threshold override (a kiosk's settings.json) was put in
+    /// the head unchecked; `{"threshold": 5}` made every answer unknown. The refit refuses it
+    /// and commits no head.
+    #[test]
+    fn a_threshold_override_outside_0_1_is_refused_by_the_refit() {
+        for bad in [5.0, -0.1, f32::NAN] {
+            let mut m = memory(bad);
+            let cup = Label::new("cup").unwrap();
+            let mug = Label::new("mug").unwrap();
+            add_examples(&mut m, &cup, vec![new("c_0.jpg", "1", 0.9)]).unwrap();
+            let err = add_examples(&mut m, &mug, vec![new("m_0.jpg", "2", 0.1)])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with("threshold = "), "{bad}: {err:?}");
+            assert!(m.head.is_none(), "{bad}: a head was committed");
+        }
+    }
+
+    #[test]
+    fn add_commits_examples_then_the_refit_head_and_rolls_back_on_failure() {
+        let mut m = memory(0.25);
         let cup = Label::new("cup").unwrap();
         let mug = Label::new("mug").unwrap();
         let a = add_examples(&mut m, &cup, vec![new("c_0.jpg", "1", 0.9)]).unwrap();

@@ -34,6 +34,16 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
+    /// The file is well formed but holds a head or examples graft cannot use (a value out of
+    /// range: see [`crate::Head::validate`]).
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Which field, and why.
+        #[source]
+        source: crate::head::HeadError,
+    },
 }
 
 impl StoreError {
@@ -46,6 +56,12 @@ impl StoreError {
     }
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    pub(crate) fn invalid(path: &Path, source: crate::head::HeadError) -> Self {
+        StoreError::Invalid {
             path: path.to_path_buf(),
             source,
         }

@@ -539,3 +539,85 @@ fn foreign_truncated_and_missing_heads_are_refused() {
         .arg(&one);
     fails(c, "at least 2 class");
 }
+
+/// Regression (issue 12): 6 classes × 5 photos of only 2 objects each. Holding out one object
+/// leaves one per class, and the held-out scores are no better than chance: the temperature
+/// fit ran to the bottom of its grid (0.0001), where every score is 1/6, and the threshold
+/// calibrated from those scores was 1/6 too, so every answer sat exactly on the threshold.
+/// The fit now lands on the end of the kind's temperature range, so training falls back to
+/// the kind's default temperature and says why.
+#[test]
+fn degenerate_calibration_falls_back_to_the_default_temperature_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (t, cache) = (tmp.path(), tmp.path().join("cache"));
+    let train_dir = t.join("train");
+    let classes = [
+        "birds",
+        "mammals",
+        "fruit",
+        "vegetables",
+        "flowers",
+        "tools",
+    ];
+    let mut others = Vec::new();
+    for class in classes {
+        let all = stamps(class);
+        let dir = data_dir().join(class);
+        let photos: Vec<PathBuf> = all[2..4]
+            .iter()
+            .flat_map(|s| [0, 1].map(|n| dir.join(format!("{s}_{n}.jpg"))))
+            .collect();
+        link_into(&train_dir, class, &photos);
+        // The fifth photo: the first object's first frame again (as a camera burst gives).
+        std::fs::copy(
+            &photos[0],
+            train_dir.join(class).join(format!("{}_2.jpg", all[2])),
+        )
+        .unwrap();
+        others.extend(all[5..7].iter().map(|s| dir.join(format!("{s}_0.jpg"))));
+    }
+    let head = t.join("h.graft");
+    let mut c = graft(&cache);
+    c.args(["train", "--json", "--head", "logistic", "--out"])
+        .arg(&head)
+        .arg(&train_dir);
+    let s = &json_lines(&ok(c))[0];
+    assert_eq!(s["examples"], 30);
+    assert_eq!(s["cv_method"], "leave-one-object-out");
+    let temperature = s["temperature"].as_f64().unwrap();
+    let threshold = s["threshold"].as_f64().unwrap();
+    eprintln!(
+        "measured: temperature {temperature}, threshold {threshold}, cv accuracy {}, {}",
+        s["cv_accuracy"], s["temperature_fallback"]
+    );
+    assert_eq!(temperature, 1.0, "the logistic head's default");
+    let why = s["temperature_fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("chance"), "{s}");
+    // The scores spread out again: not every one on the threshold.
+    let mut c = graft(&cache);
+    c.args(["predict", "--json", "--head"])
+        .arg(&head)
+        .args(&others);
+    let scores: Vec<f64> = json_lines(&ok(c))
+        .iter()
+        .map(|l| l["score"].as_f64().unwrap())
+        .collect();
+    let on_threshold = scores
+        .iter()
+        .filter(|s| (*s - threshold).abs() < 1e-3)
+        .count();
+    assert!(on_threshold <= 1, "{scores:?} vs threshold {threshold}");
+    let spread = scores.iter().cloned().fold(f64::MIN, f64::max)
+        - scores.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(spread > 0.05, "scores {scores:?}");
+    // Without --json, `graft train` says so in words.
+    let mut c = graft(&cache);
+    c.args(["train", "--head", "logistic", "--out"])
+        .arg(t.join("again.graft"))
+        .arg(&train_dir);
+    let text = ok(c);
+    assert!(
+        text.contains("temperature not fitted") && text.contains("chance"),
+        "{text}"
+    );
+}

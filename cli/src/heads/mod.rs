@@ -116,6 +116,9 @@ struct TrainSummary<'a> {
     /// The feature transform (power) the head applies.
     power: f32,
     temperature: f32,
+    /// Why the temperature is the head kind's default rather than fitted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature_fallback: Option<String>,
     threshold: f32,
     calibration: &'static str,
     known_accepted: Option<f32>,
@@ -171,6 +174,9 @@ fn print_train_summary(g: &Global, s: &TrainSummary) -> anyhow::Result<()> {
         "  threshold {:.3} (scores below are `unknown`), temperature {:.3}",
         s.threshold, s.temperature
     );
+    if let Some(why) = &s.temperature_fallback {
+        println!("  temperature not fitted: {why}");
+    }
     if let (Some(k), Some(n)) = (s.known_accepted, s.novel_rejected) {
         println!(
             "  {}: on training data it accepts {:.0}% of known objects and rejects {:.0}% of left-out classes",
@@ -220,6 +226,7 @@ fn summary<'a>(
         auto_reason: trained.reason.clone(),
         power: file.head.params.power,
         temperature: file.head.temperature,
+        temperature_fallback: trained.calibration.temperature_fallback.clone(),
         threshold: file.head.threshold,
         calibration: trained.calibration.method,
         known_accepted: trained.calibration.known_accepted,

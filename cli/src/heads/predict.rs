@@ -36,9 +36,7 @@ struct PredictLine<'a> {
 
 pub fn predict(g: &Global, a: PredictArgs) -> anyhow::Result<()> {
     if let Some(t) = a.threshold {
-        if !(0.0..=1.0).contains(&t) {
-            bail!("--threshold {t} is outside [0, 1]");
-        }
+        head::validate_threshold(t).context("--threshold")?;
     }
     let images = collect_images(&a.paths)?;
     let Some(head_path) = &a.head else {

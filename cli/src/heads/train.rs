@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Args;
 
 use super::{embed_dataset, parse_choice, print_train_summary, summary, CacheArgs};
@@ -35,6 +35,12 @@ pub struct TrainArgs {
 
 pub fn train(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
     let choice = parse_choice(&a.head)?;
+    let params = HeadParams {
+        power: a.power,
+        ..HeadParams::default()
+    };
+    // Before any embedding: the one place a head's parameters are checked.
+    params.validate().context("--power")?;
     let ds = ImageFolder::scan(&a.dataset)?;
     if ds.labels.len() < 2 {
         bail!(
@@ -47,10 +53,6 @@ pub fn train(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
     let mut cache = a.cache.open(&bb)?;
     let (set, hits, embed_seconds) = embed_dataset(&bb, &ds, cache.as_mut())?;
     let start = Instant::now();
-    let params = HeadParams {
-        power: a.power,
-        ..HeadParams::default()
-    };
     let (file, trained) = set.fit(bb.id(), choice, &params, a.seed)?;
     let fit_seconds = start.elapsed().as_secs_f64();
     headfile::write(&a.out, &file)?;
