@@ -311,7 +311,8 @@ pub fn capture(g: &Global, a: CaptureArgs) -> anyhow::Result<()> {
             .iter()
             .map(|s| s.embed(&bb))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut store = HeadFileStore::new(head_path, file);
+        drop(file);
+        let mut store = HeadFileStore::open(head_path, bb.id())?;
         summary.added = learn::add_examples(&mut store, &label, new)?.added;
         summary.cv_accuracy = store.file().cv_accuracy;
     }

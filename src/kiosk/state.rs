@@ -36,7 +36,7 @@ use crate::live::{self, Classified, LiveError};
 use crate::store::embeddings::{self, EmbeddingFile, Record};
 use crate::store::headfile::{self, Example, HeadFile};
 use crate::store::learn::{self, ExampleSet, ExampleStore, FrameSaver, LearnError, JPEG_QUALITY};
-use crate::store::{write_atomic, StoreError};
+use crate::store::{write_atomic, FolderLock, StoreError};
 
 /// Kiosk failures.
 #[derive(Debug, thiserror::Error)]
@@ -103,12 +103,7 @@ impl Settings {
         let s: Settings = serde_json::from_slice(&bytes)
             .map_err(|e| StoreError::format(path, format!("not kiosk settings: {e}")))?;
         if let Some(t) = s.threshold {
-            if !(0.0..=1.0).contains(&t) {
-                return Err(StoreError::format(
-                    path,
-                    format!("threshold {t} is not in [0, 1]: fix or delete the file"),
-                ));
-            }
+            crate::head::validate_threshold(t).map_err(|e| StoreError::invalid(path, e))?;
         }
         Ok(s)
     }
@@ -153,6 +148,8 @@ pub struct Kiosk {
     settings: Settings,
     /// The head in memory is not the one on disk (its write failed).
     head_unsaved: bool,
+    /// One process at a time writes a data folder.
+    _lock: FolderLock,
 }
 
 fn unix_ms() -> u128 {
@@ -187,6 +184,12 @@ impl Kiosk {
     /// one. Cleans up after an interrupted write and retrains a head that does not match.
     pub fn open(dir: &Path, backbone: Backbone, seed: Option<&Path>) -> Result<Kiosk, KioskError> {
         std::fs::create_dir_all(dir.join("examples")).map_err(io(dir))?;
+        let lock = FolderLock::try_acquire(dir)?.ok_or_else(|| {
+            StoreError::format(
+                dir,
+                "in use by another graft process (a second `graft serve` on this data folder?)",
+            )
+        })?;
         let mut k = Kiosk {
             dir: dir.to_path_buf(),
             backbone,
@@ -194,6 +197,7 @@ impl Kiosk {
             head: None,
             settings: Settings::default(),
             head_unsaved: false,
+            _lock: lock,
         };
         k.settings = Settings::read(&k.settings_file())?;
         if k.examples_file().exists() {

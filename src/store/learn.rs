@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::headfile::{self, Example, HeadFile};
-use super::{write_atomic, StoreError};
+use super::{write_atomic, FolderLock, StoreError};
 use crate::backbone::{preprocess, sha256_hex, Backbone, BackboneError, BackboneId, RgbFrame};
 use crate::head::{self, Examples, HeadError, HeadKind, HeadParams, Label};
 
@@ -250,23 +250,24 @@ pub struct HeadFileStore {
     path: PathBuf,
     file: HeadFile,
     set: ExampleSet,
+    _lock: FolderLock,
 }
 
 impl HeadFileStore {
-    /// Reads the head file at `path` and checks it against the loaded backbone.
+    /// Locks the head file's folder (waiting for another writer to finish), then reads the
+    /// head file at `path` and checks it against the loaded backbone. The lock is held until
+    /// the store is dropped, so two `graft add` on one head both land, one after the other.
+    /// Open it after the slow part (embedding) and drop it soon after the commit.
     pub fn open(path: &Path, backbone: &BackboneId) -> Result<HeadFileStore, LearnError> {
+        let lock = FolderLock::acquire(path.parent().unwrap_or(Path::new(".")))?;
         let file = headfile::read(path)?;
         backbone.check_file(&file.backbone, path)?;
-        Ok(HeadFileStore::new(path, file))
-    }
-
-    /// A head file already read (and checked).
-    pub fn new(path: &Path, file: HeadFile) -> HeadFileStore {
-        HeadFileStore {
+        Ok(HeadFileStore {
             path: path.to_path_buf(),
             set: ExampleSet::of(&file),
             file,
-        }
+            _lock: lock,
+        })
     }
 
     /// The head file as last committed.

@@ -74,6 +74,52 @@ impl StoreError {
     }
 }
 
+/// An advisory lock (`flock`) on a folder, held until dropped: one writer at a time for the
+/// head files of a folder (`graft add`, `capture --add-to`) and for a kiosk data folder.
+/// Readers need none: every write is an atomic rename.
+#[derive(Debug)]
+pub struct FolderLock {
+    _file: std::fs::File,
+}
+
+impl FolderLock {
+    fn open(dir: &Path) -> Result<std::fs::File, StoreError> {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir).map_err(|e| StoreError::io(dir, e))
+    }
+
+    /// Waits for the lock on `dir` (saying so when another process holds it).
+    pub fn acquire(dir: &Path) -> Result<FolderLock, StoreError> {
+        let file = FolderLock::open(dir)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                log::info!(
+                    "{}: another graft is writing here; waiting for it",
+                    dir.display()
+                );
+                file.lock().map_err(|e| StoreError::io(dir, e))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io(dir, e)),
+        }
+        Ok(FolderLock { _file: file })
+    }
+
+    /// The lock on `dir` if nobody holds it, `None` if another process does.
+    pub fn try_acquire(dir: &Path) -> Result<Option<FolderLock>, StoreError> {
+        let file = FolderLock::open(dir)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(FolderLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::io(dir, e)),
+        }
+    }
+}
+
 /// With the test-only feature `fault-injection`: environment variable naming a pause
 /// (milliseconds) that [`write_atomic`] takes half-way through writing its temp file, so the
 /// tests can kill a writer mid-write. A build without the feature never reads it.

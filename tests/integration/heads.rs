@@ -621,3 +621,67 @@ fn degenerate_calibration_falls_back_to_the_default_temperature_and_says_why() {
         "{text}"
     );
 }
+
+/// Regression (issue 18, defect 5): two `graft add` at once on one head lost one's examples
+/// (20 of 20 runs, both exiting 0). Now the second waits for the first (a folder lock) and
+/// reads the head again before adding.
+#[test]
+fn two_adds_at_once_on_one_head_both_land() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let pick = |class: &str, n: usize| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(data_dir().join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v.truncate(n);
+        v
+    };
+    let train = t.path().join("train");
+    for class in ["birds", "fruit"] {
+        std::fs::create_dir_all(train.join(class)).unwrap();
+        for f in pick(class, 3) {
+            std::fs::copy(&f, train.join(class).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let base = t.path().join("base.graft");
+    let mut c = graft(&cache);
+    c.args(["train", "--head", "centroid", "--out"])
+        .arg(&base)
+        .arg(&train);
+    ok(c);
+    for round in 0..3 {
+        let head = t.path().join(format!("h{round}.graft"));
+        std::fs::copy(&base, &head).unwrap();
+        let add = |class: &str| {
+            let mut c = graft(&cache);
+            c.args(["add", "--json", "--head"])
+                .arg(&head)
+                .args(["--label", class])
+                .args(pick(class, 4));
+            c.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (add("tools"), add("flowers"));
+        for child in [a, b] {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let h = graft::store::headfile::read(&head).unwrap();
+        let mut labels = h.head.labels.clone();
+        labels.sort();
+        assert_eq!(
+            labels,
+            ["birds", "flowers", "fruit", "tools"],
+            "round {round}"
+        );
+        assert_eq!(h.examples.len(), 14, "round {round}");
+    }
+}

@@ -757,7 +757,8 @@ fn kiosk_refuses_settings_it_did_not_write() {
         .arg(&data)
         .arg("--source")
         .arg(alternating_frames(t.path(), 2));
-    fails(c, "threshold 5 is not in [0, 1]");
+    let e = fails(c, "threshold = 5.0: must be a number in [0, 1]");
+    assert!(e.contains("settings.json"), "{e}");
 }
 
 /// Regression (issue 18, defect 6): on a full disk (a) a failed TRAIN left the server without a
@@ -815,5 +816,20 @@ fn full_disk_replies_tell_the_truth_and_the_kiosk_keeps_classifying() {
     std::fs::remove_file(&full).unwrap();
     assert!(c.ask("SAVE").starts_with("OK saved="));
     assert!(c.ask("INFO").ends_with(" saved=1"));
+    server.stop();
+}
+
+/// Issue 18, defect 5 (the kiosk's part): a second `graft serve` on a data folder in use is
+/// refused instead of writing it at the same time.
+#[test]
+fn a_second_server_on_one_data_folder_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let (server, _) = tcp_server(t.path());
+    let mut c = graft(&t.path().join("cache"));
+    c.args(["serve", "--tcp", "127.0.0.1:0", "--data"])
+        .arg(t.path().join("kiosk"))
+        .arg("--source")
+        .arg(t.path().join("frames"));
+    fails(c, "in use by another graft process");
     server.stop();
 }

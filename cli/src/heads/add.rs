@@ -42,7 +42,9 @@ pub fn add(g: &Global, a: AddArgs) -> anyhow::Result<()> {
             embedding: e.embedding,
         })
         .collect();
-    let mut store = HeadFileStore::new(&a.head, file);
+    // Read again under the folder's lock: another `graft add` may have committed meanwhile.
+    drop(file);
+    let mut store = HeadFileStore::open(&a.head, bb.id())?;
     let added = learn::add_examples(&mut store, &label, new)?;
     let trained = added
         .trained
