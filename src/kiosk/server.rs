@@ -22,8 +22,9 @@ use super::protocol::{
 };
 use super::state::{Kiosk, KioskError};
 use crate::capture::{Frame, FrameSource};
-use crate::head;
+use crate::head::{self, Label};
 use crate::live::{Smoother, Smoothing};
+use crate::store::learn::{FitJob, Fitted, LearnError};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -114,10 +115,46 @@ pub struct Server {
     pub answered: u64,
 }
 
-struct Reply {
+/// What a request's execution gives: its reply's fields, or a refit to run first.
+enum Outcome {
+    Fields(Vec<Field>),
+    Fit(FitJob, Then),
+}
+
+/// What a reply that waited for a refit reports.
+pub(super) enum Then {
+    Learn { label: Label, added: usize },
+    Train,
+    Forget { label: Label, removed: usize },
+}
+
+/// A reply waiting for a refit.
+pub(super) struct Deferred {
     id: Option<String>,
     checksum: bool,
-    line: Result<Vec<Field>, (Code, String)>,
+    /// The refit (taken by whoever runs it).
+    pub(super) job: Option<FitJob>,
+    then: Then,
+}
+
+/// A reply line now, or one waiting for a refit.
+pub(super) enum Answer {
+    Now(String),
+    Later(Deferred),
+}
+
+fn reply_line(
+    id: Option<&str>,
+    checksum: bool,
+    result: Result<Vec<Field>, (Code, String)>,
+) -> String {
+    match result {
+        Ok(fields) => ok_line(id, checksum, &fields),
+        Err((code, message)) => {
+            log::info!("ERR {} {message}", code.number());
+            err_line(id, checksum, code, &message)
+        }
+    }
 }
 
 fn conflict(e: KioskError) -> (Code, String) {
@@ -157,53 +194,119 @@ impl Server {
         }
     }
 
-    /// Answers one input line of a link: exactly one reply line (without its `\n`).
+    /// Answers one input line of a link: exactly one reply line (without its `\n`). A refit
+    /// (LEARN, TRAIN, FORGET) runs here, on this thread.
     pub fn answer(&mut self, session: &mut Session, input: &Input) -> String {
+        match self.answer_step(session, input) {
+            Answer::Now(line) => line,
+            Answer::Later(mut d) => {
+                let fitted = match d.job.take() {
+                    Some(job) => job.run(),
+                    None => Err(LearnError::Store(crate::store::StoreError::format(
+                        self.kiosk.dir(),
+                        "refit already taken",
+                    ))),
+                };
+                self.finish(session, d, fitted)
+            }
+        }
+    }
+
+    /// Answers one input line, or hands back the refit its reply waits for: run
+    /// [`Deferred::job`] anywhere, then [`finish`](Server::finish) it here. Until then no other
+    /// state change may run (reads may).
+    pub(super) fn answer_step(&mut self, session: &mut Session, input: &Input) -> Answer {
         self.answered += 1;
-        let reply = match input {
-            Input::TooLong => Reply {
-                id: None,
-                checksum: false,
-                line: Err((
+        let (id, checksum, result) = match input {
+            Input::TooLong => (
+                None,
+                false,
+                Err((
                     Code::TooLong,
                     format!("line longer than {} bytes", super::protocol::MAX_LINE),
                 )),
-            },
+            ),
             Input::Line(bytes) => match Request::parse(bytes) {
                 Err(Rejection {
                     id,
                     checksum,
                     code,
                     message,
-                }) => Reply {
-                    id,
-                    checksum,
-                    line: Err((code, message)),
-                },
+                }) => (id, checksum, Err((code, message))),
                 Ok(req) => {
                     log::debug!("request: {}", req.encode());
-                    Reply {
-                        line: self.execute(session, &req.verb),
-                        id: req.id,
-                        checksum: req.checksum,
+                    match self.execute(session, &req.verb) {
+                        Ok(Outcome::Fit(job, then)) => {
+                            return Answer::Later(Deferred {
+                                id: req.id,
+                                checksum: req.checksum,
+                                job: Some(job),
+                                then,
+                            })
+                        }
+                        Ok(Outcome::Fields(f)) => (req.id, req.checksum, Ok(f)),
+                        Err(e) => (req.id, req.checksum, Err(e)),
                     }
                 }
             },
         };
-        match reply.line {
-            Ok(fields) => ok_line(reply.id.as_deref(), reply.checksum, &fields),
-            Err((code, message)) => {
-                log::info!("ERR {} {message}", code.number());
-                err_line(reply.id.as_deref(), reply.checksum, code, &message)
-            }
-        }
+        Answer::Now(reply_line(id.as_deref(), checksum, result))
     }
 
-    fn execute(
+    /// Installs the refit a deferred reply waited for and makes that reply.
+    pub(super) fn finish(
         &mut self,
         session: &mut Session,
-        verb: &Verb,
+        d: Deferred,
+        fitted: Result<Fitted, LearnError>,
+    ) -> String {
+        let result = self
+            .kiosk
+            .install(fitted)
+            .map_err(conflict)
+            .and_then(|()| self.after_fit(session, &d.then));
+        reply_line(d.id.as_deref(), d.checksum, result)
+    }
+
+    fn after_fit(
+        &mut self,
+        session: &mut Session,
+        then: &Then,
     ) -> Result<Vec<Field>, (Code, String)> {
+        Self::reset_stream(&self.kiosk, session);
+        Ok(match then {
+            Then::Learn { label, added } => {
+                let l = self.kiosk.learned(label, *added);
+                log::info!(
+                    "learned {} frames of {label:?} ({} classes)",
+                    l.added,
+                    l.classes
+                );
+                vec![
+                    Field::new("label", label),
+                    Field::new("added", l.added),
+                    Field::new("examples", l.examples),
+                    Field::new("classes", l.classes),
+                    Field::new("trained", u8::from(l.trained)),
+                ]
+            }
+            Then::Train => {
+                let t = self.kiosk.trained_info().map_err(conflict)?;
+                vec![
+                    Field::new("head", t.kind),
+                    Field::new("cv", format!("{:.3}", t.cv_accuracy)),
+                    Field::new("threshold", format!("{:.3}", t.threshold)),
+                ]
+            }
+            Then::Forget { label, removed } => vec![
+                Field::new("label", label),
+                Field::new("removed", removed),
+                Field::new("classes", self.kiosk.labels().len()),
+            ],
+        })
+    }
+
+    fn execute(&mut self, session: &mut Session, verb: &Verb) -> Result<Outcome, (Code, String)> {
         let needs_auth =
             verb.changes_state() || (self.options.reads_need_auth && !verb.always_allowed());
         if needs_auth && !session.auth.allowed() {
@@ -221,10 +324,10 @@ impl Server {
                         "this kiosk has no secret (--insecure): nothing to prove".into(),
                     ));
                 }
-                Ok(vec![
+                Ok(Outcome::Fields(vec![
                     Field::new("challenge", session.auth.challenge()),
                     Field::new("within_s", super::auth::CHALLENGE_TTL.as_secs()),
-                ])
+                ]))
             }
             Verb::Auth(Some(response)) => {
                 let Some(secret) = &self.options.secret else {
@@ -234,7 +337,7 @@ impl Server {
                     ));
                 };
                 match session.auth.prove(secret, response) {
-                    Proof::Accepted => Ok(vec![Field::new("auth", 1)]),
+                    Proof::Accepted => Ok(Outcome::Fields(vec![Field::new("auth", 1)])),
                     Proof::NoChallenge => Err((
                         Code::Conflict,
                         "no challenge to answer (or it expired): send AUTH first".into(),
@@ -253,14 +356,14 @@ impl Server {
                     }
                 }
             }
-            Verb::Ping => Ok(vec![Field::new("pong", 1)]),
-            Verb::Help => Ok(vec![
+            Verb::Ping => Ok(Outcome::Fields(vec![Field::new("pong", 1)])),
+            Verb::Help => Ok(Outcome::Fields(vec![
                 Field::new("protocol", VERSION),
                 Field::new("verbs", VERBS.join(",")),
-            ]),
+            ])),
             Verb::Info => {
                 let h = k.head();
-                Ok(vec![
+                Ok(Outcome::Fields(vec![
                     Field::new("version", env!("CARGO_PKG_VERSION")),
                     Field::new("protocol", VERSION),
                     Field::new("model", &k.backbone().id().name),
@@ -277,14 +380,14 @@ impl Server {
                             .map_or("none".into(), |a| format!("{a:.3}")),
                     ),
                     Field::new("saved", u8::from(!k.head_unsaved())),
-                ])
+                ]))
             }
             Verb::Labels => {
                 let counts: Vec<String> = k.counts().iter().map(|c| c.to_string()).collect();
-                Ok(vec![
+                Ok(Outcome::Fields(vec![
                     Field::new("labels", k.labels().join(",")),
                     Field::new("counts", counts.join(",")),
-                ])
+                ]))
             }
             Verb::Classify => {
                 if k.head().is_none() {
@@ -294,12 +397,12 @@ impl Server {
                 }
                 let frame = self.frame()?;
                 let c = self.kiosk.classify(&frame).map_err(conflict)?;
-                Ok(vec![
+                Ok(Outcome::Fields(vec![
                     Field::new("label", &c.prediction.label),
                     Field::new("score", format!("{:.3}", c.prediction.score)),
                     Field::new("best", &c.prediction.best),
                     Field::new("ms", format!("{:.0}", c.stages.total_ms())),
-                ])
+                ]))
             }
             Verb::Learn { label, n } => {
                 let mut frames = Vec::with_capacity(*n as usize);
@@ -309,44 +412,34 @@ impl Server {
                     }
                     frames.push(self.frame()?);
                 }
-                let l = self.kiosk.learn(label, &frames).map_err(conflict)?;
-                log::info!(
-                    "learned {} frames of {label:?} ({} classes)",
-                    l.added,
-                    l.classes
-                );
-                Self::reset_stream(&self.kiosk, session);
-                Ok(vec![
-                    Field::new("label", label),
-                    Field::new("added", l.added),
-                    Field::new("examples", l.examples),
-                    Field::new("classes", l.classes),
-                    Field::new("trained", u8::from(l.trained)),
-                ])
+                let (added, job) = self.kiosk.learn_begin(label, &frames).map_err(conflict)?;
+                Ok(Outcome::Fit(
+                    job,
+                    Then::Learn {
+                        label: label.clone(),
+                        added,
+                    },
+                ))
             }
             Verb::Train => {
-                let t = self.kiosk.train().map_err(conflict)?;
-                Self::reset_stream(&self.kiosk, session);
-                Ok(vec![
-                    Field::new("head", t.kind),
-                    Field::new("cv", format!("{:.3}", t.cv_accuracy)),
-                    Field::new("threshold", format!("{:.3}", t.threshold)),
-                ])
+                let job = self.kiosk.train_begin().map_err(conflict)?;
+                Ok(Outcome::Fit(job, Then::Train))
             }
             Verb::Forget { label } => {
-                let removed = self.kiosk.forget(label).map_err(conflict)?;
-                Self::reset_stream(&self.kiosk, session);
-                Ok(vec![
-                    Field::new("label", label),
-                    Field::new("removed", removed),
-                    Field::new("classes", self.kiosk.labels().len()),
-                ])
+                let (removed, job) = self.kiosk.forget_begin(label).map_err(conflict)?;
+                Ok(Outcome::Fit(
+                    job,
+                    Then::Forget {
+                        label: label.clone(),
+                        removed,
+                    },
+                ))
             }
             Verb::Threshold(None) => match k.head() {
-                Some(h) => Ok(vec![Field::new(
+                Some(h) => Ok(Outcome::Fields(vec![Field::new(
                     "threshold",
                     format!("{:.3}", h.head.threshold),
-                )]),
+                )])),
                 None => Err(conflict(KioskError::NoHead {
                     have: k.labels().len(),
                 })),
@@ -354,19 +447,25 @@ impl Server {
             Verb::Threshold(Some(t)) => {
                 self.kiosk.set_threshold(*t).map_err(conflict)?;
                 Self::reset_stream(&self.kiosk, session);
-                Ok(vec![Field::new("threshold", format!("{t:.3}"))])
+                Ok(Outcome::Fields(vec![Field::new(
+                    "threshold",
+                    format!("{t:.3}"),
+                )]))
             }
             Verb::Save => {
                 self.kiosk.save().map_err(conflict)?;
-                Ok(vec![Field::new("saved", self.kiosk.dir().display())])
+                Ok(Outcome::Fields(vec![Field::new(
+                    "saved",
+                    self.kiosk.dir().display(),
+                )]))
             }
             Verb::Reset(None) => {
                 let token = format!("{:06x}", rand::thread_rng().gen_range(0..0x100_0000u32));
                 session.reset_token = Some((token.clone(), Instant::now()));
-                Ok(vec![
+                Ok(Outcome::Fields(vec![
                     Field::new("confirm", &token),
                     Field::new("within_s", 30),
-                ])
+                ]))
             }
             Verb::Reset(Some(t)) => {
                 let valid = session
@@ -382,11 +481,11 @@ impl Server {
                 self.kiosk.reset().map_err(conflict)?;
                 session.stream = None;
                 log::warn!("reset: every example and the head deleted");
-                Ok(vec![Field::new("reset", 1)])
+                Ok(Outcome::Fields(vec![Field::new("reset", 1)]))
             }
             Verb::Stream { on: false, .. } => {
                 session.stream = None;
-                Ok(vec![Field::new("stream", "off")])
+                Ok(Outcome::Fields(vec![Field::new("stream", "off")]))
             }
             Verb::Stream {
                 on: true,
@@ -405,10 +504,10 @@ impl Server {
                     next_at: Instant::now(),
                     smoother: Smoother::new(Smoothing::Ema { alpha: 0.5 }, h.head.threshold, 2),
                 });
-                Ok(vec![
+                Ok(Outcome::Fields(vec![
                     Field::new("stream", "on"),
                     Field::new("period_ms", period.as_millis()),
-                ])
+                ]))
             }
         }
     }

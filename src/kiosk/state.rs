@@ -35,7 +35,9 @@ use crate::head::{HeadError, HeadKind, Label};
 use crate::live::{self, Classified, LiveError};
 use crate::store::embeddings::{self, EmbeddingFile, Record};
 use crate::store::headfile::{self, Example, HeadFile};
-use crate::store::learn::{self, ExampleSet, ExampleStore, FrameSaver, LearnError, JPEG_QUALITY};
+use crate::store::learn::{
+    self, ExampleSet, ExampleStore, FitJob, Fitted, FrameSaver, LearnError, JPEG_QUALITY,
+};
 use crate::store::{write_atomic, FolderLock, StoreError};
 
 /// Kiosk failures.
@@ -363,6 +365,20 @@ impl Kiosk {
 
     /// Adds frames as examples of `label` (saved as JPEGs, embedded) and refits.
     pub fn learn(&mut self, label: &Label, frames: &[Frame]) -> Result<Learned, KioskError> {
+        let (added, job) = self.learn_begin(label, frames)?;
+        self.install(job.run())?;
+        Ok(self.learned(label, added))
+    }
+
+    /// The first part of [`learn`](Kiosk::learn): saves, embeds and commits the examples
+    /// (`examples.jsonl`); returns how many were added and the refit to run, on any thread,
+    /// before [`install`](Kiosk::install). Until then the kiosk classifies with its previous
+    /// head.
+    pub fn learn_begin(
+        &mut self,
+        label: &Label,
+        frames: &[Frame],
+    ) -> Result<(usize, FitJob), KioskError> {
         let mut saver =
             FrameSaver::new(&self.frames_dir().join(label.as_str()), label, JPEG_QUALITY)?;
         let mut saved: Vec<PathBuf> = Vec::with_capacity(frames.len());
@@ -391,12 +407,18 @@ impl Kiosk {
                 }
             }
         }
-        let result = learn::add_examples(self, label, new);
+        let result = learn::commit_new(self, label, new);
         drop_unused(&saved, &self.set);
-        let added = result?;
+        let (added, _) = result?;
+        let kind = self.head_kind();
+        Ok((added, learn::fit_job(self, kind)))
+    }
+
+    /// What a LEARN of `label` that added `added` examples reports (after its refit).
+    pub fn learned(&self, label: &Label, added: usize) -> Learned {
         let id = self.set.labels.iter().position(|l| label == l);
-        Ok(Learned {
-            added: added.added,
+        Learned {
+            added,
             examples: self
                 .set
                 .examples
@@ -405,17 +427,36 @@ impl Kiosk {
                 .count(),
             classes: self.set.labels.len(),
             trained: self.head.is_some(),
-        })
+        }
+    }
+
+    /// Commits the result of a refit started by [`learn_begin`](Kiosk::learn_begin),
+    /// [`train_begin`](Kiosk::train_begin) or [`forget_begin`](Kiosk::forget_begin). No other
+    /// change may come between the two.
+    pub fn install(&mut self, fitted: Result<Fitted, LearnError>) -> Result<(), KioskError> {
+        learn::install(self, fitted?)?;
+        Ok(())
     }
 
     /// Refits choosing the head type by cross-validation.
     pub fn train(&mut self) -> Result<TrainedInfo, KioskError> {
+        let job = self.train_begin()?;
+        self.install(job.run())?;
+        self.trained_info()
+    }
+
+    /// The refit of TRAIN (choosing the kind afresh), to run before [`install`](Kiosk::install).
+    pub fn train_begin(&mut self) -> Result<FitJob, KioskError> {
         if self.set.labels.len() < 2 {
             return Err(KioskError::NoHead {
                 have: self.set.labels.len(),
             });
         }
-        learn::refit(self, None)?; // choose the kind afresh
+        Ok(learn::fit_job(self, None))
+    }
+
+    /// What TRAIN reports about the head in use.
+    pub fn trained_info(&self) -> Result<TrainedInfo, KioskError> {
         let h = self.head.as_ref().ok_or(KioskError::NoHead { have: 0 })?;
         Ok(TrainedInfo {
             kind: h.head.kind,
@@ -426,6 +467,14 @@ impl Kiosk {
 
     /// Removes a class and its examples; returns how many examples went.
     pub fn forget(&mut self, label: &Label) -> Result<usize, KioskError> {
+        let (removed, job) = self.forget_begin(label)?;
+        self.install(job.run())?;
+        Ok(removed)
+    }
+
+    /// The first part of [`forget`](Kiosk::forget): commits the examples without the class,
+    /// deletes its frames; returns how many examples went and the refit to run.
+    pub fn forget_begin(&mut self, label: &Label) -> Result<(usize, FitJob), KioskError> {
         let kept = self.set.clone();
         let removed = self
             .set
@@ -435,8 +484,6 @@ impl Kiosk {
             self.set = kept;
             return Err(e.into());
         }
-        let kind = self.head_kind();
-        learn::refit(self, kind)?;
         let folder = self.frames_dir().join(label);
         if folder.exists() {
             let trash = self
@@ -445,7 +492,8 @@ impl Kiosk {
             std::fs::rename(&folder, &trash).map_err(io(&folder))?;
             std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
         }
-        Ok(removed)
+        let kind = self.head_kind();
+        Ok((removed, learn::fit_job(self, kind)))
     }
 
     /// Sets the rejection threshold (kept across retraining) and rewrites the head.

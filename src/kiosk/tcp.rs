@@ -12,16 +12,18 @@
 //! line left hanging with `ERR 408`, and closes a client silent for `idle_timeout`. The writer
 //! closes a client that has not read its replies within `write_timeout`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::protocol::{err_line, Code, Input, LineSplitter, Request};
-use super::server::{Server, Session};
+use super::server::{Answer, Deferred, Server, Session};
+use crate::store::learn::{Fitted, LearnError};
+use crate::store::StoreError;
 
 /// Which TCP clients need `AUTH` before changing the kiosk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,51 +199,157 @@ impl Server {
         Ok(())
     }
 
-    /// Runs requests from every client, in arrival order, and their streams.
+    /// Runs requests from every client, in arrival order, and their streams. A refit (LEARN,
+    /// TRAIN, FORGET) runs on a thread of its own: meanwhile the other clients' reads are
+    /// answered with the previous head, and state changes (and everything the refitting client
+    /// sends) wait their turn.
     fn run_queue(&mut self, rx: &mpsc::Receiver<ToCore>, stop: &AtomicBool) {
-        let mut sessions: HashMap<u64, (Session, Sender<Out>)> = HashMap::new();
+        let mut q = Queue {
+            sessions: HashMap::new(),
+            held: VecDeque::new(),
+            busy: None,
+        };
         while !stop.load(Ordering::SeqCst) {
+            q.poll_fit(self);
             match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(ToCore::Open { id, trusted, out }) => {
-                    let s = if trusted {
-                        Session::trusted()
-                    } else {
-                        Session::untrusted()
-                    };
-                    sessions.insert(id, (s, out));
-                }
-                Ok(ToCore::Input { id, input }) => {
-                    if let Some((session, out)) = sessions.get_mut(&id) {
-                        let line = self.answer(session, &input);
-                        let _ = out.send(Out::Reply(line));
-                        if session.closing() {
-                            let _ = out.send(Out::Close);
-                            sessions.remove(&id);
-                        }
-                    }
-                }
-                Ok(ToCore::Reply { id, line, close }) => {
-                    if let Some((_, out)) = sessions.get(&id) {
-                        let _ = out.send(Out::Reply(line));
-                        if close {
-                            let _ = out.send(Out::Close);
-                            sessions.remove(&id);
-                        }
-                    }
-                }
-                Ok(ToCore::Gone { id }) => {
-                    sessions.remove(&id);
-                }
+                Ok(msg) => q.handle(self, msg),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            for (session, out) in sessions.values_mut() {
+            for (session, out) in q.sessions.values_mut() {
                 if let Some(evt) = self.stream_tick(session) {
                     let _ = out.send(Out::Event(evt));
                 }
             }
         }
         // Dropping the sessions drops their senders: the writers finish.
+    }
+}
+
+/// A refit running on its own thread, and the reply waiting for it.
+struct Busy {
+    id: u64,
+    deferred: Deferred,
+    rx: mpsc::Receiver<Result<Fitted, LearnError>>,
+}
+
+/// The request queue's state on the serving thread.
+struct Queue {
+    sessions: HashMap<u64, (Session, Sender<Out>)>,
+    /// Messages waiting for the refit in progress, in arrival order.
+    held: VecDeque<ToCore>,
+    busy: Option<Busy>,
+}
+
+impl Queue {
+    /// Whether `msg` must wait for the refit in progress: a state change, or anything from a
+    /// client that already has a request waiting (its replies keep their order).
+    fn must_wait(&self, msg: &ToCore) -> bool {
+        let Some(busy) = &self.busy else {
+            return false;
+        };
+        let (id, changes) = match msg {
+            ToCore::Input { id, input } => (
+                *id,
+                matches!(input, Input::Line(l)
+                    if Request::parse(l).is_ok_and(|r| r.verb.changes_state())),
+            ),
+            ToCore::Reply { id, .. } => (*id, false),
+            ToCore::Open { .. } | ToCore::Gone { .. } => return false,
+        };
+        changes
+            || busy.id == id
+            || self.held.iter().any(|m| match m {
+                ToCore::Input { id: h, .. } | ToCore::Reply { id: h, .. } => *h == id,
+                _ => false,
+            })
+    }
+
+    fn handle(&mut self, server: &mut Server, msg: ToCore) {
+        if self.must_wait(&msg) {
+            self.held.push_back(msg);
+            return;
+        }
+        match msg {
+            ToCore::Open { id, trusted, out } => {
+                let s = if trusted {
+                    Session::trusted()
+                } else {
+                    Session::untrusted()
+                };
+                self.sessions.insert(id, (s, out));
+            }
+            ToCore::Input { id, input } => {
+                let Some((session, out)) = self.sessions.get_mut(&id) else {
+                    return;
+                };
+                match server.answer_step(session, &input) {
+                    Answer::Now(line) => {
+                        let _ = out.send(Out::Reply(line));
+                        if session.closing() {
+                            let _ = out.send(Out::Close);
+                            self.sessions.remove(&id);
+                        }
+                    }
+                    Answer::Later(mut deferred) => {
+                        let (tx, rx) = mpsc::channel();
+                        if let Some(job) = deferred.job.take() {
+                            std::thread::spawn(move || {
+                                let _ = tx.send(job.run());
+                            });
+                        }
+                        self.busy = Some(Busy { id, deferred, rx });
+                    }
+                }
+            }
+            ToCore::Reply { id, line, close } => {
+                if let Some((_, out)) = self.sessions.get(&id) {
+                    let _ = out.send(Out::Reply(line));
+                    if close {
+                        let _ = out.send(Out::Close);
+                        self.sessions.remove(&id);
+                    }
+                }
+            }
+            ToCore::Gone { id } => {
+                self.sessions.remove(&id);
+            }
+        }
+    }
+
+    /// Finishes a refit that is done: installs it, replies, then runs what waited for it.
+    fn poll_fit(&mut self, server: &mut Server) {
+        let Some(busy) = &self.busy else {
+            return;
+        };
+        let fitted = match busy.rx.try_recv() {
+            Ok(f) => f,
+            Err(TryRecvError::Empty) => return,
+            // The fitting thread died without an answer (a panic in a fit): say so.
+            Err(TryRecvError::Disconnected) => Err(LearnError::Store(StoreError::format(
+                server.kiosk().dir(),
+                "the refit failed unexpectedly; the previous head is kept",
+            ))),
+        };
+        let Some(Busy { id, deferred, .. }) = self.busy.take() else {
+            return;
+        };
+        match self.sessions.get_mut(&id) {
+            Some((session, out)) => {
+                let line = server.finish(session, deferred, fitted);
+                let _ = out.send(Out::Reply(line));
+            }
+            None => {
+                // The client left; the change it asked for is committed all the same.
+                let _ = server.finish(&mut Session::trusted(), deferred, fitted);
+            }
+        }
+        while self.busy.is_none() {
+            let Some(msg) = self.held.pop_front() else {
+                break;
+            };
+            self.handle(server, msg);
+        }
     }
 }
 

@@ -199,11 +199,34 @@ pub struct Added {
 /// **The** way examples are added: adds `new` under `label`, commits the examples, then refits
 /// (keeping the store's head kind) and commits the head. If the examples cannot be committed,
 /// the store's memory goes back to what its disk holds and nothing else happens.
+///
+/// It is [`commit_new`] then [`refit`]; a host that must stay responsive while the head is
+/// fitted (the kiosk) runs the same two steps with the fit on another thread ([`fit_job`],
+/// [`FitJob::run`], [`install`]).
 pub fn add_examples(
     store: &mut dyn ExampleStore,
     label: &Label,
     new: Vec<NewExample>,
 ) -> Result<Added, LearnError> {
+    let (added, skipped) = commit_new(store, label, new)?;
+    let start = std::time::Instant::now();
+    let kind = store.head_kind();
+    let trained = refit(store, kind)?;
+    Ok(Added {
+        added,
+        skipped,
+        trained,
+        fit_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// The first half of [`add_examples`]: adds `new` under `label` and commits the examples (on
+/// failure the store's memory goes back to what its disk holds). Returns (added, skipped).
+pub fn commit_new(
+    store: &mut dyn ExampleStore,
+    label: &Label,
+    new: Vec<NewExample>,
+) -> Result<(usize, usize), LearnError> {
     let total = new.len();
     let before = store.set().clone();
     let added = store.set().add(label, new);
@@ -211,15 +234,7 @@ pub fn add_examples(
         *store.set() = before;
         return Err(e.into());
     }
-    let start = std::time::Instant::now();
-    let kind = store.head_kind();
-    let trained = refit(store, kind)?;
-    Ok(Added {
-        added,
-        skipped: total - added,
-        trained,
-        fit_seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok((added, total - added))
 }
 
 /// Refits the store's head on its examples (`kind`, or chosen by cross-validation) and commits
@@ -228,19 +243,74 @@ pub fn refit(
     store: &mut dyn ExampleStore,
     kind: Option<HeadKind>,
 ) -> Result<Option<head::Trained>, LearnError> {
+    let fitted = fit_job(store, kind).run()?;
+    install(store, fitted)
+}
+
+/// A refit to run: a snapshot of the store's examples with the kind, parameters and threshold
+/// to use. It needs no store, so it can run on another thread while the store keeps serving
+/// with its current head.
+#[derive(Debug, Clone)]
+pub struct FitJob {
+    set: ExampleSet,
+    backbone: BackboneId,
+    kind: Option<HeadKind>,
+    params: HeadParams,
+    threshold: Option<f32>,
+}
+
+/// A finished [`FitJob`], to [`install`] in its store.
+#[derive(Debug)]
+pub struct Fitted {
+    /// The head file and how it was trained; `None` with fewer than 2 classes.
+    result: Option<(HeadFile, head::Trained)>,
+}
+
+/// The snapshot of a refit of `store` (labels without examples are dropped first).
+pub fn fit_job(store: &mut dyn ExampleStore, kind: Option<HeadKind>) -> FitJob {
     store.set().compact();
-    if store.set().labels.len() < 2 {
-        store.commit_head(None)?;
-        return Ok(None);
+    FitJob {
+        set: store.set().clone(),
+        backbone: store.backbone().clone(),
+        kind,
+        params: store.params(),
+        threshold: store.threshold_override(),
     }
-    let backbone = store.backbone().clone();
-    let params = store.params();
-    let (mut file, trained) = store.set().fit(&backbone, kind, &params, 0)?;
-    if let Some(t) = store.threshold_override() {
-        file.head.threshold = head::validate_threshold(t)?;
+}
+
+impl FitJob {
+    /// Fits (the slow part: cross-validation, calibration, the final fit). Nothing is written.
+    pub fn run(self) -> Result<Fitted, LearnError> {
+        super::fault_fit_pause();
+        if self.set.labels.len() < 2 {
+            return Ok(Fitted { result: None });
+        }
+        let (mut file, trained) = self.set.fit(&self.backbone, self.kind, &self.params, 0)?;
+        if let Some(t) = self.threshold {
+            file.head.threshold = head::validate_threshold(t)?;
+        }
+        Ok(Fitted {
+            result: Some((file, trained)),
+        })
     }
-    store.commit_head(Some(file))?;
-    Ok(Some(trained))
+}
+
+/// Commits a fitted head in its store (the last step of [`refit`]). The store's examples must
+/// not have changed since its [`fit_job`].
+pub fn install(
+    store: &mut dyn ExampleStore,
+    fitted: Fitted,
+) -> Result<Option<head::Trained>, LearnError> {
+    match fitted.result {
+        None => {
+            store.commit_head(None)?;
+            Ok(None)
+        }
+        Some((file, trained)) => {
+            store.commit_head(Some(file))?;
+            Ok(Some(trained))
+        }
+    }
 }
 
 /// A head file as an [`ExampleStore`]: its examples live inside it, so both are committed by

@@ -140,6 +140,25 @@ fn fault_pause() -> Option<std::time::Duration> {
     None
 }
 
+/// With the test-only feature `fault-injection`: environment variable naming a pause
+/// (milliseconds) that every refit ([`learn::FitJob::run`]) takes, so the tests can see what a
+/// kiosk does while a slow fit runs.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_FIT_ENV: &str = "GRAFT_FAULT_FIT_MS";
+
+#[cfg(feature = "fault-injection")]
+pub(crate) fn fault_fit_pause() {
+    if let Some(ms) = std::env::var(FAULT_FIT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+pub(crate) fn fault_fit_pause() {}
+
 /// With the test-only feature `fault-injection`: environment variable naming a file; while that
 /// file exists, [`write_atomic`] fails half-way through its temp file with "no space left on
 /// device", as on a full disk (the tests fill and free the "disk" by creating and deleting it).
