@@ -77,6 +77,7 @@ struct Summary<'a> {
 }
 
 pub fn run(g: &Global, a: ExportArgs) -> anyhow::Result<()> {
+    crate::refuse_unless_regular(&a.head)?;
     let file = headfile::read(&a.head)?;
     let bb = super::load_backbone_or(g, &file.backbone.name)?;
     if bb.id().sha256 != file.backbone.sha256 {

@@ -313,11 +313,30 @@ fn load_backbone_on_device(
     g: &Global,
     fallback: &str,
 ) -> anyhow::Result<(graft::backbone::Backbone, Option<device::Gpu>)> {
-    let spec = graft::backbone::ModelSpec::resolve(g.model.as_deref().unwrap_or(fallback))?;
+    let name = g.model.as_deref().unwrap_or(fallback);
+    // The names `ModelSpec::resolve` reads as files: an export or a manifest.
+    if name.ends_with(".onnx") || name.ends_with(".toml") {
+        refuse_unless_regular(std::path::Path::new(name))?;
+    }
+    let spec = graft::backbone::ModelSpec::resolve(name)?;
     let options = graft::backbone::LoadOptions {
         threads: g.threads()?,
     };
     let mut bb = graft::backbone::Backbone::load(spec, &options)?;
     let gpu = device::attach(g, &mut bb)?;
     Ok((bb, gpu))
+}
+
+/// Refuses a file the user named (`--head`, `--model`) that exists but is not a regular file:
+/// a FIFO would block the library's reader for ever (`graft::userfile` says why). Head files
+/// and manifests are checked here because their readers (`headfile::read`,
+/// `ModelSpec::resolve`) do not call `graft::userfile` yet; a missing file is left to them,
+/// so their own message stays.
+pub fn refuse_unless_regular(path: &std::path::Path) -> anyhow::Result<()> {
+    match graft::userfile::check(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            anyhow::bail!("cannot read {}: {e}", path.display())
+        }
+        _ => Ok(()),
+    }
 }

@@ -5,6 +5,7 @@
 //! PIL), centre-crop 224 (offsets rounded down), `(x - 127) / 128`, NCHW. The golden test checks
 //! this against PIL + onnxruntime (`tests/fixtures/reference.py`).
 
+use std::collections::HashSet;
 use std::io::{BufRead, Cursor, Seek};
 use std::path::{Path, PathBuf};
 
@@ -51,35 +52,91 @@ pub struct InputSpec {
 /// files in the same order), skipping hidden files and folders (names starting with `.`). The
 /// one folder walk: `train`'s class folders, `embed` / `predict` / `add` folders and `--source`
 /// folders all see the same files. An error names the folder that could not be read.
+///
+/// Links are followed, and each folder is walked once: a link back to a folder that contains it
+/// (`fish/self -> .`, `tool/up -> ..`) would repeat the pictures without end, and a second link
+/// to a folder already walked would count its pictures twice. Those links, broken links and
+/// image-named entries that are not regular files (a FIFO would block the reader) are skipped
+/// with a warning naming them.
 pub fn image_files_in(dir: &Path) -> Result<Vec<PathBuf>, BackboneError> {
-    let mut out = Vec::new();
-    walk(dir, &mut out)?;
-    Ok(out)
+    let real = std::fs::canonicalize(dir).map_err(|e| BackboneError::io(dir, e))?;
+    let mut walk = Walk {
+        out: Vec::new(),
+        walked: HashSet::from([real.clone()]),
+    };
+    walk.folder(dir, &real)?;
+    Ok(walk.out)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), BackboneError> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| BackboneError::io(dir, e))?
-        .map(|e| {
-            e.map(|e| e.path())
-                .map_err(|err| BackboneError::io(dir, err))
-        })
-        .collect::<Result<_, _>>()?;
-    entries.sort();
-    for p in entries {
-        if p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'))
-        {
-            continue;
+struct Walk {
+    out: Vec<PathBuf>,
+    /// Canonical paths of the folders walked so far.
+    walked: HashSet<PathBuf>,
+}
+
+impl Walk {
+    /// Walks `dir`, whose canonical path is `real`.
+    fn folder(&mut self, dir: &Path, real: &Path) -> Result<(), BackboneError> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| BackboneError::io(dir, e))?
+            .map(|e| {
+                e.map(|e| e.path())
+                    .map_err(|err| BackboneError::io(dir, err))
+            })
+            .collect::<Result<_, _>>()?;
+        entries.sort();
+        for p in entries {
+            let Some(name) = p.file_name() else { continue };
+            if name.as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
+            let link = std::fs::symlink_metadata(&p)
+                .map_err(|e| BackboneError::io(&p, e))?
+                .file_type()
+                .is_symlink();
+            let meta = match std::fs::metadata(&p) {
+                Ok(m) => m,
+                Err(e) if link => {
+                    log::warn!("skipping {}: a link to nothing usable ({e})", p.display());
+                    continue;
+                }
+                Err(e) => return Err(BackboneError::io(&p, e)),
+            };
+            if meta.is_dir() {
+                let sub = if link {
+                    std::fs::canonicalize(&p).map_err(|e| BackboneError::io(&p, e))?
+                } else {
+                    real.join(name)
+                };
+                if real.starts_with(&sub) {
+                    log::warn!(
+                        "skipping {}: a link back to {}, which contains it (a loop)",
+                        p.display(),
+                        sub.display()
+                    );
+                } else if !self.walked.insert(sub.clone()) {
+                    log::warn!(
+                        "skipping {}: a link to {}, already walked",
+                        p.display(),
+                        sub.display()
+                    );
+                } else {
+                    self.folder(&p, &sub)?;
+                }
+            } else if has_image_extension(&p) {
+                if meta.is_file() {
+                    self.out.push(p);
+                } else {
+                    log::warn!(
+                        "skipping {}: not a regular file but {}",
+                        p.display(),
+                        crate::userfile::describe(&meta.file_type())
+                    );
+                }
+            }
         }
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else if has_image_extension(&p) {
-            out.push(p);
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// One image made ready for the backbone: `3 * size * size` floats, planar RGB.
@@ -154,9 +211,10 @@ impl RgbFrame {
     }
 }
 
-/// Decodes an image file to RGB, applying its EXIF orientation.
+/// Decodes an image file to RGB, applying its EXIF orientation. Only a regular file is opened
+/// ([`crate::userfile`]).
 pub fn decode_file(path: &Path) -> Result<RgbFrame, BackboneError> {
-    let bytes = std::fs::read(path).map_err(|e| BackboneError::io(path, e))?;
+    let bytes = crate::userfile::read(path).map_err(|e| BackboneError::io(path, e))?;
     decode_bytes(&bytes, path)
 }
 
@@ -492,5 +550,72 @@ mod tests {
         for bytes in cases {
             assert!(decode_bytes(bytes, path).is_err());
         }
+    }
+
+    fn touch(root: &Path, files: &[&str]) {
+        for f in files {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+    }
+
+    fn relative(root: &Path, files: Vec<PathBuf>) -> Vec<String> {
+        files
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_walk_follows_links_once_and_never_loops() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        touch(
+            root,
+            &["fish/a.jpg", "fish/b.jpg", "tool/c.jpg", "elsewhere/d.jpg"],
+        );
+        symlink(".", root.join("fish/self")).unwrap();
+        symlink("..", root.join("tool/up")).unwrap();
+        symlink("../fish", root.join("tool/fish-again")).unwrap();
+        symlink("../elsewhere", root.join("tool/more")).unwrap();
+        symlink("nowhere", root.join("tool/broken.jpg")).unwrap();
+        symlink("loop", root.join("tool/loop")).unwrap();
+        // Each class folder walked on its own, as `train` does: a link up out of it is a loop.
+        assert_eq!(
+            relative(root, image_files_in(&root.join("fish")).unwrap()),
+            ["fish/a.jpg", "fish/b.jpg"]
+        );
+        assert_eq!(
+            relative(root, image_files_in(&root.join("tool")).unwrap()),
+            [
+                "tool/c.jpg",
+                "tool/fish-again/a.jpg",
+                "tool/fish-again/b.jpg",
+                "tool/more/d.jpg"
+            ]
+        );
+        // From the top, the second way into fish is not walked again.
+        assert_eq!(
+            relative(root, image_files_in(root).unwrap()),
+            ["elsewhere/d.jpg", "fish/a.jpg", "fish/b.jpg", "tool/c.jpg"]
+        );
+    }
+
+    #[test]
+    fn the_walk_skips_what_is_not_a_regular_file() {
+        let d = tempfile::tempdir().unwrap();
+        touch(d.path(), &["a.jpg"]);
+        let fifo = d.path().join("b.jpg");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        assert_eq!(
+            relative(d.path(), image_files_in(d.path()).unwrap()),
+            ["a.jpg"]
+        );
     }
 }

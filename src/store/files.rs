@@ -52,7 +52,7 @@ pub fn group_key(path: &Path) -> String {
 
 /// sha256 of a file's bytes, lowercase hex.
 pub fn file_sha256(path: &Path) -> Result<String, StoreError> {
-    let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    let bytes = crate::userfile::read(path).map_err(|e| StoreError::io(path, e))?;
     Ok(crate::backbone::sha256_hex(&bytes))
 }
 

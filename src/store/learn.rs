@@ -255,6 +255,8 @@ pub struct HeadFileStore {
 impl HeadFileStore {
     /// Reads the head file at `path` and checks it against the loaded backbone.
     pub fn open(path: &Path, backbone: &BackboneId) -> Result<HeadFileStore, LearnError> {
+        // Not a FIFO or a device: `headfile::read` would wait on it for ever.
+        crate::userfile::check(path).map_err(|e| StoreError::io(path, e))?;
         let file = headfile::read(path)?;
         backbone.check_file(&file.backbone, path)?;
         Ok(HeadFileStore::new(path, file))

@@ -234,6 +234,7 @@ fn summary<'a>(
 
 /// Loads a head file and the backbone it was trained with (or `--model`, if compatible).
 pub fn load_head(g: &Global, path: &Path) -> anyhow::Result<(HeadFile, Backbone)> {
+    crate::refuse_unless_regular(path)?;
     let file = headfile::read(path)?;
     let bb = super::load_backbone_or(g, &file.backbone.name)?;
     if let Err(e) = bb.id().check_file(&file.backbone, path) {

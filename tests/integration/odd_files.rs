@@ -1,0 +1,147 @@
+//! Odd input files, as users and cameras produce them: tiny files whose headers claim huge
+//! pictures, extreme aspect ratios, symlink loops in a dataset, names that are not UTF-8 or hold
+//! a newline, FIFOs given as files, an unreadable picture in a folder, temp files of a killed
+//! writer. Each test is the reproduction of a reported defect: it failed (abort, hang, silent
+//! miscount, late error) before the fix named in its comment.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::common::*;
+use crate::heads::data_dir;
+
+/// Long enough for any of these commands on a slow board; a hang is what it catches.
+const HANG: Duration = Duration::from_secs(180);
+
+/// The first `n` photos (`*_0.jpg`, sorted) of a class of the test photo set.
+fn photos(class: &str, n: usize) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(data_dir().join(class))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("_0.jpg"))
+        .collect();
+    v.sort();
+    v.truncate(n);
+    v
+}
+
+/// A two-class dataset: `fish` (two bird photos) and `tool` (two fruit photos), copied.
+fn dataset(dir: &Path) -> PathBuf {
+    for (label, class) in [("fish", "birds"), ("tool", "fruit")] {
+        let d = dir.join(label);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in photos(class, 2) {
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    dir.to_path_buf()
+}
+
+fn train(cache: &Path, ds: &Path, out: &Path) -> std::process::Command {
+    let mut c = graft(cache);
+    c.args(["--json", "train", "--head", "centroid", "--out"])
+        .arg(out)
+        .arg(ds);
+    c
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only reads it.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Issue 7: `fish/self -> .` counted fish's pictures 246 times without a word, `tool/up -> ..`
+/// labelled the whole dataset `tool`, and both together hung for more than 300 s. Each folder
+/// is now walked once; a link back to a folder that contains it is skipped, with a warning
+/// naming it.
+#[test]
+fn symlink_loops_in_a_dataset_are_walked_once_and_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = dataset(&tmp.path().join("ds"));
+    std::os::unix::fs::symlink(".", ds.join("fish/self")).unwrap();
+    std::os::unix::fs::symlink("..", ds.join("tool/up")).unwrap();
+    // A second way into the same folder is not a loop, but its pictures are seen once.
+    std::os::unix::fs::symlink("../fish", ds.join("fish/again")).unwrap();
+    let head = tmp.path().join("h.graft");
+    let out = run_within(train(tmp.path(), &ds, &head), HANG);
+    let stderr = stderr_of(&out);
+    assert!(out.status.success(), "{stderr}");
+    let summary = json_lines(&String::from_utf8(out.stdout).unwrap()).remove(0);
+    assert_eq!(summary["labels"], serde_json::json!(["fish", "tool"]));
+    assert_eq!(summary["counts"], serde_json::json!([2, 2]), "{stderr}");
+    for link in ["fish/self", "tool/up", "fish/again"] {
+        assert!(stderr.contains(link), "{link} not named in: {stderr}");
+    }
+}
+
+/// Issue 11: a FIFO given as a picture, a head, a manifest, a model or an export blocked graft
+/// forever (reading waits for a writer). Every file a user names is checked before it is
+/// opened; a FIFO inside a walked folder is skipped with a warning.
+#[test]
+fn fifos_named_as_files_are_refused_not_waited_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    for name in [
+        "pipe.jpg",
+        "pipe.graft",
+        "pipe.toml",
+        "pipe.onnx",
+        "model.onnx",
+    ] {
+        mkfifo(&t.join(name));
+    }
+    let run = |args: &[&OsStr], needle: &str| {
+        let mut c = graft(t);
+        c.args(args);
+        let out = run_within(c, HANG);
+        let err = failed_cleanly(&out, needle, needle);
+        assert!(err.contains("not a regular file"), "{err}");
+    };
+    let p = |n: &str| t.join(n).into_os_string();
+    let dog = image("dog.jpg").into_os_string();
+    run(&["classify".as_ref(), &p("pipe.jpg")], "pipe.jpg");
+    run(
+        &[
+            "predict".as_ref(),
+            "--head".as_ref(),
+            &p("pipe.graft"),
+            &dog,
+        ],
+        "pipe.graft",
+    );
+    run(
+        &["--model".as_ref(), &p("pipe.toml"), "info".as_ref()],
+        "pipe.toml",
+    );
+    run(
+        &["--model".as_ref(), &p("pipe.onnx"), "info".as_ref()],
+        "pipe.onnx",
+    );
+    // A real manifest whose model file is a FIFO.
+    let text = std::fs::read_to_string(root().join("models/efficientnet-lite0-fp32.toml"))
+        .unwrap()
+        .replace(
+            "file = \"efficientnet-lite0/fp32.onnx\"",
+            &format!("file = {:?}", t.join("model.onnx").display().to_string()),
+        );
+    std::fs::write(t.join("m.toml"), text).unwrap();
+    run(
+        &["--model".as_ref(), &p("m.toml"), "info".as_ref()],
+        "model.onnx",
+    );
+
+    // Inside a dataset the FIFO is not a picture: skipped, and said so.
+    let ds = dataset(&t.join("ds"));
+    mkfifo(&ds.join("fish/pipe.jpg"));
+    let out = run_within(train(t, &ds, &t.join("h.graft")), HANG);
+    let stderr = stderr_of(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("fish/pipe.jpg"), "{stderr}");
+}
