@@ -15,6 +15,11 @@ use crate::heads::data_dir;
 /// Long enough for any of these commands on a slow board; a hang is what it catches.
 const HANG: Duration = Duration::from_secs(180);
 
+/// `tests/fixtures/hostile/` (made by `tests/fixtures/make_hostile_images.py`).
+fn hostile(name: &str) -> PathBuf {
+    fixture("hostile").join(name)
+}
+
 /// The first `n` photos (`*_0.jpg`, sorted) of a class of the test photo set.
 fn photos(class: &str, n: usize) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(data_dir().join(class))
@@ -55,6 +60,99 @@ fn mkfifo(p: &Path) {
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Runs graft with its address space capped at `limit` bytes (`setrlimit(RLIMIT_AS)`), on the
+/// CPU: an allocation past the cap fails as it would on a board without that much memory,
+/// where the defect aborted the process. A plain `classify` needs well under 1 GiB.
+fn capped(cache: &Path, limit: u64) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = graft(cache);
+    c.args(["--device", "cpu"]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+const GIB: u64 = 1 << 30;
+
+/// Issue 4: headers claiming 65535 x 65535 (PNG, GIF, JPEG, BMP, TIFF) made the decoder
+/// allocate 12-17 GB and abort ("memory allocation of 12884508675 bytes failed"); a 48 KB
+/// 20000 x 20000 PNG decoded to 1.2 GB; the 370-byte 100000 x 1 PNG of the issue asked for
+/// 19.6 GB in the resize. All are beyond graft's 16384 px a side: refused from the header,
+/// naming the file, within 1 GiB of address space.
+#[test]
+fn pictures_larger_than_any_camera_makes_are_refused_from_their_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in [
+        "claims_65535.png",
+        "claims_65535.gif",
+        "claims_65535.jpg",
+        "claims_65535.bmp",
+        "claims_65535.tif",
+        "huge_20000.png",
+        "wide_100000x1.png",
+    ] {
+        let mut c = capped(tmp.path(), GIB);
+        c.arg("classify").arg(hostile(name));
+        let out = run_within(c, HANG);
+        let err = failed_cleanly(&out, name, name);
+        assert!(err.contains("too large"), "{name}: {err}");
+    }
+}
+
+/// Issue 4: a picture of an extreme aspect ratio within the size limit (16384 x 1) was resized
+/// whole before the centre crop: 4194304 x 256, 3.2 GB, an abort on a board. The resize now
+/// computes only the pixels the crop keeps (bit-identical for ordinary photos: the golden tests
+/// pin them), within 1 GiB of address space.
+#[test]
+fn extreme_aspect_ratios_are_embedded_in_bounded_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["wide_16384x1.png", "tall_1x16384.png"] {
+        let mut c = capped(tmp.path(), GIB);
+        c.args(["--json", "classify"]).arg(hostile(name));
+        let out = run_within(c, HANG);
+        assert!(out.status.success(), "{name}: {}", stderr_of(&out));
+        let line = json_lines(&String::from_utf8(out.stdout).unwrap()).remove(0);
+        assert_eq!(line["top"].as_array().unwrap().len(), 5, "{name}");
+    }
+}
+
+/// Issue 4: `train` on a folder holding such a file aborted. A wide picture within the limits
+/// is an example like any other; one that claims 65535 x 65535 stops `train` with its name,
+/// before a head is written.
+#[test]
+fn train_over_a_folder_with_an_odd_sized_picture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = dataset(&tmp.path().join("ds"));
+    std::fs::copy(hostile("wide_16384x1.png"), ds.join("fish/wide.png")).unwrap();
+    let capped_train = |out: &Path| {
+        let mut c = capped(tmp.path(), 2 * GIB);
+        c.args(["--json", "train", "--head", "centroid", "--out"])
+            .arg(out)
+            .arg(&ds);
+        run_within(c, HANG)
+    };
+    let out = capped_train(&tmp.path().join("h.graft"));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let summary = json_lines(&String::from_utf8(out.stdout).unwrap()).remove(0);
+    assert_eq!(summary["counts"], serde_json::json!([3, 2]));
+    std::fs::copy(hostile("claims_65535.png"), ds.join("tool/huge.png")).unwrap();
+    let head2 = tmp.path().join("h2.graft");
+    let out = capped_train(&head2);
+    failed_cleanly(&out, "train with huge.png", "huge.png");
+    assert!(!head2.exists());
 }
 
 /// Issue 7: `fish/self -> .` counted fish's pictures 246 times without a word, `tool/up -> ..`
