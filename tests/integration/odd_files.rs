@@ -179,6 +179,38 @@ fn symlink_loops_in_a_dataset_are_walked_once_and_named() {
     }
 }
 
+/// Issue 8: a picture named with the bytes `\xff\xfe` failed `train` only after every picture
+/// was embedded, with an error naming the output file; a class folder with such a name was
+/// dropped without a word. Head files, embedding files and JSON output record paths as text,
+/// so both are refused when the folder is scanned: before the backbone runs (the embedding
+/// cache is never opened) and naming the file.
+#[test]
+fn names_that_are_not_utf8_are_refused_at_the_scan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = dataset(&tmp.path().join("ds"));
+    let odd = ds.join("tool").join(OsStr::from_bytes(b"\xff\xfe.jpg"));
+    std::fs::copy(&photos("fruit", 3)[2], &odd).unwrap();
+    let cache = tmp.path().join("cache");
+    let head = tmp.path().join("h.graft");
+    let out = run_within(train(&cache, &ds, &head), HANG);
+    let err = failed_cleanly(&out, "train", r"\xFF\xFE.jpg");
+    assert!(err.contains("UTF-8") && err.contains("tool/"), "{err}");
+    assert!(!head.exists());
+    assert!(
+        !cache.exists(),
+        "embedding started before the name was checked"
+    );
+    std::fs::remove_file(&odd).unwrap();
+
+    let folder = ds.join(OsStr::from_bytes(b"t\xffols"));
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(&photos("fruit", 3)[2], folder.join("x.jpg")).unwrap();
+    let out = run_within(train(&cache, &ds, &head), HANG);
+    let err = failed_cleanly(&out, "train", r"t\xFFols");
+    assert!(err.contains("class folder"), "{err}");
+    assert!(!head.exists());
+}
+
 /// Issue 11: a FIFO given as a picture, a head, a manifest, a model or an export blocked graft
 /// forever (reading waits for a writer). Every file a user names is checked before it is
 /// opened; a FIFO inside a walked folder is skipped with a warning.
