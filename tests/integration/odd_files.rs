@@ -275,3 +275,46 @@ fn fifos_named_as_files_are_refused_not_waited_on() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("fish/pipe.jpg"), "{stderr}");
 }
+
+/// Issue 13: one unreadable picture stopped `predict` over a folder, and a file name with a
+/// newline broke its text output into two lines. Now each failure is reported on stderr,
+/// the other pictures are predicted, the exit code is 1; a name with a control character is
+/// printed quoted and escaped.
+#[test]
+fn predict_reports_an_unreadable_picture_and_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ds = dataset(&t.join("ds"));
+    let head = t.join("h.graft");
+    let out = run_within(train(t, &ds, &head), HANG);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let dir = t.join("shots");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("a.jpg"), b"not a picture").unwrap();
+    let good = photos("birds", 3);
+    std::fs::copy(&good[2], dir.join("b.jpg")).unwrap();
+    std::fs::copy(&good[2], dir.join("c\nd.jpg")).unwrap();
+    for json in [false, true] {
+        let mut c = graft(t);
+        if json {
+            c.arg("--json");
+        }
+        c.args(["predict", "--head"]).arg(&head).arg(&dir);
+        let out = run_within(c, HANG);
+        let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+        let stderr = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.contains("a.jpg"), "{stderr}");
+        assert!(stderr.contains("1 of 3"), "{stderr}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "{stdout}");
+        if json {
+            let got = json_lines(&stdout);
+            assert!(got[1]["path"].as_str().unwrap().ends_with("c\nd.jpg"));
+        } else {
+            assert!(lines[0].contains("/b.jpg: "), "{stdout}");
+            assert!(lines[1].contains(r#"/c\nd.jpg": "#), "{stdout}");
+        }
+    }
+}
