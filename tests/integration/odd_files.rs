@@ -318,3 +318,85 @@ fn predict_reports_an_unreadable_picture_and_goes_on() {
         }
     }
 }
+
+/// The `.graft-tmp-*` files in `dir`.
+#[cfg(feature = "fault-injection")]
+fn temps(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .as_bytes()
+                .starts_with(b".graft-tmp-")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Starts `graft add` on `head` with its write paused (fault injection) and waits until its temp
+/// file exists: returns the writer and that file.
+#[cfg(feature = "fault-injection")]
+fn paused_add(t: &Path, head: &Path, before: &[PathBuf]) -> (std::process::Child, PathBuf) {
+    let mut c = graft(t);
+    c.env(graft::store::FAULT_PAUSE_ENV, "120000")
+        .args(["add", "--head"])
+        .arg(head)
+        .args(["--label", "fish"])
+        .args(photos("birds", 4).get(2..).unwrap())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let deadline = std::time::Instant::now() + HANG;
+    loop {
+        if let Some(p) = temps(t).into_iter().find(|p| !before.contains(p)) {
+            return (child, p);
+        }
+        assert!(std::time::Instant::now() < deadline, "writer never wrote");
+        assert!(child.try_wait().unwrap().is_none(), "writer exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Makes `p` look `age` old.
+#[cfg(feature = "fault-injection")]
+fn age(p: &Path, age: Duration) {
+    let f = std::fs::File::options().write(true).open(p).unwrap();
+    f.set_modified(std::time::SystemTime::now() - age).unwrap();
+}
+
+/// Issue 13: `kill -9` during `graft add` left its `.graft-tmp-*` beside the head for ever. The
+/// next head written into that folder removes temp files that are provably stale (no writer
+/// holds their lock, and older than a minute), never a live writer's.
+#[test]
+#[cfg(feature = "fault-injection")]
+fn a_killed_writers_temp_file_is_cleaned_a_live_ones_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ds = dataset(&t.join("ds"));
+    let head = t.join("h.graft");
+    let out = run_within(train(t, &ds, &head), HANG);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+
+    // A writer killed mid-write leaves its temp file; time passes.
+    let (mut killed, stale) = paused_add(t, &head, &[]);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(stale.exists());
+    age(&stale, Duration::from_secs(3600));
+
+    // The next `add` into the folder removes it before writing its own.
+    let (mut live, live_temp) = paused_add(t, &head, std::slice::from_ref(&stale));
+    assert!(!stale.exists(), "stale temp file kept: {:?}", temps(t));
+
+    // A live writer's temp file survives another head written beside it, however old it looks.
+    age(&live_temp, Duration::from_secs(3600));
+    let out = run_within(train(t, &ds, &t.join("other.graft")), HANG);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(live_temp.exists(), "a live writer's temp file was removed");
+    assert!(live.try_wait().unwrap().is_none());
+    live.kill().unwrap();
+    live.wait().unwrap();
+}
