@@ -38,6 +38,7 @@
 //! | `gpu` (feature `gpu`) | wgpu | the backbone's forward pass on a GPU: graft's WGSL executor |
 //! | [`board`] | toml | board profiles (`boards/*.toml`) and detection |
 //! | [`plot`] | plotters | confusion matrices and learning curves as SVG |
+//! | [`userfile`] | — | opening the files a user names: regular files only (a FIFO would block) |
 //!
 //! Dependencies point one way: `kiosk → live → capture / store → head → backbone`,
 //! `gpu → backbone`, `board → capture`. The library never reads the environment (the binary
@@ -69,6 +70,7 @@ pub mod plot;
 #[cfg(feature = "serial")]
 pub mod serial;
 pub mod store;
+pub mod userfile;
 
 pub use backbone::{
     Backbone, BackboneError, BackboneId, DeviceChoice, Embedding, FieldError, LoadOptions,

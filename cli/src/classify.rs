@@ -28,7 +28,7 @@ pub fn run(g: &Global, images: &[PathBuf], top: usize) -> anyhow::Result<()> {
                 top: &scores,
             })?;
         } else {
-            println!("{}", path.display());
+            println!("{}", output::path_text(path));
             for (rank, s) in scores.iter().enumerate() {
                 println!(
                     "  {:>2}. {:<40} {:>6.2}%  (class {})",

@@ -313,7 +313,8 @@ fn load_backbone_on_device(
     g: &Global,
     fallback: &str,
 ) -> anyhow::Result<(graft::backbone::Backbone, Option<device::Gpu>)> {
-    let spec = graft::backbone::ModelSpec::resolve(g.model.as_deref().unwrap_or(fallback))?;
+    let name = g.model.as_deref().unwrap_or(fallback);
+    let spec = graft::backbone::ModelSpec::resolve(name)?;
     let options = graft::backbone::LoadOptions {
         threads: g.threads()?,
     };
@@ -321,3 +322,4 @@ fn load_backbone_on_device(
     let gpu = device::attach(g, &mut bb)?;
     Ok((bb, gpu))
 }
+

@@ -1,5 +1,7 @@
 //! Printing helpers shared by commands: JSON lines on stdout, progress bars on stderr.
 
+use std::path::Path;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -23,4 +25,15 @@ pub fn progress(len: usize, what: &str) -> ProgressBar {
     );
     bar.set_message(what.to_string());
     bar
+}
+
+/// A path for a line of text output: as it is, or quoted with escapes (`"shots/a\nb.jpg"`) when
+/// it holds a control character, which would break the line (a newline) or the terminal.
+pub fn path_text(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    if text.chars().any(char::is_control) {
+        format!("{path:?}")
+    } else {
+        text.into_owned()
+    }
 }

@@ -44,6 +44,16 @@ pub enum BackboneError {
         /// Height in pixels.
         height: u32,
     },
+    /// The picture is larger than graft decodes ([`super::preprocess::MAX_SIDE`] a side,
+    /// [`super::preprocess::MAX_DECODED_BYTES`] decoded): refused from its header, before the
+    /// pixels are allocated.
+    #[error("{} is too large to decode: {reason}", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// What it claims, and the limit.
+        reason: String,
+    },
     /// A manifest is missing, malformed or inconsistent.
     #[error("model manifest {manifest}: {reason}")]
     Manifest {

@@ -181,7 +181,8 @@ impl ModelSpec {
 
     /// Reads a manifest from disk; its files are resolved relative to it.
     pub fn from_path(path: &Path) -> Result<ModelSpec, BackboneError> {
-        let text = std::fs::read_to_string(path).map_err(|e| BackboneError::io(path, e))?;
+        let text =
+            crate::userfile::read_to_string(path).map_err(|e| BackboneError::io(path, e))?;
         let manifest = parse(&text, &path.display().to_string())?;
         Ok(ModelSpec {
             manifest,
@@ -195,7 +196,7 @@ impl ModelSpec {
     /// Reads a model written by `graft export`: the manifest comes from its metadata.
     pub fn from_export(path: &Path) -> Result<ModelSpec, BackboneError> {
         let origin = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| BackboneError::io(path, e))?;
+        let bytes = crate::userfile::read(path).map_err(|e| BackboneError::io(path, e))?;
         let meta = exported::read_meta(&bytes, &origin)?.ok_or_else(|| BackboneError::Manifest {
             manifest: origin.clone(),
             reason: "this ONNX file has no graft metadata; give a manifest (.toml) for a plain backbone".into(),
@@ -279,7 +280,7 @@ impl ModelSpec {
             Source::Bundled { onnx, .. } => Ok(std::borrow::Cow::Borrowed(onnx)),
             Source::Disk { manifest_path } => {
                 let p = relative_to(manifest_path, &self.manifest.file);
-                std::fs::read(&p)
+                crate::userfile::read(&p)
                     .map(std::borrow::Cow::Owned)
                     .map_err(|e| BackboneError::io(p, e))
             }
@@ -292,7 +293,8 @@ impl ModelSpec {
             (Source::Bundled { labels, .. }, Some(_)) => labels.map(str::to_string),
             (Source::Disk { manifest_path }, Some(file)) => {
                 let p = relative_to(manifest_path, file);
-                let text = std::fs::read_to_string(&p).map_err(|e| BackboneError::io(&p, e))?;
+                let text =
+                    crate::userfile::read_to_string(&p).map_err(|e| BackboneError::io(&p, e))?;
                 if let Some(expected) = &self.manifest.labels_sha256 {
                     let actual = super::sha256_hex(text.as_bytes());
                     if &actual != expected {

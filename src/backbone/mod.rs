@@ -281,6 +281,10 @@ impl Backbone {
     pub fn load(spec: ModelSpec, options: &LoadOptions) -> Result<Backbone, BackboneError> {
         let start = Instant::now();
         spec.validate()?;
+        // Not a FIFO or a device: reading one would wait (or run) for ever.
+        if let Some(p) = spec.onnx_path() {
+            crate::userfile::check(&p).map_err(|e| BackboneError::io(p, e))?;
+        }
         let onnx = spec.read_onnx()?;
         let actual = sha256_hex(&onnx);
         if actual != spec.manifest.sha256 {

@@ -4,12 +4,19 @@
 //! to RGB honouring EXIF orientation, resize the shorter side to 256 (bilinear, antialiased like
 //! PIL), centre-crop 224 (offsets rounded down), `(x - 127) / 128`, NCHW. The golden test checks
 //! this against PIL + onnxruntime (`tests/fixtures/reference.py`).
+//!
+//! Memory per picture is bounded: a header claiming more than [`MAX_SIDE`] px a side or
+//! [`MAX_DECODED_BYTES`] decoded is refused before the pixels are allocated (the image crate's
+//! `Limits`), and the resize computes only the pixels the centre crop keeps, so an extreme
+//! aspect ratio costs no more than a square picture.
 
+use std::collections::HashSet;
 use std::io::{BufRead, Cursor, Seek};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use super::BackboneError;
@@ -110,35 +117,91 @@ impl InputSpec {
 /// files in the same order), skipping hidden files and folders (names starting with `.`). The
 /// one folder walk: `train`'s class folders, `embed` / `predict` / `add` folders and `--source`
 /// folders all see the same files. An error names the folder that could not be read.
+///
+/// Links are followed, and each folder is walked once: a link back to a folder that contains it
+/// (`fish/self -> .`, `tool/up -> ..`) would repeat the pictures without end, and a second link
+/// to a folder already walked would count its pictures twice. Those links, broken links and
+/// image-named entries that are not regular files (a FIFO would block the reader) are skipped
+/// with a warning naming them.
 pub fn image_files_in(dir: &Path) -> Result<Vec<PathBuf>, BackboneError> {
-    let mut out = Vec::new();
-    walk(dir, &mut out)?;
-    Ok(out)
+    let real = std::fs::canonicalize(dir).map_err(|e| BackboneError::io(dir, e))?;
+    let mut walk = Walk {
+        out: Vec::new(),
+        walked: HashSet::from([real.clone()]),
+    };
+    walk.folder(dir, &real)?;
+    Ok(walk.out)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), BackboneError> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| BackboneError::io(dir, e))?
-        .map(|e| {
-            e.map(|e| e.path())
-                .map_err(|err| BackboneError::io(dir, err))
-        })
-        .collect::<Result<_, _>>()?;
-    entries.sort();
-    for p in entries {
-        if p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'))
-        {
-            continue;
+struct Walk {
+    out: Vec<PathBuf>,
+    /// Canonical paths of the folders walked so far.
+    walked: HashSet<PathBuf>,
+}
+
+impl Walk {
+    /// Walks `dir`, whose canonical path is `real`.
+    fn folder(&mut self, dir: &Path, real: &Path) -> Result<(), BackboneError> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| BackboneError::io(dir, e))?
+            .map(|e| {
+                e.map(|e| e.path())
+                    .map_err(|err| BackboneError::io(dir, err))
+            })
+            .collect::<Result<_, _>>()?;
+        entries.sort();
+        for p in entries {
+            let Some(name) = p.file_name() else { continue };
+            if name.as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
+            let link = std::fs::symlink_metadata(&p)
+                .map_err(|e| BackboneError::io(&p, e))?
+                .file_type()
+                .is_symlink();
+            let meta = match std::fs::metadata(&p) {
+                Ok(m) => m,
+                Err(e) if link => {
+                    log::warn!("skipping {}: a link to nothing usable ({e})", p.display());
+                    continue;
+                }
+                Err(e) => return Err(BackboneError::io(&p, e)),
+            };
+            if meta.is_dir() {
+                let sub = if link {
+                    std::fs::canonicalize(&p).map_err(|e| BackboneError::io(&p, e))?
+                } else {
+                    real.join(name)
+                };
+                if real.starts_with(&sub) {
+                    log::warn!(
+                        "skipping {}: a link back to {}, which contains it (a loop)",
+                        p.display(),
+                        sub.display()
+                    );
+                } else if !self.walked.insert(sub.clone()) {
+                    log::warn!(
+                        "skipping {}: a link to {}, already walked",
+                        p.display(),
+                        sub.display()
+                    );
+                } else {
+                    self.folder(&p, &sub)?;
+                }
+            } else if has_image_extension(&p) {
+                if meta.is_file() {
+                    self.out.push(p);
+                } else {
+                    log::warn!(
+                        "skipping {}: not a regular file but {}",
+                        p.display(),
+                        crate::userfile::describe(&meta.file_type())
+                    );
+                }
+            }
         }
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else if has_image_extension(&p) {
-            out.push(p);
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// One image made ready for the backbone: `3 * size * size` floats, planar RGB.
@@ -213,13 +276,49 @@ impl RgbFrame {
     }
 }
 
-/// Decodes an image file to RGB, applying its EXIF orientation.
+/// The longest side graft decodes, in pixels. The largest phone sensors (200 MP) write
+/// 16320 x 12240 photos and WebP stops at 16383, so no camera picture is refused; a header
+/// claiming more (65535 x 65535 fits in a 69-byte PNG) is refused before any pixel is allocated.
+pub const MAX_SIDE: u32 = 16384;
+
+/// The most memory one picture may take while it is decoded: the decoder's output buffer plus
+/// what it allocates on the way (the image crate's [`Limits`]). 1 GiB holds a 200 MP photo as
+/// 8-bit RGB (600 MB) or a 16384 x 16384 one (768 MiB), not a 16-bit RGBA one of that size.
+/// Turning the picture into 8-bit RGB (grey or RGBA sources) or rotating it by its EXIF
+/// orientation copies it once more, so a picture at the limit peaks near twice this.
+pub const MAX_DECODED_BYTES: u64 = 1 << 30;
+
+/// The largest image file graft reads into memory: a picture within the limits above is
+/// smaller than this encoded.
+pub const MAX_FILE_BYTES: u64 = MAX_DECODED_BYTES;
+
+fn limits_text() -> String {
+    format!(
+        "graft decodes pictures up to {MAX_SIDE} px a side and {} MiB decoded",
+        MAX_DECODED_BYTES >> 20
+    )
+}
+
+/// Decodes an image file to RGB, applying its EXIF orientation. Only a regular file is opened
+/// ([`crate::userfile`]), and only one within [`MAX_FILE_BYTES`].
 pub fn decode_file(path: &Path) -> Result<RgbFrame, BackboneError> {
-    let bytes = std::fs::read(path).map_err(|e| BackboneError::io(path, e))?;
+    let meta = crate::userfile::check(path).map_err(|e| BackboneError::io(path, e))?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(BackboneError::TooLarge {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the file is {} MiB; graft reads image files up to {} MiB",
+                meta.len() >> 20,
+                MAX_FILE_BYTES >> 20
+            ),
+        });
+    }
+    let bytes = crate::userfile::read(path).map_err(|e| BackboneError::io(path, e))?;
     decode_bytes(&bytes, path)
 }
 
 /// Decodes in-memory image bytes (any supported format); `path` is only used in messages.
+/// Pictures larger than [`MAX_SIDE`] or [`MAX_DECODED_BYTES`] are refused from their header.
 pub fn decode_bytes(bytes: &[u8], path: &Path) -> Result<RgbFrame, BackboneError> {
     decode_reader(Cursor::new(bytes), bytes, path)
 }
@@ -233,9 +332,18 @@ fn decode_reader<R: BufRead + Seek>(
         path: path.to_path_buf(),
         reason,
     };
-    let reader = ImageReader::new(reader)
+    let too_large = |reason: String| BackboneError::TooLarge {
+        path: path.to_path_buf(),
+        reason: format!("{reason} ({})", limits_text()),
+    };
+    let mut reader = ImageReader::new(reader)
         .with_guessed_format()
         .map_err(|e| BackboneError::io(path, e))?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits.clone());
     match reader.format() {
         None => return Err(bad("unknown or unsupported image format".into())),
         // The JPEG decoder fills a cut-off picture with grey instead of failing; a camera
@@ -247,7 +355,21 @@ fn decode_reader<R: BufRead + Seek>(
         }
         Some(_) => {}
     }
-    let mut decoder = reader.into_decoder().map_err(|e| bad(e.to_string()))?;
+    let limit_error = |e: image::ImageError| match e {
+        image::ImageError::Limits(l) => too_large(match l.kind() {
+            image::error::LimitErrorKind::DimensionError => {
+                format!("its header claims more than {MAX_SIDE} px a side")
+            }
+            image::error::LimitErrorKind::InsufficientMemory => format!(
+                "decoding it needs more than {} MiB",
+                MAX_DECODED_BYTES >> 20
+            ),
+            _ => l.to_string(),
+        }),
+        e => bad(e.to_string()),
+    };
+    // Each decoder checks the sides against the limits as it reads the header.
+    let mut decoder = reader.into_decoder().map_err(limit_error)?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
         return Err(BackboneError::EmptyImage {
@@ -256,11 +378,25 @@ fn decode_reader<R: BufRead + Seek>(
             height: h,
         });
     }
+    // The output buffer counts against the allowance before it is allocated, and the decoder
+    // gets what is left for its own buffers: what `ImageReader::decode` does, which graft
+    // cannot call because it needs the EXIF orientation from the decoder.
+    let needed = decoder.total_bytes();
+    limits
+        .reserve(needed)
+        .and_then(|()| decoder.set_limits(limits))
+        .map_err(|_| {
+            too_large(format!(
+                "{w}x{h} {:?} needs {} MiB decoded",
+                decoder.color_type(),
+                needed.div_ceil(1 << 20)
+            ))
+        })?;
     // A broken EXIF block should not make a good picture unreadable: fall back to upright.
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| bad(e.to_string()))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(limit_error)?;
     img.apply_orientation(orientation);
     // Grey, grey+alpha, RGBA and 16-bit pictures all become 8-bit RGB; alpha is dropped (as
     // PIL's convert("RGB") does), not composited.
@@ -297,35 +433,55 @@ pub fn prepare(frame: &RgbFrame, spec: &InputSpec) -> Prepared {
     let img = &frame.inner;
     let (w, h) = img.dimensions();
     let (nw, nh) = resized_dims(w, h, spec.resize_shorter);
-    let resized;
-    let src = if (nw, nh) == (w, h) {
-        img
-    } else {
-        resized = resize_bilinear(img, nw, nh);
-        &resized
-    };
     let size = spec.size;
-    let left = (nw - size) / 2;
-    let top = (nh - size) / 2;
+    let crop = Window {
+        x: (nw - size) / 2,
+        y: (nh - size) / 2,
+        w: size,
+        h: size,
+    };
+    // Only the pixels the crop keeps are resized: the same values as resizing the whole picture
+    // and cropping (each output pixel depends on its own filter window only), without the
+    // whole resized picture, which for a 100000 x 1 one is 25600000 x 256 (19.6 GB).
+    let src = resize_bilinear_window(img, nw, nh, crop);
     let plane = (size * size) as usize;
     let mut data = vec![0f32; 3 * plane];
-    let raw = src.as_raw();
-    let stride = nw as usize * 3;
     let scale = spec.std.map(|s| 1.0 / s);
-    for y in 0..size as usize {
-        let row = &raw[(top as usize + y) * stride + left as usize * 3..][..size as usize * 3];
-        for (x, px) in row.chunks_exact(3).enumerate() {
-            let o = y * size as usize + x;
-            for c in 0..3 {
-                data[c * plane + o] = (px[c] as f32 - spec.mean[c]) * scale[c];
-            }
+    for (o, px) in src.as_raw().chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            data[c * plane + o] = (px[c] as f32 - spec.mean[c]) * scale[c];
         }
     }
     Prepared { data }
 }
 
+/// A rectangle of a resized picture: first column and row, width and height.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    x: u32,
+    y: u32,
+    w: u32,
+    h: u32,
+}
+
 /// Fixed-point precision of the resampling weights (as in Pillow's Resample.c).
 const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// The whole picture resized: the reference the window is tested against.
+#[cfg(test)]
+pub(crate) fn resize_bilinear(src: &RgbImage, nw: u32, nh: u32) -> RgbImage {
+    resize_bilinear_window(
+        src,
+        nw,
+        nh,
+        Window {
+            x: 0,
+            y: 0,
+            w: nw,
+            h: nh,
+        },
+    )
+}
 
 /// Pillow's antialiased bilinear resample, bit for bit: per output pixel a triangle filter
 /// widened by the downscale factor, weights normalised and rounded to 22-bit fixed point, a
@@ -333,16 +489,32 @@ const PRECISION_BITS: u32 = 32 - 8 - 2;
 /// preprocessing exactly matters for int8 models, where a ±1 difference in a pixel can flip a
 /// quantisation step (measured: embedding cosine to onnxruntime 0.997 with the `image` crate's
 /// float resize, >= 0.999 with this one).
-pub(crate) fn resize_bilinear(src: &RgbImage, nw: u32, nh: u32) -> RgbImage {
+///
+/// Only the pixels inside `win` (which must lie within `nw x nh`) are computed: the horizontal
+/// pass runs on the source rows the window's vertical filters read, for the window's columns
+/// only. Every computed pixel is the one resizing the whole picture gives.
+fn resize_bilinear_window(src: &RgbImage, nw: u32, nh: u32, win: Window) -> RgbImage {
     let (w, h) = src.dimensions();
     let raw = src.as_raw();
+    let (ww, wh) = (win.w as usize, win.h as usize);
+    let cols = win.x as usize..win.x as usize + ww;
+    let vertical = (nh != h).then(|| coefficients(h, nh, win.y as usize..win.y as usize + wh));
+    // The source rows the vertical pass reads (or, without one, the window's own rows).
+    let rows = match &vertical {
+        Some((bounds, _, _)) => {
+            let first = bounds.iter().map(|b| b.0).min().unwrap_or(0);
+            let end = bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(first);
+            first..end
+        }
+        None => win.y as usize..win.y as usize + wh,
+    };
+    let row_bytes = w as usize * 3;
     let horizontal: Vec<u8> = if nw != w {
-        let (bounds, k, ks) = coefficients(w, nw);
-        let mut out = vec![0u8; nw as usize * h as usize * 3];
-        for y in 0..h as usize {
-            let row = &raw[y * w as usize * 3..(y + 1) * w as usize * 3];
-            for x in 0..nw as usize {
-                let (min, len) = bounds[x];
+        let (bounds, k, ks) = coefficients(w, nw, cols);
+        let mut out = vec![0u8; ww * rows.len() * 3];
+        for (ry, y) in rows.clone().enumerate() {
+            let row = &raw[y * row_bytes..(y + 1) * row_bytes];
+            for (x, &(min, len)) in bounds.iter().enumerate() {
                 let kx = &k[x * ks..x * ks + len];
                 let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
                 for (i, kw) in kx.iter().enumerate() {
@@ -352,34 +524,38 @@ pub(crate) fn resize_bilinear(src: &RgbImage, nw: u32, nh: u32) -> RgbImage {
                     }
                 }
                 for c in 0..3 {
-                    out[(y * nw as usize + x) * 3 + c] = clip8(acc[c]);
+                    out[(ry * ww + x) * 3 + c] = clip8(acc[c]);
                 }
             }
         }
         out
     } else {
-        raw.to_vec()
-    };
-    let out = if nh != h {
-        let (bounds, k, ks) = coefficients(h, nh);
-        let stride = nw as usize * 3;
-        let mut out = vec![0u8; stride * nh as usize];
-        for y in 0..nh as usize {
-            let (min, len) = bounds[y];
-            let ky = &k[y * ks..y * ks + len];
-            for x in 0..stride {
-                let mut acc = 1i32 << (PRECISION_BITS - 1);
-                for (i, kw) in ky.iter().enumerate() {
-                    acc += horizontal[(min + i) * stride + x] as i32 * kw;
-                }
-                out[y * stride + x] = clip8(acc);
-            }
+        let mut out = Vec::with_capacity(ww * rows.len() * 3);
+        for y in rows.clone() {
+            out.extend_from_slice(&raw[y * row_bytes + cols.start * 3..][..ww * 3]);
         }
         out
-    } else {
-        horizontal
     };
-    RgbImage::from_raw(nw, nh, out).expect("buffer sized for the output")
+    let out = match vertical {
+        Some((bounds, k, ks)) => {
+            let stride = ww * 3;
+            let mut out = vec![0u8; stride * wh];
+            for (y, &(min, len)) in bounds.iter().enumerate() {
+                let ky = &k[y * ks..y * ks + len];
+                let first = min - rows.start;
+                for x in 0..stride {
+                    let mut acc = 1i32 << (PRECISION_BITS - 1);
+                    for (i, kw) in ky.iter().enumerate() {
+                        acc += horizontal[(first + i) * stride + x] as i32 * kw;
+                    }
+                    out[y * stride + x] = clip8(acc);
+                }
+            }
+            out
+        }
+        None => horizontal,
+    };
+    RgbImage::from_raw(win.w, win.h, out).expect("buffer sized for the window")
 }
 
 fn clip8(v: i32) -> u8 {
@@ -392,16 +568,21 @@ fn clip8(v: i32) -> u8 {
     }
 }
 
-/// Per output index: (first input index, count), and `ks` fixed-point weights per output.
-fn coefficients(in_size: u32, out_size: u32) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
+/// For each output index in `range` (of `0..out_size`): (first input index, count), and `ks`
+/// fixed-point weights per output, `ks` apart.
+fn coefficients(
+    in_size: u32,
+    out_size: u32,
+    range: Range<usize>,
+) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filterscale; // the triangle filter's support is 1
     let ks = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size as usize);
-    let mut k = vec![0i32; out_size as usize * ks];
+    let mut bounds = Vec::with_capacity(range.len());
+    let mut k = vec![0i32; range.len() * ks];
     let mut w = vec![0f64; ks];
-    for xx in 0..out_size as usize {
+    for (j, xx) in range.enumerate() {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C's (int) cast truncates toward zero.
@@ -416,7 +597,7 @@ fn coefficients(in_size: u32, out_size: u32) -> (Vec<(usize, usize)>, Vec<i32>, 
         for x in 0..xmax {
             let v = if total != 0.0 { w[x] / total } else { w[x] };
             let f = v * (1u32 << PRECISION_BITS) as f64;
-            k[xx * ks + x] = if v < 0.0 {
+            k[j * ks + x] = if v < 0.0 {
                 (f - 0.5) as i32
             } else {
                 (f + 0.5) as i32
@@ -427,10 +608,12 @@ fn coefficients(in_size: u32, out_size: u32) -> (Vec<(usize, usize)>, Vec<i32>, 
     (bounds, k, ks)
 }
 
-/// Size after scaling the shorter side to `shorter`, the longer one rounded half up.
+/// Size after scaling the shorter side to `shorter`, the longer one rounded half up (at most
+/// `u32::MAX`: only frames made in memory, millions of pixels long, come near).
 fn resized_dims(w: u32, h: u32, shorter: u32) -> (u32, u32) {
     let scale = |long: u32, short: u32| -> u32 {
-        ((long as u64 * shorter as u64 * 2 + short as u64) / (2 * short as u64)) as u32
+        ((long as u64 * shorter as u64 * 2 + short as u64) / (2 * short as u64))
+            .min(u32::MAX as u64) as u32
     };
     if w <= h {
         (shorter, scale(h, w).max(shorter))
@@ -542,6 +725,194 @@ mod tests {
             113, 97, 134, 154, 131, 111, 134, 169, 128, 93, 115, 152, 131, 108, 129, 152, 149, 83,
         ];
         assert_eq!(out.as_raw().as_slice(), &pillow);
+    }
+
+    /// Deterministic pseudo-random pixels.
+    fn noise(w: u32, h: u32, seed: u32) -> RgbImage {
+        let mut x = seed.wrapping_mul(2654435761) | 1;
+        let raw = (0..w * h * 3)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 24) as u8
+            })
+            .collect();
+        RgbImage::from_raw(w, h, raw).unwrap()
+    }
+
+    #[test]
+    fn a_window_of_the_resize_is_that_part_of_the_whole_resize() {
+        // (source, resized, window): downscales, upscales, one side unchanged, odd edges.
+        let cases = [
+            ((7, 5), (3, 2), (1, 0, 2, 2)),
+            ((640, 480), (341, 256), (58, 16, 224, 224)),
+            ((480, 640), (256, 341), (16, 58, 224, 224)),
+            ((451, 300), (385, 256), (80, 16, 224, 224)),
+            ((3, 5), (256, 427), (16, 101, 224, 224)),
+            ((256, 300), (256, 300), (16, 38, 224, 224)),
+            ((1000, 10), (25600, 256), (12688, 16, 224, 224)),
+            ((10, 1000), (256, 25600), (16, 12688, 224, 224)),
+            ((300, 256), (300, 256), (0, 0, 300, 256)),
+            ((97, 13), (40, 60), (39, 59, 1, 1)),
+        ];
+        for (i, ((w, h), (nw, nh), (x, y, cw, ch))) in cases.into_iter().enumerate() {
+            let src = noise(w, h, i as u32);
+            let whole = resize_bilinear(&src, nw, nh);
+            let win = resize_bilinear_window(&src, nw, nh, Window { x, y, w: cw, h: ch });
+            let want = image::imageops::crop_imm(&whole, x, y, cw, ch).to_image();
+            assert_eq!(win, want, "{w}x{h} -> {nw}x{nh} at {x},{y}");
+        }
+    }
+
+    #[test]
+    fn extreme_aspect_ratios_prepare_in_small_memory() {
+        // Resized whole, 100000 x 1 would be 25600000 x 256 (19.6 GB); the window is 224 x 224.
+        for (w, h) in [(100_000, 1), (1, 100_000), (16384, 1)] {
+            let frame = RgbFrame {
+                inner: noise(w, h, 7),
+            };
+            let p = prepare(&frame, &spec());
+            assert_eq!(p.data.len(), 3 * 224 * 224, "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn pictures_beyond_the_limits_are_refused_from_their_header() {
+        let dir = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/hostile"
+        ));
+        for name in [
+            "claims_65535.png",
+            "claims_65535.gif",
+            "claims_65535.jpg",
+            "claims_65535.bmp",
+            "claims_65535.tif",
+            "huge_20000.png",
+            "wide_100000x1.png",
+        ] {
+            match decode_file(&dir.join(name)) {
+                Err(BackboneError::TooLarge { path, reason }) => {
+                    assert!(path.ends_with(name), "{path:?}");
+                    assert!(reason.contains("16384 px"), "{name}: {reason}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let wide = decode_file(&dir.join("wide_16384x1.png")).unwrap();
+        assert_eq!((wide.width(), wide.height()), (16384, 1));
+    }
+
+    #[test]
+    fn the_output_buffer_counts_against_the_memory_limit() {
+        // 16384 x 16384 is within the side limit; as 16-bit RGBA it needs 2 GiB.
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let ihdr = [
+            &b"IHDR"[..],
+            &16384u32.to_be_bytes(),
+            &16384u32.to_be_bytes(),
+            &[16, 6, 0, 0, 0],
+        ]
+        .concat();
+        // IHDR, then an IDAT (the decoder reads the header up to the first one) and IEND.
+        for (len, chunk) in [
+            (13u32, ihdr),
+            (2, b"IDAT\x78\x01".to_vec()),
+            (0, b"IEND".to_vec()),
+        ] {
+            png.extend_from_slice(&len.to_be_bytes());
+            png.extend_from_slice(&chunk);
+            png.extend_from_slice(&crc32(&chunk).to_be_bytes());
+        }
+        let err = decode_bytes(&png, Path::new("deep.png")).unwrap_err();
+        assert!(
+            matches!(&err, BackboneError::TooLarge { reason, .. } if reason.contains("16384x16384")),
+            "{err}"
+        );
+    }
+
+    /// CRC-32 (IEEE), for hand-made PNG chunks.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for b in bytes {
+            c ^= *b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    fn touch(root: &Path, files: &[&str]) {
+        for f in files {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+    }
+
+    fn relative(root: &Path, files: Vec<PathBuf>) -> Vec<String> {
+        files
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_walk_follows_links_once_and_never_loops() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        touch(
+            root,
+            &["fish/a.jpg", "fish/b.jpg", "tool/c.jpg", "elsewhere/d.jpg"],
+        );
+        symlink(".", root.join("fish/self")).unwrap();
+        symlink("..", root.join("tool/up")).unwrap();
+        symlink("../fish", root.join("tool/fish-again")).unwrap();
+        symlink("../elsewhere", root.join("tool/more")).unwrap();
+        symlink("nowhere", root.join("tool/broken.jpg")).unwrap();
+        symlink("loop", root.join("tool/loop")).unwrap();
+        // Each class folder walked on its own, as `train` does: a link up out of it is a loop.
+        assert_eq!(
+            relative(root, image_files_in(&root.join("fish")).unwrap()),
+            ["fish/a.jpg", "fish/b.jpg"]
+        );
+        assert_eq!(
+            relative(root, image_files_in(&root.join("tool")).unwrap()),
+            [
+                "tool/c.jpg",
+                "tool/fish-again/a.jpg",
+                "tool/fish-again/b.jpg",
+                "tool/more/d.jpg"
+            ]
+        );
+        // From the top, the second way into fish is not walked again.
+        assert_eq!(
+            relative(root, image_files_in(root).unwrap()),
+            ["elsewhere/d.jpg", "fish/a.jpg", "fish/b.jpg", "tool/c.jpg"]
+        );
+    }
+
+    #[test]
+    fn the_walk_skips_what_is_not_a_regular_file() {
+        let d = tempfile::tempdir().unwrap();
+        touch(d.path(), &["a.jpg"]);
+        let fifo = d.path().join("b.jpg");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        assert_eq!(
+            relative(d.path(), image_files_in(d.path()).unwrap()),
+            ["a.jpg"]
+        );
     }
 
     #[test]

@@ -354,10 +354,12 @@ impl FileSource {
     pub fn open(path: &str, repeat: bool) -> Result<FileSource, CaptureError> {
         let p = Path::new(path);
         let mut files = Vec::new();
-        if p.is_file() {
-            files.push(p.to_path_buf());
-        } else if p.is_dir() {
+        if p.is_dir() {
             files = preprocess::image_files_in(p)?;
+        } else if p.exists() {
+            // A FIFO or a device would block the first frame for ever: say what it is now.
+            crate::userfile::check(p).map_err(|e| BackboneError::io(p, e))?;
+            files.push(p.to_path_buf());
         } else if path.contains(['*', '?', '[']) {
             let entries = glob::glob(path).map_err(|e| CaptureError::BadPattern {
                 pattern: path.into(),
@@ -574,6 +576,20 @@ mod tests {
         assert!(e.to_string().contains("/nonexistent/graft/x.jpg"), "{e}");
         let e = FileSource::open("/nonexistent/graft/*.jpg", false).unwrap_err();
         assert!(matches!(e, CaptureError::NoImages { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_as_source_is_refused_at_open() {
+        // It used to be reported as "no such file or folder"; reading it would block.
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("cam.jpg");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let e = FileSource::open(fifo.to_str().unwrap(), false).unwrap_err();
+        assert!(e.to_string().contains("FIFO"), "{e}");
     }
 
     #[test]

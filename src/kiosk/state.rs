@@ -97,7 +97,7 @@ struct Settings {
 
 impl Settings {
     fn read(path: &Path) -> Result<Settings, StoreError> {
-        let bytes = match std::fs::read(path) {
+        let bytes = match crate::userfile::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Settings::default()),
             Err(e) => return Err(StoreError::io(path, e)),

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::cache::Cache;
-use super::files::{collect_images, file_sha256};
+use super::files::{file_sha256, images_in, utf8_path};
 use super::headfile::Example;
 use super::learn::ExampleSet;
 use super::StoreError;
@@ -36,7 +36,9 @@ impl ImageFolder {
     /// Empty class folders are skipped; a dataset with no class folders is an error, and so is
     /// a class folder whose name is not a usable class name ([`Label`]: e.g. `unknown`, a name
     /// with a space, or one that is not UTF-8), since the kiosk and the protocol could never
-    /// name that class.
+    /// name that class, and a picture whose path is not UTF-8 ([`super::files::utf8_path`]):
+    /// both found here, before any picture is embedded. A folder that cannot be read is an
+    /// error, not a class skipped.
     pub fn scan(root: &Path) -> Result<ImageFolder, StoreError> {
         let meta = std::fs::metadata(root).map_err(|e| StoreError::io(root, e))?;
         if !meta.is_dir() {
@@ -49,28 +51,36 @@ impl ImageFolder {
             .map_err(|e| StoreError::io(root, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_dir())
+            // Hidden by its first byte: a name that is not UTF-8 is not hidden, it is refused.
             .filter(|p| {
                 !p.file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or(".")
-                    .starts_with('.')
+                    .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
             })
             .collect();
         classes.sort();
         let mut labels = Vec::new();
         let mut items = Vec::new();
         for dir in classes {
-            let Ok(images) = collect_images(std::slice::from_ref(&dir)) else {
+            let images = images_in(&dir)?;
+            if images.is_empty() {
                 continue;
-            };
+            }
             let name = dir.file_name().unwrap_or_default();
-            let label = name
-                .to_str()
-                .ok_or_else(|| crate::head::LabelError::Invalid(name.to_string_lossy().into()))
-                .and_then(Label::new)
-                .map_err(|e| {
-                    StoreError::format(&dir, format!("class folder: {e}; rename the folder"))
-                })?;
+            let Some(name) = name.to_str() else {
+                return Err(StoreError::format(
+                    &dir,
+                    format!(
+                        "class folder: the name {name:?} is not valid UTF-8, so not a usable \
+                         class name; rename the folder"
+                    ),
+                ));
+            };
+            let label = Label::new(name).map_err(|e| {
+                StoreError::format(&dir, format!("class folder: {e}; rename the folder"))
+            })?;
+            for p in &images {
+                utf8_path(p)?;
+            }
             let id = labels.len();
             labels.push(label.to_string());
             items.extend(images.into_iter().map(|p| (p, id)));
@@ -203,6 +213,22 @@ mod tests {
             let err = ImageFolder::scan(d.path()).unwrap_err().to_string();
             assert!(err.contains(bad) && err.contains("class folder"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_class_folder_whose_name_is_not_utf8_is_refused_not_dropped() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let odd = d.path().join(std::ffi::OsStr::from_bytes(b"t\xffols"));
+        for dir in [d.path().join("cup"), odd] {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("1.jpg"), b"x").unwrap();
+        }
+        let err = ImageFolder::scan(d.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(r"t\xFFols") && err.contains("class folder"),
+            "{err}"
+        );
     }
 
     #[test]

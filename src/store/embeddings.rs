@@ -63,7 +63,7 @@ pub fn write(path: &Path, file: &EmbeddingFile) -> Result<(), StoreError> {
 
 /// Reads an embedding file, checking the header and every record's length.
 pub fn read(path: &Path) -> Result<EmbeddingFile, StoreError> {
-    let f = std::fs::File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let f = crate::userfile::open(path).map_err(|e| StoreError::io(path, e))?;
     let mut lines = std::io::BufReader::new(f).lines();
     let first = lines
         .next()

@@ -10,16 +10,52 @@ use crate::backbone::BackboneError;
 
 /// Expands files and folders into the list of image files. A file given explicitly is kept
 /// whatever its extension (the decoder will say if it is not an image); folders contribute the
-/// files with an image extension, recursively. A folder with no image in it is an error.
+/// files with an image extension, recursively. A folder with no image in it is an error, and so
+/// is a path that is not valid UTF-8 ([`utf8_path`]), found here before any picture is embedded.
 pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
+    let out = collect_any(paths)?;
+    for p in &out {
+        utf8_path(p)?;
+    }
+    Ok(out)
+}
+
+/// Refuses a path that is not valid UTF-8, naming the part that is not (with its bytes escaped).
+/// Head files, embedding files and JSON output record picture paths as text, so such a name
+/// cannot be stored faithfully; a rename fixes it for every command, while a lossy copy of the
+/// name would point at a file that does not exist.
+pub fn utf8_path(path: &Path) -> Result<(), StoreError> {
+    if path.to_str().is_some() {
+        return Ok(());
+    }
+    let bad = path
+        .components()
+        .map(|c| c.as_os_str())
+        .find(|c| c.to_str().is_none())
+        .unwrap_or(path.as_os_str());
+    Err(StoreError::format(
+        path,
+        format!(
+            "the name {bad:?} is not valid UTF-8; graft records picture paths as text (head \
+             files, embedding files, JSON output): rename it"
+        ),
+    ))
+}
+
+/// The image files under a folder ([`image_files_in`], the one folder walk), possibly none.
+pub(crate) fn images_in(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    image_files_in(dir).map_err(|e| match e {
+        BackboneError::Io { path, source } => StoreError::Io { path, source },
+        other => StoreError::format(dir, other.to_string()),
+    })
+}
+
+fn collect_any(paths: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
     let mut out = Vec::new();
     for p in paths {
         let meta = std::fs::metadata(p).map_err(|e| StoreError::io(p, e))?;
         if meta.is_dir() {
-            let found = image_files_in(p).map_err(|e| match e {
-                BackboneError::Io { path, source } => StoreError::Io { path, source },
-                other => StoreError::format(p, other.to_string()),
-            })?;
+            let found = images_in(p)?;
             if found.is_empty() {
                 return Err(StoreError::format(
                     p,
@@ -52,7 +88,7 @@ pub fn group_key(path: &Path) -> String {
 
 /// sha256 of a file's bytes, lowercase hex.
 pub fn file_sha256(path: &Path) -> Result<String, StoreError> {
-    let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    let bytes = crate::userfile::read(path).map_err(|e| StoreError::io(path, e))?;
     Ok(crate::backbone::sha256_hex(&bytes))
 }
 
@@ -98,6 +134,23 @@ mod tests {
             rel,
             vec![PathBuf::from("a.jpeg"), "b/1.png".into(), "b/2.JPG".into()]
         );
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_refused_with_their_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let odd = d.path().join(std::ffi::OsStr::from_bytes(b"\xff\xfe.jpg"));
+        std::fs::write(&odd, b"x").unwrap();
+        std::fs::write(d.path().join("fine.jpg"), b"x").unwrap();
+        for given in [d.path().to_path_buf(), odd.clone()] {
+            let err = collect_images(&[given]).unwrap_err().to_string();
+            assert!(
+                err.contains(r#""\xFF\xFE.jpg" is not valid UTF-8"#),
+                "{err}"
+            );
+        }
+        assert!(collect_images(&[d.path().join("fine.jpg")]).is_ok());
     }
 
     #[test]

@@ -226,7 +226,7 @@ pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
 /// Reads and verifies a head file, rebuilding the model (exactly, from the stored examples, for
 /// every head type but logistic, whose stored weights are used as they are).
 pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
-    let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    let bytes = crate::userfile::read(path).map_err(|e| StoreError::io(path, e))?;
     let bad = |reason: String| StoreError::format(path, reason);
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         return Err(bad("not a graft head file (bad magic)".into()));

@@ -13,6 +13,7 @@ pub mod learn;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Errors of the store: which file, and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -179,10 +180,20 @@ fn fault_full(path: &Path) -> Option<std::io::Error> {
 fn fault_full(_: &Path) -> Option<std::io::Error> {
     None
 }
+/// The name every temp file of [`write_atomic`] starts with.
+pub const TEMP_PREFIX: &str = ".graft-tmp-";
+
+/// How old an unlocked temp file must be to count as a dead writer's. A writer locks its temp
+/// file right after creating it, so the only unlocked temp file of a live writer is one created
+/// microseconds ago; a minute is a wide margin for that gap.
+const STALE_AFTER: Duration = Duration::from_secs(60);
 
 /// Writes `path` atomically: `write` produces the bytes, which go to a temp file beside `path`
 /// that is fsynced and renamed over it; then the folder is fsynced so the rename itself survives
 /// a power cut. A crash at any point leaves the old file or the new one, never a mix.
+///
+/// The temp file is locked (`flock`) while it is written, and the folder is cleared first of
+/// temp files a killed writer left ([`remove_stale_temps`]).
 pub fn write_atomic<F>(path: &Path, write: F) -> Result<(), StoreError>
 where
     F: FnOnce(&mut dyn Write) -> std::io::Result<()>,
@@ -194,10 +205,15 @@ where
     let io = |e| StoreError::io(path, e);
     let mut bytes = Vec::new();
     write(&mut bytes).map_err(io)?;
+    remove_stale_temps(&dir);
     let mut tmp = tempfile::Builder::new()
-        .prefix(".graft-tmp-")
+        .prefix(TEMP_PREFIX)
         .tempfile_in(&dir)
         .map_err(io)?;
+    // The lock says "a writer is alive" to remove_stale_temps in other processes; the kernel
+    // drops it when this process dies, however it dies. A filesystem without locks gets no lock,
+    // and then no temp file there is ever provably stale: none is removed.
+    let _ = tmp.as_file().try_lock();
     let (first, second) = bytes.split_at(bytes.len() / 2);
     tmp.as_file_mut().write_all(first).map_err(io)?;
     if let Some(full) = fault_full(path) {
@@ -217,9 +233,102 @@ where
     Ok(())
 }
 
+/// Removes the temp files of [`write_atomic`] in `dir` that are provably stale: older than a
+/// minute and not locked, so no live writer holds them (a writer killed with `kill -9` or by a
+/// power cut leaves its temp file; the kernel released its lock). A live writer's temp file is
+/// never touched, whatever its age. Failures only log: cleaning never stops a write.
+pub fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if !entry
+            .file_name()
+            .as_encoded_bytes()
+            .starts_with(TEMP_PREFIX.as_bytes())
+            || !is_stale(&p)
+        {
+            continue;
+        }
+        match std::fs::remove_file(&p) {
+            Ok(()) => log::info!("removed {}, left by an interrupted write", p.display()),
+            Err(e) => log::warn!("cannot remove stale temp file {}: {e}", p.display()),
+        }
+    }
+}
+
+/// True if `p` is a regular file (not followed through a link), older than [`STALE_AFTER`], and
+/// no process holds its lock. The lock taken here is held until the caller removes the file (it
+/// is released when the handle drops), so no writer can take the file over in between.
+fn is_stale(p: &Path) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(p) else {
+        return false;
+    };
+    let old = meta
+        .modified()
+        .ok()
+        .and_then(|m| m.elapsed().ok())
+        .is_some_and(|age| age >= STALE_AFTER);
+    if !meta.is_file() || !old {
+        return false;
+    }
+    std::fs::File::open(p).is_ok_and(|f| f.try_lock().is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn temp_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .as_encoded_bytes()
+                    .starts_with(TEMP_PREFIX.as_bytes())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn backdate(p: &Path) {
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+    }
+
+    #[test]
+    fn only_stale_unlocked_temp_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let make = |name: &str| {
+            let p = d.join(format!("{TEMP_PREFIX}{name}"));
+            std::fs::write(&p, b"half").unwrap();
+            p
+        };
+        let dead = make("dead");
+        backdate(&dead);
+        let fresh = make("fresh"); // unlocked but new: could be a writer about to lock it
+        let live = make("live");
+        backdate(&live);
+        let holder = std::fs::File::open(&live).unwrap();
+        holder.lock().unwrap(); // a writer in the middle of its write (a second handle: flock
+                                // locks are per open file, so this excludes our own try_lock)
+        let other = d.join("notes.txt");
+        std::fs::write(&other, b"x").unwrap();
+        backdate(&other);
+
+        write_atomic(&d.join("head.graft"), |w| w.write_all(b"new")).unwrap();
+        assert_eq!(temp_files(d), vec![fresh.clone(), live.clone()]);
+        assert!(other.exists());
+        drop(holder); // the writer dies: its lock goes with it
+        remove_stale_temps(d);
+        assert_eq!(temp_files(d), vec![fresh]);
+    }
 
     #[test]
     fn atomic_write_replaces_and_failed_write_keeps_the_old_file() {

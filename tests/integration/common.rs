@@ -1,7 +1,9 @@
 //! Shared helpers: paths to fixtures, running the binary.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Every fixture photo: JPEGs (one with EXIF rotation), RGBA and grey PNGs.
 pub const PHOTOS: [&str; 8] = [
@@ -57,13 +59,14 @@ pub fn ok(mut c: Command) -> String {
 /// no panic, nothing on stdout.
 pub fn fails(mut c: Command, needle: &str) -> String {
     let out: Output = c.output().expect("run graft");
+    let what = format!("{:?}", c.get_args().collect::<Vec<_>>());
+    failed_cleanly(&out, &what, needle)
+}
+
+/// [`fails`] on a finished run (`what` names it in messages).
+pub fn failed_cleanly(out: &Output, what: &str, needle: &str) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{:?}: {stderr}",
-        c.get_args().collect::<Vec<_>>()
-    );
+    assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     assert!(stderr.starts_with("graft: error: "), "{stderr}");
     assert_eq!(
@@ -84,4 +87,48 @@ pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
     s.lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect()
+}
+
+/// Runs `c` to the end, but kills it and fails the test if it is still running after `limit`:
+/// for bugs whose symptom is a hang (a FIFO read, a symlink loop). The limit is a generous bound
+/// on "never finishes", not a speed requirement.
+pub fn run_within(mut c: Command, limit: Duration) -> Output {
+    let what = format!("{:?}", c.get_args().collect::<Vec<_>>());
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run graft");
+    // Drain both pipes while waiting, so a chatty child never blocks on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "{what} still running after {limit:?} (hangs); stderr so far: {}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
 }

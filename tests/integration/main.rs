@@ -10,6 +10,7 @@ mod export;
 #[cfg(feature = "gpu")]
 mod gpu;
 mod heads;
+mod odd_files;
 mod performance;
 #[cfg(feature = "serial")]
 mod serve;

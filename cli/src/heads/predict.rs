@@ -43,12 +43,34 @@ pub fn predict(g: &Global, a: PredictArgs) -> anyhow::Result<()> {
         return predict_exported(g, &a, &images);
     };
     let (file, bb) = load_head(g, head_path)?;
-    for path in &images {
+    each_image(&images, |path| {
         let e = bb
             .embed_file(path)
             .with_context(|| format!("predicting {}", path.display()))?;
         let p = file.head.predict(&e.vector, a.threshold, a.top)?;
-        print_prediction(g, path, &p)?;
+        print_prediction(g, path, &p)
+    })
+}
+
+/// Runs `one` on every image. A picture that fails is reported on stderr (one line naming it)
+/// and the others are still predicted, as ripgrep goes on past an unreadable file; if any
+/// failed, the result is an error saying how many, so the exit code is not 0.
+fn each_image(
+    images: &[PathBuf],
+    mut one: impl FnMut(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for path in images {
+        if let Err(e) = one(path) {
+            failed += 1;
+            eprintln!("graft: error: {}", crate::one_line(&e));
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} images could not be predicted (see above)",
+            images.len()
+        );
     }
     Ok(())
 }
@@ -72,7 +94,7 @@ fn print_prediction(g: &Global, path: &Path, p: &head::Prediction) -> anyhow::Re
         .collect();
     println!(
         "{}: {} {:.3}{}  [{}]",
-        path.display(),
+        output::path_text(path),
         p.label,
         p.score,
         guess,
@@ -93,7 +115,7 @@ fn predict_exported(g: &Global, a: &PredictArgs, images: &[PathBuf]) -> anyhow::
         .exported()
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("{model}: not a graft export"))?;
-    for path in images {
+    each_image(images, |path| {
         let s = bb
             .score_file(path)
             .with_context(|| format!("predicting {}", path.display()))?;
@@ -103,7 +125,6 @@ fn predict_exported(g: &Global, a: &PredictArgs, images: &[PathBuf]) -> anyhow::
             a.threshold.unwrap_or(meta.threshold),
             a.top,
         );
-        print_prediction(g, path, &p)?;
-    }
-    Ok(())
+        print_prediction(g, path, &p)
+    })
 }
