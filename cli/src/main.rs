@@ -322,4 +322,3 @@ fn load_backbone_on_device(
     let gpu = device::attach(g, &mut bb)?;
     Ok((bb, gpu))
 }
-

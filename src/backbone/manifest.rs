@@ -181,8 +181,7 @@ impl ModelSpec {
 
     /// Reads a manifest from disk; its files are resolved relative to it.
     pub fn from_path(path: &Path) -> Result<ModelSpec, BackboneError> {
-        let text =
-            crate::userfile::read_to_string(path).map_err(|e| BackboneError::io(path, e))?;
+        let text = crate::userfile::read_to_string(path).map_err(|e| BackboneError::io(path, e))?;
         let manifest = parse(&text, &path.display().to_string())?;
         Ok(ModelSpec {
             manifest,

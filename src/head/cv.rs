@@ -13,6 +13,15 @@ use super::{fit, softmax, Examples, HeadError, HeadKind, HeadParams};
 pub const LOO_MAX_SHOTS: usize = 10;
 /// Folds of k-fold CV.
 pub const K_FOLDS: usize = 5;
+/// Beyond this many objects, leave-one-object-out (one fit each) gives way to group-stratified
+/// k-fold with [`MANY_FOLDS`] folds: a kiosk with a hundred classes must train in seconds, and
+/// with that many objects the estimate barely changes.
+pub const MAX_LOO_FOLDS: usize = 100;
+/// Folds of k-fold CV when there are too many objects for leave-one-object-out.
+pub const MANY_FOLDS: usize = 10;
+/// Classes left out, one fit each, to calibrate the `unknown` threshold (every class up to
+/// this many; beyond, this many spread evenly over the labels).
+pub const MAX_LEFT_OUT_CLASSES: usize = 20;
 /// Share of correctly classified held-out training examples the default threshold rejects.
 pub const THRESHOLD_QUANTILE: f32 = 0.05;
 /// Threshold used when there is nothing held out to calibrate on (one example per class).
@@ -83,7 +92,12 @@ pub fn cross_validate(
     ids.sort_unstable();
     ids.dedup();
     let total_groups = ids.len();
-    let (folds, method) = if min_shots <= LOO_MAX_SHOTS || total_groups <= K_FOLDS {
+    let (folds, method) = if total_groups > MAX_LOO_FOLDS && min_shots <= LOO_MAX_SHOTS {
+        (
+            stratified_folds(y, groups, classes, MANY_FOLDS, seed),
+            format!("kfold-{MANY_FOLDS}"),
+        )
+    } else if min_shots <= LOO_MAX_SHOTS || total_groups <= K_FOLDS {
         // Fold id = rank of the example's group.
         let folds = groups
             .iter()
@@ -103,10 +117,20 @@ pub fn cross_validate(
     };
     let k = folds.iter().max().map(|m| m + 1).unwrap_or(0);
     let mut held_out = vec![None; n];
+    let mut per_class = vec![0usize; classes];
+    for c in y {
+        per_class[*c] += 1;
+    }
     for f in 0..k {
         let train: Vec<usize> = (0..n).filter(|i| folds[*i] != f).collect();
         let test: Vec<usize> = (0..n).filter(|i| folds[*i] == f).collect();
-        if train.is_empty() {
+        // A fold is worth a fit only if one of its examples has its class left in training
+        // (one photo per class: none has; a kiosk with 200 such classes spent minutes here).
+        let mut held = vec![0usize; classes];
+        for i in &test {
+            held[y[*i]] += 1;
+        }
+        if train.is_empty() || !test.iter().any(|i| held[y[*i]] < per_class[y[*i]]) {
             continue;
         }
         let tx: Vec<Vec<f32>> = train.iter().map(|i| x[*i].clone()).collect();
@@ -439,9 +463,11 @@ pub fn calibrate(
             novel_rejected: None,
         });
     }
-    // Leave each class out; score its examples with a head that never saw it.
+    // Leave each class out (at most MAX_LEFT_OUT_CLASSES, spread over the labels: one fit
+    // each); score its examples with a head that never saw it.
+    let step = present.len().div_ceil(MAX_LEFT_OUT_CLASSES);
     let mut novel = Vec::new();
-    for &c in &present {
+    for &c in present.iter().step_by(step) {
         let keep: Vec<usize> = (0..y.len()).filter(|i| y[*i] != c).collect();
         let tx: Vec<Vec<f32>> = keep.iter().map(|i| x[*i].clone()).collect();
         let ty: Vec<usize> = keep.iter().map(|i| y[*i]).collect();

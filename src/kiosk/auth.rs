@@ -83,8 +83,7 @@ impl Secret {
                 ),
             ));
         }
-        let text =
-            crate::userfile::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
+        let text = crate::userfile::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
         let text = text.trim().to_string();
         if text.len() < 32 || !text.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(StoreError::format(

@@ -915,6 +915,9 @@ fn reads_are_answered_while_the_head_is_refit() {
         "{learned}"
     );
     assert_eq!(a.ask("LABELS"), "OK labels=birds,fruit counts=3,2");
+    server.stop();
+}
+
 /// Issue 4: a kiosk whose `--source` held a tiny file claiming a 65535 x 65535 picture died
 /// mid-session (the decoder's 12.9 GB allocation aborted the process; here the server's address
 /// space is capped at 2 GiB, as on a board). Now that frame gets an ERR naming the file and the
