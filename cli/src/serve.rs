@@ -2,7 +2,7 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::camera::SourceArgs;
 use super::{output, Global};
-use graft::kiosk::{Ended, Kiosk, Options, Secret, Server, TcpOptions, Trust};
+use graft::kiosk::{Kiosk, Options, Secret, Server, TcpOptions, Trust};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -200,7 +200,9 @@ fn serve_serial(
     data: &std::path::Path,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
+    use graft::kiosk::Ended;
     use graft::serial::{self, SerialConfig};
+    use std::sync::atomic::Ordering;
     use std::time::Instant;
     let config = SerialConfig {
         path: path.to_string(),

@@ -140,7 +140,7 @@ pub(super) struct Deferred {
 /// A reply line now, or one waiting for a refit.
 pub(super) enum Answer {
     Now(String),
-    Later(Deferred),
+    Later(Box<Deferred>),
 }
 
 fn reply_line(
@@ -207,7 +207,7 @@ impl Server {
                         "refit already taken",
                     ))),
                 };
-                self.finish(session, d, fitted)
+                self.finish(session, *d, fitted)
             }
         }
     }
@@ -237,12 +237,12 @@ impl Server {
                     log::debug!("request: {}", req.encode());
                     match self.execute(session, &req.verb) {
                         Ok(Outcome::Fit(job, then)) => {
-                            return Answer::Later(Deferred {
+                            return Answer::Later(Box::new(Deferred {
                                 id: req.id,
                                 checksum: req.checksum,
                                 job: Some(job),
                                 then,
-                            })
+                            }))
                         }
                         Ok(Outcome::Fields(f)) => (req.id, req.checksum, Ok(f)),
                         Err(e) => (req.id, req.checksum, Err(e)),

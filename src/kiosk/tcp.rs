@@ -229,7 +229,7 @@ impl Server {
 /// A refit running on its own thread, and the reply waiting for it.
 struct Busy {
     id: u64,
-    deferred: Deferred,
+    deferred: Box<Deferred>,
     rx: mpsc::Receiver<Result<Fitted, LearnError>>,
 }
 
@@ -336,12 +336,12 @@ impl Queue {
         };
         match self.sessions.get_mut(&id) {
             Some((session, out)) => {
-                let line = server.finish(session, deferred, fitted);
+                let line = server.finish(session, *deferred, fitted);
                 let _ = out.send(Out::Reply(line));
             }
             None => {
                 // The client left; the change it asked for is committed all the same.
-                let _ = server.finish(&mut Session::trusted(), deferred, fitted);
+                let _ = server.finish(&mut Session::trusted(), *deferred, fitted);
             }
         }
         while self.busy.is_none() {
