@@ -62,29 +62,6 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
-/// Runs graft with its address space capped at `limit` bytes (`setrlimit(RLIMIT_AS)`), on the
-/// CPU: an allocation past the cap fails as it would on a board without that much memory,
-/// where the defect aborted the process. A plain `classify` needs well under 1 GiB.
-fn capped(cache: &Path, limit: u64) -> std::process::Command {
-    use std::os::unix::process::CommandExt;
-    let mut c = graft(cache);
-    c.args(["--device", "cpu"]);
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        c.pre_exec(move || {
-            let r = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            if libc::setrlimit(libc::RLIMIT_AS, &r) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    c
-}
-
 const GIB: u64 = 1 << 30;
 
 /// Issue 4: headers claiming 65535 x 65535 (PNG, GIF, JPEG, BMP, TIFF) made the decoder

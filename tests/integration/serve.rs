@@ -66,21 +66,7 @@ impl Served {
         data: &Path,
         limit: u64,
     ) -> (Served, String) {
-        use std::os::unix::process::CommandExt;
-        let mut c = graft(cache);
-        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            c.pre_exec(move || {
-                let r = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &r) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let c = capped(cache, limit);
         Served::start_with(c, args, source, data, &[])
     }
 
@@ -930,7 +916,7 @@ fn a_hostile_picture_in_the_source_is_an_error_reply_not_a_crash() {
     std::fs::copy(fixture("hostile/claims_65535.png"), src.join("01.png")).unwrap();
     let (server, addr) = Served::start_capped(
         &t.path().join("cache"),
-        &["--tcp", "127.0.0.1:0", "--device", "cpu"],
+        &["--tcp", "127.0.0.1:0"],
         &src,
         &t.path().join("kiosk"),
         2 << 30,
