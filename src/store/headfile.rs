@@ -175,8 +175,15 @@ impl HeadFile {
     }
 }
 
-/// Writes a head file atomically, after [`HeadFile::validate`].
+/// Writes a head file atomically, after [`HeadFile::validate`]: the bytes of [`to_bytes`].
 pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
+    let bytes = to_bytes(file, path)?;
+    write_atomic(path, |w| w.write_all(&bytes))
+}
+
+/// A head file's bytes, after [`HeadFile::validate`] (what [`write`] puts on disk and
+/// [`from_bytes`] reads back); `path` only names the file in errors.
+pub fn to_bytes(file: &HeadFile, path: &Path) -> Result<Vec<u8>, StoreError> {
     file.validate().map_err(|e| StoreError::invalid(path, e))?;
     let h = &file.head;
     let linear = h.model.linear();
@@ -220,13 +227,21 @@ pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
     }
     let digest = Sha256::digest(&bytes);
     bytes.extend_from_slice(&digest);
-    write_atomic(path, |w| w.write_all(&bytes))
+    Ok(bytes)
 }
 
 /// Reads and verifies a head file, rebuilding the model (exactly, from the stored examples, for
-/// every head type but logistic, whose stored weights are used as they are).
+/// every head type but logistic, whose stored weights are used as they are): [`from_bytes`] on
+/// the file's content.
 pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
     let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    from_bytes(&bytes, path)
+}
+
+/// Verifies and decodes a head file's bytes (see [`read`]); `path` only names the file in
+/// errors. Any bytes give a head file or a [`StoreError`], never a panic (`fuzz/`, target
+/// `headfile`).
+pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HeadFile, StoreError> {
     let bad = |reason: String| StoreError::format(path, reason);
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         return Err(bad("not a graft head file (bad magic)".into()));
