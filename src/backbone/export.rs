@@ -390,28 +390,10 @@ impl Backbone {
         model
             .metadata_props
             .retain(|p| !p.key.starts_with(META_PREFIX));
-        let entries = [
-            ("format", "1".to_string()),
-            ("labels", serde_json::to_string(&meta.labels).unwrap_or_default()),
-            ("threshold", meta.threshold.to_string()),
-            ("output", meta.output.clone()),
-            ("head", meta.head.clone()),
-            ("preprocess", serde_json::to_string(&meta.preprocess).unwrap_or_default()),
-            ("backbone", meta.backbone.clone()),
-            ("backbone_sha256", meta.backbone_sha256.clone()),
-            (
-                "preprocess_doc",
-                format!(
-                    "decode to RGB honouring EXIF orientation; resize shorter side to {} (bilinear, antialiased as Pillow); centre crop {}; (x - mean) / std per channel with mean {:?}, std {:?}; NCHW float32",
-                    meta.preprocess.resize_shorter, meta.preprocess.size, meta.preprocess.mean, meta.preprocess.std
-                ),
-            ),
-        ];
-        for (k, v) in entries {
-            model.metadata_props.push(pb::StringStringEntryProto {
-                key: format!("{META_PREFIX}{k}"),
-                value: v,
-            });
+        for (key, value) in meta.to_metadata() {
+            model
+                .metadata_props
+                .push(pb::StringStringEntryProto { key, value });
         }
         Ok(model.encode_to_vec())
     }

@@ -73,43 +73,93 @@ fn bad(model: &str, reason: impl Into<String>) -> BackboneError {
 }
 
 /// Reads graft's metadata from an exported ONNX file's bytes; `None` if it is not a graft
-/// export.
+/// export. The protobuf is decoded here; the metadata is [`ExportMeta::from_metadata`].
 pub fn read_meta(onnx: &[u8], origin: &str) -> Result<Option<ExportMeta>, BackboneError> {
     let model =
         pb::ModelProto::decode(onnx).map_err(|e| bad(origin, format!("not an ONNX file: {e}")))?;
-    let get = |k: &str| {
-        model
-            .metadata_props
-            .iter()
-            .find(|p| p.key == format!("{META_PREFIX}{k}"))
-            .map(|p| p.value.clone())
-    };
-    let Some(labels) = get("labels") else {
-        return Ok(None);
-    };
-    let field = |k: &str| {
-        get(k).ok_or_else(|| bad(origin, format!("graft metadata lacks {META_PREFIX}{k}")))
-    };
-    let parse_err = |k: &str, e: &dyn std::fmt::Display| {
-        bad(origin, format!("graft metadata {META_PREFIX}{k}: {e}"))
-    };
-    let meta = ExportMeta {
-        labels: serde_json::from_str(&labels).map_err(|e| parse_err("labels", &e))?,
-        threshold: field("threshold")?
-            .parse()
-            .map_err(|e| parse_err("threshold", &e))?,
-        output: field("output")?,
-        head: field("head")?,
-        preprocess: serde_json::from_str(&field("preprocess")?)
-            .map_err(|e| parse_err("preprocess", &e))?,
-        backbone: field("backbone")?,
-        backbone_sha256: field("backbone_sha256")?,
-    };
-    meta.validate().map_err(|source| BackboneError::Field {
-        origin: format!("exported model {origin}"),
-        source,
-    })?;
-    Ok(Some(meta))
+    let props: Vec<(&str, &str)> = model
+        .metadata_props
+        .iter()
+        .map(|p| (p.key.as_str(), p.value.as_str()))
+        .collect();
+    ExportMeta::from_metadata(&props, origin)
+}
+
+impl ExportMeta {
+    /// The metadata entries (`graft.*` key, value) an export carries: what
+    /// [`ExportMeta::from_metadata`] reads back into the same `ExportMeta`. The one writer,
+    /// used by [`super::export`].
+    pub fn to_metadata(&self) -> Vec<(String, String)> {
+        let entries = [
+            ("format", "1".to_string()),
+            (
+                "labels",
+                serde_json::to_string(&self.labels).unwrap_or_default(),
+            ),
+            ("threshold", self.threshold.to_string()),
+            ("output", self.output.clone()),
+            ("head", self.head.clone()),
+            (
+                "preprocess",
+                serde_json::to_string(&self.preprocess).unwrap_or_default(),
+            ),
+            ("backbone", self.backbone.clone()),
+            ("backbone_sha256", self.backbone_sha256.clone()),
+            (
+                "preprocess_doc",
+                format!(
+                    "decode to RGB honouring EXIF orientation; resize shorter side to {} (bilinear, antialiased as Pillow); centre crop {}; (x - mean) / std per channel with mean {:?}, std {:?}; NCHW float32",
+                    self.preprocess.resize_shorter, self.preprocess.size, self.preprocess.mean, self.preprocess.std
+                ),
+            ),
+        ];
+        entries
+            .into_iter()
+            .map(|(k, v)| (format!("{META_PREFIX}{k}"), v))
+            .collect()
+    }
+
+    /// Reads graft's metadata from an export's `metadata_props` (key, value; the first of a
+    /// repeated key counts) and runs [`ExportMeta::validate`]; `None` without `graft.labels`
+    /// (not a graft export). `origin` names the file in errors. Any strings give metadata or an
+    /// error, never a panic (`fuzz/`, target `export_meta`).
+    pub fn from_metadata(
+        props: &[(&str, &str)],
+        origin: &str,
+    ) -> Result<Option<ExportMeta>, BackboneError> {
+        let get = |k: &str| {
+            props
+                .iter()
+                .find(|(key, _)| key.strip_prefix(META_PREFIX) == Some(k))
+                .map(|(_, value)| value.to_string())
+        };
+        let Some(labels) = get("labels") else {
+            return Ok(None);
+        };
+        let field = |k: &str| {
+            get(k).ok_or_else(|| bad(origin, format!("graft metadata lacks {META_PREFIX}{k}")))
+        };
+        let parse_err = |k: &str, e: &dyn std::fmt::Display| {
+            bad(origin, format!("graft metadata {META_PREFIX}{k}: {e}"))
+        };
+        let meta = ExportMeta {
+            labels: serde_json::from_str(&labels).map_err(|e| parse_err("labels", &e))?,
+            threshold: field("threshold")?
+                .parse()
+                .map_err(|e| parse_err("threshold", &e))?,
+            output: field("output")?,
+            head: field("head")?,
+            preprocess: serde_json::from_str(&field("preprocess")?)
+                .map_err(|e| parse_err("preprocess", &e))?,
+            backbone: field("backbone")?,
+            backbone_sha256: field("backbone_sha256")?,
+        };
+        meta.validate().map_err(|source| BackboneError::Field {
+            origin: format!("exported model {origin}"),
+            source,
+        })?;
+        Ok(Some(meta))
+    }
 }
 
 /// An exported model's answer for one picture: one probability per class, in

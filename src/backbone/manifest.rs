@@ -168,7 +168,7 @@ impl ModelSpec {
                 known: bundled_names().join(", "),
             }
         })?;
-        let manifest = parse(bundled.manifest, &format!("bundled:{}", bundled.name))?;
+        let manifest = Manifest::parse(bundled.manifest, &format!("bundled:{}", bundled.name))?;
         Ok(ModelSpec {
             manifest,
             source: Source::Bundled {
@@ -182,7 +182,7 @@ impl ModelSpec {
     /// Reads a manifest from disk; its files are resolved relative to it.
     pub fn from_path(path: &Path) -> Result<ModelSpec, BackboneError> {
         let text = crate::userfile::read_to_string(path).map_err(|e| BackboneError::io(path, e))?;
-        let manifest = parse(&text, &path.display().to_string())?;
+        let manifest = Manifest::parse(&text, &path.display().to_string())?;
         Ok(ModelSpec {
             manifest,
             source: Source::Disk {
@@ -316,26 +316,29 @@ fn relative_to(manifest: &Path, file: &str) -> PathBuf {
     manifest.parent().unwrap_or(Path::new(".")).join(file)
 }
 
-fn parse(text: &str, origin: &str) -> Result<Manifest, BackboneError> {
-    let bad = |reason: String| BackboneError::Manifest {
-        manifest: origin.to_string(),
-        reason,
-    };
-    let m: Manifest = toml::from_str(text).map_err(|e| bad(e.message().to_string()))?;
-    if m.format > MANIFEST_FORMAT {
-        return Err(bad(format!(
-            "format {} is newer than this graft understands ({MANIFEST_FORMAT}); upgrade graft",
-            m.format
-        )));
-    }
-    m.validate().map_err(|source| BackboneError::Field {
-        origin: format!("model manifest {origin}"),
-        source,
-    })?;
-    Ok(m)
-}
-
 impl Manifest {
+    /// Parses a manifest's TOML text and runs [`Manifest::validate`]; `origin` (a path or
+    /// `bundled:NAME`) names it in errors. The one manifest reader (bundled and on disk): any
+    /// text gives a manifest or an error, never a panic (`fuzz/`, target `manifest`).
+    pub fn parse(text: &str, origin: &str) -> Result<Manifest, BackboneError> {
+        let bad = |reason: String| BackboneError::Manifest {
+            manifest: origin.to_string(),
+            reason,
+        };
+        let m: Manifest = toml::from_str(text).map_err(|e| bad(e.message().to_string()))?;
+        if m.format > MANIFEST_FORMAT {
+            return Err(bad(format!(
+                "format {} is newer than this graft understands ({MANIFEST_FORMAT}); upgrade graft",
+                m.format
+            )));
+        }
+        m.validate().map_err(|source| BackboneError::Field {
+            origin: format!("model manifest {origin}"),
+            source,
+        })?;
+        Ok(m)
+    }
+
     /// The one check of a manifest's values, whether it was read from TOML or made from an
     /// export's metadata ([`ModelSpec::from_export`]); [`Backbone::load`](super::Backbone::load)
     /// runs it again on whatever spec it is given. The preprocessing is
@@ -417,10 +420,12 @@ mod tests {
         for (from, to, expect) in cases {
             assert!(good.contains(from), "fixture lacks {from}");
             let text = good.replacen(from, to, 1);
-            let err = parse(&text, "t.toml").unwrap_err().to_string();
+            let err = Manifest::parse(&text, "t.toml").unwrap_err().to_string();
             assert!(err.contains(expect), "{to}: {err}");
         }
-        let err = parse("name = 3", "t.toml").unwrap_err().to_string();
+        let err = Manifest::parse("name = 3", "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("model manifest t.toml:"), "{err}");
     }
 }

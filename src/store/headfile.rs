@@ -113,14 +113,35 @@ pub fn training_examples(labels: &[String], examples: &[Example], params: &HeadP
 /// the bundled one); a crafted size is refused before any arithmetic or allocation uses it.
 pub const MAX_DIM: usize = 1 << 20;
 
+/// The most numbers a head's model may hold, classes × embedding size: 2^26 `f32` (256 MB),
+/// over 50 000 classes of the bundled backbone's 1280 values. Reading a centroid head rebuilds
+/// one row per class, so a file must not be able to list classes it has no room for: a 180 KB
+/// file naming 20 000 classes of 30 000 values asked for 2.4 GB (found while writing the
+/// `headfile` fuzz target, whose inputs stayed too small to reach it; its binary confirmed it).
+pub const MAX_MODEL_VALUES: usize = 1 << 26;
+
 /// The examples' part of [`HeadFile::validate`], on its own so that [`read`] can run it before
-/// rebuilding a model from them: the embedding size in `1..=MAX_DIM`, every label a class,
-/// every embedding of that size with finite values in range.
+/// rebuilding a model from them: the embedding size in `1..=MAX_DIM`, at most
+/// [`MAX_MODEL_VALUES`] for all classes together, every label a class, every embedding of that
+/// size with finite values in range.
 fn validate_examples(dim: usize, classes: usize, examples: &[Example]) -> Result<(), HeadError> {
     if !(1..=MAX_DIM).contains(&dim) {
         return Err(
             FieldError::new("backbone.dim", dim, format!("must be in 1..={MAX_DIM}")).into(),
         );
+    }
+    if classes
+        .checked_mul(dim)
+        .is_none_or(|values| values > MAX_MODEL_VALUES)
+    {
+        return Err(FieldError::new(
+            "labels.len",
+            classes,
+            format!(
+                "{classes} classes of {dim} values are more than a head may hold ({MAX_MODEL_VALUES})"
+            ),
+        )
+        .into());
     }
     for (i, e) in examples.iter().enumerate() {
         if e.label >= classes {
@@ -175,8 +196,15 @@ impl HeadFile {
     }
 }
 
-/// Writes a head file atomically, after [`HeadFile::validate`].
+/// Writes a head file atomically, after [`HeadFile::validate`]: the bytes of [`to_bytes`].
 pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
+    let bytes = to_bytes(file, path)?;
+    write_atomic(path, |w| w.write_all(&bytes))
+}
+
+/// A head file's bytes, after [`HeadFile::validate`] (what [`write`] puts on disk and
+/// [`from_bytes`] reads back); `path` only names the file in errors.
+pub fn to_bytes(file: &HeadFile, path: &Path) -> Result<Vec<u8>, StoreError> {
     file.validate().map_err(|e| StoreError::invalid(path, e))?;
     let h = &file.head;
     let linear = h.model.linear();
@@ -220,13 +248,21 @@ pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
     }
     let digest = Sha256::digest(&bytes);
     bytes.extend_from_slice(&digest);
-    write_atomic(path, |w| w.write_all(&bytes))
+    Ok(bytes)
 }
 
 /// Reads and verifies a head file, rebuilding the model (exactly, from the stored examples, for
-/// every head type but logistic, whose stored weights are used as they are).
+/// every head type but logistic, whose stored weights are used as they are): [`from_bytes`] on
+/// the file's content.
 pub fn read(path: &Path) -> Result<HeadFile, StoreError> {
     let bytes = crate::userfile::read(path).map_err(|e| StoreError::io(path, e))?;
+    from_bytes(&bytes, path)
+}
+
+/// Verifies and decodes a head file's bytes (see [`read`]); `path` only names the file in
+/// errors. Any bytes give a head file or a [`StoreError`], never a panic (`fuzz/`, target
+/// `headfile`).
+pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HeadFile, StoreError> {
     let bad = |reason: String| StoreError::format(path, reason);
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         return Err(bad("not a graft head file (bad magic)".into()));
@@ -437,6 +473,44 @@ mod tests {
             };
             assert!(bad.validate().is_err(), "{power}");
         }
+    }
+
+    /// Regression (the `headfile` fuzz binary's out-of-memory): a 180 KB file listing 20 000 classes with one
+    /// example of 30 000 values made the reader rebuild a 20 000 × 30 000 centroid model,
+    /// 2.4 GB, before any check looked at the class count. It is refused, before any fit.
+    #[test]
+    fn a_small_file_listing_many_classes_is_refused_before_the_model_is_rebuilt() {
+        let (classes, dim) = (20_000, 30_000);
+        let header = serde_json::json!({
+            "format": 1,
+            "backbone": {"name": "m", "sha256": "ab".repeat(32), "dim": dim, "preprocess": "p"},
+            "labels": vec![""; classes],
+            "kind": "centroid",
+            "params": HeadParams::default(),
+            "temperature": 1.0,
+            "threshold": 0.5,
+            "examples": [{"label": 0, "path": "a.jpg", "sha256": "0".repeat(64)}],
+        });
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&json);
+        bytes.extend(std::iter::repeat_n(1f32.to_le_bytes(), dim).flatten());
+        let digest = Sha256::digest(&bytes);
+        bytes.extend_from_slice(&digest);
+        assert!(bytes.len() < 200_000);
+        let err = from_bytes(&bytes, Path::new("many.graft"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("labels.len = 20000") && err.contains("more than a head may hold"),
+            "{err}"
+        );
+        // The rule `HeadFile::validate` (so every write) runs, at its edge.
+        let most = MAX_MODEL_VALUES / 1280;
+        assert!(validate_examples(1280, most, &[]).is_ok());
+        assert!(validate_examples(1280, most + 1, &[]).is_err());
+        assert!(validate_examples(MAX_DIM, usize::MAX, &[]).is_err());
     }
 
     #[test]
