@@ -707,6 +707,11 @@ fn idle_flooding_and_busy_tcp_clients_do_not_block_the_others() {
     });
     let mut a = tcp(&addr);
     let mut b = tcp(&addr);
+    // A fifth client is one too many (asked at once, before the idle one's 3 s are up).
+    let mut fifth = tcp(&addr);
+    let refused = fifth.line(wait).expect("a refusal line");
+    assert!(refused.starts_with("ERR 503 4 clients"), "{refused}");
+    assert_eq!(fifth.line(wait), None);
     assert!(a.ask("LEARN birds 2").starts_with("OK "));
     assert!(b.ask("LEARN fruit 2").ends_with("classes=2 trained=1"));
     assert_eq!(
@@ -718,11 +723,6 @@ fn idle_flooding_and_busy_tcp_clients_do_not_block_the_others() {
         assert!(a.ask("CLASSIFY").starts_with("OK label="));
         assert_eq!(b.ask("PING"), "OK pong=1");
     }
-    // A fifth client is one too many.
-    let mut fifth = tcp(&addr);
-    let refused = fifth.line(wait).expect("a refusal line");
-    assert!(refused.starts_with("ERR 503 4 clients"), "{refused}");
-    assert_eq!(fifth.line(wait), None);
 
     let dropped = flood.join().unwrap();
     assert!(
