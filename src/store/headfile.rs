@@ -202,7 +202,7 @@ pub fn write(path: &Path, file: &HeadFile) -> Result<(), StoreError> {
     write_atomic(path, |w| w.write_all(&bytes))
 }
 
-/// A head file's bytes, after [`HeadFile::validate`] (what [`write`] puts on disk and
+/// A head file's bytes, after [`HeadFile::validate`] (what [`write()`] puts on disk and
 /// [`from_bytes`] reads back); `path` only names the file in errors.
 pub fn to_bytes(file: &HeadFile, path: &Path) -> Result<Vec<u8>, StoreError> {
     file.validate().map_err(|e| StoreError::invalid(path, e))?;
