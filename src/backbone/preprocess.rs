@@ -319,8 +319,19 @@ pub fn decode_file(path: &Path) -> Result<RgbFrame, BackboneError> {
 
 /// Decodes in-memory image bytes (any supported format); `path` is only used in messages.
 /// Pictures larger than [`MAX_SIDE`] or [`MAX_DECODED_BYTES`] are refused from their header.
+///
+/// The image crate's decoders read untrusted bytes; a panic inside one (a decoder bug) is
+/// caught here and becomes [`BackboneError::Decode`] for this file, so one bad picture never
+/// takes a kiosk or a whole `predict` down.
 pub fn decode_bytes(bytes: &[u8], path: &Path) -> Result<RgbFrame, BackboneError> {
-    decode_reader(Cursor::new(bytes), bytes, path)
+    std::panic::catch_unwind(|| decode_reader(Cursor::new(bytes), bytes, path)).unwrap_or_else(
+        |_| {
+            Err(BackboneError::Decode {
+                path: path.to_path_buf(),
+                reason: "the image decoder failed on this file (a decoder bug: a panic)".into(),
+            })
+        },
+    )
 }
 
 fn decode_reader<R: BufRead + Seek>(
@@ -352,6 +363,13 @@ fn decode_reader<R: BufRead + Seek>(
             return Err(bad(
                 "truncated JPEG (no end-of-image marker after the image data)".into(),
             ))
+        }
+        Some(image::ImageFormat::Png) => {
+            if let Some(len) = png_bad_palette(reader_bytes) {
+                return Err(bad(format!(
+                    "PNG palette (PLTE) of {len} bytes, not whole RGB entries"
+                )));
+            }
         }
         Some(_) => {}
     }
@@ -426,6 +444,22 @@ fn jpeg_is_truncated(b: &[u8]) -> bool {
         i += 2 + len;
     }
     true
+}
+
+/// The length of a PNG's first palette chunk when it is not a multiple of 3 (the PNG spec,
+/// 11.2.3). png 0.18.1 accepts such a chunk and then panics expanding it
+/// (image-rs/image-png#694, fixed upstream after that release); found by `fuzz/run.sh image`.
+fn png_bad_palette(b: &[u8]) -> Option<usize> {
+    let mut i = 8; // after the signature
+    while i + 8 <= b.len() {
+        let len = u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
+        match &b[i + 4..i + 8] {
+            b"PLTE" => return (!len.is_multiple_of(3)).then_some(len),
+            b"IDAT" | b"IEND" => return None, // a palette comes before the image data
+            _ => i = i.saturating_add(12).saturating_add(len),
+        }
+    }
+    None
 }
 
 /// Resize-shorter, centre-crop and normalise a decoded frame as the manifest says.
@@ -712,6 +746,38 @@ mod tests {
         for cut in [bytes.len() - 2, bytes.len() / 2, 200, 3] {
             assert!(jpeg_is_truncated(&bytes[..cut]), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn a_png_palette_of_partial_entries_is_refused_not_a_panic() {
+        // `fuzz/run.sh image` found, after 796 825 inputs, a paletted PNG whose PLTE chunk is
+        // 40 bytes (13 entries and a third): png 0.18.1 panics in create_rgba_palette ("range
+        // end index 3 out of range for slice of length 1"). The fuzzer's file has CRCs that
+        // only a fuzzing build ignores; this is the same defect with valid CRCs: a 1x1 picture
+        // with a palette of 4 bytes (tests/fixtures-style bytes, written out by zlib.crc32).
+        let file: &[u8] = &[
+            0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48,
+            0x44, 0x52, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x03, 0x00, 0x00,
+            0x00, 0x28, 0xcb, 0x34, 0xbb, 0x00, 0x00, 0x00, 0x04, 0x50, 0x4c, 0x54, 0x45, 0xc8,
+            0x64, 0x32, 0x07, 0x3b, 0x90, 0xca, 0xbd, 0x00, 0x00, 0x00, 0x0a, 0x49, 0x44, 0x41,
+            0x54, 0x78, 0x9c, 0x63, 0x60, 0x00, 0x00, 0x00, 0x02, 0x00, 0x01, 0x48, 0xaf, 0xa4,
+            0x71, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+        ];
+        match decode_bytes(file, Path::new("palette.png")) {
+            Err(BackboneError::Decode { path, reason }) => {
+                assert_eq!(path, Path::new("palette.png"));
+                assert!(
+                    reason.contains("PLTE") && reason.contains("4 bytes"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+        // The same file with whole entries (PLTE of 3 bytes) passes the check.
+        let mut whole = file.to_vec();
+        whole[36] = 3;
+        assert_eq!(png_bad_palette(&whole), None);
+        assert_eq!(png_bad_palette(&file[..36]), None); // cut before the palette's header
     }
 
     #[test]
