@@ -266,6 +266,10 @@ pub struct OpenSetOutcome {
     /// The same for minus the Mahalanobis distance to the nearest class mean, one shared
     /// covariance shrunk halfway to a multiple of the identity ([`Mahalanobis`]).
     pub auroc_mahalanobis: f64,
+    /// The same for the cosine similarity to the nearest class mean after centring on the mean
+    /// of every photo not taught ([`CentredCosine`]): the statistics a kiosk could gather from
+    /// the unlabelled frames of its own scene.
+    pub auroc_centred: f64,
     /// The head's calibrated threshold.
     pub threshold: f32,
     /// Share of known held-out photos the threshold keeps (answers with a label).
@@ -313,6 +317,14 @@ pub fn evaluate_open_set(
                 .map(|j| maha.as_ref().map_or(0.0, |m| -m.nearest(&ex.x[*j]) as f32))
                 .collect()
         };
+        let taught: std::collections::HashSet<usize> = s.train.iter().copied().collect();
+        let unlabelled = (0..ex.len())
+            .filter(|j| !taught.contains(j))
+            .map(|j| ex.x[j].as_slice());
+        let dim = ex.x.first().map_or(0, Vec::len);
+        let centred = CentredCosine::fit(&tr, mean(unlabelled, dim));
+        let c =
+            |idx: &[usize]| -> Vec<f32> { idx.iter().map(|j| centred.score(&ex.x[*j])).collect() };
         let right = s
             .known_test
             .iter()
@@ -335,6 +347,7 @@ pub fn evaluate_open_set(
                 &novel.iter().map(|k| k.2).collect::<Vec<_>>(),
             ),
             auroc_mahalanobis: auroc(&m(&s.known_test), &m(&s.novel_test)),
+            auroc_centred: auroc(&c(&s.known_test), &c(&s.novel_test)),
             threshold: th,
             known_kept: share(&known, true),
             novel_rejected: share(&novel, false),
@@ -344,6 +357,61 @@ pub fn evaluate_open_set(
         progress();
     }
     Ok(out)
+}
+
+/// Cosine similarity to the nearest class mean, every vector first moved by minus `centre` and
+/// scaled back to unit length (the centring of SimpleShot, Wang et al. 2019, here with the mean
+/// of unlabelled photos). Centring removes what all photos share, such as a kiosk's own scene,
+/// so that what is left is the object.
+#[derive(Debug, Clone)]
+pub struct CentredCosine {
+    centre: Vec<f32>,
+    means: Vec<Vec<f32>>,
+}
+
+impl CentredCosine {
+    /// Class means of the centred training vectors (classes without examples are left out).
+    pub fn fit(train: &Examples, centre: Vec<f32>) -> CentredCosine {
+        let means = train
+            .present_classes()
+            .into_iter()
+            .map(|c| {
+                let members = (0..train.len()).filter(|i| train.y[*i] == c);
+                let centred: Vec<Vec<f32>> =
+                    members.map(|i| centre_on(&train.x[i], &centre)).collect();
+                super::normalize(&mean(centred.iter().map(Vec::as_slice), centre.len()))
+            })
+            .collect();
+        CentredCosine { centre, means }
+    }
+
+    /// The similarity of `x` to the nearest class mean, in [-1, 1] (-1 with no classes).
+    pub fn score(&self, x: &[f32]) -> f32 {
+        let v = centre_on(x, &self.centre);
+        self.means
+            .iter()
+            .map(|m| super::dot(m, &v))
+            .fold(-1.0, f32::max)
+    }
+}
+
+/// `x - centre`, scaled to unit length.
+fn centre_on(x: &[f32], centre: &[f32]) -> Vec<f32> {
+    let d: Vec<f32> = x.iter().zip(centre).map(|(a, b)| a - b).collect();
+    super::normalize(&d)
+}
+
+/// The mean of `dim`-long vectors (zeros when there are none).
+pub fn mean<'a>(vectors: impl Iterator<Item = &'a [f32]>, dim: usize) -> Vec<f32> {
+    let mut sum = vec![0.0f64; dim];
+    let mut n = 0usize;
+    for v in vectors {
+        for (s, x) in sum.iter_mut().zip(v) {
+            *s += f64::from(*x);
+        }
+        n += 1;
+    }
+    sum.iter().map(|s| (s / n.max(1) as f64) as f32).collect()
 }
 
 /// Squared Mahalanobis distance to the nearest class mean with one covariance shared by all
@@ -636,6 +704,49 @@ mod tests {
             (via - direct).abs() < 1e-6 * direct.max(1.0),
             "{via} vs {direct}"
         );
+    }
+
+    #[test]
+    fn centring_on_unlabelled_photos_removes_the_scene_all_photos_share() {
+        // Every photo is 3·scene + its class's direction (+ a little noise): 3 classes taught,
+        // 2 never taught. Without centring, everything looks like everything (cosine ≥ 0.9);
+        // centred on the mean of the photos, never-taught ones point away from every class.
+        let dim = 8;
+        let unit = |i: usize| (0..dim).map(|d| f32::from(d == i)).collect::<Vec<f32>>();
+        let scene = unit(7);
+        let mut noise = 1u32;
+        let mut photo = |c: usize| -> Vec<f32> {
+            let v: Vec<f32> = (0..dim)
+                .map(|d| {
+                    noise = noise.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    3.0 * scene[d] + unit(c)[d] + (noise >> 8) as f32 / (1 << 24) as f32 * 0.02
+                })
+                .collect();
+            crate::head::normalize(&v)
+        };
+        let taught: Vec<Vec<f32>> = (0..3).flat_map(|c| [photo(c), photo(c)]).collect();
+        let ex = Examples::new(
+            taught,
+            vec![0, 0, 1, 1, 2, 2],
+            vec![0, 1, 2, 3, 4, 5],
+            vec!["a".into(), "b".into(), "c".into()],
+        )
+        .unwrap();
+        let known: Vec<Vec<f32>> = (0..3).map(&mut photo).collect();
+        let novel: Vec<Vec<f32>> = (3..5).map(&mut photo).collect();
+        let all = known.iter().chain(&novel).map(Vec::as_slice);
+        let centred = CentredCosine::fit(&ex, mean(all, dim));
+        let plain = CentredCosine::fit(&ex, vec![0.0; dim]);
+        let gap = |m: &CentredCosine| {
+            let k = known.iter().map(|x| m.score(x)).fold(1.0, f32::min);
+            let n = novel.iter().map(|x| m.score(x)).fold(-1.0, f32::max);
+            k - n
+        };
+        assert!(gap(&plain) > 0.0 && gap(&plain) < 0.2, "{}", gap(&plain));
+        assert!(gap(&centred) > 0.9, "{}", gap(&centred));
+        // Known photos still match their own class almost exactly.
+        assert!(known.iter().all(|x| centred.score(x) > 0.95));
+        assert_eq!(mean(std::iter::empty(), 2), vec![0.0, 0.0]);
     }
 
     #[test]

@@ -216,6 +216,8 @@ struct OpenSetReport<'a> {
     auroc: (f64, f64),
     auroc_nearest_example: (f64, f64),
     auroc_mahalanobis: (f64, f64),
+    /// Cosine to the nearest class mean, centred on the untaught photos' mean.
+    auroc_centred: (f64, f64),
     known_kept: (f64, f64),
     novel_rejected: (f64, f64),
     estimated_known_kept: Option<(f64, f64)>,
@@ -261,6 +263,7 @@ fn open_set(
         auroc: ms(&|s| s.auroc),
         auroc_nearest_example: ms(&|s| s.auroc_nearest),
         auroc_mahalanobis: ms(&|s| s.auroc_mahalanobis),
+        auroc_centred: ms(&|s| s.auroc_centred),
         known_kept: ms(&|s| s.known_kept),
         novel_rejected: ms(&|s| s.novel_rejected),
         estimated_known_kept: est(&|s| s.estimated_known_kept),
@@ -288,6 +291,10 @@ fn open_set(
         r.auroc_nearest_example.1,
         r.auroc_mahalanobis.0,
         r.auroc_mahalanobis.1
+    );
+    println!(
+        "                                 {:.3} ± {:.3} class mean after centring on the untaught photos (unlabelled stream)",
+        r.auroc_centred.0, r.auroc_centred.1
     );
     println!(
         "at the head's threshold          keeps {} of known, rejects {} of never-taught",
