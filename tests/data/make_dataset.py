@@ -362,7 +362,13 @@ def premultiplied_transform(obj: Image.Image, fn) -> Image.Image:
 
 def composite(obj_src: Image.Image, backgrounds: list[Image.Image], W: int, H: int,
               rng: random.Random, nrng: np.random.Generator) -> Image.Image:
-    # --- background: random 4:3 (W:H) crop, 35-100% of the largest possible, maybe mirrored
+    frame = background_view(backgrounds, W, H, rng)
+    paste_object(frame, obj_src, rng)
+    return camera(frame, rng, nrng)
+
+
+def background_view(backgrounds: list[Image.Image], W: int, H: int, rng: random.Random) -> Image.Image:
+    """A random 4:3 (W:H) crop of one background, 35-100% of the largest possible, maybe mirrored."""
     bg = backgrounds[rng.randrange(len(backgrounds))]
     aspect = W / H
     cw_max = min(bg.width, bg.height * aspect)
@@ -373,8 +379,12 @@ def composite(obj_src: Image.Image, backgrounds: list[Image.Image], W: int, H: i
     frame = bg.resize((W, H), Image.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch))
     if rng.random() < 0.5:
         frame = ImageOps.mirror(frame)
+    return frame
 
-    # --- object: tight crop, maybe mirrored, rotate +-25 deg, scale to 35-75% of frame height
+
+def paste_object(frame: Image.Image, obj_src: Image.Image, rng: random.Random) -> None:
+    """Paste the stamp: tight crop, maybe mirrored, rotate +-25 deg, 35-75% of the frame's height."""
+    W, H = frame.size
     obj = obj_src.crop(obj_src.getbbox())
     # erode alpha by 1 source pixel: removes the light matte fringe many small stamps have
     r, g, b, a = obj.split()
@@ -396,7 +406,9 @@ def composite(obj_src: Image.Image, backgrounds: list[Image.Image], W: int, H: i
     py = rng.randint(0, H - obj.height)
     frame.paste(obj, (px, py), obj)
 
-    # --- camera: exposure/contrast jitter +-20%, slight defocus sometimes, sensor noise
+
+def camera(frame: Image.Image, rng: random.Random, nrng: np.random.Generator) -> Image.Image:
+    """Exposure/contrast jitter +-20%, slight defocus sometimes, sensor noise."""
     frame = ImageEnhance.Brightness(frame).enhance(rng.uniform(0.8, 1.2))
     frame = ImageEnhance.Contrast(frame).enhance(rng.uniform(0.8, 1.2))
     if rng.random() < 0.35:
@@ -404,6 +416,39 @@ def composite(obj_src: Image.Image, backgrounds: list[Image.Image], W: int, H: i
     arr = np.asarray(frame, dtype=np.float32)
     arr += nrng.normal(0.0, rng.uniform(1.0, 3.5), size=arr.shape).astype(np.float32)
     return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "RGB")
+
+
+def fetch_sources(cache: Path) -> tuple[dict, dict, dict]:
+    """Fetch and extract the pinned .debs: (provenance per package, extracted root, copyright stanzas)."""
+    sources, roots, stanzas = {}, {}, {}
+    for pkg, meta in PACKAGES.items():
+        deb = fetch_deb(pkg, cache)
+        digest = sha256_file(deb)
+        if digest != meta["sha256"]:
+            log(f"[fetch] WARNING: {deb.name} sha256 {digest} differs from the reference; "
+                "images will not match the reference build")
+        ver = deb.name.split("_")[1].replace("%3a", ":")
+        root = cache / "extract" / f"{pkg}_{ver}_{digest[:12]}"
+        extract_deb(deb, root, meta["keep"])
+        roots[pkg] = root
+        cps = sorted(root.glob("usr/share/doc/*/copyright"))
+        stanzas[pkg] = parse_copyright(cps[0]) if cps else []
+        sources[pkg] = {"version": ver, "deb": deb.name, "sha256": digest,
+                        "licence": meta["licence"], "role": meta["role"]}
+    return sources, roots, stanzas
+
+
+def background_files(roots: dict, stanzas: dict) -> tuple[list[Path], list[dict]]:
+    """The background photos named in BACKGROUNDS, with their licences."""
+    bg_files, bg_info = [], []
+    for pkg, names in BACKGROUNDS.items():
+        found = {p.name: p for p in roots[pkg].rglob("*.jpg")}
+        for n in names:
+            if n not in found:
+                raise SystemExit(f"background {n} not found in {pkg}")
+            bg_files.append(found[n])
+            bg_info.append({"file": n, "package": pkg, **file_licence(stanzas[pkg], n)})
+    return bg_files, bg_info
 
 
 def image_seed(seed: int, cls: str, stamp: str, k: int) -> int:
@@ -464,32 +509,8 @@ def main(argv=None) -> int:
     if out.exists() and any(out.iterdir()) and not manifest_path.exists() and not args.force:
         raise SystemExit(f"{out} exists, is not empty and has no MANIFEST.json; refusing (use --force)")
 
-    # --- sources
-    cache = Path(args.cache).expanduser()
-    sources, roots, stanzas = {}, {}, {}
-    for pkg, meta in PACKAGES.items():
-        deb = fetch_deb(pkg, cache)
-        digest = sha256_file(deb)
-        if digest != meta["sha256"]:
-            log(f"[fetch] WARNING: {deb.name} sha256 {digest} differs from the reference; "
-                "images will not match the reference build")
-        ver = deb.name.split("_")[1].replace("%3a", ":")
-        root = cache / "extract" / f"{pkg}_{ver}_{digest[:12]}"
-        extract_deb(deb, root, meta["keep"])
-        roots[pkg] = root
-        cps = sorted(root.glob("usr/share/doc/*/copyright"))
-        stanzas[pkg] = parse_copyright(cps[0]) if cps else []
-        sources[pkg] = {"version": ver, "deb": deb.name, "sha256": digest,
-                        "licence": meta["licence"], "role": meta["role"]}
-
-    bg_files, bg_info = [], []
-    for pkg, names in BACKGROUNDS.items():
-        found = {p.name: p for p in roots[pkg].rglob("*.jpg")}
-        for n in names:
-            if n not in found:
-                raise SystemExit(f"background {n} not found in {pkg}")
-            bg_files.append(found[n])
-            bg_info.append({"file": n, "package": pkg, **file_licence(stanzas[pkg], n)})
+    sources, roots, stanzas = fetch_sources(Path(args.cache).expanduser())
+    bg_files, bg_info = background_files(roots, stanzas)
     log(f"[bg] loading {len(bg_files)} background photos")
     backgrounds = [load_background(p) for p in bg_files]
 
