@@ -380,16 +380,21 @@ fn write_loop(mut conn: TcpStream, rx: mpsc::Receiver<Out>, shared: &Conn, start
             Out::Event(l) => (l, false),
             Out::Close => break,
         };
-        let written = conn
-            .write_all(line.as_bytes())
-            .and_then(|_| conn.write_all(b"\n"));
-        if let Err(e) = written {
+        let mut bytes = line.into_bytes();
+        bytes.push(b'\n');
+        // A reply stops counting as waiting before it is written, not after: a client that
+        // has read its reply and sends the next requests at once must find the room it freed
+        // (under load, the writer was sometimes preempted between the write and the count,
+        // and such a client's 32nd pipelined request was refused). A blocked write therefore
+        // lets the reader take at most one request more.
+        if reply {
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Err(e) = conn.write_all(&bytes) {
             log::warn!("client does not take its replies ({e}): closing");
             break;
         }
-        if reply {
-            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        } else {
+        if !reply {
             let ms = started.elapsed().as_millis() as u64;
             shared.last_event_ms.store(ms, Ordering::SeqCst);
         }
