@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS each (default 20), one process at a time, on nightly with
-# cargo-fuzz (installed when missing). New inputs go to fuzz/target/corpus/<target>/ (ignored
+# Runs every fuzz target for SECONDS each (default 20), one process at a time, with cargo-fuzz
+# (installed when missing). New inputs go to fuzz/target/corpus/<target>/ (ignored
 # by git); the committed seeds in fuzz/corpus/<target>/ are only read. A crash, a panic, an
 # abort, a timeout or an out-of-memory is saved under fuzz/artifacts/<target>/ and makes the
 # script exit non-zero after the other targets ran. One summary line per target.
@@ -22,20 +22,26 @@ while [ $# -gt 0 ] && [[ $1 != -* ]]; do
 done
 extra=("$@")   # more libFuzzer flags, e.g. -runs=N
 
-if ! rustup toolchain list | grep -q '^nightly'; then
-    rustup toolchain install nightly --profile minimal
+# cargo-fuzz needs nightly features (-Zsanitizer): a nightly toolchain when there is one, else
+# the stable one with RUSTC_BOOTSTRAP=1 (its rust-std ships the sanitizer runtimes), so a
+# machine that cannot fetch toolchains still fuzzes.
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    tc=(+nightly)
+else
+    tc=()
+    export RUSTC_BOOTSTRAP=1
 fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    cargo install cargo-fuzz --locked
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --version 0.13.2 --locked
 fi
 
 # -a: debug assertions (integer overflow panics) on, as in the test build; AddressSanitizer is
 # cargo-fuzz's default. `run` below uses the same flags, so it does not rebuild.
 build_start=$(date +%s)
-cargo +nightly fuzz build -a
+cargo "${tc[@]}" fuzz build -a
 echo "fuzz: build took $(( $(date +%s) - build_start ))s"
 if [ ${#targets[@]} -eq 0 ]; then
-    mapfile -t targets < <(cargo +nightly fuzz list)
+    mapfile -t targets < <(cargo "${tc[@]}" fuzz list)
 fi
 
 failed=()
@@ -54,7 +60,7 @@ for t in "${targets[@]}"; do
     log=fuzz/target/$t.log
     start=$(date +%s)
     status=ok
-    cargo +nightly fuzz run -a "$t" "$work" "fuzz/corpus/$t" -- \
+    cargo "${tc[@]}" fuzz run -a "$t" "$work" "fuzz/corpus/$t" -- \
         "${mode[@]}" "${time_flag[@]}" "${limits[@]}" -timeout=20 -print_final_stats=1 \
         "${extra[@]}" >"$log" 2>&1 || status=FAILED
     found=$(( $(find "$arts" -type f | wc -l) - before ))
