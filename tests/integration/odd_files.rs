@@ -253,6 +253,15 @@ fn fifos_named_as_files_are_refused_not_waited_on() {
     assert!(stderr.contains("fish/pipe.jpg"), "{stderr}");
 }
 
+/// A head trained on the small test set, at `t/h.graft` (the set in `t/ds`).
+fn trained_head(t: &Path) -> PathBuf {
+    let ds = dataset(&t.join("ds"));
+    let head = t.join("h.graft");
+    let out = run_within(train(t, &ds, &head), HANG);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    head
+}
+
 /// Issue 13: one unreadable picture stopped `predict` over a folder, and a file name with a
 /// newline broke its text output into two lines. Now each failure is reported on stderr,
 /// the other pictures are predicted, the exit code is 1; a name with a control character is
@@ -261,10 +270,7 @@ fn fifos_named_as_files_are_refused_not_waited_on() {
 fn predict_reports_an_unreadable_picture_and_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let ds = dataset(&t.join("ds"));
-    let head = t.join("h.graft");
-    let out = run_within(train(t, &ds, &head), HANG);
-    assert!(out.status.success(), "{}", stderr_of(&out));
+    let head = trained_head(t);
     let dir = t.join("shots");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("a.jpg"), b"not a picture").unwrap();
@@ -352,10 +358,7 @@ fn age(p: &Path, age: Duration) {
 fn a_killed_writers_temp_file_is_cleaned_a_live_ones_is_kept() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let ds = dataset(&t.join("ds"));
-    let head = t.join("h.graft");
-    let out = run_within(train(t, &ds, &head), HANG);
-    assert!(out.status.success(), "{}", stderr_of(&out));
+    let head = trained_head(t);
 
     // A writer killed mid-write leaves its temp file; time passes.
     let (mut killed, stale) = paused_add(t, &head, &[]);
@@ -370,7 +373,7 @@ fn a_killed_writers_temp_file_is_cleaned_a_live_ones_is_kept() {
 
     // A live writer's temp file survives another head written beside it, however old it looks.
     age(&live_temp, Duration::from_secs(3600));
-    let out = run_within(train(t, &ds, &t.join("other.graft")), HANG);
+    let out = run_within(train(t, &t.join("ds"), &t.join("other.graft")), HANG);
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(live_temp.exists(), "a live writer's temp file was removed");
     assert!(live.try_wait().unwrap().is_none());
