@@ -81,7 +81,8 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
     }
     let model = match &a.head {
         Some(h) if g.model.is_none() => graft::store::headfile::read(h)?.backbone.name,
-        _ => graft::backbone::DEFAULT_MODEL.to_string(),
+        _ => Kiosk::recorded_backbone(&data)?
+            .unwrap_or_else(|| graft::backbone::DEFAULT_MODEL.to_string()),
     };
     let bb = super::load_backbone_or(g, &model)?;
     let kiosk = Kiosk::open(&data, bb, a.head.as_deref())?;

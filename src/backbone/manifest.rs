@@ -101,13 +101,14 @@ struct BundledModel {
 /// The int8 file, shared by the `int8` (as quantised) and `w8` (int8 weights, float
 /// activations) manifests: compiled in once.
 const LITE0_INT8: &[u8] = include_bytes!("../../models/efficientnet-lite0/int8.onnx");
+const LITE0_FP32: &[u8] = include_bytes!("../../models/efficientnet-lite0/fp32.onnx");
 const LITE0_LABELS: &str = include_str!("../../models/efficientnet-lite0/labels.txt");
 
 const BUNDLED: &[BundledModel] = &[
     BundledModel {
         name: "efficientnet-lite0-fp32",
         manifest: include_str!("../../models/efficientnet-lite0-fp32.toml"),
-        onnx: include_bytes!("../../models/efficientnet-lite0/fp32.onnx"),
+        onnx: LITE0_FP32,
     },
     BundledModel {
         name: "efficientnet-lite0-int8",
@@ -119,12 +120,24 @@ const BUNDLED: &[BundledModel] = &[
         manifest: include_str!("../../models/efficientnet-lite0-w8.toml"),
         onnx: LITE0_INT8,
     },
+    BundledModel {
+        name: "efficientnet-lite0-fp32-gem",
+        manifest: include_str!("../../models/efficientnet-lite0-fp32-gem.toml"),
+        onnx: LITE0_FP32,
+    },
+    BundledModel {
+        name: "efficientnet-lite0-w8-gem",
+        manifest: include_str!("../../models/efficientnet-lite0-w8-gem.toml"),
+        onnx: LITE0_INT8,
+    },
 ];
 
 /// The name `--model` defaults to.
 pub const DEFAULT_MODEL: &str = "efficientnet-lite0";
 
-/// The form the family alias `efficientnet-lite0` resolves to on this target.
+/// The precision the family alias `efficientnet-lite0` resolves to on this target (always
+/// with GeM-pooled features, `-gem`: the better features for few-shot heads, docs/few-shot.md;
+/// heads made before record the plain model's name and keep loading it).
 ///
 /// tract 0.23 runs the int8 (QDQ) graph's convolutions in float and spends half of the pass on
 /// quantising and dequantising activations, on every architecture (docs/performance.md), so the
@@ -158,7 +171,7 @@ impl ModelSpec {
             return ModelSpec::from_path(path);
         }
         let wanted = if name == DEFAULT_MODEL {
-            format!("{DEFAULT_MODEL}-{}", default_precision())
+            format!("{DEFAULT_MODEL}-{}-gem", default_precision())
         } else {
             name.to_string()
         };
@@ -359,6 +372,9 @@ impl Manifest {
                 "must be 64 hex digits",
             ));
         }
+        if let Some(p) = self.graph.gem_power.filter(|p| !(2..=8).contains(p)) {
+            return Err(FieldError::new("graph.gem_power", p, "must be 2 to 8"));
+        }
         Ok(())
     }
 }
@@ -374,7 +390,9 @@ mod tests {
             assert_eq!(spec.manifest.output.features_size, 1280, "{name}");
         }
         let alias = ModelSpec::resolve(DEFAULT_MODEL).unwrap();
-        assert!(alias.manifest.name.ends_with(default_precision()));
+        let wanted = format!("{DEFAULT_MODEL}-{}-gem", default_precision());
+        assert_eq!(alias.manifest.name, wanted);
+        assert_eq!(alias.manifest.graph.gem_power, Some(3));
     }
 
     #[test]

@@ -504,7 +504,8 @@ impl Backbone {
     ) -> Result<(tract_onnx::pb::ModelProto, rewrite::Rewrites), BackboneError> {
         let model = self.model_name();
         let mut proto = rewrite::decode(&self.onnx, &model)?;
-        let done = rewrite::apply(&mut proto, &self.spec.manifest.graph, &model)?;
+        let m = &self.spec.manifest;
+        let done = rewrite::apply(&mut proto, &m.graph, &m.output.features, &model)?;
         Ok((proto, done))
     }
 

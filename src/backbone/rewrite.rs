@@ -44,6 +44,14 @@ pub struct GraphSpec {
     /// exported at (a fully convolutional network, e.g. EfficientNet-Lite0 at 320 px).
     #[serde(default)]
     pub free_shapes: bool,
+    /// Generalised-mean (GeM) pooling of the features output with this exponent `p`:
+    /// `(mean(x^p))^(1/p)` over each channel's map instead of its mean, a branch of its own
+    /// beside the average pool, which still feeds the ImageNet classifier (`logits` are the
+    /// file's). Larger `p` leans toward the map's strongest responses, so a small object on a
+    /// busy background is less diluted by the background around it (Radenović et al. 2018;
+    /// docs/few-shot.md measures it). Absent: the file's own pooled features. 2 to 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gem_power: Option<u8>,
 }
 
 impl GraphSpec {
@@ -58,11 +66,14 @@ impl GraphSpec {
             ActivationQdq::Keep => "as in the file",
             ActivationQdq::Clip => "int8 weights, float activations (activation Q/DQ pairs → Clip)",
         };
+        let mut d = qdq.to_string();
         if self.free_shapes {
-            format!("{qdq}; shapes re-inferred for the manifest's input size")
-        } else {
-            qdq.to_string()
+            d.push_str("; shapes re-inferred for the manifest's input size");
         }
+        if let Some(p) = self.gem_power {
+            d.push_str(&format!("; features by GeM pooling, p = {p}"));
+        }
+        d
     }
 }
 
@@ -75,6 +86,8 @@ pub struct Rewrites {
     pub weights_dequantized: usize,
     /// Intermediate shape annotations dropped (`free_shapes`).
     pub shapes_freed: usize,
+    /// Nodes added for GeM pooling (`gem_power`).
+    pub gem_nodes: usize,
 }
 
 /// The recipe's name in identities: bump it whenever a rewrite's output changes, so embeddings
@@ -92,13 +105,18 @@ pub fn rewritten_sha256(file_sha256: &str, spec: &GraphSpec) -> String {
     if spec.free_shapes {
         recipe.push_str("free_shapes\n");
     }
+    if let Some(p) = spec.gem_power {
+        recipe.push_str(&format!("gem_power={p}\n"));
+    }
     super::sha256_hex(recipe.as_bytes())
 }
 
-/// Applies `spec` to a decoded ONNX model in place.
+/// Applies `spec` to a decoded ONNX model in place; `features` is the manifest's features
+/// output (the tensor GeM pooling replaces).
 pub(crate) fn apply(
     proto: &mut pb::ModelProto,
     spec: &GraphSpec,
+    features: &str,
     model: &str,
 ) -> Result<Rewrites, BackboneError> {
     let mut done = Rewrites::default();
@@ -148,7 +166,109 @@ pub(crate) fn apply(
         // takes to fold them itself (load 445 → 139 ms, release, docs/performance.md).
         done.weights_dequantized = fold_constant_dequantize(graph).map_err(bad)?;
     }
+    if let Some(p) = spec.gem_power {
+        done.gem_nodes = gem_pool(graph, features, p).map_err(bad)?;
+    }
     Ok(done)
+}
+
+/// Ops that may sit between the average pool and the features output: each passes one tensor
+/// on (reshaped, or through an activation's saturation or quantisation).
+const PASS_THROUGH: [&str; 6] = [
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Clip",
+    "QuantizeLinear",
+    "DequantizeLinear",
+];
+
+/// GeM pooling of `features`: finds the `GlobalAveragePool` that `features` is computed from
+/// (through at most 6 [`PASS_THROUGH`] nodes), renames the old `features` tensor (its
+/// consumers, e.g. the classifier, keep it) and adds `Pow(x, p) → GlobalAveragePool →
+/// Pow(1/p) → Flatten → features` on the pool's input right after the old producer, so the
+/// node order stays topological. The pool's input is a post-activation map (ReLU6 for
+/// EfficientNet-Lite), so `x ≥ 0`; a negative input is clamped to 0 first, as GeM does.
+/// Returns the number of nodes added.
+fn gem_pool(graph: &mut pb::GraphProto, features: &str, p: u8) -> Result<usize, String> {
+    let producer = |name: &str| {
+        graph
+            .node
+            .iter()
+            .position(|n| n.output.iter().any(|o| o == name))
+    };
+    let at = producer(features).ok_or_else(|| {
+        format!("[graph] gem_power: no node computes the features output {features:?}")
+    })?;
+    let mut pool = at;
+    let mut hops = 0;
+    while graph.node[pool].op_type != "GlobalAveragePool" {
+        let n = &graph.node[pool];
+        let upstream = n.input.first().and_then(|i| producer(i));
+        match upstream {
+            Some(up) if PASS_THROUGH.contains(&n.op_type.as_str()) && hops < 6 => {
+                pool = up;
+                hops += 1;
+            }
+            _ => {
+                return Err(format!(
+                    "[graph] gem_power: the features output {features:?} is not computed by a \
+                     GlobalAveragePool (found {} {:?} on the way)",
+                    n.op_type, n.name
+                ))
+            }
+        }
+    }
+    let map = graph.node[pool].input[0].clone();
+    let kept = format!("{features}/graft_avg");
+    for n in &mut graph.node {
+        for o in n.output.iter_mut().chain(n.input.iter_mut()) {
+            if o == features {
+                *o = kept.clone();
+            }
+        }
+    }
+    let name = |s: &str| format!("graft_gem/{s}");
+    let float = |n: &str, v: f32| pb::TensorProto {
+        name: name(n),
+        data_type: pb::tensor_proto::DataType::Float as i32,
+        float_data: vec![v],
+        ..Default::default()
+    };
+    graph.initializer.extend([
+        float("zero", 0.0),
+        float("p", f32::from(p)),
+        float("inv_p", 1.0 / f32::from(p)),
+    ]);
+    let node = |op: &str, n: &str, inputs: &[String], output: String| pb::NodeProto {
+        op_type: op.into(),
+        name: name(n),
+        input: inputs.to_vec(),
+        output: vec![output],
+        ..Default::default()
+    };
+    let mut flatten = node("Flatten", "flatten", &[name("root")], features.to_string());
+    flatten.attribute.push(pb::AttributeProto {
+        name: "axis".into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: 1,
+        ..Default::default()
+    });
+    let added = [
+        node("Max", "clamp", &[map, name("zero")], name("clamped")),
+        node("Pow", "pow", &[name("clamped"), name("p")], name("powered")),
+        node(
+            "GlobalAveragePool",
+            "pool",
+            &[name("powered")],
+            name("mean"),
+        ),
+        node("Pow", "root", &[name("mean"), name("inv_p")], name("root")),
+        flatten,
+    ];
+    let count = added.len();
+    graph.node.splice(at + 1..at + 1, added);
+    Ok(count)
 }
 
 /// Decodes ONNX bytes (for rewriting and export).
@@ -518,7 +638,7 @@ mod tests {
                 activation_qdq: ActivationQdq::Clip,
                 ..GraphSpec::default()
             };
-            let done = apply(&mut m, &spec, "m").unwrap();
+            let done = apply(&mut m, &spec, "f", "m").unwrap();
             assert_eq!(done.qdq_pairs_clipped, 1);
             let g = m.graph.unwrap();
             let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
@@ -540,7 +660,7 @@ mod tests {
     #[test]
     fn keep_leaves_the_file_alone_and_a_graph_without_pairs_is_refused() {
         let mut same = graph(0);
-        let done = apply(&mut same, &GraphSpec::default(), "m").unwrap();
+        let done = apply(&mut same, &GraphSpec::default(), "f", "m").unwrap();
         assert_eq!(done, Rewrites::default());
         assert_eq!(same, graph(0));
         let mut none = graph(0);
@@ -549,9 +669,83 @@ mod tests {
             activation_qdq: ActivationQdq::Clip,
             ..GraphSpec::default()
         };
-        let err = apply(&mut none, &spec, "m").unwrap_err();
+        let err = apply(&mut none, &spec, "f", "m").unwrap_err();
         assert!(err.to_string().contains("no activation"), "{err}");
         assert!(decode(b"not onnx", "m").is_err());
+    }
+
+    #[test]
+    fn gem_adds_a_pooling_branch_and_the_classifier_keeps_the_average() {
+        // map → GAP → Q → DQ → Flatten = "f" → Gemm (the classifier), as in the int8 file.
+        let mut m = pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                node: vec![
+                    node("Clip", &["x", "lo", "hi"], "map"),
+                    node("GlobalAveragePool", &["map"], "avg"),
+                    node("QuantizeLinear", &["avg", "s", "zp"], "avgq"),
+                    node("DequantizeLinear", &["avgq", "s", "zp"], "avgd"),
+                    node("Flatten", &["avgd"], "f"),
+                    node("Gemm", &["f", "w", "b"], "logits"),
+                ],
+                output: vec![pb::ValueInfoProto {
+                    name: "logits".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let spec = GraphSpec {
+            gem_power: Some(3),
+            ..GraphSpec::default()
+        };
+        let done = apply(&mut m, &spec, "f", "m").unwrap();
+        assert_eq!(done.gem_nodes, 5);
+        let g = m.graph.as_ref().unwrap();
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "Clip",
+                "GlobalAveragePool",
+                "QuantizeLinear",
+                "DequantizeLinear",
+                "Flatten",
+                "Max",
+                "Pow",
+                "GlobalAveragePool",
+                "Pow",
+                "Flatten",
+                "Gemm"
+            ]
+        );
+        // The classifier reads the renamed average; "f" is now the GeM branch's.
+        assert_eq!(g.node[4].output[0], "f/graft_avg");
+        assert_eq!(g.node[10].input[0], "f/graft_avg");
+        assert_eq!(g.node[5].input[0], "map");
+        assert_eq!(g.node[9].output[0], "f");
+        let value = |name: &str| {
+            let t = g.initializer.iter().find(|t| t.name == name).unwrap();
+            t.float_data[0]
+        };
+        assert_eq!(value(&g.node[6].input[1]), 3.0);
+        assert_eq!(value(&g.node[8].input[1]), 1.0 / 3.0);
+        // Its identity is new; the others' are pinned above.
+        assert_ne!(
+            rewritten_sha256("abc", &spec),
+            rewritten_sha256("abc", &GraphSpec::default())
+        );
+
+        // Features not computed by an average pool: refused, naming what was found.
+        let mut other = graph(0);
+        let err = apply(&mut other, &spec, "r", "m").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not computed by a GlobalAveragePool"),
+            "{err}"
+        );
+        let err = apply(&mut graph(0), &spec, "nothing", "m").unwrap_err();
+        assert!(err.to_string().contains("no node computes"), "{err}");
     }
 
     #[test]

@@ -578,7 +578,8 @@ struct Params {
     q2: QParams,
     clip2_lo: f32,
     clip2_hi: f32,
-    pad0: u32,
+    /// The pool's generalised-mean exponent (0 or 1: the plain mean).
+    power: u32,
     pad1: u32,
 }
 
@@ -653,7 +654,8 @@ fn params(s: &Step, batch: usize) -> Params {
             p.ow = 1;
             p.total = u(batch * m * cols);
         }
-        Kernel::Pool { c, hw } => {
+        Kernel::Pool { c, hw, power } => {
+            p.power = u32::from(power);
             p.c_out = u(c);
             p.total = u(batch * c);
             p.len = u(hw);
@@ -751,7 +753,7 @@ mod params_layout {
                 "len" => offset_of!(Params, len),
                 "clip2_lo" => offset_of!(Params, clip2_lo),
                 "clip2_hi" => offset_of!(Params, clip2_hi),
-                "pad0" => offset_of!(Params, pad0),
+                "power" => offset_of!(Params, power),
                 "pad1" => offset_of!(Params, pad1),
                 n if n.starts_with("q1_") => q(offset_of!(Params, q1), &n[3..]),
                 n if n.starts_with("q2_") => q(offset_of!(Params, q2), &n[3..]),

@@ -16,7 +16,7 @@ struct Params {
     q1_s: f32, q1_zp: f32, q1_ds: f32, q1_dzp: f32,
     q1_min: f32, q1_max: f32, q2_s: f32, q2_zp: f32,
     q2_ds: f32, q2_dzp: f32, q2_min: f32, q2_max: f32,
-    clip2_lo: f32, clip2_hi: f32, pad0: u32, pad1: u32,
+    clip2_lo: f32, clip2_hi: f32, power: u32, pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -194,7 +194,9 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     store_tile(acc, m0, j0, lid);
 }
 
-// Global average pool: one (image, channel) per thread, `len` = H·W values.
+// Global average pool: one (image, channel) per thread, `len` = H·W values. With `power`
+// k > 1 it is the generalised mean (mean(max(x, 0)^k))^(1/k) (GeM pooling): the power by
+// repeated products, so 0 stays exactly 0.
 @compute @workgroup_size(256)
 fn pool(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let idx = flat(gid, nw);
@@ -203,6 +205,19 @@ fn pool(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let base = idx * p.len;
     var acc = 0.0;
+    if (p.power > 1u) {
+        for (var i = 0u; i < p.len; i++) {
+            let v = max(x[base + i], 0.0);
+            var vk = v;
+            for (var k = 1u; k < p.power; k++) {
+                vk = vk * v;
+            }
+            acc = acc + vk;
+        }
+        let m = acc / f32(p.len);
+        y[idx] = epilogue(select(0.0, pow(m, 1.0 / f32(p.power)), m > 0.0), idx % p.c_out, idx);
+        return;
+    }
     for (var i = 0u; i < p.len; i++) {
         acc = acc + x[base + i];
     }

@@ -109,8 +109,9 @@ pub(crate) enum Kernel {
     /// `out[m, p] = Σ_k W[m, k] · x[k, p]` per image: 1×1 convolutions (`p` = pixels) and
     /// fully connected layers (`p` = 1), in workgroup-shared tiles.
     MatMul { m: usize, k: usize, p: usize },
-    /// Mean over `hw` values per channel.
-    Pool { c: usize, hw: usize },
+    /// Mean over `hw` values per channel; with `power` k > 1 the generalised mean
+    /// `(mean(max(x, 0)^k))^(1/k)` (GeM pooling, a manifest's `[graph] gem_power`).
+    Pool { c: usize, hw: usize, power: u8 },
     /// The epilogue alone, over `len` values per image.
     Eltwise { len: usize },
 }
@@ -123,7 +124,8 @@ impl Kernel {
             Kernel::Conv(_) => "conv direct",
             Kernel::MatMul { p: 1, .. } => "matmul (fc)",
             Kernel::MatMul { .. } => "matmul (1x1 conv)",
-            Kernel::Pool { .. } => "global avg pool",
+            Kernel::Pool { power: 0 | 1, .. } => "global avg pool",
+            Kernel::Pool { .. } => "global GeM pool",
             Kernel::Eltwise { .. } => "element-wise",
         }
     }
@@ -148,7 +150,7 @@ impl Step {
         (match self.kernel {
             Kernel::Conv(g) => g.c_out * g.oh * g.ow * (g.c_in / g.groups) * g.kh * g.kw,
             Kernel::MatMul { m, k, p } => m * k * p,
-            Kernel::Pool { c, hw } => c * hw,
+            Kernel::Pool { c, hw, .. } => c * hw,
             Kernel::Eltwise { len } => len,
         }) as u64
     }
@@ -324,6 +326,7 @@ impl<'g> Lowering<'g> {
             "Conv" => self.conv(i),
             "Gemm" | "MatMul" => self.gemm(i),
             "GlobalAveragePool" | "ReduceMean" => self.pool(i),
+            "Max" => self.gem_pool(i),
             "Clip" | "Relu" | "Add" | "QuantizeLinear" => {
                 let x = self.activation(n, 0)?;
                 let len = self.plan.values[x].len();
@@ -343,8 +346,8 @@ impl<'g> Lowering<'g> {
                 n,
                 &format!(
                     "the GPU executor does not implement {op} (it runs Conv, Gemm, MatMul, \
-                     Clip, Relu, Add, GlobalAveragePool, ReduceMean, Flatten, Reshape and \
-                     activation QuantizeLinear→DequantizeLinear pairs)"
+                     Clip, Relu, Add, GlobalAveragePool, ReduceMean, Flatten, Reshape, \
+                     activation QuantizeLinear→DequantizeLinear pairs and GeM pooling)"
                 ),
             )),
         }
@@ -601,7 +604,11 @@ impl<'g> Lowering<'g> {
         };
         let step = Step {
             nodes: vec![n.describe()],
-            kernel: Kernel::Pool { c, hw: h * w },
+            kernel: Kernel::Pool {
+                c,
+                hw: h * w,
+                power: 1,
+            },
             input: x,
             output: 0,
             weights: 0,
@@ -609,6 +616,63 @@ impl<'g> Lowering<'g> {
         };
         self.done[i] = true;
         self.emit(step, i, if keep { vec![c, 1, 1] } else { vec![c] }, false)
+    }
+
+    /// GeM pooling as `[graph] gem_power` writes it: `Max(x, 0) → Pow(k) →
+    /// GlobalAveragePool → Pow(1/k)`, starting at the `Max` (node `i`), one pool kernel.
+    fn gem_pool(&mut self, i: usize) -> Result<(), GpuError> {
+        let g = self.graph;
+        let n = &g.nodes[i];
+        let form = "only GeM pooling: Max(x, 0) → Pow(k) → GlobalAveragePool → Pow(1/k), \
+                    k an integer from 2 to 8";
+        let x = self.activation(n, 0)?;
+        if self.scalar(n, 1)? != Some(0.0) {
+            return Err(self.unsupported(n, form));
+        }
+        let next = |j: usize, op: &str| -> Option<usize> {
+            let readers = self.readers.get(g.nodes[j].outputs.first()?.as_str())?;
+            let k = *readers.first()?;
+            (readers.len() == 1
+                && g.nodes[k].op == op
+                && !g.outputs.contains(&g.nodes[j].outputs[0]))
+            .then_some(k)
+        };
+        let chain = next(i, "Pow").and_then(|pw| {
+            let pool = next(pw, "GlobalAveragePool")?;
+            let root = next(pool, "Pow")?;
+            Some((pw, pool, root))
+        });
+        let Some((pw, pool, root)) = chain else {
+            return Err(self.unsupported(n, form));
+        };
+        let k = self.scalar(&g.nodes[pw], 1)?.unwrap_or(0.0);
+        let inv = self.scalar(&g.nodes[root], 1)?.unwrap_or(0.0);
+        if !(2.0..=8.0).contains(&k) || k.fract() != 0.0 || (k * inv - 1.0).abs() > 1e-5 {
+            return Err(self.unsupported(n, form));
+        }
+        let xs = self.plan.values[x].shape.clone();
+        let [c, h, w] = xs[..] else {
+            return Err(self.unsupported(n, &format!("input shape {xs:?} is not C×H×W")));
+        };
+        let step = Step {
+            nodes: [i, pw, pool, root]
+                .iter()
+                .map(|j| g.nodes[*j].describe())
+                .collect(),
+            kernel: Kernel::Pool {
+                c,
+                hw: h * w,
+                power: k as u8,
+            },
+            input: x,
+            output: 0,
+            weights: 0,
+            epilogue: Epilogue::default(),
+        };
+        for j in [i, pw, pool, root] {
+            self.done[j] = true;
+        }
+        self.emit(step, root, vec![c, 1, 1], false)
     }
 
     /// Fuses the followers of node `i` into `step`'s epilogue, then adds the step. With

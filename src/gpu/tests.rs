@@ -294,6 +294,31 @@ fn gemm_matmul_pool_and_flatten_match_tract() {
 }
 
 #[test]
+fn gem_pooling_is_one_kernel_and_matches_tract() {
+    // What `[graph] gem_power = 3` adds beside the average pool.
+    let mut g = graph([19, 7, 7], vec![], &["f"]);
+    for (name, v) in [("zero", 0.0), ("p", 3.0), ("inv_p", 1.0 / 3.0)] {
+        g.constants.insert(name.into(), Constant::f32(&[], vec![v]));
+    }
+    g.nodes = vec![
+        Node::new("Max", "clamp", &["x", "zero"], &["c"]),
+        Node::new("Pow", "pow", &["c", "p"], &["p3"]),
+        Node::new("GlobalAveragePool", "pool", &["p3"], &["m"]),
+        Node::new("Pow", "root", &["m", "inv_p"], &["r"]),
+        Node::new("Flatten", "flat", &["r"], &["f"]).with("axis", Attr::Int(1)),
+    ];
+    for batch in [1, 3] {
+        let (kernels, fused) = check(&g, batch, 64, 31, 1e-5);
+        assert_eq!((kernels, fused), (1, 3));
+    }
+    // Another exponent than its root's is not GeM: refused by name, not miscomputed.
+    g.constants
+        .insert("inv_p".into(), Constant::f32(&[], vec![0.5]));
+    let err = crate::gpu::lower::lower(&g).unwrap_err();
+    assert!(err.to_string().contains("GeM pooling"), "{err}");
+}
+
+#[test]
 fn activation_quantize_dequantize_pairs_match_tract() {
     // The int8 QDQ pattern: conv → Q → DQ → Add(residual DQ) → Q → DQ, u8 activations.
     let mut rng = StdRng::seed_from_u64(21);

@@ -182,6 +182,17 @@ impl Kiosk {
         self.dir.join("examples")
     }
 
+    /// The name of the backbone a data directory's examples were embedded with, if it has
+    /// any: the model `serve` loads for it when none is named, so a kiosk keeps working when the
+    /// default model changes.
+    pub fn recorded_backbone(dir: &Path) -> Result<Option<String>, KioskError> {
+        let file = dir.join("examples.jsonl");
+        if !file.exists() {
+            return Ok(None);
+        }
+        Ok(Some(embeddings::read_backbone(&file)?.name))
+    }
+
     /// Opens (or creates) a data directory; `seed` is a head file whose examples start an empty
     /// one. Cleans up after an interrupted write and retrains a head that does not match.
     pub fn open(dir: &Path, backbone: Backbone, seed: Option<&Path>) -> Result<Kiosk, KioskError> {

@@ -61,10 +61,13 @@ pub fn write(path: &Path, file: &EmbeddingFile) -> Result<(), StoreError> {
     })
 }
 
-/// Reads an embedding file, checking the header and every record's length.
-pub fn read(path: &Path) -> Result<EmbeddingFile, StoreError> {
+/// Reads only the header of an embedding file: the backbone that made it.
+pub fn read_backbone(path: &Path) -> Result<BackboneId, StoreError> {
     let f = crate::userfile::open(path).map_err(|e| StoreError::io(path, e))?;
-    let mut lines = std::io::BufReader::new(f).lines();
+    Ok(header(path, &mut std::io::BufReader::new(f).lines())?.backbone)
+}
+
+fn header(path: &Path, lines: &mut std::io::Lines<impl BufRead>) -> Result<Header, StoreError> {
     let first = lines
         .next()
         .ok_or_else(|| StoreError::format(path, "empty file, not a graft embedding file"))?
@@ -80,6 +83,14 @@ pub fn read(path: &Path) -> Result<EmbeddingFile, StoreError> {
             ),
         ));
     }
+    Ok(header)
+}
+
+/// Reads an embedding file, checking the header and every record's length.
+pub fn read(path: &Path) -> Result<EmbeddingFile, StoreError> {
+    let f = crate::userfile::open(path).map_err(|e| StoreError::io(path, e))?;
+    let mut lines = std::io::BufReader::new(f).lines();
+    let header = header(path, &mut lines)?;
     let mut records = Vec::new();
     for (i, line) in lines.enumerate() {
         let line = line.map_err(|e| StoreError::io(path, e))?;

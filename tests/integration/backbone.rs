@@ -239,3 +239,56 @@ fn info_reports_identity_and_cpu() {
     let text = ok(c);
     assert!(text.contains("sha256") && text.contains("1280"), "{text}");
 }
+
+/// `[graph] gem_power = 3` (the default model's features) against GeM computed here from the
+/// raw 7×7 map, which a manifest cut at the map's node hands out; and the ImageNet logits stay
+/// the file's own (the classifier still reads the average pool).
+#[test]
+fn gem_features_are_the_generalised_mean_of_the_map_and_logits_are_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("models/efficientnet-lite0-fp32.toml")).unwrap();
+    let models = root().join("models/efficientnet-lite0");
+    let text = text
+        .replace("\"efficientnet-lite0/", &format!("\"{}/", models.display()))
+        .replace(
+            "features = \"features\"",
+            "features = \"/_swish_1/Clip_output_0\"",
+        )
+        .replace("features_size = 1280", "features_size = 62720");
+    let manifest = dir.path().join("map.toml");
+    std::fs::write(&manifest, text).unwrap();
+    let map = Backbone::load(
+        graft::backbone::ModelSpec::from_path(&manifest).unwrap(),
+        &graft::backbone::LoadOptions { threads: 1 },
+    )
+    .unwrap();
+    let gem = Backbone::load_named("efficientnet-lite0-fp32-gem").unwrap();
+    let plain = Backbone::load_named("efficientnet-lite0-fp32").unwrap();
+    assert_ne!(gem.id().sha256, plain.id().sha256, "a new identity");
+    for name in ["coffee.jpg", "dog.jpg", "camera_gray.png"] {
+        let x = map.prepare_file(&image(name)).unwrap();
+        let m = map.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let m = m.embedding.vector;
+        assert_eq!(m.len(), 1280 * 49);
+        let want: Vec<f32> = m
+            .chunks(49)
+            .map(|c| (c.iter().map(|v| v.max(0.0).powi(3)).sum::<f32>() / 49.0).cbrt())
+            .collect();
+        let g = gem.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let p = plain.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let worst = want
+            .iter()
+            .zip(&g.embedding.vector)
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1e-3))
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{name}: relative difference {worst}");
+        // GeM is not the mean: the same map, another vector.
+        let avg: Vec<f32> = m.chunks(49).map(|c| c.iter().sum::<f32>() / 49.0).collect();
+        assert!(cosine(&avg, &p.embedding.vector) > 0.99999, "{name}");
+        assert!(cosine(&avg, &g.embedding.vector) < 0.98, "{name}");
+        assert_eq!(
+            g.logits, p.logits,
+            "{name}: the classifier reads the average"
+        );
+    }
+}

@@ -23,6 +23,8 @@ fn gpu_embeddings_and_logits_match_tract_on_the_bundled_models() {
     for (model, floor, rel) in [
         ("efficientnet-lite0-fp32", 0.9999, 1e-4),
         ("efficientnet-lite0-w8", 0.9999, 1e-4),
+        ("efficientnet-lite0-fp32-gem", 0.9999, 1e-4),
+        ("efficientnet-lite0-w8-gem", 0.9999, 1e-4),
         ("efficientnet-lite0-int8", 0.999, 1.0),
     ] {
         let mut bb = Backbone::load_named(model).unwrap();

@@ -70,6 +70,11 @@ pub struct CurveArgs {
     /// Feature transforms to compare, comma-separated powers (1: the plain pipeline).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     powers: Vec<f32>,
+    /// Also draw another backbone's features at power 1, on the same draws: e.g.
+    /// `efficientnet-lite0-fp32` (average-pooled features, the pipeline before GeM pooling)
+    /// against the default model at `--powers 0.5`.
+    #[arg(long)]
+    baseline: Option<String>,
     /// Seed of the splits.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -311,7 +316,8 @@ fn open_set(
 
 #[derive(Serialize)]
 struct CurvePoint {
-    features: &'static str,
+    /// `backbone` (`--model`), `pixels`, or the `--baseline` model's name.
+    features: String,
     /// The power transform (backbone features; 1 for raw pixels).
     power: f32,
     head: String,
@@ -359,7 +365,7 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
             .collect::<Result<_, _>>()?,
     )?;
     // Each feature set: name, power, examples.
-    let mut sets: Vec<(&'static str, f32, Examples)> = a
+    let mut sets: Vec<(String, f32, Examples)> = a
         .powers
         .iter()
         .map(|&power| {
@@ -367,10 +373,31 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
                 power,
                 ..HeadParams::default()
             };
-            ("backbone", power, set.training_examples(&params))
+            (
+                "backbone".to_string(),
+                power,
+                set.training_examples(&params),
+            )
         })
         .collect();
-    sets.push(("pixels", 1.0, pixels));
+    if let Some(name) = &a.baseline {
+        let spec = graft::backbone::ModelSpec::resolve(name)?;
+        let options = graft::backbone::LoadOptions {
+            threads: g.threads()?,
+        };
+        let bb = graft::backbone::Backbone::load(spec, &options)?;
+        let mut c = a.cache.open(&bb)?;
+        let (base, _, _) = super::embed_dataset(&bb, &ds, c.as_mut())?;
+        let examples = base.training_examples(&HeadParams {
+            power: 1.0,
+            ..HeadParams::default()
+        });
+        if examples.y != plain.y {
+            bail!("{name}: the dataset's examples came out in another order");
+        }
+        sets.push((bb.id().name.clone(), 1.0, examples));
+    }
+    sets.push(("pixels".to_string(), 1.0, pixels));
     let mut points = Vec::new();
     let bar = output::progress(a.shots.len() * kinds.len() * sets.len(), "learning curve");
     for &shots in &a.shots {
@@ -389,7 +416,7 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
                 let e = eval::evaluate(data, *kind, splits, &params, a.seed, || {})?;
                 let (m, s) = e.accuracy();
                 points.push(CurvePoint {
-                    features,
+                    features: features.clone(),
                     power: *power,
                     head: name.clone(),
                     shots,
@@ -417,15 +444,16 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
                     .filter(|q| q.features == *features && q.power == *power && q.head == *kind)
                     .map(|q| (q.shots as f64, q.accuracy, q.std))
                     .collect();
-                let name = match (*features, *power) {
+                let name = match (features.as_str(), *power) {
                     ("pixels", _) => format!("{kind} on raw pixels (32x32)"),
-                    (_, 1.0) => format!("{kind} on backbone features"),
-                    (_, p) => format!("{kind} on backbone features^{p}"),
+                    ("backbone", 1.0) => format!("{kind} on backbone features"),
+                    ("backbone", p) => format!("{kind} on backbone features^{p}"),
+                    (model, _) => format!("{kind} on {model} features"),
                 };
                 series.push(graft::plot::Series {
                     name,
                     points: pts,
-                    dashed: *features == "pixels",
+                    dashed: features != "backbone",
                 });
             }
         }
@@ -445,13 +473,20 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
     if g.json {
         return output::json_line(&report);
     }
+    let fw = report
+        .points
+        .iter()
+        .map(|q| q.features.len())
+        .max()
+        .unwrap_or(0)
+        .max(9);
     println!(
-        "{:<9} {:>5} {:<9} {:>6} {:>9} {:>7}",
+        "{:<fw$} {:>5} {:<9} {:>6} {:>9} {:>7}",
         "features", "power", "head", "shots", "accuracy", "std"
     );
     for q in &report.points {
         println!(
-            "{:<9} {:>5} {:<9} {:>6} {:>8.1}% {:>6.1}%",
+            "{:<fw$} {:>5} {:<9} {:>6} {:>8.1}% {:>6.1}%",
             q.features,
             q.power,
             q.head,
