@@ -273,7 +273,7 @@ fn auto_chooses_by_cross_validation_and_says_why() {
         assert!(reason.contains("standard errors"), "{reason}");
     }
     assert_eq!(s["cv_accuracy"].as_f64().unwrap(), acc(chosen));
-    assert_eq!(s["power"].as_f64().unwrap(), 0.5);
+    assert_eq!(s["power"].as_f64().unwrap(), 0.75);
 }
 
 #[test]

@@ -935,3 +935,36 @@ fn a_hostile_picture_in_the_source_is_an_error_reply_not_a_crash() {
     drop(c);
     server.stop();
 }
+
+/// A kiosk whose examples were embedded by another model than today's default (here the plain
+/// `efficientnet-lite0-fp32`, the default before GeM pooling) starts on that model when none is
+/// named, with its examples and head, instead of refusing them as another backbone's.
+#[test]
+fn a_data_folder_keeps_the_model_its_examples_were_made_with() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let source = alternating_frames(t.path(), 8);
+    let data = t.path().join("kiosk");
+    let plain = ["--tcp", "127.0.0.1:0", "--model", "efficientnet-lite0-fp32"];
+    let (server, addr) = Served::start(&cache, &plain, &source, &data);
+    let mut c = tcp(&addr);
+    assert!(c.ask("LEARN birds 1").starts_with("OK "));
+    assert!(c.ask("LEARN fruit 1").starts_with("OK "));
+    let info = c.ask("INFO");
+    server.stop();
+    assert_eq!(field(&info, "model"), "efficientnet-lite0-fp32", "{info}");
+
+    let (server, addr) = Served::start(&cache, &["--tcp", "127.0.0.1:0"], &source, &data);
+    let mut c = tcp(&addr);
+    assert_eq!(c.ask("INFO"), info);
+    assert!(c.ask("CLASSIFY").starts_with("OK "));
+    server.stop();
+
+    // A new data folder gets the default, GeM-pooled model.
+    let fresh = t.path().join("fresh");
+    let (server, addr) = Served::start(&cache, &["--tcp", "127.0.0.1:0"], &source, &fresh);
+    let mut c = tcp(&addr);
+    let info = c.ask("INFO");
+    server.stop();
+    assert!(field(&info, "model").ends_with("-gem"), "{info}");
+}
