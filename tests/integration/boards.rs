@@ -12,8 +12,8 @@ fn board_profiles_set_model_and_threads() {
     assert_eq!(info["board"]["name"], "pi4");
     assert_eq!(info["board_source"], "--board");
     assert_eq!(
-        info["model"], "efficientnet-lite0-w8",
-        "ARM boards use the int8 file with float activations"
+        info["model"], "efficientnet-lite0-w8-gem",
+        "ARM boards use the int8 file with float activations, GeM-pooled"
     );
     assert_eq!(info["threads"], 4);
     // --threads and --model still win over the profile.
