@@ -31,12 +31,12 @@ python3 - "$work/info.json" "$arch" <<'PY'
 import json, sys
 info = json.loads(open(sys.argv[1]).readline())
 assert info["target_arch"] == sys.argv[2], info["target_arch"]
-assert info["model"] == "efficientnet-lite0-w8", "ARM builds default to w8: " + info["model"]
+assert info["model"] == "efficientnet-lite0-w8-gem", "ARM builds default to w8-gem: " + info["model"]
 print("qemu-check: info ok: %s, %s, cpu features %s" % (info["target_arch"], info["model"], ",".join(info["cpu_features"]) or "-"))
 PY
 
 photo=tests/fixtures/images/dog.jpg
-for model in efficientnet-lite0-fp32 efficientnet-lite0-int8 efficientnet-lite0-w8; do
+for model in efficientnet-lite0-fp32 efficientnet-lite0-int8 efficientnet-lite0-w8 efficientnet-lite0-w8-gem; do
     a=$($arm --json classify --model $model --top 1 "$photo" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["top"][0]["label"])')
     h=$($host --json classify --model $model --top 1 "$photo" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["top"][0]["label"])')
     [ "$a" = "$h" ] || { echo "qemu-check $target: $model top-1 $a, host says $h" >&2; exit 1; }
