@@ -85,12 +85,13 @@ pub struct CurveArgs {
     cache: CacheArgs,
 }
 
-/// Embeds a labelled folder (through the cache): its examples and the folder.
+/// Embeds a labelled folder (through the cache): its examples, the folder and the backbone's
+/// name.
 fn load_dataset(
     g: &Global,
     dataset: &Path,
     cache: &CacheArgs,
-) -> anyhow::Result<(ExampleSet, ImageFolder)> {
+) -> anyhow::Result<(ExampleSet, ImageFolder, String)> {
     let ds = ImageFolder::scan(dataset)?;
     if ds.labels.len() < 2 {
         bail!("{}: need at least 2 class folders", dataset.display());
@@ -98,7 +99,7 @@ fn load_dataset(
     let bb = crate::load_backbone(g)?;
     let mut c = cache.open(&bb)?;
     let (set, _, _) = embed_dataset(&bb, &ds, c.as_mut())?;
-    Ok((set, ds))
+    Ok((set, ds, bb.id().name.clone()))
 }
 
 #[derive(Serialize)]
@@ -128,7 +129,7 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
         ..HeadParams::default()
     };
     params.validate()?;
-    let (set, _) = load_dataset(g, &a.dataset, &a.cache)?;
+    let (set, _, _) = load_dataset(g, &a.dataset, &a.cache)?;
     let ex = set.training_examples(&params);
     if a.open_set {
         return open_set(g, &a, choice, &ex, &params);
@@ -352,7 +353,7 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
         }
         .validate()?;
     }
-    let (set, ds) = load_dataset(g, &a.dataset, &a.cache)?;
+    let (set, ds, model) = load_dataset(g, &a.dataset, &a.cache)?;
     // The from-scratch baseline: the same heads on raw downscaled pixels.
     let plain = set.training_examples(&HeadParams {
         power: 1.0,
@@ -446,8 +447,8 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
                     .collect();
                 let name = match (features.as_str(), *power) {
                     ("pixels", _) => format!("{kind} on raw pixels (32x32)"),
-                    ("backbone", 1.0) => format!("{kind} on backbone features"),
-                    ("backbone", p) => format!("{kind} on backbone features^{p}"),
+                    ("backbone", 1.0) => format!("{kind} on {model} features"),
+                    ("backbone", p) => format!("{kind} on {model} features^{p}"),
                     (model, _) => format!("{kind} on {model} features"),
                 };
                 series.push(graft::plot::Series {
