@@ -145,9 +145,12 @@ fn ten_shot_train_predict_add_and_reject() {
         "measured: 10-shot accuracy {base_acc:.3}, known rejected {:.3}",
         rate(unknown, total)
     );
-    assert!(base_acc >= 0.62, "10-shot accuracy {base_acc}");
+    assert!(base_acc >= 0.70, "10-shot accuracy {base_acc}");
+    // The threshold rejects at most 20% of the held-out known answers in training (issue 16);
+    // measured 12.5% here (GeM features, power 0.75). Before, the cap counted only the right
+    // answers and this test allowed 40%.
     assert!(
-        rate(unknown, total) <= 0.40,
+        rate(unknown, total) <= 0.25,
         "known images rejected: {}",
         rate(unknown, total)
     );
@@ -164,8 +167,12 @@ fn ten_shot_train_predict_add_and_reject() {
         "measured: never-trained classes unknown rate {:.3}",
         rate(unk, n)
     );
+    // Measured 43.5%: the other side of the same threshold (known kept 87.5%). The head's
+    // score separates never-taught objects only so far (AUROC about 0.7 on these photo sets,
+    // docs/few-shot.md), so keeping 80% of known answers leaves most never-taught ones
+    // answered; this holds the measured figure with a margin.
     assert!(
-        rate(unk, n) >= 0.65,
+        rate(unk, n) >= 0.30,
         "untrained images accepted: unknown rate {}",
         rate(unk, n)
     );
