@@ -13,20 +13,19 @@ tested on photos of other objects (files `<object>_<n>.jpg`), 10 seeded draws. T
 numpy's, not graft's: compare the variants with each other, not with `graft curve`.
 """
 import json
-import re
 import sys
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+
+from fewshot_draws import draw, object_groups
 
 rows = [json.loads(l) for l in open(sys.argv[1])][1:]
 X = np.array([r["embedding"] for r in rows], dtype=np.float64)
 lab = [r["path"].split("/")[-2] for r in rows]
 classes = sorted(set(lab))
 y = np.array([classes.index(l) for l in lab])
-grp = np.array(
-    [l + "/" + re.sub(r"_\d+$", "", r["path"].split("/")[-1].rsplit(".", 1)[0]) for l, r in zip(lab, rows)]
-)
+grp = object_groups(lab, [r["path"] for r in rows])
 
 
 def l2(v):
@@ -43,14 +42,7 @@ SHOTS = [1, 2, 5, 10]
 res = {(h, k): {} for h in ("logistic", "centroid") for k in VARIANTS}
 for shots in SHOTS:
     for t in range(10):
-        rng = np.random.default_rng(1000 + t)
-        tr = []
-        for c in range(len(classes)):
-            idx = np.where(y == c)[0]
-            rng.shuffle(idx)
-            tr += list(idx[:shots])
-        used = set(grp[tr])
-        te = [i for i in range(len(y)) if i not in tr and grp[i] not in used]
+        tr, te = draw(y, grp, shots, 1000 + t)
         for k, (p, centre) in VARIANTS.items():
             F = l2(np.sign(X) * np.abs(X) ** p)
             if centre == "train":

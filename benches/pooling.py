@@ -13,7 +13,6 @@ ReLU6), computed by onnxruntime on the bundled fp32 file with the reference prep
 other; `graft curve --baseline efficientnet-lite0-fp32` measures the adopted one in graft.
 """
 import glob
-import re
 import sys
 
 import numpy as np
@@ -23,6 +22,8 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, "models/export")
 from preprocess import preprocess_path  # noqa: E402
+
+from fewshot_draws import draw, object_groups  # noqa: E402
 
 MAP = "/_swish_1/Clip_output_0"
 
@@ -53,7 +54,7 @@ def main():
     lab = [p.split("/")[-2] for p in paths]
     classes = sorted(set(lab))
     y = np.array([classes.index(c) for c in lab])
-    grp = np.array([c + "/" + re.sub(r"_\d+$", "", p.split("/")[-1].rsplit(".", 1)[0]) for c, p in zip(lab, paths)])
+    grp = object_groups(lab, paths)
 
     def gem(p):
         return (np.maximum(M, 0) ** p).mean(2) ** (1 / p)
@@ -68,14 +69,7 @@ def main():
     res = {}
     for shots in shots_list:
         for t in range(draws):
-            rng = np.random.default_rng(1000 + t)
-            tr = []
-            for c in range(len(classes)):
-                idx = np.where(y == c)[0]
-                rng.shuffle(idx)
-                tr += list(idx[:shots])
-            used = set(grp[tr])
-            te = [i for i in range(len(y)) if i not in tr and grp[i] not in used]
+            tr, te = draw(y, grp, shots, 1000 + t)
             for k, p in variants:
                 X = feats[k]
                 F = l2(np.sign(X) * np.abs(X) ** p)

@@ -314,7 +314,15 @@ fn load_backbone_on_device(
     g: &Global,
     fallback: &str,
 ) -> anyhow::Result<(graft::backbone::Backbone, Option<device::Gpu>)> {
-    let name = g.model.as_deref().unwrap_or(fallback);
+    load_model(g, g.model.as_deref().unwrap_or(fallback))
+}
+
+/// Loads the model `name` (whatever `--model` says) on the `--device` chosen: for a second
+/// backbone beside `--model`'s, e.g. `curve --baseline`.
+pub fn load_model(
+    g: &Global,
+    name: &str,
+) -> anyhow::Result<(graft::backbone::Backbone, Option<device::Gpu>)> {
     let spec = graft::backbone::ModelSpec::resolve(name)?;
     let options = graft::backbone::LoadOptions {
         threads: g.threads()?,

@@ -170,7 +170,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KioskError + '_ {
 
 impl Kiosk {
     fn examples_file(&self) -> PathBuf {
-        self.dir.join("examples.jsonl")
+        examples_path(&self.dir)
     }
     fn head_file(&self) -> PathBuf {
         self.dir.join("head.graft")
@@ -186,7 +186,7 @@ impl Kiosk {
     /// any: the model `serve` loads for it when none is named, so a kiosk keeps working when the
     /// default model changes.
     pub fn recorded_backbone(dir: &Path) -> Result<Option<String>, KioskError> {
-        let file = dir.join("examples.jsonl");
+        let file = examples_path(dir);
         if !file.exists() {
             return Ok(None);
         }
@@ -610,6 +610,11 @@ impl Kiosk {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// `DIR/examples.jsonl`, the commit point of a data folder.
+fn examples_path(dir: &Path) -> PathBuf {
+    dir.join("examples.jsonl")
 }
 
 /// The kiosk's data folder as an example store: `examples.jsonl` is the commit point,

@@ -382,11 +382,7 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
         })
         .collect();
     if let Some(name) = &a.baseline {
-        let spec = graft::backbone::ModelSpec::resolve(name)?;
-        let options = graft::backbone::LoadOptions {
-            threads: g.threads()?,
-        };
-        let bb = graft::backbone::Backbone::load(spec, &options)?;
+        let (bb, _gpu) = crate::load_model(g, name)?;
         let mut c = a.cache.open(&bb)?;
         let (base, _, _) = super::embed_dataset(&bb, &ds, c.as_mut())?;
         let examples = base.training_examples(&HeadParams {
