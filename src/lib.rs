@@ -73,8 +73,8 @@ pub mod store;
 pub mod userfile;
 
 pub use backbone::{
-    Backbone, BackboneError, BackboneId, DeviceChoice, Embedding, FieldError, LoadOptions,
-    ModelSpec, RgbFrame,
+    Backbone, BackboneError, BackboneId, CpuKernels, DeviceChoice, Embedding, FieldError,
+    LoadOptions, ModelSpec, RgbFrame,
 };
 pub use capture::{CaptureError, Frame, FrameSource, SourceSpec};
 pub use head::{Examples, Head, HeadError, HeadKind, HeadParams, Label, LabelError, Prediction};

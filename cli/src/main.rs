@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
-use graft::backbone::DeviceChoice;
+use graft::backbone::{CpuKernels, DeviceChoice};
 
 /// Grow new image classifiers on the edge.
 #[derive(Debug, Parser)]
@@ -63,6 +63,12 @@ pub struct Global {
           value_parser = clap::builder::PossibleValuesParser::new(["auto", "cpu", "gpu"])
               .map(|s| s.parse::<DeviceChoice>().unwrap_or_default()))]
     pub device: DeviceChoice,
+    /// Whose CPU kernels run the depthwise convolutions: graft (its own, vectorised for this
+    /// CPU) or tract (tract's plan unchanged; for A/B comparisons).
+    #[arg(long, global = true, env = "GRAFT_CPU_KERNELS", default_value_t = CpuKernels::Graft,
+          value_parser = clap::builder::PossibleValuesParser::new(["graft", "tract"])
+              .map(|s| s.parse::<CpuKernels>().unwrap_or_default()))]
+    pub cpu_kernels: CpuKernels,
     /// With the GPU: take the adapter whose name contains this text (see `graft info`).
     #[arg(long, global = true, env = "GRAFT_GPU_ADAPTER")]
     pub gpu_adapter: Option<String>,
@@ -326,6 +332,7 @@ pub fn load_model(
     let spec = graft::backbone::ModelSpec::resolve(name)?;
     let options = graft::backbone::LoadOptions {
         threads: g.threads()?,
+        cpu_kernels: g.cpu_kernels,
     };
     let mut bb = graft::backbone::Backbone::load(spec, &options)?;
     let gpu = device::attach(g, &mut bb)?;

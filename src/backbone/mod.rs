@@ -15,6 +15,7 @@
 //! implements [`Accelerator`], and [`Backbone::set_accelerator`] plugs it in. Every caller of
 //! [`Backbone::run`] and [`Backbone::embed_files`] then uses it; tract stays the reference.
 
+pub mod depthwise;
 mod error;
 pub mod export;
 pub mod exported;
@@ -34,6 +35,7 @@ use sha2::{Digest, Sha256};
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
+pub use depthwise::Substituted;
 pub use error::{BackboneError, FieldError};
 pub use manifest::{Manifest, ModelSpec, DEFAULT_MODEL};
 pub use preprocess::{Prepared, RgbFrame};
@@ -157,11 +159,60 @@ pub struct LoadOptions {
     /// Threads: `1` runs single-threaded; more lets tract split matrix products and lets bulk
     /// embedding run that many images at once.
     pub threads: usize,
+    /// Whose CPU kernels run the operators graft has its own for (`--cpu-kernels`).
+    pub cpu_kernels: CpuKernels,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { threads: 1 }
+        LoadOptions {
+            threads: 1,
+            cpu_kernels: CpuKernels::Graft,
+        }
+    }
+}
+
+/// Whose kernels run the depthwise convolutions on the CPU (`--cpu-kernels`): graft's own
+/// ([`depthwise`]), or tract's for every operator (the A/B switch; both compute the same
+/// function, to rounding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuKernels {
+    /// graft's depthwise kernel on the best instruction set this CPU has.
+    #[default]
+    Graft,
+    /// tract's plan as tract builds it.
+    Tract,
+}
+
+impl CpuKernels {
+    /// As written on a command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuKernels::Graft => "graft",
+            CpuKernels::Tract => "tract",
+        }
+    }
+}
+
+impl std::fmt::Display for CpuKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A kernel choice that is not `graft` or `tract`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a kernel choice (graft or tract)")]
+pub struct ParseCpuKernelsError(pub String);
+
+impl std::str::FromStr for CpuKernels {
+    type Err = ParseCpuKernelsError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [CpuKernels::Graft, CpuKernels::Tract]
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| ParseCpuKernelsError(s.to_string()))
     }
 }
 
@@ -245,6 +296,8 @@ pub struct Backbone {
     onnx: std::borrow::Cow<'static, [u8]>,
     labels: Option<Vec<String>>,
     threads: usize,
+    cpu_kernels: CpuKernels,
+    substituted: depthwise::Substituted,
     executor: Executor,
     plans: Mutex<HashMap<usize, Plan>>,
     load_time: Duration,
@@ -342,6 +395,8 @@ impl Backbone {
             onnx,
             labels,
             threads,
+            cpu_kernels: options.cpu_kernels,
+            substituted: depthwise::Substituted::default(),
             executor,
             plans: Mutex::new(HashMap::new()),
             load_time: Duration::ZERO,
@@ -350,7 +405,7 @@ impl Backbone {
             accelerator: None,
         };
         // Build the batch-1 plan now: it validates the graph and is what most calls use.
-        let (plan, stages, rewrites) = backbone.build_plan(1)?;
+        let (plan, stages, rewrites, substituted) = backbone.build_plan(1)?;
         backbone
             .plans
             .lock()
@@ -360,6 +415,7 @@ impl Backbone {
             load_time: start.elapsed(),
             load_stages: LoadStages { verify, ..stages },
             rewrites,
+            substituted,
             ..backbone
         })
     }
@@ -471,6 +527,11 @@ impl Backbone {
         self.rewrites
     }
 
+    /// Whose kernels run the depthwise convolutions, and what graft's took over.
+    pub fn cpu_kernels(&self) -> (CpuKernels, depthwise::Substituted) {
+        (self.cpu_kernels, self.substituted)
+    }
+
     /// Size in bytes of the ONNX file.
     pub fn model_bytes(&self) -> usize {
         self.onnx.len()
@@ -493,7 +554,7 @@ impl Backbone {
         if let Some(p) = plans.get(&batch) {
             return Ok(p.clone());
         }
-        let (plan, _, _) = self.build_plan(batch)?;
+        let (plan, _, _, _) = self.build_plan(batch)?;
         plans.insert(batch, plan.clone());
         Ok(plan)
     }
@@ -512,7 +573,7 @@ impl Backbone {
     fn build_plan(
         &self,
         batch: usize,
-    ) -> Result<(Plan, LoadStages, rewrite::Rewrites), BackboneError> {
+    ) -> Result<(Plan, LoadStages, rewrite::Rewrites, depthwise::Substituted), BackboneError> {
         let start = Instant::now();
         let m = &self.spec.manifest;
         let model = self.model_name();
@@ -552,15 +613,25 @@ impl Backbone {
         graph
             .select_outputs_by_name(wanted.iter().map(|(_, n)| *n))
             .map_err(load)?;
-        let typed = graph
-            .into_optimized()
-            .map_err(|e| BackboneError::NotImageModel {
-                model: model.clone(),
-                reason: format!(
-                    "it does not accept a [{batch},3,{size},{size}] float image: {}",
-                    error::chain(&e)
-                ),
-            })?;
+        let not_image = |e: TractError| BackboneError::NotImageModel {
+            model: model.clone(),
+            reason: format!(
+                "it does not accept a [{batch},3,{size},{size}] float image: {}",
+                error::chain(&e)
+            ),
+        };
+        let mut typed = graph
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(not_image)?;
+        // graft's own kernels go in between tract's declutter and its codegen.
+        let substituted = match self.cpu_kernels {
+            CpuKernels::Graft => {
+                depthwise::substitute(&mut typed, depthwise::Isa::detect()).map_err(load)?
+            }
+            CpuKernels::Tract => depthwise::Substituted::default(),
+        };
+        let typed = typed.into_optimized().map_err(not_image)?;
         // The cut must really be a `features_size` vector per image.
         let check = |ix: usize, field: &str, want: usize| -> Result<(), BackboneError> {
             let fact = typed.output_fact(ix).map_err(load)?;
@@ -589,7 +660,7 @@ impl Backbone {
             parse,
             optimize: start.elapsed() - parse,
         };
-        Ok((plan, stages, prepared))
+        Ok((plan, stages, prepared, substituted))
     }
 
     /// Runs the graph on a batch of prepared images (on the accelerator when one is plugged

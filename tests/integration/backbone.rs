@@ -259,7 +259,10 @@ fn gem_features_are_the_generalised_mean_of_the_map_and_logits_are_unchanged() {
     std::fs::write(&manifest, text).unwrap();
     let map = Backbone::load(
         graft::backbone::ModelSpec::from_path(&manifest).unwrap(),
-        &graft::backbone::LoadOptions { threads: 1 },
+        &graft::backbone::LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
     )
     .unwrap();
     let gem = Backbone::load_named("efficientnet-lite0-fp32-gem").unwrap();

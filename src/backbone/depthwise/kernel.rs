@@ -1,0 +1,652 @@
+//! graft's depthwise convolution kernel: plain slices in, plain slices out, no tract types.
+//!
+//! One channel plane at a time. The plane is copied into a zero-padded scratch split into
+//! `stride_h × stride_w` phase planes (for stride 1, one plane: the padded image), so that every
+//! kernel tap reads its inputs with unit stride, whatever the convolution's stride:
+//! output `(oy, ox)` and tap `(ky, kx)` read phase `(ky % sh, kx % sw)` at row `oy + ky / sh`,
+//! column `ox + kx / sw`. With rows of the phase planes laid end to end (row length `wq`), output
+//! `oy·wq + ox` of one flat vector is the sum over taps of `w[tap] · scratch[offset[tap] + oy·wq +
+//! ox]`: a one-dimensional convolution with a fixed offset per tap, vectorised straight across
+//! rows. The `wq − wo` columns at the end of each row are computed and thrown away, which on the
+//! 7×7 maps of the last stage wastes far less than vectorising within one row of 7.
+//!
+//! The inner loop keeps four vectors of outputs in registers, broadcasts each tap's weight once
+//! and accumulates with fused multiply-adds; bias and the following clip (ReLU6, or `w8`'s
+//! quantisation range) are applied before the store. The same generic body is compiled once per
+//! instruction set ([`Isa`]); the scalar one is the reference the others are tested against.
+
+/// Shape of one depthwise convolution (NCHW, one filter per channel, dilation 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Geometry {
+    /// Images per batch.
+    pub batch: usize,
+    /// Channels (in = out).
+    pub channels: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Vertical stride (≥ 1).
+    pub sh: usize,
+    /// Horizontal stride (≥ 1).
+    pub sw: usize,
+    /// Zero rows above the input (the padding below follows from the output size).
+    pub pad_top: usize,
+    /// Zero columns left of the input (the padding right follows from the output size).
+    pub pad_left: usize,
+    /// Output height.
+    pub ho: usize,
+    /// Output width.
+    pub wo: usize,
+}
+
+impl Geometry {
+    /// Phase-plane rows and columns.
+    fn hq(&self) -> usize {
+        self.ho + (self.kh - 1) / self.sh
+    }
+    fn wq(&self) -> usize {
+        self.wo + (self.kw - 1) / self.sw
+    }
+    fn phase_len(&self) -> usize {
+        self.hq() * self.wq()
+    }
+    /// Outputs computed per plane, garbage columns included: `(ho − 1)·wq + wo`.
+    fn flat_outputs(&self) -> usize {
+        (self.ho - 1) * self.wq() + self.wo
+    }
+    /// Multiply-adds of one pass (all planes).
+    pub fn macs(&self) -> usize {
+        self.batch * self.channels * self.ho * self.wo * self.kh * self.kw
+    }
+    /// Whether the kernel can run it: every size ≥ 1 (any padding is fine: what lies outside
+    /// the input reads as zero).
+    pub fn is_valid(&self) -> bool {
+        let all = [
+            self.batch,
+            self.channels,
+            self.h,
+            self.w,
+            self.kh,
+            self.kw,
+            self.sh,
+            self.sw,
+            self.ho,
+            self.wo,
+        ];
+        all.iter().all(|&v| v >= 1)
+    }
+    /// Scratch offsets of each tap, row-major over `(ky, kx)` like the weights.
+    pub fn tap_offsets(&self) -> Vec<usize> {
+        let (wq, plane) = (self.wq(), self.phase_len());
+        let mut offsets = Vec::with_capacity(self.kh * self.kw);
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                let phase = (ky % self.sh) * self.sw + kx % self.sw;
+                offsets.push(phase * plane + (ky / self.sh) * wq + kx / self.sw);
+            }
+        }
+        offsets
+    }
+}
+
+/// The instruction set a kernel is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// One float at a time, multiply then add: the reference.
+    Scalar,
+    /// x86-64 AVX-512F, 16 lanes, FMA.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// x86-64 AVX2 with FMA, 8 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+    /// aarch64 Advanced SIMD (NEON), 4 lanes, FMA.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+impl Isa {
+    /// The best this CPU runs.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2Fma;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            return Isa::Neon;
+        }
+        #[allow(unreachable_code)]
+        Isa::Scalar
+    }
+
+    /// Every instruction set this CPU runs, the reference first.
+    pub fn available() -> Vec<Isa> {
+        let mut all = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                all.push(Isa::Avx2Fma);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                all.push(Isa::Avx512);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        all.push(Isa::Neon);
+        all
+    }
+
+    /// Short name, for profiles and `graft info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => "avx2+fma",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "neon",
+        }
+    }
+
+    /// Floats per vector.
+    fn lanes(self) -> usize {
+        match self {
+            Isa::Scalar => 1,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => 16,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => 8,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => 4,
+        }
+    }
+}
+
+/// Per-thread working memory of [`Plane::run`], reused across channels.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    input: Vec<f32>,
+    output: Vec<f32>,
+    row: Vec<f32>,
+}
+
+/// One convolution, ready to run plane by plane.
+#[derive(Debug, Clone)]
+pub struct Plane<'a> {
+    /// The convolution's shape.
+    pub geo: &'a Geometry,
+    /// [`Geometry::tap_offsets`].
+    pub offsets: &'a [usize],
+    /// Which compiled kernel runs it.
+    pub isa: Isa,
+    /// Outputs are clamped to `[lo, hi]` (±∞: no clip).
+    pub lo: f32,
+    /// See `lo`.
+    pub hi: f32,
+}
+
+impl Plane<'_> {
+    /// Convolves one `h × w` channel plane with its `kh × kw` weights, adds `bias`, clamps to
+    /// `[lo, hi]` and writes the `ho × wo` result.
+    ///
+    /// # Panics
+    /// If a slice has the wrong length (a programming error: the tract op checks shapes first).
+    pub fn run(
+        &self,
+        input: &[f32],
+        weights: &[f32],
+        bias: f32,
+        output: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
+        let g = self.geo;
+        assert_eq!(input.len(), g.h * g.w, "depthwise input plane");
+        assert_eq!(weights.len(), g.kh * g.kw, "depthwise weights");
+        assert_eq!(self.offsets.len(), g.kh * g.kw, "depthwise taps");
+        assert_eq!(output.len(), g.ho * g.wo, "depthwise output plane");
+        let lanes = self.isa.lanes();
+        let flat = g.flat_outputs();
+        let vectors = flat.div_ceil(lanes);
+        let planes = g.sh * g.sw * g.phase_len();
+        // Reads reach at most `planes + lanes - 2` (see the module notes): a zero tail of one
+        // vector keeps every load inside the buffer.
+        if scratch.input.len() != planes + lanes {
+            scratch.input.clear();
+            scratch.input.resize(planes + lanes, 0.0);
+        }
+        if scratch.output.len() < vectors * lanes {
+            scratch.output.resize(vectors * lanes, 0.0);
+        }
+        fill_phases(g, input, &mut scratch.input[..planes], &mut scratch.row);
+        let max_offset = self.offsets.iter().copied().max().unwrap_or(0);
+        assert!(max_offset + vectors * lanes <= scratch.input.len());
+        // SAFETY: the loads stay inside `scratch.input` (checked just above), the stores inside
+        // `scratch.output` (resized above), and each ISA's function is only chosen when the CPU
+        // has it (`Isa::detect` / `Isa::available`).
+        unsafe {
+            let src = scratch.input.as_ptr();
+            let dst = scratch.output.as_mut_ptr();
+            let (w, o) = (weights, self.offsets);
+            match self.isa {
+                Isa::Scalar => flat_conv::<Scalar>(src, o, w, bias, self.lo, self.hi, dst, vectors),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => x86::avx512(src, o, w, bias, self.lo, self.hi, dst, vectors),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Fma => x86::avx2(src, o, w, bias, self.lo, self.hi, dst, vectors),
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => {
+                    flat_conv::<arm::Neon>(src, o, w, bias, self.lo, self.hi, dst, vectors)
+                }
+            }
+        }
+        let wq = g.wq();
+        for (oy, row) in output.chunks_exact_mut(g.wo).enumerate() {
+            row.copy_from_slice(&scratch.output[oy * wq..oy * wq + g.wo]);
+        }
+    }
+}
+
+/// Copies one input plane into its zero-padded phase planes. `row` is working memory.
+fn fill_phases(g: &Geometry, input: &[f32], phases: &mut [f32], row: &mut Vec<f32>) {
+    let (hq, wq) = (g.hq(), g.wq());
+    // One padded input row: column j holds input column j − pad_left (zero outside).
+    let padded_len = wq * g.sw;
+    row.clear();
+    row.resize(padded_len, 0.0);
+    let first = g.pad_left.min(padded_len);
+    let n = g.w.min(padded_len - first);
+    for a in 0..g.sh {
+        for i in 0..hq {
+            let y = (i * g.sh + a).checked_sub(g.pad_top).filter(|&y| y < g.h);
+            let dst = |b: usize| (a * g.sw + b) * hq * wq + i * wq;
+            let Some(y) = y else {
+                for b in 0..g.sw {
+                    phases[dst(b)..dst(b) + wq].fill(0.0);
+                }
+                continue;
+            };
+            let src = &input[y * g.w..(y + 1) * g.w];
+            if g.sw == 1 {
+                let out = &mut phases[dst(0)..dst(0) + wq];
+                out[..first].fill(0.0);
+                out[first..first + n].copy_from_slice(&src[..n]);
+                out[first + n..].fill(0.0);
+                continue;
+            }
+            // The zeros around `first..first + n` never change: only the middle is rewritten.
+            row[first..first + n].copy_from_slice(&src[..n]);
+            if g.sw == 2 {
+                let (d0, d1) = (dst(0), dst(1));
+                let (even, odd) = phases[d0..d1 + wq].split_at_mut(d1 - d0);
+                for ((pair, e), o) in row.chunks_exact(2).zip(&mut even[..wq]).zip(&mut odd[..wq]) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+            } else {
+                for b in 0..g.sw {
+                    let out = &mut phases[dst(b)..dst(b) + wq];
+                    for (v, x) in out.iter_mut().zip(row[b..].iter().step_by(g.sw)) {
+                        *v = *x;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the generic kernel needs of a vector type.
+trait Lanes: Copy {
+    const N: usize;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// `a · b + c`.
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self;
+}
+
+/// The reference: one float, multiply then add.
+#[derive(Clone, Copy)]
+struct Scalar(f32);
+
+impl Lanes for Scalar {
+    const N: usize = 1;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        Scalar(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Scalar(unsafe { *p })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { *p = self.0 }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        Scalar(a.0 * b.0 + c.0)
+    }
+    #[inline(always)]
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+        // max then min, as ONNX's Clip and tract's Max/Min chain do (NaN propagates the same).
+        Scalar(self.0.max(lo.0).min(hi.0))
+    }
+}
+
+/// `vectors` vectors of outputs: each the bias plus the sum over taps of weight × the scratch
+/// at the tap's offset, clamped to `[lo, hi]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn flat_conv<L: Lanes>(
+    src: *const f32,
+    offsets: &[usize],
+    weights: &[f32],
+    bias: f32,
+    lo: f32,
+    hi: f32,
+    dst: *mut f32,
+    vectors: usize,
+) {
+    unsafe {
+        let n = L::N;
+        let (b, lo, hi) = (L::splat(bias), L::splat(lo), L::splat(hi));
+        let taps = offsets.len().min(weights.len());
+        let mut v = 0;
+        while v + 4 <= vectors {
+            let base = src.add(v * n);
+            let (mut a0, mut a1, mut a2, mut a3) = (b, b, b, b);
+            for t in 0..taps {
+                let w = L::splat(*weights.get_unchecked(t));
+                let p = base.add(*offsets.get_unchecked(t));
+                a0 = L::mul_add(L::load(p), w, a0);
+                a1 = L::mul_add(L::load(p.add(n)), w, a1);
+                a2 = L::mul_add(L::load(p.add(2 * n)), w, a2);
+                a3 = L::mul_add(L::load(p.add(3 * n)), w, a3);
+            }
+            let out = dst.add(v * n);
+            a0.clamp(lo, hi).store(out);
+            a1.clamp(lo, hi).store(out.add(n));
+            a2.clamp(lo, hi).store(out.add(2 * n));
+            a3.clamp(lo, hi).store(out.add(3 * n));
+            v += 4;
+        }
+        while v < vectors {
+            let base = src.add(v * n);
+            let mut a = b;
+            for t in 0..taps {
+                let w = L::splat(*weights.get_unchecked(t));
+                a = L::mul_add(L::load(base.add(*offsets.get_unchecked(t))), w, a);
+            }
+            a.clamp(lo, hi).store(dst.add(v * n));
+            v += 1;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{flat_conv, Lanes};
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    struct F32x16(__m512);
+
+    impl Lanes for F32x16 {
+        const N: usize = 16;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            F32x16(unsafe { _mm512_set1_ps(x) })
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            F32x16(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm512_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            F32x16(unsafe { _mm512_fmadd_ps(a.0, b.0, c.0) })
+        }
+        #[inline(always)]
+        unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+            F32x16(unsafe { _mm512_min_ps(_mm512_max_ps(self.0, lo.0), hi.0) })
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct F32x8(__m256);
+
+    impl Lanes for F32x8 {
+        const N: usize = 8;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            F32x8(unsafe { _mm256_set1_ps(x) })
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            F32x8(unsafe { _mm256_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm256_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            F32x8(unsafe { _mm256_fmadd_ps(a.0, b.0, c.0) })
+        }
+        #[inline(always)]
+        unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+            F32x8(unsafe { _mm256_min_ps(_mm256_max_ps(self.0, lo.0), hi.0) })
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn avx512(
+        src: *const f32,
+        offsets: &[usize],
+        weights: &[f32],
+        bias: f32,
+        lo: f32,
+        hi: f32,
+        dst: *mut f32,
+        vectors: usize,
+    ) {
+        unsafe { flat_conv::<F32x16>(src, offsets, weights, bias, lo, hi, dst, vectors) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn avx2(
+        src: *const f32,
+        offsets: &[usize],
+        weights: &[f32],
+        bias: f32,
+        lo: f32,
+        hi: f32,
+        dst: *mut f32,
+        vectors: usize,
+    ) {
+        unsafe { flat_conv::<F32x8>(src, offsets, weights, bias, lo, hi, dst, vectors) }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::Lanes;
+    use std::arch::aarch64::*;
+
+    /// NEON is part of every aarch64 CPU: no detection, no target_feature wrapper.
+    #[derive(Clone, Copy)]
+    pub(super) struct Neon(float32x4_t);
+
+    impl Lanes for Neon {
+        const N: usize = 4;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            Neon(unsafe { vdupq_n_f32(x) })
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Neon(unsafe { vld1q_f32(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { vst1q_f32(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            Neon(unsafe { vfmaq_f32(c.0, a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+            Neon(unsafe { vminq_f32(vmaxq_f32(self.0, lo.0), hi.0) })
+        }
+    }
+}
+
+/// The convolution done the obvious way (six nested loops), for tests.
+#[cfg(test)]
+pub(crate) fn naive(
+    g: &Geometry,
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    lo: f32,
+    hi: f32,
+) -> Vec<f32> {
+    let mut out = vec![0.0; g.batch * g.channels * g.ho * g.wo];
+    for n in 0..g.batch {
+        for c in 0..g.channels {
+            let plane = n * g.channels + c;
+            for oy in 0..g.ho {
+                for ox in 0..g.wo {
+                    let mut acc = bias[c] as f64;
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let y = (oy * g.sh + ky) as isize - g.pad_top as isize;
+                            let x = (ox * g.sw + kx) as isize - g.pad_left as isize;
+                            if y < 0 || x < 0 || y >= g.h as isize || x >= g.w as isize {
+                                continue;
+                            }
+                            let v = input[plane * g.h * g.w + y as usize * g.w + x as usize];
+                            acc += v as f64 * weights[c * g.kh * g.kw + ky * g.kw + kx] as f64;
+                        }
+                    }
+                    out[plane * g.ho * g.wo + oy * g.wo + ox] = (acc as f32).max(lo).min(hi);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(seed: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn run_all(
+        g: &Geometry,
+        isa: Isa,
+        input: &[f32],
+        w: &[f32],
+        b: &[f32],
+        lo: f32,
+        hi: f32,
+    ) -> Vec<f32> {
+        let offsets = g.tap_offsets();
+        let plane = Plane {
+            geo: g,
+            offsets: &offsets,
+            isa,
+            lo,
+            hi,
+        };
+        let mut out = vec![f32::NAN; g.batch * g.channels * g.ho * g.wo];
+        let mut scratch = Scratch::default();
+        for (p, o) in out.chunks_exact_mut(g.ho * g.wo).enumerate() {
+            let c = p % g.channels;
+            plane.run(
+                &input[p * g.h * g.w..(p + 1) * g.h * g.w],
+                &w[c * g.kh * g.kw..(c + 1) * g.kh * g.kw],
+                b[c],
+                o,
+                &mut scratch,
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn every_isa_matches_the_six_loop_convolution() {
+        let mut seed = 7;
+        // (h, w, k, s, pad_top, pad_left, extra bottom/right padding)
+        let cases = [
+            (7, 7, 5, 1, 2, 2, 2),
+            (14, 14, 3, 2, 0, 0, 1),
+            (9, 13, 3, 2, 1, 0, 0),
+            (5, 6, 5, 2, 2, 1, 3),
+            (1, 1, 3, 1, 1, 1, 1),
+            (17, 3, 5, 1, 0, 4, 0),
+        ];
+        for (h, w, k, s, pt, pl, extra) in cases {
+            let ho = (h + pt + extra - k) / s + 1;
+            let wo = (w + pl + extra - k) / s + 1;
+            let g = Geometry {
+                batch: 2,
+                channels: 3,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                sh: s,
+                sw: s,
+                pad_top: pt,
+                pad_left: pl,
+                ho,
+                wo,
+            };
+            assert!(g.is_valid());
+            let input = random(&mut seed, 2 * 3 * h * w);
+            let weights = random(&mut seed, 3 * k * k);
+            let bias = random(&mut seed, 3);
+            let want = naive(&g, &input, &weights, &bias, -0.5, 1.5);
+            for isa in Isa::available() {
+                let got = run_all(&g, isa, &input, &weights, &bias, -0.5, 1.5);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-5, "{isa:?} {g:?} at {i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! graft's own depthwise convolution inside tract's plan.
+//!
+//! tract 0.23.9 runs a float depthwise convolution as its `DepthWise` op: on x86 only the interior
+//! zones of unit-stride nodes are vectorised (8 lanes, no FMA), the stride-2 nodes and every
+//! border run scalar, and on EfficientNet-Lite0 that op was half of the forward pass
+//! (`docs/performance.md`). [`substitute`] replaces each such `Conv` of the decluttered model,
+//! before tract's codegen sees it, by [`GraftDepthwise`], which runs [`kernel`]'s vectorised
+//! planes, threads over channels with tract's own executor, and takes in the `Max`/`Min` clip
+//! that follows (ReLU6, or `w8`'s quantisation range) so that pass over memory disappears too.
+//!
+//! Everything else stays tract's. [`check_against_tract`] runs tract's op and ours on the same
+//! random convolutions: the tests call it, and so does `graft doctor` on the board itself.
+
+pub mod kernel;
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+use tract_onnx::tract_core::ops::math::{Max, Min};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+pub use kernel::{Geometry, Isa};
+
+/// A depthwise convolution with its weights, bias and clip, run by graft's kernel.
+#[derive(Debug, Clone)]
+pub struct GraftDepthwise {
+    geo: Geometry,
+    offsets: Arc<[usize]>,
+    /// `[channels, kh, kw]`.
+    weights: Arc<[f32]>,
+    /// `[channels]`.
+    bias: Arc<[f32]>,
+    lo: f32,
+    hi: f32,
+    isa: Isa,
+    /// `[N, C, H, W]` tensors; without, `[C, H, W]` (tract drops a batch axis of 1).
+    batch_axis: bool,
+}
+
+impl PartialEq for GraftDepthwise {
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.geo == other.geo
+            && self.isa == other.isa
+            && self.batch_axis == other.batch_axis
+            && self.lo.to_bits() == other.lo.to_bits()
+            && self.hi.to_bits() == other.hi.to_bits()
+            && bits(&self.weights) == bits(&other.weights)
+            && bits(&self.bias) == bits(&other.bias)
+    }
+}
+
+impl Eq for GraftDepthwise {}
+
+impl Op for GraftDepthwise {
+    fn name(&self) -> StaticName {
+        "GraftDepthWise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let g = &self.geo;
+        Ok(vec![format!(
+            "{}ch {}x{} k{}x{} s{}x{} pad {},{} -> {}x{}, clip [{}, {}], {}",
+            g.channels,
+            g.h,
+            g.w,
+            g.kh,
+            g.kw,
+            g.sh,
+            g.sw,
+            g.pad_top,
+            g.pad_left,
+            g.ho,
+            g.wo,
+            self.lo,
+            self.hi,
+            self.isa.name()
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GraftDepthwise {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let g = self.geo;
+        ensure!(inputs.len() == 1, "GraftDepthWise takes one input");
+        let input = inputs[0].try_as_plain_ram()?;
+        let input = input.as_slice::<f32>()?;
+        ensure!(
+            input.len() == g.batch * g.channels * g.h * g.w,
+            "GraftDepthWise input has {} values, expected {:?}",
+            input.len(),
+            [g.batch, g.channels, g.h, g.w]
+        );
+        let mut output = Tensor::zero::<f32>(&self.shape(g.ho, g.wo))?;
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            let plane = kernel::Plane {
+                geo: &self.geo,
+                offsets: &self.offsets,
+                isa: self.isa,
+                lo: self.lo,
+                hi: self.hi,
+            };
+            let (taps, in_len, out_len) = (g.kh * g.kw, g.h * g.w, g.ho * g.wo);
+            // One row per (image, channel) plane: tract's executor (the backbone's threads)
+            // splits them, whole planes each.
+            tract_linalg::multithread::par_chunks_mut(out, out_len, g.macs(), |first, chunk| {
+                let mut scratch = kernel::Scratch::default();
+                for (i, o) in chunk.chunks_exact_mut(out_len).enumerate() {
+                    let p = first + i;
+                    let c = p % g.channels;
+                    plane.run(
+                        &input[p * in_len..(p + 1) * in_len],
+                        &self.weights[c * taps..(c + 1) * taps],
+                        self.bias[c],
+                        o,
+                        &mut scratch,
+                    );
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl GraftDepthwise {
+    /// A tensor shape with `h × w` planes.
+    fn shape(&self, h: usize, w: usize) -> TVec<usize> {
+        let g = &self.geo;
+        if self.batch_axis {
+            tvec![g.batch, g.channels, h, w]
+        } else {
+            tvec![g.channels, h, w]
+        }
+    }
+}
+
+impl TypedOp for GraftDepthwise {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let g = &self.geo;
+        ensure!(inputs.len() == 1);
+        ensure!(inputs[0].datum_type == f32::datum_type());
+        ensure!(
+            inputs[0].shape.as_concrete() == Some(&self.shape(g.h, g.w)[..]),
+            "GraftDepthWise expects {:?}, got {:?}",
+            self.shape(g.h, g.w),
+            inputs[0].shape
+        );
+        Ok(tvec!(f32::fact(self.shape(g.ho, g.wo))))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            self.geo.macs().into()
+        )))
+    }
+
+    as_op!();
+}
+
+/// What [`substitute`] did to a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Substituted {
+    /// Depthwise convolutions now run by graft's kernel.
+    pub convolutions: usize,
+    /// `Max`/`Min` clips folded into them.
+    pub clips: usize,
+}
+
+/// Replaces every float NCHW depthwise `Conv` of a decluttered model (constant weights and
+/// bias, dilation 1, concrete shapes) by [`GraftDepthwise`], folding the clips that follow.
+/// Convolutions of any other kind are left to tract.
+pub fn substitute(model: &mut TypedModel, isa: Isa) -> TractResult<Substituted> {
+    let mut done = Substituted::default();
+    for id in model.eval_order()? {
+        let Some((op, clips, last)) = depthwise_at(model, id)? else {
+            continue;
+        };
+        let node = &model.nodes[id];
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::new(format!("graft-depthwise {name}"));
+        let x = patch.tap_model(model, node.inputs[0])?;
+        let op = GraftDepthwise { isa, ..op };
+        let out = patch.wire_node(name, op, &[x])?[0];
+        patch.shunt_outside(model, OutletId::new(last, 0), out)?;
+        patch.apply(model)?;
+        done.convolutions += 1;
+        done.clips += clips;
+    }
+    if done.convolutions > 0 {
+        // Drops the replaced nodes and their now unused constants.
+        model.compact()?;
+    }
+    Ok(done)
+}
+
+/// If node `id` is a depthwise convolution graft runs: the op (with scalar ISA), the number of
+/// clip nodes folded, and the last node it replaces.
+fn depthwise_at(
+    model: &TypedModel,
+    id: usize,
+) -> TractResult<Option<(GraftDepthwise, usize, usize)>> {
+    let node = &model.nodes[id];
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let ps = &conv.pool_spec;
+    let c = ps.input_channels;
+    if conv.q_params.is_some()
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || !matches!(ps.data_format, DataFormat::NCHW | DataFormat::CHW)
+        || ps.kernel_shape.len() != 2
+        || conv.group != c
+        || ps.output_channels != c
+        || c < 2
+        || ps
+            .dilations
+            .as_ref()
+            .is_some_and(|d| d.iter().any(|&d| d != 1))
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let x = model.outlet_fact(node.inputs[0])?;
+    let (Some(xs), true) = (x.shape.as_concrete(), x.datum_type == f32::datum_type()) else {
+        return Ok(None);
+    };
+    let (Some(kernel), Some(bias)) = (
+        model.outlet_fact(node.inputs[1])?.konst.clone(),
+        model.outlet_fact(node.inputs[2])?.konst.clone(),
+    ) else {
+        return Ok(None);
+    };
+    // `[N, C, H, W]`, or `[C, H, W]` where tract dropped a batch of 1.
+    let batch_axis = ps.data_format == DataFormat::NCHW;
+    let (batch, xs) = match (batch_axis, xs) {
+        (true, &[n, c, h, w]) => (n, [c, h, w]),
+        (false, &[c, h, w]) => (1, [c, h, w]),
+        _ => return Ok(None),
+    };
+    if xs[0] != c {
+        return Ok(None);
+    }
+    let (kh, kw) = (ps.kernel_shape[0], ps.kernel_shape[1]);
+    if kernel.datum_type() != f32::datum_type() || kernel.shape() != [c, 1, kh, kw] {
+        return Ok(None);
+    }
+    if bias.datum_type() != f32::datum_type() || !(bias.len() == c || bias.len() == 1) {
+        return Ok(None);
+    }
+    let padding = ps.computed_padding(&xs[1..]);
+    let strides = ps.strides();
+    let geo = Geometry {
+        batch,
+        channels: c,
+        h: xs[1],
+        w: xs[2],
+        kh,
+        kw,
+        sh: strides[0],
+        sw: strides[1],
+        pad_top: padding[0].pad_before,
+        pad_left: padding[1].pad_before,
+        ho: padding[0].convoluted,
+        wo: padding[1].convoluted,
+    };
+    if !geo.is_valid() {
+        return Ok(None);
+    }
+    let weights: Arc<[f32]> = kernel.try_as_plain_ram()?.as_slice::<f32>()?.into();
+    let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let bias: Arc<[f32]> = if bias.len() == c {
+        bias.into()
+    } else {
+        vec![bias[0]; c].into()
+    };
+    // Fold the clip chain that follows, if this convolution is its only input.
+    let (mut lo, mut hi, mut last, mut clips) = (f32::NEG_INFINITY, f32::INFINITY, id, 0);
+    while let Some((is_max, bound, next)) = clip_after(model, last)? {
+        if is_max {
+            lo = lo.max(bound);
+            hi = hi.max(bound);
+        } else {
+            lo = lo.min(bound);
+            hi = hi.min(bound);
+        }
+        last = next;
+        clips += 1;
+    }
+    let op = GraftDepthwise {
+        offsets: geo.tap_offsets().into(),
+        geo,
+        weights,
+        bias,
+        lo,
+        hi,
+        isa: Isa::Scalar,
+        batch_axis,
+    };
+    Ok(Some((op, clips, last)))
+}
+
+/// The `Max(x, b)` or `Min(x, b)` with a scalar constant `b` that alone reads node `id`'s only
+/// output, when nothing else does and it is not a model output.
+fn clip_after(model: &TypedModel, id: usize) -> TractResult<Option<(bool, f32, usize)>> {
+    let outlet = OutletId::new(id, 0);
+    if model.outputs.contains(&outlet) || model.nodes[id].outputs.len() != 1 {
+        return Ok(None);
+    }
+    let succ = model.outlet_successors(outlet);
+    let [inlet] = succ else {
+        return Ok(None);
+    };
+    let next = &model.nodes[inlet.node];
+    let Some(bin) = next.op_as::<TypedBinOp>() else {
+        return Ok(None);
+    };
+    let is_max = if bin.0.is::<Max>() {
+        true
+    } else if bin.0.is::<Min>() {
+        false
+    } else {
+        return Ok(None);
+    };
+    if next.inputs.len() != 2 || bin.1.is_some() {
+        return Ok(None);
+    }
+    let other = next.inputs[1 - inlet.slot];
+    let fact = model.outlet_fact(other)?;
+    let Some(k) = fact.konst.as_ref() else {
+        return Ok(None);
+    };
+    if k.len() != 1 || k.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    // The clip must not change the shape (broadcast of a scalar only).
+    if model.outlet_fact(OutletId::new(next.id, 0))?.shape != model.outlet_fact(outlet)?.shape {
+        return Ok(None);
+    }
+    let bound = k.try_as_plain_ram()?.as_slice::<f32>()?[0];
+    if bound.is_nan() {
+        return Ok(None);
+    }
+    Ok(Some((is_max, bound, next.id)))
+}
+
+/// One convolution [`check_against_tract`] ran.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedShape {
+    /// The convolution.
+    pub geo: Geometry,
+    /// Largest |graft − tract| over the output, relative to the largest |tract| value.
+    pub max_rel_error: f32,
+}
+
+/// A seeded random depthwise convolution: `(input [N,C,H,W], weights, bias, geometry, pads
+/// after)`.
+fn random_case(seed: &mut u64) -> (Geometry, [usize; 2]) {
+    let mut next = |n: usize| {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as usize) % n
+    };
+    let k = [3, 5][next(2)];
+    let (sh, sw) = if next(4) == 0 {
+        (1, 2)
+    } else {
+        [(1, 1), (2, 2)][next(2)]
+    };
+    let (pt, pl, pb, pr) = (next(k), next(k), next(k), next(k));
+    // At least one kernel's worth of padded input.
+    let h = (1 + next(20)).max(k.saturating_sub(pt + pb));
+    let w = (1 + next(20)).max(k.saturating_sub(pl + pr));
+    let channels = 2 + next(37);
+    let batch = 1 + next(3);
+    let ho = (h + pt + pb - k) / sh + 1;
+    let wo = (w + pl + pr - k) / sw + 1;
+    let geo = Geometry {
+        batch,
+        channels,
+        h,
+        w,
+        kh: k,
+        kw: k,
+        sh,
+        sw,
+        pad_top: pt,
+        pad_left: pl,
+        ho,
+        wo,
+    };
+    (geo, [pb, pr])
+}
+
+/// EfficientNet-Lite0's 16 depthwise convolutions at 224×224: `(channels, h, k, stride)`,
+/// "same" padding.
+pub const LITE0_SHAPES: [(usize, usize, usize, usize); 16] = [
+    (32, 112, 3, 1),
+    (96, 112, 3, 2),
+    (144, 56, 3, 1),
+    (144, 56, 5, 2),
+    (240, 28, 5, 1),
+    (240, 28, 3, 2),
+    (480, 14, 3, 1),
+    (480, 14, 3, 1),
+    (480, 14, 5, 1),
+    (672, 14, 5, 1),
+    (672, 14, 5, 1),
+    (672, 14, 5, 2),
+    (1152, 7, 5, 1),
+    (1152, 7, 5, 1),
+    (1152, 7, 5, 1),
+    (1152, 7, 3, 1),
+];
+
+fn lite0_case(i: usize) -> (Geometry, [usize; 2]) {
+    let (c, h, k, s) = LITE0_SHAPES[i];
+    let ho = h.div_ceil(s);
+    let total = ((ho - 1) * s + k).saturating_sub(h);
+    let (before, after) = (total / 2, total - total / 2);
+    let geo = Geometry {
+        batch: 1,
+        channels: c,
+        h,
+        w: h,
+        kh: k,
+        kw: k,
+        sh: s,
+        sw: s,
+        pad_top: before,
+        pad_left: before,
+        ho,
+        wo: ho,
+    };
+    (geo, [after, after])
+}
+
+/// Runs `random` seeded random depthwise convolutions (kernels 3 and 5, strides 1 and 2, uneven
+/// pads, odd channel counts, batch 1–3) and, with `lite0`, EfficientNet-Lite0's 16 shapes, once
+/// through tract's own plan and once with graft's kernel on `isa`, with a ReLU6 after each.
+/// Errors if an output differs by more than a relative 1e-5.
+pub fn check_against_tract(
+    isa: Isa,
+    seed: u64,
+    random: usize,
+    lite0: bool,
+) -> TractResult<Vec<CheckedShape>> {
+    let mut cases: Vec<(Geometry, [usize; 2])> = Vec::new();
+    if lite0 {
+        cases.extend((0..LITE0_SHAPES.len()).map(lite0_case));
+    }
+    let mut s = seed;
+    cases.extend((0..random).map(|_| random_case(&mut s)));
+    let mut checked = Vec::with_capacity(cases.len());
+    for (i, (geo, after)) in cases.into_iter().enumerate() {
+        let mut data_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15);
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    data_seed = data_seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((data_seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+                })
+                .collect()
+        };
+        let g = &geo;
+        let input = values(g.batch * g.channels * g.h * g.w);
+        let weights = values(g.channels * g.kh * g.kw);
+        let bias = values(g.channels);
+        let model = single_conv(g, after, &weights, &bias)?;
+        let input = Tensor::from_shape(&[g.batch, g.channels, g.h, g.w], &input)?;
+        let reference = model.clone().into_optimized()?.into_runnable()?;
+        let want = reference.run(tvec!(input.clone().into_tvalue()))?;
+        let mut ours = model;
+        let done = substitute(&mut ours, isa)?;
+        ensure!(
+            done.convolutions == 1 && done.clips == 2,
+            "graft's depthwise did not take {g:?} (substituted {done:?})"
+        );
+        let ours = ours.into_optimized()?.into_runnable()?;
+        let got = ours.run(tvec!(input.into_tvalue()))?;
+        let want = want[0].try_as_plain_ram()?;
+        let want = want.as_slice::<f32>()?;
+        let got = got[0].try_as_plain_ram()?;
+        let got = got.as_slice::<f32>()?;
+        ensure!(
+            got.len() == want.len(),
+            "{g:?}: {} outputs vs tract's {}",
+            got.len(),
+            want.len()
+        );
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let mut worst = 0f32;
+        for (j, (a, b)) in got.iter().zip(want).enumerate() {
+            let rel = (a - b).abs() / scale;
+            ensure!(
+                rel <= 1e-5,
+                "graft's depthwise ({}) differs from tract's on {g:?} at output {j}: {a} vs {b}",
+                isa.name()
+            );
+            worst = worst.max(rel);
+        }
+        checked.push(CheckedShape {
+            geo,
+            max_rel_error: worst,
+        });
+    }
+    Ok(checked)
+}
+
+/// A decluttered model of one depthwise `Conv` (explicit pads) followed by a ReLU6 as
+/// `Max(x, 0)`, `Min(x, 6)`, the way tract-onnx wires ONNX's `Clip`.
+fn single_conv(
+    g: &Geometry,
+    after: [usize; 2],
+    weights: &[f32],
+    bias: &[f32],
+) -> TractResult<TypedModel> {
+    let mut model = TypedModel::default();
+    let x = model.add_source("x", f32::fact([g.batch, g.channels, g.h, g.w]))?;
+    let k = model.add_const(
+        "kernel",
+        Tensor::from_shape(&[g.channels, 1, g.kh, g.kw], weights)?,
+    )?;
+    let b = model.add_const("bias", Tensor::from_shape(&[g.channels], bias)?)?;
+    let conv = Conv {
+        pool_spec: PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![g.kh, g.kw],
+            padding: PaddingSpec::Explicit(tvec![g.pad_top, g.pad_left], tvec![after[0], after[1]]),
+            dilations: None,
+            strides: Some(tvec![g.sh, g.sw]),
+            input_channels: g.channels,
+            output_channels: g.channels,
+        },
+        kernel_fmt: KernelFormat::OIHW,
+        group: g.channels,
+        q_params: None,
+    };
+    let y = model.wire_node("conv", conv, &[x, k, b])?[0];
+    let zero = model.add_const("zero", Tensor::from_shape(&[1, 1, 1, 1], &[0f32])?)?;
+    let six = model.add_const("six", Tensor::from_shape(&[1, 1, 1, 1], &[6f32])?)?;
+    let y = model.wire_node("relu6.min", TypedBinOp(Box::new(Max), None), &[y, zero])?[0];
+    let y = model.wire_node("relu6.max", TypedBinOp(Box::new(Min), None), &[y, six])?[0];
+    model.select_output_outlets(&[y])?;
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_isa_matches_tracts_depthwise_on_lite0_and_random_shapes() {
+        for isa in Isa::available() {
+            let checked = check_against_tract(isa, 17, 30, true).unwrap();
+            assert_eq!(checked.len(), 46);
+        }
+    }
+}
