@@ -184,6 +184,9 @@ pub struct Scratch {
     input: Vec<f32>,
     output: Vec<f32>,
     row: Vec<f32>,
+    /// What `input` and `row` are laid out for: their zeros (the padding) are written once
+    /// per geometry, and each plane only overwrites the input's own positions.
+    laid_out: Option<(Geometry, usize)>,
 }
 
 /// One convolution, ready to run plane by plane.
@@ -226,71 +229,116 @@ impl Plane<'_> {
         let planes = g.sh * g.sw * g.phase_len();
         // Reads reach at most `planes + lanes - 2` (see the module notes): a zero tail of one
         // vector keeps every load inside the buffer.
-        if scratch.input.len() != planes + lanes {
+        if scratch.laid_out != Some((*g, lanes)) {
             scratch.input.clear();
             scratch.input.resize(planes + lanes, 0.0);
+            scratch.row.clear();
+            scratch.row.resize(g.wq() * g.sw, 0.0);
+            scratch.laid_out = Some((*g, lanes));
         }
         if scratch.output.len() < vectors * lanes {
             scratch.output.resize(vectors * lanes, 0.0);
         }
-        fill_phases(g, input, &mut scratch.input[..planes], &mut scratch.row);
         let max_offset = self.offsets.iter().copied().max().unwrap_or(0);
         assert!(max_offset + vectors * lanes <= scratch.input.len());
-        // SAFETY: the loads stay inside `scratch.input` (checked just above), the stores inside
-        // `scratch.output` (resized above), and each ISA's function is only chosen when the CPU
-        // has it (`Isa::detect` / `Isa::available`).
+        let job = Job {
+            g,
+            input,
+            phases: &mut scratch.input,
+            row: &mut scratch.row,
+            flat: &mut scratch.output[..vectors * lanes],
+            output,
+            offsets: self.offsets,
+            weights,
+            bias,
+            lo: self.lo,
+            hi: self.hi,
+        };
+        // SAFETY: every load of the convolution stays inside `phases` (checked just above), its
+        // stores inside `flat` (one slot per lane of `vectors`), and each ISA's function is only
+        // chosen when the CPU has it (`Isa::detect` / `Isa::available`).
         unsafe {
-            let src = scratch.input.as_ptr();
-            let dst = scratch.output.as_mut_ptr();
-            let (w, o) = (weights, self.offsets);
             match self.isa {
-                Isa::Scalar => flat_conv::<Scalar>(src, o, w, bias, self.lo, self.hi, dst, vectors),
+                Isa::Scalar => job.run::<Scalar>(),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => x86::avx512(src, o, w, bias, self.lo, self.hi, dst, vectors),
+                Isa::Avx512 => x86::avx512(job),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => x86::avx2(src, o, w, bias, self.lo, self.hi, dst, vectors),
+                Isa::Avx2Fma => x86::avx2(job),
                 #[cfg(target_arch = "aarch64")]
-                Isa::Neon => {
-                    flat_conv::<arm::Neon>(src, o, w, bias, self.lo, self.hi, dst, vectors)
-                }
+                Isa::Neon => job.run::<arm::Neon>(),
             }
-        }
-        let wq = g.wq();
-        for (oy, row) in output.chunks_exact_mut(g.wo).enumerate() {
-            row.copy_from_slice(&scratch.output[oy * wq..oy * wq + g.wo]);
         }
     }
 }
 
-/// Copies one input plane into its zero-padded phase planes. `row` is working memory.
-fn fill_phases(g: &Geometry, input: &[f32], phases: &mut [f32], row: &mut Vec<f32>) {
+/// One plane's work, handed to the kernel compiled for an ISA.
+struct Job<'a> {
+    g: &'a Geometry,
+    input: &'a [f32],
+    phases: &'a mut [f32],
+    row: &'a mut [f32],
+    flat: &'a mut [f32],
+    output: &'a mut [f32],
+    offsets: &'a [usize],
+    weights: &'a [f32],
+    bias: f32,
+    lo: f32,
+    hi: f32,
+}
+
+impl Job<'_> {
+    /// Fills the phase planes, convolves, copies the `wo` valid outputs of each row out.
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(self) {
+        let g = self.g;
+        let planes = g.sh * g.sw * g.phase_len();
+        fill_phases::<L>(g, self.input, &mut self.phases[..planes], self.row);
+        let vectors = self.flat.len() / L::N;
+        unsafe {
+            flat_conv::<L>(
+                self.phases.as_ptr(),
+                self.offsets,
+                self.weights,
+                self.bias,
+                self.lo,
+                self.hi,
+                self.flat.as_mut_ptr(),
+                vectors,
+            );
+            let wq = g.wq();
+            for oy in 0..g.ho {
+                let src = &self.flat[oy * wq..oy * wq + g.wo];
+                let dst = &mut self.output[oy * g.wo..(oy + 1) * g.wo];
+                L::copy(src.as_ptr(), dst.as_mut_ptr(), g.wo);
+            }
+        }
+    }
+}
+
+/// Copies one input plane into its phase planes. Only the positions that hold input values are
+/// written: the padding around them is zero since [`Plane::run`] laid the scratch out, and stays
+/// so. `row` (one padded input row, `wq · sw` long, zero outside the input) is working memory.
+#[inline(always)]
+fn fill_phases<L: Lanes>(g: &Geometry, input: &[f32], phases: &mut [f32], row: &mut [f32]) {
     let (hq, wq) = (g.hq(), g.wq());
-    // One padded input row: column j holds input column j − pad_left (zero outside).
-    let padded_len = wq * g.sw;
-    row.clear();
-    row.resize(padded_len, 0.0);
-    let first = g.pad_left.min(padded_len);
-    let n = g.w.min(padded_len - first);
+    // Column j of a padded row holds input column j − pad_left.
+    let first = g.pad_left.min(row.len());
+    let n = g.w.min(row.len() - first);
     for a in 0..g.sh {
         for i in 0..hq {
-            let y = (i * g.sh + a).checked_sub(g.pad_top).filter(|&y| y < g.h);
-            let dst = |b: usize| (a * g.sw + b) * hq * wq + i * wq;
-            let Some(y) = y else {
-                for b in 0..g.sw {
-                    phases[dst(b)..dst(b) + wq].fill(0.0);
-                }
+            let Some(y) = (i * g.sh + a).checked_sub(g.pad_top).filter(|&y| y < g.h) else {
                 continue;
             };
-            let src = &input[y * g.w..(y + 1) * g.w];
+            let src = &input[y * g.w..y * g.w + n];
+            let dst = |b: usize| (a * g.sw + b) * hq * wq + i * wq;
+            // SAFETY (both copies): `src` has `n` values, and so has each destination slice.
             if g.sw == 1 {
-                let out = &mut phases[dst(0)..dst(0) + wq];
-                out[..first].fill(0.0);
-                out[first..first + n].copy_from_slice(&src[..n]);
-                out[first + n..].fill(0.0);
+                let to = &mut phases[dst(0) + first..dst(0) + first + n];
+                unsafe { L::copy(src.as_ptr(), to.as_mut_ptr(), n) };
                 continue;
             }
-            // The zeros around `first..first + n` never change: only the middle is rewritten.
-            row[first..first + n].copy_from_slice(&src[..n]);
+            let to = &mut row[first..first + n];
+            unsafe { L::copy(src.as_ptr(), to.as_mut_ptr(), n) };
             if g.sw == 2 {
                 let (d0, d1) = (dst(0), dst(1));
                 let (even, odd) = phases[d0..d1 + wq].split_at_mut(d1 - d0);
@@ -318,7 +366,25 @@ trait Lanes: Copy {
     unsafe fn store(self, p: *mut f32);
     /// `a · b + c`.
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
     unsafe fn clamp(self, lo: Self, hi: Self) -> Self;
+    /// Copies `n < N` floats (the tail of [`Lanes::copy`]).
+    unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize);
+    /// Copies `n` floats with vector loads and stores, inline (a `memcpy` call costs more than
+    /// the copy on the short rows of the last stages).
+    #[inline(always)]
+    unsafe fn copy(src: *const f32, dst: *mut f32, n: usize) {
+        unsafe {
+            let mut i = 0;
+            while i + Self::N <= n {
+                Self::load(src.add(i)).store(dst.add(i));
+                i += Self::N;
+            }
+            if i < n {
+                Self::copy_tail(src.add(i), dst.add(i), n - i);
+            }
+        }
+    }
 }
 
 /// The reference: one float, multiply then add.
@@ -344,14 +410,22 @@ impl Lanes for Scalar {
         Scalar(a.0 * b.0 + c.0)
     }
     #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        Scalar(a.0 + b.0)
+    }
+    #[inline(always)]
     unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
         // max then min, as ONNX's Clip and tract's Max/Min chain do (NaN propagates the same).
         Scalar(self.0.max(lo.0).min(hi.0))
     }
+    #[inline(always)]
+    unsafe fn copy_tail(_: *const f32, _: *mut f32, _: usize) {
+        // N = 1: there is never a tail.
+    }
 }
 
 /// `vectors` vectors of outputs: each the bias plus the sum over taps of weight × the scratch
-/// at the tap's offset, clamped to `[lo, hi]`.
+/// at the tap's offset, clamped to `[lo, hi]`. Blocks of 8 vectors, then a tail of 4, 2, 1.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn flat_conv<L: Lanes>(
@@ -365,44 +439,94 @@ unsafe fn flat_conv<L: Lanes>(
     vectors: usize,
 ) {
     unsafe {
-        let n = L::N;
-        let (b, lo, hi) = (L::splat(bias), L::splat(lo), L::splat(hi));
         let taps = offsets.len().min(weights.len());
+        let k = Block {
+            src,
+            offsets,
+            weights,
+            taps,
+            bias,
+            lo,
+            hi,
+            dst,
+        };
         let mut v = 0;
-        while v + 4 <= vectors {
-            let base = src.add(v * n);
-            let (mut a0, mut a1, mut a2, mut a3) = (b, b, b, b);
-            for t in 0..taps {
-                let w = L::splat(*weights.get_unchecked(t));
-                let p = base.add(*offsets.get_unchecked(t));
-                a0 = L::mul_add(L::load(p), w, a0);
-                a1 = L::mul_add(L::load(p.add(n)), w, a1);
-                a2 = L::mul_add(L::load(p.add(2 * n)), w, a2);
-                a3 = L::mul_add(L::load(p.add(3 * n)), w, a3);
-            }
-            let out = dst.add(v * n);
-            a0.clamp(lo, hi).store(out);
-            a1.clamp(lo, hi).store(out.add(n));
-            a2.clamp(lo, hi).store(out.add(2 * n));
-            a3.clamp(lo, hi).store(out.add(3 * n));
+        while v + 8 <= vectors {
+            k.run::<L, 8, 1>(v);
+            v += 8;
+        }
+        if v + 4 <= vectors {
+            k.run::<L, 4, 2>(v);
             v += 4;
         }
-        while v < vectors {
-            let base = src.add(v * n);
-            let mut a = b;
-            for t in 0..taps {
-                let w = L::splat(*weights.get_unchecked(t));
-                a = L::mul_add(L::load(base.add(*offsets.get_unchecked(t))), w, a);
+        if v + 2 <= vectors {
+            k.run::<L, 2, 4>(v);
+            v += 2;
+        }
+        if v < vectors {
+            k.run::<L, 1, 4>(v);
+        }
+    }
+}
+
+/// What every block of [`flat_conv`] shares.
+struct Block<'a> {
+    src: *const f32,
+    offsets: &'a [usize],
+    weights: &'a [f32],
+    taps: usize,
+    bias: f32,
+    lo: f32,
+    hi: f32,
+    dst: *mut f32,
+}
+
+impl Block<'_> {
+    /// `R` vectors from vector `v` on, the taps dealt round-robin to `S` sets of accumulators
+    /// (summed at the end) so that at least 4 independent FMA chains are in flight even for the
+    /// short tail blocks.
+    #[inline(always)]
+    unsafe fn run<L: Lanes, const R: usize, const S: usize>(&self, v: usize) {
+        unsafe {
+            let n = L::N;
+            let base = self.src.add(v * n);
+            let zero = L::splat(0.0);
+            let mut acc = [[zero; R]; S];
+            let full = self.taps / S * S;
+            let mut t = 0;
+            while t < full {
+                for (s, set) in acc.iter_mut().enumerate() {
+                    let w = L::splat(*self.weights.get_unchecked(t + s));
+                    let p = base.add(*self.offsets.get_unchecked(t + s));
+                    for (r, a) in set.iter_mut().enumerate() {
+                        *a = L::mul_add(L::load(p.add(r * n)), w, *a);
+                    }
+                }
+                t += S;
             }
-            a.clamp(lo, hi).store(dst.add(v * n));
-            v += 1;
+            for t in full..self.taps {
+                let w = L::splat(*self.weights.get_unchecked(t));
+                let p = base.add(*self.offsets.get_unchecked(t));
+                for (r, a) in acc[0].iter_mut().enumerate() {
+                    *a = L::mul_add(L::load(p.add(r * n)), w, *a);
+                }
+            }
+            let (b, lo, hi) = (L::splat(self.bias), L::splat(self.lo), L::splat(self.hi));
+            let out = self.dst.add(v * n);
+            for r in 0..R {
+                let mut sum = L::add(acc[0][r], b);
+                for set in &acc[1..] {
+                    sum = L::add(sum, set[r]);
+                }
+                sum.clamp(lo, hi).store(out.add(r * n));
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{flat_conv, Lanes};
+    use super::{Job, Lanes};
     use std::arch::x86_64::*;
 
     #[derive(Clone, Copy)]
@@ -427,8 +551,17 @@ mod x86 {
             F32x16(unsafe { _mm512_fmadd_ps(a.0, b.0, c.0) })
         }
         #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            F32x16(unsafe { _mm512_add_ps(a.0, b.0) })
+        }
+        #[inline(always)]
         unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
             F32x16(unsafe { _mm512_min_ps(_mm512_max_ps(self.0, lo.0), hi.0) })
+        }
+        #[inline(always)]
+        unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize) {
+            let mask: __mmask16 = (1u16 << n) - 1;
+            unsafe { _mm512_mask_storeu_ps(dst, mask, _mm512_maskz_loadu_ps(mask, src)) }
         }
     }
 
@@ -454,39 +587,31 @@ mod x86 {
             F32x8(unsafe { _mm256_fmadd_ps(a.0, b.0, c.0) })
         }
         #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            F32x8(unsafe { _mm256_add_ps(a.0, b.0) })
+        }
+        #[inline(always)]
         unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
             F32x8(unsafe { _mm256_min_ps(_mm256_max_ps(self.0, lo.0), hi.0) })
+        }
+        #[inline(always)]
+        unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize) {
+            unsafe {
+                let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+                _mm256_maskstore_ps(dst, mask, _mm256_maskload_ps(src, mask));
+            }
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn avx512(
-        src: *const f32,
-        offsets: &[usize],
-        weights: &[f32],
-        bias: f32,
-        lo: f32,
-        hi: f32,
-        dst: *mut f32,
-        vectors: usize,
-    ) {
-        unsafe { flat_conv::<F32x16>(src, offsets, weights, bias, lo, hi, dst, vectors) }
+    pub(super) unsafe fn avx512(job: Job<'_>) {
+        unsafe { job.run::<F32x16>() }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn avx2(
-        src: *const f32,
-        offsets: &[usize],
-        weights: &[f32],
-        bias: f32,
-        lo: f32,
-        hi: f32,
-        dst: *mut f32,
-        vectors: usize,
-    ) {
-        unsafe { flat_conv::<F32x8>(src, offsets, weights, bias, lo, hi, dst, vectors) }
+    pub(super) unsafe fn avx2(job: Job<'_>) {
+        unsafe { job.run::<F32x8>() }
     }
 }
 
@@ -518,8 +643,27 @@ mod arm {
             Neon(unsafe { vfmaq_f32(c.0, a.0, b.0) })
         }
         #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            Neon(unsafe { vaddq_f32(a.0, b.0) })
+        }
+        #[inline(always)]
         unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
             Neon(unsafe { vminq_f32(vmaxq_f32(self.0, lo.0), hi.0) })
+        }
+        #[inline(always)]
+        unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize) {
+            // n ≤ 3, spelled out so it is not turned into a `memcpy` call.
+            unsafe {
+                if n > 0 {
+                    *dst = *src;
+                }
+                if n > 1 {
+                    *dst.add(1) = *src.add(1);
+                }
+                if n > 2 {
+                    *dst.add(2) = *src.add(2);
+                }
+            }
         }
     }
 }
