@@ -148,6 +148,28 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
             detail: super::one_line(&e),
         }),
     }
+    checks.push(match g.cpu_kernels {
+        graft::CpuKernels::Tract => Check {
+            check: "cpu kernels",
+            status: Status::Ok,
+            detail: "tract's for every operator (--cpu-kernels tract)".into(),
+        },
+        graft::CpuKernels::Graft => match graft::backbone::check_cpu_kernels() {
+            Ok(k) => Check {
+                check: "cpu kernels",
+                status: Status::Ok,
+                detail: format!(
+                    "graft's depthwise ({}) matches tract's on {} convolutions (largest difference {:.1e} relative)",
+                    k.isa, k.convolutions, k.max_rel_error
+                ),
+            },
+            Err(e) => Check {
+                check: "cpu kernels",
+                status: Status::Fail,
+                detail: format!("{e}; run with --cpu-kernels tract"),
+            },
+        },
+    });
     let camera = a
         .camera
         .clone()

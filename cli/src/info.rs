@@ -25,6 +25,9 @@ struct Info<'a> {
     preprocess: &'a str,
     target_arch: &'a str,
     cpu_features: Vec<String>,
+    /// Whose kernels run the depthwise convolutions on the CPU (`--cpu-kernels`), and what
+    /// graft's took over.
+    cpu_kernels: String,
     threads: usize,
     load_ms: f64,
     provenance: Option<&'a toml::Table>,
@@ -55,6 +58,7 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
         preprocess: &bb.id().preprocess,
         target_arch: std::env::consts::ARCH,
         cpu_features: Backbone::cpu_features(),
+        cpu_kernels: bb.cpu_kernels_line(),
         threads: bb.threads(),
         load_ms: bb.load_time().as_secs_f64() * 1e3,
         provenance: m.provenance.as_ref(),
@@ -126,6 +130,7 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
         info.target_arch,
         info.cpu_features.join(" ")
     );
+    println!("cpu kernels    {}", info.cpu_kernels);
     println!("threads        {}", info.threads);
     info.device.print();
     println!("load time      {:.0} ms", info.load_ms);

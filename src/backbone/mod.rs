@@ -44,6 +44,36 @@ pub use rewrite::{rewritten_sha256, ActivationQdq, GraphSpec, Rewrites};
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// What [`check_cpu_kernels`] found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelCheck {
+    /// The instruction set graft's depthwise kernel runs on here (`avx512`, `neon`, ...).
+    pub isa: &'static str,
+    /// Convolutions compared: EfficientNet-Lite0's 16 depthwise shapes and 30 random ones.
+    pub convolutions: usize,
+    /// Largest difference to tract, relative to the largest output value.
+    pub max_rel_error: f32,
+}
+
+/// Runs graft's depthwise kernel, on the instruction set this CPU would use, and tract's own
+/// depthwise on the same convolutions (EfficientNet-Lite0's 16 shapes and 30 seeded random
+/// ones, each with a ReLU6), and errors if any output differs by more than a relative 1e-5.
+/// `graft doctor` runs it, so a new board checks the kernels it will really use.
+pub fn check_cpu_kernels() -> Result<KernelCheck, BackboneError> {
+    let isa = depthwise::Isa::detect();
+    let checked = depthwise::check_against_tract(isa, 2026, 30, true).map_err(|e| {
+        BackboneError::Inference {
+            model: format!("graft's depthwise kernel ({})", isa.name()),
+            reason: error::chain(&e),
+        }
+    })?;
+    Ok(KernelCheck {
+        isa: isa.name(),
+        convolutions: checked.len(),
+        max_rel_error: checked.iter().map(|c| c.max_rel_error).fold(0.0, f32::max),
+    })
+}
+
 /// Lowercase hex sha256 of some bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
@@ -530,6 +560,23 @@ impl Backbone {
     /// Whose kernels run the depthwise convolutions, and what graft's took over.
     pub fn cpu_kernels(&self) -> (CpuKernels, depthwise::Substituted) {
         (self.cpu_kernels, self.substituted)
+    }
+
+    /// [`Backbone::cpu_kernels`] in one line, e.g. `graft depthwise (avx512): 16 convolutions,
+    /// 16 clips folded` or `tract (--cpu-kernels tract)`.
+    pub fn cpu_kernels_line(&self) -> String {
+        match (self.cpu_kernels, self.substituted) {
+            (CpuKernels::Tract, _) => "tract (--cpu-kernels tract)".into(),
+            (CpuKernels::Graft, d) if d.convolutions == 0 => {
+                "tract (no depthwise convolution graft runs in this graph)".into()
+            }
+            (CpuKernels::Graft, d) => format!(
+                "graft depthwise ({}): {} convolutions, {} clips folded",
+                depthwise::Isa::detect().name(),
+                d.convolutions,
+                d.clips
+            ),
+        }
     }
 
     /// Size in bytes of the ONNX file.
