@@ -7,6 +7,12 @@ latency ratio and the cosine between graft's and onnxruntime's embeddings of the
 
     cargo build --release
     .venv/bin/python benches/compare_onnxruntime.py [--graft target/release/graft] [--runs 30]
+        [--rounds 3] [--kernels graft,tract]
+
+Each row is measured in `--rounds` rounds, graft and onnxruntime alternating within a round
+(graft bench runs `--runs` passes, then onnxruntime as many), and reports the median of the
+rounds: on a shared VM a neighbour's burst then hits both sides instead of one. `--kernels`
+also runs graft with `--cpu-kernels tract` (tract's plan unchanged) for the A/B.
 
 Needs numpy, pillow, onnx, onnxruntime (models/export/requirements.txt).
 """
@@ -68,6 +74,8 @@ def main():
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kernels", default="graft,tract")
     args = ap.parse_args()
     x = preprocess_path(args.image)
     # The accuracy yardstick for every form: onnxruntime's fp32 embedding of the photo.
@@ -77,35 +85,52 @@ def main():
     for name in args.models.split(","):
         path = MODELS[name]
         for threads in [int(t) for t in args.threads.split(",")]:
-            g = json.loads(subprocess.check_output(
-                [args.graft, "bench", "--json", "--model", name, "--threads", str(threads),
-                 "--runs", str(args.runs), "--max-batch", "1", "--image", args.image], cwd=ROOT))
-            sess, load_ms = ort_session(path, threads, with_features=False)
-            sess.run(None, {"input": x})
-            times = []
-            for _ in range(args.runs):
-                t = time.perf_counter()
+            for kernels in args.kernels.split(","):
+                sess, load_ms = ort_session(path, threads, with_features=False)
                 sess.run(None, {"input": x})
-                times.append((time.perf_counter() - t) * 1e3)
-            ort_ms = statistics.median(times)
-            # Embedding agreement on the same photo.
-            fsess, _ = ort_session(path, 1, with_features=True)
-            ref = fsess.run(["features"], {"input": x})[0][0]
-            with tempfile.TemporaryDirectory() as d:
-                out = Path(d) / "e.jsonl"
-                subprocess.check_call([args.graft, "embed", "--model", name, args.image, "--out", str(out)],
-                                      cwd=ROOT, stderr=subprocess.DEVNULL)
-                emb = np.array(json.loads(out.read_text().splitlines()[1])["embedding"], dtype=np.float64)
-            cos = float(emb @ ref / (np.linalg.norm(emb) * np.linalg.norm(ref)))
-            cos32 = float(emb @ fp32_ref / (np.linalg.norm(emb) * np.linalg.norm(fp32_ref)))
-            rows.append((name, threads, g["load_ms"], load_ms, g["embed_batch1_ms"], ort_ms, cos, cos32))
+                graft_rounds, ort_rounds, loads = [], [], []
+                for _ in range(args.rounds):
+                    g = json.loads(subprocess.check_output(
+                        [args.graft, "bench", "--json", "--model", name, "--threads", str(threads),
+                         "--cpu-kernels", kernels, "--skip-heads",
+                         "--runs", str(args.runs), "--max-batch", "1", "--image", args.image], cwd=ROOT))
+                    graft_rounds.append(g["embed_batch1_ms"])
+                    loads.append(g["load_ms"])
+                    times = []
+                    for _ in range(args.runs):
+                        t = time.perf_counter()
+                        sess.run(None, {"input": x})
+                        times.append((time.perf_counter() - t) * 1e3)
+                    ort_rounds.append(statistics.median(times))
+                ort_ms = statistics.median(ort_rounds)
+                graft_ms = statistics.median(graft_rounds)
+                # Embedding agreement on the same photo.
+                fsess, _ = ort_session(path, 1, with_features=True)
+                ref = fsess.run(["features"], {"input": x})[0][0]
+                with tempfile.TemporaryDirectory() as d:
+                    out = Path(d) / "e.jsonl"
+                    subprocess.check_call([args.graft, "embed", "--model", name, "--cpu-kernels", kernels,
+                                           args.image, "--out", str(out)],
+                                          cwd=ROOT, stderr=subprocess.DEVNULL)
+                    emb = np.array(json.loads(out.read_text().splitlines()[1])["embedding"], dtype=np.float64)
+                cos = float(emb @ ref / (np.linalg.norm(emb) * np.linalg.norm(ref)))
+                cos32 = float(emb @ fp32_ref / (np.linalg.norm(emb) * np.linalg.norm(fp32_ref)))
+                rows.append((name, kernels, threads, statistics.median(loads), load_ms, graft_ms, ort_ms,
+                             cos, cos32))
     print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; onnxruntime {ort.__version__}; "
-          f"batch 1, median of {args.runs} runs, same .onnx file, same photo")
+          f"batch 1, median of {args.rounds} alternating rounds of {args.runs} runs' medians, "
+          f"same .onnx file, same photo")
     print("cosine: graft's embedding vs onnxruntime's on the same file; vs fp32: vs onnxruntime's fp32 model")
-    print(f"{'model':<26} {'thr':>3} {'graft load':>10} {'ort load':>9} {'graft ms':>9} {'ort ms':>7} {'ratio':>6} "
-          f"{'cosine':>8} {'vs fp32':>8}")
-    for name, thr, gl, ol, gm, om, cos, cos32 in rows:
-        print(f"{name:<26} {thr:>3} {gl:>10.0f} {ol:>9.0f} {gm:>9.2f} {om:>7.2f} {gm / om:>5.1f}x {cos:>8.5f} {cos32:>8.5f}")
+    print(f"{'model':<26} {'kernels':>7} {'thr':>3} {'graft load':>10} {'ort load':>9} {'graft ms':>9} "
+          f"{'ort ms':>7} {'ratio':>6} {'cosine':>8} {'vs fp32':>8}")
+    for name, kern, thr, gl, ol, gm, om, cos, cos32 in rows:
+        print(f"{name:<26} {kern:>7} {thr:>3} {gl:>10.0f} {ol:>9.0f} {gm:>9.2f} {om:>7.2f} {gm / om:>5.2f}x "
+              f"{cos:>8.5f} {cos32:>8.5f}")
+    # Thread scaling of a single frame, graft's kernels: 1 thread's latency over 2 threads'.
+    by = {(n, k, t): gm for n, k, t, _, _, gm, _, _, _ in rows}
+    for (n, k, t), gm in by.items():
+        if t != 1 and (n, k, 1) in by:
+            print(f"{n} ({k}): {t} threads {by[(n, k, 1)] / gm:.2f}x faster than 1")
 
 
 if __name__ == "__main__":

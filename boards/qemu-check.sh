@@ -6,6 +6,7 @@
 # - `graft bench --profile`: runs, and the plan uses the target's NEON kernels (kernel names in the
 #   profile), the int8 graph still pays for activation quantise/dequantise and w8 does not;
 # - `graft embed`: embedding cosine >= 0.999 to the host's, same model file;
+# - `graft doctor`'s CPU kernel check: graft's depthwise kernel (NEON / scalar) equals tract's;
 # - with `full`: a train + predict round trip (few-shot head on fixture photos) under qemu.
 # Timing under emulation means nothing and is not measured.
 set -euo pipefail
@@ -33,6 +34,19 @@ info = json.loads(open(sys.argv[1]).readline())
 assert info["target_arch"] == sys.argv[2], info["target_arch"]
 assert info["model"] == "efficientnet-lite0-w8-gem", "ARM builds default to w8-gem: " + info["model"]
 print("qemu-check: info ok: %s, %s, cpu features %s" % (info["target_arch"], info["model"], ",".join(info["cpu_features"]) or "-"))
+PY
+
+# graft's depthwise kernel on this architecture (NEON on aarch64; armv7 runs the scalar one)
+# against tract's own depthwise: `graft doctor`'s kernel check, 46 convolutions value by value.
+$arm --json doctor > "$work/doctor.json" 2>/dev/null || true
+python3 - "$work/doctor.json" "$arch" <<'PY'
+import json, sys
+checks = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+k = [c for c in checks if c["check"] == "cpu kernels"]
+assert k and k[0]["status"] == "ok", f"cpu kernel check: {k or checks}"
+want = {"aarch64": "(neon)", "arm": "(scalar)"}[sys.argv[2]]
+assert want in k[0]["detail"], k[0]["detail"]
+print("qemu-check: " + k[0]["detail"])
 PY
 
 photo=tests/fixtures/images/dog.jpg

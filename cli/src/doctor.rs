@@ -159,8 +159,15 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
                 check: "cpu kernels",
                 status: Status::Ok,
                 detail: format!(
-                    "graft's depthwise ({}) matches tract's on {} convolutions (largest difference {:.1e} relative)",
-                    k.isa, k.convolutions, k.max_rel_error
+                    "graft's depthwise ({}) matches tract's on {} convolutions (largest difference {:.1e} relative){}",
+                    k.isa,
+                    k.convolutions,
+                    k.max_rel_error,
+                    if k.isa == "scalar" {
+                        "; no vectorised kernel for this CPU, so the plan keeps tract's"
+                    } else {
+                        ""
+                    }
                 ),
             },
             Err(e) => Check {

@@ -126,6 +126,11 @@ const BUNDLED: &[BundledModel] = &[
         onnx: LITE0_FP32,
     },
     BundledModel {
+        name: "efficientnet-lite0-f16-gem",
+        manifest: include_str!("../../models/efficientnet-lite0-f16-gem.toml"),
+        onnx: LITE0_FP32,
+    },
+    BundledModel {
         name: "efficientnet-lite0-w8-gem",
         manifest: include_str!("../../models/efficientnet-lite0-w8-gem.toml"),
         onnx: LITE0_INT8,

@@ -55,7 +55,8 @@ pub struct KernelCheck {
     pub max_rel_error: f32,
 }
 
-/// Runs graft's depthwise kernel, on the instruction set this CPU would use, and tract's own
+/// Runs graft's depthwise kernel, on the instruction set this CPU would use (the scalar
+/// reference where graft has no vectorised kernel and the plan keeps tract's), and tract's own
 /// depthwise on the same convolutions (EfficientNet-Lite0's 16 shapes and 30 seeded random
 /// ones, each with a ReLU6), and errors if any output differs by more than a relative 1e-5.
 /// `graft doctor` runs it, so a new board checks the kernels it will really use.
@@ -498,13 +499,15 @@ impl Backbone {
             model: self.model_name(),
             reason: error::chain(&e),
         };
-        let input = self.input_tensor(images)?;
+        let input = self.input_tensor(&plan, images)?;
         let outputs = self
             .in_pool(|| plan.run(tvec!(input.into())))
             .map_err(fail)?;
         let flat = outputs
             .iter()
             .map(|o| {
+                // A half-precision plan (`[graph] half`) gives f16.
+                let o = o.cast_to::<f32>().map_err(fail)?;
                 let view = o.to_plain_array_view::<f32>().map_err(fail)?;
                 Ok(view.iter().copied().collect())
             })
@@ -567,6 +570,9 @@ impl Backbone {
     pub fn cpu_kernels_line(&self) -> String {
         match (self.cpu_kernels, self.substituted) {
             (CpuKernels::Tract, _) => "tract (--cpu-kernels tract)".into(),
+            (CpuKernels::Graft, _) if depthwise::Isa::vectorised().is_none() => {
+                "tract (graft has no vectorised depthwise kernel for this CPU)".into()
+            }
             (CpuKernels::Graft, d) if d.convolutions == 0 => {
                 "tract (no depthwise convolution graft runs in this graph)".into()
             }
@@ -672,12 +678,23 @@ impl Backbone {
             .and_then(|m| m.into_decluttered())
             .map_err(not_image)?;
         // graft's own kernels go in between tract's declutter and its codegen.
-        let substituted = match self.cpu_kernels {
-            CpuKernels::Graft => {
-                depthwise::substitute(&mut typed, depthwise::Isa::detect()).map_err(load)?
+        let substituted = match (self.cpu_kernels, depthwise::Isa::vectorised()) {
+            (CpuKernels::Graft, Some(isa)) => {
+                depthwise::substitute(&mut typed, isa).map_err(load)?
             }
-            CpuKernels::Tract => depthwise::Substituted::default(),
+            _ => depthwise::Substituted::default(),
         };
+        if m.graph.half {
+            // Everything but graft's depthwise in f16; tract casts at the boundaries. The input
+            // and outputs become f16 too: `run_on_cpu` converts.
+            use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+            use tract_onnx::tract_core::transform::ModelTransform;
+            FloatPrecisionTranslator::with_filter(f32::datum_type(), f16::datum_type(), |node| {
+                !node.op_is::<depthwise::GraftDepthwise>()
+            })
+            .transform(&mut typed)
+            .map_err(load)?;
+        }
         let typed = typed.into_optimized().map_err(not_image)?;
         // The cut must really be a `features_size` vector per image.
         let check = |ix: usize, field: &str, want: usize| -> Result<(), BackboneError> {
@@ -733,19 +750,24 @@ impl Backbone {
         Ok(split_outputs(flat, batch))
     }
 
-    /// The `[batch, 3, size, size]` input tensor of some prepared images.
-    fn input_tensor(&self, images: &[Prepared]) -> Result<Tensor, BackboneError> {
+    /// The `[batch, 3, size, size]` input tensor of some prepared images, in the type `plan`
+    /// takes (f16 for a half-precision plan, `[graph] half`).
+    fn input_tensor(&self, plan: &Plan, images: &[Prepared]) -> Result<Tensor, BackboneError> {
+        let fail = |e: TractError| BackboneError::Inference {
+            model: self.model_name(),
+            reason: error::chain(&e),
+        };
         let size = self.spec.manifest.input.size as usize;
         let mut data = Vec::with_capacity(images.len() * 3 * size * size);
         for p in images {
             data.extend_from_slice(&p.data);
         }
-        Tensor::from_shape(&[images.len(), 3, size, size], &data).map_err(|e| {
-            BackboneError::Inference {
-                model: self.model_name(),
-                reason: error::chain(&e),
-            }
-        })
+        let input = Tensor::from_shape(&[images.len(), 3, size, size], &data).map_err(fail)?;
+        let dt = plan.model().input_fact(0).map_err(fail)?.datum_type;
+        if dt == f32::datum_type() {
+            return Ok(input);
+        }
+        Ok(input.cast_to_dt(dt).map_err(fail)?.into_owned())
     }
 
     /// Decodes and prepares one image file.

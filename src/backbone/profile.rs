@@ -63,7 +63,7 @@ impl Backbone {
     pub fn profile(&self, images: &[Prepared], runs: usize) -> Result<Profile, BackboneError> {
         let batch = images.len().max(1);
         let plan = self.plan(batch)?;
-        let input = self.input_tensor(images)?;
+        let input = self.input_tensor(&plan, images)?;
         let fail = |e: TractError| BackboneError::Inference {
             model: self.model_name(),
             reason: error::chain(&e),

@@ -52,6 +52,12 @@ pub struct GraphSpec {
     /// docs/few-shot.md measures it). Absent: the file's own pooled features. 2 to 8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gem_power: Option<u8>,
+    /// Run the graph in half precision (f16) except graft's depthwise convolutions, which stay
+    /// f32: for CPUs with FP16 arithmetic (ARMv8.2 `asimdhp`: the Pi 5's Cortex-A76, Jetson
+    /// Orin), where tract has f16 matrix-multiply kernels. Not a rewrite of the ONNX graph but of
+    /// tract's plan (its float-precision translator), so `graft export` writes the f32 graph.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub half: bool,
 }
 
 impl GraphSpec {
@@ -72,6 +78,9 @@ impl GraphSpec {
         }
         if let Some(p) = self.gem_power {
             d.push_str(&format!("; features by GeM pooling, p = {p}"));
+        }
+        if self.half {
+            d.push_str("; f16 arithmetic except the depthwise convolutions");
         }
         d
     }
@@ -108,6 +117,9 @@ pub fn rewritten_sha256(file_sha256: &str, spec: &GraphSpec) -> String {
     if let Some(p) = spec.gem_power {
         recipe.push_str(&format!("gem_power={p}\n"));
     }
+    if spec.half {
+        recipe.push_str("half\n");
+    }
     super::sha256_hex(recipe.as_bytes())
 }
 
@@ -120,7 +132,13 @@ pub(crate) fn apply(
     model: &str,
 ) -> Result<Rewrites, BackboneError> {
     let mut done = Rewrites::default();
-    if spec.is_identity() {
+    // `half` is applied to tract's plan, not to the graph.
+    if (GraphSpec {
+        half: false,
+        ..*spec
+    })
+    .is_identity()
+    {
         return Ok(done);
     }
     let bad = |reason: String| BackboneError::Load {
@@ -576,6 +594,33 @@ mod tests {
             rewritten_sha256("abc", &free),
             "150403765a7aefc1cc1a5543fa47cf106ab2c2a6467abeb1c2b6ebe07db2a187"
         );
+    }
+
+    #[test]
+    fn half_precision_has_an_identity_of_its_own() {
+        let gem = GraphSpec {
+            gem_power: Some(3),
+            ..GraphSpec::default()
+        };
+        let half = GraphSpec { half: true, ..gem };
+        assert!(!half.is_identity());
+        assert_ne!(
+            rewritten_sha256("abc", &gem),
+            rewritten_sha256("abc", &half)
+        );
+        assert!(half.describe().contains("f16"));
+        // It changes tract's plan, not the ONNX graph: nothing to rewrite in the file.
+        let mut m = pb::ModelProto::default();
+        let done = apply(
+            &mut m,
+            &GraphSpec {
+                half: true,
+                ..GraphSpec::default()
+            },
+            "f",
+            "m",
+        );
+        assert_eq!(done.unwrap(), Rewrites::default());
     }
 
     use super::*;

@@ -216,13 +216,26 @@ fn graft_depthwise_matches_tracts_plan_on_the_whole_model() {
         let theirs = load(backbone::CpuKernels::Tract);
         let (kind, done) = ours.cpu_kernels();
         assert_eq!(kind, backbone::CpuKernels::Graft);
-        assert_eq!(done.convolutions, 16, "{model}: {}", ours.cpu_kernels_line());
+        assert_eq!(
+            done.convolutions,
+            16,
+            "{model}: {}",
+            ours.cpu_kernels_line()
+        );
         assert_eq!(theirs.cpu_kernels().1.convolutions, 0);
-        assert_eq!(ours.id(), theirs.id(), "{model}: same function, same identity");
+        assert_eq!(
+            ours.id(),
+            theirs.id(),
+            "{model}: same function, same identity"
+        );
         let (a, b) = (outputs(&ours), outputs(&theirs));
         for ((name, (ea, ta)), (eb, tb)) in PHOTOS.iter().zip(&a).zip(&b) {
             let c = cosine(ea, eb);
-            let want = if model.ends_with("int8") { 0.999 } else { 0.99999 };
+            let want = if model.ends_with("int8") {
+                0.999
+            } else {
+                0.99999
+            };
             assert!(c >= want, "{model} {name}: cosine {c} to tract's plan");
             // chelsea.jpg is the fixtures' documented near-tie (tiger cat 282 / Egyptian cat
             // 285): int8's rounding steps may flip it.
@@ -250,4 +263,33 @@ fn the_cpu_kernel_check_passes_on_this_machine() {
     assert_eq!(k.convolutions, 46);
     assert!(k.max_rel_error <= 1e-5, "{k:?}");
     assert!(!k.isa.is_empty());
+}
+
+/// The half-precision variant (`[graph] half`: f16 arithmetic except graft's depthwise) keeps
+/// fp32's features: embedding cosine ≥ 0.999 to `efficientnet-lite0-fp32-gem` on every fixture
+/// photo and the same top-1, under its own identity (its embeddings never mix with fp32's).
+/// Here on x86 tract stores f16 and multiplies in f32; on an ARMv8.2 CPU it multiplies in f16
+/// (docs/performance.md has that measurement, made under qemu as a Cortex-A76).
+#[test]
+fn half_precision_keeps_fp32s_features() {
+    let half = Backbone::load_named("efficientnet-lite0-f16-gem").unwrap();
+    let full = Backbone::load_named("efficientnet-lite0-fp32-gem").unwrap();
+    assert_ne!(half.id().sha256, full.id().sha256);
+    assert!(!half.id().compatible(full.id()));
+    assert!(half.manifest().graph.half);
+    let (a, b) = (outputs(&half), outputs(&full));
+    for ((name, (ea, ta)), (eb, tb)) in PHOTOS.iter().zip(&a).zip(&b) {
+        let c = cosine(ea, eb);
+        assert!(c >= 0.999, "{name}: f16 cosine {c} to fp32");
+        assert_eq!(ta, tb, "{name}: top-1");
+    }
+    // The plan really computes in f16: tract's packed f16 operands in its matrix products.
+    let p = half
+        .prepare_file(&image("dog.jpg"))
+        .and_then(|p| half.profile(std::slice::from_ref(&p), 1))
+        .unwrap();
+    assert!(
+        p.nodes.iter().any(|n| n.info.contains("PackedF16")),
+        "no f16 matrix product in the plan"
+    );
 }

@@ -132,6 +132,14 @@ impl Isa {
         Isa::Scalar
     }
 
+    /// The best vector instruction set this CPU runs, if graft has a kernel for one. Without
+    /// one (armv7 on stable Rust, whose NEON intrinsics are unstable) the plan keeps tract's
+    /// depthwise: the scalar reference computes the flat layout's extra columns and is no
+    /// faster than tract's own scalar code.
+    pub fn vectorised() -> Option<Isa> {
+        Some(Isa::detect()).filter(|i| *i != Isa::Scalar)
+    }
+
     /// Every instruction set this CPU runs, the reference first.
     pub fn available() -> Vec<Isa> {
         let mut all = vec![Isa::Scalar];
