@@ -104,6 +104,11 @@ def main():
                     ort_rounds.append(statistics.median(times))
                 ort_ms = statistics.median(ort_rounds)
                 graft_ms = statistics.median(graft_rounds)
+                # The ratio of each round's pair, then their median: a slow spell of the VM
+                # then lands on both sides of one ratio.
+                ratio = statistics.median(g / o for g, o in zip(graft_rounds, ort_rounds))
+                spread = (min(g / o for g, o in zip(graft_rounds, ort_rounds)),
+                          max(g / o for g, o in zip(graft_rounds, ort_rounds)))
                 # Embedding agreement on the same photo.
                 fsess, _ = ort_session(path, 1, with_features=True)
                 ref = fsess.run(["features"], {"input": x})[0][0]
@@ -116,18 +121,19 @@ def main():
                 cos = float(emb @ ref / (np.linalg.norm(emb) * np.linalg.norm(ref)))
                 cos32 = float(emb @ fp32_ref / (np.linalg.norm(emb) * np.linalg.norm(fp32_ref)))
                 rows.append((name, kernels, threads, statistics.median(loads), load_ms, graft_ms, ort_ms,
-                             cos, cos32))
+                             ratio, spread, cos, cos32))
     print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; onnxruntime {ort.__version__}; "
           f"batch 1, median of {args.rounds} alternating rounds of {args.runs} runs' medians, "
           f"same .onnx file, same photo")
     print("cosine: graft's embedding vs onnxruntime's on the same file; vs fp32: vs onnxruntime's fp32 model")
+    print("ratio: median over rounds of graft ms / onnxruntime ms in the same round (min-max)")
     print(f"{'model':<26} {'kernels':>7} {'thr':>3} {'graft load':>10} {'ort load':>9} {'graft ms':>9} "
-          f"{'ort ms':>7} {'ratio':>6} {'cosine':>8} {'vs fp32':>8}")
-    for name, kern, thr, gl, ol, gm, om, cos, cos32 in rows:
-        print(f"{name:<26} {kern:>7} {thr:>3} {gl:>10.0f} {ol:>9.0f} {gm:>9.2f} {om:>7.2f} {gm / om:>5.2f}x "
-              f"{cos:>8.5f} {cos32:>8.5f}")
-    # Thread scaling of a single frame, graft's kernels: 1 thread's latency over 2 threads'.
-    by = {(n, k, t): gm for n, k, t, _, _, gm, _, _, _ in rows}
+          f"{'ort ms':>7} {'ratio':>6} {'(min-max)':>12} {'cosine':>8} {'vs fp32':>8}")
+    for name, kern, thr, gl, ol, gm, om, ratio, (lo, hi), cos, cos32 in rows:
+        print(f"{name:<26} {kern:>7} {thr:>3} {gl:>10.0f} {ol:>9.0f} {gm:>9.2f} {om:>7.2f} {ratio:>5.2f}x "
+              f"{f'({lo:.2f}-{hi:.2f})':>12} {cos:>8.5f} {cos32:>8.5f}")
+    # Thread scaling of a single frame: 1 thread's latency over 2 threads' (medians).
+    by = {(r[0], r[1], r[2]): r[5] for r in rows}
     for (n, k, t), gm in by.items():
         if t != 1 and (n, k, 1) in by:
             print(f"{n} ({k}): {t} threads {by[(n, k, 1)] / gm:.2f}x faster than 1")

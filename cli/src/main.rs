@@ -41,7 +41,7 @@ pub struct Global {
     /// Backbone: a manifest path or a bundled model name (efficientnet-lite0 [the default;
     /// fp32-gem on x86, w8-gem on ARM], efficientnet-lite0-fp32, efficientnet-lite0-int8,
     /// efficientnet-lite0-w8 [the int8 file with float activations], and -fp32-gem, -w8-gem
-    /// [features by GeM pooling]). Commands that read a head (or a kiosk's data folder)
+    /// [features by GeM pooling], -f16-gem [f16 arithmetic, for ARMv8.2 FP16 CPUs]). Commands that read a head (or a kiosk's data folder)
     /// default to the backbone it was made with.
     #[arg(long, global = true)]
     pub model: Option<String>,

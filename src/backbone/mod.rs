@@ -685,12 +685,14 @@ impl Backbone {
             _ => depthwise::Substituted::default(),
         };
         if m.graph.half {
-            // Everything but graft's depthwise in f16; tract casts at the boundaries. The input
-            // and outputs become f16 too: `run_on_cpu` converts.
+            // Everything but the depthwise convolutions (graft's, or tract's where graft has no
+            // kernel: tract's f16 depthwise is not vectorised) in f16; tract casts at the
+            // boundaries. The input and outputs become f16 too: `input_tensor` and `run_on_cpu`
+            // convert.
             use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
             use tract_onnx::tract_core::transform::ModelTransform;
             FloatPrecisionTranslator::with_filter(f32::datum_type(), f16::datum_type(), |node| {
-                !node.op_is::<depthwise::GraftDepthwise>()
+                !depthwise::is_depthwise(node)
             })
             .transform(&mut typed)
             .map_err(load)?;

@@ -52,7 +52,7 @@ pub struct GraphSpec {
     /// docs/few-shot.md measures it). Absent: the file's own pooled features. 2 to 8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gem_power: Option<u8>,
-    /// Run the graph in half precision (f16) except graft's depthwise convolutions, which stay
+    /// Run the graph in half precision (f16) except its depthwise convolutions, which stay
     /// f32: for CPUs with FP16 arithmetic (ARMv8.2 `asimdhp`: the Pi 5's Cortex-A76, Jetson
     /// Orin), where tract has f16 matrix-multiply kernels. Not a rewrite of the ONNX graph but of
     /// tract's plan (its float-precision translator), so `graft export` writes the f32 graph.

@@ -102,7 +102,9 @@ impl EvalOp for GraftDepthwise {
             input.len(),
             [g.batch, g.channels, g.h, g.w]
         );
-        let mut output = Tensor::zero::<f32>(&self.shape(g.ho, g.wo))?;
+        // SAFETY: every value is written below (each plane of the output is one row of
+        // `par_chunks_mut`, and `Plane::run` writes all `ho × wo` values of its plane).
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.shape(g.ho, g.wo))? };
         {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
@@ -170,6 +172,17 @@ impl TypedOp for GraftDepthwise {
     }
 
     as_op!();
+}
+
+/// Whether a node of a decluttered model is a depthwise convolution: graft's, or a grouped
+/// `Conv` tract will run (one group per channel).
+pub fn is_depthwise(node: &TypedNode) -> bool {
+    node.op_is::<GraftDepthwise>()
+        || node.op_as::<Conv>().is_some_and(|c| {
+            c.group > 1
+                && c.group == c.pool_spec.input_channels
+                && c.group == c.pool_spec.output_channels
+        })
 }
 
 /// What [`substitute`] did to a model.
