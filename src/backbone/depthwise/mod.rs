@@ -194,6 +194,8 @@ pub struct Substituted {
     pub clips: usize,
 }
 
+/// Speaks tract's types: for the backbone and `benches/depthwise.rs`, not graft's API.
+#[doc(hidden)]
 /// Replaces every float NCHW depthwise `Conv` of a decluttered model (constant weights and
 /// bias, dilation 1, concrete shapes) by [`GraftDepthwise`], folding the clips that follow.
 /// Convolutions of any other kind are left to tract.
@@ -463,6 +465,8 @@ fn lite0_case(i: usize) -> (Geometry, [usize; 2]) {
     (geo, [after, after])
 }
 
+/// Speaks tract's error type: graft's API is [`super::check_cpu_kernels`].
+#[doc(hidden)]
 /// Runs `random` seeded random depthwise convolutions (kernels 3 and 5, strides 1 and 2, uneven
 /// pads, odd channel counts, batch 1–3) and, with `lite0`, EfficientNet-Lite0's 16 shapes, once
 /// through tract's own plan and once with graft's kernel on `isa`, with a ReLU6 after each.
