@@ -167,10 +167,14 @@ impl<L: Read + Write> Client<L> {
             match self.link.read(&mut chunk) {
                 Ok(0) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                // A signal to the test process (EINTR) interrupts a read without ending it: read
+                // again (a CI run failed here on "Interrupted system call").
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                        std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) => panic!("read: {e}"),
             }
