@@ -21,6 +21,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from compare_onnxruntime import cpu_name  # the same machine name in both scripts' tables
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "target" / "depthwise"
 
@@ -77,16 +79,6 @@ def ort_ms(path, shape, runs):
         sess.run(None, {"x": x})
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
-
-
-def cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main():
