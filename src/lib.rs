@@ -71,6 +71,8 @@ pub mod plot;
 pub mod serial;
 pub mod store;
 pub mod userfile;
+#[cfg(feature = "web")]
+pub mod web;
 
 pub use backbone::{
     Backbone, BackboneError, BackboneId, CpuKernels, DeviceChoice, Embedding, FieldError,
@@ -133,6 +135,7 @@ mod ownership {
             (&["nokhwa::"], "capture/"),
             (&["serialport::"], "serial/"),
             (&["plotters::"], "plot.rs"),
+            (&["httparse::", "percent_encoding::"], "web/"),
         ];
         let mut files = Vec::new();
         sources(&src, &mut files);

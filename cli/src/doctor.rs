@@ -274,7 +274,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
             check: "kiosk secret",
             status: Status::Ok,
             detail: format!(
-                "{}: {} (TCP clients AUTH with it, docs/PROTOCOL.md)",
+                "{}: {} (the web page's login, docs/HTTP.md; TCP clients AUTH with it, docs/PROTOCOL.md)",
                 graft::kiosk::Secret::path(&data).display(),
                 secret.reveal()
             ),

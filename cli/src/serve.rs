@@ -12,18 +12,26 @@ use serde::Serialize;
 
 use super::camera::SourceArgs;
 use super::{output, Global};
-use graft::kiosk::{Kiosk, Options, Secret, Server, TcpOptions, Trust};
+use graft::kiosk::{Fronts, Kiosk, Options, SerialFront, Secret, Server, TcpOptions, Trust};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Serial port to serve on (/dev/serial0, /dev/ttyUSB0, /dev/ttyACM0); without a value, the
     /// board profile's.
-    #[arg(long, required_unless_present = "tcp", conflicts_with = "tcp", num_args = 0..=1, default_missing_value = "board")]
+    #[arg(long, required_unless_present_any = ["tcp", "http"], num_args = 0..=1, default_missing_value = "board")]
     serial: Option<String>,
     /// Serve on TCP instead, e.g. 127.0.0.1:7070, or 0.0.0.0:7070 for the LAN (clients from
     /// other hosts must AUTH with the kiosk's secret before changing it).
     #[arg(long)]
     tcp: Option<String>,
+    /// Serve the web page and its HTTP API (docs/HTTP.md) on ADDR:PORT [default: 127.0.0.1:8080,
+    /// this machine only; 0.0.0.0:8080 for the LAN]. Beside --serial and --tcp if given: all
+    /// share one kiosk.
+    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    http: Option<String>,
+    /// Web page: live preview frames per second at most (the kiosk classifies each).
+    #[arg(long, default_value_t = 15.0, requires = "http")]
+    preview_fps: f64,
     /// TCP: let every client change the kiosk without AUTH (protocol version 1 behaviour).
     #[arg(long, requires = "tcp")]
     insecure: bool,
@@ -106,18 +114,22 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
     let (secret, created) = Secret::load_or_create(&data)?;
     if created {
         eprintln!(
-            "graft: this kiosk's secret (TCP clients AUTH with it; `graft doctor --data {}` shows it again): {}",
+            "graft: this kiosk's secret (the web page's login; TCP clients AUTH with it; `graft doctor --data {}` shows it again): {}",
             data.display(),
             secret.reveal()
         );
     }
     let options = Options {
         learn_interval: Duration::from_secs_f64(learn_interval),
-        secret: (!a.insecure).then_some(secret),
+        secret: (!a.insecure).then(|| secret.clone()),
         reads_need_auth: a.auth_reads,
         ..Options::default()
     };
     let mut server = Server::new(kiosk, source, options);
+    if !(a.preview_fps.is_finite() && a.preview_fps > 0.0 && a.preview_fps <= 60.0) {
+        bail!("--preview-fps {} must be above 0 and at most 60", a.preview_fps);
+    }
+    let mut fronts = Fronts::default();
     if let Some(addr) = &a.tcp {
         if !(a.idle_timeout.is_finite() && a.idle_timeout > 0.0) {
             bail!(
@@ -140,8 +152,16 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
             },
             ..TcpOptions::default()
         };
-        serve_tcp(g, &mut server, addr, &tcp, &data, &stop)?;
-    } else if let Some(path) = &a.serial {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        if tcp.trust == Trust::Everyone && !local.ip().is_loopback() {
+            log::warn!("--insecure on {local}: anyone who reaches this port can change the kiosk");
+        }
+        announce(g, &local.to_string(), "tcp", &data)?;
+        fronts.tcp = Some((listener, tcp));
+    }
+    if let Some(path) = &a.serial {
         let path = if path == "board" {
             g.board()?.map(|(b, _)| b.serial.device).ok_or_else(|| {
                 anyhow::anyhow!("--serial without a path needs a board profile (--board NAME)")
@@ -149,8 +169,13 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
         } else {
             path.clone()
         };
-        serve_serial(g, &mut server, &a, &path, &data, &stop)?;
+        fronts.serial = Some(serial_front(g, &a, &path, &data)?);
     }
+    let feed = Arc::new(graft::kiosk::Feed::new(a.preview_fps, 640, 80));
+    if let Some(addr) = &a.http {
+        fronts.others.push(web_front(g, addr, &data, &secret, created, &stop)?);
+    }
+    server.run(fronts, feed, &stop);
     log::info!("stopped after {} replies", server.answered);
     Ok(())
 }
@@ -173,38 +198,14 @@ fn announce(
     }
 }
 
-fn serve_tcp(
-    g: &Global,
-    server: &mut Server,
-    addr: &str,
-    tcp: &TcpOptions,
-    data: &std::path::Path,
-    stop: &AtomicBool,
-) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    let local = listener.local_addr()?;
-    if tcp.trust == Trust::Everyone && !local.ip().is_loopback() {
-        log::warn!("--insecure on {local}: anyone who reaches this port can change the kiosk");
-    }
-    announce(g, &local.to_string(), "tcp", data)?;
-    server
-        .serve_tcp(listener, tcp, stop)
-        .with_context(|| format!("serving on {local}"))
-}
-
 #[cfg(feature = "serial")]
-fn serve_serial(
+fn serial_front(
     g: &Global,
-    server: &mut Server,
     a: &ServeArgs,
     path: &str,
     data: &std::path::Path,
-    stop: &AtomicBool,
-) -> anyhow::Result<()> {
-    use graft::kiosk::Ended;
+) -> anyhow::Result<SerialFront<'static>> {
     use graft::serial::{self, SerialConfig};
-    use std::sync::atomic::Ordering;
-    use std::time::Instant;
     let config = SerialConfig {
         path: path.to_string(),
         baud: a.baud,
@@ -213,42 +214,73 @@ fn serve_serial(
     };
     // A port missing at start is an error (a typo, or the unit started too early); one that
     // disappears later (USB unplug) is waited for.
-    let mut link = serial::open(&config)?;
+    let link = serial::open(&config)?;
     announce(g, &config.to_string(), "serial", data)?;
-    loop {
-        match server.serve(&mut link, stop) {
-            Ok(Ended::Stopped) => return Ok(()),
-            Ok(Ended::Closed) => log::warn!("{path}: closed by the other side; reopening"),
-            Err(e) => log::warn!("{path}: {e}; waiting for it to come back"),
-        }
-        let since = Instant::now();
-        link = loop {
-            if stop.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(500));
-            match serial::open(&config) {
-                Ok(l) => {
-                    log::info!(
-                        "{path}: reopened after {:.1} s",
-                        since.elapsed().as_secs_f64()
-                    );
-                    break l;
-                }
-                Err(e) => log::debug!("{path}: {e}"),
-            }
-        };
-    }
+    Ok(SerialFront {
+        name: path.to_string(),
+        link: Box::new(link),
+        reopen: Box::new(move || {
+            serial::open(&config)
+                .map(|l| Box::new(l) as Box<dyn graft::kiosk::Link>)
+                .map_err(std::io::Error::other)
+        }),
+    })
 }
 
 #[cfg(not(feature = "serial"))]
-fn serve_serial(
+fn serial_front(
     _: &Global,
-    _: &mut Server,
     _: &ServeArgs,
     _: &str,
     _: &std::path::Path,
-    _: &AtomicBool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SerialFront<'static>> {
     bail!("this graft was built without serial support: rebuild with `--features serial`, or use --tcp ADDR")
+}
+
+#[cfg(feature = "web")]
+fn web_front<'a>(
+    g: &Global,
+    addr: &str,
+    data: &std::path::Path,
+    secret: &Secret,
+    first_start: bool,
+    stop: &'a AtomicBool,
+) -> anyhow::Result<graft::kiosk::hub::Front<'a>> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    announce(g, &format!("http://{local}/"), "http", data)?;
+    if first_start {
+        // Where a phone can log in in one tap (the fragment never leaves the browser).
+        let host = if local.ip().is_unspecified() {
+            format!("THIS-KIOSK:{}", local.port())
+        } else {
+            local.to_string()
+        };
+        eprintln!(
+            "graft: the web page logs in from http://{host}/#secret={}",
+            secret.reveal()
+        );
+    }
+    let secret = secret.clone();
+    Ok(Box::new(move |handle| {
+        graft::web::serve(
+            listener,
+            handle,
+            secret,
+            &graft::web::WebOptions::default(),
+            stop,
+        )
+    }))
+}
+
+#[cfg(not(feature = "web"))]
+fn web_front<'a>(
+    _: &Global,
+    _: &str,
+    _: &std::path::Path,
+    _: &Secret,
+    _: bool,
+    _: &'a AtomicBool,
+) -> anyhow::Result<graft::kiosk::hub::Front<'a>> {
+    bail!("this graft was built without the web page: rebuild with `--features web`")
 }

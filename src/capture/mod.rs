@@ -144,6 +144,21 @@ pub struct Frame {
     pub capture_time: Duration,
 }
 
+impl Frame {
+    /// A picture sent as file bytes (a photo uploaded from a phone) as a frame: decoded with
+    /// the same limits and EXIF handling as a file source, named `name` in errors.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Frame, CaptureError> {
+        let start = Instant::now();
+        let image = preprocess::decode_bytes(bytes, Path::new(name))?;
+        Ok(Frame {
+            image,
+            name: name.to_string(),
+            path: None,
+            capture_time: start.elapsed(),
+        })
+    }
+}
+
 /// Something that hands out frames: a camera, a folder of images, frames in memory.
 pub trait FrameSource {
     /// The next frame; `Ok(None)` when a finite source is used up.

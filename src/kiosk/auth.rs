@@ -117,6 +117,17 @@ impl Secret {
             .collect()
     }
 
+    /// Whether `given` is the secret itself (a web login); compared in constant time (as
+    /// HMAC tags of a fixed message keyed with each).
+    pub fn matches(&self, given: &str) -> bool {
+        let mut theirs = <Hmac<Sha256> as Mac>::new_from_slice(given.as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        theirs.update(b"graft web login");
+        self.mac("graft web login")
+            .verify_slice(&theirs.finalize().into_bytes())
+            .is_ok()
+    }
+
     /// Whether `response` (hex) answers `challenge`; compared in constant time.
     pub fn verify(&self, challenge: &str, response: &str) -> bool {
         let Some(bytes) = decode_hex(response) else {

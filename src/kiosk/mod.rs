@@ -5,12 +5,18 @@
 //! is the standard library's.
 
 pub mod auth;
+pub mod feed;
+pub mod hub;
+mod ops;
 pub mod protocol;
 pub mod server;
 pub mod state;
 pub mod tcp;
 
 pub use auth::Secret;
-pub use server::{Ended, Options, Server, Session};
+pub use feed::Feed;
+pub use hub::{Fronts, Handle, Link, SerialFront};
+pub use ops::{ClassInfo, Op};
+pub use server::{Body, Done, Ended, Options, Reply, Server, Session};
 pub use state::{Kiosk, KioskError};
 pub use tcp::{TcpOptions, Trust};

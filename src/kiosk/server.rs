@@ -108,11 +108,15 @@ impl Session {
 
 /// A kiosk and its frame source, served to one link or many.
 pub struct Server {
-    kiosk: Kiosk,
+    pub(super) kiosk: Kiosk,
     source: Box<dyn FrameSource>,
     pub(super) options: Options,
     /// Requests answered so far.
     pub answered: u64,
+    /// The last burst ([`Op::Burst`](super::Op::Burst)) a front end asked to stop.
+    pub(super) burst_stop: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Where captured frames go while someone watches ([`Server::run`] sets it).
+    pub(super) feed: Option<std::sync::Arc<super::feed::Feed>>,
 }
 
 /// What a request's execution gives: its reply's fields, or a refit to run first.
@@ -126,6 +130,8 @@ pub(super) enum Then {
     Learn { label: Label, added: usize },
     Train,
     Forget { label: Label, removed: usize },
+    Rename { to: Label },
+    Delete { label: Label, left: usize },
 }
 
 /// A reply waiting for a refit.
@@ -137,29 +143,101 @@ pub(super) struct Deferred {
     then: Then,
 }
 
-/// A reply line now, or one waiting for a refit.
-pub(super) enum Answer {
-    Now(String),
-    Later(Box<Deferred>),
-}
-
-fn reply_line(
-    id: Option<&str>,
-    checksum: bool,
-    result: Result<Vec<Field>, (Code, String)>,
-) -> String {
-    match result {
-        Ok(fields) => ok_line(id, checksum, &fields),
-        Err((code, message)) => {
-            log::info!("ERR {} {message}", code.number());
-            err_line(id, checksum, code, &message)
+impl Deferred {
+    pub(super) fn new(job: FitJob, then: Then) -> Deferred {
+        Deferred {
+            id: None,
+            checksum: false,
+            job: Some(job),
+            then,
         }
     }
 }
 
-fn conflict(e: KioskError) -> (Code, String) {
+/// A reply now, or one waiting for a refit.
+pub(super) enum Answer {
+    Now(Reply),
+    Later(Box<Deferred>),
+}
+
+/// What a request got: the fields of its `OK` (and, for some [`Op`]s, a body), or an error
+/// code and message. A line link sends it as one line ([`Reply::line`]); the web page's API
+/// as JSON with the code as the HTTP status.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The request's `#ID`, echoed.
+    pub id: Option<String>,
+    /// The request carried a checksum: so does the reply line.
+    pub checksum: bool,
+    /// The outcome.
+    pub result: Result<Done, (Code, String)>,
+}
+
+/// What some [`Op`](super::Op)s hand back besides fields.
+#[derive(Debug, Clone, Default)]
+pub enum Body {
+    /// Nothing.
+    #[default]
+    None,
+    /// A file: a frame, an export.
+    Bytes {
+        /// Its MIME type.
+        content_type: &'static str,
+        /// Its bytes.
+        bytes: Vec<u8>,
+    },
+    /// The classes and their examples.
+    Classes(Vec<super::ops::ClassInfo>),
+}
+
+/// A successful request's reply.
+#[derive(Debug, Clone, Default)]
+pub struct Done {
+    /// The `OK` line's fields.
+    pub fields: Vec<Field>,
+    /// What some [`Op`]s hand back besides.
+    pub body: Body,
+}
+
+impl Reply {
+    fn new(id: Option<String>, checksum: bool, result: Result<Vec<Field>, (Code, String)>) -> Reply {
+        Reply {
+            id,
+            checksum,
+            result: result.map(|fields| Done {
+                fields,
+                body: Body::None,
+            }),
+        }
+    }
+
+    /// An error reply to no request in particular.
+    pub fn error(code: Code, message: impl Into<String>) -> Reply {
+        Reply {
+            id: None,
+            checksum: false,
+            result: Err((code, message.into())),
+        }
+    }
+
+    /// The reply line of the line protocol (without its `\n`).
+    pub fn line(&self) -> String {
+        match &self.result {
+            Ok(done) => ok_line(self.id.as_deref(), self.checksum, &done.fields),
+            Err((code, message)) => {
+                log::info!("ERR {} {message}", code.number());
+                err_line(self.id.as_deref(), self.checksum, *code, message)
+            }
+        }
+    }
+}
+
+pub(super) fn conflict(e: KioskError) -> (Code, String) {
     match e {
-        KioskError::NoHead { .. } | KioskError::NoClass(_) => (Code::Conflict, e.to_string()),
+        KioskError::NoHead { .. }
+        | KioskError::NoClass(_)
+        | KioskError::ClassExists(_)
+        | KioskError::NoExample { .. } => (Code::Conflict, e.to_string()),
         KioskError::Store(ref s) if s.is_disk_full() => {
             (Code::NoSpace, format!("{e}; nothing was changed"))
         }
@@ -175,6 +253,8 @@ impl Server {
             source,
             options,
             answered: 0,
+            burst_stop: Default::default(),
+            feed: None,
         }
     }
 
@@ -183,9 +263,33 @@ impl Server {
         &self.kiosk
     }
 
-    fn frame(&mut self) -> Result<Frame, (Code, String)> {
+    /// `n` frames for LEARN, `learn_interval` apart; fewer when `burst` is stopped meanwhile.
+    pub(super) fn capture_frames(
+        &mut self,
+        n: u32,
+        burst: Option<u64>,
+    ) -> Result<Vec<Frame>, (Code, String)> {
+        let mut frames = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            if i > 0 {
+                std::thread::sleep(self.options.learn_interval);
+                if burst.is_some_and(|b| self.burst_stop.load(Ordering::SeqCst) == b) {
+                    break;
+                }
+            }
+            frames.push(self.frame()?);
+        }
+        Ok(frames)
+    }
+
+    pub(super) fn frame(&mut self) -> Result<Frame, (Code, String)> {
         match self.source.next_frame() {
-            Ok(Some(f)) => Ok(f),
+            Ok(Some(f)) => {
+                if let Some(feed) = self.feed.as_ref().filter(|f| f.watched()) {
+                    feed.publish_frame(&f.image);
+                }
+                Ok(f)
+            }
             Ok(None) => Err((
                 Code::Camera,
                 format!("frame source {} has no more frames", self.source.describe()),
@@ -198,7 +302,7 @@ impl Server {
     /// (LEARN, TRAIN, FORGET) runs here, on this thread.
     pub fn answer(&mut self, session: &mut Session, input: &Input) -> String {
         match self.answer_step(session, input) {
-            Answer::Now(line) => line,
+            Answer::Now(reply) => reply.line(),
             Answer::Later(mut d) => {
                 let fitted = match d.job.take() {
                     Some(job) => job.run(),
@@ -207,7 +311,7 @@ impl Server {
                         "refit already taken",
                     ))),
                 };
-                self.finish(session, *d, fitted)
+                self.finish(session, *d, fitted).line()
             }
         }
     }
@@ -250,7 +354,7 @@ impl Server {
                 }
             },
         };
-        Answer::Now(reply_line(id.as_deref(), checksum, result))
+        Answer::Now(Reply::new(id, checksum, result))
     }
 
     /// Installs the refit a deferred reply waited for and makes that reply.
@@ -259,13 +363,13 @@ impl Server {
         session: &mut Session,
         d: Deferred,
         fitted: Result<Fitted, LearnError>,
-    ) -> String {
+    ) -> Reply {
         let result = self
             .kiosk
             .install(fitted)
             .map_err(conflict)
             .and_then(|()| self.after_fit(session, &d.then));
-        reply_line(d.id.as_deref(), d.checksum, result)
+        Reply::new(d.id, d.checksum, result)
     }
 
     fn after_fit(
@@ -301,6 +405,15 @@ impl Server {
             Then::Forget { label, removed } => vec![
                 Field::new("label", label),
                 Field::new("removed", removed),
+                Field::new("classes", self.kiosk.labels().len()),
+            ],
+            Then::Rename { to } => vec![
+                Field::new("label", to),
+                Field::new("classes", self.kiosk.labels().len()),
+            ],
+            Then::Delete { label, left } => vec![
+                Field::new("label", label),
+                Field::new("examples", left),
                 Field::new("classes", self.kiosk.labels().len()),
             ],
         })
@@ -405,13 +518,7 @@ impl Server {
                 ]))
             }
             Verb::Learn { label, n } => {
-                let mut frames = Vec::with_capacity(*n as usize);
-                for i in 0..*n {
-                    if i > 0 {
-                        std::thread::sleep(self.options.learn_interval);
-                    }
-                    frames.push(self.frame()?);
-                }
+                let frames = self.capture_frames(*n, None)?;
                 let (added, job) = self.kiosk.learn_begin(label, &frames).map_err(conflict)?;
                 Ok(Outcome::Fit(
                     job,

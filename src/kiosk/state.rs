@@ -52,6 +52,17 @@ pub enum KioskError {
     /// A class that does not exist.
     #[error("no class {0:?}")]
     NoClass(String),
+    /// A class name already in use.
+    #[error("there is a class {0:?} already")]
+    ClassExists(String),
+    /// No such example.
+    #[error("class {label:?} has no example {file:?}")]
+    NoExample {
+        /// The class.
+        label: String,
+        /// The frame's file name.
+        file: String,
+    },
     /// A file problem.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -505,6 +516,120 @@ impl Kiosk {
         }
         let kind = self.head_kind();
         Ok((removed, learn::fit_job(self, kind)))
+    }
+
+    /// Renames a class: its frames move to `examples/<to>/` and the examples are committed
+    /// under the new name; returns the refit to run (the head's class names follow).
+    ///
+    /// Crash-safe like every change: the frames are linked (or copied) into the new folder
+    /// first, `examples.jsonl` is the commit point, the old folder goes last; whichever side a
+    /// power cut leaves is removed at the next start as frames no committed example names.
+    pub fn rename_begin(&mut self, from: &Label, to: &Label) -> Result<FitJob, KioskError> {
+        let Some(id) = self.set.labels.iter().position(|l| from == l) else {
+            return Err(KioskError::NoClass(from.to_string()));
+        };
+        if self.set.labels.iter().any(|l| to == l) {
+            return Err(KioskError::ClassExists(to.to_string()));
+        }
+        let old_dir = self.frames_dir().join(from.as_str());
+        let new_dir = self.frames_dir().join(to.as_str());
+        std::fs::create_dir_all(&new_dir).map_err(io(&new_dir))?;
+        let kept = self.set.clone();
+        for e in self.set.examples.iter_mut().filter(|e| e.label == id) {
+            let Some(name) = e.path.file_name() else {
+                continue;
+            };
+            let dest = new_dir.join(name);
+            if e.path.exists() && !dest.exists() {
+                if std::fs::hard_link(&e.path, &dest).is_err() {
+                    std::fs::copy(&e.path, &dest).map_err(io(&dest))?;
+                }
+            }
+            e.path = dest;
+        }
+        self.set.labels[id] = to.to_string();
+        if let Err(e) = self.write_examples() {
+            self.set = kept;
+            return Err(e.into());
+        }
+        if old_dir.exists() {
+            let trash = self
+                .frames_dir()
+                .join(format!(".trash-{from}-{}", unix_ms()));
+            std::fs::rename(&old_dir, &trash).map_err(io(&old_dir))?;
+            std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
+        }
+        let kind = self.head_kind();
+        Ok(learn::fit_job(self, kind))
+    }
+
+    /// Removes one example of `label` (its frame file `file`); returns how many examples the
+    /// class has left and the refit to run. The class goes when its last example does.
+    pub fn delete_example_begin(
+        &mut self,
+        label: &Label,
+        file: &str,
+    ) -> Result<(usize, FitJob), KioskError> {
+        let Some(id) = self.set.labels.iter().position(|l| label == l) else {
+            return Err(KioskError::NoClass(label.to_string()));
+        };
+        let Some(i) = self
+            .set
+            .examples
+            .iter()
+            .position(|e| e.label == id && e.path.file_name().is_some_and(|n| n == file))
+        else {
+            return Err(KioskError::NoExample {
+                label: label.to_string(),
+                file: file.to_string(),
+            });
+        };
+        let kept = self.set.clone();
+        let gone = self.set.examples.remove(i);
+        self.set.compact();
+        if let Err(e) = self.write_examples() {
+            self.set = kept;
+            return Err(e.into());
+        }
+        if let Err(e) = std::fs::remove_file(&gone.path) {
+            // Removed at the next start as an orphan.
+            log::warn!("{}: {e}", gone.path.display());
+        }
+        let left = self
+            .set
+            .labels
+            .iter()
+            .position(|l| label == l)
+            .map_or(0, |i| self.counts()[i]);
+        let kind = self.head_kind();
+        Ok((left, learn::fit_job(self, kind)))
+    }
+
+    /// Every class with the file names of its examples' frames, in head order.
+    pub fn examples(&self) -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> =
+            self.set.labels.iter().map(|l| (l.clone(), Vec::new())).collect();
+        for e in &self.set.examples {
+            if let Some(name) = e.path.file_name() {
+                out[e.label].1.push(name.to_string_lossy().into_owned());
+            }
+        }
+        out
+    }
+
+    /// The frame file of a committed example of `label` named `file` (never any other path:
+    /// the name is looked up among the examples, not joined onto a folder).
+    pub fn example_frame(&self, label: &Label, file: &str) -> Result<&Path, KioskError> {
+        let id = self.set.labels.iter().position(|l| label == l);
+        self.set
+            .examples
+            .iter()
+            .find(|e| Some(e.label) == id && e.path.file_name().is_some_and(|n| n == file))
+            .map(|e| e.path.as_path())
+            .ok_or_else(|| KioskError::NoExample {
+                label: label.to_string(),
+                file: file.to_string(),
+            })
     }
 
     /// Sets the rejection threshold (kept across retraining) and rewrites the head.

@@ -12,18 +12,17 @@
 //! line left hanging with `ERR 408`, and closes a client silent for `idle_timeout`. The writer
 //! closes a client that has not read its replies within `write_timeout`.
 
-use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::feed::Feed;
+use super::hub::{Fronts, Out, ToCore};
 use super::protocol::{err_line, Code, Input, LineSplitter, Request};
-use super::server::{Answer, Deferred, Server, Session};
-use crate::store::learn::{Fitted, LearnError};
-use crate::store::StoreError;
+use super::server::Server;
 
 /// Which TCP clients need `AUTH` before changing the kiosk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,35 +59,6 @@ impl Default for TcpOptions {
     }
 }
 
-enum ToCore {
-    Open {
-        id: u64,
-        trusted: bool,
-        out: Sender<Out>,
-    },
-    Input {
-        id: u64,
-        input: Input,
-    },
-    /// A reply the reader made itself (429, 408): through the queue, so that replies keep the
-    /// order of their requests.
-    Reply {
-        id: u64,
-        line: String,
-        /// Close the connection after it.
-        close: bool,
-    },
-    Gone {
-        id: u64,
-    },
-}
-
-enum Out {
-    Reply(String),
-    Event(String),
-    Close,
-}
-
 /// What a connection's reader and writer share.
 struct Conn {
     /// Replies queued but not yet written.
@@ -100,256 +70,114 @@ struct Conn {
 
 impl Server {
     /// Serves clients of `listener` until `stop` is set; requests run on this thread, one at
-    /// a time. Returns when stopped.
+    /// a time. Returns when stopped. (The TCP front alone of [`Server::run`].)
     pub fn serve_tcp(
         &mut self,
         listener: TcpListener,
         tcp: &TcpOptions,
         stop: &AtomicBool,
     ) -> std::io::Result<()> {
-        listener.set_nonblocking(true)?;
-        let started = Instant::now();
-        let active = AtomicUsize::new(0);
-        let (core_tx, core_rx) = mpsc::channel::<ToCore>();
-        let line_timeout = self.options.line_timeout;
-        let max_queue = self.options.max_queue;
-        std::thread::scope(|scope| {
-            let acceptor_tx = core_tx.clone();
-            let active = &active;
-            scope.spawn(move || {
-                let mut next_id = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    let (conn, peer) = match listener.accept() {
-                        Ok(c) => c,
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue;
-                        }
-                        Err(e) => {
-                            // Out of file descriptors and the like: keep serving the others.
-                            log::warn!("accepting a connection: {e}");
-                            std::thread::sleep(Duration::from_millis(200));
-                            continue;
-                        }
-                    };
-                    if active.load(Ordering::SeqCst) >= tcp.max_clients {
-                        log::warn!("client {peer} refused: {} clients already", tcp.max_clients);
-                        refuse(conn, tcp.max_clients);
-                        continue;
-                    }
-                    if let Err(e) = setup(&conn, tcp) {
-                        log::warn!("client {peer}: {e}; dropped");
-                        continue;
-                    }
-                    let Ok(writer) = conn.try_clone() else {
-                        continue;
-                    };
-                    next_id += 1;
-                    let id = next_id;
-                    let trusted = match tcp.trust {
-                        Trust::Everyone => true,
-                        Trust::Nobody => false,
-                        Trust::Loopback => peer.ip().is_loopback(),
-                    };
-                    log::info!(
-                        "client {peer} connected{}",
-                        if trusted {
-                            ""
-                        } else {
-                            " (must AUTH to change the kiosk)"
-                        }
-                    );
-                    active.fetch_add(1, Ordering::SeqCst);
-                    let shared = Arc::new(Conn {
-                        in_flight: AtomicUsize::new(0),
-                        last_event_ms: AtomicU64::new(0),
-                        closed: AtomicBool::new(false),
-                    });
-                    let (out_tx, out_rx) = mpsc::channel::<Out>();
-                    if acceptor_tx
-                        .send(ToCore::Open {
-                            id,
-                            trusted,
-                            out: out_tx,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                    let w = Arc::clone(&shared);
-                    scope.spawn(move || write_loop(writer, out_rx, &w, started));
-                    let core = acceptor_tx.clone();
-                    scope.spawn(move || {
-                        let reader = Reader {
-                            id,
-                            conn,
-                            shared,
-                            core,
-                            started,
-                        };
-                        reader.run(stop, line_timeout, max_queue, tcp.idle_timeout);
-                        active.fetch_sub(1, Ordering::SeqCst);
-                        log::info!("client {peer} gone");
-                    });
-                }
-            });
-            drop(core_tx);
-            self.run_queue(&core_rx, stop);
-        });
+        let fronts = Fronts {
+            tcp: Some((listener, tcp.clone())),
+            ..Fronts::default()
+        };
+        self.run(fronts, Arc::new(Feed::new(1.0, 320, 75)), stop);
         Ok(())
     }
+}
 
-    /// Runs requests from every client, in arrival order, and their streams. A refit (LEARN,
-    /// TRAIN, FORGET) runs on a thread of its own: meanwhile the other clients' reads are
-    /// answered with the previous head, and state changes (and everything the refitting client
-    /// sends) wait their turn.
-    fn run_queue(&mut self, rx: &mpsc::Receiver<ToCore>, stop: &AtomicBool) {
-        let mut q = Queue {
-            sessions: HashMap::new(),
-            held: VecDeque::new(),
-            busy: None,
-        };
-        while !stop.load(Ordering::SeqCst) {
-            q.poll_fit(self);
-            match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(msg) => q.handle(self, msg),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            for (session, out) in q.sessions.values_mut() {
-                if let Some(evt) = self.stream_tick(session) {
-                    let _ = out.send(Out::Event(evt));
-                }
-            }
-        }
-        // Dropping the sessions drops their senders: the writers finish.
+/// Accepts TCP clients until `stop` is set: a reader and a writer thread each, their requests
+/// to `core`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn accept<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    listener: TcpListener,
+    tcp: &'scope TcpOptions,
+    core: Sender<ToCore>,
+    ids: &'scope AtomicU64,
+    stop: &'scope AtomicBool,
+    line_timeout: Duration,
+    max_queue: usize,
+) {
+    if let Err(e) = listener.set_nonblocking(true) {
+        log::error!("TCP listener: {e}");
+        return;
     }
-}
-
-/// A refit running on its own thread, and the reply waiting for it.
-struct Busy {
-    id: u64,
-    deferred: Box<Deferred>,
-    rx: mpsc::Receiver<Result<Fitted, LearnError>>,
-}
-
-/// The request queue's state on the serving thread.
-struct Queue {
-    sessions: HashMap<u64, (Session, Sender<Out>)>,
-    /// Messages waiting for the refit in progress, in arrival order.
-    held: VecDeque<ToCore>,
-    busy: Option<Busy>,
-}
-
-impl Queue {
-    /// Whether `msg` must wait for the refit in progress: a state change, or anything from a
-    /// client that already has a request waiting (its replies keep their order).
-    fn must_wait(&self, msg: &ToCore) -> bool {
-        let Some(busy) = &self.busy else {
-            return false;
+    let started = Instant::now();
+    let active = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::SeqCst) {
+        let (conn, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving the others.
+                log::warn!("accepting a connection: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
         };
-        let (id, changes) = match msg {
-            ToCore::Input { id, input } => (
-                *id,
-                matches!(input, Input::Line(l)
-                    if Request::parse(l).is_ok_and(|r| r.verb.changes_state())),
-            ),
-            ToCore::Reply { id, .. } => (*id, false),
-            ToCore::Open { .. } | ToCore::Gone { .. } => return false,
+        if active.load(Ordering::SeqCst) >= tcp.max_clients {
+            log::warn!("client {peer} refused: {} clients already", tcp.max_clients);
+            refuse(conn, tcp.max_clients);
+            continue;
+        }
+        if let Err(e) = setup(&conn, tcp) {
+            log::warn!("client {peer}: {e}; dropped");
+            continue;
+        }
+        let Ok(writer) = conn.try_clone() else {
+            continue;
         };
-        changes
-            || busy.id == id
-            || self.held.iter().any(|m| match m {
-                ToCore::Input { id: h, .. } | ToCore::Reply { id: h, .. } => *h == id,
-                _ => false,
+        let id = ids.fetch_add(1, Ordering::SeqCst) + 1;
+        let trusted = match tcp.trust {
+            Trust::Everyone => true,
+            Trust::Nobody => false,
+            Trust::Loopback => peer.ip().is_loopback(),
+        };
+        log::info!(
+            "client {peer} connected{}",
+            if trusted {
+                ""
+            } else {
+                " (must AUTH to change the kiosk)"
+            }
+        );
+        active.fetch_add(1, Ordering::SeqCst);
+        let shared = Arc::new(Conn {
+            in_flight: AtomicUsize::new(0),
+            last_event_ms: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        let (out_tx, out_rx) = mpsc::channel::<Out>();
+        if core
+            .send(ToCore::Open {
+                id,
+                trusted,
+                out: out_tx,
             })
-    }
-
-    fn handle(&mut self, server: &mut Server, msg: ToCore) {
-        if self.must_wait(&msg) {
-            self.held.push_back(msg);
+            .is_err()
+        {
             return;
         }
-        match msg {
-            ToCore::Open { id, trusted, out } => {
-                let s = if trusted {
-                    Session::trusted()
-                } else {
-                    Session::untrusted()
-                };
-                self.sessions.insert(id, (s, out));
-            }
-            ToCore::Input { id, input } => {
-                let Some((session, out)) = self.sessions.get_mut(&id) else {
-                    return;
-                };
-                match server.answer_step(session, &input) {
-                    Answer::Now(line) => {
-                        let _ = out.send(Out::Reply(line));
-                        if session.closing() {
-                            let _ = out.send(Out::Close);
-                            self.sessions.remove(&id);
-                        }
-                    }
-                    Answer::Later(mut deferred) => {
-                        let (tx, rx) = mpsc::channel();
-                        if let Some(job) = deferred.job.take() {
-                            std::thread::spawn(move || {
-                                let _ = tx.send(job.run());
-                            });
-                        }
-                        self.busy = Some(Busy { id, deferred, rx });
-                    }
-                }
-            }
-            ToCore::Reply { id, line, close } => {
-                if let Some((_, out)) = self.sessions.get(&id) {
-                    let _ = out.send(Out::Reply(line));
-                    if close {
-                        let _ = out.send(Out::Close);
-                        self.sessions.remove(&id);
-                    }
-                }
-            }
-            ToCore::Gone { id } => {
-                self.sessions.remove(&id);
-            }
-        }
-    }
-
-    /// Finishes a refit that is done: installs it, replies, then runs what waited for it.
-    fn poll_fit(&mut self, server: &mut Server) {
-        let Some(busy) = &self.busy else {
-            return;
-        };
-        let fitted = match busy.rx.try_recv() {
-            Ok(f) => f,
-            Err(TryRecvError::Empty) => return,
-            // The fitting thread died without an answer (a panic in a fit): say so.
-            Err(TryRecvError::Disconnected) => Err(LearnError::Store(StoreError::format(
-                server.kiosk().dir(),
-                "the refit failed unexpectedly; the previous head is kept",
-            ))),
-        };
-        let Some(Busy { id, deferred, .. }) = self.busy.take() else {
-            return;
-        };
-        match self.sessions.get_mut(&id) {
-            Some((session, out)) => {
-                let line = server.finish(session, *deferred, fitted);
-                let _ = out.send(Out::Reply(line));
-            }
-            None => {
-                // The client left; the change it asked for is committed all the same.
-                let _ = server.finish(&mut Session::trusted(), *deferred, fitted);
-            }
-        }
-        while self.busy.is_none() {
-            let Some(msg) = self.held.pop_front() else {
-                break;
+        let w = Arc::clone(&shared);
+        scope.spawn(move || write_loop(writer, out_rx, &w, started));
+        let core = core.clone();
+        let active = Arc::clone(&active);
+        scope.spawn(move || {
+            let reader = Reader {
+                id,
+                conn,
+                shared,
+                core,
+                started,
             };
-            self.handle(server, msg);
-        }
+            reader.run(stop, line_timeout, max_queue, tcp.idle_timeout);
+            active.fetch_sub(1, Ordering::SeqCst);
+            log::info!("client {peer} gone");
+        });
     }
 }
 

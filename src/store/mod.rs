@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod dataset;
 pub mod embeddings;
+pub mod export;
 pub mod files;
 pub mod headfile;
 pub mod learn;
