@@ -14,3 +14,5 @@ mod odd_files;
 mod performance;
 #[cfg(feature = "serial")]
 mod serve;
+#[cfg(all(feature = "web", feature = "serial"))]
+mod web;

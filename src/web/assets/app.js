@@ -130,7 +130,7 @@ function renderClasses() {
 }
 
 async function act(done, f) {
-  try { say("Working…"); const r = await f(); say(done); await refresh(); return r; }
+  try { say("Working…"); const r = await f(); say(typeof done === "function" ? done(r) : done); await refresh(); return r; }
   catch (e) { say(e.message, true); }
 }
 
@@ -151,11 +151,9 @@ function wireClass(li, label) {
   li.querySelector(".capture").onclick = async () => {
     const n = Math.max(1, Math.min(100, parseInt(li.querySelector(".n").value, 10) || 1));
     await countdown(3);
-    await act("Captured " + label, async () => {
-      const r = await api("POST", "/api/learn", { label, n });
-      say("Added " + r.added + " of " + n + " frames to " + label + (r.added < n ? " (the same picture twice is kept once)" : ""));
-      return r;
-    });
+    await act((r) => "Added " + r.added + " of " + n + " frames to " + label +
+      (r.added < n ? " (the same picture twice is kept once)" : ""),
+      () => api("POST", "/api/learn", { label, n }));
   };
   const burst = li.querySelector(".burst");
   const start = (e) => {
@@ -222,17 +220,11 @@ document.addEventListener("DOMContentLoaded", async () => {
     renderClasses();
     say("Class " + l + " added: capture or upload examples of it");
   };
-  $("train").onclick = () => act("Trained", async () => {
-    const r = await api("POST", "/api/train");
-    say("Trained: " + r.head + ", held-out accuracy " + (r.cv * 100).toFixed(1) + "%, threshold " + r.threshold.toFixed(2));
-    return r;
-  });
-  $("classify").onclick = () => act("Classified", async () => {
-    const r = await api("POST", "/api/classify");
-    addRecent(r.label, r.score);
-    say("This frame: " + r.label + " (" + r.score.toFixed(2) + ")");
-    return r;
-  });
+  $("train").onclick = () => act((r) => "Trained: " + r.head + ", held-out accuracy " +
+    (r.cv * 100).toFixed(1) + "%, threshold " + r.threshold.toFixed(2),
+    () => api("POST", "/api/train"));
+  $("classify").onclick = () => act((r) => { addRecent(r.label, r.score); return "This frame: " + r.label + " (" + r.score.toFixed(2) + ")"; },
+    () => api("POST", "/api/classify"));
   $("toggle-preview").onclick = () => {
     previewOn = !previewOn;
     $("toggle-preview").setAttribute("aria-pressed", String(previewOn));
