@@ -136,6 +136,7 @@ mod ownership {
             (&["serialport::"], "serial/"),
             (&["plotters::"], "plot.rs"),
             (&["httparse::", "percent_encoding::"], "web/"),
+            (&["tar::"], "store/backup.rs"),
         ];
         let mut files = Vec::new();
         sources(&src, &mut files);

@@ -26,6 +26,13 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 
 /// Draws a confusion matrix (rows: true class, columns: predicted, last column `unknown`).
 pub fn confusion_svg(path: &Path, c: &Confusion, title: &str) -> Result<(), StoreError> {
+    let svg = confusion_svg_string(c, title)?;
+    write_atomic(path, |w| std::io::Write::write_all(w, svg.as_bytes()))
+}
+
+/// [`confusion_svg`] as an SVG document in memory (the kiosk's web page shows it).
+pub fn confusion_svg_string(c: &Confusion, title: &str) -> Result<String, StoreError> {
+    let path = Path::new("the confusion matrix");
     let n = c.labels.len();
     let cell = 56u32;
     let margin_left = 150u32;
@@ -97,7 +104,7 @@ pub fn confusion_svg(path: &Path, c: &Confusion, title: &str) -> Result<(), Stor
         }
         root.present().map_err(|e| plot_err(path, e))?;
     }
-    write_atomic(path, |w| std::io::Write::write_all(w, svg.as_bytes()))
+    Ok(svg)
 }
 
 const PALETTE: [RGBColor; 6] = [
@@ -116,6 +123,17 @@ pub fn curve_svg(
     title: &str,
     chance: f64,
 ) -> Result<(), StoreError> {
+    let svg = curve_svg_string(series, title, chance)?;
+    write_atomic(path, |w| std::io::Write::write_all(w, svg.as_bytes()))
+}
+
+/// [`curve_svg`] as an SVG document in memory (the kiosk's web page shows it).
+pub fn curve_svg_string(
+    series: &[Series],
+    title: &str,
+    chance: f64,
+) -> Result<String, StoreError> {
+    let path = Path::new("the learning curve");
     let max_x = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
@@ -182,5 +200,5 @@ pub fn curve_svg(
             .map_err(|e| plot_err(path, e))?;
         root.present().map_err(|e| plot_err(path, e))?;
     }
-    write_atomic(path, |w| std::io::Write::write_all(w, svg.as_bytes()))
+    Ok(svg)
 }

@@ -3,7 +3,7 @@
 # (cached under target/ and ~/.cache/graft), then runs every test. Extra arguments go to
 # `cargo test`.
 #
-# The tests build the `camera` and `gpu` features too. `camera`'s V4L2 bindings need libclang at
+# The tests build the `camera` and `gpu` features too (and the default `serial` and `web`). `camera`'s V4L2 bindings need libclang at
 # build time (the tests exercise the camera path's errors, no camera needed). `gpu`'s tests run
 # the GPU executor against tract on a Vulkan adapter: Mesa's software one, lavapipe, is enough.
 # A missing package is installed when this runs as root, else the tests run without that
@@ -35,6 +35,13 @@ if have_vulkan || install mesa-vulkan-drivers libvulkan1; then
     features+=(gpu)
 else
     echo "tests/run.sh: no Vulkan driver (apt-get install mesa-vulkan-drivers): testing without the gpu feature" >&2
+fi
+# The web page's browser test drives Debian's Chromium through its ChromeDriver (Selenium, from
+# the tests' venv).
+if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } &&
+    ! install chromium chromium-driver; then
+    echo "tests/run.sh: chromium / chromedriver not found (apt-get install chromium chromium-driver): the browser test is skipped" >&2
+    export GRAFT_SKIP_BROWSER=1
 fi
 # Mesa's device-select layer probes for a Wayland display and prints an error without one.
 export NODEVICE_SELECT=1

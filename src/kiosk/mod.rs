@@ -9,6 +9,7 @@ pub mod feed;
 pub mod hub;
 mod ops;
 pub mod protocol;
+pub mod report;
 pub mod server;
 pub mod state;
 pub mod tcp;

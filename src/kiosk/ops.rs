@@ -59,6 +59,12 @@ pub enum Op {
     },
     /// The head exported ([`Body::Bytes`]): ONNX model or JSON.
     Export(Format),
+    /// A snapshot to draw the evaluation pictures from ([`Body::Evaluation`]).
+    Evaluation,
+    /// A backup of the examples, frames and settings ([`Body::Bytes`], a tar archive).
+    Backup,
+    /// Replaces everything with a backup's content (a tar archive [`Op::Backup`] made).
+    Restore(Vec<u8>),
 }
 
 impl Op {
@@ -67,10 +73,16 @@ impl Op {
         match self {
             Op::Line(l) => super::protocol::Request::parse(l.as_bytes())
                 .is_ok_and(|r| r.verb.changes_state()),
-            Op::Upload { .. } | Op::Burst { .. } | Op::Rename { .. } | Op::DeleteExample { .. } => {
-                true
-            }
-            Op::Examples | Op::ExampleFrame { .. } | Op::Export(_) => false,
+            Op::Upload { .. }
+            | Op::Burst { .. }
+            | Op::Rename { .. }
+            | Op::DeleteExample { .. }
+            | Op::Restore(_) => true,
+            Op::Examples
+            | Op::ExampleFrame { .. }
+            | Op::Export(_)
+            | Op::Backup
+            | Op::Evaluation => false,
         }
     }
 }
@@ -162,6 +174,30 @@ impl Server {
                     })
                 })
                 .map(|b| bytes("image/jpeg", b))),
+            Op::Evaluation => {
+                let k = &self.kiosk;
+                now(match k.evaluation_data() {
+                    Some(d) => Ok(Done {
+                        fields: Vec::new(),
+                        body: Body::Evaluation(Box::new(d)),
+                    }),
+                    None => Err(conflict(KioskError::NoHead {
+                        have: k.labels().len(),
+                    })),
+                })
+            }
+            Op::Backup => now(self
+                .kiosk
+                .backup()
+                .map_err(conflict)
+                .map(|b| bytes("application/x-tar", b))),
+            Op::Restore(archive) => {
+                self.answered += 1;
+                match self.kiosk.restore_begin(&archive) {
+                    Ok((examples, job)) => later(job, Then::Restore { examples }),
+                    Err(e) => now(Err(conflict(e))),
+                }
+            }
             Op::Export(format) => {
                 let k = &self.kiosk;
                 let Some(h) = k.head() else {

@@ -132,6 +132,7 @@ pub(super) enum Then {
     Forget { label: Label, removed: usize },
     Rename { to: Label },
     Delete { label: Label, left: usize },
+    Restore { examples: usize },
 }
 
 /// A reply waiting for a refit.
@@ -188,6 +189,8 @@ pub enum Body {
     },
     /// The classes and their examples.
     Classes(Vec<super::ops::ClassInfo>),
+    /// What the evaluation pictures are drawn from.
+    Evaluation(Box<super::report::EvalData>),
 }
 
 /// A successful request's reply.
@@ -238,6 +241,7 @@ pub(super) fn conflict(e: KioskError) -> (Code, String) {
         | KioskError::NoClass(_)
         | KioskError::ClassExists(_)
         | KioskError::NoExample { .. } => (Code::Conflict, e.to_string()),
+        KioskError::BadBackup(_) => (Code::BadRequest, e.to_string()),
         KioskError::Store(ref s) if s.is_disk_full() => {
             (Code::NoSpace, format!("{e}; nothing was changed"))
         }
@@ -410,6 +414,11 @@ impl Server {
             Then::Rename { to } => vec![
                 Field::new("label", to),
                 Field::new("classes", self.kiosk.labels().len()),
+            ],
+            Then::Restore { examples } => vec![
+                Field::new("restored", examples),
+                Field::new("classes", self.kiosk.labels().len()),
+                Field::new("trained", u8::from(self.kiosk.head().is_some())),
             ],
             Then::Delete { label, left } => vec![
                 Field::new("label", label),

@@ -38,7 +38,7 @@ use crate::store::headfile::{self, Example, HeadFile};
 use crate::store::learn::{
     self, ExampleSet, ExampleStore, FitJob, Fitted, FrameSaver, LearnError, JPEG_QUALITY,
 };
-use crate::store::{write_atomic, FolderLock, StoreError};
+use crate::store::{backup, write_atomic, FolderLock, StoreError};
 
 /// Kiosk failures.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,9 @@ pub enum KioskError {
     /// A class that does not exist.
     #[error("no class {0:?}")]
     NoClass(String),
+    /// A backup that cannot be restored (nothing was changed).
+    #[error("cannot restore this backup: {0}")]
+    BadBackup(String),
     /// A class name already in use.
     #[error("there is a class {0:?} already")]
     ClassExists(String),
@@ -327,6 +330,12 @@ impl Kiosk {
             .map_err(io(&self.dir))?
             .flatten()
         {
+            if entry.file_name().to_string_lossy().starts_with(".restore-") {
+                // A restore's unpacked archive, never committed.
+                let p = entry.path();
+                std::fs::remove_dir_all(&p).map_err(io(&p))?;
+                continue;
+            }
             if entry
                 .file_name()
                 .to_string_lossy()
@@ -603,6 +612,129 @@ impl Kiosk {
             .map_or(0, |i| self.counts()[i]);
         let kind = self.head_kind();
         Ok((left, learn::fit_job(self, kind)))
+    }
+
+    /// The kiosk's examples, frames and settings as a tar archive (see [`backup`]); not the
+    /// head (derived, retrained on restore) nor the secret (a backup is not a key).
+    pub fn backup(&self) -> Result<Vec<u8>, KioskError> {
+        let mut files = vec![("examples.jsonl".to_string(), self.examples_file())];
+        if self.settings_file().exists() {
+            files.push(("settings.json".to_string(), self.settings_file()));
+        }
+        for e in &self.set.examples {
+            if let (Some(name), true) = (e.path.file_name(), e.path.exists()) {
+                let label = &self.set.labels[e.label];
+                files.push((
+                    format!("examples/{label}/{}", name.to_string_lossy()),
+                    e.path.clone(),
+                ));
+            }
+        }
+        if !self.examples_file().exists() {
+            return Err(KioskError::NoHead { have: 0 });
+        }
+        Ok(backup::pack(&files)?)
+    }
+
+    /// Replaces every example and the settings with those of a backup made by
+    /// [`backup`](Kiosk::backup); returns the examples restored and the refit to run.
+    ///
+    /// The archive is unpacked into a folder of its own and checked first (names, sizes, the
+    /// backbone its embeddings were made with, every frame present, the labels, the settings);
+    /// a bad one changes nothing. Then the frames move in under fresh names, `examples.jsonl`
+    /// is replaced (the commit point), and the old frames go as orphans: a power cut at any
+    /// point leaves either the old state or the restored one.
+    pub fn restore_begin(&mut self, archive: &[u8]) -> Result<(usize, FitJob), KioskError> {
+        let stamp = unix_ms();
+        let staging = self.dir.join(format!(".restore-{stamp}"));
+        std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+        let result = self.restore_from(archive, &staging, stamp);
+        if let Err(e) = std::fs::remove_dir_all(&staging) {
+            log::warn!("{}: {e}", staging.display());
+        }
+        result
+    }
+
+    fn restore_from(
+        &mut self,
+        archive: &[u8],
+        staging: &Path,
+        stamp: u128,
+    ) -> Result<(usize, FitJob), KioskError> {
+        let what = Path::new("the backup");
+        let bad = |reason: String| KioskError::BadBackup(reason);
+        backup::unpack(archive, staging, what).map_err(|e| bad(e.to_string()))?;
+        let file = embeddings::read(&staging.join("examples.jsonl"))
+            .map_err(|e| bad(format!("its examples.jsonl: {e}")))?;
+        self.backbone
+            .id()
+            .check_file(&file.backbone, what)
+            .map_err(|e| bad(e.to_string()))?;
+        let settings = Settings::read(&staging.join("settings.json"))
+            .map_err(|e| bad(format!("its settings.json: {e}")))?;
+        let mut set = ExampleSet::default();
+        let mut moves = Vec::new();
+        for r in file.records {
+            let label = r.label.as_deref().unwrap_or("");
+            let label = Label::new(label).map_err(|e| bad(e.to_string()))?;
+            let name = r
+                .path
+                .file_name()
+                .ok_or_else(|| bad(format!("{}: not a frame", r.path.display())))?;
+            let from = staging.join("examples").join(label.as_str()).join(name);
+            if !from.is_file() {
+                return Err(bad(format!(
+                    "examples/{label}/{} is not in the archive",
+                    name.to_string_lossy()
+                )));
+            }
+            let to = self
+                .frames_dir()
+                .join(label.as_str())
+                .join(format!("r{stamp}-{}", name.to_string_lossy()));
+            let id = match set.labels.iter().position(|l| label == *l) {
+                Some(i) => i,
+                None => {
+                    set.labels.push(label.to_string());
+                    set.labels.len() - 1
+                }
+            };
+            set.examples.push(Example {
+                label: id,
+                path: to.clone(),
+                sha256: r.sha256,
+                embedding: r.embedding,
+            });
+            moves.push((from, to));
+        }
+        for (from, to) in &moves {
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            std::fs::rename(from, to).map_err(io(to))?;
+        }
+        let kept = std::mem::replace(&mut self.set, set);
+        if let Err(e) = self.write_examples() {
+            self.set = kept;
+            for (_, to) in &moves {
+                let _ = std::fs::remove_file(to);
+            }
+            return Err(e.into());
+        }
+        // Committed. The old frames are orphans now; the settings follow.
+        self.remove_orphans()?;
+        match settings.threshold {
+            Some(t) => self.set_threshold(t)?,
+            None => {
+                self.settings = Settings::default();
+                if self.settings_file().exists() {
+                    std::fs::remove_file(self.settings_file())
+                        .map_err(io(&self.settings_file()))?;
+                }
+            }
+        }
+        let n = self.set.examples.len();
+        Ok((n, learn::fit_job(self, None)))
     }
 
     /// Every class with the file names of its examples' frames, in head order.

@@ -4,6 +4,7 @@
 //! example is added). Every write is atomic: temp file in the same folder, fsync, rename, fsync
 //! of the folder — a power cut leaves either the old file or the new one, never half.
 
+pub mod backup;
 pub mod cache;
 pub mod dataset;
 pub mod embeddings;

@@ -18,7 +18,8 @@ use self::auth::{Auth, Refused, Who, COOKIE, CSRF_HEADER};
 use self::http::{Request, Response};
 use crate::capture::Frame;
 use crate::head::Label;
-use crate::kiosk::{Body, Handle, Op, Reply, Secret};
+use crate::kiosk::report::EvalData;
+use crate::kiosk::{Body, Done, Handle, Op, Reply, Secret};
 use crate::store::export::Format;
 
 const INDEX: &[u8] = include_bytes!("assets/index.html");
@@ -35,6 +36,8 @@ pub struct WebOptions {
     pub max_streams: usize,
     /// Largest uploaded photo, in bytes.
     pub max_upload: usize,
+    /// Largest backup restored, in bytes.
+    pub max_restore: usize,
     /// Longest wait for the kiosk to answer one request (a LEARN of many frames, a refit).
     pub call_timeout: Duration,
     /// Longest side of an uploaded photo as stored (larger ones are scaled down first).
@@ -49,6 +52,7 @@ impl Default for WebOptions {
             max_connections: 16,
             max_streams: 8,
             max_upload: 16 << 20,
+            max_restore: 256 << 20,
             call_timeout: Duration::from_secs(120),
             upload_side: 1280,
             max_burst: 50,
@@ -133,6 +137,7 @@ fn respond(r: Reply, download: Option<&str>) -> Response<'static> {
                     "label": c.label, "count": c.files.len(), "files": c.files,
                 })).collect::<Vec<_>>()}),
             ),
+            Body::Evaluation(_) => Response::error(500, "an evaluation snapshot is not a reply"),
             Body::None => {
                 let mut m = Map::new();
                 m.insert("ok".into(), json!(true));
@@ -226,6 +231,19 @@ impl App<'_> {
                 }
                 ("GET", "/api/export.json") => {
                     respond(self.call(Op::Export(Format::Json)), Some("graft-head.json"))
+                }
+                ("GET", "/api/plots/confusion.svg") => self.picture(|d| d.confusion_svg()),
+                ("GET", "/api/plots/curve.svg") => self.picture(|d| d.curve_svg()),
+                ("GET", "/api/backup") => respond(self.call(Op::Backup), Some("graft-backup.tar")),
+                ("POST", "/api/restore") => {
+                    let kind = req.header("content-type").unwrap_or("");
+                    if kind != "application/x-tar" {
+                        return Err(Response::error(
+                            415,
+                            "send the backup itself as the body, Content-Type application/x-tar",
+                        ));
+                    }
+                    respond(self.call(Op::Restore(req.body.clone())), None)
                 }
                 ("GET", "/api/events") => self.events(),
                 ("GET", "/api/preview.mjpg") => self.preview(),
@@ -324,6 +342,31 @@ impl App<'_> {
         result.unwrap_or_else(|r| r)
     }
 
+    /// An evaluation picture, drawn on this thread from a snapshot the queue hands out.
+    fn picture(
+        &self,
+        draw: impl Fn(&EvalData) -> Result<String, crate::kiosk::KioskError>,
+    ) -> Response<'static> {
+        let r = self.call(Op::Evaluation);
+        match r.result {
+            Ok(Done {
+                body: Body::Evaluation(d),
+                ..
+            }) => match draw(&d) {
+                Ok(svg) => Response::new(200, "image/svg+xml", svg.into_bytes())
+                    .with("Cache-Control", "no-store"),
+                Err(e) => Response::error(409, &e.to_string()),
+            },
+            other => respond(
+                Reply {
+                    result: other,
+                    ..r
+                },
+                None,
+            ),
+        }
+    }
+
     fn events(&self) -> Response<'_> {
         let Some(slot) = self.streams() else {
             return Response::error(503, "too many live views open");
@@ -415,6 +458,10 @@ fn known(path: &str) -> bool {
             | "/api/export.onnx"
             | "/api/export.json"
             | "/api/events"
+            | "/api/backup"
+            | "/api/plots/confusion.svg"
+            | "/api/plots/curve.svg"
+            | "/api/restore"
             | "/api/preview.mjpg"
             | "/api/classify"
             | "/api/train"
@@ -443,6 +490,7 @@ impl http::App for App<'_> {
     fn body_limit(&self, method: &str, path: &str) -> usize {
         match (method, path) {
             ("POST", "/api/upload") => self.options.max_upload,
+            ("POST", "/api/restore") => self.options.max_restore,
             ("POST", _) => MAX_JSON,
             _ => 0,
         }

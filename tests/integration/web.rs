@@ -547,3 +547,108 @@ fn the_page_in_headless_chromium() {
     assert!(predicted.contains("\"fruit\""), "{predicted}");
     k.stop();
 }
+
+fn classes(b: &Browser) -> HashMap<String, u64> {
+    let r = b.get("/api/classes");
+    assert_eq!(r.status, 200);
+    r.json()["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["label"].as_str().unwrap().to_string(),
+                c["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn frames_on_disk(data: &Path) -> usize {
+    walk(&data.join("examples"))
+}
+
+fn walk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
+        .sum()
+}
+
+/// Rename a class, delete one example, draw the evaluation pictures, back up and restore (a
+/// damaged backup changes nothing), restart: the state is the restored one, with no stray frame.
+#[test]
+fn rename_delete_pictures_backup_restore_restart() {
+    let t = tempfile::tempdir().unwrap();
+    let src = scene(t.path(), "scene", "birds", 3);
+    let k = Kiosk::start(t.path(), &["--http", "127.0.0.1:0"], &src, 1);
+    let b = login(k.http(), &k.secret());
+    for p in pictures("birds").iter().step_by(4).take(4) {
+        assert_eq!(b.upload("birds", p).status, 200);
+    }
+    for p in pictures("fruit").iter().step_by(4).take(4) {
+        assert_eq!(b.upload("fruit", p).status, 200);
+    }
+    for plot in ["confusion", "curve"] {
+        let r = b.get(&format!("/api/plots/{plot}.svg"));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.headers["content-type"], "image/svg+xml");
+        assert!(String::from_utf8_lossy(&r.body).contains("<svg"), "{plot}");
+    }
+    let backup = b.get("/api/backup");
+    assert_eq!(backup.status, 200);
+    assert_eq!(backup.headers["content-type"], "application/x-tar");
+    assert!(!String::from_utf8_lossy(&backup.body).contains(&k.secret()));
+
+    let r = b.post("/api/rename", serde_json::json!({"from": "fruit", "to": "apples"}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = b.post("/api/rename", serde_json::json!({"from": "apples", "to": "birds"}));
+    assert_eq!(r.status, 409, "a rename onto another class");
+    let listed = b.get("/api/classes").json();
+    let first = listed["classes"][0]["files"][0].as_str().unwrap().to_string();
+    let r = b.post(
+        "/api/delete-example",
+        serde_json::json!({"label": "birds", "file": first}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["examples"], 3);
+    let now = classes(&b);
+    assert_eq!((now["birds"], now["apples"]), (3, 4));
+    assert_eq!(frames_on_disk(&k.data), 7);
+
+    // A damaged backup is refused and changes nothing.
+    let tar = |body: &[u8]| {
+        raw(
+            k.http(),
+            &format!(
+                "POST /api/restore HTTP/1.1\r\nCookie: {}\r\nX-CSRF-Token: {}\r\nContent-Type: application/x-tar",
+                b.cookie, b.csrf
+            ),
+            body,
+        )
+    };
+    let mut damaged = backup.body.clone();
+    damaged.truncate(damaged.len() / 2);
+    assert_eq!(tar(&damaged).status, 400);
+    assert_eq!(tar(b"not a tar archive").status, 400);
+    assert_eq!(classes(&b)["apples"], 4);
+
+    let r = tar(&backup.body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["restored"], 8);
+    let restored = classes(&b);
+    assert_eq!(restored.len(), 2);
+    assert_eq!((restored["birds"], restored["fruit"]), (4, 4));
+    assert_eq!(frames_on_disk(&k.data), 8, "the replaced frames are gone");
+    let data = k.data.clone();
+    k.stop();
+
+    let k = Kiosk::start(t.path(), &["--http", "127.0.0.1:0"], &src, 1);
+    let b = login(k.http(), &k.secret());
+    assert_eq!(classes(&b), restored);
+    assert_eq!(frames_on_disk(&data), 8);
+    let info = b.get("/api/info").json();
+    assert_ne!(info["head"], "none");
+    k.stop();
+}

@@ -20,6 +20,7 @@ import urllib.request
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -67,20 +68,34 @@ try:
         return driver.find_element(By.ID, "message").text
 
     def count(label):
-        for li in driver.find_elements(By.CSS_SELECTOR, "#classes li.class"):
-            if li.get_attribute("data-label") == label:
-                return li.find_element(By.CSS_SELECTOR, ".count").text
-        return None
+        # One script: the list is redrawn whenever the kiosk changes.
+        return driver.execute_script(
+            "const li = [...document.querySelectorAll('#classes li.class')]"
+            ".find(l => l.dataset.label === arguments[0]);"
+            "return li ? li.querySelector('.count').textContent : null;", label)
+
+    def in_class(label, selector, act):
+        """Does `act` to the element of `label`'s entry, again if the list was redrawn."""
+        def attempt(d):
+            try:
+                act(d.find_element(By.CSS_SELECTOR, f'li.class[data-label="{label}"] {selector}'))
+                return True
+            except (StaleElementReferenceException, NoSuchElementException):
+                return False
+        wait.until(attempt, message=f"{label} {selector}")
 
     def capture(label, n):
         field = driver.find_element(By.ID, "new-label")
         field.send_keys(label)
         driver.find_element(By.CSS_SELECTOR, "#new-class button").click()
-        li = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'li.class[data-label="{label}"]'))
-        n_field = li.find_element(By.CSS_SELECTOR, ".n")
-        n_field.clear()
-        n_field.send_keys(str(n))
-        li.find_element(By.CSS_SELECTOR, ".capture").click()
+
+        def set_and_press(e):
+            # Both in the entry found now (the list is redrawn when the kiosk changes).
+            e.clear()
+            e.send_keys(str(n))
+            e.find_element(By.XPATH, "./ancestor::li[1]").find_element(
+                By.CSS_SELECTOR, ".capture").click()
+        in_class(label, ".n", set_and_press)
         wait.until(lambda d: d.find_element(By.ID, "countdown").is_displayed())
         wait.until(lambda d: count(label) == f"({n} examples)", message=f"capture {label}: {message()}")
 
@@ -90,9 +105,8 @@ try:
     capture("fruit", 3)
 
     # An uploaded photo takes the camera frames' path: one more fruit example.
-    li = driver.find_element(By.CSS_SELECTOR, 'li.class[data-label="fruit"]')
     photo = os.path.join(fruit, sorted(os.listdir(fruit))[-1])
-    li.find_element(By.CSS_SELECTOR, ".upload").send_keys(photo)
+    in_class("fruit", ".upload", lambda e: e.send_keys(photo))
     wait.until(lambda d: count("fruit") == "(4 examples)", message=f"upload: {message()}")
 
     driver.find_element(By.ID, "train").click()

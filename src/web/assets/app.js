@@ -103,6 +103,9 @@ function renderTrained(info) {
 
 function renderClasses() {
   const ul = $("classes");
+  // Redrawn whenever the kiosk changes (from any front end): keep what was typed.
+  const typed = {};
+  for (const li of ul.querySelectorAll("li.class")) typed[li.dataset.label] = li.querySelector(".n").value;
   ul.replaceChildren();
   const all = knownClasses.concat(pending.map((p) => ({ label: p, count: 0, files: [] })));
   for (const c of all) {
@@ -110,6 +113,7 @@ function renderClasses() {
     li.querySelector(".name").textContent = c.label;
     li.querySelector(".count").textContent = "(" + c.count + " examples)";
     li.dataset.label = c.label;
+    if (typed[c.label]) li.querySelector(".n").value = typed[c.label];
     const thumbs = li.querySelector(".thumbs");
     for (const f of c.files.slice(-24)) {
       const t = document.createElement("li");
@@ -230,6 +234,19 @@ document.addEventListener("DOMContentLoaded", async () => {
     $("toggle-preview").setAttribute("aria-pressed", String(previewOn));
     $("toggle-preview").textContent = previewOn ? "Pause preview" : "Resume preview";
     if (previewOn) $("preview").src = "/api/preview.mjpg?t=" + Date.now(); else $("preview").removeAttribute("src");
+  };
+  $("pictures").ontoggle = () => {
+    if (!$("pictures").open) return;
+    const t = Date.now();
+    $("confusion").src = "/api/plots/confusion.svg?t=" + t;
+    $("curve").src = "/api/plots/curve.svg?t=" + t;
+  };
+  $("restore").onchange = async (e) => {
+    const f = e.target.files && e.target.files[0];
+    e.target.value = "";
+    if (!f || !confirm("Replace every example and setting of this kiosk with " + f.name + "?")) return;
+    await act((r) => "Restored " + r.restored + " examples of " + r.classes + " classes",
+      () => api("POST", "/api/restore", f, "application/x-tar"));
   };
   const t = $("threshold");
   t.oninput = () => { $("threshold-out").textContent = Number(t.value).toFixed(2); };
