@@ -128,11 +128,7 @@ pub fn curve_svg(
 }
 
 /// [`curve_svg`] as an SVG document in memory (the kiosk's web page shows it).
-pub fn curve_svg_string(
-    series: &[Series],
-    title: &str,
-    chance: f64,
-) -> Result<String, StoreError> {
+pub fn curve_svg_string(series: &[Series], title: &str, chance: f64) -> Result<String, StoreError> {
     let path = Path::new("the learning curve");
     let max_x = series
         .iter()

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::camera::SourceArgs;
 use super::{output, Global};
-use graft::kiosk::{Fronts, Kiosk, Options, SerialFront, Secret, Server, TcpOptions, Trust};
+use graft::kiosk::{Fronts, Kiosk, Options, Secret, SerialFront, Server, TcpOptions, Trust};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -127,7 +127,10 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
     };
     let mut server = Server::new(kiosk, source, options);
     if !(a.preview_fps.is_finite() && a.preview_fps > 0.0 && a.preview_fps <= 60.0) {
-        bail!("--preview-fps {} must be above 0 and at most 60", a.preview_fps);
+        bail!(
+            "--preview-fps {} must be above 0 and at most 60",
+            a.preview_fps
+        );
     }
     let mut fronts = Fronts::default();
     if let Some(addr) = &a.tcp {
@@ -173,7 +176,9 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
     }
     let feed = Arc::new(graft::kiosk::Feed::new(a.preview_fps, 640, 80));
     if let Some(addr) = &a.http {
-        fronts.others.push(web_front(g, addr, &data, &secret, created, &stop)?);
+        fronts
+            .others
+            .push(web_front(g, addr, &data, &secret, created, &stop)?);
     }
     server.run(fronts, feed, &stop);
     log::info!("stopped after {} replies", server.answered);

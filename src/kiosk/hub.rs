@@ -165,7 +165,16 @@ impl Server {
             if let (Some(listener), Some(tcp)) = (listener, tcp.as_ref()) {
                 let core = core_tx.clone();
                 scope.spawn(move || {
-                    super::tcp::accept(scope, listener, tcp, core, ids, stop, line_timeout, max_queue)
+                    super::tcp::accept(
+                        scope,
+                        listener,
+                        tcp,
+                        core,
+                        ids,
+                        stop,
+                        line_timeout,
+                        max_queue,
+                    )
                 });
             }
             if let Some(serial) = serial {
@@ -426,7 +435,10 @@ impl Queue {
             _ => {
                 &mut self
                     .live
-                    .insert((n, Smoother::new(Smoothing::Ema { alpha: 0.5 }, h.head.threshold, 2)))
+                    .insert((
+                        n,
+                        Smoother::new(Smoothing::Ema { alpha: 0.5 }, h.head.threshold, 2),
+                    ))
                     .1
             }
         };
@@ -498,7 +510,9 @@ fn serial_loop(
                             &mut in_flight,
                             rid.as_deref(),
                             Code::Busy,
-                            &format!("more than {max_queue} requests at once; this one was not run"),
+                            &format!(
+                                "more than {max_queue} requests at once; this one was not run"
+                            ),
                         );
                         continue;
                     }
@@ -546,7 +560,11 @@ fn serial_loop(
             }
         }
         if !broken && !bytes.is_empty() {
-            if let Err(e) = front.link.write_all(&bytes).and_then(|()| front.link.flush()) {
+            if let Err(e) = front
+                .link
+                .write_all(&bytes)
+                .and_then(|()| front.link.flush())
+            {
                 log::warn!("{}: {e}; waiting for it to come back", front.name);
                 broken = true;
             }

@@ -71,8 +71,9 @@ impl Op {
     /// Whether this changes the kiosk (needs the secret, waits for a refit in progress).
     pub fn changes_state(&self) -> bool {
         match self {
-            Op::Line(l) => super::protocol::Request::parse(l.as_bytes())
-                .is_ok_and(|r| r.verb.changes_state()),
+            Op::Line(l) => {
+                super::protocol::Request::parse(l.as_bytes()).is_ok_and(|r| r.verb.changes_state())
+            }
             Op::Upload { .. }
             | Op::Burst { .. }
             | Op::Rename { .. }
@@ -166,12 +167,8 @@ impl Server {
                 .example_frame(&label, &file)
                 .map_err(conflict)
                 .and_then(|p| {
-                    crate::userfile::read(p).map_err(|e| {
-                        (
-                            Code::Internal,
-                            format!("{}: {e}", p.display()),
-                        )
-                    })
+                    crate::userfile::read(p)
+                        .map_err(|e| (Code::Internal, format!("{}: {e}", p.display())))
                 })
                 .map(|b| bytes("image/jpeg", b))),
             Op::Evaluation => {

@@ -203,7 +203,11 @@ pub struct Done {
 }
 
 impl Reply {
-    fn new(id: Option<String>, checksum: bool, result: Result<Vec<Field>, (Code, String)>) -> Reply {
+    fn new(
+        id: Option<String>,
+        checksum: bool,
+        result: Result<Vec<Field>, (Code, String)>,
+    ) -> Reply {
         Reply {
             id,
             checksum,

@@ -549,10 +549,11 @@ impl Kiosk {
                 continue;
             };
             let dest = new_dir.join(name);
-            if e.path.exists() && !dest.exists() {
-                if std::fs::hard_link(&e.path, &dest).is_err() {
-                    std::fs::copy(&e.path, &dest).map_err(io(&dest))?;
-                }
+            if e.path.exists()
+                && !dest.exists()
+                && std::fs::hard_link(&e.path, &dest).is_err()
+            {
+                std::fs::copy(&e.path, &dest).map_err(io(&dest))?;
             }
             e.path = dest;
         }
@@ -739,8 +740,12 @@ impl Kiosk {
 
     /// Every class with the file names of its examples' frames, in head order.
     pub fn examples(&self) -> Vec<(String, Vec<String>)> {
-        let mut out: Vec<(String, Vec<String>)> =
-            self.set.labels.iter().map(|l| (l.clone(), Vec::new())).collect();
+        let mut out: Vec<(String, Vec<String>)> = self
+            .set
+            .labels
+            .iter()
+            .map(|l| (l.clone(), Vec::new()))
+            .collect();
         for e in &self.set.examples {
             if let Some(name) = e.path.file_name() {
                 out[e.label].1.push(name.to_string_lossy().into_owned());

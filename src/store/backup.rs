@@ -68,7 +68,10 @@ pub fn unpack(archive: &[u8], into: &Path, what: &Path) -> Result<Vec<String>, S
             return Err(bad(format!("{}: not a regular file", name.display())));
         }
         if !safe(&name) {
-            return Err(bad(format!("{}: not a name a backup holds", name.display())));
+            return Err(bad(format!(
+                "{}: not a name a backup holds",
+                name.display()
+            )));
         }
         let size = entry.header().size().map_err(|e| bad(e.to_string()))?;
         total += size;
@@ -128,7 +131,10 @@ mod tests {
             unpack(&packed, &out, Path::new("b.tar")).unwrap(),
             ["examples/cat/a.jpg"]
         );
-        assert_eq!(std::fs::read(out.join("examples/cat/a.jpg")).unwrap(), b"jpeg");
+        assert_eq!(
+            std::fs::read(out.join("examples/cat/a.jpg")).unwrap(),
+            b"jpeg"
+        );
         for name in [
             "../escape",
             "/etc/passwd",

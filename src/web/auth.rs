@@ -84,7 +84,11 @@ impl Auth {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         f.retain(|(_, at)| now.duration_since(*at) < WINDOW);
-        let mine: Vec<Instant> = f.iter().filter(|(ip, _)| *ip == peer).map(|(_, t)| *t).collect();
+        let mine: Vec<Instant> = f
+            .iter()
+            .filter(|(ip, _)| *ip == peer)
+            .map(|(_, t)| *t)
+            .collect();
         let wait = |oldest: Instant| WINDOW.saturating_sub(now.duration_since(oldest));
         if mine.len() >= FAILURES_PER_CLIENT {
             return mine.first().map(|t| wait(*t));
@@ -118,7 +122,11 @@ impl Auth {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         s.retain(|_, v| v.last_used.elapsed() < SESSION_IDLE);
         if s.len() >= MAX_SESSIONS {
-            if let Some(oldest) = s.iter().min_by_key(|(_, v)| v.last_used).map(|(k, _)| k.clone()) {
+            if let Some(oldest) = s
+                .iter()
+                .min_by_key(|(_, v)| v.last_used)
+                .map(|(k, _)| k.clone())
+            {
                 s.remove(&oldest);
             }
         }
@@ -144,7 +152,9 @@ impl Auth {
     /// The session a cookie value names, if it is alive.
     pub fn session(&self, id: &str) -> Option<String> {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let alive = s.get(id).is_some_and(|v| v.last_used.elapsed() < SESSION_IDLE);
+        let alive = s
+            .get(id)
+            .is_some_and(|v| v.last_used.elapsed() < SESSION_IDLE);
         if !alive {
             s.remove(id);
             return None;
@@ -158,4 +168,60 @@ impl Auth {
 /// Whether two tokens are equal, in time independent of where they differ.
 pub fn same_token(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> (tempfile::TempDir, Auth, String) {
+        let t = tempfile::tempdir().unwrap();
+        let (secret, _) = Secret::load_or_create(t.path()).unwrap();
+        let text = secret.reveal().to_string();
+        (t, Auth::new(secret), text)
+    }
+
+    #[test]
+    fn wrong_secrets_are_limited_per_client_then_overall() {
+        let (_t, a, secret) = auth();
+        let me: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..FAILURES_PER_CLIENT {
+            assert_eq!(a.check(me, "wrong"), Err(Refused::Wrong));
+        }
+        assert!(matches!(a.check(me, &secret), Err(Refused::Wait(_))));
+        // Another address is not held up by this one's guesses.
+        assert_eq!(a.check(other, &secret), Ok(()));
+        // Guesses spread over many addresses meet the overall limit.
+        for i in 0..FAILURES_OVERALL {
+            let ip: IpAddr = format!("198.51.100.{}", i % 250).parse().unwrap();
+            let _ = a.check(ip, "wrong");
+        }
+        assert!(matches!(a.check(other, &secret), Err(Refused::Wait(_))));
+    }
+
+    #[test]
+    fn sessions_carry_their_own_csrf_token_and_end_at_logout() {
+        let (_t, a, secret) = auth();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let (id, csrf) = a.login(ip, &secret).unwrap();
+        let (id2, csrf2) = a.login(ip, &secret).unwrap();
+        assert_ne!(id, id2);
+        assert_ne!(csrf, csrf2);
+        assert_eq!(a.session(&id), Some(csrf));
+        assert_eq!(a.session("not-a-session"), None);
+        a.logout(&id);
+        assert_eq!(a.session(&id), None);
+        assert_eq!(a.session(&id2), Some(csrf2));
+        assert!(a.login(ip, "").is_err());
+        assert!(a.login(ip, &secret[..secret.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_token("abc", "abc"));
+        assert!(!same_token("abc", "abd"));
+        assert!(!same_token("abc", "ab"));
+        assert!(!same_token("", "a"));
+    }
 }

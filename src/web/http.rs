@@ -61,6 +61,9 @@ impl Request {
     }
 }
 
+/// Writes a streamed response's body.
+pub type StreamFn<'a> = dyn FnOnce(&mut TcpStream) -> std::io::Result<()> + Send + 'a;
+
 /// A response body.
 pub enum Body<'a> {
     /// Bytes, sent with their length.
@@ -69,7 +72,7 @@ pub enum Body<'a> {
     Static(&'static [u8]),
     /// A stream written until it returns (an error, the client gone, or the end): sent without
     /// a length, and the connection closes after it.
-    Stream(Box<dyn FnOnce(&mut TcpStream) -> std::io::Result<()> + Send + 'a>),
+    Stream(Box<StreamFn<'a>>),
 }
 
 /// A response.
@@ -142,7 +145,11 @@ X-Frame-Options: DENY\r\n\
 Referrer-Policy: no-referrer\r\n\
 Content-Security-Policy: default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'\r\n";
 
-fn write_response(conn: &mut TcpStream, r: Response<'_>, keep_alive: bool) -> std::io::Result<bool> {
+fn write_response(
+    conn: &mut TcpStream,
+    r: Response<'_>,
+    keep_alive: bool,
+) -> std::io::Result<bool> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
     for (k, v) in &r.headers {
         // Header values are ours; a newline in one would split the response.
@@ -283,7 +290,10 @@ pub fn serve<A: App>(listener: TcpListener, app: &A, limits: &Limits, stop: &Ato
                 continue;
             }
             if active.load(Ordering::SeqCst) >= limits.max_connections {
-                log::warn!("HTTP: {peer} refused: {} connections already", limits.max_connections);
+                log::warn!(
+                    "HTTP: {peer} refused: {} connections already",
+                    limits.max_connections
+                );
                 let r = Response::error(503, "too many connections; try again later")
                     .with("Retry-After", "5");
                 let _ = write_response(&mut conn, r, false);
@@ -306,9 +316,15 @@ fn connection<A: App>(mut conn: TcpStream, peer: IpAddr, app: &A, stop: &AtomicB
         // The head: idle until its first byte, then HEAD_TIMEOUT for the rest.
         let idle_deadline = Instant::now() + IDLE_TIMEOUT;
         let got = if buf.is_empty() {
-            let r = read_until(&mut conn, &mut buf, MAX_HEAD, None, idle_deadline, stop, |b| {
-                !b.is_empty()
-            });
+            let r = read_until(
+                &mut conn,
+                &mut buf,
+                MAX_HEAD,
+                None,
+                idle_deadline,
+                stop,
+                |b| !b.is_empty(),
+            );
             match r {
                 ReadOutcome::Got => read_until(
                     &mut conn,

@@ -216,7 +216,9 @@ impl App<'_> {
         let result: Result<Response<'_>, Response<'_>> = (|| {
             Ok(match (req.method.as_str(), req.path.as_str()) {
                 ("GET", "/api/session") => match who {
-                    Who::Session { csrf } => Response::json(200, &json!({"ok": true, "csrf": csrf})),
+                    Who::Session { csrf } => {
+                        Response::json(200, &json!({"ok": true, "csrf": csrf}))
+                    }
                     _ => Response::json(200, &json!({"ok": true, "csrf": null})),
                 },
                 ("GET", "/api/info") => self.line("INFO".into()),
@@ -226,9 +228,10 @@ impl App<'_> {
                     let file = req.query.get("file").cloned().unwrap_or_default();
                     respond(self.call(Op::ExampleFrame { label: l, file }), None)
                 }
-                ("GET", "/api/export.onnx") => {
-                    respond(self.call(Op::Export(Format::Onnx)), Some("graft-export.onnx"))
-                }
+                ("GET", "/api/export.onnx") => respond(
+                    self.call(Op::Export(Format::Onnx)),
+                    Some("graft-export.onnx"),
+                ),
                 ("GET", "/api/export.json") => {
                     respond(self.call(Op::Export(Format::Json)), Some("graft-head.json"))
                 }
@@ -323,7 +326,9 @@ impl App<'_> {
                         .get("value")
                         .and_then(Value::as_f64)
                         .filter(|t| (0.0..=1.0).contains(t))
-                        .ok_or_else(|| Response::error(400, "value must be a number from 0 to 1"))?;
+                        .ok_or_else(|| {
+                            Response::error(400, "value must be a number from 0 to 1")
+                        })?;
                     self.line(format!("THRESHOLD {t:.3}"))
                 }
                 ("POST", "/api/logout") => {
@@ -357,13 +362,7 @@ impl App<'_> {
                     .with("Cache-Control", "no-store"),
                 Err(e) => Response::error(409, &e.to_string()),
             },
-            other => respond(
-                Reply {
-                    result: other,
-                    ..r
-                },
-                None,
-            ),
+            other => respond(Reply { result: other, ..r }, None),
         }
     }
 
@@ -521,18 +520,21 @@ impl http::App for App<'_> {
             ("GET", "/api/health") => return Response::json(200, &json!({"ok": true})),
             ("POST", "/api/login") => {
                 let given = match object(&req) {
-                    Ok(m) => m.get("secret").and_then(Value::as_str).unwrap_or("").to_string(),
+                    Ok(m) => m
+                        .get("secret")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
                     Err(r) => return r,
                 };
                 return match self.auth.login(req.peer, &given) {
-                    Ok((id, csrf)) => Response::json(200, &json!({"ok": true, "csrf": csrf}))
-                        .with(
-                            "Set-Cookie",
-                            format!(
-                                "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-                                auth::SESSION_IDLE.as_secs()
-                            ),
+                    Ok((id, csrf)) => Response::json(200, &json!({"ok": true, "csrf": csrf})).with(
+                        "Set-Cookie",
+                        format!(
+                            "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+                            auth::SESSION_IDLE.as_secs()
                         ),
+                    ),
                     Err(r) => refused(r),
                 };
             }

@@ -132,7 +132,14 @@ fn raw(addr: &str, head: &str, body: &[u8]) -> Got {
         .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&bytes)));
     let head = String::from_utf8_lossy(&bytes[..end]).to_string();
     let mut lines = head.lines();
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -159,7 +166,11 @@ fn login(addr: &str, secret: &str) -> Browser {
         body.as_bytes(),
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let cookie = r.headers["set-cookie"].split(';').next().unwrap().to_string();
+    let cookie = r.headers["set-cookie"]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     assert!(r.headers["set-cookie"].contains("HttpOnly"));
     assert!(r.headers["set-cookie"].contains("SameSite=Strict"));
     Browser {
@@ -171,7 +182,11 @@ fn login(addr: &str, secret: &str) -> Browser {
 
 impl Browser {
     fn get(&self, path: &str) -> Got {
-        raw(&self.addr, &format!("GET {path} HTTP/1.1\r\nCookie: {}", self.cookie), b"")
+        raw(
+            &self.addr,
+            &format!("GET {path} HTTP/1.1\r\nCookie: {}", self.cookie),
+            b"",
+        )
     }
     fn post(&self, path: &str, json: serde_json::Value) -> Got {
         raw(
@@ -216,7 +231,9 @@ fn scene(dir: &Path, name: &str, class: &str, n: usize) -> PathBuf {
 }
 
 fn tcp_ask(s: &mut BufReader<TcpStream>, line: &str) -> String {
-    s.get_mut().write_all(format!("{line}\n").as_bytes()).unwrap();
+    s.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
     let mut reply = String::new();
     s.read_line(&mut reply).unwrap();
     reply.trim_end().to_string()
@@ -230,7 +247,10 @@ fn serial_line(link: &mut impl Read, buf: &mut Vec<u8>) -> String {
             let line: Vec<u8> = buf.drain(..=i).collect();
             return String::from_utf8(line).unwrap().trim_end().to_string();
         }
-        assert!(start.elapsed() < Duration::from_secs(180), "no reply on the serial link");
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "no reply on the serial link"
+        );
         let mut chunk = [0u8; 1024];
         match link.read(&mut chunk) {
             Ok(0) => panic!("serial link closed"),
@@ -296,16 +316,27 @@ fn web_api_refuses_what_it_must() {
     // No login at all: state changes and reads.
     assert_eq!(post("").status, 401);
     assert_eq!(raw(&addr, "GET /api/info HTTP/1.1", b"").status, 401);
-    assert_eq!(raw(&addr, "GET /api/preview.mjpg HTTP/1.1", b"").status, 401);
+    assert_eq!(
+        raw(&addr, "GET /api/preview.mjpg HTTP/1.1", b"").status,
+        401
+    );
     assert_eq!(raw(&addr, "GET /api/export.onnx HTTP/1.1", b"").status, 401);
     // A forged cookie, a wrong bearer secret.
-    assert_eq!(post(&format!("\r\nCookie: graft_session={}", "ab".repeat(32))).status, 401);
+    assert_eq!(
+        post(&format!("\r\nCookie: graft_session={}", "ab".repeat(32))).status,
+        401
+    );
     assert_eq!(post("\r\nAuthorization: Bearer not-the-secret").status, 403);
     // A session without its CSRF token, with a wrong one, or from another site's page.
     let b = login(&addr, &k.secret());
     assert_eq!(post(&format!("\r\nCookie: {}", b.cookie)).status, 403);
     assert_eq!(
-        post(&format!("\r\nCookie: {}\r\nX-CSRF-Token: {}", b.cookie, "0".repeat(32))).status,
+        post(&format!(
+            "\r\nCookie: {}\r\nX-CSRF-Token: {}",
+            b.cookie,
+            "0".repeat(32)
+        ))
+        .status,
         403
     );
     let evil = post(&format!(
@@ -321,7 +352,10 @@ fn web_api_refuses_what_it_must() {
     // The secret as a bearer token works for scripts (no cookie, no CSRF).
     let info = raw(
         &addr,
-        &format!("GET /api/info HTTP/1.1\r\nAuthorization: Bearer {}", k.secret()),
+        &format!(
+            "GET /api/info HTTP/1.1\r\nAuthorization: Bearer {}",
+            k.secret()
+        ),
         b"",
     );
     assert_eq!(info.status, 200);
@@ -357,10 +391,16 @@ fn web_api_refuses_what_it_must() {
     );
     assert_eq!(r.status, 411);
     let many: String = (0..40).map(|i| format!("\r\nX-Filler-{i}: 1")).collect();
-    assert_eq!(raw(&addr, &format!("GET / HTTP/1.1{many}"), b"").status, 431);
+    assert_eq!(
+        raw(&addr, &format!("GET / HTTP/1.1{many}"), b"").status,
+        431
+    );
     let long = format!("GET /{} HTTP/1.1", "a".repeat(20_000));
     assert_eq!(raw(&addr, &long, b"").status, 431);
-    let bad = b.post("/api/learn", serde_json::json!({"label": "../../etc", "n": 1}));
+    let bad = b.post(
+        "/api/learn",
+        serde_json::json!({"label": "../../etc", "n": 1}),
+    );
     assert_eq!(bad.status, 400);
     let r = b.get("/api/example?label=birds&file=..%2Fsecret");
     assert_eq!(r.status, 409);
@@ -412,7 +452,14 @@ fn two_browsers_serial_and_tcp_lose_nothing() {
     let (host, dev) = SerialLink::pty_pair().unwrap();
     let k = Kiosk::start(
         t.path(),
-        &["--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--serial", &dev],
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--serial",
+            &dev,
+        ],
         &src,
         3,
     );
@@ -447,8 +494,19 @@ fn two_browsers_serial_and_tcp_lose_nothing() {
             let mut n = 0;
             for i in 0..6 {
                 let r = tcp_ask(&mut c, &format!("#t{i} LEARN mammals 1"));
-                assert!(r.starts_with(&format!("OK #t{i} label=mammals added=")), "{r}");
-                n += r.split("added=").nth(1).unwrap().split(' ').next().unwrap().parse::<u64>().unwrap();
+                assert!(
+                    r.starts_with(&format!("OK #t{i} label=mammals added=")),
+                    "{r}"
+                );
+                n += r
+                    .split("added=")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
                 let r = tcp_ask(&mut c, "INFO");
                 assert!(r.starts_with("OK "), "{r}");
             }
@@ -464,8 +522,19 @@ fn two_browsers_serial_and_tcp_lose_nothing() {
             let mut n = 0;
             for i in 0..6 {
                 let line = ask(&format!("#s{i} LEARN mammals 1"));
-                assert!(line.starts_with(&format!("OK #s{i} label=mammals added=")), "{line}");
-                n += line.split("added=").nth(1).unwrap().split(' ').next().unwrap().parse::<u64>().unwrap();
+                assert!(
+                    line.starts_with(&format!("OK #s{i} label=mammals added=")),
+                    "{line}"
+                );
+                n += line
+                    .split("added=")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
                 assert_eq!(ask("PING"), "OK pong=1");
             }
             n
@@ -485,7 +554,12 @@ fn two_browsers_serial_and_tcp_lose_nothing() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["label"].as_str().unwrap().to_string(), c["count"].as_u64().unwrap()))
+        .map(|c| {
+            (
+                c["label"].as_str().unwrap().to_string(),
+                c["count"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(counts["birds"], 6);
     assert_eq!(counts["fruit"], 6);
@@ -513,8 +587,11 @@ fn the_page_in_headless_chromium() {
     let camera = t.path().join("camera");
     std::fs::create_dir_all(&camera).unwrap();
     for i in 0..3 {
-        std::os::unix::fs::symlink(birds.join(format!("{i:02}.jpg")), camera.join(format!("{i}.jpg")))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            birds.join(format!("{i:02}.jpg")),
+            camera.join(format!("{i}.jpg")),
+        )
+        .unwrap();
     }
     let k = Kiosk::start(t.path(), &["--http", "127.0.0.1:0"], &camera, 1);
     let downloads = t.path().join("downloads");
@@ -542,7 +619,9 @@ fn the_page_in_headless_chromium() {
     // The downloaded export loads and answers.
     let export = downloads.join("graft-export.onnx");
     let mut c = graft(&t.path().join("cache"));
-    c.args(["--json", "predict", "--model"]).arg(&export).arg(fruit.join("00.jpg"));
+    c.args(["--json", "predict", "--model"])
+        .arg(&export)
+        .arg(fruit.join("00.jpg"));
     let predicted = ok(c);
     assert!(predicted.contains("\"fruit\""), "{predicted}");
     k.stop();
@@ -572,7 +651,13 @@ fn walk(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()
         .flatten()
-        .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
+        .map(|e| {
+            if e.path().is_dir() {
+                walk(&e.path())
+            } else {
+                1
+            }
+        })
         .sum()
 }
 
@@ -601,12 +686,21 @@ fn rename_delete_pictures_backup_restore_restart() {
     assert_eq!(backup.headers["content-type"], "application/x-tar");
     assert!(!String::from_utf8_lossy(&backup.body).contains(&k.secret()));
 
-    let r = b.post("/api/rename", serde_json::json!({"from": "fruit", "to": "apples"}));
+    let r = b.post(
+        "/api/rename",
+        serde_json::json!({"from": "fruit", "to": "apples"}),
+    );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let r = b.post("/api/rename", serde_json::json!({"from": "apples", "to": "birds"}));
+    let r = b.post(
+        "/api/rename",
+        serde_json::json!({"from": "apples", "to": "birds"}),
+    );
     assert_eq!(r.status, 409, "a rename onto another class");
     let listed = b.get("/api/classes").json();
-    let first = listed["classes"][0]["files"][0].as_str().unwrap().to_string();
+    let first = listed["classes"][0]["files"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
     let r = b.post(
         "/api/delete-example",
         serde_json::json!({"label": "birds", "file": first}),
