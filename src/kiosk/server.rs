@@ -161,7 +161,7 @@ pub(super) enum Answer {
     Later(Box<Deferred>),
 }
 
-/// What a request got: the fields of its `OK` (and, for some [`Op`]s, a body), or an error
+/// What a request got: the fields of its `OK` (and, for some [`Op`](super::Op)s, a body), or an error
 /// code and message. A line link sends it as one line ([`Reply::line`]); the web page's API
 /// as JSON with the code as the HTTP status.
 #[derive(Debug, Clone)]
@@ -198,7 +198,7 @@ pub enum Body {
 pub struct Done {
     /// The `OK` line's fields.
     pub fields: Vec<Field>,
-    /// What some [`Op`]s hand back besides.
+    /// What some [`Op`](super::Op)s hand back besides.
     pub body: Body,
 }
 
