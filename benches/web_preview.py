@@ -1,10 +1,15 @@
 """The web page's live view against the kiosk's classification rate (issue 19's goal: preview
 >= 10 fps at 640x480 while classification loses < 10% of its frame rate), side by side in one
-run: the kiosk classifies for an event-stream watcher alone (no viewer), then with an MJPEG
-viewer as well, alternating for ROUNDS rounds of SECONDS each.
+run: an event-stream watcher (the page with its preview paused) and a TCP controller asking
+CLASSIFY in a loop, first without, then with an MJPEG viewer, alternating for ROUNDS rounds of
+SECONDS each. Two classification rates are reported: the feed's (labels the page sees, capped
+at --fps) and the controller's (CLASSIFY replies a second).
 
     cargo build --release
     target/pyenv/bin/python benches/web_preview.py [--fps 15] [--rounds 5] [--seconds 8]
+    # a slow board: the aarch64 build under qemu-user (boards/build.sh aarch64-unknown-linux-gnu)
+    target/pyenv/bin/python benches/web_preview.py --binary target/aarch64-unknown-linux-gnu/release/graft \
+        --wrapper "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"
 
 The camera is `--source` over 640x480 JPEGs made from the test photo set (Pillow), replayed
 with `--repeat`; the kiosk first learns two classes from uploads so that every frame is
@@ -35,6 +40,8 @@ ap.add_argument("--rounds", type=int, default=5)
 ap.add_argument("--seconds", type=float, default=8.0)
 ap.add_argument("--threads", type=int, default=1, help="GRAFT_THREADS of the kiosk")
 ap.add_argument("--model", default=None)
+ap.add_argument("--binary", default=str(ROOT / "target/release/graft"))
+ap.add_argument("--wrapper", default="", help='e.g. "qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu"')
 a = ap.parse_args()
 
 data = ROOT / "target/graft-data/kiosk"
@@ -50,15 +57,16 @@ for i, p in enumerate(pics["birds"] + pics["fruit"]):
     l, t = (im.width - 640) // 2, (im.height - 480) // 2
     im.crop((l, t, l + 640, t + 480)).save(src / f"{i:02}.jpg", quality=90)
 
-cmd = [str(ROOT / "target/release/graft")]
+cmd = a.wrapper.split() + [a.binary]
 if a.model:
     cmd += ["--model", a.model]
-cmd += ["serve", "--http", "127.0.0.1:0", "--data", str(work / "kiosk"), "--source", str(src),
-        "--repeat", "--preview-fps", str(a.fps)]
+cmd += ["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--data", str(work / "kiosk"),
+        "--source", str(src), "--repeat", "--preview-fps", str(a.fps)]
 env = dict(os.environ, GRAFT_THREADS=str(a.threads))
 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-line = proc.stdout.readline()
-addr = line.split()[3].rstrip("/")
+fronts = dict(proc.stdout.readline().split()[2:4] for _ in range(2))
+addr = fronts["http"].rstrip("/")
+tcp_host, tcp_port = fronts["tcp"].rsplit(":", 1)
 secret = (work / "kiosk/secret").read_text().strip()
 auth = {"Authorization": f"Bearer {secret}"}
 
@@ -76,6 +84,18 @@ try:
             call("POST", f"/api/upload?label={label}", p.read_bytes(), "image/jpeg")
 
     def count_events(stop, out):
+        try:
+            events(stop, out)
+        except Exception as e:  # noqa: BLE001 - reported, the round then counts nothing
+            print(f"event stream: {e}", file=sys.stderr)
+
+    def count_frames(stop, out):
+        try:
+            frames(stop, out)
+        except Exception as e:  # noqa: BLE001
+            print(f"preview: {e}", file=sys.stderr)
+
+    def events(stop, out):
         req = urllib.request.Request(addr + "/api/events", headers=auth)
         with urllib.request.urlopen(req, timeout=30) as r:
             while not stop.is_set():
@@ -83,7 +103,7 @@ try:
                 if line.startswith(b"data: ") and b'"type":"label"' in line:
                     out["labels"] += 1
 
-    def count_frames(stop, out):
+    def frames(stop, out):
         req = urllib.request.Request(addr + "/api/preview.mjpg", headers=auth)
         with urllib.request.urlopen(req, timeout=30) as r:
             while not stop.is_set():
@@ -95,10 +115,24 @@ try:
                     out["frames"] += 1
                     out["bytes"] += n
 
+    def classify_loop(stop, out):
+        """A controller on TCP asking CLASSIFY as fast as the kiosk answers."""
+        import socket
+        with socket.create_connection((tcp_host, int(tcp_port))) as c:
+            f = c.makefile("rwb")
+            while not stop.is_set():
+                f.write(b"CLASSIFY\n")
+                f.flush()
+                if f.readline().startswith(b"OK "):
+                    out["tcp"] += 1
+
     def phase(viewer):
-        out = {"labels": 0, "frames": 0, "bytes": 0}
+        """The feed's label events (an event watcher), a TCP controller's CLASSIFY loop, and
+        with `viewer` the MJPEG preview too."""
+        out = {"labels": 0, "frames": 0, "bytes": 0, "tcp": 0}
         stop = threading.Event()
-        ts = [threading.Thread(target=count_events, args=(stop, out), daemon=True)]
+        ts = [threading.Thread(target=count_events, args=(stop, out), daemon=True),
+              threading.Thread(target=classify_loop, args=(stop, out), daemon=True)]
         if viewer:
             ts.append(threading.Thread(target=count_frames, args=(stop, out), daemon=True))
         for t in ts:
@@ -118,18 +152,25 @@ try:
         alone = phase(False)
         viewed = phase(True)
         rows.append((alone, viewed))
-        print(f"round {r + 1}: classified {alone['labels']:.1f}/s alone, {viewed['labels']:.1f}/s "
-              f"with a viewer; preview {viewed['frames']:.1f} fps "
+        print(f"round {r + 1}: feed {alone['labels']:.1f} → {viewed['labels']:.1f} labels/s, "
+              f"TCP CLASSIFY {alone['tcp']:.1f} → {viewed['tcp']:.1f}/s with a viewer; "
+              f"preview {viewed['frames']:.1f} fps "
               f"({viewed['bytes'] / max(viewed['frames'], 1) / 1024:.0f} KiB a frame)")
     loss = [1 - v["labels"] / s["labels"] for s, v in rows if s["labels"] > 0]
+    tcp_loss = [1 - v["tcp"] / s["tcp"] for s, v in rows if s["tcp"] > 0]
     fps = [v["frames"] for _, v in rows]
     print(json.dumps({
         "machine": cpu_name(), "cores": os.cpu_count(), "preview_fps_setting": a.fps,
         "graft_threads": a.threads, "rounds": a.rounds, "seconds": a.seconds,
+        "binary": a.binary, "wrapper": a.wrapper,
         "classified_alone_per_s": round(statistics.median(s["labels"] for s, _ in rows), 2),
         "classified_viewed_per_s": round(statistics.median(v["labels"] for _, v in rows), 2),
         "classification_loss_median": round(statistics.median(loss), 4),
         "classification_loss_range": [round(min(loss), 4), round(max(loss), 4)],
+        "tcp_classify_alone_per_s": round(statistics.median(s["tcp"] for s, _ in rows), 2),
+        "tcp_classify_viewed_per_s": round(statistics.median(v["tcp"] for _, v in rows), 2),
+        "tcp_classify_loss_median": round(statistics.median(tcp_loss), 4),
+        "tcp_classify_loss_range": [round(min(tcp_loss), 4), round(max(tcp_loss), 4)],
         "preview_fps_median": round(statistics.median(fps), 2),
     }))
 finally:

@@ -22,6 +22,7 @@ pub struct Feed {
     state: Mutex<State>,
     changed: Condvar,
     watchers: AtomicUsize,
+    viewers: AtomicUsize,
     /// Preview frames at most this often.
     pub period: Duration,
     /// Longest side of a preview frame, in pixels.
@@ -34,6 +35,7 @@ pub struct Feed {
 struct State {
     frame_seq: u64,
     frame: Option<Arc<RgbFrame>>,
+    published: Option<Instant>,
     jpeg: Option<(u64, Arc<Vec<u8>>)>,
     event_seq: u64,
     events: VecDeque<(u64, Arc<str>)>,
@@ -42,13 +44,21 @@ struct State {
     frames: u64,
 }
 
-/// A watcher's presence: while one is alive the kiosk captures and classifies for the feed.
+/// A watcher's presence: while one is alive the kiosk captures and classifies for the feed;
+/// while a viewer is, it also publishes every frame it captures, and more frames while it
+/// classifies.
 #[derive(Debug)]
-pub struct Watching<'a>(&'a Feed);
+pub struct Watching<'a> {
+    feed: &'a Feed,
+    viewer: bool,
+}
 
 impl Drop for Watching<'_> {
     fn drop(&mut self) {
-        self.0.watchers.fetch_sub(1, Ordering::SeqCst);
+        self.feed.watchers.fetch_sub(1, Ordering::SeqCst);
+        if self.viewer {
+            self.feed.viewers.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -59,6 +69,7 @@ impl Feed {
             state: Mutex::default(),
             changed: Condvar::new(),
             watchers: AtomicUsize::new(0),
+            viewers: AtomicUsize::new(0),
             period: Duration::from_secs_f64(1.0 / fps.clamp(0.1, 120.0)),
             max_side,
             quality,
@@ -70,19 +81,49 @@ impl Feed {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a watcher until the guard is dropped.
+    /// Registers a watcher of the events until the guard is dropped.
     pub fn watch(&self) -> Watching<'_> {
         self.watchers.fetch_add(1, Ordering::SeqCst);
-        Watching(self)
+        Watching {
+            feed: self,
+            viewer: false,
+        }
     }
 
-    /// Whether anyone watches.
+    /// Registers a viewer of the preview frames (a watcher too) until the guard is dropped.
+    pub fn view(&self) -> Watching<'_> {
+        self.viewers.fetch_add(1, Ordering::SeqCst);
+        self.watchers.fetch_add(1, Ordering::SeqCst);
+        Watching {
+            feed: self,
+            viewer: true,
+        }
+    }
+
+    /// Whether anyone watches (events or frames).
     pub fn watched(&self) -> bool {
         self.watchers.load(Ordering::SeqCst) > 0
     }
 
-    /// A new frame (the kiosk's camera, whatever it was captured for).
+    /// Whether anyone views the preview frames.
+    pub fn viewed(&self) -> bool {
+        self.viewers.load(Ordering::SeqCst) > 0
+    }
+
+    /// A new frame (the kiosk's camera, whatever it was captured for); dropped when the last
+    /// one is younger than the preview period (viewers get at most `1 / period` frames a
+    /// second, however often the camera is read).
     pub fn publish_frame(&self, frame: &RgbFrame) {
+        {
+            let mut s = self.lock();
+            let now = Instant::now();
+            if s.published
+                .is_some_and(|t| now.duration_since(t) < self.period.mul_f64(0.9))
+            {
+                return;
+            }
+            s.published = Some(now);
+        }
         let small = frame.thumbnail(self.max_side);
         let mut s = self.lock();
         s.frame_seq += 1;
@@ -103,6 +144,14 @@ impl Feed {
         }
         drop(s);
         self.changed.notify_all();
+    }
+
+    /// Watchers and viewers now.
+    pub fn watching(&self) -> (usize, usize) {
+        (
+            self.watchers.load(Ordering::SeqCst),
+            self.viewers.load(Ordering::SeqCst),
+        )
     }
 
     /// Counts a frame classified for the feed.
@@ -171,5 +220,46 @@ impl Feed {
     /// The sequence number of the latest event (a new watcher starts after it).
     pub fn last_event(&self) -> u64 {
         self.lock().event_seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `view` built its guard from a `watch` guard whose drop ran at once, so a
+    /// viewer left the watcher count one short and it wrapped below zero when two left; the
+    /// next watcher then saw no frame classified for seconds.
+    #[test]
+    fn watchers_and_viewers_count_back_to_zero() {
+        let f = Feed::new(15.0, 64, 70);
+        {
+            let _w = f.watch();
+            let _v = f.view();
+            assert_eq!(f.watching(), (2, 1));
+            assert!(f.watched() && f.viewed());
+        }
+        assert_eq!(f.watching(), (0, 0));
+        let _w = f.watch();
+        assert_eq!(f.watching(), (1, 0));
+        assert!(f.watched() && !f.viewed());
+    }
+
+    #[test]
+    fn one_jpeg_per_frame_and_events_after_a_sequence_number() {
+        let f = Feed::new(15.0, 64, 70);
+        assert!(f.next_jpeg(0, Duration::from_millis(10)).is_none());
+        let frame = RgbFrame::from_raw(128, 96, vec![90; 128 * 96 * 3]).unwrap();
+        f.publish_frame(&frame);
+        let (seq, a) = f.next_jpeg(0, Duration::from_millis(10)).unwrap();
+        let (again, b) = f.next_jpeg(0, Duration::from_millis(10)).unwrap();
+        assert_eq!((seq, again), (1, 1));
+        assert!(Arc::ptr_eq(&a, &b), "encoded once");
+        assert!(f.next_jpeg(seq, Duration::from_millis(10)).is_none());
+        let start = f.last_event();
+        f.publish_event("{\"type\":\"changed\"}".into());
+        let (next, events) = f.next_events(start, Duration::from_millis(10));
+        assert_eq!(events.len(), 1);
+        assert!(f.next_events(next, Duration::from_millis(10)).1.is_empty());
     }
 }

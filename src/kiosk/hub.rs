@@ -194,7 +194,17 @@ impl Server {
 
     /// Runs requests from every front end, in arrival order, their streams, and the live feed.
     fn run_queue(&mut self, rx: &mpsc::Receiver<ToCore>, feed: &Feed, stop: &AtomicBool) {
+        // One thread classifies the live feed's frames, always the same one (tract's scratch
+        // buffers stay warm), with the backbone shared and a snapshot of the head.
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let backbone = self.kiosk().shared_backbone();
+        std::thread::spawn(move || {
+            for (head, frame, reply) in queue {
+                let _ = reply.send(crate::live::classify(&backbone, &head, &frame, None));
+            }
+        });
         let mut q = Queue {
+            classifier: jobs,
             sessions: HashMap::new(),
             web: Session::trusted(),
             held: VecDeque::new(),
@@ -248,9 +258,25 @@ struct Queue {
     /// Messages waiting for the refit in progress, in arrival order.
     held: VecDeque<ToCore>,
     busy: Option<Busy>,
-    /// The feed's smoothing, made again when the head changes.
-    live: Option<(usize, Smoother)>,
+    /// The head the feed classifies with and its smoothing, made again when the head changes.
+    live: Option<Live>,
     next_live: Instant,
+    /// The classifier thread's queue.
+    classifier: Sender<Job>,
+}
+
+/// A frame to classify with a head, and where the result goes.
+type Job = (
+    Arc<crate::head::Head>,
+    crate::capture::Frame,
+    Sender<Result<crate::live::Classified, crate::live::LiveError>>,
+);
+
+/// The live feed's head and smoothing.
+struct Live {
+    classes: usize,
+    head: Arc<crate::head::Head>,
+    smoother: Smoother,
 }
 
 fn changes_state(msg: &ToCore) -> bool {
@@ -314,6 +340,7 @@ impl Queue {
                             self.sessions.remove(&id);
                         }
                         if changes && reply.result.is_ok() {
+                            self.live = None;
                             changed(feed);
                         }
                     }
@@ -325,6 +352,7 @@ impl Queue {
                     let ok = r.result.is_ok();
                     let _ = reply.send(r);
                     if changes && ok {
+                        self.live = None;
                         changed(feed);
                     }
                 }
@@ -420,7 +448,48 @@ impl Queue {
             return;
         };
         let n = h.head.labels.len();
-        let c = match server.kiosk().classify(&frame) {
+        let threshold = h.head.threshold;
+        let head = match &self.live {
+            Some(l) if l.classes == n => Arc::clone(&l.head),
+            _ => {
+                let head = Arc::new(h.head.clone());
+                self.live = Some(Live {
+                    classes: n,
+                    head: Arc::clone(&head),
+                    smoother: Smoother::new(Smoothing::Ema { alpha: 0.5 }, threshold, 2),
+                });
+                head
+            }
+        };
+        // The frame is classified on the classifier's thread; meanwhile the camera keeps
+        // feeding the preview (a board that classifies 3 frames a second still shows 15).
+        let (tx, rx) = mpsc::channel();
+        if self.classifier.send((head, frame, tx)).is_err() {
+            return;
+        }
+        let (_, source) = server.parts();
+        let mut next = Instant::now() + feed.period;
+        let classified = loop {
+            match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                Ok(r) => break r,
+                Err(RecvTimeoutError::Disconnected) => {
+                    feed.publish_event(
+                        serde_json::json!({"type": "error", "message": "the classifier failed (a panic)"})
+                            .to_string(),
+                    );
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if feed.viewed() {
+                        if let Ok(Some(f)) = source.next_frame() {
+                            feed.publish_frame(&f.image);
+                        }
+                    }
+                    next = Instant::now() + feed.period;
+                }
+            }
+        };
+        let c = match classified {
             Ok(c) => c,
             Err(e) => {
                 feed.publish_event(
@@ -430,22 +499,14 @@ impl Queue {
             }
         };
         feed.count_classified();
-        let smoother = match &mut self.live {
-            Some((k, s)) if *k == n => s,
-            _ => {
-                &mut self
-                    .live
-                    .insert((
-                        n,
-                        Smoother::new(Smoothing::Ema { alpha: 0.5 }, h.head.threshold, 2),
-                    ))
-                    .1
-            }
+        let Some(live) = self.live.as_mut() else {
+            return;
         };
-        let (now, report) = smoother.push(&c.probs);
+        let (now, report) = live.smoother.push(&c.probs);
         let label = now
             .label
-            .map_or(head::UNKNOWN, |i| h.head.labels[i].as_str());
+            .and_then(|i| live.head.labels.get(i))
+            .map_or(head::UNKNOWN, String::as_str);
         feed.publish_event(
             serde_json::json!({
                 "type": "label",

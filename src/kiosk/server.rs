@@ -271,6 +271,12 @@ impl Server {
         &self.kiosk
     }
 
+    /// The kiosk to read and the frame source to take preview frames from, at once (the live
+    /// view keeps showing the camera while a frame is classified).
+    pub(super) fn parts(&mut self) -> (&Kiosk, &mut dyn FrameSource) {
+        (&self.kiosk, self.source.as_mut())
+    }
+
     /// `n` frames for LEARN, `learn_interval` apart; fewer when `burst` is stopped meanwhile.
     pub(super) fn capture_frames(
         &mut self,
@@ -293,7 +299,7 @@ impl Server {
     pub(super) fn frame(&mut self) -> Result<Frame, (Code, String)> {
         match self.source.next_frame() {
             Ok(Some(f)) => {
-                if let Some(feed) = self.feed.as_ref().filter(|f| f.watched()) {
+                if let Some(feed) = self.feed.as_ref().filter(|f| f.viewed()) {
                     feed.publish_frame(&f.image);
                 }
                 Ok(f)

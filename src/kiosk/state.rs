@@ -158,7 +158,7 @@ pub struct TrainedInfo {
 #[derive(Debug)]
 pub struct Kiosk {
     dir: PathBuf,
-    backbone: Backbone,
+    backbone: std::sync::Arc<Backbone>,
     set: ExampleSet,
     head: Option<HeadFile>,
     settings: Settings,
@@ -219,7 +219,7 @@ impl Kiosk {
         })?;
         let mut k = Kiosk {
             dir: dir.to_path_buf(),
-            backbone,
+            backbone: std::sync::Arc::new(backbone),
             set: ExampleSet::default(),
             head: None,
             settings: Settings::default(),
@@ -549,10 +549,7 @@ impl Kiosk {
                 continue;
             };
             let dest = new_dir.join(name);
-            if e.path.exists()
-                && !dest.exists()
-                && std::fs::hard_link(&e.path, &dest).is_err()
-            {
+            if e.path.exists() && !dest.exists() && std::fs::hard_link(&e.path, &dest).is_err() {
                 std::fs::copy(&e.path, &dest).map_err(io(&dest))?;
             }
             e.path = dest;
@@ -866,6 +863,11 @@ impl Kiosk {
     /// The backbone.
     pub fn backbone(&self) -> &Backbone {
         &self.backbone
+    }
+
+    /// The backbone, shared with a thread that classifies beside the request queue.
+    pub fn shared_backbone(&self) -> std::sync::Arc<Backbone> {
+        std::sync::Arc::clone(&self.backbone)
     }
 
     /// The data directory.

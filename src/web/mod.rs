@@ -409,7 +409,7 @@ impl App<'_> {
         let stream = move |conn: &mut std::net::TcpStream| -> std::io::Result<()> {
             let _slot = slot;
             let feed = self.handle.feed();
-            let _watching = feed.watch();
+            let _watching = feed.view();
             let mut seen = 0;
             while !self.stop.load(Ordering::SeqCst) {
                 let Some((seq, jpeg)) = feed.next_jpeg(seen, Duration::from_secs(1)) else {
