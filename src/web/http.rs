@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Longest request head (request line + headers).
@@ -258,6 +258,8 @@ pub trait App: Sync {
 pub struct Limits {
     /// Connections served at once; more get `503`.
     pub max_connections: usize,
+    /// Connections from one client address at once; more get `503`.
+    pub max_per_client: usize,
 }
 
 /// Serves `app` on `listener` until `stop` is set.
@@ -267,6 +269,7 @@ pub fn serve<A: App>(listener: TcpListener, app: &A, limits: &Limits, stop: &Ato
         return;
     }
     let active = Arc::new(AtomicUsize::new(0));
+    let per_client: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     std::thread::scope(|scope| {
         while !stop.load(Ordering::SeqCst) {
             let (mut conn, peer) = match listener.accept() {
@@ -289,10 +292,16 @@ pub fn serve<A: App>(listener: TcpListener, app: &A, limits: &Limits, stop: &Ato
             if setup.is_err() {
                 continue;
             }
-            if active.load(Ordering::SeqCst) >= limits.max_connections {
+            let ip = peer.ip();
+            let mine = per_client
+                .lock()
+                .map_or(0, |m| m.get(&ip).copied().unwrap_or(0));
+            if active.load(Ordering::SeqCst) >= limits.max_connections
+                || mine >= limits.max_per_client
+            {
                 log::warn!(
-                    "HTTP: {peer} refused: {} connections already",
-                    limits.max_connections
+                    "HTTP: {peer} refused: {} connections already ({mine} from it)",
+                    active.load(Ordering::SeqCst)
                 );
                 let r = Response::error(503, "too many connections; try again later")
                     .with("Retry-After", "5");
@@ -301,10 +310,22 @@ pub fn serve<A: App>(listener: TcpListener, app: &A, limits: &Limits, stop: &Ato
                 continue;
             }
             active.fetch_add(1, Ordering::SeqCst);
+            if let Ok(mut m) = per_client.lock() {
+                *m.entry(ip).or_default() += 1;
+            }
             let active = Arc::clone(&active);
+            let per_client = Arc::clone(&per_client);
             scope.spawn(move || {
-                connection(conn, peer.ip(), app, stop);
+                connection(conn, ip, app, stop);
                 active.fetch_sub(1, Ordering::SeqCst);
+                if let Ok(mut m) = per_client.lock() {
+                    if let Some(n) = m.get_mut(&ip) {
+                        *n -= 1;
+                        if *n == 0 {
+                            m.remove(&ip);
+                        }
+                    }
+                }
             });
         }
     });
@@ -312,9 +333,12 @@ pub fn serve<A: App>(listener: TcpListener, app: &A, limits: &Limits, stop: &Ato
 
 fn connection<A: App>(mut conn: TcpStream, peer: IpAddr, app: &A, stop: &AtomicBool) {
     let mut buf: Vec<u8> = Vec::new();
+    let mut first = true;
     loop {
-        // The head: idle until its first byte, then HEAD_TIMEOUT for the rest.
-        let idle_deadline = Instant::now() + IDLE_TIMEOUT;
+        // The head: a new connection sends its first one within HEAD_TIMEOUT; a kept-alive one
+        // may idle for IDLE_TIMEOUT, then has HEAD_TIMEOUT from its first byte.
+        let idle_deadline = Instant::now() + if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
+        first = false;
         let got = if buf.is_empty() {
             let r = read_until(
                 &mut conn,

@@ -32,6 +32,8 @@ const ICON: &[u8] = include_bytes!("assets/icon.svg");
 pub struct WebOptions {
     /// HTTP connections at once (each preview or event stream holds one).
     pub max_connections: usize,
+    /// HTTP connections from one client address at once (a browser opens up to 6).
+    pub max_per_client: usize,
     /// Preview and event streams at once.
     pub max_streams: usize,
     /// Largest uploaded photo, in bytes.
@@ -50,6 +52,7 @@ impl Default for WebOptions {
     fn default() -> Self {
         WebOptions {
             max_connections: 16,
+            max_per_client: 8,
             max_streams: 8,
             max_upload: 16 << 20,
             max_restore: 256 << 20,
@@ -90,6 +93,7 @@ pub fn serve(
     };
     let limits = http::Limits {
         max_connections: options.max_connections,
+        max_per_client: options.max_per_client,
     };
     http::serve(listener, &app, &limits, stop);
 }

@@ -746,3 +746,64 @@ fn rename_delete_pictures_backup_restore_restart() {
     assert_ne!(info["head"], "none");
     k.stop();
 }
+
+/// Clients that hold connections open cannot lock the page: one address gets at most 8, a head
+/// not sent within 10 s is answered 408 and closed, and the page is served to others meanwhile.
+/// A held capture button (a burst) ends when released, not at its 50-frame cap.
+#[test]
+fn idle_and_slow_clients_and_a_burst() {
+    let t = tempfile::tempdir().unwrap();
+    let src = scene(t.path(), "scene", "birds", 6);
+    let k = Kiosk::start(
+        t.path(),
+        &["--http", "127.0.0.1:0", "--learn-interval", "0.3"],
+        &src,
+        1,
+    );
+    let addr = k.http().to_string();
+    let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = raw(&addr, "GET / HTTP/1.1", b"");
+    assert_eq!(refused.status, 503, "a 9th connection from one address");
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let mut slow = TcpStream::connect(&addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // Served to someone else meanwhile.
+    assert_eq!(raw(&addr, "GET / HTTP/1.1", b"").status, 200);
+    let mut reply = Vec::new();
+    let _ = slow.read_to_end(&mut reply);
+    let waited = started.elapsed();
+    assert!(
+        String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert!(waited < Duration::from_secs(20), "{waited:?}");
+
+    let b = login(&addr, &k.secret());
+    let burst = std::thread::scope(|s| {
+        let held = s.spawn(|| {
+            let t0 = std::time::Instant::now();
+            (
+                b.post("/api/burst", serde_json::json!({"label": "birds"})),
+                t0.elapsed(),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(b.post("/api/burst/stop", serde_json::json!({})).status, 200);
+        held.join().unwrap()
+    });
+    let (r, took) = burst;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let added = r.json()["added"].as_u64().unwrap();
+    assert!((1..=6).contains(&added), "{added}");
+    assert!(
+        took < Duration::from_secs(8),
+        "the burst ran {took:?} (50 frames take 15 s)"
+    );
+    k.stop();
+}

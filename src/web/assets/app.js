@@ -92,7 +92,11 @@ function renderTrained(info) {
     $("export-onnx").hidden = true; $("export-json").hidden = true;
     return;
   }
-  const cv = typeof info.cv === "number" ? (info.cv * 100).toFixed(1) + "% held-out accuracy" : "accuracy not measured";
+  // The spread: one binomial standard error over the examples held out in turn.
+  const se = typeof info.cv === "number" && info.examples > 0 ? Math.sqrt(info.cv * (1 - info.cv) / info.examples) : 0;
+  const cv = typeof info.cv === "number"
+    ? (info.cv * 100).toFixed(1) + "% ± " + (se * 100).toFixed(1) + " held-out accuracy (each example scored by a head trained without its object)"
+    : "accuracy not measured";
   $("trained").textContent = "Head: " + info.head + " · " + cv + " · threshold " + info.threshold.toFixed(2) +
     (info.saved === 0 ? " · NOT saved (disk full?)" : "");
   t.disabled = false;
