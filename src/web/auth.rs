@@ -149,6 +149,15 @@ impl Auth {
             .remove(id);
     }
 
+    /// Whether a session is still logged in (without counting as a use).
+    pub fn alive(&self, id: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|v| v.last_used.elapsed() < SESSION_IDLE)
+    }
+
     /// The session a cookie value names, if it is alive.
     pub fn session(&self, id: &str) -> Option<String> {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -210,7 +219,9 @@ mod tests {
         assert_ne!(csrf, csrf2);
         assert_eq!(a.session(&id), Some(csrf));
         assert_eq!(a.session("not-a-session"), None);
+        assert!(a.alive(&id));
         a.logout(&id);
+        assert!(!a.alive(&id));
         assert_eq!(a.session(&id), None);
         assert_eq!(a.session(&id2), Some(csrf2));
         assert!(a.login(ip, "").is_err());

@@ -252,8 +252,8 @@ impl App<'_> {
                     }
                     respond(self.call(Op::Restore(req.body.clone())), None)
                 }
-                ("GET", "/api/events") => self.events(),
-                ("GET", "/api/preview.mjpg") => self.preview(),
+                ("GET", "/api/events") => self.events(session(req, who)),
+                ("GET", "/api/preview.mjpg") => self.preview(session(req, who)),
                 ("POST", "/api/classify") => self.line("CLASSIFY".into()),
                 ("POST", "/api/train") => self.line("TRAIN".into()),
                 ("POST", "/api/learn") => {
@@ -370,7 +370,12 @@ impl App<'_> {
         }
     }
 
-    fn events(&self) -> Response<'_> {
+    /// Whether a stream opened by `session` may go on (its browser has not logged out).
+    fn alive(&self, session: Option<&str>) -> bool {
+        !self.stop.load(Ordering::SeqCst) && session.is_none_or(|id| self.auth.alive(id))
+    }
+
+    fn events(&self, session: Option<String>) -> Response<'_> {
         let Some(slot) = self.streams() else {
             return Response::error(503, "too many live views open");
         };
@@ -381,7 +386,7 @@ impl App<'_> {
             let mut after = feed.last_event();
             conn.write_all(b"retry: 2000\n\n")?;
             conn.flush()?;
-            while !self.stop.load(Ordering::SeqCst) {
+            while self.alive(session.as_deref()) {
                 let (next, events) = feed.next_events(after, Duration::from_secs(1));
                 let mut out = String::new();
                 for e in &events {
@@ -406,7 +411,7 @@ impl App<'_> {
         }
     }
 
-    fn preview(&self) -> Response<'_> {
+    fn preview(&self, session: Option<String>) -> Response<'_> {
         let Some(slot) = self.streams() else {
             return Response::error(503, "too many live views open");
         };
@@ -415,7 +420,7 @@ impl App<'_> {
             let feed = self.handle.feed();
             let _watching = feed.view();
             let mut seen = 0;
-            while !self.stop.load(Ordering::SeqCst) {
+            while self.alive(session.as_deref()) {
                 let Some((seq, jpeg)) = feed.next_jpeg(seen, Duration::from_secs(1)) else {
                     continue;
                 };
@@ -439,6 +444,14 @@ impl App<'_> {
             )],
             body: http::Body::Stream(Box::new(stream)),
         }
+    }
+}
+
+/// The session cookie of a browser's request (`None` for a bearer secret).
+fn session(req: &Request, who: &Who) -> Option<String> {
+    match who {
+        Who::Session { .. } => req.cookie(COOKIE).map(str::to_string),
+        _ => None,
     }
 }
 
