@@ -515,14 +515,7 @@ impl Kiosk {
             self.set = kept;
             return Err(e.into());
         }
-        let folder = self.frames_dir().join(label);
-        if folder.exists() {
-            let trash = self
-                .frames_dir()
-                .join(format!(".trash-{label}-{}", unix_ms()));
-            std::fs::rename(&folder, &trash).map_err(io(&folder))?;
-            std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
-        }
+        self.remove_frames_folder(label.as_str())?;
         let kind = self.head_kind();
         Ok((removed, learn::fit_job(self, kind)))
     }
@@ -540,7 +533,6 @@ impl Kiosk {
         if self.set.labels.iter().any(|l| to == l) {
             return Err(KioskError::ClassExists(to.to_string()));
         }
-        let old_dir = self.frames_dir().join(from.as_str());
         let new_dir = self.frames_dir().join(to.as_str());
         std::fs::create_dir_all(&new_dir).map_err(io(&new_dir))?;
         let kept = self.set.clone();
@@ -559,13 +551,7 @@ impl Kiosk {
             self.set = kept;
             return Err(e.into());
         }
-        if old_dir.exists() {
-            let trash = self
-                .frames_dir()
-                .join(format!(".trash-{from}-{}", unix_ms()));
-            std::fs::rename(&old_dir, &trash).map_err(io(&old_dir))?;
-            std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
-        }
+        self.remove_frames_folder(from.as_str())?;
         let kind = self.head_kind();
         Ok(learn::fit_job(self, kind))
     }
@@ -764,6 +750,20 @@ impl Kiosk {
                 label: label.to_string(),
                 file: file.to_string(),
             })
+    }
+
+    /// Deletes a class's frame folder: renamed to `.trash-*` first (one atomic step), so a
+    /// delete a power cut interrupts is finished at the next start, not left half done.
+    fn remove_frames_folder(&self, label: &str) -> Result<(), KioskError> {
+        let folder = self.frames_dir().join(label);
+        if folder.exists() {
+            let trash = self
+                .frames_dir()
+                .join(format!(".trash-{label}-{}", unix_ms()));
+            std::fs::rename(&folder, &trash).map_err(io(&folder))?;
+            std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
+        }
+        Ok(())
     }
 
     /// Sets the rejection threshold (kept across retraining) and rewrites the head.

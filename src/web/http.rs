@@ -339,8 +339,9 @@ fn connection<A: App>(mut conn: TcpStream, peer: IpAddr, app: &A, stop: &AtomicB
         // may idle for IDLE_TIMEOUT, then has HEAD_TIMEOUT from its first byte.
         let idle_deadline = Instant::now() + if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
         first = false;
-        let got = if buf.is_empty() {
-            let r = read_until(
+        // Its first byte (unless a pipelined request already sent some), then the rest.
+        let started = if buf.is_empty() {
+            read_until(
                 &mut conn,
                 &mut buf,
                 MAX_HEAD,
@@ -348,21 +349,12 @@ fn connection<A: App>(mut conn: TcpStream, peer: IpAddr, app: &A, stop: &AtomicB
                 idle_deadline,
                 stop,
                 |b| !b.is_empty(),
-            );
-            match r {
-                ReadOutcome::Got => read_until(
-                    &mut conn,
-                    &mut buf,
-                    MAX_HEAD,
-                    Some(Instant::now() + HEAD_TIMEOUT),
-                    idle_deadline,
-                    stop,
-                    |b| find_head_end(b).is_some(),
-                ),
-                other => other,
-            }
+            )
         } else {
-            read_until(
+            ReadOutcome::Got
+        };
+        let got = match started {
+            ReadOutcome::Got => read_until(
                 &mut conn,
                 &mut buf,
                 MAX_HEAD,
@@ -370,7 +362,8 @@ fn connection<A: App>(mut conn: TcpStream, peer: IpAddr, app: &A, stop: &AtomicB
                 idle_deadline,
                 stop,
                 |b| find_head_end(b).is_some(),
-            )
+            ),
+            other => other,
         };
         let fail = |conn: &mut TcpStream, status: u16, message: &str| {
             let _ = write_response(conn, Response::error(status, message), false);
