@@ -43,20 +43,25 @@ impl Kiosk {
 }
 
 impl EvalData {
+    /// The head's kind fitted and scored on every split.
+    fn evaluate(&self, splits: &[eval::Split]) -> Result<eval::Evaluation, KioskError> {
+        Ok(eval::evaluate(
+            &self.examples,
+            Some(self.kind),
+            splits,
+            &self.params,
+            SEED,
+            || {},
+        )?)
+    }
+
     /// The confusion matrix (SVG) of grouped, stratified k-fold cross-validation.
     pub fn confusion_svg(&self) -> Result<String, KioskError> {
         let splits = eval::kfold_splits(&self.examples, FOLDS, SEED);
         if splits.is_empty() {
             return Err(KioskError::NoHead { have: 1 });
         }
-        let e = eval::evaluate(
-            &self.examples,
-            Some(self.kind),
-            &splits,
-            &self.params,
-            SEED,
-            || {},
-        )?;
+        let e = self.evaluate(&splits)?;
         let (m, s) = e.accuracy();
         let title = format!(
             "{} head, {}-fold by object: {:.1}% ± {:.1}",
@@ -75,14 +80,7 @@ impl EvalData {
             let Some(splits) = eval::few_shot_splits(&self.examples, shots, TRIALS, SEED) else {
                 break;
             };
-            let e = eval::evaluate(
-                &self.examples,
-                Some(self.kind),
-                &splits,
-                &self.params,
-                SEED,
-                || {},
-            )?;
+            let e = self.evaluate(&splits)?;
             let (m, s) = e.accuracy();
             points.push((shots as f64, m, s));
         }

@@ -239,6 +239,16 @@ fn tcp_ask(s: &mut BufReader<TcpStream>, line: &str) -> String {
     reply.trim_end().to_string()
 }
 
+/// The `added=` count of a LEARN reply line.
+fn added(reply: &str) -> u64 {
+    reply
+        .split("added=")
+        .nth(1)
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no added= in {reply:?}"))
+}
+
 /// The next line from a serial link whose reads time out (a PTY), within 3 minutes.
 fn serial_line(link: &mut impl Read, buf: &mut Vec<u8>) -> String {
     let start = std::time::Instant::now();
@@ -498,15 +508,7 @@ fn two_browsers_serial_and_tcp_lose_nothing() {
                     r.starts_with(&format!("OK #t{i} label=mammals added=")),
                     "{r}"
                 );
-                n += r
-                    .split("added=")
-                    .nth(1)
-                    .unwrap()
-                    .split(' ')
-                    .next()
-                    .unwrap()
-                    .parse::<u64>()
-                    .unwrap();
+                n += added(&r);
                 let r = tcp_ask(&mut c, "INFO");
                 assert!(r.starts_with("OK "), "{r}");
             }
@@ -526,15 +528,7 @@ fn two_browsers_serial_and_tcp_lose_nothing() {
                     line.starts_with(&format!("OK #s{i} label=mammals added=")),
                     "{line}"
                 );
-                n += line
-                    .split("added=")
-                    .nth(1)
-                    .unwrap()
-                    .split(' ')
-                    .next()
-                    .unwrap()
-                    .parse::<u64>()
-                    .unwrap();
+                n += added(&line);
                 assert_eq!(ask("PING"), "OK pong=1");
             }
             n
