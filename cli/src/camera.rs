@@ -312,7 +312,7 @@ pub fn capture(g: &Global, a: CaptureArgs) -> anyhow::Result<()> {
             .map(|s| s.embed(&bb))
             .collect::<Result<Vec<_>, _>>()?;
         drop(file);
-        let mut store = HeadFileStore::open(head_path, bb.id())?;
+        let mut store = HeadFileStore::open(head_path, &bb)?;
         summary.added = learn::add_examples(&mut store, &label, new)?.added;
         summary.cv_accuracy = store.file().cv_accuracy;
     }

@@ -58,6 +58,18 @@ pub struct ExportHead {
     /// The head's power transform: features become `sign(F)·|F|^power` before L2 (1: none,
     /// and no operator is written).
     pub power: f32,
+    /// For a head behind the backbone's top block (exported from a `NAME:top` backbone): the
+    /// block's weights as the head runs them (fine-tuned), written in place of the file's.
+    pub top: Option<TopWeights>,
+}
+
+/// The top block's 1×1 convolution as a head runs it: `cout × cin` weights, `cout` biases.
+#[derive(Debug, Clone)]
+pub struct TopWeights {
+    /// `cout × cin`, row-major.
+    pub weights: Vec<f32>,
+    /// One per output channel.
+    pub bias: Vec<f32>,
 }
 
 fn export_err(model: &str, reason: impl Into<String>) -> BackboneError {
@@ -136,12 +148,54 @@ impl Backbone {
             ));
         }
         let features = self.spec.manifest.output.features.clone();
-        let dim = self.id.dim as i64;
         let classes = head.labels.len() as i64;
         let mut graph = model
             .graph
             .take()
             .ok_or_else(|| export_err(&model_name, "ONNX file has no graph"))?;
+        // Behind the top block the head's input is the block's pooled features, whatever the
+        // cut; a fine-tuned block replaces the file's weights.
+        let dim = match (&self.top, &head.top) {
+            (Some((block, cut)), Some(top)) => {
+                if top.weights.len() != block.weights.len() || top.bias.len() != block.cout {
+                    return Err(export_err(
+                        &model_name,
+                        "the head's top block does not match the backbone's",
+                    ));
+                }
+                let conv = graph
+                    .node
+                    .iter_mut()
+                    .find(|n| n.op_type == "Conv" && n.input.first() == Some(cut))
+                    .ok_or_else(|| {
+                        export_err(&model_name, format!("no convolution reads {cut:?}"))
+                    })?;
+                let (w, b) = ("graft_head/top_W".to_string(), "graft_head/top_b".to_string());
+                conv.input.truncate(1);
+                conv.input.extend([w.clone(), b.clone()]);
+                let (cout, cin) = (block.cout as i64, block.cin as i64);
+                graph
+                    .initializer
+                    .push(tensor(&w, &[cout, cin, 1, 1], top.weights.clone()));
+                graph
+                    .initializer
+                    .push(tensor(&b, &[cout], top.bias.clone()));
+                cout
+            }
+            (None, None) => self.id.dim as i64,
+            (Some(_), None) => {
+                return Err(export_err(
+                    &model_name,
+                    "this backbone is cut before its top block; the head does not run one",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(export_err(
+                    &model_name,
+                    "the head runs the top block: export it with the NAME:top backbone it was trained on",
+                ))
+            }
+        };
 
         // Keep only what computes the features.
         let mut needed: std::collections::HashSet<String> = [features.clone()].into();

@@ -90,6 +90,9 @@ pub struct ModelSpec {
     /// Set when the model is a graft export (backbone + head in one ONNX file): its output is
     /// the head's scores, described here.
     pub exported: Option<ExportMeta>,
+    /// Cut before the top block (`NAME:top`, see [`super::top`]): the features are the top
+    /// block's input, for fine-tuning heads.
+    pub top: bool,
 }
 
 struct BundledModel {
@@ -168,6 +171,16 @@ impl ModelSpec {
     /// Resolves `--model`: an existing manifest path, or a bundled name (`efficientnet-lite0`
     /// picks the precision for this target).
     pub fn resolve(name: &str) -> Result<ModelSpec, BackboneError> {
+        if let Some(base) = name.strip_suffix(super::top::TOP_SUFFIX) {
+            let spec = ModelSpec::resolve(base)?;
+            if spec.exported.is_some() {
+                return Err(BackboneError::NotImageModel {
+                    model: name.to_string(),
+                    reason: "an export ends in its head: it has no top block to cut before".into(),
+                });
+            }
+            return Ok(ModelSpec { top: true, ..spec });
+        }
         let path = Path::new(name);
         if name.ends_with(".onnx") {
             return ModelSpec::from_export(path);
@@ -194,6 +207,7 @@ impl ModelSpec {
                 labels: Some(LITE0_LABELS),
             },
             exported: None,
+            top: false,
         })
     }
 
@@ -207,6 +221,7 @@ impl ModelSpec {
                 manifest_path: path.to_path_buf(),
             },
             exported: None,
+            top: false,
         })
     }
 
@@ -253,6 +268,7 @@ impl ModelSpec {
                 manifest_path: path.to_path_buf(),
             },
             exported: Some(meta),
+            top: false,
         };
         spec.validate()?;
         Ok(spec)

@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod preprocess;
 mod profile;
 mod rewrite;
+pub mod top;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,7 @@ pub use manifest::{Manifest, ModelSpec, DEFAULT_MODEL};
 pub use preprocess::{Prepared, RgbFrame};
 pub use profile::{NodeTime, OpTime, Profile};
 pub use rewrite::{rewritten_sha256, ActivationQdq, GraphSpec, Rewrites};
+pub use top::TopBlock;
 
 type Plan = Arc<TypedRunnableModel>;
 
@@ -335,6 +337,9 @@ pub struct Backbone {
     load_stages: LoadStages,
     rewrites: rewrite::Rewrites,
     accelerator: Option<Arc<dyn Accelerator>>,
+    /// For a model cut before its top block (`NAME:top`): the block and the tensor the cut
+    /// outputs instead of the features.
+    top: Option<(TopBlock, String)>,
 }
 
 /// Where [`Backbone::load`] spent its time.
@@ -412,15 +417,24 @@ impl Backbone {
         };
         let i = &spec.manifest.input;
         let id = BackboneId {
-            name: spec.manifest.name.clone(),
+            name: if spec.top {
+                format!("{}{}", spec.manifest.name, top::TOP_SUFFIX)
+            } else {
+                spec.manifest.name.clone()
+            },
             sha256: actual,
-            dim: spec.manifest.output.features_size,
+            // At the top block's input: known once the plan says how big the cut is.
+            dim: if spec.top {
+                0
+            } else {
+                spec.manifest.output.features_size
+            },
             preprocess: format!(
                 "rgb,shorter{},bilinear,center{},mean{:?},std{:?},nchw",
                 i.resize_shorter, i.size, i.mean, i.std
             ),
         };
-        let backbone = Backbone {
+        let mut backbone = Backbone {
             spec,
             id,
             onnx,
@@ -434,9 +448,25 @@ impl Backbone {
             load_stages: LoadStages::default(),
             rewrites: rewrite::Rewrites::default(),
             accelerator: None,
+            top: None,
         };
+        if backbone.spec.top {
+            let g = backbone.graph()?;
+            let found = top::find(&g, &backbone.spec.manifest.output.features)?;
+            backbone.top = Some(found);
+        }
         // Build the batch-1 plan now: it validates the graph and is what most calls use.
-        let (plan, stages, rewrites, substituted) = backbone.build_plan(1)?;
+        let (plan, stages, rewrites, substituted, per_image) = backbone.build_plan(1)?;
+        if let Some((block, _)) = &mut backbone.top {
+            block.positions = per_image / block.cin;
+            block
+                .validate()
+                .map_err(|reason| BackboneError::NotImageModel {
+                    model: backbone.id.name.clone(),
+                    reason,
+                })?;
+            backbone.id.dim = per_image;
+        }
         backbone
             .plans
             .lock()
@@ -451,14 +481,23 @@ impl Backbone {
         })
     }
 
+    /// The top block, for a model cut before it (`NAME:top`); `None` otherwise.
+    pub fn top_block(&self) -> Option<&TopBlock> {
+        self.top.as_ref().map(|(b, _)| b)
+    }
+
     /// The prepared graph as plain data, cut at the manifest's outputs (features, then logits),
     /// constant dequantisation folded: what another executor lowers.
     pub fn graph(&self) -> Result<graph::Graph, BackboneError> {
         let (proto, prepared) = self.graph_proto()?;
         let m = &self.spec.manifest;
         let size = m.input.size as usize;
-        let mut outputs = vec![m.output.features.clone()];
-        outputs.extend(m.output.logits.clone());
+        let outputs = match &self.top {
+            Some((_, cut)) => vec![cut.clone()],
+            None => std::iter::once(m.output.features.clone())
+                .chain(m.output.logits.clone())
+                .collect(),
+        };
         let mut g = graph::Graph::from_proto(proto, &self.model_name(), [3, size, size], outputs)?;
         // Constants the manifest's preparation already folded (w8) were dequantised too.
         g.weights_dequantized += prepared.weights_dequantized;
@@ -607,7 +646,7 @@ impl Backbone {
         if let Some(p) = plans.get(&batch) {
             return Ok(p.clone());
         }
-        let (plan, _, _, _) = self.build_plan(batch)?;
+        let (plan, ..) = self.build_plan(batch)?;
         plans.insert(batch, plan.clone());
         Ok(plan)
     }
@@ -626,7 +665,16 @@ impl Backbone {
     fn build_plan(
         &self,
         batch: usize,
-    ) -> Result<(Plan, LoadStages, rewrite::Rewrites, depthwise::Substituted), BackboneError> {
+    ) -> Result<
+        (
+            Plan,
+            LoadStages,
+            rewrite::Rewrites,
+            depthwise::Substituted,
+            usize,
+        ),
+        BackboneError,
+    > {
         let start = Instant::now();
         let m = &self.spec.manifest;
         let model = self.model_name();
@@ -646,8 +694,11 @@ impl Backbone {
                 reason: format!("it has {} inputs, an image model has 1", graph.inputs.len()),
             });
         }
-        let mut wanted: Vec<(&'static str, &str)> = vec![("output.features", &m.output.features)];
-        if let Some(logits) = &m.output.logits {
+        let mut wanted: Vec<(&'static str, &str)> = match &self.top {
+            Some((_, cut)) => vec![("the top block's input", cut)],
+            None => vec![("output.features", &m.output.features)],
+        };
+        if let (Some(logits), None) = (&m.output.logits, &self.top) {
             wanted.push(("output.logits", logits));
         }
         for (field, node) in &wanted {
@@ -698,14 +749,21 @@ impl Backbone {
             .map_err(load)?;
         }
         let typed = typed.into_optimized().map_err(not_image)?;
-        // The cut must really be a `features_size` vector per image.
-        let check = |ix: usize, field: &str, want: usize| -> Result<(), BackboneError> {
+        // The cut must really be a `features_size` vector per image (at the top block's input:
+        // a multiple of its channels, the size once known).
+        let check = |ix: usize, field: &str, want: usize| -> Result<usize, BackboneError> {
             let fact = typed.output_fact(ix).map_err(load)?;
             let shape = fact.shape.as_concrete().map(|s| s.to_vec());
             let per_image = shape
                 .as_ref()
                 .map(|s| s.iter().product::<usize>() / batch.max(1));
-            if per_image != Some(want) || shape.as_ref().map(|s| s[0]) != Some(batch) {
+            let fits = match (&self.top, ix) {
+                (Some((block, _)), 0) if self.id.dim == 0 || want == 0 => {
+                    per_image.is_some_and(|n| n > 0 && n % block.cin == 0)
+                }
+                _ => per_image == Some(want),
+            };
+            if !fits || shape.as_ref().map(|s| s[0]) != Some(batch) {
                 return Err(BackboneError::NotImageModel {
                     model: model.clone(),
                     reason: format!(
@@ -714,9 +772,12 @@ impl Backbone {
                     ),
                 });
             }
-            Ok(())
+            Ok(per_image.unwrap_or(0))
         };
-        check(0, "output.features", m.output.features_size)?;
+        let per_image = match &self.top {
+            Some(_) => check(0, "the top block's input", self.id.dim)?,
+            None => check(0, "output.features", m.output.features_size)?,
+        };
         if let Some(classes) = m.output.classes.filter(|_| wanted.len() > 1) {
             check(1, "output.logits", classes)?;
         }
@@ -726,7 +787,7 @@ impl Backbone {
             parse,
             optimize: start.elapsed() - parse,
         };
-        Ok((plan, stages, prepared, substituted))
+        Ok((plan, stages, prepared, substituted, per_image))
     }
 
     /// Runs the graph on a batch of prepared images (on the accelerator when one is plugged

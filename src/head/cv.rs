@@ -22,6 +22,8 @@ pub const MANY_FOLDS: usize = 10;
 /// Classes left out, one fit each, to calibrate the `unknown` threshold (every class up to
 /// this many; beyond, this many spread evenly over the labels).
 pub const MAX_LEFT_OUT_CLASSES: usize = 20;
+/// Classes left out to calibrate a `finetune` head's threshold (each is a fine-tuning run).
+pub const FINETUNE_LEFT_OUT_CLASSES: usize = 4;
 /// Share of correctly classified held-out training examples the default threshold rejects.
 pub const THRESHOLD_QUANTILE: f32 = 0.05;
 /// Threshold used when there is nothing held out to calibrate on (one example per class).
@@ -67,21 +69,7 @@ pub fn cross_validate(
     seed: u64,
 ) -> Result<CvReport, HeadError> {
     let (x, y, classes, n) = (&ex.x, &ex.y, ex.classes(), ex.len());
-    // A class whose examples all show one object (one capture session) cannot be held out by
-    // object: its frames are held out one by one instead (optimistic: a held-out frame's twins
-    // stay in training, but the class is measured at all).
-    // Only the group ids change: the vectors are not copied (this runs per candidate head).
-    let mut groups = ex.groups.clone();
-    let mut next = ex.groups.iter().max().map_or(0, |m| m + 1);
-    for c in 0..classes {
-        let members: Vec<usize> = (0..n).filter(|i| y[*i] == c).collect();
-        if members.len() > 1 && ex.groups_of(c).len() == 1 {
-            for i in members {
-                groups[i] = next;
-                next += 1;
-            }
-        }
-    }
+    let groups = cv_groups(ex);
     let min_shots = (0..classes)
         .map(|c| distinct_groups(y, &groups, c).len())
         .filter(|c| *c > 0)
@@ -165,6 +153,38 @@ pub fn cross_validate(
     })
 }
 
+/// The groups cross-validation holds out together: the objects, except that a class whose
+/// examples all show one object (one capture session) cannot be held out by object, so its
+/// frames are held out one by one instead (optimistic: a held-out frame's twins stay in
+/// training, but the class is measured at all). Only the group ids change: the vectors are not
+/// copied (this runs per candidate head).
+fn cv_groups(ex: &Examples) -> Vec<usize> {
+    let (y, classes, n) = (&ex.y, ex.classes(), ex.len());
+    let mut groups = ex.groups.clone();
+    let mut next = ex.groups.iter().max().map_or(0, |m| m + 1);
+    for c in 0..classes {
+        let members: Vec<usize> = (0..n).filter(|i| y[*i] == c).collect();
+        if members.len() > 1 && ex.groups_of(c).len() == 1 {
+            for i in members {
+                groups[i] = next;
+                next += 1;
+            }
+        }
+    }
+    groups
+}
+
+/// The folds of `finetune`'s early stopping: group-stratified [`K_FOLDS`]-fold whatever the
+/// number of shots (each fold is a fine-tuning run, so leave-one-object-out is too dear), the
+/// groups as [`cross_validate`] holds them out. Returns the fold of each example and the method.
+pub(crate) fn finetune_folds(ex: &Examples, seed: u64) -> (Vec<usize>, String) {
+    let groups = cv_groups(ex);
+    (
+        stratified_folds(&ex.y, &groups, ex.classes(), K_FOLDS, seed),
+        format!("kfold-{K_FOLDS}"),
+    )
+}
+
 /// The head `auto` keeps unless the evidence says otherwise: logistic regression wins on
 /// average at every number of shots measured (README "What it gives", `graft curve`).
 pub const AUTO_PRIOR: HeadKind = HeadKind::Logistic;
@@ -190,6 +210,12 @@ pub fn auto_select(ex: &Examples, params: &HeadParams, seed: u64) -> Result<Sele
     for kind in HeadKind::ALL {
         reports.push(cross_validate(kind, ex, params, seed)?);
     }
+    choose_among(ex, reports)
+}
+
+/// `auto`'s choice among cross-validation `reports` of `ex` (one per kind, [`AUTO_PRIOR`]'s
+/// among them): see [`auto_select`].
+pub(crate) fn choose_among(ex: &Examples, reports: Vec<CvReport>) -> Result<Selection, HeadError> {
     let prior = reports
         .iter()
         .find(|r| r.kind == AUTO_PRIOR)
@@ -315,7 +341,7 @@ impl TemperatureRange {
     /// The range of `kind` on unit vectors of `dim` values (see the table above).
     pub fn of(kind: HeadKind, dim: usize) -> TemperatureRange {
         let default = match kind {
-            HeadKind::Logistic => 1.0,
+            HeadKind::Logistic | HeadKind::Finetune => 1.0,
             HeadKind::Centroid | HeadKind::Knn => 20.0,
             HeadKind::Bayes => 1.0 / dim.max(1) as f32,
         };
@@ -473,7 +499,12 @@ pub fn calibrate(
     }
     // Leave each class out (at most MAX_LEFT_OUT_CLASSES, spread over the labels: one fit
     // each); score its examples with a head that never saw it.
-    let step = present.len().div_ceil(MAX_LEFT_OUT_CLASSES);
+    // Fine-tuning refits the block each time: fewer classes left out.
+    let limit = match report.kind {
+        HeadKind::Finetune => FINETUNE_LEFT_OUT_CLASSES,
+        _ => MAX_LEFT_OUT_CLASSES,
+    };
+    let step = present.len().div_ceil(limit);
     let mut novel = Vec::new();
     for &c in present.iter().step_by(step) {
         let keep: Vec<usize> = (0..y.len()).filter(|i| y[*i] != c).collect();

@@ -100,6 +100,17 @@ pub fn run_split(
     let tr = ex.subset(&split.train);
     let start = Instant::now();
     let (model, kind) = match choice {
+        // What `train` does: epochs chosen by grouped CV on the training split, then the fit
+        // (without the calibration, which accuracy does not see).
+        Some(HeadKind::Finetune) if params.finetune_epochs.is_none() => {
+            let (_, epochs) = super::finetune_cv(&tr, params, seed)?;
+            let tuned = HeadParams {
+                finetune_epochs: Some(epochs),
+                ..params.clone()
+            };
+            let m = fit(HeadKind::Finetune, &tr.x, &tr.y, tr.classes(), &tuned)?;
+            (m, HeadKind::Finetune)
+        }
         Some(k) => (fit(k, &tr.x, &tr.y, tr.classes(), params)?, k),
         None => {
             let t = train(None, &tr, params, seed)?;
@@ -170,6 +181,21 @@ pub fn evaluate(
     seed: u64,
     mut progress: impl FnMut(),
 ) -> Result<Evaluation, HeadError> {
+    // A fixed-feature kind on top-block inputs: the pretrained block's features once, not
+    // once per split (the same numbers: the kind fits behind the pretrained block).
+    if let (Some(block), Some(kind)) = (&params.top, choice) {
+        if kind != HeadKind::Finetune {
+            let features = Examples {
+                x: super::finetune::transformed_features(block, params.power, &ex.x),
+                ..ex.clone()
+            };
+            let plain = HeadParams {
+                top: None,
+                ..params.clone()
+            };
+            return evaluate(&features, choice, splits, &plain, seed, progress);
+        }
+    }
     let mut confusion = Confusion::new(ex.labels.clone());
     let mut outcomes = Vec::with_capacity(splits.len());
     for (i, split) in splits.iter().enumerate() {

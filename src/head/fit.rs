@@ -7,7 +7,8 @@ use linfa_nn::distance::L2Dist;
 use linfa_nn::{CommonNearestNeighbour, NearestNeighbour};
 use ndarray::{Array1, Array2, ArrayView2};
 
-use super::{dot, normalize, HeadError, HeadKind, HeadParams, Model};
+use super::{dot, finetune, normalize, HeadError, HeadKind, HeadParams, Model};
+use crate::backbone::TopBlock;
 
 /// Logit given to a class the fit never saw (it can never win).
 pub(crate) const ABSENT: f32 = -1.0e4;
@@ -35,6 +36,14 @@ pub(crate) enum Inner {
         dim: usize,
         classes: usize,
     },
+    /// A head behind the backbone's top block (`--model NAME:top`): its input is the block's
+    /// input; the block (fine-tuned, or as pretrained for the fixed-feature kinds) pools it to
+    /// features, which go through the power transform and L2 into `inner`.
+    Trunk {
+        block: Box<TopBlock>,
+        power: f32,
+        inner: Box<Inner>,
+    },
 }
 
 impl Inner {
@@ -44,6 +53,7 @@ impl Inner {
             | Inner::Centroid { dim, .. }
             | Inner::Knn { dim, .. }
             | Inner::Bayes { dim, .. } => *dim,
+            Inner::Trunk { block, .. } => block.input_size(),
         }
     }
 
@@ -83,6 +93,11 @@ impl Inner {
                     .map(|c| jll.get(&c).map(|a| a[0] as f32).unwrap_or(ABSENT * 1e6))
                     .collect()
             }
+            Inner::Trunk {
+                block,
+                power,
+                inner,
+            } => inner.logits(&finetune::transform(*power, &finetune::features(block, x))),
         }
     }
 }
@@ -123,6 +138,11 @@ pub(crate) fn knn_logits(
 }
 
 /// Fits a head of `kind` on unit vectors `x` with class ids `y` in `0..classes`.
+///
+/// With `params.top` set, `x` holds the top block's inputs (`--model NAME:top`) instead: a
+/// `finetune` head trains the block ([`finetune`]) for `params.finetune_epochs` epochs (its
+/// own choice is [`super::train`]'s, by cross-validation); the other kinds fit on the
+/// pretrained block's features and keep the block in front of them.
 pub fn fit(
     kind: HeadKind,
     x: &[Vec<f32>],
@@ -130,6 +150,41 @@ pub fn fit(
     classes: usize,
     params: &HeadParams,
 ) -> Result<Model, HeadError> {
+    let Some(block) = &params.top else {
+        if kind == HeadKind::Finetune {
+            return Err(HeadError::NotEnoughData(NEEDS_TOP.into()));
+        }
+        return Ok(Model(fit_plain(kind, x, y, classes, params)?));
+    };
+    check_examples(x, y, classes)?;
+    if x[0].len() != block.input_size() {
+        return Err(HeadError::Dimension {
+            got: x[0].len(),
+            want: block.input_size(),
+        });
+    }
+    if kind == HeadKind::Finetune {
+        let epochs = params.finetune_epochs.unwrap_or(DEFAULT_EPOCHS);
+        return Ok(Model(finetune::fit(block, x, y, classes, params, epochs)?));
+    }
+    let features = finetune::transformed_features(block, params.power, x);
+    Ok(Model(Inner::Trunk {
+        block: Box::new((**block).clone()),
+        power: params.power,
+        inner: Box::new(fit_plain(kind, &features, y, classes, params)?),
+    }))
+}
+
+/// Why a `finetune` head cannot be fitted on ordinary embeddings.
+pub(crate) const NEEDS_TOP: &str = "a finetune head trains the backbone's top block, so its \
+     examples must be cut before it: use a model named NAME:top (e.g. --model \
+     efficientnet-lite0:top)";
+
+/// Epochs of a `finetune` fit whose params do not say (a library user's own fit; `train`
+/// chooses by cross-validation).
+pub const DEFAULT_EPOCHS: usize = 10;
+
+fn check_examples(x: &[Vec<f32>], y: &[usize], classes: usize) -> Result<(), HeadError> {
     if x.is_empty() || x.len() != y.len() {
         return Err(HeadError::NotEnoughData(format!(
             "cannot fit on {} examples with {} labels",
@@ -160,6 +215,19 @@ pub fn fit(
     for (i, v) in x.iter().enumerate() {
         super::validate_values(&format!("examples[{i}]"), v)?;
     }
+    Ok(())
+}
+
+/// [`fit`] on unit vectors, whatever `params.top` says.
+pub(crate) fn fit_plain(
+    kind: HeadKind,
+    x: &[Vec<f32>],
+    y: &[usize],
+    classes: usize,
+    params: &HeadParams,
+) -> Result<Inner, HeadError> {
+    check_examples(x, y, classes)?;
+    let dim = x[0].len();
     let inner = match kind {
         HeadKind::Centroid => {
             let mut sums = vec![0f32; classes * dim];
@@ -195,8 +263,9 @@ pub fn fit(
                 classes,
             }
         }
+        HeadKind::Finetune => return Err(HeadError::NotEnoughData(NEEDS_TOP.into())),
     };
-    Ok(Model(inner))
+    Ok(inner)
 }
 
 fn to_arrays(x: &[Vec<f32>], y: &[usize], dim: usize) -> (Array2<f64>, Array1<usize>) {

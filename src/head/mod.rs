@@ -12,6 +12,16 @@
 //! | `centroid` | cosine to each class mean (weight imprinting) | means | exact |
 //! | `knn` | soft vote of the `k` nearest examples by cosine (linfa-nn) | none | exact |
 //! | `bayes` | Gaussian naive Bayes joint log-likelihood (linfa-bayes) | means / variances | exact refit |
+//! | `finetune` | the backbone's top block, fine-tuned, then `W·x + b` ([`finetune`](self#fine-tuning)) | Adam, early stopping by grouped CV | refit from stored block inputs |
+//!
+//! # Fine-tuning
+//!
+//! A `finetune` head's examples are the backbone's top-block inputs (`--model NAME:top`, see
+//! [`crate::backbone::top`]); training updates the block's 1×1 convolution by a low-rank,
+//! L2-SP-regularised change beside a linear classifier that starts from the logistic head
+//! (details in the `finetune` module). The fixed-feature kinds work on such examples too: they
+//! run the pretrained block first (`HeadParams::top`), so `--head auto` compares them all on
+//! the same held-out examples.
 //!
 //! Whatever a head comes from — a head file, a refit, a library user's own — it is held to
 //! [`Head::validate`] before use, and a threshold from anywhere (a flag, a kiosk setting) to
@@ -21,6 +31,7 @@
 mod cv;
 pub mod eval;
 mod examples;
+mod finetune;
 mod fit;
 mod label;
 pub mod metrics;
@@ -37,7 +48,8 @@ pub use cv::{
     TEMPERATURE_DECADES, THRESHOLD_QUANTILE,
 };
 pub use examples::{group_ids, Examples};
-pub use fit::fit;
+pub use finetune::EPOCH_CHECKPOINTS;
+pub use fit::{fit, DEFAULT_EPOCHS};
 pub use label::{Label, LabelError, MAX_LABEL_BYTES};
 
 /// Errors of the heads module.
@@ -70,7 +82,7 @@ pub enum HeadError {
     #[error(transparent)]
     Field(#[from] FieldError),
     /// Unknown head name.
-    #[error("unknown head type {0:?} (choose auto, logistic, centroid, knn or bayes)")]
+    #[error("unknown head type {0:?} (choose auto, logistic, centroid, knn, bayes or finetune)")]
     UnknownKind(String),
 }
 
@@ -86,15 +98,28 @@ pub enum HeadKind {
     Knn,
     /// Gaussian naive Bayes.
     Bayes,
+    /// The backbone's top block fine-tuned with a linear classifier (examples cut before the
+    /// block: `--model NAME:top`).
+    Finetune,
 }
 
 impl HeadKind {
-    /// All kinds, in the order `auto` tries them (ties go to the earlier one).
+    /// The fixed-feature kinds, in the order `auto` tries them (ties go to the earlier one);
+    /// `auto` adds [`HeadKind::Finetune`] when the examples are top-block inputs.
     pub const ALL: [HeadKind; 4] = [
         HeadKind::Logistic,
         HeadKind::Centroid,
         HeadKind::Knn,
         HeadKind::Bayes,
+    ];
+
+    /// Every kind, the fixed-feature ones first.
+    pub const EVERY: [HeadKind; 5] = [
+        HeadKind::Logistic,
+        HeadKind::Centroid,
+        HeadKind::Knn,
+        HeadKind::Bayes,
+        HeadKind::Finetune,
     ];
 }
 
@@ -105,6 +130,7 @@ impl fmt::Display for HeadKind {
             HeadKind::Centroid => "centroid",
             HeadKind::Knn => "knn",
             HeadKind::Bayes => "bayes",
+            HeadKind::Finetune => "finetune",
         })
     }
 }
@@ -112,7 +138,7 @@ impl fmt::Display for HeadKind {
 impl FromStr for HeadKind {
     type Err = HeadError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        HeadKind::ALL
+        HeadKind::EVERY
             .into_iter()
             .find(|k| k.to_string().eq_ignore_ascii_case(s))
             .ok_or_else(|| HeadError::UnknownKind(s.to_string()))
@@ -128,6 +154,13 @@ impl FromStr for HeadKind {
 /// | `knn_k` | 5 | >= 1 | neighbours (capped at the number of examples) |
 /// | `bayes_var_smoothing` | 1e-3 | > 0 | added variance, relative to the largest |
 /// | `power` | [`DEFAULT_POWER`] | (0, 1] | the feature transform: each raw embedding value `v` becomes `sign(v)·|v|^power` before L2 normalisation; 1 is none (every head file without the field) |
+/// | `finetune_rank` | 16 | 1–256 | rank of the fine-tuned change to the top block's weights |
+/// | `finetune_l2sp` | 0.01 | >= 0 | L2-SP: penalty on the squared distance of the block from its pretrained weights |
+/// | `finetune_lr` | 0.005 | > 0 | Adam's step size |
+/// | `finetune_epochs` | none | 0–1000 | epochs of fine-tuning; none: chosen by grouped CV among [`EPOCH_CHECKPOINTS`] (a trained head records its choice) |
+///
+/// `top` is not a hyper-parameter and is never stored: it is the backbone's pretrained top
+/// block, set when the examples are top-block inputs (`--model NAME:top`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadParams {
     /// L2 penalty of the logistic head.
@@ -141,6 +174,33 @@ pub struct HeadParams {
     /// Exponent of the power transform applied to raw embeddings (see [`HeadParams::input`]).
     #[serde(default = "no_power")]
     pub power: f32,
+    /// Rank of the fine-tuned change to the top block.
+    #[serde(default = "default_rank")]
+    pub finetune_rank: usize,
+    /// L2-SP penalty of fine-tuning.
+    #[serde(default = "default_l2sp")]
+    pub finetune_l2sp: f64,
+    /// Adam's step size in fine-tuning.
+    #[serde(default = "default_lr")]
+    pub finetune_lr: f64,
+    /// Epochs of fine-tuning (`None`: chosen by cross-validation).
+    #[serde(default)]
+    pub finetune_epochs: Option<usize>,
+    /// The backbone's pretrained top block when the examples are its inputs.
+    #[serde(skip)]
+    pub top: Option<std::sync::Arc<crate::backbone::TopBlock>>,
+}
+
+fn default_rank() -> usize {
+    16
+}
+
+fn default_l2sp() -> f64 {
+    0.01
+}
+
+fn default_lr() -> f64 {
+    0.005
 }
 
 /// The power transform of new heads (`power` in [`HeadParams`]). 0.75: on the default
@@ -161,6 +221,11 @@ impl Default for HeadParams {
             knn_k: 5,
             bayes_var_smoothing: 1e-3,
             power: DEFAULT_POWER,
+            finetune_rank: default_rank(),
+            finetune_l2sp: default_l2sp(),
+            finetune_lr: default_lr(),
+            finetune_epochs: None,
+            top: None,
         }
     }
 }
@@ -203,6 +268,28 @@ impl HeadParams {
         }
         if !(self.power > 0.0 && self.power <= 1.0) {
             return Err(FieldError::new("params.power", self.power, "must be in (0, 1]").into());
+        }
+        if !(1..=256).contains(&self.finetune_rank) {
+            return Err(FieldError::new(
+                "params.finetune_rank",
+                self.finetune_rank,
+                "must be in 1..=256",
+            )
+            .into());
+        }
+        if !(self.finetune_l2sp.is_finite() && self.finetune_l2sp >= 0.0) {
+            return Err(FieldError::new(
+                "params.finetune_l2sp",
+                self.finetune_l2sp,
+                "must be finite and >= 0",
+            )
+            .into());
+        }
+        positive("params.finetune_lr", self.finetune_lr)?;
+        if let Some(e) = self.finetune_epochs.filter(|e| *e > 1000) {
+            return Err(
+                FieldError::new("params.finetune_epochs", e, "must be at most 1000").into(),
+            );
         }
         Ok(())
     }
@@ -310,6 +397,10 @@ impl Model {
     pub fn linear(&self) -> Option<(&[f32], &[f32])> {
         match &self.0 {
             fit::Inner::Linear { weights, bias, .. } => Some((weights, bias)),
+            fit::Inner::Trunk { inner, .. } => match &**inner {
+                fit::Inner::Linear { weights, bias, .. } => Some((weights, bias)),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -318,6 +409,20 @@ impl Model {
     /// centroid and stored example finite and within [`MAX_ABS_VALUE`] (named as head files
     /// store them: `linear_weights`, `linear_bias`), and as many of each as classes × size.
     pub fn validate(&self, classes: usize) -> Result<(), HeadError> {
+        if let fit::Inner::Trunk { block, inner, .. } = &self.0 {
+            block
+                .validate()
+                .map_err(|reason| FieldError::new("top_block", &block.node, reason))?;
+            if inner.dim() != block.cout {
+                return Err(FieldError::new(
+                    "dim",
+                    inner.dim(),
+                    format!("the top block makes {} features", block.cout),
+                )
+                .into());
+            }
+            return Model((**inner).clone()).validate(classes);
+        }
         let dim = self.dim();
         if dim == 0 {
             return Err(
@@ -365,8 +470,36 @@ impl Model {
                 validate_values("knn examples", examples)?;
             }
             fit::Inner::Bayes { classes: c, .. } => count("classes", *c, classes)?,
+            fit::Inner::Trunk { .. } => {}
         }
         Ok(())
+    }
+
+    /// For a head behind the backbone's top block (examples cut with `NAME:top`): the block it
+    /// runs (fine-tuned or pretrained) and the power transform after its pool.
+    pub fn top_block(&self) -> Option<(&crate::backbone::TopBlock, f32)> {
+        match &self.0 {
+            fit::Inner::Trunk { block, power, .. } => Some((block, *power)),
+            _ => None,
+        }
+    }
+
+    /// The model after the top block (the model itself when there is none).
+    pub fn after_top(&self) -> Model {
+        match &self.0 {
+            fit::Inner::Trunk { inner, .. } => Model((**inner).clone()),
+            other => Model(other.clone()),
+        }
+    }
+
+    /// Puts `block` (with the power transform after its pool) in front of a model fitted on
+    /// its features: how a head file rebuilds a head behind the top block.
+    pub fn behind(block: crate::backbone::TopBlock, power: f32, model: Model) -> Model {
+        Model(fit::Inner::Trunk {
+            block: Box::new(block),
+            power,
+            inner: Box::new(model.0),
+        })
     }
 
     /// A linear model from stored weights.
@@ -494,7 +627,13 @@ impl Head {
     /// centroid) as `W·x + b`, k-NN as its stored examples.
     pub fn export_ops(&self) -> Result<crate::backbone::export::HeadOps, HeadError> {
         use crate::backbone::export::HeadOps;
-        match &self.model.0 {
+        // Behind the top block: the classifier's ops (the block goes into the backbone's
+        // graph, see `ExportHead::top`).
+        let model = match &self.model.0 {
+            fit::Inner::Trunk { inner, .. } => &**inner,
+            other => other,
+        };
+        match model {
             fit::Inner::Linear { weights, bias, .. } => Ok(HeadOps::Linear {
                 weights: weights.clone(),
                 bias: bias.clone(),
@@ -523,7 +662,9 @@ impl Head {
                 examples: examples.clone(),
                 labels: labels.clone(),
             }),
-            fit::Inner::Bayes { .. } => Err(HeadError::NotExportable(self.kind)),
+            fit::Inner::Bayes { .. } | fit::Inner::Trunk { .. } => {
+                Err(HeadError::NotExportable(self.kind))
+            }
         }
     }
 
@@ -538,7 +679,17 @@ impl Head {
         }
         Ok(self
             .model
-            .probabilities(&self.params.input(embedding), self.temperature))
+            .probabilities(&self.input(embedding), self.temperature))
+    }
+
+    /// A raw embedding as this head's model takes it: through the power transform and L2
+    /// ([`HeadParams::input`]), or as it is for a head behind the top block, whose model
+    /// pools and transforms after the block.
+    pub fn input(&self, raw: &[f32]) -> Vec<f32> {
+        match self.model.top_block() {
+            Some(_) => raw.to_vec(),
+            None => self.params.input(raw),
+        }
     }
 
     /// Predicts from a raw (not yet normalised) embedding; `threshold` overrides the head's own.
@@ -556,6 +707,19 @@ impl Head {
             top,
         ))
     }
+}
+
+/// The pooled features a top block (`crate::backbone::TopBlock`, pretrained or
+/// fine-tuned) makes of one example cut before it (`--model NAME:top`): `cout` values, what the
+/// uncut backbone's features output gives for the pretrained block.
+pub fn top_features(block: &crate::backbone::TopBlock, raw: &[f32]) -> Result<Vec<f32>, HeadError> {
+    if raw.len() != block.input_size() {
+        return Err(HeadError::Dimension {
+            got: raw.len(),
+            want: block.input_size(),
+        });
+    }
+    Ok(finetune::features(block, raw))
 }
 
 /// A unit-length copy of `v` (zero stays zero).
@@ -613,7 +777,7 @@ mod tests {
 
     #[test]
     fn kinds_parse_case_insensitively_and_round_trip() {
-        for k in HeadKind::ALL {
+        for k in HeadKind::EVERY {
             assert_eq!(k.to_string().to_uppercase().parse::<HeadKind>().unwrap(), k);
         }
         assert!("svm".parse::<HeadKind>().is_err());
@@ -712,6 +876,12 @@ pub fn train(
             ex.labels.join(", ")
         )));
     }
+    if let Some(block) = params.top.clone() {
+        return train_top(kind, ex, params, &block, seed);
+    }
+    if kind == Some(HeadKind::Finetune) {
+        return Err(HeadError::NotEnoughData(fit::NEEDS_TOP.into()));
+    }
     let (chosen, report, candidates, reason) = match kind {
         Some(k) => {
             let r = cross_validate(k, ex, params, seed)?;
@@ -738,6 +908,126 @@ pub fn train(
             temperature: calibration.temperature,
             threshold: calibration.threshold,
             params: params.clone(),
+        },
+        report,
+        candidates,
+        reason,
+        calibration,
+    })
+}
+
+/// [`train`] on top-block inputs (`params.top` set): the fixed-feature kinds are
+/// cross-validated on the pretrained block's features (computed once) and put behind the
+/// block; `finetune` chooses its epochs by grouped cross-validation (early stopping, see
+/// [`finetune_cv`]); `auto` compares all five on the same held-out examples.
+fn train_top(
+    kind: Option<HeadKind>,
+    ex: &Examples,
+    params: &HeadParams,
+    block: &crate::backbone::TopBlock,
+    seed: u64,
+) -> Result<Trained, HeadError> {
+    if let Some(bad) = ex.x.iter().find(|x| x.len() != block.input_size()) {
+        return Err(HeadError::Dimension {
+            got: bad.len(),
+            want: block.input_size(),
+        });
+    }
+    let plain = HeadParams {
+        top: None,
+        ..params.clone()
+    };
+    let features = Examples {
+        x: finetune::transformed_features(block, params.power, &ex.x),
+        ..ex.clone()
+    };
+    let behind = |mut t: Trained| {
+        t.head.model = Model::behind(block.clone(), params.power, t.head.model);
+        t.head.params = plain.clone();
+        t
+    };
+    match kind {
+        Some(HeadKind::Finetune) => {
+            let (report, epochs) = finetune_cv(ex, params, seed)?;
+            finish_finetune(ex, params, report, epochs, Vec::new(), None)
+        }
+        Some(k) => Ok(behind(train(Some(k), &features, &plain, seed)?)),
+        None => {
+            let fixed = auto_select(&features, &plain, seed)?;
+            let (tuned, epochs) = finetune_cv(ex, params, seed)?;
+            let mut reports = fixed.reports.clone();
+            reports.push(tuned);
+            let sel = cv::choose_among(&features, reports)?;
+            if sel.chosen == HeadKind::Finetune {
+                let report = sel
+                    .reports
+                    .iter()
+                    .find(|r| r.kind == HeadKind::Finetune)
+                    .cloned()
+                    .ok_or_else(|| HeadError::NotEnoughData("no finetune report".into()))?;
+                finish_finetune(ex, params, report, epochs, sel.reports, Some(sel.reason))
+            } else {
+                let mut t = behind(train(Some(sel.chosen), &features, &plain, seed)?);
+                t.candidates = sel.reports;
+                t.reason = Some(sel.reason);
+                Ok(t)
+            }
+        }
+    }
+}
+
+/// Early stopping for `finetune` by grouped cross-validation: the held-out report at the
+/// chosen number of epochs, and that number ([`EPOCH_CHECKPOINTS`]; 0 keeps the pretrained
+/// block under the linear probe). With `params.finetune_epochs` set, that count is the only
+/// one tried.
+pub fn finetune_cv(
+    ex: &Examples,
+    params: &HeadParams,
+    seed: u64,
+) -> Result<(CvReport, usize), HeadError> {
+    let block = params
+        .top
+        .as_ref()
+        .ok_or_else(|| HeadError::NotEnoughData(fit::NEEDS_TOP.into()))?;
+    let (folds, method) = cv::finetune_folds(ex, seed);
+    let per = finetune::checkpoint_logits(block, &ex.x, &ex.y, ex.classes(), &folds, params)?;
+    let (c, epochs, accuracy) = finetune::choose_epochs(&per, &ex.y, params);
+    let held_out = per.into_iter().nth(c).unwrap_or_default();
+    let scored = held_out.iter().filter(|l| l.is_some()).count();
+    Ok((
+        CvReport {
+            kind: HeadKind::Finetune,
+            method: format!("{method}, early stopping at {epochs} epochs"),
+            accuracy: if scored > 0 { accuracy } else { 0.0 },
+            scored,
+            held_out,
+        },
+        epochs,
+    ))
+}
+
+fn finish_finetune(
+    ex: &Examples,
+    params: &HeadParams,
+    report: CvReport,
+    epochs: usize,
+    candidates: Vec<CvReport>,
+    reason: Option<String>,
+) -> Result<Trained, HeadError> {
+    let tuned = HeadParams {
+        finetune_epochs: Some(epochs),
+        ..params.clone()
+    };
+    let calibration = calibrate(&report, ex, &tuned)?;
+    let model = fit(HeadKind::Finetune, &ex.x, &ex.y, ex.classes(), &tuned)?;
+    Ok(Trained {
+        head: Head {
+            kind: HeadKind::Finetune,
+            labels: ex.labels.clone(),
+            model,
+            temperature: calibration.temperature,
+            threshold: calibration.threshold,
+            params: HeadParams { top: None, ..tuned },
         },
         report,
         candidates,

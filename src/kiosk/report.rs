@@ -33,9 +33,17 @@ impl Kiosk {
     /// A snapshot to draw the pictures from; `None` without a head.
     pub fn evaluation_data(&self) -> Option<EvalData> {
         let h = self.head()?;
+        let params = HeadParams {
+            top: self
+                .backbone()
+                .top_block()
+                .cloned()
+                .map(std::sync::Arc::new),
+            ..h.head.params.clone()
+        };
         Some(EvalData {
-            examples: headfile::training_examples(&h.head.labels, &h.examples, &h.head.params),
-            params: h.head.params.clone(),
+            examples: headfile::training_examples(&h.head.labels, &h.examples, &params),
+            params,
             kind: h.head.kind,
             model: self.backbone().id().name.clone(),
         })

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, BackboneError, BackboneId};
 use crate::capture::Frame;
-use crate::head::{HeadError, HeadKind, Label};
+use crate::head::{HeadError, HeadKind, HeadParams, Label};
 use crate::live::{self, Classified, LiveError};
 use crate::store::embeddings::{self, EmbeddingFile, Record};
 use crate::store::headfile::{self, Example, HeadFile};
@@ -895,6 +895,13 @@ impl ExampleStore for Kiosk {
     }
     fn threshold_override(&self) -> Option<f32> {
         self.settings.threshold
+    }
+    /// The defaults, with the backbone's top block for a kiosk cut before it (`NAME:top`).
+    fn params(&self) -> HeadParams {
+        HeadParams {
+            top: self.backbone.top_block().cloned().map(std::sync::Arc::new),
+            ..HeadParams::default()
+        }
     }
     fn commit_examples(&mut self) -> Result<(), StoreError> {
         self.write_examples()

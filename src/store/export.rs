@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::headfile::HeadFile;
-use crate::backbone::export::{ExportHead, HeadOps};
+use crate::backbone::export::{ExportHead, HeadOps, TopWeights};
 use crate::backbone::manifest::InputSpec;
 use crate::backbone::{Backbone, BackboneError, BackboneId};
 use crate::head::HeadError;
@@ -95,6 +95,10 @@ pub fn export(
     }
     let h = &file.head;
     let ops = h.export_ops()?;
+    let top = h.model.top_block().map(|(b, _)| TopWeights {
+        weights: b.weights.clone(),
+        bias: b.bias.clone(),
+    });
     Ok(match format {
         Format::Onnx => bb.export_with_head(&ExportHead {
             ops,
@@ -104,7 +108,14 @@ pub fn export(
             kind: h.kind.to_string(),
             probabilities,
             power: h.params.power,
+            top,
         })?,
+        Format::Json if top.is_some() => {
+            return Err(ExportError::Head(crate::head::HeadError::NotEnoughData(format!(
+                "a {} head runs the backbone's top block before its classifier: export it as ONNX (--format onnx), which carries the block",
+                h.kind
+            ))))
+        }
         Format::Json => {
             let dim = bb.id().dim;
             let rows = |v: &[f32]| v.chunks_exact(dim).map(<[f32]>::to_vec).collect::<Vec<_>>();

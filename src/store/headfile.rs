@@ -10,13 +10,16 @@
 //! | 4 | `u32` length H of the header |
 //! | H | JSON header: format, backbone identity, labels, head type, params, temperature, threshold, linear weights, CV summary, and per example its label, source path and image sha256 |
 //! | 4·n·dim | the raw training embeddings, `f32`, one row per example in header order |
+//! | 4·(cout·cin + cout) | format 3 only: the top block's weights, then its biases (`f32`) |
 //! | 32 | sha256 of every byte above — a truncated or damaged file is refused |
 //!
 //! Files are written atomically ([`super::write_atomic`]). Format 1 is the first. Format 2 adds
 //! the power transform (`params.power`): a head with `power ≠ 1` is written as format 2, so a
 //! graft that predates the transform refuses it instead of predicting without it; a head
-//! without one is still written as format 1. A newer format is refused with a message saying
-//! so.
+//! without one is still written as format 1. Format 3 is a head behind the backbone's top
+//! block (`--model NAME:top`, a `finetune` head or a fixed-feature head on such examples): the
+//! header's `top_block` gives the block's shape, its numbers follow the embeddings. A newer
+//! format is refused with a message saying so.
 
 use std::path::{Path, PathBuf};
 
@@ -25,14 +28,16 @@ use sha2::{Digest, Sha256};
 
 use super::files::group_key;
 use super::{write_atomic, StoreError};
-use crate::backbone::BackboneId;
+use crate::backbone::{BackboneId, TopBlock};
 use crate::head::{self, Examples, FieldError, Head, HeadError, HeadKind, HeadParams, Model};
 
 const MAGIC: &[u8] = b"GRAFT-HEAD\n";
-/// Format version written.
+/// Format version written for heads with a power transform.
 pub const FORMAT: u32 = 2;
 /// The format of heads that need nothing format 2 added (readable by every release).
 const FORMAT_PLAIN: u32 = 1;
+/// The format of heads behind the backbone's top block (fine-tuned, `--model NAME:top`).
+pub const FORMAT_TOP: u32 = 3;
 
 /// One training example: where it came from and its embedding.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +92,24 @@ struct Header {
     #[serde(default)]
     cv_method: Option<String>,
     examples: Vec<ExampleMeta>,
+    /// A head behind the backbone's top block (format 3): the block's shape; its weights
+    /// (`cout × cin`, then `cout` biases) follow the embeddings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    top_block: Option<TopMeta>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TopMeta {
+    node: String,
+    cin: usize,
+    cout: usize,
+    positions: usize,
+    clip_lo: f32,
+    /// `None`: no upper bound (a plain ReLU).
+    clip_hi: Option<f32>,
+    gem_power: Option<f32>,
+    /// The power transform after the pool.
+    power: f32,
 }
 
 /// The training form of stored examples: their raw embeddings through the head's input
@@ -99,9 +122,13 @@ pub fn training_examples(labels: &[String], examples: &[Example], params: &HeadP
         .map(|e| format!("{}/{}", e.label, group_key(&e.path)))
         .collect();
     Examples {
+        // Top-block inputs go to the heads as they are: the block pools and transforms.
         x: examples
             .iter()
-            .map(|e| params.input(&e.embedding))
+            .map(|e| match params.top {
+                Some(_) => e.embedding.clone(),
+                None => params.input(&e.embedding),
+            })
             .collect(),
         y: examples.iter().map(|e| e.label).collect(),
         groups: head::group_ids(&keys),
@@ -208,12 +235,25 @@ pub fn to_bytes(file: &HeadFile, path: &Path) -> Result<Vec<u8>, StoreError> {
     file.validate().map_err(|e| StoreError::invalid(path, e))?;
     let h = &file.head;
     let linear = h.model.linear();
+    let top = h.model.top_block();
     let header = Header {
-        format: if h.params.power == 1.0 {
+        format: if top.is_some() {
+            FORMAT_TOP
+        } else if h.params.power == 1.0 {
             FORMAT_PLAIN
         } else {
             FORMAT
         },
+        top_block: top.map(|(b, power)| TopMeta {
+            node: b.node.clone(),
+            cin: b.cin,
+            cout: b.cout,
+            positions: b.positions,
+            clip_lo: b.clip.0,
+            clip_hi: Some(b.clip.1).filter(|v| v.is_finite()),
+            gem_power: b.gem_power,
+            power,
+        }),
         backbone: file.backbone.clone(),
         labels: h.labels.clone(),
         kind: h.kind,
@@ -243,6 +283,11 @@ pub fn to_bytes(file: &HeadFile, path: &Path) -> Result<Vec<u8>, StoreError> {
     bytes.extend_from_slice(&json);
     for e in &file.examples {
         for v in &e.embedding {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    if let Some((b, _)) = top {
+        for v in b.weights.iter().chain(&b.bias) {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
     }
@@ -291,9 +336,9 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HeadFile, StoreError> {
         .ok()
         .and_then(|v| v.get("format").and_then(|f| f.as_u64()))
         .ok_or_else(|| bad("header is not valid JSON with a format field".into()))?;
-    if format > FORMAT as u64 {
+    if format > FORMAT_TOP as u64 {
         return Err(bad(format!(
-            "head file format {format} is newer than this graft reads ({FORMAT}); upgrade graft"
+            "head file format {format} is newer than this graft reads ({FORMAT_TOP}); upgrade graft"
         )));
     }
     let header: Header =
@@ -312,7 +357,18 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HeadFile, StoreError> {
     validate_examples(dim, classes, &[]).map_err(invalid)?;
     let data = &body[len_at + 4 + hlen..];
     let n = header.examples.len();
-    let need = n.checked_mul(dim * 4);
+    let top_values = match &header.top_block {
+        Some(t) => t
+            .cout
+            .checked_mul(t.cin)
+            .and_then(|w| w.checked_add(t.cout))
+            .filter(|v| *v <= MAX_MODEL_VALUES)
+            .ok_or_else(|| bad(format!("a top block of {} × {} is too big", t.cout, t.cin)))?,
+        None => 0,
+    };
+    let need = n
+        .checked_mul(dim * 4)
+        .and_then(|e| e.checked_add(top_values * 4));
     if need != Some(data.len()) {
         return Err(bad(format!(
             "embedding block has {} bytes, {n} examples of {dim} values need {}",
@@ -335,19 +391,65 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HeadFile, StoreError> {
         });
     }
     validate_examples(dim, classes, &examples).map_err(invalid)?;
-    let model = match (header.kind, header.linear_weights, header.linear_bias) {
-        (HeadKind::Logistic, Some(w), Some(b)) => {
-            if b.len() != classes || w.len() != classes * dim {
-                return Err(bad(
-                    "logistic weights do not match the labels and embedding size".into(),
-                ));
+    let mut params = header.params.clone();
+    let top = match &header.top_block {
+        Some(t) => {
+            let values: Vec<f32> = data[n * dim * 4..]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let (weights, bias) = values.split_at(t.cout * t.cin);
+            let block = TopBlock {
+                node: t.node.clone(),
+                cin: t.cin,
+                cout: t.cout,
+                positions: t.positions,
+                weights: weights.to_vec(),
+                bias: bias.to_vec(),
+                clip: (t.clip_lo, t.clip_hi.unwrap_or(f32::INFINITY)),
+                gem_power: t.gem_power,
+            };
+            block.validate().map_err(bad)?;
+            if block.input_size() != dim {
+                return Err(bad(format!(
+                    "the top block takes {} values, the examples have {dim}",
+                    block.input_size()
+                )));
             }
-            Model::from_linear(w, b).map_err(|e| bad(e.to_string()))?
+            if t.power != params.power {
+                return Err(bad("the top block's power is not the head's".into()));
+            }
+            params.top = Some(std::sync::Arc::new(block.clone()));
+            Some(block)
         }
-        (HeadKind::Logistic, _, _) => return Err(bad("logistic head without weights".into())),
+        None => None,
+    };
+    // Linear heads keep their stored weights (a refit is not bit-exact); a fine-tuned block is
+    // its own (stored); the others are rebuilt from the examples, behind the stored block.
+    let width = top.as_ref().map_or(dim, |b| b.cout);
+    let model = match (header.kind, header.linear_weights, header.linear_bias) {
+        (HeadKind::Logistic | HeadKind::Finetune, Some(w), Some(b)) => {
+            if b.len() != classes || w.len() != classes * width {
+                return Err(bad(format!(
+                    "{} weights do not match the labels and embedding size",
+                    header.kind
+                )));
+            }
+            let linear = Model::from_linear(w, b).map_err(|e| bad(e.to_string()))?;
+            match (&top, header.kind) {
+                (Some(block), _) => Model::behind(block.clone(), params.power, linear),
+                (None, HeadKind::Finetune) => {
+                    return Err(bad("a finetune head without its top block".into()))
+                }
+                (None, _) => linear,
+            }
+        }
+        (HeadKind::Logistic | HeadKind::Finetune, _, _) => {
+            return Err(bad(format!("{} head without weights", header.kind)))
+        }
         (kind, _, _) => {
-            let t = training_examples(&header.labels, &examples, &header.params);
-            head::fit(kind, &t.x, &t.y, classes, &header.params).map_err(|e| bad(e.to_string()))?
+            let t = training_examples(&header.labels, &examples, &params);
+            head::fit(kind, &t.x, &t.y, classes, &params).map_err(|e| bad(e.to_string()))?
         }
     };
     let file = HeadFile {

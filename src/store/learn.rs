@@ -320,6 +320,8 @@ pub struct HeadFileStore {
     path: PathBuf,
     file: HeadFile,
     set: ExampleSet,
+    /// The backbone's top block, for a head behind it (`NAME:top`): refits start from it.
+    top: Option<std::sync::Arc<crate::backbone::TopBlock>>,
     _lock: FolderLock,
 }
 
@@ -328,13 +330,14 @@ impl HeadFileStore {
     /// head file at `path` and checks it against the loaded backbone. The lock is held until
     /// the store is dropped, so two `graft add` on one head both land, one after the other.
     /// Open it after the slow part (embedding) and drop it soon after the commit.
-    pub fn open(path: &Path, backbone: &BackboneId) -> Result<HeadFileStore, LearnError> {
+    pub fn open(path: &Path, backbone: &Backbone) -> Result<HeadFileStore, LearnError> {
         let lock = FolderLock::acquire(path.parent().unwrap_or(Path::new(".")))?;
         let file = headfile::read(path)?;
-        backbone.check_file(&file.backbone, path)?;
+        backbone.id().check_file(&file.backbone, path)?;
         Ok(HeadFileStore {
             path: path.to_path_buf(),
             set: ExampleSet::of(&file),
+            top: backbone.top_block().cloned().map(std::sync::Arc::new),
             file,
             _lock: lock,
         })
@@ -362,7 +365,12 @@ impl ExampleStore for HeadFileStore {
         Some(self.file.head.kind)
     }
     fn params(&self) -> HeadParams {
-        self.file.head.params.clone()
+        // A fine-tuned head records the epochs it chose; a refit chooses again.
+        HeadParams {
+            top: self.top.clone(),
+            finetune_epochs: None,
+            ..self.file.head.params.clone()
+        }
     }
     fn commit_examples(&mut self) -> Result<(), StoreError> {
         Ok(()) // committed with the head

@@ -121,7 +121,7 @@ fn exported_models_agree_with_their_heads_in_tract_and_onnxruntime() {
     }
 }
 
-fn onnxruntime_check(onnx: &Path, preds: &Path, tol: &str) -> String {
+pub(crate) fn onnxruntime_check(onnx: &Path, preds: &Path, tol: &str) -> String {
     let python = root().join("target/pyenv/bin/python");
     assert!(
         python.exists(),

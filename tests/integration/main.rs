@@ -7,6 +7,7 @@ mod capture;
 mod common;
 mod errors;
 mod export;
+mod finetune;
 #[cfg(feature = "gpu")]
 mod gpu;
 mod heads;

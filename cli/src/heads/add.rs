@@ -44,7 +44,7 @@ pub fn add(g: &Global, a: AddArgs) -> anyhow::Result<()> {
         .collect();
     // Read again under the folder's lock: another `graft add` may have committed meanwhile.
     drop(file);
-    let mut store = HeadFileStore::open(&a.head, bb.id())?;
+    let mut store = HeadFileStore::open(&a.head, &bb)?;
     let added = learn::add_examples(&mut store, &label, new)?;
     let trained = added
         .trained

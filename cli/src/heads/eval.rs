@@ -3,12 +3,13 @@
 //! the folder, reports and plots.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 
-use super::{embed_dataset, parse_choice, CacheArgs};
+use super::{embed_dataset, parse_choice, CacheArgs, FinetuneArgs};
 use crate::{output, Global};
 use graft::backbone::preprocess;
 use graft::head::eval::{self, Split};
@@ -21,7 +22,7 @@ use graft::store::learn::ExampleSet;
 pub struct EvalArgs {
     /// Labelled image folder.
     dataset: PathBuf,
-    /// Head type: auto, logistic, centroid, knn or bayes.
+    /// Head type: auto, logistic, centroid, knn, bayes or finetune (with a `NAME:top` model).
     #[arg(long, default_value = "logistic")]
     head: String,
     /// k-fold cross-validation with K folds (the default mode, K=5).
@@ -51,6 +52,8 @@ pub struct EvalArgs {
     #[arg(long)]
     plot: Option<PathBuf>,
     #[command(flatten)]
+    finetune: FinetuneArgs,
+    #[command(flatten)]
     cache: CacheArgs,
 }
 
@@ -64,7 +67,9 @@ pub struct CurveArgs {
     /// Trials per point.
     #[arg(long, default_value_t = 10)]
     trials: usize,
-    /// Head types, comma-separated (`auto` too: chosen by cross-validation in every draw).
+    /// Head types, comma-separated (`auto` too: chosen by cross-validation in every draw;
+    /// `finetune` with a `NAME:top` model, e.g. `--model efficientnet-lite0:top --heads
+    /// logistic,finetune` compares fixed features with fine-tuned ones on the same draws).
     #[arg(long, value_delimiter = ',', default_value = "logistic,centroid")]
     heads: Vec<String>,
     /// Feature transforms to compare, comma-separated powers (1: the plain pipeline).
@@ -82,6 +87,8 @@ pub struct CurveArgs {
     #[arg(long)]
     plot: Option<PathBuf>,
     #[command(flatten)]
+    finetune: FinetuneArgs,
+    #[command(flatten)]
     cache: CacheArgs,
 }
 
@@ -91,7 +98,7 @@ fn load_dataset(
     g: &Global,
     dataset: &Path,
     cache: &CacheArgs,
-) -> anyhow::Result<(ExampleSet, ImageFolder, String)> {
+) -> anyhow::Result<(ExampleSet, ImageFolder, String, Top)> {
     let ds = ImageFolder::scan(dataset)?;
     if ds.labels.len() < 2 {
         bail!("{}: need at least 2 class folders", dataset.display());
@@ -99,8 +106,12 @@ fn load_dataset(
     let bb = crate::load_backbone(g)?;
     let mut c = cache.open(&bb)?;
     let (set, _, _) = embed_dataset(&bb, &ds, c.as_mut())?;
-    Ok((set, ds, bb.id().name.clone()))
+    let top = bb.top_block().cloned().map(Arc::new);
+    Ok((set, ds, bb.id().name.clone(), top))
 }
+
+/// The backbone's top block, when the examples are its inputs (`--model NAME:top`).
+type Top = Option<Arc<graft::backbone::TopBlock>>;
 
 #[derive(Serialize)]
 struct EvalReport<'a> {
@@ -128,8 +139,10 @@ pub fn eval(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
         power: a.power,
         ..HeadParams::default()
     };
+    let params = a.finetune.apply(params);
     params.validate()?;
-    let (set, _, _) = load_dataset(g, &a.dataset, &a.cache)?;
+    let (set, _, _, top) = load_dataset(g, &a.dataset, &a.cache)?;
+    let params = HeadParams { top, ..params };
     let ex = set.training_examples(&params);
     if a.open_set {
         return open_set(g, &a, choice, &ex, &params);
@@ -353,7 +366,7 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
         }
         .validate()?;
     }
-    let (set, ds, model) = load_dataset(g, &a.dataset, &a.cache)?;
+    let (set, ds, model, top) = load_dataset(g, &a.dataset, &a.cache)?;
     // The from-scratch baseline: the same heads on raw downscaled pixels.
     let plain = set.training_examples(&HeadParams {
         power: 1.0,
@@ -372,6 +385,7 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
         .map(|&power| {
             let params = HeadParams {
                 power,
+                top: top.clone(),
                 ..HeadParams::default()
             };
             (
@@ -401,10 +415,12 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
         // The same draws for every head and every feature set.
         let splits = eval::few_shot_splits(&plain, shots, a.trials, a.seed);
         for (features, power, data) in &sets {
-            let params = HeadParams {
+            let params = a.finetune.apply(HeadParams {
                 power: *power,
+                // The backbone's examples are top-block inputs with a `NAME:top` model.
+                top: top.clone().filter(|_| features == "backbone"),
                 ..HeadParams::default()
-            };
+            });
             for (name, kind) in &kinds {
                 bar.inc(1);
                 let Some(splits) = &splits else {

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::{output, Global};
 use graft::backbone::Backbone;
-use graft::head::{self, HeadKind};
+use graft::head::{self, HeadKind, HeadParams};
 use graft::store::cache::Cache;
 use graft::store::dataset::{embed_cached, Embedded, ImageFolder};
 use graft::store::headfile::{self, HeadFile};
@@ -32,6 +32,37 @@ fn parse_choice(s: &str) -> anyhow::Result<Option<HeadKind>> {
         Ok(None)
     } else {
         Ok(Some(s.parse()?))
+    }
+}
+
+/// Fine-tuning's hyper-parameters (`--head finetune`, and `auto` on a `NAME:top` model).
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// Fine-tuning: rank of the change to the top block's weights (1-256).
+    #[arg(long, default_value_t = HeadParams::default().finetune_rank)]
+    finetune_rank: usize,
+    /// Fine-tuning: L2-SP penalty on the block's distance from its pretrained weights.
+    #[arg(long, default_value_t = HeadParams::default().finetune_l2sp)]
+    finetune_l2sp: f64,
+    /// Fine-tuning: Adam's step size.
+    #[arg(long, default_value_t = HeadParams::default().finetune_lr)]
+    finetune_lr: f64,
+    /// Fine-tuning: epochs [default: chosen by grouped cross-validation among 0, 5, 10, 20,
+    /// 30].
+    #[arg(long)]
+    finetune_epochs: Option<usize>,
+}
+
+impl FinetuneArgs {
+    /// `params` with these set.
+    fn apply(&self, params: HeadParams) -> HeadParams {
+        HeadParams {
+            finetune_rank: self.finetune_rank,
+            finetune_l2sp: self.finetune_l2sp,
+            finetune_lr: self.finetune_lr,
+            finetune_epochs: self.finetune_epochs,
+            ..params
+        }
     }
 }
 
