@@ -153,28 +153,36 @@ fn parallel_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Ve
     })
 }
 
-/// What training sees of a set of examples: their activations and their pretrained
-/// convolution outputs, computed once and shared by every fold and epoch.
+/// What training sees of a set of examples: their activations (borrowed, as given) and their
+/// pretrained convolution outputs, computed once and shared by every fold and epoch.
 pub(crate) struct Cache<'a> {
     block: &'a TopBlock,
-    /// Per example, `P × cin` (the transposed raw layout: one row per position).
-    a: Vec<Array2<f32>>,
+    /// Per example, `cin × P` (the raw layout).
+    raw: &'a [Vec<f32>],
     /// Per example, `P × cout`: `x·W0ᵀ + b0` before the clip.
     z0: Vec<Array2<f32>>,
 }
 
 impl<'a> Cache<'a> {
-    pub(crate) fn new(block: &'a TopBlock, raw: &[Vec<f32>]) -> Cache<'a> {
+    pub(crate) fn new(block: &'a TopBlock, raw: &'a [Vec<f32>]) -> Cache<'a> {
         let w0 = ArrayView2::from_shape((block.cout, block.cin), &block.weights).expect("cout×cin");
         let b0 = ArrayView2::from_shape((1, block.cout), &block.bias).expect("1×cout");
-        let pairs = parallel_map(raw, |r| {
+        let z0 = parallel_map(raw, |r| {
             let x = ArrayView2::from_shape((block.cin, block.positions), r).expect("cin × P");
-            let a = x.t().as_standard_layout().into_owned();
-            let z0 = a.dot(&w0.t()) + b0;
-            (a, z0)
+            // Row-major (P × cout) whatever layout the product would pick: the epochs read it
+            // row by row.
+            let mut z = Array2::zeros((block.positions, block.cout));
+            general_mat_mul(1.0, &x.t(), &w0.t(), 0.0, &mut z);
+            z + b0
         });
-        let (a, z0) = pairs.into_iter().unzip();
-        Cache { block, a, z0 }
+        Cache { block, raw, z0 }
+    }
+
+    /// Example `i` as `P × cin` (a transposed view: one row per position).
+    fn a(&self, i: usize) -> ArrayView2<'_, f32> {
+        ArrayView2::from_shape((self.block.cin, self.block.positions), &self.raw[i])
+            .expect("cin × P")
+            .reversed_axes()
     }
 }
 
@@ -238,7 +246,7 @@ struct Forward {
 
 fn forward(cache: &Cache, i: usize, p: &Params, power: f32) -> Forward {
     let block = cache.block;
-    let q = cache.a[i].dot(&p.u);
+    let q = cache.a(i).dot(&p.u);
     let mut z = cache.z0[i].clone();
     general_mat_mul(1.0, &q, &p.v.t(), 1.0, &mut z);
     z += &p.db;
@@ -362,7 +370,7 @@ fn backward(
     // dV += dZᵀ·q ; dQ = dZ·V ; dU += aᵀ·dQ
     general_mat_mul(1.0, &dz.t(), &f.q, 1.0, &mut grad.v);
     let dq = dz.dot(&p.v);
-    general_mat_mul(1.0, &cache.a[i].t(), &dq, 1.0, &mut grad.u);
+    general_mat_mul(1.0, &cache.a(i).t(), &dq, 1.0, &mut grad.u);
     loss
 }
 
