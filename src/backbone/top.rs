@@ -190,9 +190,11 @@ pub(crate) fn find(graph: &Graph, features: &str) -> Result<(TopBlock, String), 
                 match (gem, root) {
                     (None, None) => {}
                     (Some(p), Some(r)) if p >= 1.0 && (p * r - 1.0).abs() < 1e-5 => {}
-                    _ => return Err(refuse(format!(
+                    _ => {
+                        return Err(refuse(format!(
                         "powers {gem:?} before and {root:?} after the pool are not GeM's p and 1/p"
-                    ))),
+                    )))
+                    }
                 }
                 let block = TopBlock {
                     node: n.describe(),

@@ -426,6 +426,9 @@ pub fn curve(g: &Global, a: CurveArgs) -> anyhow::Result<()> {
                 let Some(splits) = &splits else {
                     continue; // not enough images for this many shots
                 };
+                if *kind == Some(HeadKind::Finetune) && params.top.is_none() {
+                    continue; // raw pixels, a baseline: no top block to fine-tune
+                }
                 let e = eval::evaluate(data, *kind, splits, &params, a.seed, || {})?;
                 let (m, s) = e.accuracy();
                 points.push(CurvePoint {
