@@ -140,9 +140,10 @@ pub(crate) fn knn_logits(
 /// Fits a head of `kind` on unit vectors `x` with class ids `y` in `0..classes`.
 ///
 /// With `params.top` set, `x` holds the top block's inputs (`--model NAME:top`) instead: a
-/// `finetune` head trains the block ([`finetune`]) for `params.finetune_epochs` epochs (its
-/// own choice is [`super::train`]'s, by cross-validation); the other kinds fit on the
-/// pretrained block's features and keep the block in front of them.
+/// `finetune` head trains the block (see [`crate::head`], "Fine-tuning") for
+/// `params.finetune_epochs` epochs (its own choice is [`super::train`]'s, by
+/// cross-validation); the other kinds fit on the pretrained block's features and keep the
+/// block in front of them.
 pub fn fit(
     kind: HeadKind,
     x: &[Vec<f32>],

@@ -122,7 +122,7 @@ pub struct Server {
 /// What a request's execution gives: its reply's fields, or a refit to run first.
 enum Outcome {
     Fields(Vec<Field>),
-    Fit(FitJob, Then),
+    Fit(Box<FitJob>, Then),
 }
 
 /// What a reply that waited for a refit reports.
@@ -358,7 +358,7 @@ impl Server {
                             return Answer::Later(Box::new(Deferred {
                                 id: req.id,
                                 checksum: req.checksum,
-                                job: Some(job),
+                                job: Some(*job),
                                 then,
                             }))
                         }
@@ -540,7 +540,7 @@ impl Server {
                 let frames = self.capture_frames(*n, None)?;
                 let (added, job) = self.kiosk.learn_begin(label, &frames).map_err(conflict)?;
                 Ok(Outcome::Fit(
-                    job,
+                    Box::new(job),
                     Then::Learn {
                         label: label.clone(),
                         added,
@@ -549,12 +549,12 @@ impl Server {
             }
             Verb::Train => {
                 let job = self.kiosk.train_begin().map_err(conflict)?;
-                Ok(Outcome::Fit(job, Then::Train))
+                Ok(Outcome::Fit(Box::new(job), Then::Train))
             }
             Verb::Forget { label } => {
                 let (removed, job) = self.kiosk.forget_begin(label).map_err(conflict)?;
                 Ok(Outcome::Fit(
-                    job,
+                    Box::new(job),
                     Then::Forget {
                         label: label.clone(),
                         removed,
