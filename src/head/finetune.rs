@@ -45,42 +45,15 @@ const EPS: f32 = 1e-6;
 pub(crate) fn features(block: &TopBlock, raw: &[f32]) -> Vec<f32> {
     let x = ArrayView2::from_shape((block.cin, block.positions), raw).expect("raw is cin × P");
     let w = ArrayView2::from_shape((block.cout, block.cin), &block.weights).expect("cout × cin");
-    let z = w.dot(&x); // cout × P
-    let (lo, hi) = block.clip;
-    z.outer_iter()
-        .zip(&block.bias)
-        .map(|(row, b)| pool(block.gem_power, row.iter().map(|v| (v + b).clamp(lo, hi))))
-        .collect()
+    let b = ArrayView2::from_shape((1, block.cout), &block.bias).expect("1 × cout");
+    let mut z = Array2::zeros((block.positions, block.cout));
+    general_mat_mul(1.0, &x.t(), &w.t(), 0.0, &mut z);
+    pool_rows(block, &(z + b))
 }
 
-/// Average or GeM pool of one channel's clipped values.
-fn pool(gem: Option<f32>, values: impl Iterator<Item = f32>) -> f32 {
-    let (mut sum, mut n) = (0f32, 0usize);
-    match gem {
-        None => values.for_each(|v| {
-            sum += v;
-            n += 1;
-        }),
-        // p = 3 (graft's GeM) as two multiplies: powf is most of an epoch otherwise.
-        Some(3.0) => values.for_each(|v| {
-            let v = v.max(0.0);
-            sum += v * v * v;
-            n += 1;
-        }),
-        Some(p) => values.for_each(|v| {
-            sum += v.max(0.0).powf(p);
-            n += 1;
-        }),
-    }
-    let m = sum / n.max(1) as f32;
-    match gem {
-        None => m,
-        Some(p) => m.powf(1.0 / p),
-    }
-}
-
-/// [`pool`] of every channel (column) of a `P × cout` map, clipped first, reading it row by
-/// row (a column walk strides through memory and was a quarter of an epoch).
+/// The average or GeM pool of every channel (column) of a `P × cout` map, clipped first,
+/// reading it row by row (a column walk strides through memory and was a quarter of an epoch;
+/// GeM's p = 3 is two multiplies, `powf` was most of the rest).
 fn pool_rows(block: &TopBlock, z: &Array2<f32>) -> Vec<f32> {
     let (lo, hi) = block.clip;
     let mut sums = vec![0f32; z.ncols()];
@@ -122,11 +95,7 @@ fn gem_slope(p: f32, v: f32) -> f32 {
 
 /// The power transform and L2 normalisation of [`HeadParams::input`] on pooled features.
 pub(crate) fn transform(power: f32, f: &[f32]) -> Vec<f32> {
-    let params = HeadParams {
-        power,
-        ..HeadParams::default()
-    };
-    params.input(f)
+    super::power_l2(power, f)
 }
 
 /// Features of many examples (threads over examples), transformed as the fixed heads see them.

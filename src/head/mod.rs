@@ -235,12 +235,7 @@ impl HeadParams {
     /// at 1), then L2 normalisation. Training vectors and every prediction go through this one
     /// function; exports write the same arithmetic as ONNX operators.
     pub fn input(&self, raw: &[f32]) -> Vec<f32> {
-        if self.power == 1.0 {
-            return normalize(raw);
-        }
-        let p = self.power;
-        let powered: Vec<f32> = raw.iter().map(|v| v.signum() * v.abs().powf(p)).collect();
-        normalize(&powered)
+        power_l2(self.power, raw)
     }
 
     /// Checks the ranges in the table above (fields named `params.*`, as head files store
@@ -720,6 +715,19 @@ pub fn top_features(block: &crate::backbone::TopBlock, raw: &[f32]) -> Result<Ve
         });
     }
     Ok(finetune::features(block, raw))
+}
+
+/// `sign(v)·|v|^power` (skipped at 1), then unit length: [`HeadParams::input`], and what a head
+/// behind the top block does to the block's pooled features.
+pub(crate) fn power_l2(power: f32, raw: &[f32]) -> Vec<f32> {
+    if power == 1.0 {
+        return normalize(raw);
+    }
+    let powered: Vec<f32> = raw
+        .iter()
+        .map(|v| v.signum() * v.abs().powf(power))
+        .collect();
+    normalize(&powered)
 }
 
 /// A unit-length copy of `v` (zero stays zero).
