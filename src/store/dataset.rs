@@ -166,7 +166,7 @@ where
         .collect::<Result<_, _>>()?;
     let mut out: Vec<Option<Vec<f32>>> = shas
         .iter()
-        .map(|s| cache.as_ref().and_then(|c| c.get(s)).map(<[f32]>::to_vec))
+        .map(|s| cache.as_ref().and_then(|c| c.get(s)))
         .collect();
     let hits = out.iter().filter(|o| o.is_some()).count();
     let missing: Vec<usize> = (0..paths.len()).filter(|i| out[*i].is_none()).collect();
