@@ -7,7 +7,8 @@
 #   profile), the int8 graph still pays for activation quantise/dequantise and w8 does not;
 # - `graft embed`: embedding cosine >= 0.999 to the host's, same model file;
 # - `graft doctor`'s CPU kernel check: graft's depthwise kernel (NEON / scalar) equals tract's;
-# - with `full`: a train + predict round trip (few-shot head on fixture photos) under qemu.
+# - with `full`: a train + predict round trip (few-shot head on fixture photos) under qemu, and
+#   the same with a fine-tuned head on the default model cut before its top block (`:top`).
 # Timing under emulation means nothing and is not measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -106,4 +107,11 @@ if [ "$mode" = full ]; then
     got=$($arm --json predict --head "$work/pets.graft" tests/fixtures/images/dog.jpg | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["best"])')
     [ "$got" = dogs ] || { echo "qemu-check $target: train+predict says $got for dog.jpg" >&2; exit 1; }
     echo "qemu-check $target: train + predict round trip ok (dog.jpg -> $got)"
+    # Fine-tuning on the board's default model cut before its top block: the cut, the block read
+    # from the (w8) graph, the training and the tuned block's prediction, all on this target.
+    $arm --model efficientnet-lite0:top train "$work/ds" --head finetune --finetune-epochs 5 \
+        --out "$work/tuned.graft" > /dev/null
+    got=$($arm --json predict --head "$work/tuned.graft" tests/fixtures/images/dog.jpg | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["best"])')
+    [ "$got" = dogs ] || { echo "qemu-check $target: finetune train+predict says $got for dog.jpg" >&2; exit 1; }
+    echo "qemu-check $target: fine-tuning round trip ok (dog.jpg -> $got)"
 fi

@@ -1005,7 +1005,7 @@ pub fn finetune_cv(
     Ok((
         CvReport {
             kind: HeadKind::Finetune,
-            method: format!("{method}, early stopping at {epochs} epochs"),
+            method: format!("{method} (early stopping: {epochs} epochs)"),
             accuracy: if scored > 0 { accuracy } else { 0.0 },
             scored,
             held_out,
