@@ -43,7 +43,7 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
     let m = bb.manifest();
     let info = Info {
         graft_version: env!("CARGO_PKG_VERSION"),
-        model: &m.name,
+        model: &bb.id().name,
         origin: bb.origin(),
         description: &m.description,
         precision: &m.precision,
@@ -52,9 +52,9 @@ pub fn run(g: &Global) -> anyhow::Result<()> {
         model_bytes: bb.model_bytes(),
         input: &m.input,
         embedding_size: bb.id().dim,
-        feature_node: &m.output.features,
-        logits_node: m.output.logits.as_deref(),
-        classes: m.output.classes,
+        feature_node: bb.feature_node(),
+        logits_node: bb.logits_node(),
+        classes: m.output.classes.filter(|_| bb.logits_node().is_some()),
         preprocess: &bb.id().preprocess,
         target_arch: std::env::consts::ARCH,
         cpu_features: Backbone::cpu_features(),

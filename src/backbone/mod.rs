@@ -481,6 +481,23 @@ impl Backbone {
         })
     }
 
+    /// The node the embeddings are read at: the manifest's features, or the top block's input
+    /// for a model cut before it.
+    pub fn feature_node(&self) -> &str {
+        match &self.top {
+            Some((_, cut)) => cut,
+            None => &self.spec.manifest.output.features,
+        }
+    }
+
+    /// The node of the built-in classifier's logits, when this cut runs it (not `NAME:top`).
+    pub fn logits_node(&self) -> Option<&str> {
+        match &self.top {
+            Some(_) => None,
+            None => self.spec.manifest.output.logits.as_deref(),
+        }
+    }
+
     /// The top block, for a model cut before it (`NAME:top`); `None` otherwise.
     pub fn top_block(&self) -> Option<&TopBlock> {
         self.top.as_ref().map(|(b, _)| b)
@@ -874,7 +891,14 @@ impl Backbone {
         let out = self.run(std::slice::from_ref(&p))?.remove(0);
         let logits = out.logits.ok_or_else(|| BackboneError::Manifest {
             manifest: self.origin(),
-            reason: "this model has no output.logits, so it cannot classify directly".into(),
+            reason: if self.top.is_some() {
+                format!(
+                    "{} is cut before its top block, so it does not run the classifier: classify with {}",
+                    self.id.name, self.spec.manifest.name
+                )
+            } else {
+                "this model has no output.logits, so it cannot classify directly".into()
+            },
         })?;
         Ok(self.top_k(&logits, k))
     }

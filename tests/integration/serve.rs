@@ -247,6 +247,42 @@ fn pty_learn_train_classify_restart() {
     server.stop();
 }
 
+/// A kiosk on a model cut before its top block (`--model NAME:top`): its refits weigh the
+/// fine-tuned head beside the fixed ones, it classifies through the block, and a restart without
+/// `--model` comes back on the cut its examples were made with.
+#[test]
+fn a_kiosk_on_the_top_cut_learns_classifies_and_restarts() {
+    use graft::serial::SerialLink;
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let source = frames(t.path());
+    let data = t.path().join("kiosk");
+    let (host, dev) = SerialLink::pty_pair().unwrap();
+    let args = [
+        "--serial",
+        dev.as_str(),
+        "--model",
+        "efficientnet-lite0:top",
+    ];
+    let (server, _) = Served::start(&cache, &args, &source, &data);
+    let mut c = Client::new(host);
+    assert!(c.ask("LEARN birds 3").starts_with("OK label=birds added=3"));
+    assert!(c.ask("LEARN fruit 3").ends_with("classes=2 trained=1"));
+    let trained = c.ask("TRAIN");
+    assert!(trained.starts_with("OK head="), "{trained}");
+    let first = c.ask("CLASSIFY");
+    assert_eq!(field(&first, "label"), "birds", "{first}");
+    let info = c.ask("INFO");
+    assert!(field(&info, "model").ends_with("-gem:top"), "{info}");
+    server.stop();
+
+    let (host, dev) = SerialLink::pty_pair().unwrap();
+    let (server, _) = Served::start(&cache, &["--serial", &dev], &source, &data);
+    let mut c = Client::new(host);
+    assert_eq!(c.ask("INFO"), info, "the cut survives a restart");
+    server.stop();
+}
+
 /// Power cut in the middle of a LEARN (SIGKILL while its files are being written, each write
 /// slowed by the fault-injection pause): the restarted server holds exactly one committed state,
 /// and no frame on disk is outside it.
