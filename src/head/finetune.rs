@@ -21,8 +21,9 @@
 //! - **Linear probe, then fine-tune** (Kumar et al. 2022): the classifier starts from the
 //!   logistic head fitted on the pretrained features, so fine-tuning starts from the fixed-
 //!   feature answer and early stopping can always fall back on it (0 epochs).
-//! - Full-batch Adam, examples split over threads. How many epochs: chosen by grouped
-//!   cross-validation in [`cross_validate`] (early stopping), stored in the head's params.
+//! - Adam on mini-batches of 32, each batch's examples split over threads. How many epochs:
+//!   chosen by grouped cross-validation ([`checkpoint_logits`], `head::finetune_cv`: early
+//!   stopping), recorded in the head's params.
 //!
 //! The fitted model is self-contained: the merged `W`, `b`, the clip and pool, and the
 //! classifier, so prediction needs nothing from the backbone but the cut activations.
@@ -343,7 +344,7 @@ fn backward(
     loss
 }
 
-/// Full-batch-style Adam over mini-batches, the examples of a batch split over threads.
+/// Adam over shuffled mini-batches of [`BATCH`], the examples of a batch split over threads.
 struct Trainer<'c, 'a> {
     cache: &'c Cache<'a>,
     train: Vec<usize>,
