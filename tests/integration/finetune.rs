@@ -48,12 +48,7 @@ fn the_top_cut_and_its_block_give_the_backbones_features() {
 fn photos(dir: &Path, classes: &[&str], skip: usize, n: usize) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for class in classes {
-        let mut all: Vec<PathBuf> = std::fs::read_dir(data_dir().join(class))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.to_string_lossy().ends_with("_0.jpg"))
-            .collect();
-        all.sort();
+        let all = crate::heads::photos(class, usize::MAX);
         let to = dir.join(class);
         std::fs::create_dir_all(&to).unwrap();
         for p in all.iter().skip(skip).take(n) {

@@ -26,6 +26,18 @@ pub fn data_dir() -> PathBuf {
     dir
 }
 
+/// The first `n` photos (`*_0.jpg`: one per object, sorted) of a class of the test photo set.
+pub fn photos(class: &str, n: usize) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(data_dir().join(class))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("_0.jpg"))
+        .collect();
+    v.sort();
+    v.truncate(n);
+    v
+}
+
 /// Stamps (object groups) of a class, sorted; each has images `<stamp>_0.jpg`, `<stamp>_1.jpg`.
 fn stamps(class: &str) -> Vec<String> {
     let mut s: Vec<String> = std::fs::read_dir(data_dir().join(class))

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::*;
-use crate::heads::data_dir;
+use crate::heads::photos;
 
 /// Long enough for any of these commands on a slow board; a hang is what it catches.
 const HANG: Duration = Duration::from_secs(180);
@@ -18,18 +18,6 @@ const HANG: Duration = Duration::from_secs(180);
 /// `tests/fixtures/hostile/` (made by `tests/fixtures/make_hostile_images.py`).
 fn hostile(name: &str) -> PathBuf {
     fixture("hostile").join(name)
-}
-
-/// The first `n` photos (`*_0.jpg`, sorted) of a class of the test photo set.
-fn photos(class: &str, n: usize) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(data_dir().join(class))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with("_0.jpg"))
-        .collect();
-    v.sort();
-    v.truncate(n);
-    v
 }
 
 /// A two-class dataset: `fish` (two bird photos) and `tool` (two fruit photos), copied.

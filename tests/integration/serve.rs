@@ -16,12 +16,7 @@ fn frames(dir: &Path) -> PathBuf {
     let out = dir.join("frames");
     std::fs::create_dir_all(&out).unwrap();
     let pick = |class: &str, skip: usize, n: usize| -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(data_dir().join(class))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.to_string_lossy().ends_with("_0.jpg"))
-            .collect();
-        v.sort();
+        let v = crate::heads::photos(class, usize::MAX);
         v.into_iter().skip(skip).step_by(5).take(n).collect()
     };
     let order: Vec<PathBuf> = [
