@@ -61,6 +61,8 @@
 pub mod backbone;
 pub mod board;
 pub mod capture;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod head;
@@ -134,6 +136,15 @@ mod ownership {
             (&["wgpu::", "pollster::", "bytemuck::"], "gpu/"),
             (&["nokhwa::"], "capture/"),
             (&["serialport::"], "serial/"),
+            (
+                &[
+                    "rumqttc::",
+                    "rustls::",
+                    "rustls_pemfile::",
+                    "rustls_native_certs::",
+                ],
+                "fleet/",
+            ),
             (&["plotters::"], "plot.rs"),
             (&["httparse::", "percent_encoding::"], "web/"),
             (&["tar::"], "store/backup.rs"),

@@ -13,6 +13,7 @@ mod device;
 mod doctor;
 mod embed;
 mod export;
+mod fleet;
 mod heads;
 mod info;
 mod output;
@@ -180,6 +181,9 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Serve the kiosk line protocol over a serial port or TCP (see docs/PROTOCOL.md).
     Serve(serve::ServeArgs),
+    /// A fleet of kiosks sharing examples through an MQTT broker (docs/FLEET.md).
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// Measure this board: load, preprocess, embed (batch 1 and best), head fit/predict, memory.
     Bench {
         /// Photo to time [default: a photo compiled into graft].
@@ -251,6 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => export::run(&g, a),
         Command::Cameras => camera::cameras(&g),
         Command::Serve(a) => serve::run(&g, a),
+        Command::Fleet(c) => fleet::run(&g, c),
         Command::Doctor(a) => doctor::run(&g, a),
         Command::Capture(a) => camera::capture(&g, a),
         Command::Watch(a) => camera::watch(&g, a),

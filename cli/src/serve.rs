@@ -67,6 +67,8 @@ pub struct ServeArgs {
     learn_interval: Option<f64>,
     #[command(flatten)]
     source: SourceArgs,
+    #[command(flatten)]
+    fleet: super::fleet::FleetArgs,
 }
 
 #[derive(Serialize)]
@@ -179,6 +181,9 @@ pub fn run(g: &Global, a: ServeArgs) -> anyhow::Result<()> {
         fronts
             .others
             .push(web_front(g, addr, &data, &secret, created, &stop)?);
+    }
+    if let Some(front) = super::fleet::join(&a.fleet, &data, &mut server, &stop)? {
+        fronts.others.push(front);
     }
     server.run(fronts, feed, &stop);
     log::info!("stopped after {} replies", server.answered);

@@ -371,6 +371,10 @@ impl Queue {
                 self.sessions.remove(&id);
             }
         }
+        if changes {
+            // Committed (or refused) already; only the refit may still be running.
+            server.fleet_absorb();
+        }
     }
 
     fn start_fit(&mut self, to: To, mut deferred: Box<Deferred>) {
@@ -417,6 +421,7 @@ impl Queue {
         }
         self.live = None;
         changed(feed);
+        server.fleet_status();
         while self.busy.is_none() {
             let Some(msg) = self.held.pop_front() else {
                 break;

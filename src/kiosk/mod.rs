@@ -7,16 +7,20 @@
 pub mod auth;
 pub mod feed;
 pub mod hub;
+mod member;
 mod ops;
 pub mod protocol;
+pub mod replica;
 pub mod report;
 pub mod server;
 pub mod state;
 pub mod tcp;
+pub mod wire;
 
 pub use auth::Secret;
 pub use feed::Feed;
 pub use hub::{Fronts, Handle, Link, SerialFront};
+pub use member::{fleet_identity, Outbox, Outgoing};
 pub use ops::{ClassInfo, Op};
 pub use server::{Body, Done, Ended, Options, Reply, Server, Session};
 pub use state::{Kiosk, KioskError};

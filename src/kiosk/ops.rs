@@ -65,6 +65,8 @@ pub enum Op {
     Backup,
     /// Replaces everything with a backup's content (a tar archive [`Op::Backup`] made).
     Restore(Vec<u8>),
+    /// Operations from the kiosk's fleet, authenticated by its transport (`crate::fleet`).
+    Fleet(Vec<super::replica::FleetOp>),
 }
 
 impl Op {
@@ -78,7 +80,8 @@ impl Op {
             | Op::Burst { .. }
             | Op::Rename { .. }
             | Op::DeleteExample { .. }
-            | Op::Restore(_) => true,
+            | Op::Restore(_)
+            | Op::Fleet(_) => true,
             Op::Examples
             | Op::ExampleFrame { .. }
             | Op::Export(_)
@@ -195,6 +198,7 @@ impl Server {
                     Err(e) => now(Err(conflict(e))),
                 }
             }
+            Op::Fleet(ops) => self.fleet_merge(ops),
             Op::Export(format) => {
                 let k = &self.kiosk;
                 let Some(h) = k.head() else {

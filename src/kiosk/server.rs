@@ -117,6 +117,8 @@ pub struct Server {
     pub(super) burst_stop: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Where captured frames go while someone watches ([`Server::run`] sets it).
     pub(super) feed: Option<std::sync::Arc<super::feed::Feed>>,
+    /// The fleet this kiosk is a member of ([`Server::join_fleet`]).
+    pub(super) member: Option<super::member::Member>,
 }
 
 /// What a request's execution gives: its reply's fields, or a refit to run first.
@@ -133,6 +135,7 @@ pub(super) enum Then {
     Rename { to: Label },
     Delete { label: Label, left: usize },
     Restore { examples: usize },
+    Fleet { merged: usize },
 }
 
 /// A reply waiting for a refit.
@@ -202,6 +205,16 @@ pub struct Done {
     pub body: Body,
 }
 
+impl Done {
+    /// A reply of fields only.
+    pub fn fields(fields: Vec<Field>) -> Done {
+        Done {
+            fields,
+            body: Body::None,
+        }
+    }
+}
+
 impl Reply {
     fn new(
         id: Option<String>,
@@ -263,6 +276,7 @@ impl Server {
             answered: 0,
             burst_stop: Default::default(),
             feed: None,
+            member: None,
         }
     }
 
@@ -433,6 +447,10 @@ impl Server {
             Then::Delete { label, left } => vec![
                 Field::new("label", label),
                 Field::new("examples", left),
+                Field::new("classes", self.kiosk.labels().len()),
+            ],
+            Then::Fleet { merged } => vec![
+                Field::new("merged", merged),
                 Field::new("classes", self.kiosk.labels().len()),
             ],
         })

@@ -22,13 +22,19 @@
 //! spelling or through a symlink. Files of older versions, which stored the path as `--data`
 //! was given, are matched by `<label>/<file name>`: a frame is an orphan only when no committed
 //! example has its label folder and file name.
+//!
+//! In a fleet (`graft serve --fleet`), examples learnt by other kiosks arrive without their
+//! frames: their paths (`examples/<label>/<origin>~<file>`) name no file, and the backup and
+//! thumbnails skip them. `fleet.log` and `fleet.json` beside the rest hold the fleet's
+//! operations and this kiosk's id in it (see [`super::replica`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::replica::{Held, Intent, Visible};
 use crate::backbone::{Backbone, BackboneError, BackboneId};
 use crate::capture::Frame;
 use crate::head::{HeadError, HeadKind, HeadParams, Label};
@@ -164,6 +170,8 @@ pub struct Kiosk {
     settings: Settings,
     /// The head in memory is not the one on disk (its write failed).
     head_unsaved: bool,
+    /// Label-level changes since a fleet last took them ([`Kiosk::take_intents`]).
+    intents: Vec<Intent>,
     /// One process at a time writes a data folder.
     _lock: FolderLock,
 }
@@ -224,6 +232,7 @@ impl Kiosk {
             head: None,
             settings: Settings::default(),
             head_unsaved: false,
+            intents: Vec::new(),
             _lock: lock,
         };
         k.settings = Settings::read(&k.settings_file())?;
@@ -515,6 +524,7 @@ impl Kiosk {
             self.set = kept;
             return Err(e.into());
         }
+        self.intents.push(Intent::Forget(label.to_string()));
         self.remove_frames_folder(label.as_str())?;
         let kind = self.head_kind();
         Ok((removed, learn::fit_job(self, kind)))
@@ -551,6 +561,8 @@ impl Kiosk {
             self.set = kept;
             return Err(e.into());
         }
+        self.intents
+            .push(Intent::Rename(from.to_string(), to.to_string()));
         self.remove_frames_folder(from.as_str())?;
         let kind = self.head_kind();
         Ok(learn::fit_job(self, kind))
@@ -666,16 +678,21 @@ impl Kiosk {
                 .file_name()
                 .ok_or_else(|| bad(format!("{}: not a frame", r.path.display())))?;
             let from = staging.join("examples").join(label.as_str()).join(name);
-            if !from.is_file() {
+            // An example another kiosk of the fleet learnt has no frame (`ORIGIN~FILE`).
+            let frameless = name.to_string_lossy().contains('~');
+            if !from.is_file() && !frameless {
                 return Err(bad(format!(
                     "examples/{label}/{} is not in the archive",
                     name.to_string_lossy()
                 )));
             }
-            let to = self
-                .frames_dir()
-                .join(label.as_str())
-                .join(format!("r{stamp}-{}", name.to_string_lossy()));
+            let to = if frameless && !from.is_file() {
+                self.frames_dir().join(label.as_str()).join(name)
+            } else {
+                self.frames_dir()
+                    .join(label.as_str())
+                    .join(format!("r{stamp}-{}", name.to_string_lossy()))
+            };
             let id = match set.labels.iter().position(|l| label == *l) {
                 Some(i) => i,
                 None => {
@@ -689,7 +706,9 @@ impl Kiosk {
                 sha256: r.sha256,
                 embedding: r.embedding,
             });
-            moves.push((from, to));
+            if from.is_file() {
+                moves.push((from, to));
+            }
         }
         for (from, to) in &moves {
             if let Some(parent) = to.parent() {
@@ -719,6 +738,95 @@ impl Kiosk {
         }
         let n = self.set.examples.len();
         Ok((n, learn::fit_job(self, None)))
+    }
+
+    /// The label-level changes (FORGET, rename) made since the last call, for a fleet.
+    pub fn take_intents(&mut self) -> Vec<Intent> {
+        std::mem::take(&mut self.intents)
+    }
+
+    /// The examples as a fleet compares them.
+    pub fn held(&self) -> Vec<Held<'_>> {
+        self.set
+            .examples
+            .iter()
+            .map(|e| Held {
+                label: &self.set.labels[e.label],
+                sha256: &e.sha256,
+                file: e.path.file_name().and_then(|n| n.to_str()).unwrap_or(""),
+                embedding: &e.embedding,
+            })
+            .collect()
+    }
+
+    /// Makes the examples those of the fleet (`view`, [`Replica::view`](super::replica::Replica::view)):
+    /// an example held already keeps its frame and exact embedding (also when the fleet moved
+    /// it to another class); one from another kiosk has no frame (examples travel, photos do
+    /// not) and is named `ORIGIN~FILE`. Commits `examples.jsonl` and returns the refit to run,
+    /// or `None` when nothing changed.
+    pub fn fleet_apply_begin(
+        &mut self,
+        view: &[Visible<'_>],
+        me: &str,
+    ) -> Result<Option<FitJob>, KioskError> {
+        let s = &self.set;
+        let mut by_key: HashMap<(&str, &str), &Example> = HashMap::new();
+        let mut by_frame: HashMap<(&str, &std::ffi::OsStr), &Example> = HashMap::new();
+        for e in &s.examples {
+            by_key.insert((&s.labels[e.label], &e.sha256), e);
+            if let Some(n) = e.path.file_name() {
+                by_frame.insert((&e.sha256, n), e);
+            }
+        }
+        let mut labels: Vec<String> = s
+            .labels
+            .iter()
+            .filter(|l| view.iter().any(|v| v.label == l.as_str()))
+            .cloned()
+            .collect();
+        for v in view {
+            if !labels.iter().any(|l| l == v.label) {
+                labels.push(v.label.to_string());
+            }
+        }
+        let mut examples = Vec::with_capacity(view.len());
+        let mut same = view.len() == s.examples.len();
+        for v in view {
+            let sha = super::wire::hex(v.sha256);
+            let label = labels.iter().position(|l| l == v.label).unwrap_or(0);
+            let name = if v.origin == me {
+                v.file.to_string()
+            } else {
+                format!("{}~{}", v.origin, v.file)
+            };
+            let held = by_key.get(&(v.label, sha.as_str())).copied();
+            same &= held.is_some();
+            let e = match held.or_else(|| {
+                by_frame
+                    .get(&(sha.as_str(), std::ffi::OsStr::new(&name)))
+                    .copied()
+            }) {
+                Some(e) => Example { label, ..e.clone() },
+                None => Example {
+                    label,
+                    path: self.frames_dir().join(v.label).join(&name),
+                    sha256: sha,
+                    embedding: v.embedding.to_vec(),
+                },
+            };
+            examples.push(e);
+        }
+        if same {
+            return Ok(None);
+        }
+        let kept = std::mem::replace(&mut self.set, ExampleSet { labels, examples });
+        if let Err(e) = self.write_examples() {
+            self.set = kept;
+            return Err(e.into());
+        }
+        self.remove_orphans()?;
+        let kind = self.head_kind();
+        Ok(Some(learn::fit_job(self, kind)))
     }
 
     /// Every class with the file names of its examples' frames, in head order.

@@ -8,6 +8,8 @@ mod common;
 mod errors;
 mod export;
 mod finetune;
+#[cfg(feature = "fleet")]
+mod fleet;
 #[cfg(feature = "gpu")]
 mod gpu;
 mod heads;

@@ -12,7 +12,7 @@ use crate::heads::data_dir;
 
 /// A folder whose sorted pictures are: 3 birds, 3 fruit, then one bird and one fruit not among
 /// them (what a camera would see as a person shows objects in turn).
-fn frames(dir: &Path) -> PathBuf {
+pub(crate) fn frames(dir: &Path) -> PathBuf {
     let out = dir.join("frames");
     std::fs::create_dir_all(&out).unwrap();
     let pick = |class: &str, skip: usize, n: usize| -> Vec<PathBuf> {
@@ -32,17 +32,22 @@ fn frames(dir: &Path) -> PathBuf {
     out
 }
 
-struct Served {
+pub(crate) struct Served {
     child: Child,
-    stderr: PathBuf,
+    pub(crate) stderr: PathBuf,
 }
 
 impl Served {
-    fn start(cache: &Path, args: &[&str], source: &Path, data: &Path) -> (Served, String) {
+    pub(crate) fn start(
+        cache: &Path,
+        args: &[&str],
+        source: &Path,
+        data: &Path,
+    ) -> (Served, String) {
         Served::start_env(cache, args, source, data, &[])
     }
 
-    fn start_env(
+    pub(crate) fn start_env(
         cache: &Path,
         args: &[&str],
         source: &Path,
@@ -97,7 +102,7 @@ impl Served {
     }
 
     /// SIGTERM, then the exit status must be success.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let pid = self.child.id().to_string();
         let st = std::process::Command::new("kill")
             .args(["-TERM", &pid])
@@ -129,7 +134,7 @@ impl Drop for Served {
 }
 
 /// A line-oriented client over any byte link whose reads time out.
-struct Client<L: Read + Write> {
+pub(crate) struct Client<L: Read + Write> {
     link: L,
     buf: Vec<u8>,
 }
@@ -176,14 +181,14 @@ impl<L: Read + Write> Client<L> {
         }
     }
 
-    fn ask(&mut self, request: &str) -> String {
+    pub(crate) fn ask(&mut self, request: &str) -> String {
         self.send(format!("{request}\n").as_bytes());
         self.line(Duration::from_secs(120))
             .unwrap_or_else(|| panic!("no reply to {request:?}"))
     }
 }
 
-fn tcp(addr: &str) -> Client<TcpStream> {
+pub(crate) fn tcp(addr: &str) -> Client<TcpStream> {
     let s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     Client::new(s)
@@ -199,7 +204,7 @@ fn tcp_server(dir: &Path) -> (Served, String) {
     )
 }
 
-fn field<'a>(reply: &'a str, key: &str) -> &'a str {
+pub(crate) fn field<'a>(reply: &'a str, key: &str) -> &'a str {
     reply
         .split(' ')
         .find_map(|f| f.strip_prefix(&format!("{key}=")))
