@@ -188,7 +188,11 @@ impl Server {
             }
             drop(handle);
             drop(core_tx);
+            let core_rx = core_rx;
             self.run_queue(&core_rx, &feed, stop);
+            // Before the fronts are joined: a front waiting for a reply (Handle::call) gets
+            // its answer (the kiosk is stopping) now, not after its whole wait.
+            drop(core_rx);
         });
     }
 

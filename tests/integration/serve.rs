@@ -1008,3 +1008,39 @@ fn a_data_folder_keeps_the_model_its_examples_were_made_with() {
     server.stop();
     assert!(field(&info, "model").ends_with("-gem"), "{info}");
 }
+
+/// Regression: a front end that sent a request just as the kiosk stopped waited for its whole
+/// reply timeout (a fleet's front end: up to 600 s), because the request queue's receiver
+/// lived until every front end had returned. It is answered ("the kiosk is stopping") at once.
+#[test]
+fn a_request_sent_while_the_kiosk_stops_is_answered_at_once() {
+    use graft::kiosk::{Fronts, Handle, Kiosk, Op, Options, Server};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let t = tempfile::tempdir().unwrap();
+    let backbone = graft::backbone::Backbone::load_named(graft::backbone::DEFAULT_MODEL).unwrap();
+    let kiosk = Kiosk::open(&t.path().join("kiosk"), backbone, None).unwrap();
+    let source =
+        graft::capture::FileSource::open(&frames(t.path()).to_string_lossy(), false).unwrap();
+    let mut server = Server::new(kiosk, Box::new(source), Options::default());
+    let stop = AtomicBool::new(false);
+    let waited = Arc::new(Mutex::new(None));
+    let w = Arc::clone(&waited);
+    let stop_ref = &stop;
+    let front = Box::new(move |h: Handle| {
+        stop_ref.store(true, Ordering::SeqCst);
+        // Long enough for the queue to have stopped.
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        let reply = h.call(Op::Examples, Duration::from_secs(60));
+        *w.lock().unwrap() = Some((start.elapsed(), reply.result.is_err()));
+    });
+    let fronts = Fronts {
+        others: vec![front],
+        ..Fronts::default()
+    };
+    server.run(fronts, Arc::new(graft::kiosk::Feed::new(1.0, 64, 1)), &stop);
+    let (took, refused) = waited.lock().unwrap().take().unwrap();
+    assert!(refused, "a stopped kiosk answered");
+    assert!(took < Duration::from_secs(5), "the request waited {took:?}");
+}
