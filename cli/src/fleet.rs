@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use super::Global;
@@ -37,8 +37,10 @@ pub struct FleetArgs {
     pub kiosk_id: Option<String>,
 }
 
+#[cfg(feature = "fleet")]
 fn secret(file: &Option<PathBuf>, env: &str, what: &str) -> anyhow::Result<Option<String>> {
     if let Some(f) = file {
+        use anyhow::Context;
         let bytes = std::fs::read(f).with_context(|| format!("reading the {what} file"))?;
         let s = String::from_utf8(bytes)
             .with_context(|| format!("{}: the {what} is not UTF-8 text", f.display()))?;
@@ -246,7 +248,7 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
                 return super::output::json_line(&r);
             }
             println!(
-                "{} kiosks × {} examples (dim {}): {} of {} kiosks converged in {:.1} s; {:.0} bytes per example published; {} deliveries ({:.0} MB); {:.1} MB per client{}",
+                "{} kiosks × {} examples (dim {}): {} of {} kiosks converged in {:.1} s; {:.0} bytes per example published; {} deliveries ({:.0} MB); {:.1} MB per client (peak {:.1}){}",
                 r.kiosks,
                 r.examples_each,
                 r.dim,
@@ -257,6 +259,7 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
                 r.deliveries,
                 r.delivered_mb,
                 r.client_mb_per_kiosk,
+                r.client_peak_mb_per_kiosk,
                 r.broker_mb
                     .map(|(now, peak)| format!("; broker {now:.0} MB (peak {peak:.0} MB)"))
                     .unwrap_or_default()

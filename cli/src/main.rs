@@ -180,7 +180,7 @@ enum Command {
     /// Check what a kiosk needs: model, camera, serial port, groups, data folder, board.
     Doctor(doctor::DoctorArgs),
     /// Serve the kiosk line protocol over a serial port or TCP (see docs/PROTOCOL.md).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// A fleet of kiosks sharing examples through an MQTT broker (docs/FLEET.md).
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
@@ -254,7 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Curve(a) => heads::curve(&g, a),
         Command::Export(a) => export::run(&g, a),
         Command::Cameras => camera::cameras(&g),
-        Command::Serve(a) => serve::run(&g, a),
+        Command::Serve(a) => serve::run(&g, *a),
         Command::Fleet(c) => fleet::run(&g, c),
         Command::Doctor(a) => doctor::run(&g, a),
         Command::Capture(a) => camera::capture(&g, a),

@@ -42,12 +42,19 @@ struct Broker {
 
 impl Broker {
     fn start(dir: &Path) -> Broker {
+        Broker::start_with(dir, "allow_anonymous true\n")
+    }
+
+    /// With more configuration lines after the listener's (TLS, logins, ACL).
+    fn start_with(dir: &Path, extra: &str) -> Broker {
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
+        // `user root`: as root, mosquitto would otherwise drop to the `mosquitto` user, who
+        // cannot read the test's private temp folder (ignored when not started as root).
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"
+                "user root\npersistence false\nmax_queued_messages 0\nlistener {port} 127.0.0.1\n{extra}"
             ),
         )
         .unwrap();
@@ -161,28 +168,37 @@ impl Proxy {
 
 /// A kiosk of fleet `shop` serving TCP, frames from [`frames`].
 fn kiosk(dir: &Path, id: &str, url: &str, key: &str) -> (Served, String) {
+    kiosk_with(dir, id, url, key, &[], &[])
+}
+
+fn kiosk_with(
+    dir: &Path,
+    id: &str,
+    url: &str,
+    key: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Served, String) {
     let cache = dir.join("cache");
     let source = dir.join(format!("frames-{id}"));
     if !source.exists() {
         let made = frames(&dir.join(format!("src-{id}")));
         std::fs::rename(made, &source).unwrap();
     }
-    Served::start_env(
-        &cache,
-        &[
-            "--tcp",
-            "127.0.0.1:0",
-            "--fleet",
-            url,
-            "--fleet-name",
-            "shop",
-            "--kiosk-id",
-            id,
-        ],
-        &source,
-        &dir.join(id),
-        &[("GRAFT_FLEET_KEY", key), ("RUST_LOG", "info")],
-    )
+    let mut all = vec![
+        "--tcp",
+        "127.0.0.1:0",
+        "--fleet",
+        url,
+        "--fleet-name",
+        "shop",
+        "--kiosk-id",
+        id,
+    ];
+    all.extend_from_slice(args);
+    let mut vars = vec![("GRAFT_FLEET_KEY", key), ("RUST_LOG", "info")];
+    vars.extend_from_slice(env);
+    Served::start_env(&cache, &all, &source, &dir.join(id), &vars)
 }
 
 /// Polls `ask` on a kiosk until `done` holds for its reply; returns the reply and how long it
@@ -233,10 +249,18 @@ fn classes(reply: &str) -> Vec<(String, String)> {
     let (mut labels, mut counts) = (Vec::new(), Vec::new());
     for f in rest.split(' ') {
         if let Some(l) = f.strip_prefix("labels=") {
-            labels = l.split(',').map(String::from).collect();
+            labels = l
+                .split(',')
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect();
         }
         if let Some(c) = f.strip_prefix("counts=") {
-            counts = c.split(',').map(String::from).collect();
+            counts = c
+                .split(',')
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect();
         }
     }
     let mut v: Vec<_> = labels.into_iter().zip(counts).collect();
@@ -442,6 +466,157 @@ fn duplicated_reordered_and_forged_deliveries_change_nothing() {
     let log = std::fs::read_to_string(&a.stderr).unwrap();
     assert!(log.contains("refused a message on graft/shop/x/"), "{log}");
     for k in [a, b, e] {
+        k.stop();
+    }
+}
+
+fn run(cmd: &str, args: &[&str], dir: &Path) {
+    let st = Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(st.success(), "{cmd} {args:?}");
+}
+
+/// A test CA and a broker certificate for 127.0.0.1, made with the openssl command.
+fn certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend_from_slice(&ec);
+    ca.extend_from_slice(&[
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=graft test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run("openssl", &ca, dir);
+    let mut req = vec!["req"];
+    req.extend_from_slice(&ec);
+    req.extend_from_slice(&[
+        "-keyout",
+        "broker.key",
+        "-out",
+        "broker.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run("openssl", &req, dir);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "broker.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "broker.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+        dir,
+    );
+}
+
+/// The broker speaks only TLS, takes only its users, and lets each kiosk write only its own
+/// topics (the ACL of docs/FLEET.md): kiosks with the CA and their login learn together; a
+/// wrong password gets nothing.
+#[test]
+fn tls_and_the_broker_login_are_required_and_enough() {
+    if skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    certificates(dir);
+    for (user, pass) in [("a", "pass-a"), ("b", "pass-b")] {
+        let mut args = vec!["-b", "passwords", user, pass];
+        if user == "a" {
+            args.insert(0, "-c");
+        }
+        run("mosquitto_passwd", &args, dir);
+    }
+    std::fs::write(
+        dir.join("acl"),
+        "pattern write graft/shop/x/%u/#\npattern write graft/shop/l/%u/#\npattern write graft/shop/m/%u\npattern read graft/shop/#\n",
+    )
+    .unwrap();
+    let d = dir.display();
+    let broker = Broker::start_with(
+        dir,
+        &format!(
+            "cafile {d}/ca.crt\ncertfile {d}/broker.crt\nkeyfile {d}/broker.key\nallow_anonymous false\npassword_file {d}/passwords\nacl_file {d}/acl\n"
+        ),
+    );
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let ca = format!("{d}/ca.crt");
+    let login = |user: &'static str| ["--fleet-ca", ca.as_str(), "--fleet-user", user];
+    let (a, a_addr) = kiosk_with(
+        dir,
+        "a",
+        &url,
+        KEY,
+        &login("a"),
+        &[("GRAFT_FLEET_PASSWORD", "pass-a")],
+    );
+    let (b, b_addr) = kiosk_with(
+        dir,
+        "b",
+        &url,
+        KEY,
+        &login("b"),
+        &[("GRAFT_FLEET_PASSWORD", "pass-b")],
+    );
+    let (c, c_addr) = kiosk_with(
+        dir,
+        "c",
+        &url,
+        KEY,
+        &login("b"),
+        &[("GRAFT_FLEET_PASSWORD", "wrong")],
+    );
+    let mut ca_link = tcp(&a_addr);
+    assert!(ca_link.ask("LEARN birds 3").starts_with("OK"));
+    assert!(ca_link.ask("LEARN fruit 3").starts_with("OK"));
+    let want = "OK labels=birds,fruit counts=3,3";
+    converged(&[&a_addr, &b_addr], want, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        classes(&labels(&c_addr)),
+        Vec::new(),
+        "a wrong password got the fleet"
+    );
+    let log = std::fs::read_to_string(&c.stderr).unwrap();
+    assert!(!log.contains("connected to"), "{log}");
+    for k in [a, b, c] {
         k.stop();
     }
 }
