@@ -44,8 +44,8 @@ if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } &
     export GRAFT_SKIP_BROWSER=1
 fi
 # Mesa's device-select layer probes for a Wayland display and prints an error without one.
-if ! { command -v mosquitto >/dev/null && command -v mosquitto_sub >/dev/null; } &&
-    ! install mosquitto mosquitto-clients; then
+if ! { command -v mosquitto >/dev/null && command -v mosquitto_sub >/dev/null && command -v openssl >/dev/null; } &&
+    ! install mosquitto mosquitto-clients openssl; then
     echo "tests/run.sh: mosquitto not found (apt-get install mosquitto mosquitto-clients): the fleet tests are skipped" >&2
     export GRAFT_SKIP_MQTT=1
 fi
