@@ -170,8 +170,14 @@ impl Server {
                 .example_frame(&label, &file)
                 .map_err(conflict)
                 .and_then(|p| {
-                    crate::userfile::read(p)
-                        .map_err(|e| (Code::Internal, format!("{}: {e}", p.display())))
+                    crate::userfile::read(p).map_err(|e| match file.split_once('~') {
+                        // An example of another kiosk of the fleet: examples travel, photos do not.
+                        Some((origin, _)) if !p.exists() => (
+                            Code::Conflict,
+                            format!("{file}: learnt by kiosk {origin}; its photo stays there"),
+                        ),
+                        _ => (Code::Internal, format!("{}: {e}", p.display())),
+                    })
                 })
                 .map(|b| bytes("image/jpeg", b))),
             Op::Evaluation => {

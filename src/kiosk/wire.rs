@@ -349,9 +349,11 @@ pub fn open(key: &[u8], fleet: &str, topic: &str, payload: &[u8]) -> Result<Mess
     decode(body)
 }
 
-/// The topic an operation is published on (retained): an example's add and its tombstone share
-/// `graft/FLEET/x/ORIGIN/EID`, so the broker keeps one message per example; a label
-/// operation is `graft/FLEET/l/ORIGIN/HLC`.
+/// The topic an operation is published on (retained), always under its own kiosk's name (so a
+/// broker ACL can let each kiosk write only its own topics): an example's add is
+/// `graft/FLEET/x/ORIGIN/EID` and its tombstone `graft/FLEET/x/DELETER/EID` (the same topic,
+/// replacing the add on the broker, when the origin deletes it); a label operation is
+/// `graft/FLEET/l/ORIGIN/HLC`.
 pub fn topic(fleet: &str, op: &FleetOp) -> String {
     match &op.body {
         Body::Add { eid, .. } | Body::Delete { eid } => {
