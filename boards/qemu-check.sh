@@ -50,6 +50,30 @@ assert want in k[0]["detail"], k[0]["detail"]
 print("qemu-check: " + k[0]["detail"])
 PY
 
+# Fleets on this target (a build with --features fleet, as CI's board builds): the wire codec,
+# the HMAC tags and the merge, through a Mosquitto started here: 2 simulated kiosks x 20
+# examples each until both hold all 40.
+if command -v mosquitto >/dev/null; then
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    printf 'user root\nlistener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$work/mosquitto.conf"
+    mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
+    broker=$!
+    sleep 0.5
+    if out=$(GRAFT_FLEET_KEY=qemu-check-fleet-key-0123456789 $arm fleet simulate \
+        --fleet "mqtt://127.0.0.1:$port" --fleet-name qemu --kiosks 2 --examples 20 --dim 1280 --timeout 120 2>&1); then
+        echo "qemu-check: fleet: $out"
+    elif grep -q "built without fleets" <<<"$out"; then
+        echo "qemu-check: fleet: not in this build (--features fleet), skipped"
+    else
+        kill "$broker"
+        echo "qemu-check $target: fleet simulation failed: $out" >&2
+        exit 1
+    fi
+    kill "$broker"
+else
+    echo "qemu-check: fleet: mosquitto not installed, skipped"
+fi
+
 photo=tests/fixtures/images/dog.jpg
 for model in efficientnet-lite0-fp32 efficientnet-lite0-int8 efficientnet-lite0-w8 efficientnet-lite0-w8-gem; do
     a=$($arm --json classify --model $model --top 1 "$photo" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["top"][0]["label"])')
