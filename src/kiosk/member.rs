@@ -16,9 +16,10 @@
 
 use std::collections::HashSet;
 
+use super::ops::{later, now};
 use super::protocol::{Code, Field};
 use super::replica::{FleetOp, Replica};
-use super::server::{conflict, Answer, Deferred, Done, Reply, Server, Then};
+use super::server::{conflict, Answer, Done, Server, Then};
 use super::state::KioskError;
 use super::wire::{self, MemberStatus};
 
@@ -46,14 +47,6 @@ pub(super) struct Member {
     /// Origins already named in a log line for running another backbone.
     warned: HashSet<String>,
     model: String,
-}
-
-fn now(result: Result<Done, (Code, String)>) -> Answer {
-    Answer::Now(Reply {
-        id: None,
-        checksum: false,
-        result,
-    })
 }
 
 impl Server {
@@ -154,7 +147,7 @@ impl Server {
         let answer = match result {
             Ok(Some(job)) => {
                 log::info!("fleet: {merged} operations merged; refitting");
-                Answer::Later(Box::new(Deferred::new(job, Then::Fleet { merged })))
+                later(job, Then::Fleet { merged })
             }
             Ok(None) => now(Ok(Done::fields(fields(self.kiosk.labels().len())))),
             Err(e) => {

@@ -100,11 +100,12 @@ pub struct ClassInfo {
     pub files: Vec<String>,
 }
 
-fn later(job: crate::store::learn::FitJob, then: Then) -> Answer {
+pub(super) fn later(job: crate::store::learn::FitJob, then: Then) -> Answer {
     Answer::Later(Box::new(Deferred::new(job, then)))
 }
 
-fn now(result: Result<Done, (Code, String)>) -> Answer {
+/// An answer now (no refit to wait for).
+pub(super) fn now(result: Result<Done, (Code, String)>) -> Answer {
     Answer::Now(Reply {
         id: None,
         checksum: false,

@@ -620,3 +620,45 @@ fn tls_and_the_broker_login_are_required_and_enough() {
         k.stop();
     }
 }
+
+/// Kiosks whose backbones differ share a fleet without mixing: each refuses the other's
+/// examples and says so in its log, naming the kiosk.
+#[test]
+fn a_kiosk_with_another_backbone_is_refused_with_a_log_line() {
+    if skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let broker = Broker::start(dir);
+    let (a, a_addr) = kiosk(dir, "a", &broker.url(), KEY);
+    let int8 = ["--model", "efficientnet-lite0-int8"];
+    let (f, f_addr) = kiosk_with(dir, "f", &broker.url(), KEY, &int8, &[]);
+    assert!(tcp(&a_addr).ask("LEARN birds 3").starts_with("OK"));
+    assert!(tcp(&f_addr).ask("LEARN tools 1").starts_with("OK"));
+    let logged = |s: &Served, other: &str| {
+        std::fs::read_to_string(&s.stderr)
+            .unwrap()
+            .contains(&format!("kiosk {other} embeds with another backbone"))
+    };
+    let start = Instant::now();
+    while !(logged(&a, "f") && logged(&f, "a")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}\n{}",
+            std::fs::read_to_string(&a.stderr).unwrap(),
+            std::fs::read_to_string(&f.stderr).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        classes(&labels(&a_addr)),
+        classes("OK labels=birds counts=3")
+    );
+    assert_eq!(
+        classes(&labels(&f_addr)),
+        classes("OK labels=tools counts=1")
+    );
+    a.stop();
+    f.stop();
+}
