@@ -578,31 +578,21 @@ fn tls_and_the_broker_login_are_required_and_enough() {
     );
     let url = format!("mqtts://127.0.0.1:{}", broker.port);
     let ca = format!("{d}/ca.crt");
-    let login = |user: &'static str| ["--fleet-ca", ca.as_str(), "--fleet-user", user];
-    let (a, a_addr) = kiosk_with(
-        dir,
-        "a",
-        &url,
-        KEY,
-        &login("a"),
-        &[("GRAFT_FLEET_PASSWORD", "pass-a")],
-    );
-    let (b, b_addr) = kiosk_with(
-        dir,
-        "b",
-        &url,
-        KEY,
-        &login("b"),
-        &[("GRAFT_FLEET_PASSWORD", "pass-b")],
-    );
-    let (c, c_addr) = kiosk_with(
-        dir,
-        "c",
-        &url,
-        KEY,
-        &login("b"),
-        &[("GRAFT_FLEET_PASSWORD", "wrong")],
-    );
+    // Kiosk `id` logging in as `user` with `password`.
+    let start = |id: &str, user: &str, password: &str| {
+        let args = ["--fleet-ca", ca.as_str(), "--fleet-user", user];
+        kiosk_with(
+            dir,
+            id,
+            &url,
+            KEY,
+            &args,
+            &[("GRAFT_FLEET_PASSWORD", password)],
+        )
+    };
+    let (a, a_addr) = start("a", "a", "pass-a");
+    let (b, b_addr) = start("b", "b", "pass-b");
+    let (c, c_addr) = start("c", "b", "wrong");
     let mut ca_link = tcp(&a_addr);
     assert!(ca_link.ask("LEARN birds 3").starts_with("OK"));
     assert!(ca_link.ask("LEARN fruit 3").starts_with("OK"));
