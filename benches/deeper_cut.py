@@ -253,17 +253,17 @@ def main():
         print("| shots | arm | accuracy | vs fixed |")
         print("|---|---|---|---|")
         print(f"| {shots} | fixed features (probe) | {base.mean() * 100:.1f}% | |")
+        bests = {arm: max(((lr, ep) for lr in lrs for ep in checkpoints), key=lambda k: np.mean(acc[(arm,) + k]))
+                 for arm in arms}
         for arm in arms:
-            best = max(((lr, ep) for lr in lrs for ep in checkpoints), key=lambda k: np.mean(acc[(arm,) + k]))
+            best = bests[arm]
             for lr in lrs:
                 cells = " / ".join(f"{np.mean(acc[(arm, lr, ep)]) * 100:.1f}" for ep in checkpoints)
                 print(f"| {shots} | {arm}, step {lr:g}, epochs {'/'.join(map(str, checkpoints))} | {cells}% | |")
             print(row(f"**{arm}, best of all (oracle: step {best[0]:g}, {best[1]} epochs)**", acc[(arm,) + best]))
             print(f"| {shots} | {arm}: seconds per fit of {max(checkpoints)} epochs (2 cores) | "
                   f"{np.mean(fit_s[arm]):.1f} | |")
-        tb = max(((lr, ep) for lr in lrs for ep in checkpoints), key=lambda k: np.mean(acc[("top",) + k]))
-        bb = max(((lr, ep) for lr in lrs for ep in checkpoints), key=lambda k: np.mean(acc[("block15",) + k]))
-        diff = (np.array(acc[("block15",) + bb]) - np.array(acc[("top",) + tb])) * 100
+        diff = (np.array(acc[("block15",) + bests["block15"]]) - np.array(acc[("top",) + bests["top"]])) * 100
         se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
         print(f"| {shots} | block15's best minus top's best | | {diff.mean():+.1f} ± {se:.1f} |")
 
