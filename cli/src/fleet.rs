@@ -160,6 +160,9 @@ pub enum FleetCommand {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
+        /// Each kiosk learns this many examples a second [default: all at once].
+        #[arg(long)]
+        rate: Option<f64>,
     },
 }
 
@@ -232,6 +235,7 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
             dim,
             broker_pid,
             timeout,
+            rate,
         } => {
             if kiosks == 0 || examples == 0 || dim == 0 || dim > graft::kiosk::wire::MAX_DIM {
                 bail!("--kiosks, --examples and --dim must be at least 1 (dim at most 65535)");
@@ -243,6 +247,13 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
                 dim,
                 broker_pid,
                 timeout: seconds(timeout, "timeout")?,
+                every: match rate {
+                    Some(r) if r.is_finite() && (1e-3..=1e6).contains(&r) => {
+                        Some(Duration::from_secs_f64(1.0 / r))
+                    }
+                    Some(r) => bail!("--rate {r} is not a number of examples a second"),
+                    None => None,
+                },
             })?;
             if g.json {
                 return super::output::json_line(&r);
@@ -264,8 +275,18 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
                     .map(|(now, peak)| format!("; broker {now:.0} MB (peak {peak:.0} MB)"))
                     .unwrap_or_default()
             );
+            if r.connection_errors > 0 {
+                println!(
+                    "{} connection errors; the last: {}",
+                    r.connection_errors,
+                    r.last_error.as_deref().unwrap_or("?")
+                );
+            }
             if r.converged_kiosks < r.kiosks {
-                bail!("{} kiosks did not converge", r.kiosks - r.converged_kiosks);
+                bail!(
+                    "{} kiosks did not converge within {timeout} s",
+                    r.kiosks - r.converged_kiosks
+                );
             }
             Ok(())
         }

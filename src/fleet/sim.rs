@@ -28,6 +28,9 @@ pub struct SimOptions {
     pub broker_pid: Option<u32>,
     /// Give up after this long.
     pub timeout: Duration,
+    /// Each kiosk learns one example per this interval (kiosks learning over time, and time
+    /// for the network to fail meanwhile); `None`: all at once.
+    pub every: Option<Duration>,
 }
 
 /// What the simulation measured.
@@ -56,6 +59,11 @@ pub struct SimReport {
     pub client_peak_mb_per_kiosk: f64,
     /// The broker's resident memory at the end and its peak (MB), when its pid was given.
     pub broker_mb: Option<(f64, f64)>,
+    /// Connection errors, all kiosks together: each lost connection and each failed attempt
+    /// to make it again.
+    pub connection_errors: u64,
+    /// The last connection error a kiosk saw, if any.
+    pub last_error: Option<String>,
 }
 
 fn rss_mb(pid: &str) -> Option<(f64, f64)> {
@@ -71,6 +79,8 @@ fn rss_mb(pid: &str) -> Option<(f64, f64)> {
 /// One simulated kiosk's result.
 struct Done {
     held: usize,
+    connection_errors: u64,
+    last_error: Option<String>,
     digest: String,
     deliveries: u64,
     delivered: u64,
@@ -91,7 +101,7 @@ pub fn simulate(o: &SimOptions) -> Result<SimReport, FleetError> {
             .options(&format!("graft-sim-{}-{k}", o.config.name), true)?;
         let (config, start_line, done_tx) =
             (o.config.clone(), Arc::clone(&start_line), done_tx.clone());
-        let (examples, dim, timeout) = (o.examples, o.dim, o.timeout);
+        let (examples, dim, timeout, every) = (o.examples, o.dim, o.timeout, o.every);
         std::thread::spawn(move || {
             let r = kiosk(
                 k,
@@ -103,6 +113,7 @@ pub fn simulate(o: &SimOptions) -> Result<SimReport, FleetError> {
                 total,
                 backbone,
                 timeout,
+                every,
             );
             let _ = done_tx.send(r);
         });
@@ -135,6 +146,8 @@ pub fn simulate(o: &SimOptions) -> Result<SimReport, FleetError> {
         client_mb_per_kiosk: process / o.kiosks.max(1) as f64,
         client_peak_mb_per_kiosk: peak / o.kiosks.max(1) as f64,
         broker_mb: o.broker_pid.and_then(|p| rss_mb(&p.to_string())),
+        connection_errors: results.iter().map(|d| d.connection_errors).sum(),
+        last_error: results.iter().filter_map(|d| d.last_error.clone()).last(),
     })
 }
 
@@ -149,6 +162,7 @@ fn kiosk(
     total: usize,
     backbone: [u8; 8],
     timeout: Duration,
+    every: Option<Duration>,
 ) -> Result<Done, FleetError> {
     let me = format!("sim{k}");
     let (client, connection) = Client::new(options, 4096);
@@ -175,7 +189,8 @@ fn kiosk(
     start_line.wait();
     let mut replica = Replica::in_memory(&me, backbone, false);
     let mut rng = rand::rngs::StdRng::seed_from_u64(k as u64);
-    let mut queue = std::collections::VecDeque::new();
+    // This kiosk's examples, sealed, in the order it learns them.
+    let mut own = Vec::with_capacity(examples);
     let mut published_bytes = 0u64;
     for i in 0..examples {
         let embedding: Vec<f32> = (0..dim).map(|_| rng.gen::<f32>().powi(3) * 4.0).collect();
@@ -202,13 +217,32 @@ fn kiosk(
         // PUBLISH: fixed header, remaining length, topic length, topic, packet id, payload.
         let rest = 2 + topic.len() + 2 + payload.len();
         published_bytes += (1 + varint_len(rest) + rest) as u64;
-        replica.merge(op);
-        queue.push_back((topic, payload));
+        own.push((op, topic, payload));
     }
-    let mut deliveries = 0u64;
-    let mut delivered = 0u64;
-    let end = Instant::now() + timeout;
-    while replica.len() < total && Instant::now() < end {
+    // Learned so far (each is merged and published when learned).
+    let mut learned = 0;
+    let mut queue = std::collections::VecDeque::new();
+    // Own examples the broker has sent back: it holds them (retained), so this kiosk may
+    // leave without taking them with it. Leaving as soon as this kiosk held everything lost
+    // examples still in its connection's queue (a board build under qemu, CI, 2026-12-03).
+    let mut echoed = std::collections::HashSet::new();
+    let own_topics: std::collections::HashSet<String> =
+        own.iter().map(|(_, t, _)| t.clone()).collect();
+    let (mut deliveries, mut delivered, mut connection_errors) = (0u64, 0u64, 0u64);
+    let mut last_error = None;
+    let mut held_all = None;
+    let begun = Instant::now();
+    let end = begun + timeout;
+    while (replica.len() < total || echoed.len() < examples) && Instant::now() < end {
+        let due = every.map_or(examples, |e| {
+            ((begun.elapsed().as_secs_f64() / e.as_secs_f64()) as usize + 1).min(examples)
+        });
+        while learned < due {
+            let (op, topic, payload) = &own[learned];
+            replica.merge(op.clone());
+            queue.push_back((topic.clone(), payload.clone()));
+            learned += 1;
+        }
         while let Some((t, p)) = queue.pop_front() {
             if client
                 .try_publish(t.clone(), QoS::AtLeastOnce, true, p.clone())
@@ -218,22 +252,47 @@ fn kiosk(
                 break;
             }
         }
-        if let Ok(Inbox::Mqtt(Ok(Event::Incoming(Packet::Publish(p))))) =
-            rx.recv_timeout(Duration::from_millis(50))
-        {
-            deliveries += 1;
-            delivered += (p.topic.len() + p.payload.len() + 7) as u64;
-            if let Ok(Message::Op(op)) = wire::open(&config.key, &config.name, &p.topic, &p.payload)
-            {
-                replica.merge(op);
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(Inbox::Mqtt(Ok(Event::Incoming(Packet::Publish(p))))) => {
+                deliveries += 1;
+                delivered += (p.topic.len() + p.payload.len() + 7) as u64;
+                if own_topics.contains(p.topic.as_str()) {
+                    echoed.insert(p.topic.clone());
+                }
+                if let Ok(Message::Op(op)) =
+                    wire::open(&config.key, &config.name, &p.topic, &p.payload)
+                {
+                    replica.merge(op);
+                }
             }
+            // Connected again: a clean session has no subscription, and what was in flight
+            // may be lost; as a kiosk does, subscribe and publish everything learned again.
+            Ok(Inbox::Mqtt(Ok(Event::Incoming(Packet::ConnAck(_))))) => {
+                client
+                    .try_subscribe(format!("graft/{}/x/#", config.name), QoS::AtLeastOnce)
+                    .map_err(|e| broker(e.to_string()))?;
+                queue = own[..learned]
+                    .iter()
+                    .map(|(_, t, p)| (t.clone(), p.clone()))
+                    .collect();
+            }
+            Ok(Inbox::Mqtt(Err(e))) => {
+                connection_errors += 1;
+                last_error = Some(e.to_string());
+            }
+            _ => {}
+        }
+        if held_all.is_none() && replica.len() == total {
+            held_all = Some(Instant::now());
         }
     }
-    let finished = Instant::now();
+    let finished = held_all.unwrap_or_else(Instant::now);
     let digest = replica.summary().2;
     let _ = client.try_disconnect();
     Ok(Done {
         held: replica.len(),
+        connection_errors,
+        last_error,
         digest,
         deliveries,
         delivered,
