@@ -147,7 +147,7 @@ pub fn simulate(o: &SimOptions) -> Result<SimReport, FleetError> {
         client_peak_mb_per_kiosk: peak / o.kiosks.max(1) as f64,
         broker_mb: o.broker_pid.and_then(|p| rss_mb(&p.to_string())),
         connection_errors: results.iter().map(|d| d.connection_errors).sum(),
-        last_error: results.iter().filter_map(|d| d.last_error.clone()).last(),
+        last_error: results.iter().rev().find_map(|d| d.last_error.clone()),
     })
 }
 
