@@ -68,32 +68,36 @@ impl Backbone {
             model: self.model_name(),
             reason: error::chain(&e),
         };
-        let mut state = SimpleState::new(&plan).map_err(fail)?;
         let nodes = plan.model().nodes.len();
-        let mut per_node = vec![Duration::ZERO; nodes];
         let runs = runs.max(1);
-        let mut total = Duration::ZERO;
-        for pass in 0..=runs {
-            let timed = pass > 0; // the first pass warms caches and allocates
-            let start = Instant::now();
-            self.in_pool(|| {
-                state.run_plan_with_eval(
-                    tvec!(input.clone().into()),
-                    |ctx, op_state, node, inputs| {
-                        let t = Instant::now();
-                        let out = eval(ctx, op_state, node, inputs);
-                        if timed {
-                            per_node[node.id] += t.elapsed();
-                        }
-                        out
-                    },
-                )
+        // All passes on the backbone's pool, as a real run goes (the plan's state stays on the
+        // thread that made it).
+        let (per_node, total) = self
+            .in_pool(|| {
+                let mut state = SimpleState::new(&plan)?;
+                let mut per_node = vec![Duration::ZERO; nodes];
+                let mut total = Duration::ZERO;
+                for pass in 0..=runs {
+                    let timed = pass > 0; // the first pass warms caches and allocates
+                    let start = Instant::now();
+                    state.run_plan_with_eval(
+                        tvec!(input.clone().into()),
+                        |ctx, op_state, node, inputs| {
+                            let t = Instant::now();
+                            let out = eval(ctx, op_state, node, inputs);
+                            if timed {
+                                per_node[node.id] += t.elapsed();
+                            }
+                            out
+                        },
+                    )?;
+                    if timed {
+                        total += start.elapsed();
+                    }
+                }
+                Ok::<_, TractError>((per_node, total))
             })
             .map_err(fail)?;
-            if timed {
-                total += start.elapsed();
-            }
-        }
         let per_run = |d: Duration| d.as_secs_f64() * 1e3 / runs as f64;
         let model = plan.model();
         let mut kinds: HashMap<String, (usize, f64)> = HashMap::new();

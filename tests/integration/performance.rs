@@ -301,3 +301,78 @@ fn half_precision_keeps_fp32s_features() {
         "no f16 matrix product in the plan"
     );
 }
+
+/// This process's CPU time (user + system), from /proc/self/stat, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ: 100 on Linux
+}
+
+/// During a run the backbone's other pool threads spin, looking for work (src/backbone
+/// in_pool); after it they must rest: a thread left spinning would burn a core of the board for
+/// as long as the kiosk runs. Checked in a child process of this test binary, so that no other
+/// test's work counts: after 2-thread runs, one after another and from two threads at once, it
+/// sleeps 1 s and must spend under 0.2 s of CPU meanwhile (a spinning thread spends the whole
+/// second). The runs agree with 1 thread's, and runs at once neither hang nor spin for ever.
+#[test]
+fn the_backbone_threads_rest_between_runs() {
+    const CHILD: &str = "GRAFT_TEST_REST_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.args([
+            "--exact",
+            "performance::the_backbone_threads_rest_between_runs",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD, "1");
+        let out = run_within(c, std::time::Duration::from_secs(300));
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child ran no test: {text}");
+        return;
+    }
+    let load = |threads| {
+        let spec = backbone::ModelSpec::resolve("efficientnet-lite0-fp32").unwrap();
+        let options = backbone::LoadOptions {
+            threads,
+            cpu_kernels: backbone::CpuKernels::Graft,
+        };
+        Backbone::load(spec, &options).unwrap()
+    };
+    let one = outputs(&load(1));
+    let two_threads = load(2);
+    for _ in 0..3 {
+        let two = outputs(&two_threads);
+        for ((name, (a, ta)), (b, tb)) in PHOTOS.iter().zip(&one).zip(&two) {
+            let c = cosine(a, b);
+            assert!(c >= 0.999999, "{name}: cosine {c} between 1 and 2 threads");
+            assert_eq!(ta, tb, "{name}: top-1");
+        }
+    }
+    // Runs from two threads at once share the pool in turns, and neither waits for ever.
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..3 {
+                    let two = outputs(&two_threads);
+                    assert!(cosine(&one[0].0, &two[0].0) >= 0.999999);
+                }
+            });
+        }
+    });
+    let before = cpu_seconds();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let spent = cpu_seconds() - before;
+    eprintln!("CPU time while idle for 1 s after the runs: {spent:.2} s");
+    assert!(
+        spent < 0.2,
+        "{spent:.2} s of CPU in 1 s of rest: a pool thread kept spinning"
+    );
+}
