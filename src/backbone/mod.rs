@@ -557,7 +557,7 @@ impl Backbone {
             // latch and woke at its end: two thread wake-ups per node, 70 nodes.) And the
             // pool's other threads spin, stealing work, until the run ends: a sleeping thread
             // woken for each node starts its share late (a halted virtual CPU takes tens of
-            // microseconds to wake). Measured (2 vCPUs, fp32, batch 1): 2 threads 1.15× faster
+            // microseconds to wake). Measured (2 vCPUs, fp32, batch 1): 2 threads 1.25× faster
             // than 1 before, 1.5× after (benches/compare_onnxruntime.py).
             Executor::MultiThread(pool) => {
                 let _turn = self.pool_turn.lock().unwrap_or_else(|e| e.into_inner());
