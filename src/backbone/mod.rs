@@ -317,6 +317,11 @@ pub trait Accelerator: Send + Sync {
     fn preferred_batch(&self) -> usize;
 }
 
+/// How long a pool thread spinning through a run finds nothing to do before it gives up
+/// (`Backbone::in_pool`): longer than the serial stretches between a run's parallel nodes
+/// (at most ~0.3 ms at batch 1 here), short as a stall.
+const SPIN_IDLE: Duration = Duration::from_millis(2);
+
 thread_local! {
     /// Set on the threads of [`Backbone::embed_files`]' worker pool, which run one image each,
     /// single-threaded inside tract.
@@ -569,8 +574,17 @@ impl Backbone {
                         if Some(ctx.index()) == runner {
                             return;
                         }
+                        // A thread may also take this job up while it waits inside a piece of
+                        // this very run, which cannot finish beneath it (seen once in ~2,000
+                        // runs: the runner asleep on that piece, this thread spinning for ever).
+                        // So it also gives up after finding nothing to do for a while.
+                        let mut idle: Option<Instant> = None;
                         while !flag.load(Ordering::Acquire) {
-                            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                            if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                                idle = None;
+                            } else if idle.get_or_insert_with(Instant::now).elapsed() > SPIN_IDLE {
+                                return;
+                            } else {
                                 std::hint::spin_loop();
                             }
                         }
