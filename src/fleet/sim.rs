@@ -168,6 +168,8 @@ fn kiosk(
     let (client, connection) = Client::new(options, 4096);
     let (tx, rx) = mpsc::channel();
     poll_thread(connection, tx, Duration::from_millis(200));
+    // Examples only (the simulation publishes no heartbeats).
+    let examples_filter = format!("graft/{}/x/#", config.name);
     let broker = |why: String| FleetError::Broker {
         url: config.url.clone(),
         why,
@@ -178,7 +180,7 @@ fn kiosk(
     while !subscribed {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Inbox::Mqtt(Ok(Event::Incoming(Packet::ConnAck(_))))) => client
-                .try_subscribe(format!("graft/{}/x/#", config.name), QoS::AtLeastOnce)
+                .try_subscribe(examples_filter.clone(), QoS::AtLeastOnce)
                 .map_err(|e| broker(e.to_string()))?,
             Ok(Inbox::Mqtt(Ok(Event::Incoming(Packet::SubAck(_))))) => subscribed = true,
             Ok(Inbox::Mqtt(Err(e))) => return Err(broker(e.to_string())),
@@ -222,18 +224,17 @@ fn kiosk(
     // Learned so far (each is merged and published when learned).
     let mut learned = 0;
     let mut queue = std::collections::VecDeque::new();
-    // Own examples the broker has sent back: it holds them (retained), so this kiosk may
-    // leave without taking them with it. Leaving as soon as this kiosk held everything lost
+    // Own examples the broker has not sent back yet: once it has, it holds them (retained), so
+    // this kiosk may leave without taking them with it. Leaving as soon as this kiosk held everything lost
     // examples still in its connection's queue (a board build under qemu, CI, 2026-12-03).
-    let mut echoed = std::collections::HashSet::new();
-    let own_topics: std::collections::HashSet<String> =
+    let mut unechoed: std::collections::HashSet<String> =
         own.iter().map(|(_, t, _)| t.clone()).collect();
     let (mut deliveries, mut delivered, mut connection_errors) = (0u64, 0u64, 0u64);
     let mut last_error = None;
     let mut held_all = None;
     let begun = Instant::now();
     let end = begun + timeout;
-    while (replica.len() < total || echoed.len() < examples) && Instant::now() < end {
+    while (replica.len() < total || !unechoed.is_empty()) && Instant::now() < end {
         let due = every.map_or(examples, |e| {
             ((begun.elapsed().as_secs_f64() / e.as_secs_f64()) as usize + 1).min(examples)
         });
@@ -256,9 +257,7 @@ fn kiosk(
             Ok(Inbox::Mqtt(Ok(Event::Incoming(Packet::Publish(p))))) => {
                 deliveries += 1;
                 delivered += (p.topic.len() + p.payload.len() + 7) as u64;
-                if own_topics.contains(p.topic.as_str()) {
-                    echoed.insert(p.topic.clone());
-                }
+                unechoed.remove(p.topic.as_str());
                 if let Ok(Message::Op(op)) =
                     wire::open(&config.key, &config.name, &p.topic, &p.payload)
                 {
@@ -269,7 +268,7 @@ fn kiosk(
             // may be lost; as a kiosk does, subscribe and publish everything learned again.
             Ok(Inbox::Mqtt(Ok(Event::Incoming(Packet::ConnAck(_))))) => {
                 client
-                    .try_subscribe(format!("graft/{}/x/#", config.name), QoS::AtLeastOnce)
+                    .try_subscribe(examples_filter.clone(), QoS::AtLeastOnce)
                     .map_err(|e| broker(e.to_string()))?;
                 queue = own[..learned]
                     .iter()
