@@ -17,7 +17,7 @@ use prost::Message;
 use tract_onnx::pb;
 
 use super::exported::{ExportMeta, META_PREFIX, OUTPUT};
-use super::{Backbone, BackboneError};
+use super::{Backbone, BackboneError, TopBlock};
 
 /// The head, as plain matrices.
 #[derive(Debug, Clone)]
@@ -58,18 +58,10 @@ pub struct ExportHead {
     /// The head's power transform: features become `sign(F)·|F|^power` before L2 (1: none,
     /// and no operator is written).
     pub power: f32,
-    /// For a head behind the backbone's top block (exported from a `NAME:top` backbone): the
-    /// block's weights as the head runs them (fine-tuned), written in place of the file's.
-    pub top: Option<TopWeights>,
-}
-
-/// The top block's 1×1 convolution as a head runs it: `cout × cin` weights, `cout` biases.
-#[derive(Debug, Clone)]
-pub struct TopWeights {
-    /// `cout × cin`, row-major.
-    pub weights: Vec<f32>,
-    /// One per output channel.
-    pub bias: Vec<f32>,
+    /// For a head behind the backbone's top block (exported from a `NAME:top` or `NAME:deep`
+    /// backbone): the block (and the block before it) as the head runs them (fine-tuned),
+    /// whose weights are written in place of the file's.
+    pub top: Option<TopBlock>,
 }
 
 fn export_err(model: &str, reason: impl Into<String>) -> BackboneError {
@@ -157,29 +149,55 @@ impl Backbone {
         // cut; a fine-tuned block replaces the file's weights.
         let dim = match (&self.top, &head.top) {
             (Some((block, cut)), Some(top)) => {
-                if top.weights.len() != block.weights.len() || top.bias.len() != block.cout {
+                let same = top.cin == block.cin
+                    && top.cout == block.cout
+                    && top.weights.len() == block.weights.len()
+                    && match (&top.pre, &block.pre) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => {
+                            (a.cin, a.hidden, a.cout, a.kernel)
+                                == (b.cin, b.hidden, b.cout, b.kernel)
+                        }
+                        _ => false,
+                    };
+                if !same {
                     return Err(export_err(
                         &model_name,
                         "the head's top block does not match the backbone's",
                     ));
                 }
-                let conv = graph
-                    .node
-                    .iter_mut()
-                    .find(|n| n.op_type == "Conv" && n.input.first() == Some(cut))
-                    .ok_or_else(|| {
-                        export_err(&model_name, format!("no convolution reads {cut:?}"))
-                    })?;
-                let (w, b) = ("graft_head/top_W".to_string(), "graft_head/top_b".to_string());
-                conv.input.truncate(1);
-                conv.input.extend([w.clone(), b.clone()]);
+                // Each convolution the head tuned, found by the tensor it reads (the backbone's
+                // block knows them), gets the head's weights as new initializers.
                 let (cout, cin) = (block.cout as i64, block.cin as i64);
-                graph
-                    .initializer
-                    .push(tensor(&w, &[cout, cin, 1, 1], top.weights.clone()));
-                graph
-                    .initializer
-                    .push(tensor(&b, &[cout], top.bias.clone()));
+                // (the tensor it reads, a name for the initializers, weight dims, weights, bias)
+                type Conv<'a> = (&'a str, &'a str, Vec<i64>, &'a [f32], &'a [f32]);
+                let mut convs: Vec<Conv> = Vec::new();
+                match (&block.pre, &top.pre) {
+                    (Some(b), Some(t)) => {
+                        let (h, k) = (t.hidden as i64, t.kernel as i64);
+                        convs.push((&b.reads[0], "expand", vec![h, t.cin as i64, 1, 1], &t.expand_w, &t.expand_b));
+                        convs.push((&b.reads[1], "depthwise", vec![h, 1, k, k], &t.depthwise_w, &t.depthwise_b));
+                        convs.push((&b.reads[2], "project", vec![t.cout as i64, h, 1, 1], &t.project_w, &t.project_b));
+                        convs.push((&b.reads[3], "top", vec![cout, cin, 1, 1], &top.weights, &top.bias));
+                    }
+                    _ => convs.push((cut, "top", vec![cout, cin, 1, 1], &top.weights, &top.bias)),
+                }
+                for (reads, name, dims, weights, bias) in convs {
+                    let conv = graph
+                        .node
+                        .iter_mut()
+                        .find(|n| n.op_type == "Conv" && n.input.first().map(String::as_str) == Some(reads))
+                        .ok_or_else(|| {
+                            export_err(&model_name, format!("no convolution reads {reads:?}"))
+                        })?;
+                    let (w, b) = (format!("graft_head/{name}_W"), format!("graft_head/{name}_b"));
+                    conv.input.truncate(1);
+                    conv.input.extend([w.clone(), b.clone()]);
+                    graph.initializer.push(tensor(&w, &dims, weights.to_vec()));
+                    graph
+                        .initializer
+                        .push(tensor(&b, &[dims[0]], bias.to_vec()));
+                }
                 cout
             }
             (None, None) => self.id.dim as i64,
@@ -192,7 +210,7 @@ impl Backbone {
             (None, Some(_)) => {
                 return Err(export_err(
                     &model_name,
-                    "the head runs the top block: export it with the NAME:top backbone it was trained on",
+                    "the head runs the top block: export it with the NAME:top or NAME:deep backbone it was trained on",
                 ))
             }
         };

@@ -93,6 +93,9 @@ pub struct ModelSpec {
     /// Cut before the top block (`NAME:top`, see [`super::top`]): the features are the top
     /// block's input, for fine-tuning heads.
     pub top: bool,
+    /// Cut one block deeper (`NAME:deep`, with `top`): the features are the input of the
+    /// block before the top block ([`super::top::Mbconv`]).
+    pub deep: bool,
 }
 
 struct BundledModel {
@@ -171,15 +174,25 @@ impl ModelSpec {
     /// Resolves `--model`: an existing manifest path, or a bundled name (`efficientnet-lite0`
     /// picks the precision for this target).
     pub fn resolve(name: &str) -> Result<ModelSpec, BackboneError> {
-        if let Some(base) = name.strip_suffix(super::top::TOP_SUFFIX) {
+        let cut = [
+            (super::top::TOP_SUFFIX, false),
+            (super::top::DEEP_SUFFIX, true),
+        ]
+        .into_iter()
+        .find_map(|(suffix, deep)| Some((name.strip_suffix(suffix)?, deep)));
+        if let Some((base, deep)) = cut {
             let spec = ModelSpec::resolve(base)?;
-            if spec.exported.is_some() {
+            if spec.exported.is_some() || spec.top {
                 return Err(BackboneError::NotImageModel {
                     model: name.to_string(),
-                    reason: "an export ends in its head: it has no top block to cut before".into(),
+                    reason: "an export ends in its head, and a cut model is cut: neither has a top block to cut before".into(),
                 });
             }
-            return Ok(ModelSpec { top: true, ..spec });
+            return Ok(ModelSpec {
+                top: true,
+                deep,
+                ..spec
+            });
         }
         let path = Path::new(name);
         if name.ends_with(".onnx") {
@@ -208,6 +221,7 @@ impl ModelSpec {
             },
             exported: None,
             top: false,
+            deep: false,
         })
     }
 
@@ -222,6 +236,7 @@ impl ModelSpec {
             },
             exported: None,
             top: false,
+            deep: false,
         })
     }
 
@@ -269,6 +284,7 @@ impl ModelSpec {
             },
             exported: Some(meta),
             top: false,
+            deep: false,
         };
         spec.validate()?;
         Ok(spec)

@@ -43,7 +43,7 @@ pub use manifest::{Manifest, ModelSpec, DEFAULT_MODEL};
 pub use preprocess::{Prepared, RgbFrame};
 pub use profile::{NodeTime, OpTime, Profile};
 pub use rewrite::{rewritten_sha256, ActivationQdq, GraphSpec, Rewrites};
-pub use top::TopBlock;
+pub use top::{Mbconv, TopBlock};
 
 type Plan = Arc<TypedRunnableModel>;
 
@@ -426,7 +426,9 @@ impl Backbone {
         };
         let i = &spec.manifest.input;
         let id = BackboneId {
-            name: if spec.top {
+            name: if spec.deep {
+                format!("{}{}", spec.manifest.name, top::DEEP_SUFFIX)
+            } else if spec.top {
                 format!("{}{}", spec.manifest.name, top::TOP_SUFFIX)
             } else {
                 spec.manifest.name.clone()
@@ -462,13 +464,21 @@ impl Backbone {
         };
         if backbone.spec.top {
             let g = backbone.graph()?;
-            let found = top::find(&g, &backbone.spec.manifest.output.features)?;
-            backbone.top = Some(found);
+            let (mut block, mut cut) = top::find(&g, &backbone.spec.manifest.output.features)?;
+            if backbone.spec.deep {
+                let (pre, deeper) = top::find_pre(&g, &cut)?;
+                block.pre = Some(Box::new(pre));
+                cut = deeper;
+            }
+            backbone.top = Some((block, cut));
         }
         // Build the batch-1 plan now: it validates the graph and is what most calls use.
         let (plan, stages, rewrites, substituted, per_image) = backbone.build_plan(1)?;
         if let Some((block, _)) = &mut backbone.top {
-            block.positions = per_image / block.cin;
+            block.positions = per_image / block.input_channels();
+            if let Some(pre) = &mut block.pre {
+                pre.side = (block.positions as f64).sqrt().round() as usize;
+            }
             block
                 .validate()
                 .map_err(|reason| BackboneError::NotImageModel {
@@ -833,7 +843,7 @@ impl Backbone {
                 .map(|s| s.iter().product::<usize>() / batch.max(1));
             let fits = match (&self.top, ix) {
                 (Some((block, _)), 0) if self.id.dim == 0 || want == 0 => {
-                    per_image.is_some_and(|n| n > 0 && n % block.cin == 0)
+                    per_image.is_some_and(|n| n > 0 && n % block.input_channels() == 0)
                 }
                 _ => per_image == Some(want),
             };

@@ -24,6 +24,12 @@ pub const MANY_FOLDS: usize = 10;
 pub const MAX_LEFT_OUT_CLASSES: usize = 20;
 /// Classes left out to calibrate a `finetune` head's threshold (each is a fine-tuning run).
 pub const FINETUNE_LEFT_OUT_CLASSES: usize = 4;
+/// Folds and classes left out one block deeper (`NAME:deep`), where each fine-tuning run
+/// trains four convolutions in full: the fewest that still give every example a held-out score
+/// and the threshold two never-seen classes.
+pub const DEEP_FOLDS: usize = 3;
+/// See [`DEEP_FOLDS`].
+pub const DEEP_LEFT_OUT_CLASSES: usize = 2;
 /// Share of correctly classified held-out training examples the default threshold rejects.
 pub const THRESHOLD_QUANTILE: f32 = 0.05;
 /// Threshold used when there is nothing held out to calibrate on (one example per class).
@@ -174,14 +180,16 @@ fn cv_groups(ex: &Examples) -> Vec<usize> {
     groups
 }
 
-/// The folds of `finetune`'s early stopping: group-stratified [`K_FOLDS`]-fold whatever the
+/// The folds of `finetune`'s early stopping: group-stratified [`K_FOLDS`]-fold ([`DEEP_FOLDS`]
+/// one block deeper) whatever the
 /// number of shots (each fold is a fine-tuning run, so leave-one-object-out is too dear), the
 /// groups as [`cross_validate`] holds them out. Returns the fold of each example and the method.
-pub(crate) fn finetune_folds(ex: &Examples, seed: u64) -> (Vec<usize>, String) {
+pub(crate) fn finetune_folds(ex: &Examples, deep: bool, seed: u64) -> (Vec<usize>, String) {
     let groups = cv_groups(ex);
+    let k = if deep { DEEP_FOLDS } else { K_FOLDS };
     (
-        stratified_folds(&ex.y, &groups, ex.classes(), K_FOLDS, seed),
-        format!("kfold-{K_FOLDS}"),
+        stratified_folds(&ex.y, &groups, ex.classes(), k, seed),
+        format!("kfold-{k}"),
     )
 }
 
@@ -500,7 +508,9 @@ pub fn calibrate(
     // Leave each class out (at most MAX_LEFT_OUT_CLASSES, spread over the labels: one fit
     // each); score its examples with a head that never saw it.
     // Fine-tuning refits the block each time: fewer classes left out.
+    let deep = params.top.as_ref().is_some_and(|b| b.pre.is_some());
     let limit = match report.kind {
+        HeadKind::Finetune if deep => DEEP_LEFT_OUT_CLASSES,
         HeadKind::Finetune => FINETUNE_LEFT_OUT_CLASSES,
         _ => MAX_LEFT_OUT_CLASSES,
     };

@@ -101,8 +101,12 @@ pub fn run_split(
     let start = Instant::now();
     let (model, kind) = match choice {
         // What `train` does: epochs chosen by grouped CV on the training split, then the fit
-        // (without the calibration, which accuracy does not see).
-        Some(HeadKind::Finetune) if params.finetune_epochs.is_none() => {
+        // (without the calibration, which accuracy does not see). One block deeper the
+        // epochs are fixed: no choice to make.
+        Some(HeadKind::Finetune)
+            if params.finetune_epochs.is_none()
+                && params.top.as_ref().is_some_and(|b| b.pre.is_none()) =>
+        {
             let (_, epochs) = super::finetune_cv(&tr, params, seed)?;
             let tuned = HeadParams {
                 finetune_epochs: Some(epochs),

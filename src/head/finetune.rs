@@ -44,6 +44,9 @@ const EPS: f32 = 1e-6;
 
 /// Pooled features of one example through `block` (its weights as given): `cout` values.
 pub(crate) fn features(block: &TopBlock, raw: &[f32]) -> Vec<f32> {
+    if let Some(pre) = &block.pre {
+        return super::deep::features(block, pre, raw);
+    }
     let x = ArrayView2::from_shape((block.cin, block.positions), raw).expect("raw is cin × P");
     let w = ArrayView2::from_shape((block.cout, block.cin), &block.weights).expect("cout × cin");
     let b = ArrayView2::from_shape((1, block.cout), &block.bias).expect("1 × cout");
@@ -55,7 +58,7 @@ pub(crate) fn features(block: &TopBlock, raw: &[f32]) -> Vec<f32> {
 /// The average or GeM pool of every channel (column) of a `P × cout` map, clipped first,
 /// reading it row by row (a column walk strides through memory and was a quarter of an epoch;
 /// GeM's p = 3 is two multiplies, `powf` was most of the rest).
-fn pool_rows(block: &TopBlock, z: &Array2<f32>) -> Vec<f32> {
+pub(crate) fn pool_rows(block: &TopBlock, z: &Array2<f32>) -> Vec<f32> {
     let (lo, hi) = block.clip;
     let mut sums = vec![0f32; z.ncols()];
     for row in z.rows() {
@@ -108,7 +111,7 @@ pub(crate) fn transformed_features(
     parallel_map(raw, |r| transform(power, &features(block, r)))
 }
 
-fn parallel_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+pub(crate) fn parallel_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = items.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
@@ -204,23 +207,17 @@ struct Setup {
     lr: f32,
 }
 
-/// One example's forward pass.
-struct Forward {
-    q: Array2<f32>,    // P × r: a·U
-    z: Array2<f32>,    // P × cout, before the clip
-    g: Vec<f32>,       // pooled, cout
-    powered: Vec<f32>, // g^power
-    norm: f32,         // ‖g^power‖
-    u: Vec<f32>,       // g^power / norm: what the classifier sees
+/// What the classifier sees of one example's block output.
+pub(crate) struct Pooled {
+    g: Vec<f32>,            // pooled, cout
+    powered: Vec<f32>,      // g^power
+    norm: f32,              // ‖g^power‖
+    pub(crate) u: Vec<f32>, // g^power / norm: what the classifier sees
 }
 
-fn forward(cache: &Cache, i: usize, p: &Params, power: f32) -> Forward {
-    let block = cache.block;
-    let q = cache.a(i).dot(&p.u);
-    let mut z = cache.z0[i].clone();
-    general_mat_mul(1.0, &q, &p.v.t(), 1.0, &mut z);
-    z += &p.db;
-    let g = pool_rows(block, &z);
+/// Pools a block output (`P × cout`, before the clip) and transforms it as the heads see it.
+pub(crate) fn pooled(block: &TopBlock, z: &Array2<f32>, power: f32) -> Pooled {
+    let g = pool_rows(block, z);
     let powered: Vec<f32> = if power == 1.0 {
         g.clone()
     } else {
@@ -232,9 +229,7 @@ fn forward(cache: &Cache, i: usize, p: &Params, power: f32) -> Forward {
     } else {
         powered.clone()
     };
-    Forward {
-        q,
-        z,
+    Pooled {
         g,
         powered,
         norm,
@@ -242,26 +237,47 @@ fn forward(cache: &Cache, i: usize, p: &Params, power: f32) -> Forward {
     }
 }
 
-fn classifier_logits(p: &Params, u: &[f32]) -> Vec<f32> {
-    let u = ArrayView2::from_shape((u.len(), 1), u).expect("cout × 1");
-    let l = p.wc.dot(&u);
-    l.iter().zip(&p.bc).map(|(a, b)| a + b).collect()
+/// One example's forward pass.
+struct Forward {
+    q: Array2<f32>, // P × r: a·U
+    z: Array2<f32>, // P × cout, before the clip
+    f: Pooled,
 }
 
-/// Adds one example's loss gradient (cross-entropy scaled by `scale`) to `grad`; returns its
-/// loss.
-fn backward(
-    cache: &Cache,
-    i: usize,
+fn forward(cache: &Cache, i: usize, p: &Params, power: f32) -> Forward {
+    let q = cache.a(i).dot(&p.u);
+    let mut z = cache.z0[i].clone();
+    general_mat_mul(1.0, &q, &p.v.t(), 1.0, &mut z);
+    z += &p.db;
+    let f = pooled(cache.block, &z, power);
+    Forward { q, z, f }
+}
+
+/// The linear classifier's logits on `u`.
+pub(crate) fn classifier_logits(wc: &Array2<f32>, bc: &Array1<f32>, u: &[f32]) -> Vec<f32> {
+    let u = ArrayView2::from_shape((u.len(), 1), u).expect("cout × 1");
+    let l = wc.dot(&u);
+    l.iter().zip(bc).map(|(a, b)| a + b).collect()
+}
+
+/// The backward pass from the loss to the block's output for one example: adds the
+/// classifier's gradient (cross-entropy scaled by `scale`) to `gwc`, `gbc`, and returns the
+/// loss and `dZ` (`P × cout`, in `z`'s place; `None` where the gradient stops at the
+/// normalisation).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pool_backward(
+    block: &TopBlock,
+    mut z: Array2<f32>,
+    f: &Pooled,
+    wc: &Array2<f32>,
+    bc: &Array1<f32>,
     label: usize,
-    p: &Params,
-    setup: &Setup,
+    power: f32,
     scale: f32,
-    grad: &mut Params,
-) -> f32 {
-    let block = cache.block;
-    let f = forward(cache, i, p, setup.power);
-    let probs = softmax(&classifier_logits(p, &f.u));
+    gwc: &mut Array2<f32>,
+    gbc: &mut Array1<f32>,
+) -> (f32, Option<Array2<f32>>) {
+    let probs = softmax(&classifier_logits(wc, bc, &f.u));
     let loss = -(probs[label].max(1e-12)).ln();
     let dl: Vec<f32> = probs
         .iter()
@@ -275,9 +291,9 @@ fn backward(
         if *d == 0.0 {
             continue;
         }
-        grad.bc[c] += d;
-        let row = p.wc.row(c);
-        let mut grow = grad.wc.row_mut(c);
+        gbc[c] += d;
+        let row = wc.row(c);
+        let mut grow = gwc.row_mut(c);
         for k in 0..cout {
             grow[k] += d * f.u[k];
             du[k] += d * row[k];
@@ -285,7 +301,7 @@ fn backward(
     }
     // L2 normalisation, then the power.
     if f.norm <= EPS {
-        return loss;
+        return (loss, None);
     }
     let ud: f32 = f.u.iter().zip(&du).map(|(a, b)| a * b).sum();
     let dg: Vec<f32> = (0..cout)
@@ -294,17 +310,17 @@ fn backward(
             let g = f.g[k];
             if g <= EPS {
                 0.0
-            } else if setup.power == 1.0 {
+            } else if power == 1.0 {
                 dq
             } else {
                 // d(g^power)/dg = power · g^power / g
-                dq * setup.power * f.powered[k] / g
+                dq * power * f.powered[k] / g
             }
         })
         .collect();
     // Pool and clip: dZ (P × cout). Per channel, the pool's factor: 1/P for the average,
     // g^(1−p)/P for GeM (times v^(p−1) per value).
-    let positions = block.positions as f32;
+    let positions = z.nrows() as f32;
     let (lo, hi) = block.clip;
     let factor: Vec<f32> = (0..cout)
         .map(|k| match block.gem_power {
@@ -314,8 +330,7 @@ fn backward(
             Some(pw) => dg[k] * f.g[k].powf(1.0 - pw) / positions,
         })
         .collect();
-    let mut dz = f.z;
-    for mut row in dz.rows_mut() {
+    for mut row in z.rows_mut() {
         let row = row.as_slice_mut().expect("standard layout");
         let inside = |zv: f32| zv > lo && zv < hi;
         match block.gem_power {
@@ -336,9 +351,39 @@ fn backward(
             }),
         }
     }
+    (loss, Some(z))
+}
+
+/// Adds one example's loss gradient (cross-entropy scaled by `scale`) to `grad`; returns its
+/// loss.
+fn backward(
+    cache: &Cache,
+    i: usize,
+    label: usize,
+    p: &Params,
+    setup: &Setup,
+    scale: f32,
+    grad: &mut Params,
+) -> f32 {
+    let Forward { q, z, f } = forward(cache, i, p, setup.power);
+    let (loss, dz) = pool_backward(
+        cache.block,
+        z,
+        &f,
+        &p.wc,
+        &p.bc,
+        label,
+        setup.power,
+        scale,
+        &mut grad.wc,
+        &mut grad.bc,
+    );
+    let Some(dz) = dz else {
+        return loss;
+    };
     grad.db += &dz.sum_axis(Axis(0));
     // dV += dZᵀ·q ; dQ = dZ·V ; dU += aᵀ·dQ
-    general_mat_mul(1.0, &dz.t(), &f.q, 1.0, &mut grad.v);
+    general_mat_mul(1.0, &dz.t(), &q, 1.0, &mut grad.v);
     let dq = dz.dot(&p.v);
     general_mat_mul(1.0, &cache.a(i).t(), &dq, 1.0, &mut grad.u);
     loss
@@ -358,7 +403,20 @@ struct Trainer<'c, 'a> {
 }
 
 /// Examples per Adam step.
-const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
+
+/// One Adam step (t counts from 1) on parameters `p` with gradient `g` and moments `m`, `v`.
+pub(crate) fn adam_update(t: i32, lr: f32, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    const B1: f32 = 0.9;
+    const B2: f32 = 0.999;
+    let c1 = 1.0 - B1.powi(t);
+    let c2 = 1.0 - B2.powi(t);
+    for j in 0..p.len() {
+        m[j] = B1 * m[j] + (1.0 - B1) * g[j];
+        v[j] = B2 * v[j] + (1.0 - B2) * g[j] * g[j];
+        p[j] -= lr * (m[j] / c1) / ((v[j] / c2).sqrt() + 1e-8);
+    }
+}
 
 impl<'c, 'a> Trainer<'c, 'a> {
     /// `lp`: the linear probe (logistic weights `classes × cout` and biases) to start from.
@@ -451,11 +509,7 @@ impl<'c, 'a> Trainer<'c, 'a> {
     }
 
     fn adam(&mut self, grad: &Params) {
-        const B1: f32 = 0.9;
-        const B2: f32 = 0.999;
         self.t += 1;
-        let c1 = 1.0 - B1.powi(self.t);
-        let c2 = 1.0 - B2.powi(self.t);
         let lr = self.setup.lr;
         let mut grad = grad.clone();
         let gs = grad.slices_mut();
@@ -463,17 +517,13 @@ impl<'c, 'a> Trainer<'c, 'a> {
         let ms = self.m.slices_mut();
         let vs = self.v.slices_mut();
         for (((p, g), m), v) in ps.into_iter().zip(gs).zip(ms).zip(vs) {
-            for j in 0..p.len() {
-                m[j] = B1 * m[j] + (1.0 - B1) * g[j];
-                v[j] = B2 * v[j] + (1.0 - B2) * g[j] * g[j];
-                p[j] -= lr * (m[j] / c1) / ((v[j] / c2).sqrt() + 1e-8);
-            }
+            adam_update(self.t, lr, p, g, m, v);
         }
     }
 
     fn logits(&self, i: usize) -> Vec<f32> {
-        let f = forward(self.cache, i, &self.p, self.setup.power);
-        classifier_logits(&self.p, &f.u)
+        let f = forward(self.cache, i, &self.p, self.setup.power).f;
+        classifier_logits(&self.p.wc, &self.p.bc, &f.u)
     }
 
     /// The fitted model: the merged block (`W0 + V·Uᵀ`, `b0 + db`) and the classifier.
@@ -505,7 +555,7 @@ impl<'c, 'a> Trainer<'c, 'a> {
 
 /// The linear probe on the pretrained features of `idx`: the logistic head's weights
 /// (`classes × cout`) and biases.
-fn linear_probe(
+pub(crate) fn linear_probe(
     features: &[Vec<f32>],
     idx: &[usize],
     y: &[usize],
@@ -541,6 +591,9 @@ pub(crate) fn fit(
     epochs: usize,
 ) -> Result<Inner, HeadError> {
     check_input(block, raw)?;
+    if block.pre.is_some() {
+        return super::deep::fit(block, raw, y, classes, params, epochs);
+    }
     let cache = Cache::new(block, raw);
     let all: Vec<usize> = (0..raw.len()).collect();
     let lp = linear_probe(&cache.pretrained(params.power), &all, y, classes, params)?;
@@ -553,7 +606,7 @@ pub(crate) fn fit(
 
 /// Training's own seed (the low-rank factor's start and the batch order): a refit of the same
 /// examples gives the same head.
-const SEED: u64 = 0x0067_7261_6674;
+pub(crate) const SEED: u64 = 0x0067_7261_6674;
 
 fn check_input(block: &TopBlock, raw: &[Vec<f32>]) -> Result<(), HeadError> {
     match raw.iter().find(|r| r.len() != block.input_size()) {
@@ -578,11 +631,14 @@ pub(crate) fn checkpoint_logits(
     params: &HeadParams,
 ) -> Result<Vec<Vec<Option<Vec<f32>>>>, HeadError> {
     check_input(block, raw)?;
+    let checkpoints = checkpoints(block, params);
+    if block.pre.is_some() {
+        return super::deep::checkpoint_logits(block, raw, y, classes, folds, params, &checkpoints);
+    }
     let n = raw.len();
     let cache = Cache::new(block, raw);
     let pretrained = cache.pretrained(params.power);
     let k = folds.iter().max().map_or(0, |m| m + 1);
-    let checkpoints = checkpoints(params);
     let mut out = vec![vec![None; n]; checkpoints.len()];
     for f in 0..k {
         let train: Vec<usize> = (0..n).filter(|i| folds[*i] != f).collect();
@@ -608,10 +664,12 @@ pub(crate) fn checkpoint_logits(
     Ok(out)
 }
 
-/// The epoch counts early stopping scores: [`EPOCH_CHECKPOINTS`], or the one the params fix.
-pub(crate) fn checkpoints(params: &HeadParams) -> Vec<usize> {
+/// The epoch counts early stopping scores: [`EPOCH_CHECKPOINTS`] (one block deeper:
+/// [`super::deep::DEEP_EPOCHS`] alone), or the one the params fix.
+pub(crate) fn checkpoints(block: &TopBlock, params: &HeadParams) -> Vec<usize> {
     match params.finetune_epochs {
         Some(e) => vec![e],
+        None if block.pre.is_some() => vec![super::deep::DEEP_EPOCHS],
         None => EPOCH_CHECKPOINTS.to_vec(),
     }
 }
@@ -619,11 +677,12 @@ pub(crate) fn checkpoints(params: &HeadParams) -> Vec<usize> {
 /// The checkpoint (of [`checkpoints`]) with the best held-out accuracy (ties: the fewer
 /// epochs): its index, epochs and accuracy.
 pub(crate) fn choose_epochs(
+    block: &TopBlock,
     per_checkpoint: &[Vec<Option<Vec<f32>>>],
     y: &[usize],
     params: &HeadParams,
 ) -> (usize, usize, f64) {
-    let epochs = checkpoints(params);
+    let epochs = checkpoints(block, params);
     let mut best = (0, 0, f64::NEG_INFINITY);
     for (c, logits) in per_checkpoint.iter().enumerate() {
         let (mut right, mut scored) = (0usize, 0usize);
@@ -663,6 +722,7 @@ mod tests {
             bias: (0..cout).map(|_| rng.gen_range(0.0..0.5)).collect(),
             clip: (0.0, 6.0),
             gem_power: gem,
+            pre: None,
         }
     }
 
@@ -680,8 +740,8 @@ mod tests {
     fn loss(cache: &Cache, p: &Params, setup: &Setup, idx: &[usize], y: &[usize]) -> f64 {
         idx.iter()
             .map(|&i| {
-                let f = forward(cache, i, p, setup.power);
-                let pr = softmax(&classifier_logits(p, &f.u));
+                let f = forward(cache, i, p, setup.power).f;
+                let pr = softmax(&classifier_logits(&p.wc, &p.bc, &f.u));
                 -(pr[y[i]] as f64).ln()
             })
             .sum()

@@ -165,7 +165,11 @@ pub fn fit(
         });
     }
     if kind == HeadKind::Finetune {
-        let epochs = params.finetune_epochs.unwrap_or(DEFAULT_EPOCHS);
+        let epochs = params.finetune_epochs.unwrap_or(if block.pre.is_some() {
+            super::deep::DEEP_EPOCHS
+        } else {
+            DEFAULT_EPOCHS
+        });
         return Ok(Model(finetune::fit(block, x, y, classes, params, epochs)?));
     }
     let features = finetune::transformed_features(block, params.power, x);
@@ -179,7 +183,7 @@ pub fn fit(
 /// Why a `finetune` head cannot be fitted on ordinary embeddings.
 pub(crate) const NEEDS_TOP: &str = "a finetune head trains the backbone's top block, so its \
      examples must be cut before it: use a model named NAME:top (e.g. --model \
-     efficientnet-lite0:top)";
+     efficientnet-lite0:top), or NAME:deep to train the block before it too";
 
 /// Epochs of a `finetune` fit whose params do not say (a library user's own fit; `train`
 /// chooses by cross-validation).

@@ -29,6 +29,7 @@
 //! [`Prediction::from_scores`] never turns a non-finite score into a known label.
 
 mod cv;
+mod deep;
 pub mod eval;
 mod examples;
 mod finetune;
@@ -47,6 +48,7 @@ pub use cv::{
     AUTO_MIN_Z, AUTO_PRIOR, FALLBACK_THRESHOLD, K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION,
     TEMPERATURE_DECADES, THRESHOLD_QUANTILE,
 };
+pub use deep::{DEEP_EPOCHS, DEEP_LR};
 pub use examples::{group_ids, Examples};
 pub use finetune::EPOCH_CHECKPOINTS;
 pub use fit::{fit, DEFAULT_EPOCHS};
@@ -156,8 +158,9 @@ impl FromStr for HeadKind {
 /// | `power` | [`DEFAULT_POWER`] | (0, 1] | the feature transform: each raw embedding value `v` becomes `sign(v)·|v|^power` before L2 normalisation; 1 is none (every head file without the field) |
 /// | `finetune_rank` | 16 | 1–256 | rank of the fine-tuned change to the top block's weights |
 /// | `finetune_l2sp` | 0.01 | >= 0 | L2-SP: penalty on the squared distance of the block from its pretrained weights |
-/// | `finetune_lr` | 0.005 | > 0 | Adam's step size |
-/// | `finetune_epochs` | none | 0–1000 | epochs of fine-tuning; none: chosen by grouped CV among [`EPOCH_CHECKPOINTS`] (a trained head records its choice) |
+/// | `finetune_lr` | 0.005 | > 0 | Adam's step size (the top block alone, `NAME:top`) |
+/// | `finetune_deep_lr` | [`DEEP_LR`] | > 0 | Adam's step size one block deeper (`NAME:deep`: full-rank updates of four convolutions) |
+/// | `finetune_epochs` | none | 0–1000 | epochs of fine-tuning; none: chosen by grouped CV among [`EPOCH_CHECKPOINTS`] (a trained head records its choice); one block deeper, [`DEEP_EPOCHS`] |
 ///
 /// `top` is not a hyper-parameter and is never stored: it is the backbone's pretrained top
 /// block, set when the examples are top-block inputs (`--model NAME:top`).
@@ -183,6 +186,9 @@ pub struct HeadParams {
     /// Adam's step size in fine-tuning.
     #[serde(default = "default_lr")]
     pub finetune_lr: f64,
+    /// Adam's step size one block deeper.
+    #[serde(default = "default_deep_lr")]
+    pub finetune_deep_lr: f64,
     /// Epochs of fine-tuning (`None`: chosen by cross-validation).
     #[serde(default)]
     pub finetune_epochs: Option<usize>,
@@ -201,6 +207,10 @@ fn default_l2sp() -> f64 {
 
 fn default_lr() -> f64 {
     0.005
+}
+
+fn default_deep_lr() -> f64 {
+    f64::from(DEEP_LR)
 }
 
 /// The power transform of new heads (`power` in [`HeadParams`]). 0.75: on the default
@@ -224,6 +234,7 @@ impl Default for HeadParams {
             finetune_rank: default_rank(),
             finetune_l2sp: default_l2sp(),
             finetune_lr: default_lr(),
+            finetune_deep_lr: default_deep_lr(),
             finetune_epochs: None,
             top: None,
         }
@@ -281,6 +292,7 @@ impl HeadParams {
             .into());
         }
         positive("params.finetune_lr", self.finetune_lr)?;
+        positive("params.finetune_deep_lr", self.finetune_deep_lr)?;
         if let Some(e) = self.finetune_epochs.filter(|e| *e > 1000) {
             return Err(
                 FieldError::new("params.finetune_epochs", e, "must be at most 1000").into(),
@@ -997,9 +1009,9 @@ pub fn finetune_cv(
         .top
         .as_ref()
         .ok_or_else(|| HeadError::NotEnoughData(fit::NEEDS_TOP.into()))?;
-    let (folds, method) = cv::finetune_folds(ex, seed);
+    let (folds, method) = cv::finetune_folds(ex, block.pre.is_some(), seed);
     let per = finetune::checkpoint_logits(block, &ex.x, &ex.y, ex.classes(), &folds, params)?;
-    let (c, epochs, accuracy) = finetune::choose_epochs(&per, &ex.y, params);
+    let (c, epochs, accuracy) = finetune::choose_epochs(block, &per, &ex.y, params);
     let held_out = per.into_iter().nth(c).unwrap_or_default();
     let scored = held_out.iter().filter(|l| l.is_some()).count();
     Ok((

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::StoreError;
-use crate::backbone::top::TOP_SUFFIX;
+use crate::backbone::top::{DEEP_SUFFIX, TOP_SUFFIX};
 use crate::backbone::BackboneId;
 
 const MAGIC: &[u8] = b"GRAFT-CACHE\n";
@@ -56,6 +56,8 @@ impl Cache {
         // The uncut model and its `:top` cut share a sha256: their files must not.
         let cut = if backbone.name.ends_with(TOP_SUFFIX) {
             "-top"
+        } else if backbone.name.ends_with(DEEP_SUFFIX) {
+            "-deep"
         } else {
             ""
         };

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::headfile::HeadFile;
-use crate::backbone::export::{ExportHead, HeadOps, TopWeights};
+use crate::backbone::export::{ExportHead, HeadOps};
 use crate::backbone::manifest::InputSpec;
 use crate::backbone::{Backbone, BackboneError, BackboneId};
 use crate::head::HeadError;
@@ -95,10 +95,7 @@ pub fn export(
     }
     let h = &file.head;
     let ops = h.export_ops()?;
-    let top = h.model.top_block().map(|(b, _)| TopWeights {
-        weights: b.weights.clone(),
-        bias: b.bias.clone(),
-    });
+    let top = h.model.top_block().map(|(b, _)| b.clone());
     Ok(match format {
         Format::Onnx => bb.export_with_head(&ExportHead {
             ops,

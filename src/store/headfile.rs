@@ -10,7 +10,8 @@
 //! | 4 | `u32` length H of the header |
 //! | H | JSON header: format, backbone identity, labels, head type, params, temperature, threshold, linear weights, CV summary, and per example its label, source path and image sha256 |
 //! | 4·n·dim | the raw training embeddings, `f32`, one row per example in header order |
-//! | 4·(cout·cin + cout) | format 3 only: the top block's weights, then its biases (`f32`) |
+//! | 4·(cout·cin + cout) | formats 3 and 4: the top block's weights, then its biases (`f32`) |
+//! | 4·(block values) | format 4 only: the block before it, expand weights and biases, depthwise weights and biases, project weights and biases (`f32`) |
 //! | 32 | sha256 of every byte above — a truncated or damaged file is refused |
 //!
 //! Files are written atomically ([`super::write_atomic`]). Format 1 is the first. Format 2 adds
@@ -18,8 +19,10 @@
 //! graft that predates the transform refuses it instead of predicting without it; a head
 //! without one is still written as format 1. Format 3 is a head behind the backbone's top
 //! block (`--model NAME:top`, a `finetune` head or a fixed-feature head on such examples): the
-//! header's `top_block` gives the block's shape, its numbers follow the embeddings. A newer
-//! format is refused with a message saying so.
+//! header's `top_block` gives the block's shape, its numbers follow the embeddings. Format 4
+//! is a head one block deeper (`--model NAME:deep`): `top_block.pre` gives the shape of the
+//! block before the top block, its numbers follow the top block's. A newer format is refused
+//! with a message saying so.
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +41,8 @@ pub const FORMAT: u32 = 2;
 const FORMAT_PLAIN: u32 = 1;
 /// The format of heads behind the backbone's top block (fine-tuned, `--model NAME:top`).
 pub const FORMAT_TOP: u32 = 3;
+/// The format of heads behind the top block and the block before it (`--model NAME:deep`).
+pub const FORMAT_DEEP: u32 = 4;
 
 /// One training example: where it came from and its embedding.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +115,50 @@ struct TopMeta {
     gem_power: Option<f32>,
     /// The power transform after the pool.
     power: f32,
+    /// Format 4: the block before the top block (`NAME:deep`); its numbers follow the top
+    /// block's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pre: Option<PreMeta>,
+}
+
+/// The shape of a [`crate::backbone::Mbconv`]; its numbers (expand weights and biases,
+/// depthwise weights and biases, project weights and biases) follow the top block's.
+#[derive(Serialize, Deserialize)]
+struct PreMeta {
+    node: String,
+    cin: usize,
+    hidden: usize,
+    cout: usize,
+    side: usize,
+    kernel: usize,
+    expand_clip: (f32, Option<f32>),
+    depthwise_clip: (f32, Option<f32>),
+    /// `None` for an unbounded end.
+    project_clip: (Option<f32>, Option<f32>),
+    reads: [String; 4],
+}
+
+impl PreMeta {
+    /// How many numbers the block holds, or `None` past [`MAX_MODEL_VALUES`].
+    fn values(&self) -> Option<usize> {
+        let k2 = self.kernel.checked_mul(self.kernel)?;
+        let parts = [
+            self.hidden.checked_mul(self.cin)?,
+            self.hidden,
+            self.hidden.checked_mul(k2)?,
+            self.hidden,
+            self.cout.checked_mul(self.hidden)?,
+            self.cout,
+        ];
+        parts
+            .iter()
+            .try_fold(0usize, |a, b| a.checked_add(*b))
+            .filter(|v| *v <= MAX_MODEL_VALUES)
+    }
+}
+
+fn finite(hi: f32) -> Option<f32> {
+    Some(hi).filter(|v| v.is_finite())
 }
 
 /// The training form of stored examples: their raw embeddings through the head's input
@@ -237,7 +286,9 @@ pub fn to_bytes(file: &HeadFile, path: &Path) -> Result<Vec<u8>, StoreError> {
     let linear = h.model.linear();
     let top = h.model.top_block();
     let header = Header {
-        format: if top.is_some() {
+        format: if top.is_some_and(|(b, _)| b.pre.is_some()) {
+            FORMAT_DEEP
+        } else if top.is_some() {
             FORMAT_TOP
         } else if h.params.power == 1.0 {
             FORMAT_PLAIN
@@ -253,6 +304,18 @@ pub fn to_bytes(file: &HeadFile, path: &Path) -> Result<Vec<u8>, StoreError> {
             clip_hi: Some(b.clip.1).filter(|v| v.is_finite()),
             gem_power: b.gem_power,
             power,
+            pre: b.pre.as_ref().map(|p| PreMeta {
+                node: p.node.clone(),
+                cin: p.cin,
+                hidden: p.hidden,
+                cout: p.cout,
+                side: p.side,
+                kernel: p.kernel,
+                expand_clip: (p.expand_clip.0, finite(p.expand_clip.1)),
+                depthwise_clip: (p.depthwise_clip.0, finite(p.depthwise_clip.1)),
+                project_clip: (finite(p.project_clip.0), finite(p.project_clip.1)),
+                reads: p.reads.clone(),
+            }),
         }),
         backbone: file.backbone.clone(),
         labels: h.labels.clone(),
@@ -289,6 +352,19 @@ pub fn to_bytes(file: &HeadFile, path: &Path) -> Result<Vec<u8>, StoreError> {
     if let Some((b, _)) = top {
         for v in b.weights.iter().chain(&b.bias) {
             bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        if let Some(p) = &b.pre {
+            for v in p
+                .expand_w
+                .iter()
+                .chain(&p.expand_b)
+                .chain(&p.depthwise_w)
+                .chain(&p.depthwise_b)
+                .chain(&p.project_w)
+                .chain(&p.project_b)
+            {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
         }
     }
     let digest = Sha256::digest(&bytes);
@@ -336,9 +412,9 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HeadFile, StoreError> {
         .ok()
         .and_then(|v| v.get("format").and_then(|f| f.as_u64()))
         .ok_or_else(|| bad("header is not valid JSON with a format field".into()))?;
-    if format > FORMAT_TOP as u64 {
+    if format > FORMAT_DEEP as u64 {
         return Err(bad(format!(
-            "head file format {format} is newer than this graft reads ({FORMAT_TOP}); upgrade graft"
+            "head file format {format} is newer than this graft reads ({FORMAT_DEEP}); upgrade graft"
         )));
     }
     let header: Header =
@@ -363,7 +439,17 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HeadFile, StoreError> {
             .checked_mul(t.cin)
             .and_then(|w| w.checked_add(t.cout))
             .filter(|v| *v <= MAX_MODEL_VALUES)
-            .ok_or_else(|| bad(format!("a top block of {} × {} is too big", t.cout, t.cin)))?,
+            .ok_or_else(|| bad(format!("a top block of {} × {} is too big", t.cout, t.cin)))?
+            .checked_add(match &t.pre {
+                Some(p) => p.values().ok_or_else(|| {
+                    bad(format!(
+                        "a block of {} → {} → {} channels is too big",
+                        p.cin, p.hidden, p.cout
+                    ))
+                })?,
+                None => 0,
+            })
+            .ok_or_else(|| bad("the blocks are too big".into()))?,
         None => 0,
     };
     let need = n
@@ -398,7 +484,38 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HeadFile, StoreError> {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
-            let (weights, bias) = values.split_at(t.cout * t.cin);
+            let (weights, rest) = values.split_at(t.cout * t.cin);
+            let (bias, rest) = rest.split_at(t.cout);
+            let pre = t.pre.as_ref().map(|p| {
+                let k2 = p.kernel * p.kernel;
+                let (expand_w, rest) = rest.split_at(p.hidden * p.cin);
+                let (expand_b, rest) = rest.split_at(p.hidden);
+                let (depthwise_w, rest) = rest.split_at(p.hidden * k2);
+                let (depthwise_b, rest) = rest.split_at(p.hidden);
+                let (project_w, project_b) = rest.split_at(p.cout * p.hidden);
+                let hi = |v: Option<f32>| v.unwrap_or(f32::INFINITY);
+                Box::new(crate::backbone::Mbconv {
+                    node: p.node.clone(),
+                    cin: p.cin,
+                    hidden: p.hidden,
+                    cout: p.cout,
+                    side: p.side,
+                    kernel: p.kernel,
+                    expand_w: expand_w.to_vec(),
+                    expand_b: expand_b.to_vec(),
+                    expand_clip: (p.expand_clip.0, hi(p.expand_clip.1)),
+                    depthwise_w: depthwise_w.to_vec(),
+                    depthwise_b: depthwise_b.to_vec(),
+                    depthwise_clip: (p.depthwise_clip.0, hi(p.depthwise_clip.1)),
+                    project_w: project_w.to_vec(),
+                    project_b: project_b.to_vec(),
+                    project_clip: (
+                        p.project_clip.0.unwrap_or(f32::NEG_INFINITY),
+                        hi(p.project_clip.1),
+                    ),
+                    reads: p.reads.clone(),
+                })
+            });
             let block = TopBlock {
                 node: t.node.clone(),
                 cin: t.cin,
@@ -408,6 +525,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HeadFile, StoreError> {
                 bias: bias.to_vec(),
                 clip: (t.clip_lo, t.clip_hi.unwrap_or(f32::INFINITY)),
                 gem_power: t.gem_power,
+                pre,
             };
             block.validate().map_err(bad)?;
             if block.input_size() != dim {
@@ -520,8 +638,36 @@ mod tests {
     /// A head behind a small top block (2 inputs × 4 positions → 3 features), trained on 8
     /// examples of 2 classes: `finetune`, or a fixed kind behind the pretrained block.
     fn behind_top(kind: HeadKind) -> HeadFile {
+        behind(kind, false)
+    }
+
+    /// [`behind_top`], or with `deep` one block deeper: a 2 → 3 → 2-channel block with a 3×3
+    /// depthwise on the 2×2 map in front of the top block (the examples keep their size).
+    fn behind(kind: HeadKind, deep: bool) -> HeadFile {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let pre = deep.then(|| {
+            let mut r =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-0.5..0.5)).collect() };
+            Box::new(crate::backbone::Mbconv {
+                node: "Conv \"expand\"".into(),
+                cin: 2,
+                hidden: 3,
+                cout: 2,
+                side: 2,
+                kernel: 3,
+                expand_w: r(6),
+                expand_b: vec![0.2; 3],
+                expand_clip: (0.0, 6.0),
+                depthwise_w: r(27),
+                depthwise_b: vec![0.1; 3],
+                depthwise_clip: (0.0, 6.0),
+                project_w: r(6),
+                project_b: vec![0.3, 0.2],
+                project_clip: (f32::NEG_INFINITY, f32::INFINITY),
+                reads: ["a".into(), "b".into(), "c".into(), "d".into()],
+            })
+        });
         let block = TopBlock {
             node: "Conv \"top\"".into(),
             cin: 2,
@@ -531,6 +677,7 @@ mod tests {
             bias: vec![0.1, 0.0, 0.2],
             clip: (0.0, 6.0),
             gem_power: Some(3.0),
+            pre,
         };
         let examples: Vec<Example> = (0..8)
             .map(|i| Example {
@@ -565,9 +712,19 @@ mod tests {
     }
 
     #[test]
-    fn heads_behind_the_top_block_round_trip_as_format_3() {
-        for kind in [HeadKind::Finetune, HeadKind::Logistic, HeadKind::Centroid] {
-            let file = behind_top(kind);
+    fn heads_behind_the_top_block_round_trip_as_format_3_or_4() {
+        for (kind, deep) in [
+            (HeadKind::Finetune, false),
+            (HeadKind::Logistic, false),
+            (HeadKind::Centroid, false),
+            (HeadKind::Finetune, true),
+            (HeadKind::Knn, true),
+        ] {
+            let file = behind(kind, deep);
+            assert_eq!(
+                file.head.model.top_block().map(|(b, _)| b.pre.is_some()),
+                Some(deep)
+            );
             assert!(file.head.model.top_block().is_some(), "{kind}");
             let bytes = to_bytes(&file, Path::new("t.graft")).unwrap();
             let back = from_bytes(&bytes, Path::new("t.graft")).unwrap();
@@ -587,9 +744,23 @@ mod tests {
             }
             let header_at = MAGIC.len() + 4;
             assert!(
-                String::from_utf8_lossy(&bytes[header_at..header_at + 20]).contains("\"format\":3"),
+                String::from_utf8_lossy(&bytes[header_at..header_at + 20]).contains(if deep {
+                    "\"format\":4"
+                } else {
+                    "\"format\":3"
+                }),
                 "{kind}"
             );
+            if deep && kind == HeadKind::Finetune {
+                // Training moved the deeper block, and the file keeps the moved numbers.
+                let (tuned, _) = back.head.model.top_block().unwrap();
+                let pretrained = behind(HeadKind::Knn, true);
+                let (orig, _) = pretrained.head.model.top_block().unwrap();
+                assert_ne!(
+                    tuned.pre.as_ref().unwrap().expand_w,
+                    orig.pre.as_ref().unwrap().expand_w
+                );
+            }
             // A file cut short in the block is refused (checksum), never read past.
             let cut = &bytes[..bytes.len() - 40];
             assert!(from_bytes(cut, Path::new("t.graft")).is_err());

@@ -44,11 +44,14 @@ pub struct FinetuneArgs {
     /// Fine-tuning: L2-SP penalty on the block's distance from its pretrained weights.
     #[arg(long, default_value_t = HeadParams::default().finetune_l2sp)]
     finetune_l2sp: f64,
-    /// Fine-tuning: Adam's step size.
+    /// Fine-tuning: Adam's step size (the top block alone, NAME:top).
     #[arg(long, default_value_t = HeadParams::default().finetune_lr)]
     finetune_lr: f64,
+    /// Fine-tuning one block deeper (NAME:deep): Adam's step size.
+    #[arg(long, default_value_t = HeadParams::default().finetune_deep_lr)]
+    finetune_deep_lr: f64,
     /// Fine-tuning: epochs [default: chosen by grouped cross-validation among 0, 5, 10, 20,
-    /// 30].
+    /// 30; one block deeper (NAME:deep), 10].
     #[arg(long)]
     finetune_epochs: Option<usize>,
 }
@@ -60,6 +63,7 @@ impl FinetuneArgs {
             finetune_rank: self.finetune_rank,
             finetune_l2sp: self.finetune_l2sp,
             finetune_lr: self.finetune_lr,
+            finetune_deep_lr: self.finetune_deep_lr,
             finetune_epochs: self.finetune_epochs,
             ..params
         }
