@@ -74,7 +74,7 @@ pub fn cross_validate(
     params: &HeadParams,
     seed: u64,
 ) -> Result<CvReport, HeadError> {
-    let (x, y, classes, n) = (&ex.x, &ex.y, ex.classes(), ex.len());
+    let (y, classes, n) = (&ex.y, ex.classes(), ex.len());
     let groups = cv_groups(ex);
     let min_shots = (0..classes)
         .map(|c| distinct_groups(y, &groups, c).len())
@@ -109,6 +109,21 @@ pub fn cross_validate(
             format!("kfold-{K_FOLDS}"),
         )
     };
+    cross_validate_on(kind, ex, params, &folds, method)
+}
+
+/// [`cross_validate`] on given folds (`folds[i]`: the fold example `i` is held out in), named
+/// `method` in the report: how `auto` on a cut model scores the fixed heads on the folds
+/// `finetune` was scored on, so that the paired comparison compares heads trained on the same
+/// photos.
+pub(crate) fn cross_validate_on(
+    kind: HeadKind,
+    ex: &Examples,
+    params: &HeadParams,
+    folds: &[usize],
+    method: String,
+) -> Result<CvReport, HeadError> {
+    let (x, y, classes, n) = (&ex.x, &ex.y, ex.classes(), ex.len());
     let k = folds.iter().max().map(|m| m + 1).unwrap_or(0);
     let mut held_out = vec![None; n];
     let mut per_class = vec![0usize; classes];

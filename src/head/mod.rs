@@ -973,9 +973,16 @@ fn train_top(
         }
         Some(k) => Ok(behind(train(Some(k), &features, &plain, seed)?)),
         None => {
-            let fixed = auto_select(&features, &plain, seed)?;
+            // Every candidate on the folds fine-tuning is scored on: the paired comparison
+            // then sets heads trained on the same photos against each other (the fixed heads'
+            // own leave-one-object-out trains on more of them than fine-tuning's few folds,
+            // which favoured them).
             let (tuned, epochs) = finetune_cv(ex, params, seed)?;
-            let mut reports = fixed.reports.clone();
+            let (folds, method) = cv::finetune_folds(ex, block.pre.is_some(), seed);
+            let mut reports = HeadKind::ALL
+                .into_iter()
+                .map(|k| cv::cross_validate_on(k, &features, &plain, &folds, method.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
             reports.push(tuned);
             let sel = cv::choose_among(&features, reports)?;
             if sel.chosen == HeadKind::Finetune {

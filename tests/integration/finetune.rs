@@ -218,6 +218,16 @@ fn finetune_through_the_cli(model: &str, suffix: &str, format: u64) {
 /// slack over 3 draws: one photo of the ~70 held out per draw is 1.4 points).
 #[test]
 fn auto_on_the_top_cut_is_never_worse_than_fixed_features() {
+    auto_is_never_worse_than_fixed_features("efficientnet-lite0:top");
+}
+
+/// The same one block deeper (`NAME:deep`), where fine-tuning usually leads.
+#[test]
+fn auto_one_block_deeper_is_never_worse_than_fixed_features() {
+    auto_is_never_worse_than_fixed_features("efficientnet-lite0:deep");
+}
+
+fn auto_is_never_worse_than_fixed_features(model: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let (t, cache) = (tmp.path(), tmp.path().join("cache"));
     let set = t.join("set");
@@ -236,16 +246,7 @@ fn auto_on_the_top_cut_is_never_worse_than_fixed_features() {
     let eval = |head: &str, shots: &str| {
         let mut c = graft(&cache);
         c.args([
-            "--json",
-            "--model",
-            "efficientnet-lite0:top",
-            "eval",
-            "--head",
-            head,
-            "--shots",
-            shots,
-            "--trials",
-            "3",
+            "--json", "--model", model, "eval", "--head", head, "--shots", shots, "--trials", "3",
         ])
         .arg(&set);
         json_lines(&ok(c)).remove(0)
@@ -259,7 +260,7 @@ fn auto_on_the_top_cut_is_never_worse_than_fixed_features() {
         );
         assert!(
             a >= f - 0.01,
-            "{shots} shots: auto {a:.3} (chose {}) vs logistic {f:.3}",
+            "{model}, {shots} shots: auto {a:.3} (chose {}) vs logistic {f:.3}",
             auto["chosen_heads"]
         );
     }

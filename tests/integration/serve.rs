@@ -252,18 +252,23 @@ fn pty_learn_train_classify_restart() {
 /// `--model` comes back on the cut its examples were made with.
 #[test]
 fn a_kiosk_on_the_top_cut_learns_classifies_and_restarts() {
+    kiosk_on_a_cut("efficientnet-lite0:top", "-gem:top");
+}
+
+/// The same one block deeper (`--model NAME:deep`).
+#[test]
+fn a_kiosk_one_block_deeper_learns_classifies_and_restarts() {
+    kiosk_on_a_cut("efficientnet-lite0:deep", "-gem:deep");
+}
+
+fn kiosk_on_a_cut(model: &str, suffix: &str) {
     use graft::serial::SerialLink;
     let t = tempfile::tempdir().unwrap();
     let cache = t.path().join("cache");
     let source = frames(t.path());
     let data = t.path().join("kiosk");
     let (host, dev) = SerialLink::pty_pair().unwrap();
-    let args = [
-        "--serial",
-        dev.as_str(),
-        "--model",
-        "efficientnet-lite0:top",
-    ];
+    let args = ["--serial", dev.as_str(), "--model", model];
     let (server, _) = Served::start(&cache, &args, &source, &data);
     let mut c = Client::new(host);
     assert!(c.ask("LEARN birds 3").starts_with("OK label=birds added=3"));
@@ -273,7 +278,7 @@ fn a_kiosk_on_the_top_cut_learns_classifies_and_restarts() {
     let first = c.ask("CLASSIFY");
     assert_eq!(field(&first, "label"), "birds", "{first}");
     let info = c.ask("INFO");
-    assert!(field(&info, "model").ends_with("-gem:top"), "{info}");
+    assert!(field(&info, "model").ends_with(suffix), "{info}");
     server.stop();
 
     let (host, dev) = SerialLink::pty_pair().unwrap();

@@ -183,10 +183,14 @@ fn print_train_summary(g: &Global, s: &TrainSummary) -> anyhow::Result<()> {
         s.out.display()
     );
     if !s.candidates.is_empty() {
-        println!(
-            "  auto: chose {} by {} cross-validation:",
-            s.head, s.cv_method
-        );
+        // The comparison's folds: the candidates' (on a cut model, fine-tuning's folds for
+        // all), which the chosen head's own report need not share.
+        let method = s
+            .candidates
+            .iter()
+            .find(|c| c.head == s.head)
+            .map_or(s.cv_method.as_str(), |c| c.method.as_str());
+        println!("  auto: chose {} by {method} cross-validation:", s.head);
         if let Some(r) = &s.auto_reason {
             println!("    {r}");
         }
