@@ -678,6 +678,11 @@ mod tests {
             let mut skipped = 0;
             let sizes: Vec<usize> = p.slices_mut().iter().map(|s| s.len()).collect();
             for (which, &len) in sizes.iter().enumerate() {
+                // Per tensor: the relative error of the whole gradient (a slip of a few percent
+                // in one stage shows here, where a per-number tolerance lets small gradients
+                // through), less the few numbers whose ±h straddles a clip's kink. f32 and the
+                // kinks leave up to 0.6% on the expand weights; a 3% slip fails.
+                let (mut diff, mut norm) = (0f64, 0f64);
                 for j in 0..len {
                     let mut plus = p.clone();
                     plus.slices_mut()[which][j] += h;
@@ -696,9 +701,19 @@ mod tests {
                             skipped <= 3,
                             "gem {gem:?} param {which}[{j}]: numeric {numeric}, analytic {analytic}"
                         );
+                    } else {
+                        diff += err * err;
+                        norm += numeric * numeric;
                     }
                     checked += 1;
                 }
+                // With the plain average, the top ReLU's kink at 0 is hit by many numbers
+                // (GeM is smooth there): the per-number check only.
+                let rel = (diff / norm.max(1e-30)).sqrt();
+                assert!(
+                    gem.is_none() || rel < 1e-2,
+                    "gem {gem:?} param {which}: relative error {rel}"
+                );
             }
             // we 15, be 5, wd 45, bd 5, wp 20, bp 4, wh 24, bh 6, wc 18, bc 3.
             assert_eq!(checked, 145);
