@@ -71,8 +71,9 @@ struct HeadTimes {
     /// `graft train --head auto`: cross-validation of every head kind, calibration, final fit.
     train_auto_ms: f64,
     predict_us: f64,
-    /// With a `NAME:top` model: `graft train --head finetune` (early stopping by 5-fold CV,
-    /// calibration, final fit) on as many examples of top-block inputs.
+    /// With a `NAME:top` or `NAME:deep` model: `graft train --head finetune` (its
+    /// cross-validation: early stopping by 5 folds for `:top`, 3 folds at fixed epochs for
+    /// `:deep`; calibration, final fit) on as many examples of the cut's inputs.
     #[serde(skip_serializing_if = "Option::is_none")]
     train_finetune_ms: Option<f64>,
 }
@@ -299,7 +300,7 @@ fn print_report(r: &Report) {
         println!("predict       {:>9.1} µs   (logistic head)", h.predict_us);
         if let Some(ms) = h.train_finetune_ms {
             println!(
-                "train finetune {:>8.1} ms   ({shape}: early stopping by CV, calibration, fit)",
+                "train finetune {:>8.1} ms   ({shape}: CV, calibration, fit)",
                 ms
             );
         }

@@ -23,8 +23,8 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 use super::finetune::{
-    adam_update, classifier_logits, linear_probe, parallel_map, pool_backward, pooled, transform,
-    BATCH, SEED,
+    adam_update, batch_gradient, classifier_logits, linear_probe, parallel_map, pool_backward,
+    pooled, transform, BATCH, SEED,
 };
 use super::fit::Inner;
 use super::{HeadError, HeadParams};
@@ -401,28 +401,18 @@ impl<'a> Trainer<'a> {
     }
 
     fn step(&mut self, batch: &[usize], n: f32) {
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-        let per = batch.len().div_ceil(threads).max(1);
         let scale = 1.0 / batch.len() as f32;
         let (block, pre, raw, y, p, power) =
             (self.block, self.pre, self.raw, self.y, &self.p, self.power);
-        let mut grad = std::thread::scope(|s| {
-            let parts: Vec<_> = batch
-                .chunks(per)
-                .map(|part| {
-                    s.spawn(move || {
-                        let mut g = p.zeros_like();
-                        backward(block, pre, raw, y, part, p, power, scale, &mut g);
-                        g
-                    })
-                })
-                .collect();
-            let mut total = p.zeros_like();
-            for h in parts {
-                total.add(&mut h.join().expect("a training thread panicked"));
-            }
-            total
-        });
+        let mut grad = batch_gradient(
+            batch,
+            |part| {
+                let mut g = p.zeros_like();
+                backward(block, pre, raw, y, part, p, power, scale, &mut g);
+                g
+            },
+            |total, mut g| total.add(&mut g),
+        );
         // The classifier's L2 (alpha on the summed loss: alpha / n on the mean) and L2-SP:
         // λ Σ ‖θ − θ0‖² over the block's weights and biases.
         grad.wc.scaled_add(self.alpha / n, &self.p.wc);

@@ -405,6 +405,32 @@ struct Trainer<'c, 'a> {
 /// Examples per Adam step.
 pub(crate) const BATCH: usize = 32;
 
+/// A mini-batch's gradient: the examples of `batch` split over the threads, `part` computing
+/// the gradient of each share, `add` summing them (the first share's is the total).
+pub(crate) fn batch_gradient<G: Send>(
+    batch: &[usize],
+    part: impl Fn(&[usize]) -> G + Sync,
+    add: impl Fn(&mut G, G),
+) -> G {
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let per = batch.len().div_ceil(threads).max(1);
+    let part = &part;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = batch
+            .chunks(per)
+            .map(|share| s.spawn(move || part(share)))
+            .collect();
+        let mut parts = handles
+            .into_iter()
+            .map(|h| h.join().expect("a training thread panicked"));
+        let mut total = parts.next().unwrap_or_else(|| part(&[]));
+        for g in parts {
+            add(&mut total, g);
+        }
+        total
+    })
+}
+
 /// One Adam step (t counts from 1) on parameters `p` with gradient `g` and moments `m`, `v`.
 pub(crate) fn adam_update(t: i32, lr: f32, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     const B1: f32 = 0.9;
@@ -471,29 +497,19 @@ impl<'c, 'a> Trainer<'c, 'a> {
     }
 
     fn step(&mut self, batch: &[usize], n: f32) {
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-        let per = batch.len().div_ceil(threads).max(1);
         let scale = 1.0 / batch.len() as f32;
         let (p, cache, setup, y) = (&self.p, self.cache, &self.setup, &self.y);
-        let mut grad = std::thread::scope(|s| {
-            let parts: Vec<_> = batch
-                .chunks(per)
-                .map(|part| {
-                    s.spawn(move || {
-                        let mut g = p.zeros_like();
-                        for &i in part {
-                            backward(cache, i, y[i], p, setup, scale, &mut g);
-                        }
-                        g
-                    })
-                })
-                .collect();
-            let mut total = p.zeros_like();
-            for h in parts {
-                total.add(&h.join().expect("a training thread panicked"));
-            }
-            total
-        });
+        let mut grad = batch_gradient(
+            batch,
+            |part| {
+                let mut g = p.zeros_like();
+                for &i in part {
+                    backward(cache, i, y[i], p, setup, scale, &mut g);
+                }
+                g
+            },
+            |total, g| total.add(&g),
+        );
         // The classifier's L2 (as the logistic head's: alpha on the summed loss, so alpha / n
         // on the mean) and L2-SP on the block's change: λ(‖V·Uᵀ‖² + ‖db‖²).
         grad.wc.scaled_add(self.setup.alpha / n, &self.p.wc);
