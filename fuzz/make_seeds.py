@@ -8,7 +8,8 @@ byte, so the corpus says where it came from:
                session as one stream, and one line per verb form the session lacks
   headfile     tests/fixtures/heads/*.graft without their trailing sha256 (the target seals what
                it is given, see fuzz_targets/headfile.rs), and the centroid fixture cut down to
-               8 values per embedding as each head kind, and as format 2 (power 0.5)
+               8 values per embedding as each head kind, as format 2 (power 0.5), and
+               behind a small top block (format 3) and one block deeper (format 4)
   manifest     models/*.toml
   export_meta  the graft.* metadata of `graft export` outputs given on the command line, as
                `key=value` lines and as a ModelProto holding only that metadata (field 14)
@@ -102,6 +103,22 @@ def headfile():
         out("headfile", f"dim8-{kind}", head_bytes(h, data8))
     h = dict(header, format=2, kind="knn", params=dict(header["params"], power=0.5, knn_k=3))
     out("headfile", "dim8-format2-power", head_bytes(h, data8))
+    # Behind a top block (format 3) and one block deeper (format 4): the 8 values are 2
+    # channels on a 2x2 map; the blocks' numbers follow the embeddings.
+    def floats(n, k):
+        return struct.pack(f"<{n}f", *[round(0.1 * ((i * k) % 9) - 0.4, 2) for i in range(n)])
+
+    power = header["params"].get("power", 1.0)
+    top = dict(node='Conv "top"', cin=2, cout=3, positions=4, clip_lo=0.0, clip_hi=6.0,
+               gem_power=3.0, power=power)
+    h = dict(header, format=3, kind="centroid", top_block=top)
+    out("headfile", "dim8-format3-top", head_bytes(h, data8 + floats(9, 5)))
+    pre = dict(node='Conv "expand"', cin=2, hidden=3, cout=2, side=2, kernel=3,
+               expand_clip=[0.0, 6.0], depthwise_clip=[0.0, 6.0], project_clip=[None, None],
+               reads=["a", "b", "c", "d"])
+    h = dict(header, format=4, kind="centroid", top_block=dict(top, pre=pre))
+    # top 3x2 + 3; expand 3x2 + 3, depthwise 3x3x3 + 3, project 2x3 + 2
+    out("headfile", "dim8-format4-deep", head_bytes(h, data8 + floats(9, 5) + floats(47, 7)))
 
 
 # ---------------------------------------------------------------- manifest

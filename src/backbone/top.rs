@@ -141,10 +141,22 @@ impl Mbconv {
         {
             return Err(format!("block {name}: a weight is not finite"));
         }
-        for (lo, hi) in [self.expand_clip, self.depthwise_clip, self.project_clip] {
-            if lo.is_nan() || hi.is_nan() || lo > hi {
-                return Err(format!("block {name}: activation range [{lo}, {hi}]"));
-            }
+        // The ReLUs' lower ends are finite numbers; the project clip's ends may be unbounded
+        // outward only (a head file stores an unbounded end as null).
+        let (plo, phi) = self.project_clip;
+        let ranges_ok = [self.expand_clip, self.depthwise_clip]
+            .iter()
+            .all(|(lo, hi)| lo.is_finite() && !hi.is_nan() && lo <= hi)
+            && !plo.is_nan()
+            && !phi.is_nan()
+            && plo < f32::INFINITY
+            && phi > f32::NEG_INFINITY
+            && plo <= phi;
+        if !ranges_ok {
+            return Err(format!(
+                "block {name}: activation ranges {:?}, {:?}, {:?}",
+                self.expand_clip, self.depthwise_clip, self.project_clip
+            ));
         }
         Ok(())
     }
@@ -202,7 +214,8 @@ impl TopBlock {
             ));
         }
         let (lo, hi) = self.clip;
-        if lo.is_nan() || hi.is_nan() || lo > hi || lo < 0.0 {
+        // The lower end is finite (a head file stores it as a number; ∞ has no JSON form).
+        if !lo.is_finite() || hi.is_nan() || lo > hi || lo < 0.0 {
             return Err(format!(
                 "top block of {}: activation range [{lo}, {hi}] (must be within [0, ∞))",
                 self.node

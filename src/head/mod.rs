@@ -19,9 +19,11 @@
 //! A `finetune` head's examples are the backbone's top-block inputs (`--model NAME:top`, see
 //! [`crate::backbone::top`]); training updates the block's 1×1 convolution by a low-rank,
 //! L2-SP-regularised change beside a linear classifier that starts from the logistic head
-//! (details in the `finetune` module). The fixed-feature kinds work on such examples too: they
-//! run the pretrained block first (`HeadParams::top`), so `--head auto` compares them all on
-//! the same held-out examples.
+//! (details in the `finetune` module). One block deeper (`--model NAME:deep`) the examples are
+//! the input of the block before it ([`crate::backbone::Mbconv`]), and training updates both
+//! blocks' four convolutions in full (the `deep` module). The fixed-feature kinds work on such
+//! examples too: they run the pretrained blocks first (`HeadParams::top`), so `--head auto`
+//! compares them all on the same folds and held-out examples.
 //!
 //! Whatever a head comes from — a head file, a refit, a library user's own — it is held to
 //! [`Head::validate`] before use, and a threshold from anywhere (a flag, a kiosk setting) to
@@ -100,8 +102,9 @@ pub enum HeadKind {
     Knn,
     /// Gaussian naive Bayes.
     Bayes,
-    /// The backbone's top block fine-tuned with a linear classifier (examples cut before the
-    /// block: `--model NAME:top`).
+    /// The backbone's top block (and with `--model NAME:deep` the block before it) fine-tuned
+    /// with a linear classifier (examples cut before the blocks: `--model NAME:top` or
+    /// `NAME:deep`).
     Finetune,
 }
 

@@ -765,6 +765,33 @@ mod tests {
             let cut = &bytes[..bytes.len() - 40];
             assert!(from_bytes(cut, Path::new("t.graft")).is_err());
         }
+        // A clip whose lower end is beyond f32 (serde reads 1e39 as ∞) is refused: it has no
+        // JSON form, so the file it made could not be written and read back the same (before,
+        // it was read, and written with `null` there, which no graft reads).
+        for deep in [false, true] {
+            let bytes = to_bytes(&behind(HeadKind::Centroid, deep), Path::new("t.graft")).unwrap();
+            let n = u32::from_le_bytes(bytes[11..15].try_into().unwrap()) as usize;
+            let json = String::from_utf8(bytes[15..15 + n].to_vec()).unwrap();
+            // An unbounded upper end (a plain ReLU) is what let it through: ∞ ≤ ∞.
+            let (key, to) = if deep {
+                ("\"expand_clip\":[0.0,6.0]", "\"expand_clip\":[1e39,null]")
+            } else {
+                (
+                    "\"clip_lo\":0.0,\"clip_hi\":6.0",
+                    "\"clip_lo\":1e39,\"clip_hi\":null",
+                )
+            };
+            assert!(json.contains(key), "{json}");
+            let bad = json.replacen(key, to, 1);
+            let mut body = MAGIC.to_vec();
+            body.extend_from_slice(&(bad.len() as u32).to_le_bytes());
+            body.extend_from_slice(bad.as_bytes());
+            body.extend_from_slice(&bytes[15 + n..bytes.len() - 32]);
+            let digest = Sha256::digest(&body);
+            body.extend_from_slice(&digest);
+            let err = from_bytes(&body, Path::new("t.graft")).unwrap_err();
+            assert!(err.to_string().contains("activation range"), "{err}");
+        }
         // A fine-tuned block is the head's own: a finetune head needs its top block.
         let mut file = behind_top(HeadKind::Finetune);
         file.head.model = file.head.model.after_top();
