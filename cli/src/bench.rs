@@ -73,7 +73,8 @@ struct HeadTimes {
     predict_us: f64,
     /// With a `NAME:top` or `NAME:deep` model: `graft train --head finetune` (its
     /// cross-validation: early stopping by 5 folds for `:top`, 3 folds at fixed epochs for
-    /// `:deep`; calibration, final fit) on as many examples of the cut's inputs.
+    /// `:deep`, each fold leaving a class out for the threshold; final fit) on as many examples
+    /// of the cut's inputs.
     #[serde(skip_serializing_if = "Option::is_none")]
     train_finetune_ms: Option<f64>,
 }

@@ -22,11 +22,12 @@ pub const MANY_FOLDS: usize = 10;
 /// Classes left out, one fit each, to calibrate the `unknown` threshold (every class up to
 /// this many; beyond, this many spread evenly over the labels).
 pub const MAX_LEFT_OUT_CLASSES: usize = 20;
-/// Classes left out to calibrate a `finetune` head's threshold (each is a fine-tuning run).
+/// Classes left out, one fine-tuning run each, to calibrate a `finetune` head's threshold when
+/// its folds leave none out (fewer than [`MIN_CLASSES_LEFT_OUT_PER_FOLD`] classes).
 pub const FINETUNE_LEFT_OUT_CLASSES: usize = 4;
-/// Folds and classes left out one block deeper (`NAME:deep`), where each fine-tuning run
-/// trains four convolutions in full: the fewest that still give every example a held-out score
-/// and the threshold two never-seen classes.
+/// Folds (and classes left out, as [`FINETUNE_LEFT_OUT_CLASSES`]) one block deeper
+/// (`NAME:deep`), where each fine-tuning run trains four convolutions in full: the fewest folds
+/// that still give every example a held-out score.
 pub const DEEP_FOLDS: usize = 3;
 /// See [`DEEP_FOLDS`].
 pub const DEEP_LEFT_OUT_CLASSES: usize = 2;
@@ -49,7 +50,71 @@ pub struct CvReport {
     /// Per example (in input order): the held-out logits, when the class was in the fold.
     #[serde(skip)]
     pub held_out: Vec<Option<Vec<f32>>>,
+    /// Per example: the logits of the fold's head that left its class out entirely (a
+    /// [`FoldPlan`] with `left_out`), the scores of an object of a class never seen; empty or
+    /// all `None` when no class was left out.
+    #[serde(skip)]
+    pub novel: Vec<Option<Vec<f32>>>,
 }
+
+/// Held-out logits per example (`None`: not scored).
+pub(crate) type Logits = Vec<Option<Vec<f32>>>;
+
+/// Which examples each cross-validation fit trains on: `fold[i]` is the fold example `i` is
+/// held out in, and `left_out[f]` a class fold `f`'s fit does not see at all — its examples
+/// (of every fold) are then scored as objects of a never-seen class, so the same fits set the
+/// `unknown` threshold ([`calibrate`]) without a fit per left-out class (fine-tuning's folds,
+/// where every fit is a fine-tuning run: [`finetune_folds`]).
+#[derive(Debug, Clone)]
+pub(crate) struct FoldPlan {
+    pub fold: Vec<usize>,
+    pub left_out: Vec<Option<usize>>,
+    pub method: String,
+}
+
+impl FoldPlan {
+    /// Plain folds: `fold[i]` per example, no class left out.
+    pub fn plain(fold: Vec<usize>, method: String) -> FoldPlan {
+        let k = fold.iter().max().map_or(0, |m| m + 1);
+        FoldPlan {
+            fold,
+            left_out: vec![None; k],
+            method,
+        }
+    }
+
+    /// How many folds.
+    pub fn len(&self) -> usize {
+        self.left_out.len()
+    }
+
+    /// Fold `f`'s fit: its training examples, the held-out ones whose class it trains on, and
+    /// the left-out class's examples (empty without one).
+    pub fn split(
+        &self,
+        f: usize,
+        y: &[usize],
+        classes: usize,
+    ) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+        let out = self.left_out.get(f).copied().flatten();
+        let train: Vec<usize> = (0..y.len())
+            .filter(|&i| self.fold[i] != f && Some(y[i]) != out)
+            .collect();
+        let mut trained = vec![false; classes];
+        for &i in &train {
+            trained[y[i]] = true;
+        }
+        let test = (0..y.len())
+            .filter(|&i| self.fold[i] == f && trained[y[i]])
+            .collect();
+        let novel = (0..y.len()).filter(|&i| Some(y[i]) == out).collect();
+        (train, test, novel)
+    }
+}
+
+/// Fewest classes present for [`finetune_folds`] to leave one out of each fold: every fit then
+/// still tells at least three apart.
+pub const MIN_CLASSES_LEFT_OUT_PER_FOLD: usize = 4;
 
 /// The result of `--head auto`.
 #[derive(Debug, Clone, Serialize)]
@@ -109,48 +174,50 @@ pub fn cross_validate(
             format!("kfold-{K_FOLDS}"),
         )
     };
-    cross_validate_on(kind, ex, params, &folds, method)
+    cross_validate_on(kind, ex, params, &FoldPlan::plain(folds, method))
 }
 
-/// [`cross_validate`] on given folds (`folds[i]`: the fold example `i` is held out in), named
-/// `method` in the report: how `auto` on a cut model scores the fixed heads on the folds
-/// `finetune` was scored on, so that the paired comparison compares heads trained on the same
-/// photos.
+/// [`cross_validate`] on a given [`FoldPlan`]: how `auto` on a cut model scores the fixed
+/// heads on the folds `finetune` was scored on, so that the paired comparison compares heads
+/// trained on the same photos.
 pub(crate) fn cross_validate_on(
     kind: HeadKind,
     ex: &Examples,
     params: &HeadParams,
-    folds: &[usize],
-    method: String,
+    plan: &FoldPlan,
 ) -> Result<CvReport, HeadError> {
     let (x, y, classes, n) = (&ex.x, &ex.y, ex.classes(), ex.len());
-    let k = folds.iter().max().map(|m| m + 1).unwrap_or(0);
     let mut held_out = vec![None; n];
-    let mut per_class = vec![0usize; classes];
-    for c in y {
-        per_class[*c] += 1;
-    }
-    for f in 0..k {
-        let train: Vec<usize> = (0..n).filter(|i| folds[*i] != f).collect();
-        let test: Vec<usize> = (0..n).filter(|i| folds[*i] == f).collect();
-        // A fold is worth a fit only if one of its examples has its class left in training
-        // (one photo per class: none has; a kiosk with 200 such classes spent minutes here).
-        let mut held = vec![0usize; classes];
-        for i in &test {
-            held[y[*i]] += 1;
-        }
-        if train.is_empty() || !test.iter().any(|i| held[y[*i]] < per_class[y[*i]]) {
+    let mut novel_out = vec![None; n];
+    for f in 0..plan.len() {
+        let (train, test, novel) = plan.split(f, y, classes);
+        // A fold is worth a fit only if it scores something (one photo per class: no held-out
+        // example has its class left in training; a kiosk with 200 such classes spent
+        // minutes here).
+        if train.is_empty() || (test.is_empty() && novel.is_empty()) {
             continue;
         }
         let tx: Vec<Vec<f32>> = train.iter().map(|i| x[*i].clone()).collect();
         let ty: Vec<usize> = train.iter().map(|i| y[*i]).collect();
         let model = fit(kind, &tx, &ty, classes, params)?;
         for i in test {
-            if ty.contains(&y[i]) {
-                held_out[i] = Some(model.logits(&x[i]));
-            }
+            held_out[i] = Some(model.logits(&x[i]));
+        }
+        for i in novel {
+            novel_out[i] = Some(model.logits(&x[i]));
         }
     }
+    Ok(report(kind, plan.method.clone(), y, held_out, novel_out))
+}
+
+/// A [`CvReport`] from held-out logits: accuracy over the scored examples.
+pub(crate) fn report(
+    kind: HeadKind,
+    method: String,
+    y: &[usize],
+    held_out: Logits,
+    novel: Logits,
+) -> CvReport {
     let mut scored = 0;
     let mut correct = 0;
     for (l, t) in held_out.iter().zip(y) {
@@ -161,7 +228,7 @@ pub(crate) fn cross_validate_on(
             }
         }
     }
-    Ok(CvReport {
+    CvReport {
         kind,
         method,
         accuracy: if scored > 0 {
@@ -171,7 +238,8 @@ pub(crate) fn cross_validate_on(
         },
         scored,
         held_out,
-    })
+        novel,
+    }
 }
 
 /// The groups cross-validation holds out together: the objects, except that a class whose
@@ -196,16 +264,25 @@ fn cv_groups(ex: &Examples) -> Vec<usize> {
 }
 
 /// The folds of `finetune`'s early stopping: group-stratified [`K_FOLDS`]-fold ([`DEEP_FOLDS`]
-/// one block deeper) whatever the
-/// number of shots (each fold is a fine-tuning run, so leave-one-object-out is too dear), the
-/// groups as [`cross_validate`] holds them out. Returns the fold of each example and the method.
-pub(crate) fn finetune_folds(ex: &Examples, deep: bool, seed: u64) -> (Vec<usize>, String) {
+/// one block deeper) whatever the number of shots (each fold is a fine-tuning run, so
+/// leave-one-object-out is too dear), the groups as [`cross_validate`] holds them out. With
+/// [`MIN_CLASSES_LEFT_OUT_PER_FOLD`] classes or more, each fold also leaves one class out
+/// entirely (spread over the labels), so the folds' fits also give the `unknown` threshold its
+/// never-seen objects: one fine-tuning run per fold, none per left-out class.
+pub(crate) fn finetune_folds(ex: &Examples, deep: bool, seed: u64) -> FoldPlan {
     let groups = cv_groups(ex);
     let k = if deep { DEEP_FOLDS } else { K_FOLDS };
-    (
-        stratified_folds(&ex.y, &groups, ex.classes(), k, seed),
-        format!("kfold-{k}"),
-    )
+    let fold = stratified_folds(&ex.y, &groups, ex.classes(), k, seed);
+    let present = ex.present_classes();
+    let mut plan = FoldPlan::plain(fold, format!("kfold-{k}"));
+    if present.len() >= MIN_CLASSES_LEFT_OUT_PER_FOLD {
+        let m = plan.len().min(present.len());
+        for f in 0..m {
+            plan.left_out[f] = Some(present[f * present.len() / m]);
+        }
+        plan.method = format!("kfold-{k}, a class left out of each fold");
+    }
+    plan
 }
 
 /// The head `auto` keeps unless the evidence says otherwise: logistic regression wins on
@@ -395,7 +472,8 @@ pub struct Calibration {
     pub temperature_fallback: Option<String>,
     /// Best scores below this are `unknown`.
     pub threshold: f32,
-    /// `leave-one-class-out`, `quantile` or `fallback`.
+    /// `leave-one-class-out`, `classes-left-out-of-folds` (fine-tuning: the classes its folds
+    /// left out, [`finetune_folds`]), `quantile` or `fallback`.
     pub method: &'static str,
     /// Share of held-out known examples (right or wrong: every answer) the threshold accepts.
     pub known_accepted: Option<f32>,
@@ -412,7 +490,9 @@ pub struct Calibration {
 ///
 /// The threshold is calibrated *open-set* from the training data alone: every class in turn is
 /// left out entirely, a head is fitted on the others, and the left-out class's examples are
-/// scored — they play the objects the head has never seen. Their best scores are set against
+/// scored — they play the objects the head has never seen. Fine-tuning's folds leave a class out
+/// of each fold's fit already ([`finetune_folds`]): their scores ([`CvReport::novel`]) are used
+/// instead, with no fit more. Their best scores are set against
 /// the held-out scores of correctly classified known examples, and the threshold is the one that
 /// best separates the two (Youden's J), capped so that it rejects at most
 /// [`MAX_KNOWN_REJECTION`] of all held-out known examples, right or wrong (the known answers
@@ -520,9 +600,12 @@ pub fn calibrate(
             novel_rejected: None,
         });
     }
-    // Leave each class out (at most MAX_LEFT_OUT_CLASSES, spread over the labels: one fit
-    // each); score its examples with a head that never saw it.
-    // Fine-tuning refits the block each time: fewer classes left out.
+    // The never-seen objects: the examples of the classes the folds left out, scored by the
+    // fold's head (fine-tuning's folds), else leave each class out (at most
+    // MAX_LEFT_OUT_CLASSES, spread over the labels: one fit each) and score its examples with
+    // a head that never saw it. Fine-tuning refits the block each time: fewer classes left out.
+    let mut novel: Vec<f32> = report.novel.iter().flatten().map(|l| top(l)).collect();
+    let per_fold = !novel.is_empty();
     let deep = params.top.as_ref().is_some_and(|b| b.pre.is_some());
     let limit = match report.kind {
         HeadKind::Finetune if deep => DEEP_LEFT_OUT_CLASSES,
@@ -530,8 +613,8 @@ pub fn calibrate(
         _ => MAX_LEFT_OUT_CLASSES,
     };
     let step = present.len().div_ceil(limit);
-    let mut novel = Vec::new();
-    for &c in present.iter().step_by(step) {
+    let refit: &[usize] = if per_fold { &[] } else { &present };
+    for &c in refit.iter().step_by(step) {
         let keep: Vec<usize> = (0..y.len()).filter(|i| y[*i] != c).collect();
         let tx: Vec<Vec<f32>> = keep.iter().map(|i| x[*i].clone()).collect();
         let ty: Vec<usize> = keep.iter().map(|i| y[*i]).collect();
@@ -565,7 +648,11 @@ pub fn calibrate(
         temperature: best_t,
         temperature_fallback,
         threshold,
-        method: "leave-one-class-out",
+        method: if per_fold {
+            "classes-left-out-of-folds"
+        } else {
+            "leave-one-class-out"
+        },
         known_accepted: Some(rate(&answers, threshold, false)),
         novel_rejected: Some(rate(&novel, threshold, true)),
     })
@@ -611,6 +698,7 @@ pub(crate) fn argmax(v: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::Rng;
 
     fn labels(n: usize) -> Vec<String> {
         (0..n).map(|c| format!("c{c}")).collect()
@@ -747,6 +835,72 @@ mod tests {
         assert!(twins.scored == n);
     }
 
+    /// Fine-tuning's folds leave a class out of each fit: the fit sees neither its fold nor that
+    /// class, the class's photos of every fold are scored as never-seen, each class is left out
+    /// at most once, and the threshold is set from those scores with no fit more.
+    #[test]
+    fn finetune_folds_leave_a_class_out_of_each_fit_and_calibrate_on_it() {
+        // 10 classes × 6 objects, two photos each; the class's direction plus a little noise.
+        let (mut x, mut y, mut groups) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for c in 0..10usize {
+            for o in 0..6usize {
+                for _ in 0..2 {
+                    let mut v: Vec<f32> = (0..12).map(|_| rng.gen_range(-0.2..0.2)).collect();
+                    v[c] += 1.0;
+                    x.push(crate::head::normalize(&v));
+                    y.push(c);
+                    groups.push(c * 100 + o);
+                }
+            }
+        }
+        let ex = Examples::new(x, y.clone(), groups, labels(10)).unwrap();
+        for (deep, k) in [(true, DEEP_FOLDS), (false, K_FOLDS)] {
+            let plan = finetune_folds(&ex, deep, 3);
+            assert_eq!(plan.len(), k);
+            assert!(plan.method.contains("left out"), "{}", plan.method);
+            let out: Vec<usize> = plan.left_out.iter().map(|c| c.unwrap()).collect();
+            let mut distinct = out.clone();
+            distinct.dedup();
+            assert_eq!(distinct, out, "each class left out at most once: {out:?}");
+            for (f, &c) in out.iter().enumerate() {
+                let (train, test, novel) = plan.split(f, &y, 10);
+                assert!(train.iter().all(|&i| plan.fold[i] != f && y[i] != c));
+                assert!(test.iter().all(|&i| plan.fold[i] == f && y[i] != c));
+                assert!(!test.is_empty());
+                assert_eq!(
+                    novel,
+                    (0..y.len()).filter(|&i| y[i] == c).collect::<Vec<_>>()
+                );
+                assert_eq!(train.len() + test.len() + novel.len(), y.len());
+            }
+        }
+        let plan = finetune_folds(&ex, true, 3);
+        let r = cross_validate_on(HeadKind::Logistic, &ex, &HeadParams::default(), &plan).unwrap();
+        let novel = r.novel.iter().filter(|l| l.is_some()).count();
+        assert_eq!(novel, 3 * 12, "every photo of the 3 left-out classes");
+        for (i, l) in r.held_out.iter().enumerate() {
+            // A left-out class's photos in its own fold are the only unscored ones.
+            let own = plan.left_out[plan.fold[i]] == Some(y[i]);
+            assert_eq!(l.is_none(), own, "example {i}");
+        }
+        assert!(r.accuracy > 0.9, "{}", r.accuracy);
+        let c = calibrate(&r, &ex, &HeadParams::default()).unwrap();
+        assert_eq!(c.method, "classes-left-out-of-folds");
+        assert!(c.novel_rejected.unwrap() > 0.5, "{c:?}");
+        // With 3 classes no class is left out (each fit would tell only 2 apart): the threshold
+        // refits per class as before.
+        let three: Vec<usize> = (0..y.len()).filter(|&i| y[i] < 3).collect();
+        let small = ex.subset(&three);
+        let plan = finetune_folds(&small, true, 3);
+        assert!(plan.left_out.iter().all(Option::is_none));
+        let r =
+            cross_validate_on(HeadKind::Logistic, &small, &HeadParams::default(), &plan).unwrap();
+        assert!(r.novel.iter().all(Option::is_none));
+        let c = calibrate(&r, &small, &HeadParams::default()).unwrap();
+        assert_eq!(c.method, "leave-one-class-out");
+    }
+
     /// Regression (issue 12): with held-out scores no better than chance (6 classes of 2
     /// objects each), the temperature fit ran to the bottom of its grid, 0.0001, where every
     /// score is 1/classes and so equals the threshold. A fit at either end of the kind's range
@@ -831,6 +985,7 @@ mod tests {
                     .iter()
                     .map(|(_, l)| Some(l.to_vec()))
                     .collect(),
+                novel: Vec::new(),
             };
             let c = calibrate(&report, &ex, &HeadParams::default()).unwrap();
             let name = case.name;
@@ -925,6 +1080,7 @@ mod tests {
                 Some(vec![0.1, 0.9]),
                 Some(vec![0.3, 0.7]),
             ],
+            novel: Vec::new(),
         };
         let ex = Examples::new(
             vec![vec![1.0, 0.0]; 4],

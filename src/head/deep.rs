@@ -20,11 +20,12 @@
 //! the depthwise runs along contiguous channel rows.
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
+use super::cv::{FoldPlan, Logits};
 use super::finetune::{
     adam_update, batch_gradient, classifier_logits, linear_probe, parallel_map, pool_backward,
-    pooled, transform, BATCH, SEED,
+    pooled, threads, transform, BATCH, SEED,
 };
 use super::fit::Inner;
 use super::{HeadError, HeadParams};
@@ -32,7 +33,7 @@ use crate::backbone::{Mbconv, TopBlock};
 
 /// Adam's step size one block deeper: the best of 0.0003 and 0.001 on the kiosk scene, and
 /// within noise of the best on the composites (`benches/deeper_cut.py`).
-pub const DEEP_LR: f32 = 0.0003;
+pub const DEEP_LR: f64 = 0.0003;
 
 /// Epochs one block deeper when the params fix none: the measured runs were within noise of
 /// their best at 10 on both photo sets, and each epoch costs a whole block's forward and
@@ -119,6 +120,12 @@ impl Params {
         }
     }
 
+    fn fill(&mut self, v: f32) {
+        for a in self.slices_mut() {
+            a.fill(v);
+        }
+    }
+
     /// The tuned blocks, in the backbone's layout.
     fn blocks(&self, block: &TopBlock, pre: &Mbconv) -> TopBlock {
         let flat2 = |a: &Array2<f32>| a.as_standard_layout().iter().copied().collect::<Vec<_>>();
@@ -140,20 +147,28 @@ impl Params {
     }
 }
 
-/// `m` examples (`cin × P` each, the cut's layout) as one `m·P × cin` matrix.
-fn stack(pre: &Mbconv, raws: &[&[f32]]) -> Array2<f32> {
+/// `m` examples (`cin × P` each, the cut's layout) stacked as the first `m·P` rows of `a`
+/// (`· × cin`); returns that row count.
+fn stack_into(pre: &Mbconv, raws: &[&[f32]], a: &mut Array2<f32>) -> usize {
     let p = pre.side * pre.side;
-    let mut a = Array2::zeros((raws.len() * p, pre.cin));
     for (i, raw) in raws.iter().enumerate() {
         let x = ArrayView2::from_shape((pre.cin, p), raw).expect("cin × P");
         a.slice_mut(ndarray::s![i * p..(i + 1) * p, ..])
             .assign(&x.t());
     }
-    a
+    raws.len() * p
 }
 
-fn clip(z: &Array2<f32>, (lo, hi): (f32, f32)) -> Array2<f32> {
-    z.mapv(|v| v.clamp(lo, hi))
+/// `out = x·wᵀ + b` (a 1×1 convolution on stacked positions).
+fn affine(x: ArrayView2<f32>, w: &Array2<f32>, b: &Array1<f32>, mut out: ArrayViewMut2<f32>) {
+    for mut row in out.rows_mut() {
+        row.assign(b);
+    }
+    general_mat_mul(1.0, &x, &w.t(), 1.0, &mut out);
+}
+
+fn clip(mut z: ArrayViewMut2<f32>, (lo, hi): (f32, f32)) {
+    z.mapv_inplace(|v| v.clamp(lo, hi));
 }
 
 /// The rows of the k×k neighbourhood of each position, zero-padded: calls `f(row, tap,
@@ -181,9 +196,14 @@ fn taps(rows: usize, side: usize, kernel: usize, mut f: impl FnMut(usize, usize,
     }
 }
 
-/// The depthwise convolution of `h` (`rows × hidden`) with tap-major weights `wd`.
-fn depthwise(pre: &Mbconv, h: &Array2<f32>, wd: &Array2<f32>, bd: &Array1<f32>) -> Array2<f32> {
-    let mut out = Array2::zeros(h.raw_dim());
+/// The depthwise convolution of `h` (`rows × hidden`) with tap-major weights `wd`, into `out`.
+fn depthwise(
+    pre: &Mbconv,
+    h: ArrayView2<f32>,
+    wd: &Array2<f32>,
+    bd: &Array1<f32>,
+    mut out: ArrayViewMut2<f32>,
+) {
     for mut row in out.rows_mut() {
         row.assign(bd);
     }
@@ -199,65 +219,78 @@ fn depthwise(pre: &Mbconv, h: &Array2<f32>, wd: &Array2<f32>, bd: &Array1<f32>) 
             o[j] += w[j] * s[j];
         }
     });
-    out
 }
 
-/// A stack of examples through the block.
-struct Acts {
-    a: Array2<f32>,  // rows × cin
-    ze: Array2<f32>, // expand, before the clip
-    he: Array2<f32>,
-    zd: Array2<f32>, // depthwise, before the clip
-    hd: Array2<f32>,
-    zp: Array2<f32>, // project, before its clip
-    hp: Array2<f32>, // the top block's input
-    z: Array2<f32>,  // top convolution, before the clip
+/// One thread's buffers for a stack of up to `rows` positions, kept from step to step: the
+/// activations (each stage after its clip; a clip's gradient mask is read from its output) and
+/// their gradients. Allocated afresh at every step, these multi-megabyte arrays went back to
+/// the system and were faulted in again: 2.5 million page faults, 13% of a one-core fit.
+struct Work {
+    a: Array2<f32>,  // rows × cin: the stacked inputs
+    he: Array2<f32>, // rows × hidden: expand, clipped
+    hd: Array2<f32>, // depthwise, clipped
+    hp: Array2<f32>, // rows × mid: project, clipped (the top block's input)
+    z: Array2<f32>,  // rows × cout: top convolution, before its clip
+    dz: Array2<f32>,
+    dhp: Array2<f32>,
+    dhd: Array2<f32>,
+    dhe: Array2<f32>,
 }
 
-fn forward(pre: &Mbconv, p: &Params, a: Array2<f32>) -> Acts {
-    let mut ze = a.dot(&p.we.t());
-    ze += &p.be;
-    let he = clip(&ze, pre.expand_clip);
-    let zd = depthwise(pre, &he, &p.wd, &p.bd);
-    let hd = clip(&zd, pre.depthwise_clip);
-    let mut zp = hd.dot(&p.wp.t());
-    zp += &p.bp;
-    let hp = clip(&zp, pre.project_clip);
-    let mut z = hp.dot(&p.wh.t());
-    z += &p.bh;
-    Acts {
-        a,
-        ze,
-        he,
-        zd,
-        hd,
-        zp,
-        hp,
-        z,
+impl Work {
+    fn new(block: &TopBlock, pre: &Mbconv, examples: usize) -> Work {
+        let rows = examples * pre.side * pre.side;
+        let z = |c: usize| Array2::zeros((rows, c));
+        Work {
+            a: z(pre.cin),
+            he: z(pre.hidden),
+            hd: z(pre.hidden),
+            hp: z(pre.cout),
+            z: z(block.cout),
+            dz: z(block.cout),
+            dhp: z(pre.cout),
+            dhd: z(pre.hidden),
+            dhe: z(pre.hidden),
+        }
     }
+}
+
+/// The first `rows` rows of `w.a` through the block, into the rest of `w`.
+fn forward(pre: &Mbconv, p: &Params, w: &mut Work, rows: usize) {
+    let r = ndarray::s![..rows, ..];
+    affine(w.a.slice(r), &p.we, &p.be, w.he.slice_mut(r));
+    clip(w.he.slice_mut(r), pre.expand_clip);
+    depthwise(pre, w.he.slice(r), &p.wd, &p.bd, w.hd.slice_mut(r));
+    clip(w.hd.slice_mut(r), pre.depthwise_clip);
+    affine(w.hd.slice(r), &p.wp, &p.bp, w.hp.slice_mut(r));
+    clip(w.hp.slice_mut(r), pre.project_clip);
+    affine(w.hp.slice(r), &p.wh, &p.bh, w.z.slice_mut(r));
 }
 
 /// The pooled features (before the power transform) of one example at the cut through the
 /// whole of `block`: the deeper block, then the top block. What prediction runs.
 pub(crate) fn features(block: &TopBlock, pre: &Mbconv, raw: &[f32]) -> Vec<f32> {
     let p = Params::pretrained(block, pre, (Vec::new(), Vec::new()));
-    let acts = forward(pre, &p, stack(pre, &[raw]));
-    super::finetune::pool_rows(block, &acts.z)
+    let mut w = Work::new(block, pre, 1);
+    let rows = stack_into(pre, &[raw], &mut w.a);
+    forward(pre, &p, &mut w, rows);
+    super::finetune::pool_rows(block, &w.z)
 }
 
-/// Zeroes `d` where the activation clipped `z` (its gradient is 0 there).
-fn clip_backward(d: &mut Array2<f32>, z: &Array2<f32>, (lo, hi): (f32, f32)) {
+/// Zeroes `d` where the activation clipped: `h` is the clip's output, strictly inside
+/// `(lo, hi)` exactly where its input was (the gradient is 0 elsewhere).
+fn clip_backward(mut d: ArrayViewMut2<f32>, h: ArrayView2<f32>, (lo, hi): (f32, f32)) {
     let d = d.as_slice_mut().expect("standard layout");
-    let z = z.as_slice().expect("standard layout");
-    for (d, z) in d.iter_mut().zip(z) {
-        if !(*z > lo && *z < hi) {
+    let h = h.as_slice().expect("standard layout");
+    for (d, h) in d.iter_mut().zip(h) {
+        if !(*h > lo && *h < hi) {
             *d = 0.0;
         }
     }
 }
 
-/// Forward and backward for the examples `idx` (scaled by `scale`): adds to `grad`, returns
-/// the summed loss.
+/// Forward and backward for the examples `idx` (scaled by `scale`) in the buffers `w`: adds to
+/// `grad`, returns the summed loss.
 #[allow(clippy::too_many_arguments)]
 fn backward(
     block: &TopBlock,
@@ -268,16 +301,18 @@ fn backward(
     p: &Params,
     power: f32,
     scale: f32,
+    w: &mut Work,
     grad: &mut Params,
 ) -> f32 {
     let positions = pre.side * pre.side;
     let inputs: Vec<&[f32]> = idx.iter().map(|i| raw[*i].as_slice()).collect();
-    let acts = forward(pre, p, stack(pre, &inputs));
-    let mut dz = Array2::<f32>::zeros(acts.z.raw_dim());
+    let rows = stack_into(pre, &inputs, &mut w.a);
+    forward(pre, p, w, rows);
+    let r = ndarray::s![..rows, ..];
     let mut loss = 0.0;
     for (k, &i) in idx.iter().enumerate() {
-        let rows = ndarray::s![k * positions..(k + 1) * positions, ..];
-        let z = acts.z.slice(rows).to_owned();
+        let ex = ndarray::s![k * positions..(k + 1) * positions, ..];
+        let z = w.z.slice(ex).to_owned();
         let f = pooled(block, &z, power);
         let (l, d) = pool_backward(
             block,
@@ -292,31 +327,37 @@ fn backward(
             &mut grad.bc,
         );
         loss += l;
-        if let Some(d) = d {
-            dz.slice_mut(rows).assign(&d);
+        match d {
+            Some(d) => w.dz.slice_mut(ex).assign(&d),
+            None => w.dz.slice_mut(ex).fill(0.0),
         }
     }
+    let dz = w.dz.slice(r);
     // Top convolution.
-    general_mat_mul(1.0, &dz.t(), &acts.hp, 1.0, &mut grad.wh);
+    general_mat_mul(1.0, &dz.t(), &w.hp.slice(r), 1.0, &mut grad.wh);
     grad.bh += &dz.sum_axis(Axis(0));
     // Project.
-    let mut dzp = dz.dot(&p.wh);
-    clip_backward(&mut dzp, &acts.zp, pre.project_clip);
-    general_mat_mul(1.0, &dzp.t(), &acts.hd, 1.0, &mut grad.wp);
-    grad.bp += &dzp.sum_axis(Axis(0));
+    general_mat_mul(1.0, &dz, &p.wh, 0.0, &mut w.dhp.slice_mut(r));
+    clip_backward(w.dhp.slice_mut(r), w.hp.slice(r), pre.project_clip);
+    let dhp = w.dhp.slice(r);
+    general_mat_mul(1.0, &dhp.t(), &w.hd.slice(r), 1.0, &mut grad.wp);
+    grad.bp += &dhp.sum_axis(Axis(0));
     // Depthwise.
-    let mut dzd = dzp.dot(&p.wp);
-    clip_backward(&mut dzd, &acts.zd, pre.depthwise_clip);
-    grad.bd += &dzd.sum_axis(Axis(0));
-    let mut dhe = Array2::<f32>::zeros(acts.he.raw_dim());
+    general_mat_mul(1.0, &dhp, &p.wp, 0.0, &mut w.dhd.slice_mut(r));
+    clip_backward(w.dhd.slice_mut(r), w.hd.slice(r), pre.depthwise_clip);
+    let dhd = w.dhd.slice(r);
+    grad.bd += &dhd.sum_axis(Axis(0));
+    w.dhe.slice_mut(r).fill(0.0);
     {
         let c = pre.hidden;
-        let hs = acts.he.as_slice().expect("standard layout");
-        let ds = dzd.as_slice().expect("standard layout");
+        let hs = w.he.slice(r);
+        let hs = hs.as_slice().expect("standard layout");
+        let ds = dhd.as_slice().expect("standard layout");
         let ws = p.wd.as_slice().expect("standard layout");
         let gws = grad.wd.as_slice_mut().expect("standard layout");
+        let mut dhe = w.dhe.slice_mut(r);
         let dhs = dhe.as_slice_mut().expect("standard layout");
-        taps(dzd.nrows(), pre.side, pre.kernel, |r, tap, nb| {
+        taps(rows, pre.side, pre.kernel, |r, tap, nb| {
             let d = &ds[r * c..(r + 1) * c];
             let s = &hs[nb * c..(nb + 1) * c];
             let w = &ws[tap * c..(tap + 1) * c];
@@ -331,8 +372,9 @@ fn backward(
         });
     }
     // Expand.
-    clip_backward(&mut dhe, &acts.ze, pre.expand_clip);
-    general_mat_mul(1.0, &dhe.t(), &acts.a, 1.0, &mut grad.we);
+    clip_backward(w.dhe.slice_mut(r), w.he.slice(r), pre.expand_clip);
+    let dhe = w.dhe.slice(r);
+    general_mat_mul(1.0, &dhe.t(), &w.a.slice(r), 1.0, &mut grad.we);
     grad.be += &dhe.sum_axis(Axis(0));
     loss
 }
@@ -354,6 +396,8 @@ struct Trainer<'a> {
     v: Params,
     t: i32,
     rng: rand::rngs::StdRng,
+    /// Per thread: its buffers and its share's gradient.
+    work: Vec<(Work, Params)>,
 }
 
 impl<'a> Trainer<'a> {
@@ -371,6 +415,10 @@ impl<'a> Trainer<'a> {
         use rand::SeedableRng;
         let p = Params::pretrained(block, pre, lp);
         let zero = p.zeros_like();
+        let threads = threads();
+        let work = (0..threads)
+            .map(|_| (Work::new(block, pre, BATCH.div_ceil(threads)), zero.clone()))
+            .collect();
         Trainer {
             block,
             pre,
@@ -387,6 +435,7 @@ impl<'a> Trainer<'a> {
             p,
             t: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
+            work,
         }
     }
 
@@ -404,15 +453,15 @@ impl<'a> Trainer<'a> {
         let scale = 1.0 / batch.len() as f32;
         let (block, pre, raw, y, p, power) =
             (self.block, self.pre, self.raw, self.y, &self.p, self.power);
-        let mut grad = batch_gradient(
-            batch,
-            |part| {
-                let mut g = p.zeros_like();
-                backward(block, pre, raw, y, part, p, power, scale, &mut g);
-                g
-            },
-            |total, mut g| total.add(&mut g),
-        );
+        let shares = batch_gradient(batch, &mut self.work, |part, (w, g)| {
+            g.fill(0.0);
+            backward(block, pre, raw, y, part, p, power, scale, w, g);
+        });
+        let (first, rest) = self.work.split_at_mut(1);
+        let grad = &mut first[0].1;
+        for (_, g) in rest.iter_mut().take(shares.saturating_sub(1)) {
+            grad.add(g);
+        }
         // The classifier's L2 (alpha on the summed loss: alpha / n on the mean) and L2-SP:
         // λ Σ ‖θ − θ0‖² over the block's weights and biases.
         grad.wc.scaled_add(self.alpha / n, &self.p.wc);
@@ -436,18 +485,20 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    fn logits(&self, idx: &[usize]) -> Vec<Vec<f32>> {
+    fn logits(&mut self, idx: &[usize]) -> Vec<Vec<f32>> {
         let positions = self.pre.side * self.pre.side;
-        idx.chunks(BATCH)
+        let per = BATCH.div_ceil(self.work.len());
+        let w = &mut self.work[0].0;
+        idx.chunks(per)
             .flat_map(|chunk| {
                 let inputs: Vec<&[f32]> = chunk.iter().map(|i| self.raw[*i].as_slice()).collect();
-                let acts = forward(self.pre, &self.p, stack(self.pre, &inputs));
+                let rows = stack_into(self.pre, &inputs, &mut w.a);
+                forward(self.pre, &self.p, w, rows);
                 (0..chunk.len())
                     .map(|k| {
-                        let z = acts
-                            .z
-                            .slice(ndarray::s![k * positions..(k + 1) * positions, ..])
-                            .to_owned();
+                        let z =
+                            w.z.slice(ndarray::s![k * positions..(k + 1) * positions, ..])
+                                .to_owned();
                         let f = pooled(self.block, &z, self.power);
                         classifier_logits(&self.p.wc, &self.p.bc, &f.u)
                     })
@@ -514,21 +565,17 @@ pub(crate) fn checkpoint_logits(
     raw: &[Vec<f32>],
     y: &[usize],
     classes: usize,
-    folds: &[usize],
+    plan: &FoldPlan,
     params: &HeadParams,
     checkpoints: &[usize],
-) -> Result<Vec<Vec<Option<Vec<f32>>>>, HeadError> {
+) -> Result<Vec<(Logits, Logits)>, HeadError> {
     let pre = pre_of(block)?;
     let n = raw.len();
     let features = pretrained(block, params.power, raw);
-    let k = folds.iter().max().map_or(0, |m| m + 1);
-    let mut out = vec![vec![None; n]; checkpoints.len()];
-    for f in 0..k {
-        let train: Vec<usize> = (0..n).filter(|i| folds[*i] != f).collect();
-        let test: Vec<usize> = (0..n)
-            .filter(|i| folds[*i] == f && train.iter().any(|t| y[*t] == y[*i]))
-            .collect();
-        if test.is_empty() || train.is_empty() {
+    let mut out = vec![(vec![None; n], vec![None; n]); checkpoints.len()];
+    for f in 0..plan.len() {
+        let (train, test, novel) = plan.split(f, y, classes);
+        if train.is_empty() || (test.is_empty() && novel.is_empty()) {
             continue;
         }
         let lp = linear_probe(&features, &train, y, classes, params)?;
@@ -540,7 +587,10 @@ pub(crate) fn checkpoint_logits(
                 done += 1;
             }
             for (i, l) in test.iter().zip(trainer.logits(&test)) {
-                out[c][*i] = Some(l);
+                out[c].0[*i] = Some(l);
+            }
+            for (i, l) in novel.iter().zip(trainer.logits(&novel)) {
+                out[c].1[*i] = Some(l);
             }
         }
     }
@@ -610,7 +660,8 @@ mod tests {
         let p = Params::pretrained(&b, pre, (vec![], vec![]));
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let h = Array2::from_shape_fn((2 * 9, pre.hidden), |_| rng.gen_range(-1.0f32..1.0));
-        let out = depthwise(pre, &h, &p.wd, &p.bd);
+        let mut out = Array2::zeros(h.raw_dim());
+        depthwise(pre, h.view(), &p.wd, &p.bd, out.view_mut());
         for ex in 0..2 {
             for c in 0..pre.hidden {
                 for y in 0..3i32 {
@@ -637,8 +688,10 @@ mod tests {
         let pre = b.pre.as_deref().unwrap();
         (0..x.len())
             .map(|i| {
-                let acts = forward(pre, p, stack(pre, &[&x[i]]));
-                let f = pooled(b, &acts.z, power);
+                let mut w = Work::new(b, pre, 1);
+                let rows = stack_into(pre, &[&x[i]], &mut w.a);
+                forward(pre, p, &mut w, rows);
+                let f = pooled(b, &w.z, power);
                 let pr = super::super::softmax(&classifier_logits(&p.wc, &p.bc, &f.u));
                 -(pr[y[i]] as f64).ln()
             })
@@ -661,8 +714,34 @@ mod tests {
             );
             let mut p = Params::pretrained(&b, pre, lp);
             let power = 0.75;
+            // The buffers as training leaves them: a step on other examples first (nothing of
+            // it may leak into the next).
+            let mut w = Work::new(&b, pre, 3);
+            backward(
+                &b,
+                pre,
+                &x,
+                &y,
+                &[2, 1],
+                &p,
+                power,
+                1.0,
+                &mut w,
+                &mut p.zeros_like(),
+            );
             let mut grad = p.zeros_like();
-            backward(&b, pre, &x, &y, &[0, 1, 2], &p, power, 1.0, &mut grad);
+            backward(
+                &b,
+                pre,
+                &x,
+                &y,
+                &[0, 1, 2],
+                &p,
+                power,
+                1.0,
+                &mut w,
+                &mut grad,
+            );
             let h = 1e-3f32;
             let mut checked = 0;
             let mut skipped = 0;

@@ -32,6 +32,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use rand::{Rng, SeedableRng};
 
+use super::cv::{FoldPlan, Logits};
 use super::fit::Inner;
 use super::{softmax, HeadError, HeadKind, HeadParams};
 use crate::backbone::TopBlock;
@@ -177,6 +178,12 @@ impl Params {
             db: Array1::zeros(self.db.raw_dim()),
             wc: Array2::zeros(self.wc.raw_dim()),
             bc: Array1::zeros(self.bc.raw_dim()),
+        }
+    }
+
+    fn fill(&mut self, v: f32) {
+        for a in self.slices_mut() {
+            a.fill(v);
         }
     }
 
@@ -400,35 +407,44 @@ struct Trainer<'c, 'a> {
     v: Params,
     t: i32,
     rng: rand::rngs::StdRng,
+    /// Per thread: its share's gradient.
+    work: Vec<Params>,
 }
 
 /// Examples per Adam step.
 pub(crate) const BATCH: usize = 32;
 
-/// A mini-batch's gradient: the examples of `batch` split over the threads, `part` computing
-/// the gradient of each share, `add` summing them (the first share's is the total).
-pub(crate) fn batch_gradient<G: Send>(
+/// Threads a fit splits each mini-batch over: the CPUs this process may run on.
+pub(crate) fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |t| t.get())
+}
+
+/// A mini-batch's gradient: the examples of `batch` split over the workspaces `work` (one
+/// thread each, each with its buffers and gradient, kept from step to step), `part` computing
+/// one share in its workspace. Returns how many of the workspaces (the first ones) it used.
+pub(crate) fn batch_gradient<W: Send>(
     batch: &[usize],
-    part: impl Fn(&[usize]) -> G + Sync,
-    add: impl Fn(&mut G, G),
-) -> G {
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let per = batch.len().div_ceil(threads).max(1);
+    work: &mut [W],
+    part: impl Fn(&[usize], &mut W) + Sync,
+) -> usize {
+    let per = batch.len().div_ceil(work.len().max(1)).max(1);
+    let shares: Vec<&[usize]> = batch.chunks(per).collect();
     let part = &part;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = batch
-            .chunks(per)
-            .map(|share| s.spawn(move || part(share)))
-            .collect();
-        let mut parts = handles
-            .into_iter()
-            .map(|h| h.join().expect("a training thread panicked"));
-        let mut total = parts.next().unwrap_or_else(|| part(&[]));
-        for g in parts {
-            add(&mut total, g);
+    match (shares.as_slice(), work) {
+        ([], _) | (_, []) => 0,
+        ([one], [w, ..]) => {
+            part(one, w);
+            1
         }
-        total
-    })
+        (_, work) => {
+            std::thread::scope(|s| {
+                for (share, w) in shares.iter().zip(work.iter_mut()) {
+                    s.spawn(move || part(share, w));
+                }
+            });
+            shares.len()
+        }
+    }
 }
 
 /// One Adam step (t counts from 1) on parameters `p` with gradient `g` and moments `m`, `v`.
@@ -479,6 +495,7 @@ impl<'c, 'a> Trainer<'c, 'a> {
                 lr: params.finetune_lr as f32,
             },
             m: zero.clone(),
+            work: vec![zero.clone(); threads()],
             v: zero,
             p,
             t: 0,
@@ -499,17 +516,16 @@ impl<'c, 'a> Trainer<'c, 'a> {
     fn step(&mut self, batch: &[usize], n: f32) {
         let scale = 1.0 / batch.len() as f32;
         let (p, cache, setup, y) = (&self.p, self.cache, &self.setup, &self.y);
-        let mut grad = batch_gradient(
-            batch,
-            |part| {
-                let mut g = p.zeros_like();
-                for &i in part {
-                    backward(cache, i, y[i], p, setup, scale, &mut g);
-                }
-                g
-            },
-            |total, g| total.add(&g),
-        );
+        let shares = batch_gradient(batch, &mut self.work, |part, g| {
+            g.fill(0.0);
+            for &i in part {
+                backward(cache, i, y[i], p, setup, scale, g);
+            }
+        });
+        let mut grad = self.work[0].clone();
+        for g in self.work.iter().skip(1).take(shares.saturating_sub(1)) {
+            grad.add(g);
+        }
         // The classifier's L2 (as the logistic head's: alpha on the summed loss, so alpha / n
         // on the mean) and L2-SP on the block's change: λ(‖V·Uᵀ‖² + ‖db‖²).
         grad.wc.scaled_add(self.setup.alpha / n, &self.p.wc);
@@ -643,25 +659,21 @@ pub(crate) fn checkpoint_logits(
     raw: &[Vec<f32>],
     y: &[usize],
     classes: usize,
-    folds: &[usize],
+    plan: &FoldPlan,
     params: &HeadParams,
-) -> Result<Vec<Vec<Option<Vec<f32>>>>, HeadError> {
+) -> Result<Vec<(Logits, Logits)>, HeadError> {
     check_input(block, raw)?;
     let checkpoints = checkpoints(block, params);
     if block.pre.is_some() {
-        return super::deep::checkpoint_logits(block, raw, y, classes, folds, params, &checkpoints);
+        return super::deep::checkpoint_logits(block, raw, y, classes, plan, params, &checkpoints);
     }
     let n = raw.len();
     let cache = Cache::new(block, raw);
     let pretrained = cache.pretrained(params.power);
-    let k = folds.iter().max().map_or(0, |m| m + 1);
-    let mut out = vec![vec![None; n]; checkpoints.len()];
-    for f in 0..k {
-        let train: Vec<usize> = (0..n).filter(|i| folds[*i] != f).collect();
-        let test: Vec<usize> = (0..n)
-            .filter(|i| folds[*i] == f && train.iter().any(|t| y[*t] == y[*i]))
-            .collect();
-        if test.is_empty() || train.is_empty() {
+    let mut out = vec![(vec![None; n], vec![None; n]); checkpoints.len()];
+    for f in 0..plan.len() {
+        let (train, test, novel) = plan.split(f, y, classes);
+        if train.is_empty() || (test.is_empty() && novel.is_empty()) {
             continue;
         }
         let lp = linear_probe(&pretrained, &train, y, classes, params)?;
@@ -673,7 +685,10 @@ pub(crate) fn checkpoint_logits(
                 done += 1;
             }
             for &i in &test {
-                out[c][i] = Some(trainer.logits(i));
+                out[c].0[i] = Some(trainer.logits(i));
+            }
+            for &i in &novel {
+                out[c].1[i] = Some(trainer.logits(i));
             }
         }
     }
@@ -694,13 +709,13 @@ pub(crate) fn checkpoints(block: &TopBlock, params: &HeadParams) -> Vec<usize> {
 /// epochs): its index, epochs and accuracy.
 pub(crate) fn choose_epochs(
     block: &TopBlock,
-    per_checkpoint: &[Vec<Option<Vec<f32>>>],
+    per_checkpoint: &[(Logits, Logits)],
     y: &[usize],
     params: &HeadParams,
 ) -> (usize, usize, f64) {
     let epochs = checkpoints(block, params);
     let mut best = (0, 0, f64::NEG_INFINITY);
-    for (c, logits) in per_checkpoint.iter().enumerate() {
+    for (c, (logits, _)) in per_checkpoint.iter().enumerate() {
         let (mut right, mut scored) = (0usize, 0usize);
         for (l, t) in logits.iter().zip(y) {
             if let Some(l) = l {

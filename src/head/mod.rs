@@ -213,7 +213,7 @@ fn default_lr() -> f64 {
 }
 
 fn default_deep_lr() -> f64 {
-    f64::from(DEEP_LR)
+    DEEP_LR
 }
 
 /// The power transform of new heads (`power` in [`HeadParams`]). 0.75: on the default
@@ -981,10 +981,10 @@ fn train_top(
             // own leave-one-object-out trains on more of them than fine-tuning's few folds,
             // which favoured them).
             let (tuned, epochs) = finetune_cv(ex, params, seed)?;
-            let (folds, method) = cv::finetune_folds(ex, block.pre.is_some(), seed);
+            let plan = cv::finetune_folds(ex, block.pre.is_some(), seed);
             let mut reports = HeadKind::ALL
                 .into_iter()
-                .map(|k| cv::cross_validate_on(k, &features, &plain, &folds, method.clone()))
+                .map(|k| cv::cross_validate_on(k, &features, &plain, &plan))
                 .collect::<Result<Vec<_>, _>>()?;
             reports.push(tuned);
             let sel = cv::choose_among(&features, reports)?;
@@ -1019,19 +1019,13 @@ pub fn finetune_cv(
         .top
         .as_ref()
         .ok_or_else(|| HeadError::NotEnoughData(fit::NEEDS_TOP.into()))?;
-    let (folds, method) = cv::finetune_folds(ex, block.pre.is_some(), seed);
-    let per = finetune::checkpoint_logits(block, &ex.x, &ex.y, ex.classes(), &folds, params)?;
-    let (c, epochs, accuracy) = finetune::choose_epochs(block, &per, &ex.y, params);
-    let held_out = per.into_iter().nth(c).unwrap_or_default();
-    let scored = held_out.iter().filter(|l| l.is_some()).count();
+    let plan = cv::finetune_folds(ex, block.pre.is_some(), seed);
+    let per = finetune::checkpoint_logits(block, &ex.x, &ex.y, ex.classes(), &plan, params)?;
+    let (c, epochs, _) = finetune::choose_epochs(block, &per, &ex.y, params);
+    let (held_out, novel) = per.into_iter().nth(c).unwrap_or_default();
+    let method = format!("{} (early stopping: {epochs} epochs)", plan.method);
     Ok((
-        CvReport {
-            kind: HeadKind::Finetune,
-            method: format!("{method} (early stopping: {epochs} epochs)"),
-            accuracy: if scored > 0 { accuracy } else { 0.0 },
-            scored,
-            held_out,
-        },
+        cv::report(HeadKind::Finetune, method, &ex.y, held_out, novel),
         epochs,
     ))
 }
