@@ -1,41 +1,8 @@
-//! An export's metadata: `ExportMeta::from_metadata` on any key/value strings, and `read_meta`
-//! (protobuf decoding first) on any bytes.
-//!
-//! The input is read twice: as an ONNX file's bytes, and as text of `key=value` lines (the seed
-//! corpus has both forms, made from `graft export` outputs). Properties, beyond "no panic":
-//! metadata that reads passes `validate`, and written back (`to_metadata`) reads the same.
+//! The `export_meta` fuzz target: [`checks::one`] (`fuzz/checks/export_meta.rs` says what it holds the
+//! library to) on every input libFuzzer makes.
 #![no_main]
 
-use graft::backbone::exported::{read_meta, ExportMeta};
-use libfuzzer_sys::fuzz_target;
+#[path = "../checks/export_meta.rs"]
+mod checks;
 
-fn check(meta: Option<ExportMeta>) {
-    let Some(meta) = meta else {
-        return;
-    };
-    meta.validate().expect("metadata that reads is valid");
-    let written = meta.to_metadata();
-    let props: Vec<(&str, &str)> = written
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let back = ExportMeta::from_metadata(&props, "written")
-        .unwrap_or_else(|e| panic!("{written:?} does not read back: {e}"));
-    assert_eq!(back.as_ref(), Some(&meta), "{written:?}");
-}
-
-fuzz_target!(|data: &[u8]| {
-    if let Ok(meta) = read_meta(data, "fuzz.onnx") {
-        check(meta);
-    }
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let props: Vec<(&str, &str)> = text
-        .split('\n')
-        .map(|line| line.split_once('=').unwrap_or((line, "")))
-        .collect();
-    if let Ok(meta) = ExportMeta::from_metadata(&props, "fuzz") {
-        check(meta);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::one(data));

@@ -1,27 +1,8 @@
-//! Model manifests: `Manifest::parse` (TOML, then `Manifest::validate`) on any text.
-//!
-//! Properties, beyond "no panic": a parsed manifest passes `validate` again, and written back as
-//! TOML it parses to a manifest that writes the same TOML.
+//! The `manifest` fuzz target: [`checks::one`] (`fuzz/checks/manifest.rs` says what it holds the
+//! library to) on every input libFuzzer makes.
 #![no_main]
 
-use graft::backbone::Manifest;
-use libfuzzer_sys::fuzz_target;
+#[path = "../checks/manifest.rs"]
+mod checks;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let Ok(m) = Manifest::parse(text, "fuzz.toml") else {
-        return;
-    };
-    m.validate().expect("a parsed manifest is valid");
-    let Ok(written) = toml::to_string(&m) else {
-        return;
-    };
-    let back = Manifest::parse(&written, "written.toml")
-        .unwrap_or_else(|e| panic!("{written:?} does not parse back: {e}"));
-    assert_eq!(
-        toml::to_string(&back).ok().as_deref(),
-        Some(written.as_str())
-    );
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::one(data));

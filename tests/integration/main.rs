@@ -10,6 +10,7 @@ mod export;
 mod finetune;
 #[cfg(feature = "fleet")]
 mod fleet;
+mod fuzz_seeds;
 #[cfg(feature = "gpu")]
 mod gpu;
 mod heads;
