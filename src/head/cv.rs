@@ -289,6 +289,14 @@ pub(crate) fn finetune_folds(ex: &Examples, deep: bool, seed: u64) -> FoldPlan {
 /// average at every number of shots measured (README "What it gives", `graft curve`).
 pub const AUTO_PRIOR: HeadKind = HeadKind::Logistic;
 
+/// The prior on a model cut one block deeper (`NAME:deep`): fine-tuning gained over logistic on
+/// every photo set and at every number of shots measured (+1.0 to +8.2 points, README
+/// "Fine-tuning"), and the cut is there only to be fine-tuned. With logistic as the prior there,
+/// `auto` kept logistic in every measured split: fine-tuning's 3-fold lead of about 3 points is
+/// 1.5–2 standard errors on 100–200 held-out photos, short of [`AUTO_MIN_Z`]. A fixed head
+/// must now lead fine-tuning by that much instead.
+pub const AUTO_PRIOR_DEEP: HeadKind = HeadKind::Finetune;
+
 /// How far (in standard errors of the paired difference) another head's cross-validated
 /// accuracy must lead the prior's before `auto` takes it: a one-sided 97.5% test,
 /// Bonferroni-corrected for the three candidates tested against the prior (z = 2.39). At 2.0,
@@ -310,21 +318,25 @@ pub fn auto_select(ex: &Examples, params: &HeadParams, seed: u64) -> Result<Sele
     for kind in HeadKind::ALL {
         reports.push(cross_validate(kind, ex, params, seed)?);
     }
-    choose_among(ex, reports)
+    choose_among(ex, reports, AUTO_PRIOR)
 }
 
-/// `auto`'s choice among cross-validation `reports` of `ex` (one per kind, [`AUTO_PRIOR`]'s
-/// among them): see [`auto_select`].
-pub(crate) fn choose_among(ex: &Examples, reports: Vec<CvReport>) -> Result<Selection, HeadError> {
-    let prior = reports
+/// `auto`'s choice among cross-validation `reports` of `ex` (one per kind, `prior`'s among
+/// them; [`AUTO_PRIOR`], or [`AUTO_PRIOR_DEEP`] one block deeper): see [`auto_select`].
+pub(crate) fn choose_among(
+    ex: &Examples,
+    reports: Vec<CvReport>,
+    prior: HeadKind,
+) -> Result<Selection, HeadError> {
+    let prior_report = reports
         .iter()
-        .find(|r| r.kind == AUTO_PRIOR)
-        .ok_or_else(|| HeadError::NotEnoughData("no prior head".into()))?;
-    if prior.scored == 0 {
+        .find(|r| r.kind == prior)
+        .ok_or_else(|| HeadError::NotEnoughData(format!("no {prior} report")))?;
+    if prior_report.scored == 0 {
         return Ok(Selection {
-            chosen: AUTO_PRIOR,
+            chosen: prior,
             reason: format!(
-                "{AUTO_PRIOR} kept: nothing could be held out (one example per class or per object)"
+                "{prior} kept: nothing could be held out (one example per class or per object)"
             ),
             reports,
         });
@@ -338,10 +350,10 @@ pub(crate) fn choose_among(ex: &Examples, reports: Vec<CvReport>) -> Result<Sele
     };
     let candidates: Vec<(HeadKind, Vec<Option<bool>>)> = reports
         .iter()
-        .filter(|r| r.kind != AUTO_PRIOR)
+        .filter(|r| r.kind != prior)
         .map(|r| (r.kind, right(r)))
         .collect();
-    let (chosen, reason) = choose(&right(prior), &candidates);
+    let (chosen, reason) = choose(prior, &right(prior_report), &candidates);
     Ok(Selection {
         chosen,
         reason,
@@ -350,15 +362,16 @@ pub(crate) fn choose_among(ex: &Examples, reports: Vec<CvReport>) -> Result<Sele
 }
 
 /// `auto`'s decision from per-example held-out outcomes (`Some(right)`, `None`: not scored):
-/// the prior's, and each candidate's on the same examples. See [`auto_select`].
+/// the prior's (`kind`), and each candidate's on the same examples. See [`auto_select`].
 fn choose(
+    kind: HeadKind,
     prior: &[Option<bool>],
     candidates: &[(HeadKind, Vec<Option<bool>>)],
 ) -> (HeadKind, String) {
     let mut best: Option<(HeadKind, f64, f64)> = None; // kind, lead, z
     let mut closest: Option<(HeadKind, f64, f64)> = None;
     let mut scored = 0;
-    for (kind, outcomes) in candidates {
+    for (cand, outcomes) in candidates {
         let (mut b, mut c, mut n) = (0usize, 0usize, 0usize);
         for (x, y) in outcomes.iter().zip(prior) {
             if let (Some(x), Some(y)) = (x, y) {
@@ -375,30 +388,30 @@ fn choose(
         let se = ((b + c) as f64).sqrt() / n as f64;
         let z = if se > 0.0 { lead / se } else { 0.0 };
         if closest.is_none_or(|(_, l, _)| lead > l) {
-            closest = Some((*kind, lead, z));
+            closest = Some((*cand, lead, z));
         }
         if z >= AUTO_MIN_Z && best.is_none_or(|(_, l, _)| lead > l) {
-            best = Some((*kind, lead, z));
+            best = Some((*cand, lead, z));
         }
     }
     match (best, closest) {
         (Some((k, lead, z)), _) => (
             k,
             format!(
-                "{k} chosen: {:+.1} points over {AUTO_PRIOR} on the same held-out examples ({z:.1} standard errors)",
+                "{k} chosen: {:+.1} points over {kind} on the same held-out examples ({z:.1} standard errors)",
                 lead * 100.0
             ),
         ),
         (None, Some((k, lead, z))) if lead > 0.0 => (
-            AUTO_PRIOR,
+            kind,
             format!(
-                "{AUTO_PRIOR} kept: {k}'s {:+.1} points are within the noise of {scored} held-out examples ({z:.1} standard errors, {AUTO_MIN_Z} needed)",
+                "{kind} kept: {k}'s {:+.1} points are within the noise of {scored} held-out examples ({z:.1} standard errors, {AUTO_MIN_Z} needed)",
                 lead * 100.0
             ),
         ),
         _ => (
-            AUTO_PRIOR,
-            format!("{AUTO_PRIOR} kept: no other head did better on the held-out examples"),
+            kind,
+            format!("{kind} kept: no other head did better on the held-out examples"),
         ),
     }
 }
@@ -728,7 +741,7 @@ mod tests {
         // 30 scored: the case, centroid 22/30 right, logistic 21/30: one example.
         let prior = o(&[[1u8; 21].as_slice(), &[0; 9]].concat());
         let one_more = o(&[[1u8; 22].as_slice(), &[0; 8]].concat());
-        let (k, why) = choose(&prior, &[(HeadKind::Centroid, one_more)]);
+        let (k, why) = choose(AUTO_PRIOR, &prior, &[(HeadKind::Centroid, one_more)]);
         assert_eq!(k, HeadKind::Logistic, "{why}");
         assert!(
             why.contains("within the noise") && why.contains("+3.3 points"),
@@ -739,6 +752,7 @@ mod tests {
         let better = o(&[[1u8; 30].as_slice(), &[0; 10]].concat());
         let worse = o(&[[1u8; 10].as_slice(), &[0; 30]].concat());
         let (k, why) = choose(
+            AUTO_PRIOR,
             &prior,
             &[(HeadKind::Centroid, worse), (HeadKind::Knn, better.clone())],
         );
@@ -752,19 +766,26 @@ mod tests {
         // come by chance: `auto` fell 0.4–1.0 points below logistic at 2 and 5 shots.
         let prior = o(&[[1u8; 15].as_slice(), &[0; 15]].concat());
         let lucky = o(&[[1u8; 20].as_slice(), &[0; 10]].concat());
-        let (k, why) = choose(&prior, &[(HeadKind::Centroid, lucky)]);
+        let (k, why) = choose(AUTO_PRIOR, &prior, &[(HeadKind::Centroid, lucky.clone())]);
         assert_eq!(k, HeadKind::Logistic, "{why}");
         assert!(why.contains("2.2 standard errors, 2.4 needed"), "{why}");
+        // One block deeper fine-tuning is the prior: logistic then needs the same lead over it.
+        let (k, why) = choose(AUTO_PRIOR_DEEP, &prior, &[(HeadKind::Logistic, lucky)]);
+        assert_eq!(k, HeadKind::Finetune, "{why}");
+        assert!(
+            why.starts_with("finetune kept: logistic's +16.7 points"),
+            "{why}"
+        );
         // Examples not scored by both are left out of the comparison.
 
         let mut partly = better;
         for v in partly.iter_mut().take(30) {
             *v = None;
         }
-        let (k, _) = choose(&prior, &[(HeadKind::Knn, partly)]);
+        let (k, _) = choose(AUTO_PRIOR, &prior, &[(HeadKind::Knn, partly)]);
         assert_eq!(k, HeadKind::Logistic);
         // Nothing better at all.
-        let (k, why) = choose(&prior, &[(HeadKind::Bayes, prior.clone())]);
+        let (k, why) = choose(AUTO_PRIOR, &prior, &[(HeadKind::Bayes, prior.clone())]);
         assert_eq!(k, HeadKind::Logistic);
         assert!(why.contains("no other head did better"), "{why}");
     }

@@ -47,8 +47,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::backbone::FieldError;
 pub use cv::{
     auto_select, calibrate, cross_validate, Calibration, CvReport, Selection, TemperatureRange,
-    AUTO_MIN_Z, AUTO_PRIOR, FALLBACK_THRESHOLD, K_FOLDS, LOO_MAX_SHOTS, MAX_KNOWN_REJECTION,
-    TEMPERATURE_DECADES, THRESHOLD_QUANTILE,
+    AUTO_MIN_Z, AUTO_PRIOR, AUTO_PRIOR_DEEP, FALLBACK_THRESHOLD, K_FOLDS, LOO_MAX_SHOTS,
+    MAX_KNOWN_REJECTION, TEMPERATURE_DECADES, THRESHOLD_QUANTILE,
 };
 pub use deep::{DEEP_EPOCHS, DEEP_LR};
 pub use examples::{group_ids, Examples};
@@ -942,7 +942,9 @@ pub fn train(
 /// [`train`] on top-block inputs (`params.top` set): the fixed-feature kinds are
 /// cross-validated on the pretrained block's features (computed once) and put behind the
 /// block; `finetune` chooses its epochs by grouped cross-validation (early stopping, see
-/// [`finetune_cv`]); `auto` compares all five on the same held-out examples.
+/// [`finetune_cv`]); `auto` compares all five on the same held-out examples, against
+/// logistic regression ([`cv::AUTO_PRIOR`]) or, one block deeper, fine-tuning
+/// ([`cv::AUTO_PRIOR_DEEP`]).
 fn train_top(
     kind: Option<HeadKind>,
     ex: &Examples,
@@ -987,7 +989,12 @@ fn train_top(
                 .map(|k| cv::cross_validate_on(k, &features, &plain, &plan))
                 .collect::<Result<Vec<_>, _>>()?;
             reports.push(tuned);
-            let sel = cv::choose_among(&features, reports)?;
+            let prior = if block.pre.is_some() {
+                cv::AUTO_PRIOR_DEEP
+            } else {
+                cv::AUTO_PRIOR
+            };
+            let sel = cv::choose_among(&features, reports, prior)?;
             if sel.chosen == HeadKind::Finetune {
                 let report = sel
                     .reports
