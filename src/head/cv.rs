@@ -50,9 +50,9 @@ pub struct CvReport {
     /// Per example (in input order): the held-out logits, when the class was in the fold.
     #[serde(skip)]
     pub held_out: Vec<Option<Vec<f32>>>,
-    /// Per example: the logits of the fold's head that left its class out entirely (a
-    /// [`FoldPlan`] with `left_out`), the scores of an object of a class never seen; empty or
-    /// all `None` when no class was left out.
+    /// Per example: the logits of the fold's head that left its class out entirely (fine-tuning's
+    /// folds leave one class out of each), the scores of an object of a class never seen; empty
+    /// or all `None` when no class was left out.
     #[serde(skip)]
     pub novel: Vec<Option<Vec<f32>>>,
 }
@@ -486,7 +486,7 @@ pub struct Calibration {
     /// Best scores below this are `unknown`.
     pub threshold: f32,
     /// `leave-one-class-out`, `classes-left-out-of-folds` (fine-tuning: the classes its folds
-    /// left out, [`finetune_folds`]), `quantile` or `fallback`.
+    /// left out), `quantile` or `fallback`.
     pub method: &'static str,
     /// Share of held-out known examples (right or wrong: every answer) the threshold accepts.
     pub known_accepted: Option<f32>,
@@ -504,8 +504,8 @@ pub struct Calibration {
 /// The threshold is calibrated *open-set* from the training data alone: every class in turn is
 /// left out entirely, a head is fitted on the others, and the left-out class's examples are
 /// scored — they play the objects the head has never seen. Fine-tuning's folds leave a class out
-/// of each fold's fit already ([`finetune_folds`]): their scores ([`CvReport::novel`]) are used
-/// instead, with no fit more. Their best scores are set against
+/// of each fold's fit already: their scores ([`CvReport::novel`]) are used instead, with no fit
+/// more. Their best scores are set against
 /// the held-out scores of correctly classified known examples, and the threshold is the one that
 /// best separates the two (Youden's J), capped so that it rejects at most
 /// [`MAX_KNOWN_REJECTION`] of all held-out known examples, right or wrong (the known answers
