@@ -154,14 +154,15 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
             status: Status::Ok,
             detail: "tract's for every operator (--cpu-kernels tract)".into(),
         },
-        graft::CpuKernels::Graft => match graft::backbone::check_cpu_kernels() {
+        graft::CpuKernels::Graft | graft::CpuKernels::Depthwise => match graft::backbone::check_cpu_kernels() {
             Ok(k) => Check {
                 check: "cpu kernels",
                 status: Status::Ok,
                 detail: format!(
-                    "graft's depthwise ({}) matches tract's on {} convolutions (largest difference {:.1e} relative){}",
+                    "graft's depthwise and 1x1 kernels ({}) match tract's on {} + {} convolutions (largest difference {:.1e} relative){}",
                     k.isa,
                     k.convolutions,
+                    k.pointwise,
                     k.max_rel_error,
                     if k.isa == "scalar" {
                         "; no vectorised kernel for this CPU, so the plan keeps tract's"

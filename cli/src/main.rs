@@ -64,10 +64,11 @@ pub struct Global {
           value_parser = clap::builder::PossibleValuesParser::new(["auto", "cpu", "gpu"])
               .map(|s| s.parse::<DeviceChoice>().unwrap_or_default()))]
     pub device: DeviceChoice,
-    /// Whose CPU kernels run the depthwise convolutions: graft (its own, vectorised for this
-    /// CPU) or tract (tract's plan unchanged; for A/B comparisons).
+    /// Whose CPU kernels run the convolutions: graft (its own depthwise and 1x1 kernels,
+    /// vectorised for this CPU), depthwise (graft's depthwise, tract's 1x1) or tract (tract's
+    /// plan unchanged); the last two are for A/B comparisons.
     #[arg(long, global = true, env = "GRAFT_CPU_KERNELS", default_value_t = CpuKernels::Graft,
-          value_parser = clap::builder::PossibleValuesParser::new(["graft", "tract"])
+          value_parser = clap::builder::PossibleValuesParser::new(["graft", "depthwise", "tract"])
               .map(|s| s.parse::<CpuKernels>().unwrap_or_default()))]
     pub cpu_kernels: CpuKernels,
     /// With the GPU: take the adapter whose name contains this text (see `graft info`).

@@ -21,9 +21,11 @@ pub mod export;
 pub mod exported;
 pub mod graph;
 pub mod manifest;
+pub mod pointwise;
 pub mod preprocess;
 mod profile;
 mod rewrite;
+mod simd;
 pub mod top;
 
 use std::collections::HashMap;
@@ -50,31 +52,42 @@ type Plan = Arc<TypedRunnableModel>;
 /// What [`check_cpu_kernels`] found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KernelCheck {
-    /// The instruction set graft's depthwise kernel runs on here (`avx512`, `neon`, ...).
+    /// The instruction set graft's kernels run on here (`avx512`, `neon`, ...).
     pub isa: &'static str,
-    /// Convolutions compared: EfficientNet-Lite0's 16 depthwise shapes and 30 random ones.
+    /// Depthwise convolutions compared: EfficientNet-Lite0's 16 shapes and 30 random ones.
     pub convolutions: usize,
+    /// 1×1 convolutions compared: EfficientNet-Lite0's 19 shapes and 30 random ones.
+    pub pointwise: usize,
     /// Largest difference to tract, relative to the largest output value.
     pub max_rel_error: f32,
 }
 
-/// Runs graft's depthwise kernel, on the instruction set this CPU would use (the scalar
-/// reference where graft has no vectorised kernel and the plan keeps tract's), and tract's own
-/// depthwise on the same convolutions (EfficientNet-Lite0's 16 shapes and 30 seeded random
-/// ones, each with a ReLU6), and errors if any output differs by more than a relative 1e-5.
-/// `graft doctor` runs it, so a new board checks the kernels it will really use.
+/// Runs graft's depthwise and 1×1 convolution kernels, on the instruction set this CPU would
+/// use (the scalar reference where graft has no vectorised kernel and the plan keeps tract's),
+/// and tract's own operators on the same convolutions (EfficientNet-Lite0's shapes and 30
+/// seeded random ones of each kind, with the clips and residual adds graft folds in), and
+/// errors if any output differs by more than a relative 1e-5. `graft doctor` runs it, so a new
+/// board checks the kernels it will really use.
 pub fn check_cpu_kernels() -> Result<KernelCheck, BackboneError> {
     let isa = depthwise::Isa::detect();
-    let checked = depthwise::check_against_tract(isa, 2026, 30, true).map_err(|e| {
-        BackboneError::Inference {
-            model: format!("graft's depthwise kernel ({})", isa.name()),
-            reason: error::chain(&e),
-        }
-    })?;
+    let fail = |what: &str, e: TractError| BackboneError::Inference {
+        model: format!("graft's {what} kernel ({})", isa.name()),
+        reason: error::chain(&e),
+    };
+    let depth =
+        depthwise::check_against_tract(isa, 2026, 30, true).map_err(|e| fail("depthwise", e))?;
+    let point = pointwise::check_against_tract(isa, 2026, 30, true)
+        .map_err(|e| fail("1x1 convolution", e))?;
+    let worst = depth
+        .iter()
+        .map(|c| c.max_rel_error)
+        .chain(point.iter().map(|c| c.max_rel_error))
+        .fold(0.0, f32::max);
     Ok(KernelCheck {
         isa: isa.name(),
-        convolutions: checked.len(),
-        max_rel_error: checked.iter().map(|c| c.max_rel_error).fold(0.0, f32::max),
+        convolutions: depth.len(),
+        pointwise: point.len(),
+        max_rel_error: worst,
     })
 }
 
@@ -206,15 +219,18 @@ impl Default for LoadOptions {
     }
 }
 
-/// Whose kernels run the depthwise convolutions on the CPU (`--cpu-kernels`): graft's own
-/// ([`depthwise`]), or tract's for every operator (the A/B switch; both compute the same
-/// function, to rounding).
+/// Whose kernels run the convolutions graft has its own for on the CPU (`--cpu-kernels`):
+/// graft's depthwise ([`depthwise`]) and 1×1 ([`pointwise`]) kernels, graft's depthwise alone,
+/// or tract's for every operator (the A/B switches; all compute the same function, to
+/// rounding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuKernels {
-    /// graft's depthwise kernel on the best instruction set this CPU has.
+    /// graft's depthwise and 1×1 kernels on the best instruction set this CPU has.
     #[default]
     Graft,
+    /// graft's depthwise kernel, tract's 1×1 convolutions (the A/B of the 1×1 kernel).
+    Depthwise,
     /// tract's plan as tract builds it.
     Tract,
 }
@@ -224,6 +240,7 @@ impl CpuKernels {
     pub fn name(self) -> &'static str {
         match self {
             CpuKernels::Graft => "graft",
+            CpuKernels::Depthwise => "depthwise",
             CpuKernels::Tract => "tract",
         }
     }
@@ -237,13 +254,13 @@ impl std::fmt::Display for CpuKernels {
 
 /// A kernel choice that is not `graft` or `tract`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a kernel choice (graft or tract)")]
+#[error("{0:?} is not a kernel choice (graft, depthwise or tract)")]
 pub struct ParseCpuKernelsError(pub String);
 
 impl std::str::FromStr for CpuKernels {
     type Err = ParseCpuKernelsError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [CpuKernels::Graft, CpuKernels::Tract]
+        [CpuKernels::Graft, CpuKernels::Depthwise, CpuKernels::Tract]
             .into_iter()
             .find(|k| k.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| ParseCpuKernelsError(s.to_string()))
@@ -336,7 +353,7 @@ pub struct Backbone {
     labels: Option<Vec<String>>,
     threads: usize,
     cpu_kernels: CpuKernels,
-    substituted: depthwise::Substituted,
+    substituted: (depthwise::Substituted, pointwise::Substituted),
     executor: Executor,
     /// One run at a time on the pool: a run's spinning threads would otherwise take up another
     /// run's spinner while waiting inside it, each then spinning until the other ends.
@@ -452,7 +469,7 @@ impl Backbone {
             labels,
             threads,
             cpu_kernels: options.cpu_kernels,
-            substituted: depthwise::Substituted::default(),
+            substituted: Default::default(),
             executor,
             pool_turn: Mutex::new(()),
             plans: Mutex::new(HashMap::new()),
@@ -685,26 +702,37 @@ impl Backbone {
 
     /// Whose kernels run the depthwise convolutions, and what graft's took over.
     pub fn cpu_kernels(&self) -> (CpuKernels, depthwise::Substituted) {
-        (self.cpu_kernels, self.substituted)
+        (self.cpu_kernels, self.substituted.0)
+    }
+
+    /// The 1×1 convolutions graft's kernel took over (none with `--cpu-kernels tract`).
+    pub fn pointwise_kernels(&self) -> pointwise::Substituted {
+        self.substituted.1
     }
 
     /// [`Backbone::cpu_kernels`] in one line, e.g. `graft depthwise (avx512): 16 convolutions,
     /// 16 clips folded` or `tract (--cpu-kernels tract)`.
     pub fn cpu_kernels_line(&self) -> String {
-        match (self.cpu_kernels, self.substituted) {
+        match (self.cpu_kernels, self.substituted.0) {
             (CpuKernels::Tract, _) => "tract (--cpu-kernels tract)".into(),
-            (CpuKernels::Graft, _) if depthwise::Isa::vectorised().is_none() => {
+            (_, _) if depthwise::Isa::vectorised().is_none() => {
                 "tract (graft has no vectorised depthwise kernel for this CPU)".into()
             }
-            (CpuKernels::Graft, d) if d.convolutions == 0 => {
-                "tract (no depthwise convolution graft runs in this graph)".into()
+            (_, d) if d.convolutions == 0 && self.substituted.1.convolutions == 0 => {
+                "tract (no convolution graft runs in this graph)".into()
             }
-            (CpuKernels::Graft, d) => format!(
-                "graft depthwise ({}): {} convolutions, {} clips folded",
-                depthwise::Isa::detect().name(),
-                d.convolutions,
-                d.clips
-            ),
+            (_, d) => {
+                let p = self.substituted.1;
+                format!(
+                    "graft depthwise ({}): {} convolutions, {} clips folded; graft 1x1: {} convolutions, {} clips and {} residual adds folded",
+                    depthwise::Isa::detect().name(),
+                    d.convolutions,
+                    d.clips,
+                    p.convolutions,
+                    p.clips,
+                    p.residuals
+                )
+            }
         }
     }
 
@@ -754,7 +782,7 @@ impl Backbone {
             Plan,
             LoadStages,
             rewrite::Rewrites,
-            depthwise::Substituted,
+            (depthwise::Substituted, pointwise::Substituted),
             usize,
         ),
         BackboneError,
@@ -814,10 +842,18 @@ impl Backbone {
             .map_err(not_image)?;
         // graft's own kernels go in between tract's declutter and its codegen.
         let substituted = match (self.cpu_kernels, depthwise::Isa::vectorised()) {
-            (CpuKernels::Graft, Some(isa)) => {
-                depthwise::substitute(&mut typed, isa).map_err(load)?
+            (CpuKernels::Tract, _) | (_, None) => Default::default(),
+            (kernels, Some(isa)) => {
+                let d = depthwise::substitute(&mut typed, isa).map_err(load)?;
+                // In f16 the 1×1 convolutions are what tract's f16 products are for.
+                let p = if m.graph.half || kernels == CpuKernels::Depthwise {
+                    pointwise::Substituted::default()
+                } else {
+                    pointwise::substitute(&mut typed, isa, pointwise::MIN_POSITIONS)
+                        .map_err(load)?
+                };
+                (d, p)
             }
-            _ => depthwise::Substituted::default(),
         };
         if m.graph.half {
             // Everything but the depthwise convolutions (graft's, or tract's where graft has no

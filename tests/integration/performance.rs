@@ -190,7 +190,7 @@ fn bench_reports_every_stage_and_the_profile() {
     fails(c, "golden.json");
 }
 
-/// graft's depthwise kernel computes what tract's plan computes: for every bundled form, the
+/// graft's depthwise and 1×1 kernels compute what tract's plan computes: for every bundled form, the
 /// embeddings of every fixture photo at cosine ≥ 0.99999 to tract's own plan, the logits' top-1
 /// the same, and batch 2 like batch 1.
 ///
@@ -201,7 +201,7 @@ fn bench_reports_every_stage_and_the_profile() {
 /// (It is not a form graft runs by default: `w8` is the int8 file's fast form.) `--cpu-kernels tract` is the switch back (the A/B both
 /// `graft bench` and this test use), and both plans must say which kernels they run.
 #[test]
-fn graft_depthwise_matches_tracts_plan_on_the_whole_model() {
+fn graft_kernels_match_tracts_plan_on_the_whole_model() {
     for model in [
         "efficientnet-lite0-fp32",
         "efficientnet-lite0-w8",
@@ -231,6 +231,19 @@ fn graft_depthwise_matches_tracts_plan_on_the_whole_model() {
             ours.cpu_kernels_line()
         );
         assert_eq!(theirs.cpu_kernels().1.convolutions, 0);
+        // graft's 1×1 kernel takes the 22 convolutions over maps of 14×14 and more.
+        let pointwise = ours.pointwise_kernels();
+        assert_eq!(
+            pointwise.convolutions,
+            if vectorised { 22 } else { 0 },
+            "{model}: {}",
+            ours.cpu_kernels_line()
+        );
+        assert_eq!(theirs.pointwise_kernels().convolutions, 0);
+        // `--cpu-kernels depthwise`, the A/B of the 1×1 kernel: graft's depthwise alone.
+        let depthwise_only = load(backbone::CpuKernels::Depthwise);
+        assert_eq!(depthwise_only.pointwise_kernels().convolutions, 0);
+        assert_eq!(depthwise_only.cpu_kernels().1, done);
         assert_eq!(
             ours.id(),
             theirs.id(),
@@ -269,6 +282,7 @@ fn graft_depthwise_matches_tracts_plan_on_the_whole_model() {
 fn the_cpu_kernel_check_passes_on_this_machine() {
     let k = backbone::check_cpu_kernels().unwrap();
     assert_eq!(k.convolutions, 46);
+    assert_eq!(k.pointwise, 49);
     assert!(k.max_rel_error <= 1e-5, "{k:?}");
     assert!(!k.isa.is_empty());
 }

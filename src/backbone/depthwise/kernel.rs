@@ -15,6 +15,9 @@
 //! quantisation range) are applied before the store. The same generic body is compiled once per
 //! instruction set ([`Isa`]); the scalar one is the reference the others are tested against.
 
+pub use crate::backbone::simd::Isa;
+use crate::backbone::simd::{Lanes, Scalar};
+
 /// Shape of one depthwise convolution (NCHW, one filter per channel, dilation 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Geometry {
@@ -91,100 +94,6 @@ impl Geometry {
             }
         }
         offsets
-    }
-}
-
-/// The instruction set a kernel is compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Isa {
-    /// One float at a time, multiply then add: the reference.
-    Scalar,
-    /// x86-64 AVX-512F, 16 lanes, FMA.
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    /// x86-64 AVX2 with FMA, 8 lanes.
-    #[cfg(target_arch = "x86_64")]
-    Avx2Fma,
-    /// aarch64 Advanced SIMD (NEON), 4 lanes, FMA.
-    #[cfg(target_arch = "aarch64")]
-    Neon,
-}
-
-impl Isa {
-    /// The best this CPU runs.
-    pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx2Fma;
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        {
-            return Isa::Neon;
-        }
-        #[allow(unreachable_code)]
-        Isa::Scalar
-    }
-
-    /// The best vector instruction set this CPU runs, if graft has a kernel for one. Without
-    /// one (armv7 on stable Rust, whose NEON intrinsics are unstable) the plan keeps tract's
-    /// depthwise: the scalar reference computes the flat layout's extra columns and is no
-    /// faster than tract's own scalar code.
-    pub fn vectorised() -> Option<Isa> {
-        Some(Isa::detect()).filter(|i| *i != Isa::Scalar)
-    }
-
-    /// Every instruction set this CPU runs, the reference first.
-    pub fn available() -> Vec<Isa> {
-        // Only x86-64 and aarch64 add to it (armv7: the scalar reference alone).
-        #[allow(unused_mut)]
-        let mut all = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                all.push(Isa::Avx2Fma);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                all.push(Isa::Avx512);
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        all.push(Isa::Neon);
-        all
-    }
-
-    /// Short name, for profiles and `graft info`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Scalar => "scalar",
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => "avx512",
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => "avx2+fma",
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => "neon",
-        }
-    }
-
-    /// Floats per vector.
-    fn lanes(self) -> usize {
-        match self {
-            Isa::Scalar => 1,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => 16,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => 8,
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => 4,
-        }
     }
 }
 
@@ -275,7 +184,7 @@ impl Plane<'_> {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2Fma => x86::avx2(job),
                 #[cfg(target_arch = "aarch64")]
-                Isa::Neon => job.run::<arm::Neon>(),
+                Isa::Neon => job.run::<crate::backbone::simd::arm::Neon>(),
             }
         }
     }
@@ -365,72 +274,6 @@ fn fill_phases<L: Lanes>(g: &Geometry, input: &[f32], phases: &mut [f32], row: &
                 }
             }
         }
-    }
-}
-
-/// What the generic kernel needs of a vector type.
-trait Lanes: Copy {
-    const N: usize;
-    unsafe fn splat(x: f32) -> Self;
-    unsafe fn load(p: *const f32) -> Self;
-    unsafe fn store(self, p: *mut f32);
-    /// `a · b + c`.
-    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
-    unsafe fn add(a: Self, b: Self) -> Self;
-    unsafe fn clamp(self, lo: Self, hi: Self) -> Self;
-    /// Copies `n < N` floats (the tail of [`Lanes::copy`]).
-    unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize);
-    /// Copies `n` floats with vector loads and stores, inline (a `memcpy` call costs more than
-    /// the copy on the short rows of the last stages).
-    #[inline(always)]
-    unsafe fn copy(src: *const f32, dst: *mut f32, n: usize) {
-        unsafe {
-            let mut i = 0;
-            while i + Self::N <= n {
-                Self::load(src.add(i)).store(dst.add(i));
-                i += Self::N;
-            }
-            if i < n {
-                Self::copy_tail(src.add(i), dst.add(i), n - i);
-            }
-        }
-    }
-}
-
-/// The reference: one float, multiply then add.
-#[derive(Clone, Copy)]
-struct Scalar(f32);
-
-impl Lanes for Scalar {
-    const N: usize = 1;
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        Scalar(x)
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        Scalar(unsafe { *p })
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        unsafe { *p = self.0 }
-    }
-    #[inline(always)]
-    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
-        Scalar(a.0 * b.0 + c.0)
-    }
-    #[inline(always)]
-    unsafe fn add(a: Self, b: Self) -> Self {
-        Scalar(a.0 + b.0)
-    }
-    #[inline(always)]
-    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
-        // max then min, as ONNX's Clip and tract's Max/Min chain do (NaN propagates the same).
-        Scalar(self.0.max(lo.0).min(hi.0))
-    }
-    #[inline(always)]
-    unsafe fn copy_tail(_: *const f32, _: *mut f32, _: usize) {
-        // N = 1: there is never a tail.
     }
 }
 
@@ -536,83 +379,8 @@ impl Block<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Job, Lanes};
-    use std::arch::x86_64::*;
-
-    #[derive(Clone, Copy)]
-    struct F32x16(__m512);
-
-    impl Lanes for F32x16 {
-        const N: usize = 16;
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> Self {
-            F32x16(unsafe { _mm512_set1_ps(x) })
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            F32x16(unsafe { _mm512_loadu_ps(p) })
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            unsafe { _mm512_storeu_ps(p, self.0) }
-        }
-        #[inline(always)]
-        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
-            F32x16(unsafe { _mm512_fmadd_ps(a.0, b.0, c.0) })
-        }
-        #[inline(always)]
-        unsafe fn add(a: Self, b: Self) -> Self {
-            F32x16(unsafe { _mm512_add_ps(a.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
-            F32x16(unsafe { _mm512_min_ps(_mm512_max_ps(self.0, lo.0), hi.0) })
-        }
-        #[inline(always)]
-        unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize) {
-            let mask: __mmask16 = (1u16 << n) - 1;
-            unsafe { _mm512_mask_storeu_ps(dst, mask, _mm512_maskz_loadu_ps(mask, src)) }
-        }
-    }
-
-    #[derive(Clone, Copy)]
-    struct F32x8(__m256);
-
-    impl Lanes for F32x8 {
-        const N: usize = 8;
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> Self {
-            F32x8(unsafe { _mm256_set1_ps(x) })
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            F32x8(unsafe { _mm256_loadu_ps(p) })
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            unsafe { _mm256_storeu_ps(p, self.0) }
-        }
-        #[inline(always)]
-        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
-            F32x8(unsafe { _mm256_fmadd_ps(a.0, b.0, c.0) })
-        }
-        #[inline(always)]
-        unsafe fn add(a: Self, b: Self) -> Self {
-            F32x8(unsafe { _mm256_add_ps(a.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
-            F32x8(unsafe { _mm256_min_ps(_mm256_max_ps(self.0, lo.0), hi.0) })
-        }
-        #[inline(always)]
-        unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize) {
-            unsafe {
-                let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
-                _mm256_maskstore_ps(dst, mask, _mm256_maskload_ps(src, mask));
-            }
-        }
-    }
+    use super::Job;
+    use crate::backbone::simd::x86::{F32x16, F32x8};
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn avx512(job: Job<'_>) {
@@ -622,59 +390,6 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2(job: Job<'_>) {
         unsafe { job.run::<F32x8>() }
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-mod arm {
-    use super::Lanes;
-    use std::arch::aarch64::*;
-
-    /// NEON is part of every aarch64 CPU: no detection, no target_feature wrapper.
-    #[derive(Clone, Copy)]
-    pub(super) struct Neon(float32x4_t);
-
-    impl Lanes for Neon {
-        const N: usize = 4;
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> Self {
-            Neon(unsafe { vdupq_n_f32(x) })
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            Neon(unsafe { vld1q_f32(p) })
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            unsafe { vst1q_f32(p, self.0) }
-        }
-        #[inline(always)]
-        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
-            Neon(unsafe { vfmaq_f32(c.0, a.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn add(a: Self, b: Self) -> Self {
-            Neon(unsafe { vaddq_f32(a.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
-            Neon(unsafe { vminq_f32(vmaxq_f32(self.0, lo.0), hi.0) })
-        }
-        #[inline(always)]
-        unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize) {
-            // n ≤ 3, spelled out so it is not turned into a `memcpy` call.
-            unsafe {
-                if n > 0 {
-                    *dst = *src;
-                }
-                if n > 1 {
-                    *dst.add(1) = *src.add(1);
-                }
-                if n > 2 {
-                    *dst.add(2) = *src.add(2);
-                }
-            }
-        }
     }
 }
 

@@ -331,7 +331,7 @@ fn depthwise_at(
 
 /// The `Max(x, b)` or `Min(x, b)` with a scalar constant `b` that alone reads node `id`'s only
 /// output, when nothing else does and it is not a model output.
-fn clip_after(model: &TypedModel, id: usize) -> TractResult<Option<(bool, f32, usize)>> {
+pub(super) fn clip_after(model: &TypedModel, id: usize) -> TractResult<Option<(bool, f32, usize)>> {
     let outlet = OutletId::new(id, 0);
     if model.outputs.contains(&outlet) || model.nodes[id].outputs.len() != 1 {
         return Ok(None);

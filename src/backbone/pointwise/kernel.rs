@@ -1,0 +1,423 @@
+//! graft's 1×1 convolution kernel: plain pointers in, plain pointers out, no tract types.
+//!
+//! In NCHW a 1×1 convolution is `out[co][p] = bias[co] + Σ_ci w[co][ci] · x[ci][p]` over the
+//! `hw` positions `p` of each channel plane, and every input row `x[ci][..]` is already
+//! contiguous. So the kernel vectorises along positions and reads the input where it lies: no
+//! packing pass. A tile is [`ROWS`] output channels × `V` vectors of positions held in
+//! registers; per input channel it loads `V` vectors of that channel's row, broadcasts the
+//! [`ROWS`] weights once each and issues `ROWS × V` fused multiply-adds. The weights are packed
+//! once, at load, so that a tile reads them as one stream (`[block][ci][ROWS]`, zero rows past
+//! the last channel). Before the store the tile is clamped (the ReLU6 or `w8` range that
+//! follows the convolution) and, for the convolutions that end a residual block, the block's
+//! input is added: the passes tract would make over memory for both are gone.
+//!
+//! tract 0.23.9 runs these as matrix products with the activations as the packed operand, and
+//! on the early, wide, few-channel maps of EfficientNet-Lite0 (16→96 channels over 112×112) it
+//! picks an `80x2` tile whose 16-long reductions spend most of their time packing and storing:
+//! 6 GMAC/s against 35–40 on the later layers (`docs/performance.md`).
+
+use std::ops::Range;
+
+use crate::backbone::simd::{Isa, Lanes, Scalar};
+
+/// Output channels per tile.
+pub const ROWS: usize = 6;
+
+/// Shape of one 1×1 convolution over `batch` images of `hw` positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    /// Images.
+    pub batch: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Positions per channel plane (`h × w`).
+    pub hw: usize,
+}
+
+impl Shape {
+    /// Multiply-adds of one pass.
+    pub fn macs(&self) -> usize {
+        self.batch * self.cin * self.cout * self.hw
+    }
+
+    /// Blocks of [`ROWS`] output channels.
+    fn blocks(&self) -> usize {
+        self.cout.div_ceil(ROWS)
+    }
+
+    /// Positions per tile on `isa`.
+    fn tile_positions(isa: Isa) -> usize {
+        vectors_per_tile(isa) * isa.lanes()
+    }
+
+    /// Tiles of one pass on `isa`: every (image, block of positions, block of channels).
+    pub fn tiles(&self, isa: Isa) -> usize {
+        self.batch * self.hw.div_ceil(Self::tile_positions(isa)) * self.blocks()
+    }
+}
+
+/// Vectors of positions per tile: as many accumulators as the registers hold beside the input
+/// vectors and one broadcast weight (32 registers on AVX-512 and NEON: 24 + 4 + 1; 16 on AVX2:
+/// 12 + 2 + 1).
+fn vectors_per_tile(isa: Isa) -> usize {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => 2,
+        _ => 4,
+    }
+}
+
+/// `[cout][cin]` weights and `[cout]` biases laid out for the kernel: `[block][ci][ROWS]` and
+/// `[block][ROWS]`, zero past the last channel.
+pub fn pack(weights: &[f32], bias: &[f32], cin: usize, cout: usize) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(weights.len(), cin * cout, "1x1 convolution weights");
+    assert_eq!(bias.len(), cout, "1x1 convolution bias");
+    let blocks = cout.div_ceil(ROWS);
+    let mut packed = vec![0.0; blocks * cin * ROWS];
+    let mut padded = vec![0.0; blocks * ROWS];
+    for co in 0..cout {
+        let (b, r) = (co / ROWS, co % ROWS);
+        for ci in 0..cin {
+            packed[(b * cin + ci) * ROWS + r] = weights[co * cin + ci];
+        }
+        padded[co] = bias[co];
+    }
+    (packed, padded)
+}
+
+/// One convolution, ready to run tile by tile.
+#[derive(Debug, Clone, Copy)]
+pub struct Pointwise<'a> {
+    /// The convolution's shape.
+    pub shape: Shape,
+    /// Weights from [`pack`].
+    pub weights: &'a [f32],
+    /// Biases from [`pack`].
+    pub bias: &'a [f32],
+    /// Outputs are clamped to `[lo, hi]` (±∞: no clip) before the residual is added.
+    pub lo: f32,
+    /// See `lo`.
+    pub hi: f32,
+    /// Which compiled kernel runs it.
+    pub isa: Isa,
+}
+
+impl Pointwise<'_> {
+    /// Runs the whole convolution on this thread: `input` is `[batch][cin][hw]`, `residual`
+    /// and `output` `[batch][cout][hw]`.
+    ///
+    /// # Panics
+    /// If a slice has the wrong length.
+    pub fn run(&self, input: &[f32], residual: Option<&[f32]>, output: &mut [f32]) {
+        let s = self.shape;
+        assert_eq!(input.len(), s.batch * s.cin * s.hw, "1x1 convolution input");
+        assert_eq!(
+            output.len(),
+            s.batch * s.cout * s.hw,
+            "1x1 convolution output"
+        );
+        if let Some(r) = residual {
+            assert_eq!(r.len(), output.len(), "1x1 convolution residual");
+        }
+        // SAFETY: the lengths are checked above, and one caller holds the whole output.
+        unsafe {
+            self.run_tiles(
+                input.as_ptr(),
+                residual.map(|r| r.as_ptr()),
+                output.as_mut_ptr(),
+                0..s.tiles(self.isa),
+            )
+        }
+    }
+
+    /// Runs tiles `range` of [`Shape::tiles`].
+    ///
+    /// # Safety
+    /// `input` must hold `batch × cin × hw` floats, `output` (and `residual`, if any)
+    /// `batch × cout × hw`; `weights` and `bias` must come from [`pack`] for this shape; no one
+    /// else may write the output positions of these tiles meanwhile (tiles never overlap).
+    pub unsafe fn run_tiles(
+        &self,
+        input: *const f32,
+        residual: Option<*const f32>,
+        output: *mut f32,
+        range: Range<usize>,
+    ) {
+        let s = self.shape;
+        assert!(self.weights.len() >= s.blocks() * s.cin * ROWS);
+        assert!(self.bias.len() >= s.blocks() * ROWS);
+        assert!(range.end <= s.tiles(self.isa));
+        let job = Job {
+            p: *self,
+            input,
+            residual,
+            output,
+            range,
+        };
+        // SAFETY: the caller's contract, and each ISA's function is only chosen when the CPU
+        // has it (`Isa::detect` / `Isa::available`).
+        unsafe {
+            match self.isa {
+                Isa::Scalar => job.run::<Scalar, 4>(),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => x86::avx512(job),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Fma => x86::avx2(job),
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => job.run::<crate::backbone::simd::arm::Neon, 4>(),
+            }
+        }
+    }
+}
+
+struct Job<'a> {
+    p: Pointwise<'a>,
+    input: *const f32,
+    residual: Option<*const f32>,
+    output: *mut f32,
+    range: Range<usize>,
+}
+
+/// What every tile of a job shares.
+#[derive(Clone, Copy)]
+struct Tile {
+    /// First input value of the tile: `x[0][p0]` of its image.
+    x: *const f32,
+    /// The tile's first packed weight and bias.
+    w: *const f32,
+    b: *const f32,
+    /// First output value: `out[co0][p0]`, and the residual's (null: none).
+    out: *mut f32,
+    res: *const f32,
+    hw: usize,
+    cin: usize,
+    /// Valid output channels (≤ ROWS).
+    rows: usize,
+    lo: f32,
+    hi: f32,
+}
+
+impl Job<'_> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes, const V: usize>(self) {
+        let s = self.p.shape;
+        let per_tile = V * L::N;
+        let pblocks = s.hw.div_ceil(per_tile);
+        let blocks = s.blocks();
+        for t in self.range.clone() {
+            let block = t % blocks;
+            let pb = (t / blocks) % pblocks;
+            let n = t / (blocks * pblocks);
+            let p0 = pb * per_tile;
+            let positions = (s.hw - p0).min(per_tile);
+            let co0 = block * ROWS;
+            let out_at = (n * s.cout + co0) * s.hw + p0;
+            // SAFETY: every offset is inside its buffer (the caller's contract on lengths).
+            let tile = unsafe {
+                Tile {
+                    x: self.input.add(n * s.cin * s.hw + p0),
+                    w: self.p.weights.as_ptr().add(block * s.cin * ROWS),
+                    b: self.p.bias.as_ptr().add(co0),
+                    out: self.output.add(out_at),
+                    res: self.residual.map_or(std::ptr::null(), |r| r.add(out_at)),
+                    hw: s.hw,
+                    cin: s.cin,
+                    rows: (s.cout - co0).min(ROWS),
+                    lo: self.p.lo,
+                    hi: self.p.hi,
+                }
+            };
+            unsafe {
+                if positions == per_tile {
+                    tile.run::<L, V, false>(L::N);
+                    continue;
+                }
+                let vectors = positions.div_ceil(L::N);
+                let last = positions - (vectors - 1) * L::N;
+                match (vectors, last == L::N) {
+                    (1, true) => tile.run::<L, 1, false>(last),
+                    (1, false) => tile.run::<L, 1, true>(last),
+                    (2, true) => tile.run::<L, 2, false>(last),
+                    (2, false) => tile.run::<L, 2, true>(last),
+                    (3, true) => tile.run::<L, 3, false>(last),
+                    (3, false) => tile.run::<L, 3, true>(last),
+                    (_, true) => tile.run::<L, 4, false>(last),
+                    (_, false) => tile.run::<L, 4, true>(last),
+                }
+            }
+        }
+    }
+}
+
+impl Tile {
+    /// `ROWS × V` vectors of outputs; with `TAIL`, the last vector has only `last` lanes.
+    #[inline(always)]
+    unsafe fn run<L: Lanes, const V: usize, const TAIL: bool>(self, last: usize) {
+        unsafe {
+            let n = L::N;
+            let mut acc = [[L::splat(0.0); V]; ROWS];
+            for (r, row) in acc.iter_mut().enumerate() {
+                *row = [L::splat(*self.b.add(r)); V];
+            }
+            let zero = L::splat(0.0);
+            for ci in 0..self.cin {
+                let xp = self.x.add(ci * self.hw);
+                let mut xv = [zero; V];
+                for (v, x) in xv.iter_mut().enumerate() {
+                    *x = if TAIL && v == V - 1 {
+                        L::load_tail(xp.add(v * n), last)
+                    } else {
+                        L::load(xp.add(v * n))
+                    };
+                }
+                let wp = self.w.add(ci * ROWS);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let w = L::splat(*wp.add(r));
+                    for (a, x) in row.iter_mut().zip(&xv) {
+                        *a = L::mul_add(*x, w, *a);
+                    }
+                }
+            }
+            let (lo, hi) = (L::splat(self.lo), L::splat(self.hi));
+            for (r, row) in acc.iter().enumerate().take(self.rows) {
+                let out = self.out.add(r * self.hw);
+                let res = self.res;
+                for (v, a) in row.iter().enumerate() {
+                    let tail = TAIL && v == V - 1;
+                    let mut y = a.clamp(lo, hi);
+                    if !res.is_null() {
+                        let rp = res.add(r * self.hw + v * n);
+                        let rv = if tail {
+                            L::load_tail(rp, last)
+                        } else {
+                            L::load(rp)
+                        };
+                        y = L::add(y, rv);
+                    }
+                    if tail {
+                        y.store_tail(out.add(v * n), last);
+                    } else {
+                        y.store(out.add(v * n));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Job;
+    use crate::backbone::simd::x86::{F32x16, F32x8};
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512(job: Job<'_>) {
+        unsafe { job.run::<F32x16, 4>() }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2(job: Job<'_>) {
+        unsafe { job.run::<F32x8, 2>() }
+    }
+}
+
+/// The convolution done the obvious way, in f64, for tests.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn naive(
+    s: &Shape,
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    lo: f32,
+    hi: f32,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut out = vec![0.0; s.batch * s.cout * s.hw];
+    for n in 0..s.batch {
+        for co in 0..s.cout {
+            for p in 0..s.hw {
+                let mut acc = bias[co] as f64;
+                for ci in 0..s.cin {
+                    acc +=
+                        weights[co * s.cin + ci] as f64 * input[(n * s.cin + ci) * s.hw + p] as f64;
+                }
+                let at = (n * s.cout + co) * s.hw + p;
+                let mut y = (acc as f32).max(lo).min(hi);
+                if let Some(r) = residual {
+                    y += r[at];
+                }
+                out[at] = y;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(seed: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_isa_matches_the_plain_loops() {
+        let mut seed = 11;
+        // (batch, cin, cout, hw): channel counts around the tile's 6 rows, positions around
+        // every vector width and tile size.
+        let cases = [
+            (1, 16, 96, 300),
+            (2, 5, 7, 49),
+            (1, 1, 1, 1),
+            (3, 9, 13, 17),
+            (1, 24, 6, 64),
+            (1, 3, 12, 65),
+            (2, 40, 11, 15),
+        ];
+        for (batch, cin, cout, hw) in cases {
+            let s = Shape {
+                batch,
+                cin,
+                cout,
+                hw,
+            };
+            let input = random(&mut seed, batch * cin * hw);
+            let weights = random(&mut seed, cout * cin);
+            let bias = random(&mut seed, cout);
+            let res = random(&mut seed, batch * cout * hw);
+            let (packed, padded) = pack(&weights, &bias, cin, cout);
+            for (lo, hi, residual) in [
+                (-0.5, 0.75, None),
+                (f32::NEG_INFINITY, f32::INFINITY, Some(&res[..])),
+            ] {
+                let want = naive(&s, &input, &weights, &bias, lo, hi, residual);
+                for isa in Isa::available() {
+                    let p = Pointwise {
+                        shape: s,
+                        weights: &packed,
+                        bias: &padded,
+                        lo,
+                        hi,
+                        isa,
+                    };
+                    let mut got = vec![f32::NAN; want.len()];
+                    p.run(&input, residual, &mut got);
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!((a - b).abs() <= 1e-5, "{isa:?} {s:?} at {i}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}

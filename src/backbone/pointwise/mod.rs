@@ -1,0 +1,649 @@
+//! graft's own 1×1 convolution inside tract's plan.
+//!
+//! tract declutters a 1×1 `Conv` into an `EinSum` (`IHW,OI->OHW`), an `Add` of the bias, the
+//! clip that follows and, at the end of a residual block, the `Add` of the block's input; its
+//! codegen turns the einsum into a matrix product over packed activations. On the wide early
+//! maps of EfficientNet-Lite0 that product ran at 6–18 GMAC/s (`docs/performance.md`).
+//! [`substitute`] replaces each such chain over a map of at least [`MIN_POSITIONS`] positions,
+//! before tract's codegen sees it, by [`GraftPointwise`], which runs [`kernel`]'s tiles over
+//! tract's own executor (the backbone's threads) with bias, clip and residual fused.
+//!
+//! Maps under 64 positions (Lite0's 7×7 stage) stay tract's: a tile of 64 positions would be a
+//! quarter padding there, and tract's products ran them slightly faster (`docs/performance.md`). [`check_against_tract`] runs tract's plan and
+//! ours on the same random convolutions: the tests call it, and so does `graft doctor`.
+
+pub mod kernel;
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::math::Add;
+
+use super::depthwise::clip_after;
+use super::simd::Isa;
+pub use kernel::Shape;
+
+/// The smallest map (`h × w`) whose 1×1 convolutions graft's kernel takes over: 14×14 on
+/// EfficientNet-Lite0 is, 7×7 is not.
+pub const MIN_POSITIONS: usize = 64;
+
+/// A 1×1 convolution with its bias, clip and residual, run by graft's kernel.
+#[derive(Debug, Clone)]
+pub struct GraftPointwise {
+    shape: Shape,
+    /// The plane's `[h, w]`.
+    hw: [usize; 2],
+    /// The input's shape and the output's (and residual's): `[N, C, H, W]`, or `[C, H, W]`
+    /// where tract dropped a batch axis of 1 (the two can differ).
+    in_shape: TVec<usize>,
+    out_shape: TVec<usize>,
+    /// [`kernel::pack`]ed.
+    weights: Arc<[f32]>,
+    bias: Arc<[f32]>,
+    lo: f32,
+    hi: f32,
+    /// A second input, added after the clip.
+    residual: bool,
+    isa: Isa,
+}
+
+impl PartialEq for GraftPointwise {
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.shape == other.shape
+            && self.hw == other.hw
+            && self.isa == other.isa
+            && self.residual == other.residual
+            && self.in_shape == other.in_shape
+            && self.out_shape == other.out_shape
+            && self.lo.to_bits() == other.lo.to_bits()
+            && self.hi.to_bits() == other.hi.to_bits()
+            && bits(&self.weights) == bits(&other.weights)
+            && bits(&self.bias) == bits(&other.bias)
+    }
+}
+
+impl Eq for GraftPointwise {}
+
+impl Op for GraftPointwise {
+    fn name(&self) -> StaticName {
+        "GraftPointwise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let s = &self.shape;
+        Ok(vec![format!(
+            "{}->{}ch {}x{}, clip [{}, {}]{}, {}",
+            s.cin,
+            s.cout,
+            self.hw[0],
+            self.hw[1],
+            self.lo,
+            self.hi,
+            if self.residual { ", + residual" } else { "" },
+            self.isa.name()
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+/// The output pointer, shared by the threads that write disjoint tiles of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the threads write disjoint tiles (see `eval`), and the buffer outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl EvalOp for GraftPointwise {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let s = self.shape;
+        ensure!(
+            inputs.len() == 1 + self.residual as usize,
+            "GraftPointwise takes {} inputs",
+            1 + self.residual as usize
+        );
+        let input = inputs[0].try_as_plain_ram()?;
+        let input = input.as_slice::<f32>()?;
+        ensure!(
+            input.len() == s.batch * s.cin * s.hw,
+            "GraftPointwise input has {} values, expected {}",
+            input.len(),
+            s.batch * s.cin * s.hw
+        );
+        let residual = match inputs.get(1) {
+            Some(r) => {
+                let r = r.try_as_plain_ram()?.as_slice::<f32>()?;
+                ensure!(
+                    r.len() == s.batch * s.cout * s.hw,
+                    "GraftPointwise residual"
+                );
+                Some(r.as_ptr())
+            }
+            None => None,
+        };
+        // SAFETY: every value is written below: the tiles cover every (image, channel,
+        // position) once.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = SharedOut(view.as_slice_mut::<f32>()?.as_mut_ptr());
+            let p = kernel::Pointwise {
+                shape: s,
+                weights: &self.weights,
+                bias: &self.bias,
+                lo: self.lo,
+                hi: self.hi,
+                isa: self.isa,
+            };
+            let input = SharedPtr(input.as_ptr());
+            let residual = residual.map(SharedPtr);
+            // One (empty) item per tile: tract's executor splits them into runs of consecutive
+            // tiles, which share their input positions.
+            let mut tiles = vec![(); s.tiles(self.isa)];
+            tract_linalg::multithread::par_chunks_mut(&mut tiles, 1, s.macs(), |first, chunk| {
+                let (out, input) = (out, input);
+                // SAFETY: lengths were checked above; tiles `first..first + len` are this
+                // chunk's alone.
+                unsafe {
+                    p.run_tiles(
+                        input.0,
+                        residual.map(|r| r.0),
+                        out.0,
+                        first..first + chunk.len(),
+                    )
+                };
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+/// A read-only pointer handed to the threads.
+#[derive(Clone, Copy)]
+struct SharedPtr(*const f32);
+// SAFETY: only read, and the buffer outlives the threads.
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+impl TypedOp for GraftPointwise {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 + self.residual as usize);
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        ensure!(
+            inputs[0].shape.as_concrete() == Some(&self.in_shape[..]),
+            "GraftPointwise expects {:?}, got {:?}",
+            self.in_shape,
+            inputs[0].shape
+        );
+        if let Some(r) = inputs.get(1) {
+            ensure!(r.shape.as_concrete() == Some(&self.out_shape[..]));
+        }
+        Ok(tvec!(f32::fact(self.out_shape.clone())))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            self.shape.macs().into()
+        )))
+    }
+
+    as_op!();
+}
+
+/// What [`substitute`] did to a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Substituted {
+    /// 1×1 convolutions now run by graft's kernel.
+    pub convolutions: usize,
+    /// `Max`/`Min` clips folded into them.
+    pub clips: usize,
+    /// Residual `Add`s folded into them.
+    pub residuals: usize,
+}
+
+/// Speaks tract's types: for the backbone and the benches, not graft's API.
+#[doc(hidden)]
+/// Replaces every float 1×1 convolution of a decluttered model over at least `min_positions`
+/// positions (the `EinSum` tract made of it, with constant weights, and the bias `Add`, clips
+/// and residual `Add` that follow) by [`GraftPointwise`].
+pub fn substitute(
+    model: &mut TypedModel,
+    isa: Isa,
+    min_positions: usize,
+) -> TractResult<Substituted> {
+    let mut done = Substituted::default();
+    for id in model.eval_order()? {
+        if id >= model.nodes.len() {
+            continue;
+        }
+        let Some(found) = pointwise_at(model, id, min_positions)? else {
+            continue;
+        };
+        let node = &model.nodes[id];
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::new(format!("graft-pointwise {name}"));
+        let mut taps = vec![patch.tap_model(model, node.inputs[0])?];
+        if let Some(r) = found.residual {
+            taps.push(patch.tap_model(model, r)?);
+        }
+        let op = GraftPointwise { isa, ..found.op };
+        let out = patch.wire_node(name, op, &taps)?[0];
+        patch.shunt_outside(model, OutletId::new(found.last, 0), out)?;
+        patch.apply(model)?;
+        done.convolutions += 1;
+        done.clips += found.clips;
+        done.residuals += found.residual.is_some() as usize;
+    }
+    if done.convolutions > 0 {
+        model.compact()?;
+    }
+    Ok(done)
+}
+
+struct Found {
+    op: GraftPointwise,
+    clips: usize,
+    residual: Option<OutletId>,
+    last: usize,
+}
+
+/// The only node reading node `id`'s only output, when that output is not a model output.
+fn sole_successor(model: &TypedModel, id: usize) -> Option<(usize, usize)> {
+    let outlet = OutletId::new(id, 0);
+    if model.outputs.contains(&outlet) || model.nodes[id].outputs.len() != 1 {
+        return None;
+    }
+    match model.outlet_successors(outlet) {
+        [inlet] => Some((inlet.node, inlet.slot)),
+        _ => None,
+    }
+}
+
+/// If node `id` is a 1×1 convolution's einsum graft runs: the op (scalar ISA), what it folds
+/// and the last node it replaces.
+fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractResult<Option<Found>> {
+    let node = &model.nodes[id];
+    let Some(einsum) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if einsum.q_params.is_some()
+        || einsum.operating_dt != f32::datum_type()
+        || node.inputs.len() != 2
+    {
+        return Ok(None);
+    }
+    let x = model.outlet_fact(node.inputs[0])?;
+    let kernel = model.outlet_fact(node.inputs[1])?;
+    let (Some(xs), Some(k)) = (x.shape.as_concrete(), kernel.konst.clone()) else {
+        return Ok(None);
+    };
+    if x.datum_type != f32::datum_type() || k.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    let &[cout, cin] = k.shape() else {
+        return Ok(None);
+    };
+    // `IHW,OI->OHW`, `NIHW,OI->NOHW` or, for a batch of 1, `NIHW,OI->OHW`, whatever the
+    // letters.
+    let (ins, outs) = einsum.axes.to_strs();
+    let ([a, b], [c]) = (&ins[..], &outs[..]) else {
+        return Ok(None);
+    };
+    let (a, b, c): (Vec<char>, Vec<char>, Vec<char>) = (
+        a.chars().collect(),
+        b.chars().collect(),
+        c.chars().collect(),
+    );
+    let (&[o, i], Some(c_axis)) = (&b[..], a.len().checked_sub(3)) else {
+        return Ok(None);
+    };
+    let spatial = &a[c_axis + 1..];
+    let mut want = a[..c_axis].to_vec();
+    want.push(o);
+    want.extend_from_slice(spatial);
+    let batch_dropped = c.len() == 3 && a.len() == 4 && c[..] == want[1..];
+    let mut letters = a.clone();
+    letters.push(o);
+    letters.sort_unstable();
+    letters.dedup();
+    if a.len() > 4
+        || a[c_axis] != i
+        || (c != want && !batch_dropped)
+        || letters.len() != a.len() + 1
+    {
+        return Ok(None);
+    }
+    let (batch, [ci, h, w]) = match xs {
+        &[n, ci, h, w] => (n, [ci, h, w]),
+        &[ci, h, w] => (1, [ci, h, w]),
+        _ => return Ok(None),
+    };
+    if ci != cin || h * w < min_positions || cin == 0 || cout == 0 || batch == 0 {
+        return Ok(None);
+    }
+    let out_shape = model.outlet_fact(OutletId::new(id, 0))?.shape.clone();
+    let Some(out_concrete) = out_shape.as_concrete().map(TVec::from) else {
+        return Ok(None);
+    };
+    if out_concrete.iter().product::<usize>() != batch * cout * h * w {
+        return Ok(None);
+    }
+    let same_shape = |n: usize| -> TractResult<bool> {
+        Ok(model.outlet_fact(OutletId::new(n, 0))?.shape == out_shape)
+    };
+    // The bias: `Add` of a constant with one value per output channel (or one in all).
+    let mut last = id;
+    let mut bias = vec![0f32; cout];
+    if let Some((next, slot)) = sole_successor(model, last) {
+        let n = &model.nodes[next];
+        if let (Some(bin), true) = (n.op_as::<TypedBinOp>(), n.inputs.len() == 2) {
+            let other = model.outlet_fact(n.inputs[1 - slot])?;
+            if let (true, None, Some(k)) = (bin.0.is::<Add>(), &bin.1, other.konst.as_ref()) {
+                if k.datum_type() == f32::datum_type()
+                    && (k.len() == cout || k.len() == 1)
+                    && same_shape(next)?
+                {
+                    let v = k.try_as_plain_ram()?;
+                    let v = v.as_slice::<f32>()?;
+                    bias = if v.len() == cout {
+                        v.to_vec()
+                    } else {
+                        vec![v[0]; cout]
+                    };
+                    last = next;
+                }
+            }
+        }
+    }
+    if bias.iter().any(|b| !b.is_finite()) {
+        return Ok(None);
+    }
+    let (mut lo, mut hi, mut clips) = (f32::NEG_INFINITY, f32::INFINITY, 0);
+    while let Some((is_max, bound, next)) = clip_after(model, last)? {
+        if is_max {
+            lo = lo.max(bound);
+            hi = hi.max(bound);
+        } else {
+            lo = lo.min(bound);
+            hi = hi.min(bound);
+        }
+        last = next;
+        clips += 1;
+    }
+    // The residual: an `Add` of another tensor of the same shape.
+    let mut residual = None;
+    if let Some((next, slot)) = sole_successor(model, last) {
+        let n = &model.nodes[next];
+        let is_add = n
+            .op_as::<TypedBinOp>()
+            .is_some_and(|bin| bin.0.is::<Add>() && bin.1.is_none());
+        if is_add && n.inputs.len() == 2 {
+            let other = n.inputs[1 - slot];
+            let fact = model.outlet_fact(other)?;
+            if fact.konst.is_none()
+                && fact.datum_type == f32::datum_type()
+                && fact.shape == out_shape
+                && same_shape(next)?
+            {
+                residual = Some(other);
+                last = next;
+            }
+        }
+    }
+    let (weights, bias) = kernel::pack(k.try_as_plain_ram()?.as_slice::<f32>()?, &bias, cin, cout);
+    let op = GraftPointwise {
+        shape: Shape {
+            batch,
+            cin,
+            cout,
+            hw: h * w,
+        },
+        hw: [h, w],
+        in_shape: xs.into(),
+        out_shape: out_concrete,
+        weights: weights.into(),
+        bias: bias.into(),
+        lo,
+        hi,
+        residual: residual.is_some(),
+        isa: Isa::Scalar,
+    };
+    Ok(Some(Found {
+        op,
+        clips,
+        residual,
+        last,
+    }))
+}
+
+/// One convolution [`check_against_tract`] ran.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedShape {
+    /// The convolution.
+    pub shape: Shape,
+    /// Largest |graft − tract| over the output, relative to the largest |tract| value.
+    pub max_rel_error: f32,
+}
+
+/// EfficientNet-Lite0's 1×1 convolutions at 224×224: `(in, out, side, residual)`; the ones
+/// without a residual are followed by a ReLU6 (expansions) or nothing (projections that
+/// change the channel count), which the check alternates.
+pub const LITE0_SHAPES: [(usize, usize, usize, bool); 19] = [
+    (32, 16, 112, false),
+    (16, 96, 112, false),
+    (96, 24, 56, false),
+    (24, 144, 56, false),
+    (144, 24, 56, true),
+    (144, 40, 28, false),
+    (40, 240, 28, false),
+    (240, 40, 28, true),
+    (240, 80, 14, false),
+    (80, 480, 14, false),
+    (480, 80, 14, true),
+    (480, 112, 14, false),
+    (112, 672, 14, false),
+    (672, 112, 14, true),
+    (672, 192, 7, false),
+    (192, 1152, 7, false),
+    (1152, 192, 7, true),
+    (1152, 320, 7, false),
+    (320, 1280, 7, false),
+];
+
+/// What follows a convolution in a check: a ReLU6, the residual `Add`, both, or nothing.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    clip: bool,
+    residual: bool,
+}
+
+/// Speaks tract's error type: graft's API is [`super::check_cpu_kernels`].
+#[doc(hidden)]
+/// Runs `random` seeded random 1×1 convolutions (2–40 channels in and out: tract declutters a
+/// single channel into something else, maps of 4–400
+/// positions, batch 1–3, each followed by a ReLU6, a residual `Add`, both or nothing) and, with
+/// `lite0`, EfficientNet-Lite0's 19 shapes, once through tract's own plan and once with graft's
+/// kernel on `isa` (taking every size, whatever [`MIN_POSITIONS`] says). Errors if an output
+/// differs by more than a relative 1e-5.
+pub fn check_against_tract(
+    isa: Isa,
+    seed: u64,
+    random: usize,
+    lite0: bool,
+) -> TractResult<Vec<CheckedShape>> {
+    let mut cases: Vec<(Shape, [usize; 2], Tail)> = Vec::new();
+    if lite0 {
+        for (i, &(cin, cout, side, residual)) in LITE0_SHAPES.iter().enumerate() {
+            let shape = Shape {
+                batch: 1,
+                cin,
+                cout,
+                hw: side * side,
+            };
+            let clip = !residual && i % 2 == 1;
+            cases.push((shape, [side, side], Tail { clip, residual }));
+        }
+    }
+    let mut s = seed;
+    let mut next = |n: usize| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 33) as usize) % n
+    };
+    for _ in 0..random {
+        let (h, w) = (2 + next(19), 2 + next(19));
+        let shape = Shape {
+            batch: 1 + next(3),
+            cin: 2 + next(39),
+            cout: 2 + next(39),
+            hw: h * w,
+        };
+        let t = next(4);
+        let tail = Tail {
+            clip: t & 1 == 1,
+            residual: t & 2 == 2,
+        };
+        cases.push((shape, [h, w], tail));
+    }
+    let mut checked = Vec::with_capacity(cases.len());
+    for (i, (shape, [h, w], tail)) in cases.into_iter().enumerate() {
+        let mut data_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15);
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    data_seed = data_seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((data_seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+                })
+                .collect()
+        };
+        let s = &shape;
+        let input = values(s.batch * s.cin * s.hw);
+        let weights = values(s.cout * s.cin);
+        let bias = values(s.cout);
+        let residual = values(s.batch * s.cout * s.hw);
+        let model = single_conv(s, [h, w], tail, &weights, &bias)?;
+        let mut inputs = tvec!(Tensor::from_shape(&[s.batch, s.cin, h, w], &input)?.into_tvalue());
+        if tail.residual {
+            inputs.push(Tensor::from_shape(&[s.batch, s.cout, h, w], &residual)?.into_tvalue());
+        }
+        let reference = model.clone().into_optimized()?.into_runnable()?;
+        let want = reference.run(inputs.clone())?;
+        let mut ours = model;
+        let done = substitute(&mut ours, isa, 1)?;
+        let want_clips = if tail.clip { 2 } else { 0 };
+        ensure!(
+            done.convolutions == 1
+                && done.clips == want_clips
+                && done.residuals == tail.residual as usize,
+            "graft's 1x1 convolution did not take {s:?} {tail:?} (substituted {done:?})"
+        );
+        let ours = ours.into_optimized()?.into_runnable()?;
+        let got = ours.run(inputs)?;
+        let want = want[0].try_as_plain_ram()?;
+        let want = want.as_slice::<f32>()?;
+        let got = got[0].try_as_plain_ram()?;
+        let got = got.as_slice::<f32>()?;
+        ensure!(
+            got.len() == want.len(),
+            "{s:?}: {} outputs vs tract's {}",
+            got.len(),
+            want.len()
+        );
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let mut worst = 0f32;
+        for (j, (a, b)) in got.iter().zip(want).enumerate() {
+            let rel = (a - b).abs() / scale;
+            ensure!(
+                rel <= 1e-5,
+                "graft's 1x1 convolution ({}) differs from tract's on {s:?} {tail:?} at output {j}: {a} vs {b}",
+                isa.name()
+            );
+            worst = worst.max(rel);
+        }
+        checked.push(CheckedShape {
+            shape,
+            max_rel_error: worst,
+        });
+    }
+    Ok(checked)
+}
+
+/// A decluttered model of one 1×1 `Conv`, as tract-onnx loads it, with what `tail` asks after
+/// it: a ReLU6 as `Max(x, 0)`, `Min(x, 6)`, then the `Add` of a second input.
+fn single_conv(
+    s: &Shape,
+    [h, w]: [usize; 2],
+    tail: Tail,
+    weights: &[f32],
+    bias: &[f32],
+) -> TractResult<TypedModel> {
+    use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+    use tract_onnx::tract_core::ops::math::{Max, Min};
+    use tract_onnx::tract_core::ops::nn::DataFormat;
+    let mut model = TypedModel::default();
+    let x = model.add_source("x", f32::fact([s.batch, s.cin, h, w]))?;
+    let r = if tail.residual {
+        Some(model.add_source("residual", f32::fact([s.batch, s.cout, h, w]))?)
+    } else {
+        None
+    };
+    let k = model.add_const(
+        "kernel",
+        Tensor::from_shape(&[s.cout, s.cin, 1, 1], weights)?,
+    )?;
+    let b = model.add_const("bias", Tensor::from_shape(&[s.cout], bias)?)?;
+    let conv = Conv {
+        pool_spec: PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![1, 1],
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides: None,
+            input_channels: s.cin,
+            output_channels: s.cout,
+        },
+        kernel_fmt: KernelFormat::OIHW,
+        group: 1,
+        q_params: None,
+    };
+    let mut y = model.wire_node("conv", conv, &[x, k, b])?[0];
+    if tail.clip {
+        let zero = model.add_const("zero", Tensor::from_shape(&[1, 1, 1, 1], &[0f32])?)?;
+        let six = model.add_const("six", Tensor::from_shape(&[1, 1, 1, 1], &[6f32])?)?;
+        y = model.wire_node("relu6.min", TypedBinOp(Box::new(Max), None), &[y, zero])?[0];
+        y = model.wire_node("relu6.max", TypedBinOp(Box::new(Min), None), &[y, six])?[0];
+    }
+    if let Some(r) = r {
+        y = model.wire_node("add", TypedBinOp(Box::new(Add), None), &[y, r])?[0];
+    }
+    model.select_output_outlets(&[y])?;
+    model.into_decluttered()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_isa_matches_tracts_1x1_convolution_on_lite0_and_random_shapes() {
+        for isa in Isa::available() {
+            let checked = check_against_tract(isa, 23, 30, true).unwrap();
+            assert_eq!(checked.len(), 49);
+        }
+    }
+}
