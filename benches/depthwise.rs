@@ -28,7 +28,11 @@ fn plans(path: &Path) -> TractResult<(Plan, Plan)> {
         .model_for_path(path)?
         .into_typed()?
         .into_decluttered()?;
-    graft::backbone::depthwise::substitute(&mut typed, graft::backbone::depthwise::Isa::detect())?;
+    graft::backbone::depthwise::substitute(
+        &mut typed,
+        graft::backbone::depthwise::Isa::detect(),
+        false,
+    )?;
     let graft = typed.into_optimized()?.into_runnable()?;
     Ok((tract, graft))
 }

@@ -64,9 +64,9 @@ pub struct Global {
           value_parser = clap::builder::PossibleValuesParser::new(["auto", "cpu", "gpu"])
               .map(|s| s.parse::<DeviceChoice>().unwrap_or_default()))]
     pub device: DeviceChoice,
-    /// Whose CPU kernels run the convolutions: graft (its own depthwise and 1x1 kernels,
-    /// vectorised for this CPU), depthwise (graft's depthwise, tract's 1x1) or tract (tract's
-    /// plan unchanged); the last two are for A/B comparisons.
+    /// Whose CPU kernels run the convolutions: graft (its own depthwise, stem and 1x1 kernels,
+    /// vectorised for this CPU), depthwise (graft's depthwise alone) or tract (tract's plan
+    /// unchanged); the last two are for A/B comparisons.
     #[arg(long, global = true, env = "GRAFT_CPU_KERNELS", default_value_t = CpuKernels::Graft,
           value_parser = clap::builder::PossibleValuesParser::new(["graft", "depthwise", "tract"])
               .map(|s| s.parse::<CpuKernels>().unwrap_or_default()))]

@@ -54,7 +54,8 @@ type Plan = Arc<TypedRunnableModel>;
 pub struct KernelCheck {
     /// The instruction set graft's kernels run on here (`avx512`, `neon`, ...).
     pub isa: &'static str,
-    /// Depthwise convolutions compared: EfficientNet-Lite0's 16 shapes and 30 random ones.
+    /// Depthwise convolutions compared: EfficientNet-Lite0's 16 shapes and its stem (a dense
+    /// convolution over 3 channels), and 30 random ones (every fifth dense).
     pub convolutions: usize,
     /// 1×1 convolutions compared: EfficientNet-Lite0's 19 shapes and 30 random ones.
     pub pointwise: usize,
@@ -226,10 +227,11 @@ impl Default for LoadOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuKernels {
-    /// graft's depthwise and 1×1 kernels on the best instruction set this CPU has.
+    /// graft's depthwise, stem and 1×1 kernels on the best instruction set this CPU has.
     #[default]
     Graft,
-    /// graft's depthwise kernel, tract's 1×1 convolutions (the A/B of the 1×1 kernel).
+    /// graft's depthwise kernel alone, tract's 1×1 and stem convolutions (the A/B of graft's
+    /// 1×1 and stem kernels).
     Depthwise,
     /// tract's plan as tract builds it.
     Tract,
@@ -718,15 +720,16 @@ impl Backbone {
             (_, _) if depthwise::Isa::vectorised().is_none() => {
                 "tract (graft has no vectorised depthwise kernel for this CPU)".into()
             }
-            (_, d) if d.convolutions == 0 && self.substituted.1.convolutions == 0 => {
+            (_, d) if d.convolutions + d.dense == 0 && self.substituted.1.convolutions == 0 => {
                 "tract (no convolution graft runs in this graph)".into()
             }
             (_, d) => {
                 let p = self.substituted.1;
                 format!(
-                    "graft depthwise ({}): {} convolutions, {} clips folded; graft 1x1: {} convolutions, {} clips and {} residual adds folded",
+                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded; graft 1x1: {} convolutions, {} clips and {} residual adds folded",
                     depthwise::Isa::detect().name(),
                     d.convolutions,
+                    d.dense,
                     d.clips,
                     p.convolutions,
                     p.clips,
@@ -844,9 +847,10 @@ impl Backbone {
         let substituted = match (self.cpu_kernels, depthwise::Isa::vectorised()) {
             (CpuKernels::Tract, _) | (_, None) => Default::default(),
             (kernels, Some(isa)) => {
-                let d = depthwise::substitute(&mut typed, isa).map_err(load)?;
+                let all = kernels == CpuKernels::Graft;
+                let d = depthwise::substitute(&mut typed, isa, all).map_err(load)?;
                 // In f16 the 1×1 convolutions are what tract's f16 products are for.
-                let p = if m.graph.half || kernels == CpuKernels::Depthwise {
+                let p = if m.graph.half || !all {
                     pointwise::Substituted::default()
                 } else {
                     pointwise::substitute(&mut typed, isa, pointwise::MIN_POSITIONS)

@@ -172,6 +172,33 @@ impl Lanes for Scalar {
     unsafe fn copy_tail(_: *const f32, _: *mut f32, _: usize) {}
 }
 
+/// A kernel body generic over the vector type: [`dispatch`] runs it compiled for an
+/// instruction set.
+pub(crate) trait Work {
+    /// # Safety
+    /// The CPU must run `L`'s instructions, and the body's own contract must hold.
+    unsafe fn run<L: Lanes>(self);
+}
+
+/// Runs `work` compiled for `isa`.
+///
+/// # Safety
+/// `isa` must be one this CPU runs ([`Isa::detect`] / [`Isa::available`]), and `work`'s own
+/// contract must hold.
+pub(crate) unsafe fn dispatch<W: Work>(isa: Isa, work: W) {
+    unsafe {
+        match isa {
+            Isa::Scalar => work.run::<Scalar>(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::avx512(work),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => x86::avx2(work),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => work.run::<arm::Neon>(),
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use super::Lanes;
@@ -276,6 +303,16 @@ pub(crate) mod x86 {
                 _mm256_maskstore_ps(dst, mask, _mm256_maskload_ps(src, mask));
             }
         }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512<W: super::Work>(work: W) {
+        unsafe { work.run::<F32x16>() }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2<W: super::Work>(work: W) {
+        unsafe { work.run::<F32x8>() }
     }
 }
 

@@ -240,10 +240,14 @@ fn graft_kernels_match_tracts_plan_on_the_whole_model() {
             ours.cpu_kernels_line()
         );
         assert_eq!(theirs.pointwise_kernels().convolutions, 0);
-        // `--cpu-kernels depthwise`, the A/B of the 1×1 kernel: graft's depthwise alone.
+        // The stem: a dense convolution over the image's 3 channels, with its ReLU6.
+        assert_eq!(done.dense, if vectorised { 1 } else { 0 });
+        // `--cpu-kernels depthwise`, the A/B of the 1×1 and stem kernels: graft's depthwise
+        // alone.
         let depthwise_only = load(backbone::CpuKernels::Depthwise);
         assert_eq!(depthwise_only.pointwise_kernels().convolutions, 0);
-        assert_eq!(depthwise_only.cpu_kernels().1, done);
+        let d = depthwise_only.cpu_kernels().1;
+        assert_eq!((d.convolutions, d.dense), (done.convolutions, 0));
         assert_eq!(
             ours.id(),
             theirs.id(),
@@ -281,7 +285,7 @@ fn graft_kernels_match_tracts_plan_on_the_whole_model() {
 #[test]
 fn the_cpu_kernel_check_passes_on_this_machine() {
     let k = backbone::check_cpu_kernels().unwrap();
-    assert_eq!(k.convolutions, 46);
+    assert_eq!(k.convolutions, 47);
     assert_eq!(k.pointwise, 49);
     assert!(k.max_rel_error <= 1e-5, "{k:?}");
     assert!(!k.isa.is_empty());

@@ -16,7 +16,7 @@
 //! instruction set ([`Isa`]); the scalar one is the reference the others are tested against.
 
 pub use crate::backbone::simd::Isa;
-use crate::backbone::simd::{Lanes, Scalar};
+use crate::backbone::simd::{dispatch, Lanes, Work};
 
 /// Shape of one depthwise convolution (NCHW, one filter per channel, dilation 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -176,17 +176,7 @@ impl Plane<'_> {
         // SAFETY: every load of the convolution stays inside `phases` (checked just above), its
         // stores inside `flat` (one slot per lane of `vectors`), and each ISA's function is only
         // chosen when the CPU has it (`Isa::detect` / `Isa::available`).
-        unsafe {
-            match self.isa {
-                Isa::Scalar => job.run::<Scalar>(),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => x86::avx512(job),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => x86::avx2(job),
-                #[cfg(target_arch = "aarch64")]
-                Isa::Neon => job.run::<crate::backbone::simd::arm::Neon>(),
-            }
-        }
+        unsafe { dispatch(self.isa, job) }
     }
 }
 
@@ -205,13 +195,197 @@ struct Job<'a> {
     hi: f32,
 }
 
-impl Job<'_> {
+impl Work for Job<'_> {
     /// Fills the phase planes, convolves, copies the `wo` valid outputs of each row out.
     #[inline(always)]
     unsafe fn run<L: Lanes>(self) {
         let g = self.g;
         let planes = g.sh * g.sw * g.phase_len();
         fill_phases::<L>(g, self.input, &mut self.phases[..planes], self.row);
+        let vectors = self.flat.len() / L::N;
+        unsafe {
+            flat_conv::<L>(
+                self.phases.as_ptr(),
+                self.offsets,
+                self.weights,
+                self.bias,
+                self.lo,
+                self.hi,
+                self.flat.as_mut_ptr(),
+                vectors,
+            );
+            let wq = g.wq();
+            for oy in 0..g.ho {
+                let src = &self.flat[oy * wq..oy * wq + g.wo];
+                let dst = &mut self.output[oy * g.wo..(oy + 1) * g.wo];
+                L::copy(src.as_ptr(), dst.as_mut_ptr(), g.wo);
+            }
+        }
+    }
+}
+
+/// The widest vector of any instruction set: the zero tail after each input channel of a dense
+/// convolution's scratch, which keeps every load of the last vector inside the buffer.
+const MAX_LANES: usize = 16;
+
+impl Geometry {
+    /// Floats per input channel in a dense convolution's scratch.
+    fn dense_stride(&self) -> usize {
+        self.sh * self.sw * self.phase_len() + MAX_LANES
+    }
+
+    /// Floats of a dense convolution's scratch: every input channel's phase planes, end to end.
+    pub fn dense_scratch_len(&self) -> usize {
+        self.channels * self.dense_stride()
+    }
+
+    /// Scratch offsets of every (input channel, tap) of a dense convolution, in the order of one
+    /// output channel's OIHW weights, `[ci][ky][kx]`.
+    pub fn dense_offsets(&self) -> Vec<usize> {
+        let taps = self.tap_offsets();
+        let stride = self.dense_stride();
+        (0..self.channels)
+            .flat_map(|c| taps.iter().map(move |t| c * stride + t))
+            .collect()
+    }
+}
+
+/// A dense convolution (each output channel reads every input channel) over few input channels:
+/// a network's stem, 3 → 32 channels, 3×3, stride 2. `geo.channels` counts the *input*
+/// channels. [`Dense::fill`] lays an image's channels out as phase planes once, end to end, and
+/// [`Dense::run`] computes one output channel as a single flat convolution with `channels × kh ×
+/// kw` taps over them: the depthwise kernel's inner loop, with more taps.
+#[derive(Debug, Clone)]
+pub struct Dense<'a> {
+    /// The convolution's shape, `channels` being the input channels.
+    pub geo: &'a Geometry,
+    /// [`Geometry::dense_offsets`].
+    pub offsets: &'a [usize],
+    /// Which compiled kernel runs it.
+    pub isa: Isa,
+    /// Outputs are clamped to `[lo, hi]` (±∞: no clip).
+    pub lo: f32,
+    /// See `lo`.
+    pub hi: f32,
+}
+
+impl Dense<'_> {
+    /// Lays one image (`[channels][h][w]`) out in `phases`, which it sizes to
+    /// [`Geometry::dense_scratch_len`] (zero wherever no input value goes).
+    ///
+    /// # Panics
+    /// If `image` has the wrong length.
+    pub fn fill(&self, image: &[f32], phases: &mut Vec<f32>) {
+        let g = self.geo;
+        assert_eq!(
+            image.len(),
+            g.channels * g.h * g.w,
+            "dense convolution input"
+        );
+        phases.clear();
+        phases.resize(g.dense_scratch_len(), 0.0);
+        let mut row = vec![0.0; g.wq() * g.sw];
+        let fill = DenseFill {
+            g,
+            image,
+            phases,
+            row: &mut row,
+        };
+        // SAFETY: `fill_phases` only writes inside the slices it is given, and the ISA is one
+        // this CPU runs (`Isa::detect` / `Isa::available`).
+        unsafe { dispatch(self.isa, fill) }
+    }
+
+    /// Computes one output channel's `ho × wo` plane from [`Dense::fill`]'s `phases`, its
+    /// `channels × kh × kw` weights and bias, clamped to `[lo, hi]`. `flat` is working memory.
+    ///
+    /// # Panics
+    /// If a slice has the wrong length.
+    pub fn run(
+        &self,
+        phases: &[f32],
+        weights: &[f32],
+        bias: f32,
+        output: &mut [f32],
+        flat: &mut Vec<f32>,
+    ) {
+        let g = self.geo;
+        assert_eq!(
+            phases.len(),
+            g.dense_scratch_len(),
+            "dense convolution scratch"
+        );
+        assert_eq!(
+            weights.len(),
+            g.channels * g.kh * g.kw,
+            "dense convolution weights"
+        );
+        assert_eq!(self.offsets.len(), weights.len(), "dense convolution taps");
+        assert_eq!(output.len(), g.ho * g.wo, "dense convolution output plane");
+        let lanes = self.isa.lanes();
+        let vectors = g.flat_outputs().div_ceil(lanes);
+        if flat.len() < vectors * lanes {
+            flat.resize(vectors * lanes, 0.0);
+        }
+        let max_offset = self.offsets.iter().copied().max().unwrap_or(0);
+        assert!(max_offset + vectors * lanes <= phases.len());
+        let job = DenseRun {
+            g,
+            phases,
+            offsets: self.offsets,
+            weights,
+            bias,
+            lo: self.lo,
+            hi: self.hi,
+            flat: &mut flat[..vectors * lanes],
+            output,
+        };
+        // SAFETY: every load stays inside `phases` (checked just above), every store inside
+        // `flat`, and the ISA is one this CPU runs.
+        unsafe { dispatch(self.isa, job) }
+    }
+}
+
+struct DenseFill<'a> {
+    g: &'a Geometry,
+    image: &'a [f32],
+    phases: &'a mut [f32],
+    row: &'a mut [f32],
+}
+
+impl Work for DenseFill<'_> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(self) {
+        let g = self.g;
+        let (plane, stride) = (g.h * g.w, g.dense_stride());
+        let planes = g.sh * g.sw * g.phase_len();
+        for c in 0..g.channels {
+            fill_phases::<L>(
+                g,
+                &self.image[c * plane..(c + 1) * plane],
+                &mut self.phases[c * stride..c * stride + planes],
+                self.row,
+            );
+        }
+    }
+}
+
+struct DenseRun<'a> {
+    g: &'a Geometry,
+    phases: &'a [f32],
+    offsets: &'a [usize],
+    weights: &'a [f32],
+    bias: f32,
+    lo: f32,
+    hi: f32,
+    flat: &'a mut [f32],
+    output: &'a mut [f32],
+}
+
+impl Work for DenseRun<'_> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(self) {
+        let g = self.g;
         let vectors = self.flat.len() / L::N;
         unsafe {
             flat_conv::<L>(
@@ -374,22 +548,6 @@ impl Block<'_> {
                 sum.clamp(lo, hi).store(out.add(r * n));
             }
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Job;
-    use crate::backbone::simd::x86::{F32x16, F32x8};
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512(job: Job<'_>) {
-        unsafe { job.run::<F32x16>() }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2(job: Job<'_>) {
-        unsafe { job.run::<F32x8>() }
     }
 }
 

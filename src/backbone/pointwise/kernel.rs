@@ -18,7 +18,7 @@
 
 use std::ops::Range;
 
-use crate::backbone::simd::{Isa, Lanes, Scalar};
+use crate::backbone::simd::{dispatch, Isa, Lanes, Work};
 
 /// Output channels per tile.
 pub const ROWS: usize = 6;
@@ -158,17 +158,7 @@ impl Pointwise<'_> {
         };
         // SAFETY: the caller's contract, and each ISA's function is only chosen when the CPU
         // has it (`Isa::detect` / `Isa::available`).
-        unsafe {
-            match self.isa {
-                Isa::Scalar => job.run::<Scalar, 4>(),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => x86::avx512(job),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => x86::avx2(job),
-                #[cfg(target_arch = "aarch64")]
-                Isa::Neon => job.run::<crate::backbone::simd::arm::Neon, 4>(),
-            }
-        }
+        unsafe { dispatch(self.isa, job) }
     }
 }
 
@@ -199,9 +189,23 @@ struct Tile {
     hi: f32,
 }
 
+impl Work for Job<'_> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(self) {
+        // As many vectors per tile as `vectors_per_tile` says for this vector width.
+        unsafe {
+            if L::N == 8 {
+                self.tiles::<L, 2>()
+            } else {
+                self.tiles::<L, 4>()
+            }
+        }
+    }
+}
+
 impl Job<'_> {
     #[inline(always)]
-    unsafe fn run<L: Lanes, const V: usize>(self) {
+    unsafe fn tiles<L: Lanes, const V: usize>(self) {
         let s = self.p.shape;
         let per_tile = V * L::N;
         let pblocks = s.hw.div_ceil(per_tile);
@@ -304,22 +308,6 @@ impl Tile {
                 }
             }
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Job;
-    use crate::backbone::simd::x86::{F32x16, F32x8};
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512(job: Job<'_>) {
-        unsafe { job.run::<F32x16, 4>() }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2(job: Job<'_>) {
-        unsafe { job.run::<F32x8, 2>() }
     }
 }
 
