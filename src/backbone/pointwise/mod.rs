@@ -4,12 +4,13 @@
 //! clip that follows and, at the end of a residual block, the `Add` of the block's input; its
 //! codegen turns the einsum into a matrix product over packed activations. On the wide early
 //! maps of EfficientNet-Lite0 that product ran at 6–18 GMAC/s (`docs/performance.md`).
-//! [`substitute`] replaces each such chain over a map of at least [`MIN_POSITIONS`] positions,
-//! before tract's codegen sees it, by [`GraftPointwise`], which runs [`kernel`]'s tiles over
-//! tract's own executor (the backbone's threads) with bias, clip and residual fused.
+//! [`substitute`] replaces each such chain, before tract's codegen sees it, by
+//! [`GraftPointwise`], which runs [`kernel`]'s tiles over tract's own executor (the backbone's
+//! threads) with bias, clip and residual fused.
 //!
-//! Maps under 64 positions (Lite0's 7×7 stage) stay tract's: a tile of 64 positions would be a
-//! quarter padding there, and tract's products ran them slightly faster (`docs/performance.md`). [`check_against_tract`] runs tract's plan and
+//! That includes Lite0's 7×7 stage, where a tile of 64 positions is a quarter padding: on one
+//! thread tract's products and graft's kernel are even there, but tract does not split those
+//! products over threads (a second thread gained them 0–20%), and graft's tiles split. [`check_against_tract`] runs tract's plan and
 //! ours on the same random convolutions: the tests call it, and so does `graft doctor`.
 
 pub mod kernel;
@@ -26,9 +27,10 @@ use super::depthwise::clip_after;
 use super::simd::Isa;
 pub use kernel::Shape;
 
-/// The smallest map (`h × w`) whose 1×1 convolutions graft's kernel takes over: 14×14 on
-/// EfficientNet-Lite0 is, 7×7 is not.
-pub const MIN_POSITIONS: usize = 64;
+/// The smallest map (`h × w`) whose 1×1 convolutions graft's kernel takes over: every map.
+/// (Measured on Lite0, one frame: with the 7×7 maps left to tract, 12.4 ms on one thread and
+/// 8.6 on two; with them, 12.2 and 7.6.)
+pub const MIN_POSITIONS: usize = 1;
 
 /// A 1×1 convolution with its bias, clip and residual, run by graft's kernel.
 #[derive(Debug, Clone)]
@@ -295,8 +297,8 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
     let &[cout, cin] = k.shape() else {
         return Ok(None);
     };
-    // `IHW,OI->OHW`, `NIHW,OI->NOHW` or, for a batch of 1, `NIHW,OI->OHW`, whatever the
-    // letters.
+    // `IHW,OI->OHW` or `NIHW,OI->NOHW`, whatever the letters; for a batch of 1 tract may also
+    // drop the batch axis on one side only (`NIHW,OI->OHW`, `IHW,OI->NOHW`).
     let (ins, outs) = einsum.axes.to_strs();
     let ([a, b], [c]) = (&ins[..], &outs[..]) else {
         return Ok(None);
@@ -306,23 +308,17 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
         b.chars().collect(),
         c.chars().collect(),
     );
-    let (&[o, i], Some(c_axis)) = (&b[..], a.len().checked_sub(3)) else {
+    let (&[o, i], 3..=4, 3..=4) = (&b[..], a.len(), c.len()) else {
         return Ok(None);
     };
-    let spatial = &a[c_axis + 1..];
-    let mut want = a[..c_axis].to_vec();
-    want.push(o);
-    want.extend_from_slice(spatial);
-    let batch_dropped = c.len() == 3 && a.len() == 4 && c[..] == want[1..];
-    let mut letters = a.clone();
+    let (a_n, a3) = a.split_at(a.len() - 3);
+    let (c_n, c3) = c.split_at(c.len() - 3);
+    let mut letters = a3.to_vec();
     letters.push(o);
     letters.sort_unstable();
     letters.dedup();
-    if a.len() > 4
-        || a[c_axis] != i
-        || (c != want && !batch_dropped)
-        || letters.len() != a.len() + 1
-    {
+    let batch_kept = a_n.is_empty() || c_n.is_empty() || a_n == c_n;
+    if a3[0] != i || c3 != [o, a3[1], a3[2]] || letters.len() != 4 || !batch_kept {
         return Ok(None);
     }
     let (batch, [ci, h, w]) = match xs {
