@@ -37,8 +37,9 @@ assert info["model"] == "efficientnet-lite0-w8-gem", "ARM builds default to w8-g
 print("qemu-check: info ok: %s, %s, cpu features %s" % (info["target_arch"], info["model"], ",".join(info["cpu_features"]) or "-"))
 PY
 
-# graft's depthwise kernel on this architecture (NEON on aarch64; armv7 runs the scalar one)
-# against tract's own depthwise: `graft doctor`'s kernel check, 46 convolutions value by value.
+# graft's depthwise, stem and 1x1 kernels on this architecture (NEON on aarch64; armv7 runs the
+# scalar ones) against tract's own operators: `graft doctor`'s kernel check, 47 + 49
+# convolutions value by value.
 $arm --json doctor > "$work/doctor.json" 2>/dev/null || true
 python3 - "$work/doctor.json" "$arch" <<'PY'
 import json, sys

@@ -347,6 +347,9 @@ thread_local! {
     static BULK_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// What graft's own kernels took over in a plan.
+type Substitutions = (depthwise::Substituted, pointwise::Substituted);
+
 /// A loaded, optimised backbone, ready to embed and classify.
 pub struct Backbone {
     spec: ModelSpec,
@@ -355,7 +358,7 @@ pub struct Backbone {
     labels: Option<Vec<String>>,
     threads: usize,
     cpu_kernels: CpuKernels,
-    substituted: (depthwise::Substituted, pointwise::Substituted),
+    substituted: Substitutions,
     executor: Executor,
     /// One run at a time on the pool: a run's spinning threads would otherwise take up another
     /// run's spinner while waiting inside it, each then spinning until the other ends.
@@ -780,16 +783,7 @@ impl Backbone {
     fn build_plan(
         &self,
         batch: usize,
-    ) -> Result<
-        (
-            Plan,
-            LoadStages,
-            rewrite::Rewrites,
-            (depthwise::Substituted, pointwise::Substituted),
-            usize,
-        ),
-        BackboneError,
-    > {
+    ) -> Result<(Plan, LoadStages, rewrite::Rewrites, Substitutions, usize), BackboneError> {
         let start = Instant::now();
         let m = &self.spec.manifest;
         let model = self.model_name();

@@ -285,12 +285,14 @@ impl Tile {
                 }
             }
             let (lo, hi) = (L::splat(self.lo), L::splat(self.hi));
+            // Without a clip nothing is clamped: a clamp to ±∞ would turn a NaN into −∞.
+            let clip = self.lo > f32::NEG_INFINITY || self.hi < f32::INFINITY;
             for (r, row) in acc.iter().enumerate().take(self.rows) {
                 let out = self.out.add(r * self.hw);
                 let res = self.res;
                 for (v, a) in row.iter().enumerate() {
                     let tail = TAIL && v == V - 1;
-                    let mut y = a.clamp(lo, hi);
+                    let mut y = if clip { a.clamp(lo, hi) } else { *a };
                     if !res.is_null() {
                         let rp = res.add(r * self.hw + v * n);
                         let rv = if tail {
@@ -357,6 +359,35 @@ mod tests {
                 ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    /// Without a clip a NaN input stays NaN, as in tract's plan (a clamp to ±∞ made it −∞).
+    #[test]
+    fn a_nan_passes_through_when_nothing_clips() {
+        let s = Shape {
+            batch: 1,
+            cin: 2,
+            cout: 3,
+            hw: 20,
+        };
+        let mut input = vec![0.5; 2 * 20];
+        input[7] = f32::NAN;
+        let (w, b) = pack(&[1.0; 6], &[0.0; 3], 2, 3);
+        for isa in Isa::available() {
+            let p = Pointwise {
+                shape: s,
+                weights: &w,
+                bias: &b,
+                lo: f32::NEG_INFINITY,
+                hi: f32::INFINITY,
+                isa,
+            };
+            let mut out = vec![0.0; 3 * 20];
+            p.run(&input, None, &mut out);
+            for (i, v) in out.iter().enumerate() {
+                assert_eq!(v.is_nan(), i % 20 == 7, "{isa:?} at {i}: {v}");
+            }
+        }
     }
 
     #[test]

@@ -321,9 +321,9 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
     if a3[0] != i || c3 != [o, a3[1], a3[2]] || letters.len() != 4 || !batch_kept {
         return Ok(None);
     }
-    let (batch, [ci, h, w]) = match xs {
-        &[n, ci, h, w] => (n, [ci, h, w]),
-        &[ci, h, w] => (1, [ci, h, w]),
+    let (batch, [ci, h, w]) = match *xs {
+        [n, ci, h, w] => (n, [ci, h, w]),
+        [ci, h, w] => (1, [ci, h, w]),
         _ => return Ok(None),
     };
     if ci != cin || h * w < min_positions || cin == 0 || cout == 0 || batch == 0 {
