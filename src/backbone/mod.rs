@@ -57,7 +57,8 @@ pub struct KernelCheck {
     /// Depthwise convolutions compared: EfficientNet-Lite0's 16 shapes and its stem (a dense
     /// convolution over 3 channels), and 30 random ones (every fifth dense).
     pub convolutions: usize,
-    /// 1×1 convolutions compared: EfficientNet-Lite0's 19 shapes and 30 random ones.
+    /// 1×1 convolutions and matrix–vector products compared: EfficientNet-Lite0's 19 shapes
+    /// and its classifier, 30 + 5 random ones.
     pub pointwise: usize,
     /// Largest difference to tract, relative to the largest output value.
     pub max_rel_error: f32,
@@ -729,14 +730,15 @@ impl Backbone {
             (_, d) => {
                 let p = self.substituted.1;
                 format!(
-                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded; graft 1x1: {} convolutions, {} clips and {} residual adds folded",
+                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded; graft 1x1: {} convolutions, {} clips and {} residual adds folded; {} matrix-vector products",
                     depthwise::Isa::detect().name(),
                     d.convolutions,
                     d.dense,
                     d.clips,
                     p.convolutions,
                     p.clips,
-                    p.residuals
+                    p.residuals,
+                    p.products
                 )
             }
         }

@@ -204,8 +204,22 @@ impl Work for Job<'_> {
 }
 
 impl Job<'_> {
+    /// Without a clip nothing is clamped (a clamp to ±∞ would turn a NaN into −∞); the choice
+    /// is made once, outside the tiles' loops.
     #[inline(always)]
     unsafe fn tiles<L: Lanes, const V: usize>(self) {
+        let clip = self.p.lo > f32::NEG_INFINITY || self.p.hi < f32::INFINITY;
+        unsafe {
+            if clip {
+                self.tiles_of::<L, V, true>()
+            } else {
+                self.tiles_of::<L, V, false>()
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tiles_of<L: Lanes, const V: usize, const CLIP: bool>(self) {
         let s = self.p.shape;
         let per_tile = V * L::N;
         let pblocks = s.hw.div_ceil(per_tile);
@@ -235,20 +249,20 @@ impl Job<'_> {
             };
             unsafe {
                 if positions == per_tile {
-                    tile.run::<L, V, false>(L::N);
+                    tile.run::<L, V, false, CLIP>(L::N);
                     continue;
                 }
                 let vectors = positions.div_ceil(L::N);
                 let last = positions - (vectors - 1) * L::N;
                 match (vectors, last == L::N) {
-                    (1, true) => tile.run::<L, 1, false>(last),
-                    (1, false) => tile.run::<L, 1, true>(last),
-                    (2, true) => tile.run::<L, 2, false>(last),
-                    (2, false) => tile.run::<L, 2, true>(last),
-                    (3, true) => tile.run::<L, 3, false>(last),
-                    (3, false) => tile.run::<L, 3, true>(last),
-                    (_, true) => tile.run::<L, 4, false>(last),
-                    (_, false) => tile.run::<L, 4, true>(last),
+                    (1, true) => tile.run::<L, 1, false, CLIP>(last),
+                    (1, false) => tile.run::<L, 1, true, CLIP>(last),
+                    (2, true) => tile.run::<L, 2, false, CLIP>(last),
+                    (2, false) => tile.run::<L, 2, true, CLIP>(last),
+                    (3, true) => tile.run::<L, 3, false, CLIP>(last),
+                    (3, false) => tile.run::<L, 3, true, CLIP>(last),
+                    (_, true) => tile.run::<L, 4, false, CLIP>(last),
+                    (_, false) => tile.run::<L, 4, true, CLIP>(last),
                 }
             }
         }
@@ -258,7 +272,7 @@ impl Job<'_> {
 impl Tile {
     /// `ROWS × V` vectors of outputs; with `TAIL`, the last vector has only `last` lanes.
     #[inline(always)]
-    unsafe fn run<L: Lanes, const V: usize, const TAIL: bool>(self, last: usize) {
+    unsafe fn run<L: Lanes, const V: usize, const TAIL: bool, const CLIP: bool>(self, last: usize) {
         unsafe {
             let n = L::N;
             let mut acc = [[L::splat(0.0); V]; ROWS];
@@ -285,14 +299,12 @@ impl Tile {
                 }
             }
             let (lo, hi) = (L::splat(self.lo), L::splat(self.hi));
-            // Without a clip nothing is clamped: a clamp to ±∞ would turn a NaN into −∞.
-            let clip = self.lo > f32::NEG_INFINITY || self.hi < f32::INFINITY;
             for (r, row) in acc.iter().enumerate().take(self.rows) {
                 let out = self.out.add(r * self.hw);
                 let res = self.res;
                 for (v, a) in row.iter().enumerate() {
                     let tail = TAIL && v == V - 1;
-                    let mut y = if clip { a.clamp(lo, hi) } else { *a };
+                    let mut y = if CLIP { a.clamp(lo, hi) } else { *a };
                     if !res.is_null() {
                         let rp = res.add(r * self.hw + v * n);
                         let rv = if tail {
@@ -306,6 +318,137 @@ impl Tile {
                         y.store_tail(out.add(v * n), last);
                     } else {
                         y.store(out.add(v * n));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Outputs per block of a matrix–vector product.
+pub const GEMV_BLOCK: usize = 64;
+
+/// `[n][k]` weights laid out for [`Gemv`]: `[block][k][GEMV_BLOCK]`, zero past the last output.
+pub fn pack_gemv(weights: &[f32], n: usize, k: usize) -> Vec<f32> {
+    assert_eq!(weights.len(), n * k, "matrix-vector weights");
+    let blocks = n.div_ceil(GEMV_BLOCK);
+    let mut packed = vec![0.0; blocks * k * GEMV_BLOCK];
+    for o in 0..n {
+        let (b, r) = (o / GEMV_BLOCK, o % GEMV_BLOCK);
+        for i in 0..k {
+            packed[(b * k + i) * GEMV_BLOCK + r] = weights[o * k + i];
+        }
+    }
+    packed
+}
+
+/// A matrix–vector product, `out[o] = bias[o] + Σ_i w[o][i] · x[i]` (a classifier over pooled
+/// features): blocks of [`GEMV_BLOCK`] outputs in registers, each input broadcast once per
+/// block, the packed weights read as one stream. Memory-bound (the weights are read once per
+/// call), so its gain is that blocks split over threads.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemv<'a> {
+    /// Outputs.
+    pub n: usize,
+    /// Inputs.
+    pub k: usize,
+    /// Weights from [`pack_gemv`].
+    pub weights: &'a [f32],
+    /// `n` biases.
+    pub bias: &'a [f32],
+    /// Which compiled kernel runs it.
+    pub isa: Isa,
+}
+
+impl Gemv<'_> {
+    /// Blocks of one product.
+    pub fn blocks(&self) -> usize {
+        self.n.div_ceil(GEMV_BLOCK)
+    }
+
+    /// Computes outputs `blocks × GEMV_BLOCK` (those that exist) into `out` (all `n`).
+    ///
+    /// # Safety
+    /// `x` must hold `k` floats and `out` `n`; no one else may write these blocks' outputs
+    /// meanwhile.
+    pub unsafe fn run_blocks(&self, x: *const f32, out: *mut f32, blocks: Range<usize>) {
+        assert!(self.weights.len() >= self.blocks() * self.k * GEMV_BLOCK);
+        assert!(self.bias.len() >= self.n);
+        assert!(blocks.end <= self.blocks());
+        let job = GemvJob {
+            g: *self,
+            x,
+            out,
+            blocks,
+        };
+        // SAFETY: the caller's contract; the ISA is one this CPU runs.
+        unsafe { dispatch(self.isa, job) }
+    }
+
+    /// The whole product on this thread.
+    ///
+    /// # Panics
+    /// If a slice has the wrong length.
+    pub fn run(&self, x: &[f32], out: &mut [f32]) {
+        assert_eq!(x.len(), self.k, "matrix-vector input");
+        assert_eq!(out.len(), self.n, "matrix-vector output");
+        // SAFETY: lengths checked; one caller holds the whole output.
+        unsafe { self.run_blocks(x.as_ptr(), out.as_mut_ptr(), 0..self.blocks()) }
+    }
+}
+
+struct GemvJob<'a> {
+    g: Gemv<'a>,
+    x: *const f32,
+    out: *mut f32,
+    blocks: Range<usize>,
+}
+
+impl Work for GemvJob<'_> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(self) {
+        unsafe {
+            match L::N {
+                16 => self.blocks_of::<L, 4>(),
+                8 => self.blocks_of::<L, 8>(),
+                4 => self.blocks_of::<L, 16>(),
+                _ => self.blocks_of::<L, 64>(),
+            }
+        }
+    }
+}
+
+impl GemvJob<'_> {
+    /// `V` vectors of `L` make one block.
+    #[inline(always)]
+    unsafe fn blocks_of<L: Lanes, const V: usize>(self) {
+        debug_assert_eq!(V * L::N, GEMV_BLOCK);
+        let g = self.g;
+        for b in self.blocks.clone() {
+            let o0 = b * GEMV_BLOCK;
+            let valid = (g.n - o0).min(GEMV_BLOCK);
+            unsafe {
+                let mut acc = [L::splat(0.0); V];
+                let w = g.weights.as_ptr().add(b * g.k * GEMV_BLOCK);
+                for i in 0..g.k {
+                    let x = L::splat(*self.x.add(i));
+                    let wi = w.add(i * GEMV_BLOCK);
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        *a = L::mul_add(L::load(wi.add(v * L::N)), x, *a);
+                    }
+                }
+                for (v, a) in acc.iter().enumerate() {
+                    let at = v * L::N;
+                    if at >= valid {
+                        break;
+                    }
+                    let lanes = (valid - at).min(L::N);
+                    let out = self.out.add(o0 + at);
+                    let bias = g.bias.as_ptr().add(o0 + at);
+                    if lanes == L::N {
+                        L::add(*a, L::load(bias)).store(out);
+                    } else {
+                        L::add(*a, L::load_tail(bias, lanes)).store_tail(out, lanes);
                     }
                 }
             }
@@ -386,6 +529,37 @@ mod tests {
             p.run(&input, None, &mut out);
             for (i, v) in out.iter().enumerate() {
                 assert_eq!(v.is_nan(), i % 20 == 7, "{isa:?} at {i}: {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_computes_matrix_vector_products() {
+        let mut seed = 5;
+        for (n, k) in [(1000, 1280), (1, 1), (65, 3), (64, 17), (130, 40)] {
+            let w = random(&mut seed, n * k);
+            let x = random(&mut seed, k);
+            let bias = random(&mut seed, n);
+            let packed = pack_gemv(&w, n, k);
+            let want: Vec<f32> = (0..n)
+                .map(|o| {
+                    let dot: f64 = (0..k).map(|i| w[o * k + i] as f64 * x[i] as f64).sum();
+                    (dot + bias[o] as f64) as f32
+                })
+                .collect();
+            for isa in Isa::available() {
+                let g = Gemv {
+                    n,
+                    k,
+                    weights: &packed,
+                    bias: &bias,
+                    isa,
+                };
+                let mut got = vec![f32::NAN; n];
+                g.run(&x, &mut got);
+                for (o, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-4, "{isa:?} {n}x{k} at {o}: {a} vs {b}");
+                }
             }
         }
     }

@@ -204,6 +204,221 @@ impl TypedOp for GraftPointwise {
     as_op!();
 }
 
+/// A matrix–vector product with a constant matrix and its bias (a classifier over pooled
+/// features, ONNX's `Gemm`), run by [`kernel::Gemv`] with its blocks split over threads.
+#[derive(Debug, Clone)]
+pub struct GraftGemv {
+    n: usize,
+    k: usize,
+    /// [`kernel::pack_gemv`]ed.
+    weights: Arc<[f32]>,
+    bias: Arc<[f32]>,
+    /// The input's shape (`k` values) and the output's (`n`).
+    in_shape: TVec<usize>,
+    out_shape: TVec<usize>,
+    isa: Isa,
+}
+
+impl PartialEq for GraftGemv {
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (self.n, self.k, self.isa) == (other.n, other.k, other.isa)
+            && self.in_shape == other.in_shape
+            && self.out_shape == other.out_shape
+            && bits(&self.weights) == bits(&other.weights)
+            && bits(&self.bias) == bits(&other.bias)
+    }
+}
+
+impl Eq for GraftGemv {}
+
+impl Op for GraftGemv {
+    fn name(&self) -> StaticName {
+        "GraftGemv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} -> {}, {}",
+            self.k,
+            self.n,
+            self.isa.name()
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GraftGemv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1, "GraftGemv takes one input");
+        let x = inputs[0].try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        ensure!(
+            x.len() == self.k,
+            "GraftGemv input has {} values, expected {}",
+            x.len(),
+            self.k
+        );
+        // SAFETY: every output is written: the blocks cover all `n`.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = SharedOut(view.as_slice_mut::<f32>()?.as_mut_ptr());
+            let g = kernel::Gemv {
+                n: self.n,
+                k: self.k,
+                weights: &self.weights,
+                bias: &self.bias,
+                isa: self.isa,
+            };
+            let x = SharedPtr(x.as_ptr());
+            let mut blocks = vec![(); g.blocks()];
+            tract_linalg::multithread::par_chunks_mut(
+                &mut blocks,
+                1,
+                self.n * self.k,
+                |first, chunk| {
+                    let (out, x) = (out, x);
+                    // SAFETY: lengths checked above; these blocks are this chunk's alone.
+                    unsafe { g.run_blocks(x.0, out.0, first..first + chunk.len()) };
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for GraftGemv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        ensure!(inputs[0].shape.as_concrete() == Some(&self.in_shape[..]));
+        Ok(tvec!(f32::fact(self.out_shape.clone())))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            (self.n * self.k).into()
+        )))
+    }
+
+    as_op!();
+}
+
+/// If node `id` is a matrix–vector product graft runs (an `EinSum` of a vector, every other
+/// axis of size 1, with a constant `[n, k]` or `[k, n]` matrix, and the constant bias `Add` that
+/// follows, if any): the op (scalar ISA) and the last node it replaces.
+fn gemv_at(model: &TypedModel, id: usize) -> TractResult<Option<(GraftGemv, usize)>> {
+    let node = &model.nodes[id];
+    let Some(einsum) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if einsum.q_params.is_some()
+        || einsum.operating_dt != f32::datum_type()
+        || node.inputs.len() != 2
+    {
+        return Ok(None);
+    }
+    let x = model.outlet_fact(node.inputs[0])?;
+    let (Some(xs), Some(w)) = (
+        x.shape.as_concrete(),
+        model.outlet_fact(node.inputs[1])?.konst.clone(),
+    ) else {
+        return Ok(None);
+    };
+    let out_shape = model.outlet_fact(OutletId::new(id, 0))?.shape.clone();
+    let Some(os) = out_shape.as_concrete().map(TVec::from) else {
+        return Ok(None);
+    };
+    if x.datum_type != f32::datum_type() || w.datum_type() != f32::datum_type() || w.rank() != 2 {
+        return Ok(None);
+    }
+    let (ins, outs) = einsum.axes.to_strs();
+    let ([a, b], [c]) = (&ins[..], &outs[..]) else {
+        return Ok(None);
+    };
+    let (a, b, c): (Vec<char>, Vec<char>, Vec<char>) = (
+        a.chars().collect(),
+        b.chars().collect(),
+        c.chars().collect(),
+    );
+    // The contracted letter is the matrix's one the vector has; the other is the output's.
+    let k_at = match (a.contains(&b[0]), a.contains(&b[1])) {
+        (true, false) => 0,
+        (false, true) => 1,
+        _ => return Ok(None),
+    };
+    let (k_letter, n_letter) = (b[k_at], b[1 - k_at]);
+    let (k, n) = (w.shape()[k_at], w.shape()[1 - k_at]);
+    let size_of = |letters: &[char], shape: &[usize], l: char| {
+        letters.iter().position(|&x| x == l).map(|i| shape[i])
+    };
+    let ones = |letters: &[char], shape: &[usize], keep: char| {
+        letters.len() == shape.len()
+            && letters
+                .iter()
+                .zip(shape)
+                .all(|(&l, &d)| l == keep || d == 1)
+    };
+    if a.len() != xs.len()
+        || size_of(&a, xs, k_letter) != Some(k)
+        || !ones(&a, xs, k_letter)
+        || size_of(&c, &os, n_letter) != Some(n)
+        || !ones(&c, &os, n_letter)
+        || c.contains(&k_letter)
+        || k == 0
+        || n == 0
+    {
+        return Ok(None);
+    }
+    let w = w.try_as_plain_ram()?;
+    let w = w.as_slice::<f32>()?;
+    let weights: Vec<f32> = if k_at == 1 {
+        w.to_vec()
+    } else {
+        (0..n * k).map(|j| w[(j % k) * n + j / k]).collect()
+    };
+    let mut last = id;
+    let mut bias = vec![0f32; n];
+    if let Some((next, slot)) = sole_successor(model, id) {
+        let nn = &model.nodes[next];
+        let other = (nn.inputs.len() == 2).then(|| nn.inputs[1 - slot]);
+        let is_add = nn
+            .op_as::<TypedBinOp>()
+            .is_some_and(|bin| bin.0.is::<Add>() && bin.1.is_none());
+        if let (true, Some(other)) = (is_add, other) {
+            let fact = model.outlet_fact(other)?;
+            if let Some(kb) = fact.konst.as_ref() {
+                if kb.datum_type() == f32::datum_type()
+                    && kb.len() == n
+                    && model.outlet_fact(OutletId::new(next, 0))?.shape == out_shape
+                {
+                    bias = kb.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+                    last = next;
+                }
+            }
+        }
+    }
+    let op = GraftGemv {
+        n,
+        k,
+        weights: kernel::pack_gemv(&weights, n, k).into(),
+        bias: bias.into(),
+        in_shape: xs.into(),
+        out_shape: os,
+        isa: Isa::Scalar,
+    };
+    Ok(Some((op, last)))
+}
+
 /// What [`substitute`] did to a model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Substituted {
@@ -213,6 +428,8 @@ pub struct Substituted {
     pub clips: usize,
     /// Residual `Add`s folded into them.
     pub residuals: usize,
+    /// Matrix–vector products (a classifier) now run by graft's kernel.
+    pub products: usize,
 }
 
 /// Speaks tract's types: for the backbone and the benches, not graft's API.
@@ -228,6 +445,17 @@ pub fn substitute(
     let mut done = Substituted::default();
     for id in model.eval_order()? {
         if id >= model.nodes.len() {
+            continue;
+        }
+        if let Some((op, last)) = gemv_at(model, id)? {
+            let node = &model.nodes[id];
+            let name = node.name.clone();
+            let mut patch = TypedModelPatch::new(format!("graft-gemv {name}"));
+            let x = patch.tap_model(model, node.inputs[0])?;
+            let out = patch.wire_node(name, GraftGemv { isa, ..op }, &[x])?[0];
+            patch.shunt_outside(model, OutletId::new(last, 0), out)?;
+            patch.apply(model)?;
+            done.products += 1;
             continue;
         }
         let Some(found) = pointwise_at(model, id, min_positions)? else {
@@ -248,7 +476,7 @@ pub fn substitute(
         done.clips += found.clips;
         done.residuals += found.residual.is_some() as usize;
     }
-    if done.convolutions > 0 {
+    if done.convolutions + done.products > 0 {
         model.compact()?;
     }
     Ok(done)
@@ -576,6 +804,85 @@ pub fn check_against_tract(
             max_rel_error: worst,
         });
     }
+    // Matrix–vector products: Lite0's classifier (1280 → 1000) and random ones, with the
+    // matrix as `[n, k]` (ONNX's `Gemm` with `transB`) and as `[k, n]`.
+    let mut products: Vec<(usize, usize, bool)> = Vec::new();
+    if lite0 {
+        products.push((1280, 1000, true));
+    }
+    for i in 0..random.div_ceil(6) {
+        products.push((1 + next(300), 1 + next(200), i % 2 == 0));
+    }
+    for (i, (k, n, n_first)) in products.into_iter().enumerate() {
+        let mut data_seed = seed ^ (i as u64 + 101).wrapping_mul(0x9E3779B97F4A7C15);
+        let mut values = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    data_seed = data_seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((data_seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+                })
+                .collect()
+        };
+        let (x, w, bias) = (values(k), values(n * k), values(n));
+        let mut model = TypedModel::default();
+        let xs = model.add_source("x", f32::fact([k, 1, 1]))?;
+        let (shape, axes) = if n_first {
+            ([n, k], "kba,nk->mn")
+        } else {
+            ([k, n], "kba,kn->mn")
+        };
+        let wc = model.add_const("w", Tensor::from_shape(&shape, &w)?)?;
+        let bc = model.add_const("b", Tensor::from_shape(&[1, n], &bias)?)?;
+        let op = EinSum {
+            axes: axes.parse()?,
+            operating_dt: f32::datum_type(),
+            q_params: None,
+        };
+        let y = model.wire_node("gemv", op, &[xs, wc])?[0];
+        let y = model.wire_node("bias", TypedBinOp(Box::new(Add), None), &[y, bc])?[0];
+        model.select_output_outlets(&[y])?;
+        let input = tvec!(Tensor::from_shape(&[k, 1, 1], &x)?.into_tvalue());
+        let want = model
+            .clone()
+            .into_optimized()?
+            .into_runnable()?
+            .run(input.clone())?;
+        let mut ours = model;
+        let done = substitute(&mut ours, isa, 1)?;
+        ensure!(
+            done.products == 1,
+            "graft's matrix-vector product did not take {k} -> {n} ({axes}): {done:?}"
+        );
+        let got = ours.into_optimized()?.into_runnable()?.run(input)?;
+        let (want, got) = (want[0].try_as_plain_ram()?, got[0].try_as_plain_ram()?);
+        let (want, got) = (want.as_slice::<f32>()?, got.as_slice::<f32>()?);
+        ensure!(
+            got.len() == want.len() && want.len() == n,
+            "{k} -> {n}: output sizes"
+        );
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let mut worst = 0f32;
+        for (j, (a, b)) in got.iter().zip(want).enumerate() {
+            let rel = (a - b).abs() / scale;
+            ensure!(
+                rel <= 1e-5,
+                "graft's matrix-vector product ({}) differs from tract's on {k} -> {n} at {j}: {a} vs {b}",
+                isa.name()
+            );
+            worst = worst.max(rel);
+        }
+        checked.push(CheckedShape {
+            shape: Shape {
+                batch: 1,
+                cin: k,
+                cout: n,
+                hw: 1,
+            },
+            max_rel_error: worst,
+        });
+    }
     Ok(checked)
 }
 
@@ -639,7 +946,7 @@ mod tests {
     fn every_isa_matches_tracts_1x1_convolution_on_lite0_and_random_shapes() {
         for isa in Isa::available() {
             let checked = check_against_tract(isa, 23, 30, true).unwrap();
-            assert_eq!(checked.len(), 49);
+            assert_eq!(checked.len(), 49 + 6);
         }
     }
 }
