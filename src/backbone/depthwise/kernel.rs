@@ -202,25 +202,18 @@ impl Work for Job<'_> {
         let g = self.g;
         let planes = g.sh * g.sw * g.phase_len();
         fill_phases::<L>(g, self.input, &mut self.phases[..planes], self.row);
-        let vectors = self.flat.len() / L::N;
-        unsafe {
-            flat_conv::<L>(
-                self.phases.as_ptr(),
-                self.offsets,
-                self.weights,
-                self.bias,
-                self.lo,
-                self.hi,
-                self.flat.as_mut_ptr(),
-                vectors,
-            );
-            let wq = g.wq();
-            for oy in 0..g.ho {
-                let src = &self.flat[oy * wq..oy * wq + g.wo];
-                let dst = &mut self.output[oy * g.wo..(oy + 1) * g.wo];
-                L::copy(src.as_ptr(), dst.as_mut_ptr(), g.wo);
-            }
-        }
+        let convolve = Convolve {
+            g,
+            phases: self.phases,
+            offsets: self.offsets,
+            weights: self.weights,
+            bias: self.bias,
+            lo: self.lo,
+            hi: self.hi,
+            flat: self.flat,
+            output: self.output,
+        };
+        unsafe { convolve.run::<L>() }
     }
 }
 
@@ -329,7 +322,7 @@ impl Dense<'_> {
         }
         let max_offset = self.offsets.iter().copied().max().unwrap_or(0);
         assert!(max_offset + vectors * lanes <= phases.len());
-        let job = DenseRun {
+        let job = Convolve {
             g,
             phases,
             offsets: self.offsets,
@@ -370,7 +363,9 @@ impl Work for DenseFill<'_> {
     }
 }
 
-struct DenseRun<'a> {
+/// One output plane from laid-out phase planes: the flat convolution, then the `wo` valid
+/// outputs of each row copied out.
+struct Convolve<'a> {
     g: &'a Geometry,
     phases: &'a [f32],
     offsets: &'a [usize],
@@ -382,7 +377,7 @@ struct DenseRun<'a> {
     output: &'a mut [f32],
 }
 
-impl Work for DenseRun<'_> {
+impl Work for Convolve<'_> {
     #[inline(always)]
     unsafe fn run<L: Lanes>(self) {
         let g = self.g;

@@ -745,16 +745,7 @@ pub fn check_against_tract(
     let mut checked = Vec::with_capacity(cases.len());
     for (i, (shape, [h, w], tail)) in cases.into_iter().enumerate() {
         let mut data_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15);
-        let mut values = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    data_seed = data_seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((data_seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-                })
-                .collect()
-        };
+        let mut values = |n: usize| seeded_values(&mut data_seed, n);
         let s = &shape;
         let input = values(s.batch * s.cin * s.hw);
         let weights = values(s.cout * s.cin);
@@ -815,16 +806,7 @@ pub fn check_against_tract(
     }
     for (i, (k, n, n_first)) in products.into_iter().enumerate() {
         let mut data_seed = seed ^ (i as u64 + 101).wrapping_mul(0x9E3779B97F4A7C15);
-        let mut values = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    data_seed = data_seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((data_seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-                })
-                .collect()
-        };
+        let mut values = |len: usize| seeded_values(&mut data_seed, len);
         let (x, w, bias) = (values(k), values(n * k), values(n));
         let mut model = TypedModel::default();
         let xs = model.add_source("x", f32::fact([k, 1, 1]))?;
@@ -884,6 +866,18 @@ pub fn check_against_tract(
         });
     }
     Ok(checked)
+}
+
+/// `n` seeded values in [-2, 2).
+fn seeded_values(seed: &mut u64, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
 }
 
 /// A decluttered model of one 1×1 `Conv`, as tract-onnx loads it, with what `tail` asks after
