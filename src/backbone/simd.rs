@@ -172,6 +172,23 @@ impl Lanes for Scalar {
     unsafe fn copy_tail(_: *const f32, _: *mut f32, _: usize) {}
 }
 
+/// Whether two float slices hold the same bits (the kernels' ops compare their constants so).
+pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// `n` seeded values in `[-half_width, half_width)`, for the kernels' checks and tests.
+pub(crate) fn seeded_uniform(seed: &mut u64, n: usize, half_width: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 * half_width - half_width
+        })
+        .collect()
+}
+
 /// A kernel body generic over the vector type: [`dispatch`] runs it compiled for an
 /// instruction set.
 pub(crate) trait Work {

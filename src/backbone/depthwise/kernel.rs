@@ -243,32 +243,19 @@ impl Geometry {
     }
 }
 
-/// A dense convolution (each output channel reads every input channel) over few input channels:
-/// a network's stem, 3 → 32 channels, 3×3, stride 2. `geo.channels` counts the *input*
-/// channels. [`Dense::fill`] lays an image's channels out as phase planes once, end to end, and
-/// [`Dense::run`] computes one output channel as a single flat convolution with `channels × kh ×
-/// kw` taps over them: the depthwise kernel's inner loop, with more taps.
-#[derive(Debug, Clone)]
-pub struct Dense<'a> {
-    /// The convolution's shape, `channels` being the input channels.
-    pub geo: &'a Geometry,
-    /// [`Geometry::dense_offsets`].
-    pub offsets: &'a [usize],
-    /// Which compiled kernel runs it.
-    pub isa: Isa,
-    /// Outputs are clamped to `[lo, hi]` (±∞: no clip).
-    pub lo: f32,
-    /// See `lo`.
-    pub hi: f32,
-}
-
-impl Dense<'_> {
-    /// Lays one image (`[channels][h][w]`) out in `phases`, which it sizes to
-    /// [`Geometry::dense_scratch_len`] (zero wherever no input value goes).
+/// A dense convolution (each output channel reads every input channel) over few input channels,
+/// a network's stem (3 → 32 channels, 3×3, stride 2), runs on the same plane with `geo.channels`
+/// counting the *input* channels and `offsets` from [`Geometry::dense_offsets`]:
+/// [`Plane::fill_dense`] lays an image's channels out as phase planes once, end to end, and
+/// [`Plane::run_dense`] computes one output channel as a single flat convolution with `channels ×
+/// kh × kw` taps over them: the depthwise inner loop, with more taps.
+impl Plane<'_> {
+    /// Lays one image (`[channels][h][w]`) out in `phases` for a dense convolution, which it
+    /// sizes to [`Geometry::dense_scratch_len`] (zero wherever no input value goes).
     ///
     /// # Panics
     /// If `image` has the wrong length.
-    pub fn fill(&self, image: &[f32], phases: &mut Vec<f32>) {
+    pub fn fill_dense(&self, image: &[f32], phases: &mut Vec<f32>) {
         let g = self.geo;
         assert_eq!(
             image.len(),
@@ -289,12 +276,12 @@ impl Dense<'_> {
         unsafe { dispatch(self.isa, fill) }
     }
 
-    /// Computes one output channel's `ho × wo` plane from [`Dense::fill`]'s `phases`, its
+    /// Computes one output channel's `ho × wo` plane from [`Plane::fill_dense`]'s `phases`, its
     /// `channels × kh × kw` weights and bias, clamped to `[lo, hi]`. `flat` is working memory.
     ///
     /// # Panics
     /// If a slice has the wrong length.
-    pub fn run(
+    pub fn run_dense(
         &self,
         phases: &[f32],
         weights: &[f32],
@@ -587,14 +574,7 @@ mod tests {
     use super::*;
 
     fn random(seed: &mut u64, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::backbone::simd::seeded_uniform(seed, n, 1.0)
     }
 
     fn run_all(

@@ -29,6 +29,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec
 use tract_onnx::tract_core::ops::math::{Max, Min};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use super::simd::{same_bits, seeded_uniform};
 pub use kernel::{Geometry, Isa};
 
 /// The most input channels of a dense convolution graft's kernel takes (an image's stem has 3):
@@ -57,15 +58,14 @@ pub struct GraftDepthwise {
 
 impl PartialEq for GraftDepthwise {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         self.geo == other.geo
             && self.dense == other.dense
             && self.isa == other.isa
             && self.batch_axis == other.batch_axis
             && self.lo.to_bits() == other.lo.to_bits()
             && self.hi.to_bits() == other.hi.to_bits()
-            && bits(&self.weights) == bits(&other.weights)
-            && bits(&self.bias) == bits(&other.bias)
+            && same_bits(&self.weights, &other.weights)
+            && same_bits(&self.bias, &other.bias)
     }
 }
 
@@ -195,7 +195,7 @@ impl GraftDepthwise {
     /// planes split over the backbone's threads.
     fn eval_dense(&self, input: &[f32], cout: usize, out: &mut [f32]) -> TractResult<()> {
         let g = self.geo;
-        let dense = kernel::Dense {
+        let dense = kernel::Plane {
             geo: &self.geo,
             offsets: &self.offsets,
             isa: self.isa,
@@ -212,7 +212,7 @@ impl GraftDepthwise {
             .chunks_exact(in_len)
             .zip(out.chunks_exact_mut(cout * out_len))
         {
-            dense.fill(image, &mut phases);
+            dense.fill_dense(image, &mut phases);
             let phases = &phases;
             tract_linalg::multithread::par_chunks_mut(
                 out,
@@ -222,7 +222,7 @@ impl GraftDepthwise {
                     let mut flat = Vec::new();
                     for (i, o) in chunk.chunks_exact_mut(out_len).enumerate() {
                         let co = first + i;
-                        dense.run(
+                        dense.run_dense(
                             phases,
                             &self.weights[co * taps..(co + 1) * taps],
                             self.bias[co],
@@ -617,16 +617,7 @@ pub fn check_against_tract(
     let mut checked = Vec::with_capacity(cases.len());
     for (i, (geo, after, dense)) in cases.into_iter().enumerate() {
         let mut data_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15);
-        let mut values = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    data_seed = data_seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((data_seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-                })
-                .collect()
-        };
+        let mut values = |n: usize| seeded_uniform(&mut data_seed, n, 2.0);
         let g = &geo;
         let cout = dense.unwrap_or(g.channels);
         let input = values(g.batch * g.channels * g.h * g.w);

@@ -494,14 +494,7 @@ mod tests {
     use super::*;
 
     fn random(seed: &mut u64, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::backbone::simd::seeded_uniform(seed, n, 1.0)
     }
 
     /// Without a clip a NaN input stays NaN, as in tract's plan (a clamp to ±∞ made it −∞).

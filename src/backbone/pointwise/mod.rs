@@ -24,7 +24,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
 use super::depthwise::clip_after;
-use super::simd::Isa;
+use super::simd::{same_bits, seeded_uniform, Isa};
 pub use kernel::Shape;
 
 /// The smallest map (`h × w`) whose 1×1 convolutions graft's kernel takes over: every map.
@@ -54,7 +54,6 @@ pub struct GraftPointwise {
 
 impl PartialEq for GraftPointwise {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         self.shape == other.shape
             && self.hw == other.hw
             && self.isa == other.isa
@@ -63,8 +62,8 @@ impl PartialEq for GraftPointwise {
             && self.out_shape == other.out_shape
             && self.lo.to_bits() == other.lo.to_bits()
             && self.hi.to_bits() == other.hi.to_bits()
-            && bits(&self.weights) == bits(&other.weights)
-            && bits(&self.bias) == bits(&other.bias)
+            && same_bits(&self.weights, &other.weights)
+            && same_bits(&self.bias, &other.bias)
     }
 }
 
@@ -221,12 +220,11 @@ pub struct GraftGemv {
 
 impl PartialEq for GraftGemv {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         (self.n, self.k, self.isa) == (other.n, other.k, other.isa)
             && self.in_shape == other.in_shape
             && self.out_shape == other.out_shape
-            && bits(&self.weights) == bits(&other.weights)
-            && bits(&self.bias) == bits(&other.bias)
+            && same_bits(&self.weights, &other.weights)
+            && same_bits(&self.bias, &other.bias)
     }
 }
 
@@ -745,7 +743,7 @@ pub fn check_against_tract(
     let mut checked = Vec::with_capacity(cases.len());
     for (i, (shape, [h, w], tail)) in cases.into_iter().enumerate() {
         let mut data_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15);
-        let mut values = |n: usize| seeded_values(&mut data_seed, n);
+        let mut values = |n: usize| seeded_uniform(&mut data_seed, n, 2.0);
         let s = &shape;
         let input = values(s.batch * s.cin * s.hw);
         let weights = values(s.cout * s.cin);
@@ -806,7 +804,7 @@ pub fn check_against_tract(
     }
     for (i, (k, n, n_first)) in products.into_iter().enumerate() {
         let mut data_seed = seed ^ (i as u64 + 101).wrapping_mul(0x9E3779B97F4A7C15);
-        let mut values = |len: usize| seeded_values(&mut data_seed, len);
+        let mut values = |len: usize| seeded_uniform(&mut data_seed, len, 2.0);
         let (x, w, bias) = (values(k), values(n * k), values(n));
         let mut model = TypedModel::default();
         let xs = model.add_source("x", f32::fact([k, 1, 1]))?;
@@ -866,18 +864,6 @@ pub fn check_against_tract(
         });
     }
     Ok(checked)
-}
-
-/// `n` seeded values in [-2, 2).
-fn seeded_values(seed: &mut u64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            *seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
-        .collect()
 }
 
 /// A decluttered model of one 1×1 `Conv`, as tract-onnx loads it, with what `tail` asks after
