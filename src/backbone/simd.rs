@@ -128,6 +128,18 @@ pub(crate) trait Lanes: Copy {
             }
         }
     }
+    /// Transposes an `N × N` block: row `i` of the source (`N` floats at `src + i·src_stride`)
+    /// becomes column `i` of the destination, whose row `j` is `N` floats at `dst(j)`. This
+    /// one moves a float at a time; x86 overrides it with in-register shuffles.
+    #[inline(always)]
+    unsafe fn transpose(src: *const f32, src_stride: usize, dst: impl Fn(usize) -> *mut f32) {
+        for j in 0..Self::N {
+            let row = dst(j);
+            for i in 0..Self::N {
+                unsafe { *row.add(i) = *src.add(i * src_stride + j) };
+            }
+        }
+    }
 }
 
 /// The reference: one float, multiply then add.
@@ -171,6 +183,21 @@ impl Lanes for Scalar {
     #[inline(always)]
     unsafe fn copy_tail(_: *const f32, _: *mut f32, _: usize) {}
 }
+
+/// An output pointer shared by the threads of one operator, each writing its own disjoint
+/// part of the buffer (the operator's `eval` says which).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: the threads write disjoint parts, and the buffer outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// A read-only pointer handed to an operator's threads.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedPtr(pub(crate) *const f32);
+// SAFETY: only read, and the buffer outlives the threads.
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
 
 /// Whether two float slices hold the same bits (the kernels' ops compare their constants so).
 pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
@@ -265,6 +292,44 @@ pub(crate) mod x86 {
             let mask: __mmask16 = (1u16 << n) - 1;
             unsafe { _mm512_mask_storeu_ps(dst, mask, _mm512_maskz_loadu_ps(mask, src)) }
         }
+        /// The classic four rounds: interleave pairs of rows (floats, then float pairs), then
+        /// gather 128-bit lanes twice.
+        #[inline(always)]
+        unsafe fn transpose(src: *const f32, ss: usize, dst: impl Fn(usize) -> *mut f32) {
+            unsafe {
+                let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * ss)));
+                let mut t = [_mm512_setzero_ps(); 16];
+                for k in (0..16).step_by(2) {
+                    t[k] = _mm512_unpacklo_ps(r[k], r[k + 1]);
+                    t[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
+                }
+                // Row group g (rows 4g..4g+3): u[4g + b], 128-bit lane l, is column 4l + b.
+                let mut u = [_mm512_setzero_ps(); 16];
+                for g in 0..4 {
+                    let (a, b) = (_mm512_castps_pd(t[4 * g]), _mm512_castps_pd(t[4 * g + 2]));
+                    let (c, d) = (
+                        _mm512_castps_pd(t[4 * g + 1]),
+                        _mm512_castps_pd(t[4 * g + 3]),
+                    );
+                    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+                    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+                    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+                    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+                }
+                for h in [0, 8] {
+                    for k in 0..4 {
+                        let (a, b) = (u[h + k], u[h + k + 4]);
+                        t[h + k] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                        t[h + k + 4] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+                    }
+                }
+                for k in 0..8 {
+                    let (a, b) = (t[k], t[k + 8]);
+                    _mm512_storeu_ps(dst(k), _mm512_shuffle_f32x4::<0x88>(a, b));
+                    _mm512_storeu_ps(dst(k + 8), _mm512_shuffle_f32x4::<0xdd>(a, b));
+                }
+            }
+        }
     }
 
     #[derive(Clone, Copy)]
@@ -318,6 +383,32 @@ pub(crate) mod x86 {
                 let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                 let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
                 _mm256_maskstore_ps(dst, mask, _mm256_maskload_ps(src, mask));
+            }
+        }
+        /// Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
+        #[inline(always)]
+        unsafe fn transpose(src: *const f32, ss: usize, dst: impl Fn(usize) -> *mut f32) {
+            unsafe {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ss)));
+                let mut t = [_mm256_setzero_ps(); 8];
+                for k in (0..8).step_by(2) {
+                    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+                    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+                }
+                // Rows 4g..4g+3: u[4g + b], 128-bit half l, is column 4l + b.
+                let mut u = [_mm256_setzero_ps(); 8];
+                for g in 0..2 {
+                    let (a, b, c, d) = (t[4 * g], t[4 * g + 2], t[4 * g + 1], t[4 * g + 3]);
+                    u[4 * g] = _mm256_shuffle_ps::<0x44>(a, b);
+                    u[4 * g + 1] = _mm256_shuffle_ps::<0xee>(a, b);
+                    u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(c, d);
+                    u[4 * g + 3] = _mm256_shuffle_ps::<0xee>(c, d);
+                }
+                for k in 0..4 {
+                    let (a, b) = (u[k], u[k + 4]);
+                    _mm256_storeu_ps(dst(k), _mm256_permute2f128_ps::<0x20>(a, b));
+                    _mm256_storeu_ps(dst(k + 4), _mm256_permute2f128_ps::<0x31>(a, b));
+                }
             }
         }
     }
@@ -397,6 +488,55 @@ pub(crate) mod arm {
                 if n > 2 {
                     *dst.add(2) = *src.add(2);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Transpose<'a> {
+        src: &'a [f32],
+        dst: &'a mut [f32],
+    }
+
+    impl Work for Transpose<'_> {
+        unsafe fn run<L: Lanes>(self) {
+            // An N × N block out of rows 2N + 3 long, into rows N + 5 long.
+            let dst = self.dst.as_mut_ptr();
+            unsafe { L::transpose(self.src.as_ptr(), 2 * L::N + 3, |j| dst.add(j * (L::N + 5))) }
+        }
+    }
+
+    #[test]
+    fn every_isa_transposes_a_block() {
+        for isa in Isa::available() {
+            let n = isa.lanes();
+            let src: Vec<f32> = (0..n * (2 * n + 3)).map(|i| i as f32).collect();
+            let mut dst = vec![-1.0; n * (n + 5)];
+            // SAFETY: both buffers hold N rows of their strides.
+            unsafe {
+                dispatch(
+                    isa,
+                    Transpose {
+                        src: &src,
+                        dst: &mut dst,
+                    },
+                )
+            };
+            for j in 0..n {
+                for i in 0..n {
+                    assert_eq!(
+                        dst[j * (n + 5) + i],
+                        src[i * (2 * n + 3) + j],
+                        "{isa:?} ({i}, {j})"
+                    );
+                }
+                assert!(dst[j * (n + 5) + n..(j + 1) * (n + 5)]
+                    .iter()
+                    .all(|&v| v == -1.0));
             }
         }
     }

@@ -18,6 +18,7 @@
 //! tract's op and ours on the same random convolutions: the tests call it, and so does `graft
 //! doctor` on the board itself.
 
+pub mod blocked;
 pub mod kernel;
 
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec
 use tract_onnx::tract_core::ops::math::{Max, Min};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use super::simd::{same_bits, seeded_uniform};
+use super::simd::{same_bits, seeded_uniform, SharedOut, SharedPtr};
 pub use kernel::{Geometry, Isa};
 
 /// The most input channels of a dense convolution graft's kernel takes (an image's stem has 3):
@@ -52,9 +53,15 @@ pub struct GraftDepthwise {
     lo: f32,
     hi: f32,
     isa: Isa,
+    /// A depthwise convolution run channel-blocked ([`blocked`]): its weights and biases
+    /// packed for `isa`'s vectors. Without, plane by plane ([`kernel`]).
+    blocked: Option<Packed>,
     /// `[N, C, H, W]` tensors; without, `[C, H, W]` (tract drops a batch axis of 1).
     batch_axis: bool,
 }
+
+/// Weights and biases packed for a kernel.
+type Packed = (Arc<[f32]>, Arc<[f32]>);
 
 impl PartialEq for GraftDepthwise {
     fn eq(&self, other: &Self) -> bool {
@@ -62,6 +69,7 @@ impl PartialEq for GraftDepthwise {
             && self.dense == other.dense
             && self.isa == other.isa
             && self.batch_axis == other.batch_axis
+            && self.blocked.is_some() == other.blocked.is_some()
             && self.lo.to_bits() == other.lo.to_bits()
             && self.hi.to_bits() == other.hi.to_bits()
             && same_bits(&self.weights, &other.weights)
@@ -85,8 +93,13 @@ impl Op for GraftDepthwise {
             None => format!("{}ch", g.channels),
             Some(out) => format!("{}->{}ch", g.channels, out),
         };
+        let layout = if self.blocked.is_some() {
+            ", channel-blocked"
+        } else {
+            ""
+        };
         Ok(vec![format!(
-            "{} {}x{} k{}x{} s{}x{} pad {},{} -> {}x{}, clip [{}, {}], {}",
+            "{} {}x{} k{}x{} s{}x{} pad {},{} -> {}x{}, clip [{}, {}], {}{}",
             channels,
             g.h,
             g.w,
@@ -100,7 +113,8 @@ impl Op for GraftDepthwise {
             g.wo,
             self.lo,
             self.hi,
-            self.isa.name()
+            self.isa.name(),
+            layout
         )])
     }
 
@@ -133,6 +147,10 @@ impl EvalOp for GraftDepthwise {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
             self.eval_dense(input, cout, out)?;
+        } else if let Some((weights, bias)) = &self.blocked {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            self.eval_blocked(input, weights, bias, out)?;
         } else {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
@@ -167,6 +185,28 @@ impl EvalOp for GraftDepthwise {
 }
 
 impl GraftDepthwise {
+    /// This convolution run on `isa`, laid out as `layout` says (a dense one: planes).
+    fn for_isa(self, isa: Isa, layout: Layout) -> GraftDepthwise {
+        let g = &self.geo;
+        let blocked = self.dense.is_none()
+            && match layout {
+                Layout::Auto => blocked::suits(isa),
+                Layout::Planes => false,
+                Layout::Blocked => true,
+            };
+        let blocked = blocked.then(|| {
+            let taps = g.kh * g.kw;
+            let lanes = blocked::block_channels(isa);
+            let (w, b) = blocked::pack(&self.weights, &self.bias, g.channels, taps, lanes);
+            (w.into(), b.into())
+        });
+        GraftDepthwise {
+            isa,
+            blocked,
+            ..self
+        }
+    }
+
     /// A tensor shape of `channels` planes of `h × w`.
     fn shape(&self, channels: usize, h: usize, w: usize) -> TVec<usize> {
         if self.batch_axis {
@@ -189,6 +229,51 @@ impl GraftDepthwise {
     /// Multiply-adds of one pass.
     fn macs(&self) -> usize {
         self.geo.macs() * self.dense.unwrap_or(1)
+    }
+
+    /// Channel blocks of [`blocked::block_channels`], every image's, split over the
+    /// backbone's threads.
+    fn eval_blocked(
+        &self,
+        input: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+    ) -> TractResult<()> {
+        let g = self.geo;
+        let op = blocked::Blocked {
+            geo: &self.geo,
+            weights,
+            bias,
+            isa: self.isa,
+            lo: self.lo,
+            hi: self.hi,
+        };
+        let lanes = blocked::block_channels(self.isa);
+        let blocks = g.channels.div_ceil(lanes);
+        let (in_len, out_len) = (g.h * g.w, g.ho * g.wo);
+        let (input, output) = (SharedPtr(input.as_ptr()), SharedOut(out.as_mut_ptr()));
+        // One (empty) item per (image, channel block).
+        let mut items = vec![(); g.batch * blocks];
+        tract_linalg::multithread::par_chunks_mut(&mut items, 1, g.macs(), |first, chunk| {
+            let (input, output) = (input, output);
+            let mut scratch = blocked::BlockScratch::default();
+            for item in first..first + chunk.len() {
+                let (n, b) = (item / blocks, item % blocks);
+                let c0 = n * g.channels + b * lanes;
+                let cn = lanes.min(g.channels - b * lanes);
+                // SAFETY: the input holds `batch × channels` planes (checked in `eval`), and
+                // so does the output; item (n, b)'s `cn` planes are its own.
+                let (x, y) = unsafe {
+                    (
+                        std::slice::from_raw_parts(input.0.add(c0 * in_len), cn * in_len),
+                        std::slice::from_raw_parts_mut(output.0.add(c0 * out_len), cn * out_len),
+                    )
+                };
+                op.run(x, b, y, &mut scratch);
+            }
+            Ok(())
+        })
     }
 
     /// A dense convolution: per image, the input's phase planes laid out once, then the output
@@ -287,6 +372,27 @@ pub struct Substituted {
 /// bias, dilation 1, concrete shapes) by [`GraftDepthwise`], folding the clips that follow.
 /// Convolutions of any other kind are left to tract.
 pub fn substitute(model: &mut TypedModel, isa: Isa, dense: bool) -> TractResult<Substituted> {
+    substitute_with(model, isa, dense, Layout::Auto)
+}
+
+/// How a depthwise convolution's planes are laid out for graft's kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Whichever [`blocked::suits`] the ISA.
+    Auto,
+    /// One channel plane at a time ([`kernel`]).
+    Planes,
+    /// Channels side by side ([`blocked`]).
+    Blocked,
+}
+
+/// [`substitute`] with the layout chosen (the checks run both).
+fn substitute_with(
+    model: &mut TypedModel,
+    isa: Isa,
+    dense: bool,
+    layout: Layout,
+) -> TractResult<Substituted> {
     let mut done = Substituted::default();
     for id in model.eval_order()? {
         let Some((op, clips, last)) = depthwise_at(model, id)? else {
@@ -299,7 +405,7 @@ pub fn substitute(model: &mut TypedModel, isa: Isa, dense: bool) -> TractResult<
         let name = node.name.clone();
         let mut patch = TypedModelPatch::new(format!("graft-depthwise {name}"));
         let x = patch.tap_model(model, node.inputs[0])?;
-        let op = GraftDepthwise { isa, ..op };
+        let op = op.for_isa(isa, layout);
         if op.dense.is_some() {
             done.dense += 1;
         } else {
@@ -435,6 +541,7 @@ fn depthwise_at(
         lo,
         hi,
         isa: Isa::Scalar,
+        blocked: None,
         batch_axis,
     };
     Ok(Some((op, clips, last)))
@@ -582,8 +689,9 @@ fn lite0_case(i: usize) -> (Geometry, [usize; 2]) {
 #[doc(hidden)]
 /// Runs `random` seeded random depthwise convolutions (kernels 3 and 5, strides 1 and 2, uneven
 /// pads, odd channel counts, batch 1–3; every fifth a dense one over 1–4 input channels) and,
-/// with `lite0`, EfficientNet-Lite0's 16 shapes and its stem, once
-/// through tract's own plan and once with graft's kernel on `isa`, with a ReLU6 after each.
+/// with `lite0`, EfficientNet-Lite0's 16 shapes and its stem, once through tract's own plan and
+/// with graft's kernel on `isa` (each depthwise one in both layouts, planes and channel-blocked),
+/// with a ReLU6 after each.
 /// Errors if an output differs by more than a relative 1e-5.
 pub fn check_against_tract(
     isa: Isa,
@@ -628,36 +736,44 @@ pub fn check_against_tract(
         let input = Tensor::from_shape(&[g.batch, g.channels, g.h, g.w], &input)?;
         let reference = model.clone().into_optimized()?.into_runnable()?;
         let want = reference.run(tvec!(input.clone().into_tvalue()))?;
-        let mut ours = model;
-        let done = substitute(&mut ours, isa, true)?;
-        ensure!(
-            done.convolutions + done.dense == 1
-                && done.dense == dense.is_some() as usize
-                && done.clips == 2,
-            "graft's depthwise did not take {g:?} {dense:?} (substituted {done:?})"
-        );
-        let ours = ours.into_optimized()?.into_runnable()?;
-        let got = ours.run(tvec!(input.into_tvalue()))?;
         let want = want[0].try_as_plain_ram()?;
         let want = want.as_slice::<f32>()?;
-        let got = got[0].try_as_plain_ram()?;
-        let got = got.as_slice::<f32>()?;
-        ensure!(
-            got.len() == want.len(),
-            "{g:?}: {} outputs vs tract's {}",
-            got.len(),
-            want.len()
-        );
         let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
         let mut worst = 0f32;
-        for (j, (a, b)) in got.iter().zip(want).enumerate() {
-            let rel = (a - b).abs() / scale;
+        // A depthwise convolution through both layouts, whichever this ISA would pick.
+        let layouts: &[Layout] = if dense.is_some() {
+            &[Layout::Auto]
+        } else {
+            &[Layout::Planes, Layout::Blocked]
+        };
+        for &layout in layouts {
+            let mut ours = model.clone();
+            let done = substitute_with(&mut ours, isa, true, layout)?;
             ensure!(
-                rel <= 1e-5,
-                "graft's depthwise ({}) differs from tract's on {g:?} {dense:?} at output {j}: {a} vs {b}",
-                isa.name()
+                done.convolutions + done.dense == 1
+                    && done.dense == dense.is_some() as usize
+                    && done.clips == 2,
+                "graft's depthwise did not take {g:?} {dense:?} (substituted {done:?})"
             );
-            worst = worst.max(rel);
+            let ours = ours.into_optimized()?.into_runnable()?;
+            let got = ours.run(tvec!(input.clone().into_tvalue()))?;
+            let got = got[0].try_as_plain_ram()?;
+            let got = got.as_slice::<f32>()?;
+            ensure!(
+                got.len() == want.len(),
+                "{g:?}: {} outputs vs tract's {}",
+                got.len(),
+                want.len()
+            );
+            for (j, (a, b)) in got.iter().zip(want).enumerate() {
+                let rel = (a - b).abs() / scale;
+                ensure!(
+                    rel <= 1e-5,
+                    "graft's depthwise ({}, {layout:?}) differs from tract's on {g:?} {dense:?} at output {j}: {a} vs {b}",
+                    isa.name()
+                );
+                worst = worst.max(rel);
+            }
         }
         checked.push(CheckedShape {
             geo,

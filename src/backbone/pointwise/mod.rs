@@ -24,7 +24,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
 use super::depthwise::clip_after;
-use super::simd::{same_bits, seeded_uniform, Isa};
+use super::simd::{same_bits, seeded_uniform, Isa, SharedOut, SharedPtr};
 pub use kernel::Shape;
 
 /// The smallest map (`h × w`) whose 1×1 convolutions graft's kernel takes over: every map.
@@ -96,13 +96,6 @@ impl Op for GraftPointwise {
     op_as_typed_op!();
 }
 
-/// The output pointer, shared by the threads that write disjoint tiles of it.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: the threads write disjoint tiles (see `eval`), and the buffer outlives them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
 impl EvalOp for GraftPointwise {
     op_out_of_plan!();
 
@@ -169,13 +162,6 @@ impl EvalOp for GraftPointwise {
         Ok(tvec!(output.into_tvalue()))
     }
 }
-
-/// A read-only pointer handed to the threads.
-#[derive(Clone, Copy)]
-struct SharedPtr(*const f32);
-// SAFETY: only read, and the buffer outlives the threads.
-unsafe impl Send for SharedPtr {}
-unsafe impl Sync for SharedPtr {}
 
 impl TypedOp for GraftPointwise {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {

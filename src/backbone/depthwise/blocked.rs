@@ -1,0 +1,397 @@
+//! graft's depthwise kernel for small maps and strided convolutions: channels side by side.
+//!
+//! [`super::kernel`] convolves one channel plane at a time, vectorised along the plane. On the
+//! last stages of a network that leaves little to vectorise (a 7×7 map is 49 outputs: four
+//! AVX-512 vectors, a quarter of them padding), every plane pays the set-up of its scratch and
+//! its copies, and a stride-2 plane must first be split into phase planes. Here a vector holds
+//! one position of `N` neighbouring channels (`N` = the vector width) instead, the layout
+//! onnxruntime's NCHWc kernels keep between operators:
+//!
+//! 1. the block's `N` input planes are interleaved, once, into a zero-padded scratch
+//!    `[row][column][channel]`: every tap of every output is then one aligned vector load,
+//!    whatever the stride;
+//! 2. each output position is the bias plus `kh × kw` fused multiply-adds of those vectors by the
+//!    tap's `N` weights (packed at load as `[block][tap][channel]`), eight positions at a time
+//!    for eight independent chains; clamped to the clip that follows before the store;
+//! 3. the `[position][channel]` result is written back to the `N` NCHW output planes.
+//!
+//! The tract op ([`super::GraftDepthwise`]) picks this layout or the planes per convolution
+//! ([`suits`]); both are checked against tract's own depthwise.
+
+use super::kernel::Geometry;
+use crate::backbone::simd::{dispatch, Isa, Lanes, Work};
+
+/// Whether the channel-blocked layout is the one to run on `isa`: where the interleaving is an
+/// in-register transpose (x86's AVX-512 and AVX2; measured faster than the planes on all 16 of
+/// EfficientNet-Lite0's shapes but one, at 0.96×, and 1.1–4.5× on the others,
+/// `docs/performance.md`). NEON's transpose is the float-at-a-time default, so aarch64 keeps
+/// the planes until it is measured on a board.
+pub fn suits(isa: Isa) -> bool {
+    isa.lanes() >= 8
+}
+
+/// Channels per block on `isa`: one vector.
+pub fn block_channels(isa: Isa) -> usize {
+    isa.lanes()
+}
+
+/// `[channels][kh·kw]` weights and `[channels]` biases laid out for blocks of `lanes` channels:
+/// `[block][tap][lane]` and `[block][lane]`, zero past the last channel.
+pub fn pack(
+    weights: &[f32],
+    bias: &[f32],
+    channels: usize,
+    taps: usize,
+    lanes: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(weights.len(), channels * taps, "depthwise weights");
+    assert_eq!(bias.len(), channels, "depthwise bias");
+    let blocks = channels.div_ceil(lanes);
+    let mut packed = vec![0.0; blocks * taps * lanes];
+    let mut padded = vec![0.0; blocks * lanes];
+    for c in 0..channels {
+        let (b, l) = (c / lanes, c % lanes);
+        for t in 0..taps {
+            packed[(b * taps + t) * lanes + l] = weights[c * taps + t];
+        }
+        padded[c] = bias[c];
+    }
+    (packed, padded)
+}
+
+impl Geometry {
+    /// Rows and columns of the padded input the outputs read: `(ho − 1)·sh + kh` by
+    /// `(wo − 1)·sw + kw`.
+    fn padded(&self) -> (usize, usize) {
+        (
+            (self.ho - 1) * self.sh + self.kh,
+            (self.wo - 1) * self.sw + self.kw,
+        )
+    }
+}
+
+/// Floats in a cache line: the scratch buffers start on one, so that no vector load or store
+/// of a block straddles two lines (each would cost two accesses).
+const ALIGN_FLOATS: usize = 16;
+
+/// The `len` floats of `v` (allocated `len + ALIGN_FLOATS` long) from its first cache line on.
+fn aligned(v: &mut [f32], len: usize) -> &mut [f32] {
+    let skip = v.as_ptr().align_offset(ALIGN_FLOATS * 4).min(ALIGN_FLOATS);
+    &mut v[skip..skip + len]
+}
+
+/// Per-thread working memory of [`Blocked::run`], reused across blocks.
+#[derive(Debug, Default)]
+pub struct BlockScratch {
+    /// The padded input, `[row][column][channel]`, and a vector of trash.
+    padded: Vec<f32>,
+    /// `N` output positions, `[position][channel]`.
+    tile: Vec<f32>,
+    /// Where each input position goes in `padded`.
+    slots: Vec<usize>,
+    /// Scratch offset of each tap from an output's first input, row-major like the weights.
+    offsets: Vec<usize>,
+    /// What `padded` is laid out for: its zeros (the padding) are written once per geometry,
+    /// and each block only overwrites the input's own positions.
+    laid_out: Option<(Geometry, usize)>,
+}
+
+/// One convolution, ready to run block by block.
+#[derive(Debug, Clone, Copy)]
+pub struct Blocked<'a> {
+    /// The convolution's shape.
+    pub geo: &'a Geometry,
+    /// Weights from [`pack`] with this ISA's lanes.
+    pub weights: &'a [f32],
+    /// Biases from [`pack`].
+    pub bias: &'a [f32],
+    /// Which compiled kernel runs it.
+    pub isa: Isa,
+    /// Outputs are clamped to `[lo, hi]` (±∞: no clip).
+    pub lo: f32,
+    /// See `lo`.
+    pub hi: f32,
+}
+
+impl Blocked<'_> {
+    /// Convolves channel block `block` of one image: `input` holds its `cn ≤ lanes` planes of
+    /// `h × w` (channels `block·lanes ..`), `output` their `ho × wo` results.
+    ///
+    /// # Panics
+    /// If a slice has the wrong length (a programming error: the tract op checks shapes first).
+    pub fn run(&self, input: &[f32], block: usize, output: &mut [f32], scratch: &mut BlockScratch) {
+        let g = self.geo;
+        let lanes = self.isa.lanes();
+        let taps = g.kh * g.kw;
+        let (in_plane, out_plane) = (g.h * g.w, g.ho * g.wo);
+        assert!(
+            in_plane > 0 && input.len().is_multiple_of(in_plane),
+            "depthwise input block"
+        );
+        let cn = input.len() / in_plane;
+        assert!(
+            (1..=lanes).contains(&cn),
+            "depthwise block of {cn} channels"
+        );
+        assert_eq!(output.len(), cn * out_plane, "depthwise output block");
+        assert!(
+            self.weights.len() >= (block + 1) * taps * lanes,
+            "depthwise packed weights"
+        );
+        assert!(
+            self.bias.len() >= (block + 1) * lanes,
+            "depthwise packed bias"
+        );
+        let (hp, wp) = g.padded();
+        // The padded input, then one vector of trash for the input positions no output reads.
+        let trash = hp * wp * lanes;
+        if scratch.laid_out != Some((*g, lanes)) {
+            for (v, len) in [
+                (&mut scratch.padded, trash + lanes),
+                (&mut scratch.tile, lanes * lanes),
+            ] {
+                v.clear();
+                v.resize(len + ALIGN_FLOATS, 0.0);
+            }
+            scratch.slots = (0..in_plane)
+                .map(|q| {
+                    let (y, x) = (q / g.w + g.pad_top, q % g.w + g.pad_left);
+                    if y < hp && x < wp {
+                        (y * wp + x) * lanes
+                    } else {
+                        trash
+                    }
+                })
+                .collect();
+            scratch.offsets = (0..g.kh)
+                .flat_map(|ky| (0..g.kw).map(move |kx| (ky * wp + kx) * lanes))
+                .collect();
+            scratch.laid_out = Some((*g, lanes));
+        }
+        let job = Job {
+            g,
+            input,
+            cn,
+            weights: &self.weights[block * taps * lanes..(block + 1) * taps * lanes],
+            bias: &self.bias[block * lanes..(block + 1) * lanes],
+            lo: self.lo,
+            hi: self.hi,
+            padded: aligned(&mut scratch.padded, trash + lanes),
+            slots: &scratch.slots,
+            offsets: &scratch.offsets,
+            tile: aligned(&mut scratch.tile, lanes * lanes),
+            output,
+        };
+        // SAFETY: `Job::run` writes `padded` at the slots (each `< trash`, or `trash`, with
+        // `lanes` floats after it), reads it at `base(q) + offsets[t]` (the last output's last
+        // tap reads row `hp − 1`, column `wp − 1`), writes `tile` (`lanes` vectors) and the
+        // `cn` planes of `input` and `output`, whose lengths are checked above; the ISA is one
+        // this CPU runs.
+        unsafe { dispatch(self.isa, job) }
+    }
+}
+
+struct Job<'a> {
+    g: &'a Geometry,
+    input: &'a [f32],
+    cn: usize,
+    weights: &'a [f32],
+    bias: &'a [f32],
+    lo: f32,
+    hi: f32,
+    padded: &'a mut [f32],
+    slots: &'a [usize],
+    offsets: &'a [usize],
+    tile: &'a mut [f32],
+    output: &'a mut [f32],
+}
+
+impl Work for Job<'_> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(self) {
+        let g = self.g;
+        let n = L::N;
+        let (_, wp) = g.padded();
+        let (in_plane, out_plane) = (g.h * g.w, g.ho * g.wo);
+        let (src, pad, slots) = (self.input.as_ptr(), self.padded.as_mut_ptr(), self.slots);
+        // 1. Interleave the block's planes into the padded scratch, `N` positions × `N`
+        // channels at a time (what is left over, and a block of fewer channels, a float at a
+        // time): input position q goes to its slot.
+        // SAFETY: see `Blocked::run`.
+        unsafe {
+            let mut q = 0;
+            if self.cn == n {
+                while q + n <= in_plane {
+                    L::transpose(src.add(q), in_plane, |k| {
+                        pad.add(*slots.get_unchecked(q + k))
+                    });
+                    q += n;
+                }
+            }
+            for (q, &slot) in slots.iter().enumerate().skip(q) {
+                let d = pad.add(slot);
+                for c in 0..self.cn {
+                    *d.add(c) = *src.add(c * in_plane + q);
+                }
+            }
+        }
+        // 2. Convolve `N` output positions at a time into the tile, eight (eight accumulator
+        // chains) at a time, then 3. transpose the tile into the block's output planes.
+        let base = |q: usize| ((q / g.wo) * g.sh * wp + (q % g.wo) * g.sw) * n;
+        let (tile, out) = (self.tile.as_mut_ptr(), self.output.as_mut_ptr());
+        let k = Taps {
+            src: pad,
+            offsets: self.offsets,
+            weights: self.weights.as_ptr(),
+            taps: g.kh * g.kw,
+            bias: self.bias.as_ptr(),
+            lo: self.lo,
+            hi: self.hi,
+            dst: tile,
+        };
+        let mut q0 = 0;
+        // SAFETY: see `Blocked::run`; tile row `r` is `tile[r·n ..][..n]`, `r < count ≤ n`.
+        unsafe {
+            while q0 < out_plane {
+                let count = n.min(out_plane - q0);
+                let mut r = 0;
+                while r + 8 <= count {
+                    k.run::<L, 8>(r, std::array::from_fn(|i| base(q0 + r + i)));
+                    r += 8;
+                }
+                if r + 4 <= count {
+                    k.run::<L, 4>(r, std::array::from_fn(|i| base(q0 + r + i)));
+                    r += 4;
+                }
+                if r + 2 <= count {
+                    k.run::<L, 2>(r, std::array::from_fn(|i| base(q0 + r + i)));
+                    r += 2;
+                }
+                if r < count {
+                    k.run::<L, 1>(r, [base(q0 + r)]);
+                }
+                if count == n && self.cn == n {
+                    L::transpose(tile, n, |c| out.add(c * out_plane + q0));
+                } else {
+                    for c in 0..self.cn {
+                        for i in 0..count {
+                            *out.add(c * out_plane + q0 + i) = *tile.add(i * n + c);
+                        }
+                    }
+                }
+                q0 += count;
+            }
+        }
+    }
+}
+
+/// What every group of outputs of a block shares.
+struct Taps<'a> {
+    src: *const f32,
+    /// Scratch offset of each tap from an output's first input, row-major like the weights.
+    offsets: &'a [usize],
+    /// The block's `[tap][lane]` weights.
+    weights: *const f32,
+    taps: usize,
+    bias: *const f32,
+    lo: f32,
+    hi: f32,
+    dst: *mut f32,
+}
+
+impl Taps<'_> {
+    /// `R` output positions from `q` on, whose first inputs lie at `bases`.
+    #[inline(always)]
+    unsafe fn run<L: Lanes, const R: usize>(&self, q: usize, bases: [usize; R]) {
+        unsafe {
+            let n = L::N;
+            let bias = L::load(self.bias);
+            let mut acc = [bias; R];
+            for t in 0..self.taps {
+                let w = L::load(self.weights.add(t * n));
+                let p = self.src.add(*self.offsets.get_unchecked(t));
+                for (a, b) in acc.iter_mut().zip(&bases) {
+                    *a = L::mul_add(L::load(p.add(*b)), w, *a);
+                }
+            }
+            let (lo, hi) = (L::splat(self.lo), L::splat(self.hi));
+            for (r, a) in acc.iter().enumerate() {
+                a.clamp(lo, hi).store(self.dst.add((q + r) * n));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernel::naive;
+    use super::*;
+
+    #[test]
+    fn every_isa_matches_the_six_loop_convolution() {
+        let mut seed = 11;
+        // (channels, h, w, k, s, pad_top, pad_left, extra bottom/right padding); channel
+        // counts that are not multiples of any vector width.
+        let cases = [
+            (21, 7, 7, 5, 1, 2, 2, 2),
+            (19, 14, 14, 3, 2, 0, 0, 1),
+            (5, 9, 13, 3, 2, 1, 0, 0),
+            (33, 5, 6, 5, 2, 2, 1, 3),
+            (3, 1, 1, 3, 1, 1, 1, 1),
+            (17, 17, 3, 5, 1, 0, 4, 0),
+            (16, 8, 8, 3, 3, 1, 1, 0),
+        ];
+        for (c, h, w, k, s, pt, pl, extra) in cases {
+            let ho = (h + pt + extra - k) / s + 1;
+            let wo = (w + pl + extra - k) / s + 1;
+            let g = Geometry {
+                batch: 2,
+                channels: c,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                sh: s,
+                sw: s,
+                pad_top: pt,
+                pad_left: pl,
+                ho,
+                wo,
+            };
+            let input = crate::backbone::simd::seeded_uniform(&mut seed, 2 * c * h * w, 1.0);
+            let weights = crate::backbone::simd::seeded_uniform(&mut seed, c * k * k, 1.0);
+            let bias = crate::backbone::simd::seeded_uniform(&mut seed, c, 1.0);
+            let want = naive(&g, &input, &weights, &bias, -0.5, 1.5);
+            for isa in Isa::available() {
+                let lanes = block_channels(isa);
+                let (pw, pb) = pack(&weights, &bias, c, k * k, lanes);
+                let op = Blocked {
+                    geo: &g,
+                    weights: &pw,
+                    bias: &pb,
+                    isa,
+                    lo: -0.5,
+                    hi: 1.5,
+                };
+                let mut got = vec![f32::NAN; want.len()];
+                let mut scratch = BlockScratch::default();
+                for n in 0..2 {
+                    for b in 0..c.div_ceil(lanes) {
+                        let (c0, cn) = (b * lanes, lanes.min(c - b * lanes));
+                        let i = (n * c + c0) * h * w;
+                        let o = (n * c + c0) * ho * wo;
+                        op.run(
+                            &input[i..i + cn * h * w],
+                            b,
+                            &mut got[o..o + cn * ho * wo],
+                            &mut scratch,
+                        );
+                    }
+                }
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-5, "{isa:?} {g:?} at {i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
