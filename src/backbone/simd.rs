@@ -192,6 +192,14 @@ pub(crate) struct SharedOut(pub(crate) *mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The pointer (a method, so that a closure captures the whole `Sync` wrapper, not the
+    /// bare pointer field).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// A read-only pointer handed to an operator's threads.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedPtr(pub(crate) *const f32);

@@ -322,6 +322,217 @@ impl Taps<'_> {
     }
 }
 
+/// A dense convolution over few input channels (a network's stem: 3 → 32 channels, 3×3,
+/// stride 2) with its *output* channels side by side: each output position of a block of `N`
+/// output channels is the bias plus `cin × kh × kw` fused multiply-adds of the tap's `N` weights
+/// (from [`pack`] over `[cout][cin·kh·kw]`) by one input value broadcast, eight positions at a
+/// time; a row of results is transposed into the output planes. The input is read where it
+/// lies, from one zero-padded copy per image ([`DenseBlocked::pad`]), whatever the stride.
+#[derive(Debug, Clone, Copy)]
+pub struct DenseBlocked<'a> {
+    /// The convolution's shape, `channels` counting its input channels.
+    pub geo: &'a Geometry,
+    /// Output channels.
+    pub cout: usize,
+    /// Weights from [`pack`] (`cout` channels of `channels × kh × kw` taps) with this ISA's
+    /// lanes.
+    pub weights: &'a [f32],
+    /// Biases from [`pack`].
+    pub bias: &'a [f32],
+    /// Which compiled kernel runs it.
+    pub isa: Isa,
+    /// Outputs are clamped to `[lo, hi]` (±∞: no clip).
+    pub lo: f32,
+    /// See `lo`.
+    pub hi: f32,
+}
+
+impl DenseBlocked<'_> {
+    /// Copies one image (`[channels][h][w]`) into `padded`, `[channel][hp][wp]` with zeros
+    /// around it, sized to what the outputs read.
+    ///
+    /// # Panics
+    /// If `image` has the wrong length.
+    pub fn pad(&self, image: &[f32], padded: &mut Vec<f32>) {
+        let g = self.geo;
+        assert_eq!(
+            image.len(),
+            g.channels * g.h * g.w,
+            "dense convolution input"
+        );
+        let (hp, wp) = g.padded();
+        padded.clear();
+        padded.resize(g.channels * hp * wp, 0.0);
+        let rows = g.h.min(hp.saturating_sub(g.pad_top));
+        let cols = g.w.min(wp.saturating_sub(g.pad_left));
+        for c in 0..g.channels {
+            for y in 0..rows {
+                let src = &image[(c * g.h + y) * g.w..][..cols];
+                let at = (c * hp + y + g.pad_top) * wp + g.pad_left;
+                padded[at..at + cols].copy_from_slice(src);
+            }
+        }
+    }
+
+    /// Computes output rows `rows` of every output channel from [`DenseBlocked::pad`]'s
+    /// `padded` into `output`, one image's `[cout][ho][wo]`. `row` is working memory.
+    ///
+    /// # Safety
+    /// `output` must hold `cout × ho × wo` floats, and no one else may write these rows of it
+    /// meanwhile.
+    ///
+    /// # Panics
+    /// If `padded` or the packed weights have the wrong length, or `rows` passes `ho`.
+    pub unsafe fn run_rows(
+        &self,
+        padded: &[f32],
+        rows: std::ops::Range<usize>,
+        output: *mut f32,
+        row: &mut Vec<f32>,
+    ) {
+        let g = self.geo;
+        let lanes = self.isa.lanes();
+        let (hp, wp) = g.padded();
+        let taps = g.channels * g.kh * g.kw;
+        assert_eq!(
+            padded.len(),
+            g.channels * hp * wp,
+            "dense convolution scratch"
+        );
+        let blocks = self.cout.div_ceil(lanes);
+        assert!(
+            self.weights.len() >= blocks * taps * lanes,
+            "dense packed weights"
+        );
+        assert!(self.bias.len() >= blocks * lanes, "dense packed bias");
+        assert!(rows.end <= g.ho, "dense convolution rows");
+        row.clear();
+        row.resize(g.wo * lanes + ALIGN_FLOATS, 0.0);
+        let offsets: Vec<usize> = (0..g.channels)
+            .flat_map(|c| {
+                (0..g.kh).flat_map(move |ky| (0..g.kw).map(move |kx| (c * hp + ky) * wp + kx))
+            })
+            .collect();
+        let job = DenseJob {
+            d: *self,
+            padded: padded.as_ptr(),
+            offsets: &offsets,
+            rows,
+            output,
+            row: aligned(row, g.wo * lanes).as_mut_ptr(),
+        };
+        // SAFETY: every read of `padded` is at `base + offset` with base ≤ `(ho − 1)·sh·wp +
+        // (wo − 1)·sw` and offset ≤ `(c·hp + kh − 1)·wp + kw − 1`: inside `channels × hp ×
+        // wp`; `row` holds `wo` vectors; the output rows are the caller's to write; the ISA is
+        // one this CPU runs.
+        unsafe { dispatch(self.isa, job) }
+    }
+}
+
+struct DenseJob<'a> {
+    d: DenseBlocked<'a>,
+    padded: *const f32,
+    offsets: &'a [usize],
+    rows: std::ops::Range<usize>,
+    output: *mut f32,
+    row: *mut f32,
+}
+
+impl Work for DenseJob<'_> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(self) {
+        let (d, g, n) = (self.d, self.d.geo, L::N);
+        let (_, wp) = g.padded();
+        let taps = self.offsets.len();
+        let plane = g.ho * g.wo;
+        for oy in self.rows.clone() {
+            for cb in 0..d.cout.div_ceil(n) {
+                let cn = n.min(d.cout - cb * n);
+                let k = Broadcasts {
+                    src: self.padded,
+                    offsets: self.offsets,
+                    // SAFETY (both): block `cb` is inside the packed buffers (checked by
+                    // `run_rows`).
+                    weights: unsafe { d.weights.as_ptr().add(cb * taps * n) },
+                    bias: unsafe { d.bias.as_ptr().add(cb * n) },
+                    lo: d.lo,
+                    hi: d.hi,
+                    dst: self.row,
+                };
+                let base = |ox: usize| oy * g.sh * wp + ox * g.sw;
+                let mut ox = 0;
+                // SAFETY: see `run_rows`; output `ox` of the row goes to `row[ox·n ..][..n]`,
+                // and the row's `cn` output planes to rows `oy` of channels `cb·n ..`.
+                unsafe {
+                    while ox + 8 <= g.wo {
+                        k.run::<L, 8>(ox, std::array::from_fn(|i| base(ox + i)));
+                        ox += 8;
+                    }
+                    if ox + 4 <= g.wo {
+                        k.run::<L, 4>(ox, std::array::from_fn(|i| base(ox + i)));
+                        ox += 4;
+                    }
+                    if ox + 2 <= g.wo {
+                        k.run::<L, 2>(ox, std::array::from_fn(|i| base(ox + i)));
+                        ox += 2;
+                    }
+                    if ox < g.wo {
+                        k.run::<L, 1>(ox, [base(ox)]);
+                    }
+                    let out = self.output.add(cb * n * plane + oy * g.wo);
+                    let mut x0 = 0;
+                    if cn == n {
+                        while x0 + n <= g.wo {
+                            L::transpose(self.row.add(x0 * n), n, |c| out.add(c * plane + x0));
+                            x0 += n;
+                        }
+                    }
+                    for c in 0..cn {
+                        for x in x0..g.wo {
+                            *out.add(c * plane + x) = *self.row.add(x * n + c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What every group of outputs of a dense row shares.
+struct Broadcasts<'a> {
+    src: *const f32,
+    /// Offset of each tap `(ci, ky, kx)` from an output's first input, in the weights' order.
+    offsets: &'a [usize],
+    /// The block's `[tap][lane]` weights.
+    weights: *const f32,
+    bias: *const f32,
+    lo: f32,
+    hi: f32,
+    dst: *mut f32,
+}
+
+impl Broadcasts<'_> {
+    /// `R` output positions from `ox` on, whose first inputs lie at `bases`.
+    #[inline(always)]
+    unsafe fn run<L: Lanes, const R: usize>(&self, ox: usize, bases: [usize; R]) {
+        unsafe {
+            let n = L::N;
+            let mut acc = [L::load(self.bias); R];
+            for (t, &o) in self.offsets.iter().enumerate() {
+                let w = L::load(self.weights.add(t * n));
+                let p = self.src.add(o);
+                for (a, b) in acc.iter_mut().zip(&bases) {
+                    *a = L::mul_add(L::splat(*p.add(*b)), w, *a);
+                }
+            }
+            let (lo, hi) = (L::splat(self.lo), L::splat(self.hi));
+            for (r, a) in acc.iter().enumerate() {
+                a.clamp(lo, hi).store(self.dst.add((ox + r) * n));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::kernel::naive;

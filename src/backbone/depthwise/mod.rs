@@ -188,16 +188,20 @@ impl GraftDepthwise {
     /// This convolution run on `isa`, laid out as `layout` says (a dense one: planes).
     fn for_isa(self, isa: Isa, layout: Layout) -> GraftDepthwise {
         let g = &self.geo;
-        let blocked = self.dense.is_none()
-            && match layout {
-                Layout::Auto => blocked::suits(isa),
-                Layout::Planes => false,
-                Layout::Blocked => true,
-            };
+        let blocked = match layout {
+            Layout::Auto => blocked::suits(isa),
+            Layout::Planes => false,
+            Layout::Blocked => true,
+        };
         let blocked = blocked.then(|| {
-            let taps = g.kh * g.kw;
+            // A dense convolution's blocks are of output channels, each with every input
+            // channel's taps.
+            let (channels, taps) = match self.dense {
+                None => (g.channels, g.kh * g.kw),
+                Some(cout) => (cout, g.channels * g.kh * g.kw),
+            };
             let lanes = blocked::block_channels(isa);
-            let (w, b) = blocked::pack(&self.weights, &self.bias, g.channels, taps, lanes);
+            let (w, b) = blocked::pack(&self.weights, &self.bias, channels, taps, lanes);
             (w.into(), b.into())
         });
         GraftDepthwise {
@@ -279,6 +283,9 @@ impl GraftDepthwise {
     /// A dense convolution: per image, the input's phase planes laid out once, then the output
     /// planes split over the backbone's threads.
     fn eval_dense(&self, input: &[f32], cout: usize, out: &mut [f32]) -> TractResult<()> {
+        if let Some((weights, bias)) = &self.blocked {
+            return self.eval_dense_blocked(input, cout, weights, bias, out);
+        }
         let g = self.geo;
         let dense = kernel::Plane {
             geo: &self.geo,
@@ -315,6 +322,57 @@ impl GraftDepthwise {
                             &mut flat,
                         );
                     }
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl GraftDepthwise {
+    /// A dense convolution with output channels side by side: per image, one padded copy of
+    /// the input, then the output rows split over the backbone's threads.
+    fn eval_dense_blocked(
+        &self,
+        input: &[f32],
+        cout: usize,
+        weights: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+    ) -> TractResult<()> {
+        let g = self.geo;
+        let op = blocked::DenseBlocked {
+            geo: &self.geo,
+            cout,
+            weights,
+            bias,
+            isa: self.isa,
+            lo: self.lo,
+            hi: self.hi,
+        };
+        let (in_len, out_len) = (g.channels * g.h * g.w, cout * g.ho * g.wo);
+        let mut padded = Vec::new();
+        for (image, out) in input
+            .chunks_exact(in_len)
+            .zip(out.chunks_exact_mut(out_len))
+        {
+            op.pad(image, &mut padded);
+            let padded = &padded;
+            let output = SharedOut(out.as_mut_ptr());
+            // One (empty) item per output row.
+            let mut rows = vec![(); g.ho];
+            tract_linalg::multithread::par_chunks_mut(
+                &mut rows,
+                1,
+                self.macs(),
+                |first, chunk| {
+                    let mut row = Vec::new();
+                    // SAFETY: `out` is one image's `cout × ho × wo`, and rows `first..` are this
+                    // chunk's alone.
+                    unsafe {
+                        op.run_rows(padded, first..first + chunk.len(), output.ptr(), &mut row)
+                    };
                     Ok(())
                 },
             )?;
@@ -690,7 +748,7 @@ fn lite0_case(i: usize) -> (Geometry, [usize; 2]) {
 /// Runs `random` seeded random depthwise convolutions (kernels 3 and 5, strides 1 and 2, uneven
 /// pads, odd channel counts, batch 1–3; every fifth a dense one over 1–4 input channels) and,
 /// with `lite0`, EfficientNet-Lite0's 16 shapes and its stem, once through tract's own plan and
-/// with graft's kernel on `isa` (each depthwise one in both layouts, planes and channel-blocked),
+/// with graft's kernel on `isa` (in both layouts, planes and channel-blocked),
 /// with a ReLU6 after each.
 /// Errors if an output differs by more than a relative 1e-5.
 pub fn check_against_tract(
@@ -740,13 +798,9 @@ pub fn check_against_tract(
         let want = want.as_slice::<f32>()?;
         let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
         let mut worst = 0f32;
-        // A depthwise convolution through both layouts, whichever this ISA would pick.
-        let layouts: &[Layout] = if dense.is_some() {
-            &[Layout::Auto]
-        } else {
-            &[Layout::Planes, Layout::Blocked]
-        };
-        for &layout in layouts {
+        // Through both layouts, whichever this ISA would pick.
+        let layouts = [Layout::Planes, Layout::Blocked];
+        for layout in layouts {
             let mut ours = model.clone();
             let done = substitute_with(&mut ours, isa, true, layout)?;
             ensure!(
