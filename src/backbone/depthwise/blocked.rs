@@ -18,6 +18,8 @@
 //! The tract op ([`super::GraftDepthwise`]) picks this layout or the planes per convolution
 //! ([`suits`]); both are checked against tract's own depthwise.
 
+use std::ops::Range;
+
 use super::kernel::Geometry;
 use crate::backbone::simd::{dispatch, Isa, Lanes, Work};
 
@@ -123,9 +125,35 @@ impl Blocked<'_> {
     /// If a slice has the wrong length (a programming error: the tract op checks shapes first).
     pub fn run(&self, input: &[f32], block: usize, output: &mut [f32], scratch: &mut BlockScratch) {
         let g = self.geo;
+        let cn = input.len() / (g.h * g.w).max(1);
+        assert_eq!(output.len(), cn * g.ho * g.wo, "depthwise output block");
+        // SAFETY: `output` is the block's, whole, and borrowed mutably here.
+        unsafe { self.run_rows(input, block, 0..g.ho, output.as_mut_ptr(), scratch) }
+    }
+
+    /// [`Blocked::run`] for output rows `rows` only, of the block's output planes at `output`
+    /// (`cn × ho × wo` floats): the threads of one convolution split its rows too, so that each
+    /// reads mostly what it wrote in the previous operator (which split positions).
+    ///
+    /// # Safety
+    /// `output` must hold the block's `cn` output planes, and no one else may write these rows
+    /// of them meanwhile.
+    ///
+    /// # Panics
+    /// As [`Blocked::run`], and if `rows` passes `ho`.
+    pub unsafe fn run_rows(
+        &self,
+        input: &[f32],
+        block: usize,
+        rows: Range<usize>,
+        output: *mut f32,
+        scratch: &mut BlockScratch,
+    ) {
+        let g = self.geo;
+        assert!(rows.start <= rows.end && rows.end <= g.ho, "depthwise rows");
         let lanes = self.isa.lanes();
         let taps = g.kh * g.kw;
-        let (in_plane, out_plane) = (g.h * g.w, g.ho * g.wo);
+        let in_plane = g.h * g.w;
         assert!(
             in_plane > 0 && input.len().is_multiple_of(in_plane),
             "depthwise input block"
@@ -135,7 +163,6 @@ impl Blocked<'_> {
             (1..=lanes).contains(&cn),
             "depthwise block of {cn} channels"
         );
-        assert_eq!(output.len(), cn * out_plane, "depthwise output block");
         assert!(
             self.weights.len() >= (block + 1) * taps * lanes,
             "depthwise packed weights"
@@ -163,6 +190,7 @@ impl Blocked<'_> {
                 g,
                 input,
                 cn,
+                rows,
                 weights,
                 bias,
                 lo: self.lo,
@@ -208,6 +236,7 @@ impl Blocked<'_> {
             g,
             input,
             cn,
+            rows,
             weights,
             bias,
             lo: self.lo,
@@ -231,6 +260,7 @@ struct Job<'a> {
     g: &'a Geometry,
     input: &'a [f32],
     cn: usize,
+    rows: Range<usize>,
     weights: &'a [f32],
     bias: &'a [f32],
     lo: f32,
@@ -239,7 +269,7 @@ struct Job<'a> {
     slots: &'a [usize],
     offsets: &'a [usize],
     tile: &'a mut [f32],
-    output: &'a mut [f32],
+    output: *mut f32,
 }
 
 impl Work for Job<'_> {
@@ -254,17 +284,23 @@ impl Work for Job<'_> {
         // channels at a time (what is left over, and a block of fewer channels, a float at a
         // time): input position q goes to its slot.
         // SAFETY: see `Blocked::run`.
+        // Only the input rows that output rows `rows` read.
+        let first = (self.rows.start * g.sh).saturating_sub(g.pad_top).min(g.h);
+        let end = ((self.rows.end.max(1) - 1) * g.sh + g.kh)
+            .saturating_sub(g.pad_top)
+            .min(g.h)
+            .max(first);
+        let (q_end, mut q) = (end * g.w, first * g.w);
         unsafe {
-            let mut q = 0;
             if self.cn == n {
-                while q + n <= in_plane {
+                while q + n <= q_end {
                     L::transpose(src.add(q), in_plane, |k| {
                         pad.add(*slots.get_unchecked(q + k))
                     });
                     q += n;
                 }
             }
-            for (q, &slot) in slots.iter().enumerate().skip(q) {
+            for (q, &slot) in slots[..q_end].iter().enumerate().skip(q) {
                 let d = pad.add(slot);
                 for c in 0..self.cn {
                     *d.add(c) = *src.add(c * in_plane + q);
@@ -274,7 +310,7 @@ impl Work for Job<'_> {
         // 2. Convolve `N` output positions at a time into the tile, eight (eight accumulator
         // chains) at a time, then 3. transpose the tile into the block's output planes.
         let base = |q: usize| ((q / g.wo) * g.sh * wp + (q % g.wo) * g.sw) * n;
-        let (tile, out) = (self.tile.as_mut_ptr(), self.output.as_mut_ptr());
+        let (tile, out) = (self.tile.as_mut_ptr(), self.output);
         let k = Taps {
             src: pad,
             offsets: self.offsets,
@@ -285,11 +321,11 @@ impl Work for Job<'_> {
             hi: self.hi,
             dst: tile,
         };
-        let mut q0 = 0;
+        let (mut q0, q_end) = (self.rows.start * g.wo, self.rows.end * g.wo);
         // SAFETY: see `Blocked::run`; tile row `r` is `tile[r·n ..][..n]`, `r < count ≤ n`.
         unsafe {
-            while q0 < out_plane {
-                let count = n.min(out_plane - q0);
+            while q0 < q_end {
+                let count = n.min(q_end - q0);
                 let mut r = 0;
                 while r + 8 <= count {
                     k.run::<L, 8>(r, std::array::from_fn(|i| base(q0 + r + i)));
@@ -339,6 +375,7 @@ struct RowsJob<'a> {
     g: &'a Geometry,
     input: &'a [f32],
     cn: usize,
+    rows: Range<usize>,
     weights: &'a [f32],
     bias: &'a [f32],
     lo: f32,
@@ -346,7 +383,7 @@ struct RowsJob<'a> {
     ring: &'a mut [f32],
     offsets: &'a mut [usize],
     tile: &'a mut [f32],
-    output: &'a mut [f32],
+    output: *mut f32,
 }
 
 impl Work for RowsJob<'_> {
@@ -359,12 +396,12 @@ impl Work for RowsJob<'_> {
         let row_len = wp * n;
         let cols = g.w.min(wp.saturating_sub(g.pad_left));
         let (src, ring) = (self.input.as_ptr(), self.ring.as_mut_ptr());
-        let (tile, out) = (self.tile.as_mut_ptr(), self.output.as_mut_ptr());
-        // Padded rows `0..filled` have been laid into the ring.
-        let mut filled = 0;
+        let (tile, out) = (self.tile.as_mut_ptr(), self.output);
+        // Padded rows `..filled` have been laid into the ring.
+        let mut filled = self.rows.start * g.sh;
         // SAFETY: see `Blocked::run`.
         unsafe {
-            for oy in 0..g.ho {
+            for oy in self.rows.clone() {
                 while filled < oy * g.sh + g.kh {
                     let slot = ring.add((filled % g.kh) * row_len);
                     match filled.checked_sub(g.pad_top).filter(|&y| y < g.h) {
@@ -747,23 +784,35 @@ mod tests {
                     lo: -0.5,
                     hi: 1.5,
                 };
-                let mut got = vec![f32::NAN; want.len()];
-                let mut scratch = BlockScratch::default();
-                for n in 0..2 {
-                    for b in 0..c.div_ceil(lanes) {
-                        let (c0, cn) = (b * lanes, lanes.min(c - b * lanes));
-                        let i = (n * c + c0) * h * w;
-                        let o = (n * c + c0) * ho * wo;
-                        op.run(
-                            &input[i..i + cn * h * w],
-                            b,
-                            &mut got[o..o + cn * ho * wo],
-                            &mut scratch,
+                // Whole planes, then bands of 3 rows (one scratch throughout, as a thread's
+                // is across the blocks and bands it takes).
+                for band in [ho, 3] {
+                    let mut got = vec![f32::NAN; want.len()];
+                    let mut scratch = BlockScratch::default();
+                    for n in 0..2 {
+                        for b in 0..c.div_ceil(lanes) {
+                            let (c0, cn) = (b * lanes, lanes.min(c - b * lanes));
+                            let i = (n * c + c0) * h * w;
+                            let o = (n * c + c0) * ho * wo;
+                            let x = &input[i..i + cn * h * w];
+                            let y = &mut got[o..o + cn * ho * wo];
+                            if band == ho {
+                                op.run(x, b, y, &mut scratch);
+                                continue;
+                            }
+                            for r in (0..ho).step_by(band) {
+                                let rows = r..(r + band).min(ho);
+                                // SAFETY: `y` is the block's output planes.
+                                unsafe { op.run_rows(x, b, rows, y.as_mut_ptr(), &mut scratch) };
+                            }
+                        }
+                    }
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5,
+                            "{isa:?} {g:?} band {band} at {i}: {a} vs {b}"
                         );
                     }
-                }
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 1e-5, "{isa:?} {g:?} at {i}: {a} vs {b}");
                 }
             }
         }

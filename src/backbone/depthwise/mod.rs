@@ -60,6 +60,20 @@ pub struct GraftDepthwise {
     batch_axis: bool,
 }
 
+/// Threads of the backbone's executor (tract's).
+fn threads() -> usize {
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
+        _ => 1,
+    }
+}
+
+thread_local! {
+    /// Each thread's working memory for channel blocks, kept between calls: laid out again
+    /// only when the geometry changes.
+    static BLOCK_SCRATCH: std::cell::RefCell<blocked::BlockScratch> = Default::default();
+}
+
 /// Weights and biases packed for a kernel.
 type Packed = (Arc<[f32]>, Arc<[f32]>);
 
@@ -256,26 +270,36 @@ impl GraftDepthwise {
         let lanes = blocked::block_channels(self.isa);
         let blocks = g.channels.div_ceil(lanes);
         let (in_len, out_len) = (g.h * g.w, g.ho * g.wo);
+        // With several threads and more than one of the 1×1 kernel's position tiles (which
+        // splits positions), the rows are split in as many bands as threads, band-major, so
+        // that each thread mostly reads what it wrote in the 1×1 convolution before (reading
+        // the other core's cache costs more than the convolution). Otherwise whole planes.
+        let bands = if out_len > 64 { threads().min(g.ho) } else { 1 };
+        let band_rows = g.ho.div_ceil(bands);
         let (input, output) = (SharedPtr(input.as_ptr()), SharedOut(out.as_mut_ptr()));
-        // One (empty) item per (image, channel block).
-        let mut items = vec![(); g.batch * blocks];
+        // One (empty) item per (image, band of rows, channel block).
+        let mut items = vec![(); g.batch * bands * blocks];
         tract_linalg::multithread::par_chunks_mut(&mut items, 1, g.macs(), |first, chunk| {
             let (input, output) = (input, output);
-            let mut scratch = blocked::BlockScratch::default();
-            for item in first..first + chunk.len() {
-                let (n, b) = (item / blocks, item % blocks);
-                let c0 = n * g.channels + b * lanes;
-                let cn = lanes.min(g.channels - b * lanes);
-                // SAFETY: the input holds `batch × channels` planes (checked in `eval`), and
-                // so does the output; item (n, b)'s `cn` planes are its own.
-                let (x, y) = unsafe {
-                    (
-                        std::slice::from_raw_parts(input.0.add(c0 * in_len), cn * in_len),
-                        std::slice::from_raw_parts_mut(output.0.add(c0 * out_len), cn * out_len),
-                    )
-                };
-                op.run(x, b, y, &mut scratch);
-            }
+            BLOCK_SCRATCH.with_borrow_mut(|scratch| {
+                for item in first..first + chunk.len() {
+                    let (n, band, b) = (
+                        item / (bands * blocks),
+                        item / blocks % bands,
+                        item % blocks,
+                    );
+                    let rows = (band * band_rows).min(g.ho)..((band + 1) * band_rows).min(g.ho);
+                    let c0 = n * g.channels + b * lanes;
+                    let cn = lanes.min(g.channels - b * lanes);
+                    // SAFETY: the input holds `batch × channels` planes (checked in `eval`),
+                    // and so does the output; item (n, band, b) writes rows `rows` of its
+                    // block's `cn` planes, which no other item does.
+                    unsafe {
+                        let x = std::slice::from_raw_parts(input.0.add(c0 * in_len), cn * in_len);
+                        op.run_rows(x, b, rows, output.0.add(c0 * out_len), scratch);
+                    }
+                }
+            });
             Ok(())
         })
     }
