@@ -111,6 +111,10 @@ pub(crate) trait Lanes: Copy {
     unsafe fn load_tail(p: *const f32, n: usize) -> Self;
     /// Stores the first `n < N` lanes.
     unsafe fn store_tail(self, p: *mut f32, n: usize);
+    /// Asks for the cache line at `p` ahead of its use (a no-op where not implemented; `p` need
+    /// not be inside any buffer).
+    #[inline(always)]
+    unsafe fn prefetch(_p: *const f32) {}
     /// Copies `n < N` floats (the tail of [`Lanes::copy`]).
     unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize);
     /// Copies `n` floats with vector loads and stores, inline (a `memcpy` call costs more than
@@ -262,6 +266,10 @@ pub(crate) mod x86 {
     impl Lanes for F32x16 {
         const N: usize = 16;
         #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
+        #[inline(always)]
         unsafe fn splat(x: f32) -> Self {
             F32x16(unsafe { _mm512_set1_ps(x) })
         }
@@ -345,6 +353,10 @@ pub(crate) mod x86 {
 
     impl Lanes for F32x8 {
         const N: usize = 8;
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
         #[inline(always)]
         unsafe fn splat(x: f32) -> Self {
             F32x8(unsafe { _mm256_set1_ps(x) })
