@@ -917,4 +917,18 @@ mod tests {
             assert_eq!(checked.len(), 47);
         }
     }
+
+    /// With several threads the channel-blocked layout also splits rows into bands (one per
+    /// thread): three here, so that bands are uneven and cut through every map.
+    #[test]
+    fn row_bands_over_three_threads_match_tracts_depthwise() {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        for isa in Isa::available() {
+            let checked = multithread_tract_scope(Executor::multithread(3), || {
+                check_against_tract(isa, 5, 12, true)
+            })
+            .unwrap();
+            assert_eq!(checked.len(), 29);
+        }
+    }
 }
