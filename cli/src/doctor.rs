@@ -159,7 +159,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
                 check: "cpu kernels",
                 status: Status::Ok,
                 detail: format!(
-                    "graft's depthwise, 1x1 and matrix-vector kernels ({}) match tract's on {} + {} operators (largest difference {:.1e} relative){}",
+                    "graft's depthwise (planes and channel-blocked), 1x1 and matrix-vector kernels ({}) match tract's on {} + {} operators (largest difference {:.1e} relative){}",
                     k.isa,
                     k.convolutions,
                     k.pointwise,
