@@ -24,10 +24,10 @@ use super::kernel::Geometry;
 use crate::backbone::simd::{dispatch, Isa, Lanes, Work};
 
 /// Whether the channel-blocked layout is the one to run on `isa`: where the interleaving is an
-/// in-register transpose (x86's AVX-512 and AVX2; measured faster than the planes on all 16 of
-/// EfficientNet-Lite0's shapes but one, at 0.96×, and 1.1–4.5× on the others,
-/// `docs/performance.md`). NEON's transpose is the float-at-a-time default, so aarch64 keeps
-/// the planes until it is measured on a board.
+/// in-register transpose (x86's AVX-512 and AVX2; faster than the planes on all 16 of
+/// EfficientNet-Lite0's shapes, 1.15–4.2× with AVX-512 and 1.02–3.1× with AVX2, `cargo bench
+/// --bench depthwise_layouts`, `docs/performance.md`). NEON's transpose is the
+/// float-at-a-time default, so aarch64 keeps the planes until it is measured on a board.
 pub fn suits(isa: Isa) -> bool {
     isa.lanes() >= 8
 }
@@ -514,7 +514,9 @@ impl Taps<'_> {
             }
             let (lo, hi, bias) = (L::splat(self.lo), L::splat(self.hi), L::load(self.bias));
             for (r, a) in acc.iter().enumerate() {
-                L::add(*a, bias).clamp(lo, hi).store(self.dst.add((q + r) * n));
+                L::add(*a, bias)
+                    .clamp(lo, hi)
+                    .store(self.dst.add((q + r) * n));
             }
         }
     }
@@ -726,7 +728,9 @@ impl Broadcasts<'_> {
             }
             let (lo, hi, bias) = (L::splat(self.lo), L::splat(self.hi), L::load(self.bias));
             for (r, a) in acc.iter().enumerate() {
-                L::add(*a, bias).clamp(lo, hi).store(self.dst.add((ox + r) * n));
+                L::add(*a, bias)
+                    .clamp(lo, hi)
+                    .store(self.dst.add((ox + r) * n));
             }
         }
     }
