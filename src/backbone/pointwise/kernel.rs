@@ -252,20 +252,30 @@ impl Job<'_> {
             };
             unsafe {
                 if positions == per_tile {
-                    tile.run::<L, V, false, CLIP>(L::N);
+                    tile.run::<L, V, false, CLIP, false>(L::N);
                     continue;
                 }
                 let vectors = positions.div_ceil(L::N);
                 let last = positions - (vectors - 1) * L::N;
+                // One position past whole vectors (a 7×7 map's 49th): a vector of the tile's
+                // rows for it, rather than a 16-lane vector holding one.
+                if last == 1 && vectors >= 2 && L::N > ROWS {
+                    match vectors - 1 {
+                        1 => tile.run::<L, 1, false, CLIP, true>(L::N),
+                        2 => tile.run::<L, 2, false, CLIP, true>(L::N),
+                        _ => tile.run::<L, 3, false, CLIP, true>(L::N),
+                    }
+                    continue;
+                }
                 match (vectors, last == L::N) {
-                    (1, true) => tile.run::<L, 1, false, CLIP>(last),
-                    (1, false) => tile.run::<L, 1, true, CLIP>(last),
-                    (2, true) => tile.run::<L, 2, false, CLIP>(last),
-                    (2, false) => tile.run::<L, 2, true, CLIP>(last),
-                    (3, true) => tile.run::<L, 3, false, CLIP>(last),
-                    (3, false) => tile.run::<L, 3, true, CLIP>(last),
-                    (_, true) => tile.run::<L, 4, false, CLIP>(last),
-                    (_, false) => tile.run::<L, 4, true, CLIP>(last),
+                    (1, true) => tile.run::<L, 1, false, CLIP, false>(last),
+                    (1, false) => tile.run::<L, 1, true, CLIP, false>(last),
+                    (2, true) => tile.run::<L, 2, false, CLIP, false>(last),
+                    (2, false) => tile.run::<L, 2, true, CLIP, false>(last),
+                    (3, true) => tile.run::<L, 3, false, CLIP, false>(last),
+                    (3, false) => tile.run::<L, 3, true, CLIP, false>(last),
+                    (_, true) => tile.run::<L, 4, false, CLIP, false>(last),
+                    (_, false) => tile.run::<L, 4, true, CLIP, false>(last),
                 }
             }
         }
@@ -273,15 +283,33 @@ impl Job<'_> {
 }
 
 impl Tile {
-    /// `ROWS × V` vectors of outputs; with `TAIL`, the last vector has only `last` lanes.
+    /// `ROWS × V` vectors of outputs; with `TAIL`, the last vector has only `last` lanes. With
+    /// `EXTRA` (vectors wider than [`ROWS`] only), one more position after the `V` vectors, its
+    /// `ROWS` outputs held in the lanes of one more vector: per input channel one load of the
+    /// channel's `ROWS` packed weights, one broadcast of its input, one FMA.
     #[inline(always)]
-    unsafe fn run<L: Lanes, const V: usize, const TAIL: bool, const CLIP: bool>(self, last: usize) {
+    unsafe fn run<
+        L: Lanes,
+        const V: usize,
+        const TAIL: bool,
+        const CLIP: bool,
+        const EXTRA: bool,
+    >(
+        self,
+        last: usize,
+    ) {
         unsafe {
             let n = L::N;
             let mut acc = [[L::splat(0.0); V]; ROWS];
             for (r, row) in acc.iter_mut().enumerate() {
                 *row = [L::splat(*self.b.add(r)); V];
             }
+            // Lane r: row r at position `V·n` (lanes past ROWS: zero weights, unused).
+            let mut extra = if EXTRA {
+                L::load_tail(self.b, ROWS)
+            } else {
+                L::splat(0.0)
+            };
             let zero = L::splat(0.0);
             for ci in 0..self.cin {
                 let xp = self.x.add(ci * self.hw);
@@ -294,6 +322,10 @@ impl Tile {
                     };
                 }
                 let wp = self.w.add(ci * ROWS);
+                if EXTRA {
+                    let x = L::splat(*xp.add(V * n));
+                    extra = L::mul_add(x, L::load_tail(wp, ROWS), extra);
+                }
                 // The weights stream from L3 (a frame's 13 MB do not stay in L2): asked for
                 // 32 input channels ahead, the 7×7 stage's products ran 12% faster.
                 L::prefetch(wp.wrapping_add(PREFETCH_AHEAD * ROWS));
@@ -325,6 +357,20 @@ impl Tile {
                     } else {
                         y.store(out.add(v * n));
                     }
+                }
+            }
+            if EXTRA {
+                // Clamped as the vectors are, then the residual added and stored per row.
+                let y = if CLIP { extra.clamp(lo, hi) } else { extra };
+                let mut lanes = [0f32; 16];
+                y.store_tail(lanes.as_mut_ptr(), ROWS);
+                for (r, v) in lanes.iter().enumerate().take(self.rows) {
+                    let at = r * self.hw + V * n;
+                    let mut y = *v;
+                    if !self.res.is_null() {
+                        y += *self.res.add(at);
+                    }
+                    *self.out.add(at) = y;
                 }
             }
         }
