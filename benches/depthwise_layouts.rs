@@ -12,8 +12,8 @@
 use std::time::Instant;
 
 use graft::backbone::depthwise::blocked::{self, BlockScratch, Blocked};
-use graft::backbone::depthwise::kernel::{Geometry, Plane, Scratch};
-use graft::backbone::depthwise::{Isa, LITE0_SHAPES};
+use graft::backbone::depthwise::kernel::{Plane, Scratch};
+use graft::backbone::depthwise::{lite0_geometry, Isa, LITE0_SHAPES};
 
 /// Median seconds of one call of `f`, over 25 batches of 10 after 10 warm-up calls.
 fn median(mut f: impl FnMut()) -> f64 {
@@ -49,24 +49,9 @@ fn main() {
         "isa {} ({lanes} lanes); ms per convolution, one thread",
         isa.name()
     );
-    for &(c, h, k, s) in LITE0_SHAPES.iter() {
-        // TensorFlow's "same" padding, as in the bundled model.
-        let ho = h.div_ceil(s);
-        let pad = ((ho - 1) * s + k).saturating_sub(h) / 2;
-        let g = Geometry {
-            batch: 1,
-            channels: c,
-            h,
-            w: h,
-            kh: k,
-            kw: k,
-            sh: s,
-            sw: s,
-            pad_top: pad,
-            pad_left: pad,
-            ho,
-            wo: ho,
-        };
+    for i in 0..LITE0_SHAPES.len() {
+        let g = lite0_geometry(i);
+        let (c, h, k, s, ho) = (g.channels, g.h, g.kh, g.sh, g.ho);
         let x: Vec<f32> = (0..c * h * h)
             .map(|i| ((i * 104729) % 1000) as f32 / 1000.0)
             .collect();

@@ -1,4 +1,4 @@
-//! graft's depthwise kernel for small maps and strided convolutions: channels side by side.
+//! graft's depthwise kernel with channels side by side (what x86 runs; the stem too).
 //!
 //! [`super::kernel`] convolves one channel plane at a time, vectorised along the plane. On the
 //! last stages of a network that leaves little to vectorise (a 7×7 map is 49 outputs: four
@@ -7,16 +7,20 @@
 //! one position of `N` neighbouring channels (`N` = the vector width) instead, the layout
 //! onnxruntime's NCHWc kernels keep between operators:
 //!
-//! 1. the block's `N` input planes are interleaved, once, into a zero-padded scratch
-//!    `[row][column][channel]`: every tap of every output is then one aligned vector load,
+//! 1. the block's `N` input planes are interleaved by in-register `N × N` transposes into a
+//!    zero-padded scratch `[row][column][channel]` (on maps 32 or more wide, a ring of `kh`
+//!    such rows, `RowsJob`): every tap of every output is then one aligned vector load,
 //!    whatever the stride;
-//! 2. each output position is the bias plus `kh × kw` fused multiply-adds of those vectors by the
+//! 2. each output position is the sum of `kh × kw` fused multiply-adds of those vectors by the
 //!    tap's `N` weights (packed at load as `[block][tap][channel]`), eight positions at a time
-//!    for eight independent chains; clamped to the clip that follows before the store;
-//! 3. the `[position][channel]` result is written back to the `N` NCHW output planes.
+//!    for eight independent chains, then the bias, then the clip that follows;
+//! 3. the `[position][channel]` results are transposed back into the `N` NCHW output planes.
 //!
-//! The tract op ([`super::GraftDepthwise`]) picks this layout or the planes per convolution
-//! ([`suits`]); both are checked against tract's own depthwise.
+//! A block can run only some of its output rows ([`Blocked::run_rows`]): with several threads
+//! the tract op splits rows into bands as well as channels into blocks. [`DenseBlocked`] runs a
+//! network's stem the same way, with *output* channels side by side. The tract op
+//! ([`super::GraftDepthwise`]) picks this layout or the planes ([`suits`]); both are checked
+//! against tract's own depthwise.
 
 use std::ops::Range;
 
@@ -326,31 +330,7 @@ impl Work for Job<'_> {
         unsafe {
             while q0 < q_end {
                 let count = n.min(q_end - q0);
-                let mut r = 0;
-                while r + 8 <= count {
-                    k.run::<L, 8>(r, std::array::from_fn(|i| base(q0 + r + i)));
-                    r += 8;
-                }
-                if r + 4 <= count {
-                    k.run::<L, 4>(r, std::array::from_fn(|i| base(q0 + r + i)));
-                    r += 4;
-                }
-                if r + 2 <= count {
-                    k.run::<L, 2>(r, std::array::from_fn(|i| base(q0 + r + i)));
-                    r += 2;
-                }
-                if r < count {
-                    k.run::<L, 1>(r, [base(q0 + r)]);
-                }
-                if count == n && self.cn == n {
-                    L::transpose(tile, n, |c| out.add(c * out_plane + q0));
-                } else {
-                    for c in 0..self.cn {
-                        for i in 0..count {
-                            *out.add(c * out_plane + q0 + i) = *tile.add(i * n + c);
-                        }
-                    }
-                }
+                k.positions::<L>(count, |i| base(q0 + i), self.cn, out.add(q0), out_plane);
                 q0 += count;
             }
         }
@@ -448,32 +428,8 @@ impl Work for RowsJob<'_> {
                 let mut x0 = 0;
                 while x0 < g.wo {
                     let count = n.min(g.wo - x0);
-                    let mut r = 0;
-                    while r + 8 <= count {
-                        k.run::<L, 8>(r, std::array::from_fn(|i| base(x0 + r + i)));
-                        r += 8;
-                    }
-                    if r + 4 <= count {
-                        k.run::<L, 4>(r, std::array::from_fn(|i| base(x0 + r + i)));
-                        r += 4;
-                    }
-                    if r + 2 <= count {
-                        k.run::<L, 2>(r, std::array::from_fn(|i| base(x0 + r + i)));
-                        r += 2;
-                    }
-                    if r < count {
-                        k.run::<L, 1>(r, [base(x0 + r)]);
-                    }
                     let o = out.add(oy * g.wo + x0);
-                    if count == n && self.cn == n {
-                        L::transpose(tile, n, |c| o.add(c * out_plane));
-                    } else {
-                        for c in 0..self.cn {
-                            for i in 0..count {
-                                *o.add(c * out_plane + i) = *tile.add(i * n + c);
-                            }
-                        }
-                    }
+                    k.positions::<L>(count, |i| base(x0 + i), self.cn, o, out_plane);
                     x0 += count;
                 }
             }
@@ -496,6 +452,48 @@ struct Taps<'a> {
 }
 
 impl Taps<'_> {
+    /// `count ≤ N` output positions, the `i`-th reading its first input at `base(i)`: computed
+    /// into the tile eight at a time (eight accumulator chains), then 4, 2, 1, and written to
+    /// the block's `cn` output planes, `plane` apart from `out` on.
+    #[inline(always)]
+    unsafe fn positions<L: Lanes>(
+        &self,
+        count: usize,
+        base: impl Fn(usize) -> usize,
+        cn: usize,
+        out: *mut f32,
+        plane: usize,
+    ) {
+        let (n, tile) = (L::N, self.dst);
+        let mut r = 0;
+        unsafe {
+            while r + 8 <= count {
+                self.run::<L, 8>(r, std::array::from_fn(|i| base(r + i)));
+                r += 8;
+            }
+            if r + 4 <= count {
+                self.run::<L, 4>(r, std::array::from_fn(|i| base(r + i)));
+                r += 4;
+            }
+            if r + 2 <= count {
+                self.run::<L, 2>(r, std::array::from_fn(|i| base(r + i)));
+                r += 2;
+            }
+            if r < count {
+                self.run::<L, 1>(r, [base(r)]);
+            }
+            if count == n && cn == n {
+                L::transpose(tile, n, |c| out.add(c * plane));
+            } else {
+                for c in 0..cn {
+                    for i in 0..count {
+                        *out.add(c * plane + i) = *tile.add(i * n + c);
+                    }
+                }
+            }
+        }
+    }
+
     /// `R` output positions from `q` on, whose first inputs lie at `bases`.
     #[inline(always)]
     unsafe fn run<L: Lanes, const R: usize>(&self, q: usize, bases: [usize; R]) {

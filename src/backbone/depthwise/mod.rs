@@ -745,6 +745,12 @@ pub const LITE0_SHAPES: [(usize, usize, usize, usize); 16] = [
     (1152, 7, 3, 1),
 ];
 
+/// The geometry of [`LITE0_SHAPES`]`[i]`, one image, with TensorFlow's "same" padding (the
+/// extra row and column after), as in the bundled model.
+pub fn lite0_geometry(i: usize) -> Geometry {
+    lite0_case(i).0
+}
+
 fn lite0_case(i: usize) -> (Geometry, [usize; 2]) {
     let (c, h, k, s) = LITE0_SHAPES[i];
     let ho = h.div_ceil(s);
