@@ -142,7 +142,7 @@ impl EvalOp for GraftPointwise {
             let input = SharedPtr(input.as_ptr());
             let residual = residual.map(SharedPtr);
             // One (empty) item per tile: tract's executor splits them into runs of consecutive
-            // tiles, which share their input positions.
+            // tiles, which share their weights or their input positions (`Shape::channel_major`).
             let mut tiles = vec![(); s.tiles(self.isa)];
             tract_linalg::multithread::par_chunks_mut(&mut tiles, 1, s.macs(), |first, chunk| {
                 let (out, input) = (out, input);
@@ -716,7 +716,8 @@ pub fn check_against_tract(
         let shape = Shape {
             batch: 1 + next(3),
             cin: 2 + next(39),
-            cout: 2 + next(39),
+            // Past `kernel::CHANNEL_MAJOR_FROM` too: both tile orders.
+            cout: 2 + next(79),
             hw: h * w,
         };
         let t = next(4);
