@@ -337,16 +337,20 @@ impl Work for Job<'_> {
     }
 }
 
-/// Whether a block runs row by row ([`RowsJob`]): on output rows of 32 or more (two AVX-512
-/// vectors), where the whole padded block (`(h + 2)·(w + 2)·N` floats, 830 KB on a 112×112
-/// map) would not stay in the caches between being written and read; a ring of `kh` rows does
-/// (measured: 1.2–1.25× on Lite0's 112×112 maps; no gain on 28×28).
+/// Whether a block runs row by row ([`RowsJob`]): where the whole padded block (`hp·wp·N`
+/// floats) is at least [`ROWS_FROM_BYTES`], twice a core's L1 data cache or more, so that
+/// interleaving it all before the taps read it would send it to L2 and back; a ring of `kh`
+/// rows, each interleaved just before it is read, stays in L1. On Lite0 with 16 lanes: the
+/// 112×112 and 56×56 maps (215–830 KB; measured 1.2–1.25× on the 112×112 maps, and 0.20 →
+/// 0.15 ms on the 56×56 → 28×28 stride-2 convolution), not the 28×28 (54–64 KB; measured no
+/// gain with 5×5 taps and 0.06 → 0.08 ms with 3×3, stride 2).
 fn by_rows(g: &Geometry, lanes: usize) -> bool {
-    lanes > 1 && g.wo >= ROWS_MIN_WIDTH
+    let (hp, wp) = g.padded();
+    lanes > 1 && hp * wp * lanes * std::mem::size_of::<f32>() >= ROWS_FROM_BYTES
 }
 
-/// The narrowest output row [`by_rows`] takes.
-const ROWS_MIN_WIDTH: usize = 32;
+/// The smallest padded block (bytes) [`by_rows`] takes row by row.
+const ROWS_FROM_BYTES: usize = 96 * 1024;
 
 /// One block of a wide map, row by row: the padded rows an output row reads are interleaved
 /// into a ring of `kh` rows as it reaches them (each input row once), then the output row is
