@@ -941,11 +941,27 @@ impl Backbone {
             reason: error::chain(&e),
         };
         let size = self.spec.manifest.input.size as usize;
-        let mut data = Vec::with_capacity(images.len() * 3 * size * size);
-        for p in images {
-            data.extend_from_slice(&p.data);
+        let per = 3 * size * size;
+        if let Some(p) = images.iter().find(|p| p.data.len() != per) {
+            return Err(BackboneError::Inference {
+                model: self.model_name(),
+                reason: format!(
+                    "a prepared image has {} values, the input takes 3×{size}×{size}",
+                    p.data.len()
+                ),
+            });
         }
-        let input = Tensor::from_shape(&[images.len(), 3, size, size], &data).map_err(fail)?;
+        // The images straight into the tensor's own storage (one copy, not two).
+        // SAFETY: every value is written below (the lengths were checked above).
+        let mut input = unsafe { Tensor::uninitialized::<f32>(&[images.len(), 3, size, size]) }
+            .map_err(fail)?;
+        {
+            let mut view = input.try_as_plain_ram_mut().map_err(fail)?;
+            let dst = view.as_slice_mut::<f32>().map_err(fail)?;
+            for (d, p) in dst.chunks_exact_mut(per).zip(images) {
+                d.copy_from_slice(&p.data);
+            }
+        }
         let dt = plan.model().input_fact(0).map_err(fail)?.datum_type;
         if dt == f32::datum_type() {
             return Ok(input);

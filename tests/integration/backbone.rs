@@ -147,6 +147,22 @@ fn exif_orientation_is_honoured() {
 }
 
 #[test]
+fn a_prepared_tensor_of_another_size_is_refused_clearly() {
+    let bb = Backbone::load_named("efficientnet-lite0").unwrap();
+    let small = preprocess::Prepared::from_planar(vec![0.0; 3 * 32 * 32], 32).unwrap();
+    let right = bb.prepare_file(&image("chelsea.jpg")).unwrap();
+    // Alone, and behind a right one in a batch: an error naming the sizes, no panic.
+    for batch in [vec![small.clone()], vec![right, small]] {
+        let e = bb.run(&batch).err().expect("a 32×32 tensor is refused");
+        let text = e.to_string();
+        assert!(
+            text.contains("3072 values") && text.contains("224"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn classify_the_cat_as_a_cat() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = graft(dir.path());
