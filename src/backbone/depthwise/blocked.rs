@@ -631,10 +631,10 @@ impl DenseBlocked<'_> {
             "dense convolution input"
         );
         let (hp, wp) = g.padded();
-        padded.clear();
-        padded.resize(g.channels * hp * wp, 0.0);
         let rows = g.h.min(hp.saturating_sub(g.pad_top));
         let cols = g.w.min(wp.saturating_sub(g.pad_left));
+        padded.clear();
+        padded.resize(g.channels * hp * wp, 0.0);
         for c in 0..g.channels {
             for y in 0..rows {
                 let src = &image[(c * g.h + y) * g.w..][..cols];
@@ -676,8 +676,9 @@ impl DenseBlocked<'_> {
         );
         assert!(self.bias.len() >= blocks * lanes, "dense packed bias");
         assert!(rows.end <= g.ho, "dense convolution rows");
+        // Room for two blocks' rows (`DenseJob::run` computes two blocks at once).
         row.clear();
-        row.resize(g.wo * lanes + ALIGN_FLOATS, 0.0);
+        row.resize(2 * g.wo * lanes + ALIGN_FLOATS, 0.0);
         let offsets: Vec<usize> = (0..g.channels)
             .flat_map(|c| {
                 (0..g.kh).flat_map(move |ky| (0..g.kw).map(move |kx| (c * hp + ky) * wp + kx))
@@ -689,7 +690,7 @@ impl DenseBlocked<'_> {
             offsets: &offsets,
             rows,
             output,
-            row: aligned(row, g.wo * lanes).as_mut_ptr(),
+            row: aligned(row, 2 * g.wo * lanes).as_mut_ptr(),
         };
         // SAFETY: every read of `padded` is at `base + offset` with base ≤ `(ho − 1)·sh·wp +
         // (wo − 1)·sw` and offset ≤ `(c·hp + kh − 1)·wp + kw − 1`: inside `channels × hp ×
@@ -715,54 +716,88 @@ impl Work for DenseJob<'_> {
         let (_, wp) = g.padded();
         let taps = self.offsets.len();
         let plane = g.ho * g.wo;
+        let blocks = d.cout.div_ceil(n);
+        let block = |cb: usize, dst: *mut f32| Broadcasts {
+            src: self.padded,
+            offsets: self.offsets,
+            // SAFETY (both): block `cb` is inside the packed buffers (checked by `run_rows`).
+            weights: unsafe { d.weights.as_ptr().add(cb * taps * n) },
+            bias: unsafe { d.bias.as_ptr().add(cb * n) },
+            lo: d.lo,
+            hi: d.hi,
+            dst,
+        };
+        // SAFETY: `row` holds two blocks' rows of `wo` vectors (`run_rows`).
+        let second = unsafe { self.row.add(g.wo * n) };
         for oy in self.rows.clone() {
-            for cb in 0..d.cout.div_ceil(n) {
-                let cn = n.min(d.cout - cb * n);
-                let k = Broadcasts {
-                    src: self.padded,
-                    offsets: self.offsets,
-                    // SAFETY (both): block `cb` is inside the packed buffers (checked by
-                    // `run_rows`).
-                    weights: unsafe { d.weights.as_ptr().add(cb * taps * n) },
-                    bias: unsafe { d.bias.as_ptr().add(cb * n) },
-                    lo: d.lo,
-                    hi: d.hi,
-                    dst: self.row,
-                };
-                let base = |ox: usize| oy * g.sh * wp + ox * g.sw;
-                let mut ox = 0;
-                // SAFETY: see `run_rows`; output `ox` of the row goes to `row[ox·n ..][..n]`,
-                // and the row's `cn` output planes to rows `oy` of channels `cb·n ..`.
+            let base = |ox: usize| oy * g.sh * wp + ox * g.sw;
+            let mut cb = 0;
+            while cb < blocks {
+                // Two blocks at once where 32 vector registers hold both accumulators (16 of
+                // them): each broadcast input then feeds two FMAs, and per tap 10 loads
+                // serve 16 FMAs instead of 9 serving 8.
+                let k = block(cb, self.row);
+                let pair = (n >= 16 && cb + 1 < blocks).then(|| block(cb + 1, second));
+                // SAFETY: see `run_rows`; output `ox` of block `cb + j`'s row goes to
+                // `row[(j·wo + ox)·n ..][..n]`.
                 unsafe {
-                    while ox + 8 <= g.wo {
-                        k.run::<L, 8>(ox, std::array::from_fn(|i| base(ox + i)));
-                        ox += 8;
-                    }
-                    if ox + 4 <= g.wo {
-                        k.run::<L, 4>(ox, std::array::from_fn(|i| base(ox + i)));
-                        ox += 4;
-                    }
-                    if ox + 2 <= g.wo {
-                        k.run::<L, 2>(ox, std::array::from_fn(|i| base(ox + i)));
-                        ox += 2;
-                    }
-                    if ox < g.wo {
-                        k.run::<L, 1>(ox, [base(ox)]);
-                    }
-                    let out = self.output.add(cb * n * plane + oy * g.wo);
-                    let mut x0 = 0;
-                    if cn == n {
-                        while x0 + n <= g.wo {
-                            L::transpose(self.row.add(x0 * n), n, |c| out.add(c * plane + x0));
-                            x0 += n;
+                    let mut ox = 0;
+                    if let Some(k2) = &pair {
+                        while ox + 8 <= g.wo {
+                            k.pair::<L, 8>(k2, ox, std::array::from_fn(|i| base(ox + i)));
+                            ox += 8;
+                        }
+                        if ox + 4 <= g.wo {
+                            k.pair::<L, 4>(k2, ox, std::array::from_fn(|i| base(ox + i)));
+                            ox += 4;
+                        }
+                        if ox + 2 <= g.wo {
+                            k.pair::<L, 2>(k2, ox, std::array::from_fn(|i| base(ox + i)));
+                            ox += 2;
+                        }
+                        if ox < g.wo {
+                            k.pair::<L, 1>(k2, ox, [base(ox)]);
+                        }
+                    } else {
+                        while ox + 8 <= g.wo {
+                            k.run::<L, 8>(ox, std::array::from_fn(|i| base(ox + i)));
+                            ox += 8;
+                        }
+                        if ox + 4 <= g.wo {
+                            k.run::<L, 4>(ox, std::array::from_fn(|i| base(ox + i)));
+                            ox += 4;
+                        }
+                        if ox + 2 <= g.wo {
+                            k.run::<L, 2>(ox, std::array::from_fn(|i| base(ox + i)));
+                            ox += 2;
+                        }
+                        if ox < g.wo {
+                            k.run::<L, 1>(ox, [base(ox)]);
                         }
                     }
-                    for c in 0..cn {
-                        for x in x0..g.wo {
-                            *out.add(c * plane + x) = *self.row.add(x * n + c);
+                    for (j, row) in [self.row, second]
+                        .into_iter()
+                        .enumerate()
+                        .take(1 + pair.is_some() as usize)
+                    {
+                        let cb = cb + j;
+                        let cn = n.min(d.cout - cb * n);
+                        let out = self.output.add(cb * n * plane + oy * g.wo);
+                        let mut x0 = 0;
+                        if cn == n {
+                            while x0 + n <= g.wo {
+                                L::transpose(row.add(x0 * n), n, |c| out.add(c * plane + x0));
+                                x0 += n;
+                            }
+                        }
+                        for c in 0..cn {
+                            for x in x0..g.wo {
+                                *out.add(c * plane + x) = *row.add(x * n + c);
+                            }
                         }
                     }
                 }
+                cb += 1 + pair.is_some() as usize;
             }
         }
     }
@@ -782,6 +817,36 @@ struct Broadcasts<'a> {
 }
 
 impl Broadcasts<'_> {
+    /// As [`Broadcasts::run`] for this block and `other` (the same input, another block of
+    /// output channels) at once: each input value is broadcast once for both.
+    #[inline(always)]
+    unsafe fn pair<L: Lanes, const R: usize>(&self, other: &Self, ox: usize, bases: [usize; R]) {
+        unsafe {
+            let n = L::N;
+            let mut acc = [[L::splat(0.0); R]; 2];
+            for (t, &o) in self.offsets.iter().enumerate() {
+                let w = [
+                    L::load(self.weights.add(t * n)),
+                    L::load(other.weights.add(t * n)),
+                ];
+                let p = self.src.add(o);
+                for (i, b) in bases.iter().enumerate() {
+                    let x = L::splat(*p.add(*b));
+                    acc[0][i] = L::mul_add(x, w[0], acc[0][i]);
+                    acc[1][i] = L::mul_add(x, w[1], acc[1][i]);
+                }
+            }
+            for (k, acc) in [self, other].into_iter().zip(&acc) {
+                let (lo, hi, bias) = (L::splat(k.lo), L::splat(k.hi), L::load(k.bias));
+                for (r, a) in acc.iter().enumerate() {
+                    L::add(*a, bias)
+                        .clamp(lo, hi)
+                        .store(k.dst.add((ox + r) * n));
+                }
+            }
+        }
+    }
+
     /// `R` output positions from `ox` on, whose first inputs lie at `bases`.
     #[inline(always)]
     unsafe fn run<L: Lanes, const R: usize>(&self, ox: usize, bases: [usize; R]) {
@@ -824,10 +889,13 @@ mod tests {
             (3, 1, 1, 3, 1, 1, 1, 1),
             (17, 17, 3, 5, 1, 0, 4, 0),
             (16, 8, 8, 3, 3, 1, 1, 0),
-            // Output rows of 32 or more: the ring of rows.
-            (3, 34, 70, 3, 2, 1, 0, 1),
             (18, 9, 40, 5, 1, 2, 2, 2),
             (16, 33, 33, 3, 1, 1, 1, 1),
+            // Padded blocks of 96 KiB or more (`by_rows`): the ring of rows, with 16 lanes
+            // (the first two) and with 8 too.
+            (3, 34, 70, 3, 2, 1, 0, 1),
+            (18, 40, 40, 5, 1, 2, 2, 2),
+            (16, 66, 66, 3, 1, 1, 1, 1),
         ];
         for (c, h, w, k, s, pt, pl, extra) in cases {
             let ho = (h + pt + extra - k) / s + 1;

@@ -806,10 +806,11 @@ pub fn check_against_tract(
     let mut s = seed;
     for i in 0..random {
         let (mut geo, after) = random_case(&mut s);
-        // Every fifth a dense convolution over 1–4 input channels.
+        // Every fifth a dense convolution over 1–4 input channels, to 7–33 output channels
+        // (one block of 16, two, two and a part: the blocked kernel computes pairs).
         let dense = (i % 5 == 4).then(|| {
             geo.channels = 1 + geo.channels % MAX_DENSE_CHANNELS;
-            2 + geo.batch * 5
+            2 + geo.batch * 5 + (i / 5 % 2) * 16
         });
         cases.push((geo, after, dense));
     }
