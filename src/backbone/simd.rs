@@ -188,6 +188,36 @@ impl Lanes for Scalar {
     unsafe fn copy_tail(_: *const f32, _: *mut f32, _: usize) {}
 }
 
+/// Threads of the backbone's executor (tract's).
+pub(crate) fn threads() -> usize {
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
+        _ => 1,
+    }
+}
+
+/// Runs `f` over `0..items` cut in as many equal, contiguous parts as the backbone's executor
+/// has threads, a part per thread (inline below `macs` = 32768, tract's own threshold).
+/// tract's `par_chunks_mut` cuts `4 × threads` chunks of a rounded-up size instead: 42 items
+/// make 7 chunks of 6, four on one thread and three on the other.
+pub(crate) fn par_parts(items: usize, macs: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    use rayon::prelude::*;
+    use tract_linalg::multithread::{current_tract_executor, Executor};
+    match current_tract_executor() {
+        Executor::MultiThread(pool)
+            if pool.current_num_threads() > 1 && items > 1 && macs >= 32768 =>
+        {
+            let t = pool.current_num_threads().min(items);
+            pool.install(|| {
+                (0..t)
+                    .into_par_iter()
+                    .for_each(|i| f(i * items / t..(i + 1) * items / t))
+            });
+        }
+        _ => f(0..items),
+    }
+}
+
 /// An output pointer shared by the threads of one operator, each writing its own disjoint
 /// part of the buffer (the operator's `eval` says which).
 #[derive(Clone, Copy)]

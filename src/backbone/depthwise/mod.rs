@@ -30,7 +30,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec
 use tract_onnx::tract_core::ops::math::{Max, Min};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use super::simd::{same_bits, seeded_uniform, SharedOut, SharedPtr};
+use super::simd::{par_parts, same_bits, seeded_uniform, threads, SharedOut, SharedPtr};
 pub use kernel::{Geometry, Isa};
 
 /// The most input channels of a dense convolution graft's kernel takes (an image's stem has 3):
@@ -58,14 +58,6 @@ pub struct GraftDepthwise {
     blocked: Option<Packed>,
     /// `[N, C, H, W]` tensors; without, `[C, H, W]` (tract drops a batch axis of 1).
     batch_axis: bool,
-}
-
-/// Threads of the backbone's executor (tract's).
-fn threads() -> usize {
-    match tract_linalg::multithread::current_tract_executor() {
-        tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
-        _ => 1,
-    }
 }
 
 thread_local! {
@@ -270,22 +262,25 @@ impl GraftDepthwise {
         let lanes = blocked::block_channels(self.isa);
         let blocks = g.channels.div_ceil(lanes);
         let (in_len, out_len) = (g.h * g.w, g.ho * g.wo);
-        // With several threads and more than one of the 1×1 kernel's position tiles, the rows
-        // are split in as many bands as threads, band-major. Measured when the 1×1 kernel
-        // split positions: each thread then mostly read what it wrote in the 1×1 convolution
-        // before (reading the other core's cache costs more than the convolution), 5.46 →
-        // 4.96 ms per two-thread frame. Now that the expand convolutions before these (64 or
-        // more channels) split channels (`kernel::Shape::channel_major`), whole planes per
-        // thread measured no faster (2 vCPUs, same run), so the bands stay.
-        let bands = if out_len > 64 { threads().min(g.ho) } else { 1 };
+        // Each thread takes an equal share of the (image, band of rows, channel block) items
+        // (`par_parts`). Where the blocks do not split evenly over the threads, and the map
+        // has more than one of the 1×1 kernel's position tiles, the rows are cut in as many
+        // bands as threads too, band-major: the shares are then even, and each thread mostly
+        // reads rows it wrote in a 1×1 convolution that split positions. Where they split
+        // evenly, whole planes: a band interleaves its halo rows too (14×14, 5×5 taps: 11
+        // input rows for 7 output rows).
+        let t = threads();
+        let bands = if out_len > 64 && (g.batch * blocks) % t != 0 {
+            t.min(g.ho)
+        } else {
+            1
+        };
         let band_rows = g.ho.div_ceil(bands);
         let (input, output) = (SharedPtr(input.as_ptr()), SharedOut(out.as_mut_ptr()));
-        // One (empty) item per (image, band of rows, channel block).
-        let mut items = vec![(); g.batch * bands * blocks];
-        tract_linalg::multithread::par_chunks_mut(&mut items, 1, g.macs(), |first, chunk| {
+        par_parts(g.batch * bands * blocks, g.macs(), |items| {
             let (input, output) = (input, output);
             BLOCK_SCRATCH.with_borrow_mut(|scratch| {
-                for item in first..first + chunk.len() {
+                for item in items {
                     let (n, band, b) = (
                         item / (bands * blocks),
                         item / blocks % bands,
@@ -303,8 +298,8 @@ impl GraftDepthwise {
                     }
                 }
             });
-            Ok(())
-        })
+        });
+        Ok(())
     }
 
     /// A dense convolution: per image, the input's phase planes laid out once, then the output

@@ -24,7 +24,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
 use super::depthwise::clip_after;
-use super::simd::{same_bits, seeded_uniform, Isa, SharedOut, SharedPtr};
+use super::simd::{par_parts, same_bits, seeded_uniform, Isa, SharedOut, SharedPtr};
 pub use kernel::Shape;
 
 /// The smallest map (`h × w`) whose 1×1 convolutions graft's kernel takes over: every map.
@@ -141,23 +141,13 @@ impl EvalOp for GraftPointwise {
             };
             let input = SharedPtr(input.as_ptr());
             let residual = residual.map(SharedPtr);
-            // One (empty) item per tile: tract's executor splits them into runs of consecutive
-            // tiles, which share their weights or their input positions (`Shape::channel_major`).
-            let mut tiles = vec![(); s.tiles(self.isa)];
-            tract_linalg::multithread::par_chunks_mut(&mut tiles, 1, s.macs(), |first, chunk| {
+            // Each thread takes an equal run of consecutive tiles, which share their weights
+            // or their input positions (`Shape::channel_major`).
+            par_parts(s.tiles(self.isa), s.macs(), |tiles| {
                 let (out, input) = (out, input);
-                // SAFETY: lengths were checked above; tiles `first..first + len` are this
-                // chunk's alone.
-                unsafe {
-                    p.run_tiles(
-                        input.0,
-                        residual.map(|r| r.0),
-                        out.0,
-                        first..first + chunk.len(),
-                    )
-                };
-                Ok(())
-            })?;
+                // SAFETY: lengths were checked above; these tiles are this thread's alone.
+                unsafe { p.run_tiles(input.0, residual.map(|r| r.0), out.0, tiles) };
+            });
         }
         Ok(tvec!(output.into_tvalue()))
     }
