@@ -906,4 +906,18 @@ mod tests {
             assert_eq!(checked.len(), 49 + 6);
         }
     }
+
+    /// Over three threads each takes a third of the tiles (`par_parts`), which cuts through
+    /// channel blocks and runs of positions alike.
+    #[test]
+    fn tiles_shared_by_three_threads_match_tracts_1x1_convolution() {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        for isa in Isa::available() {
+            let checked = multithread_tract_scope(Executor::multithread(3), || {
+                check_against_tract(isa, 29, 12, true)
+            })
+            .unwrap();
+            assert_eq!(checked.len(), 31 + 3);
+        }
+    }
 }
