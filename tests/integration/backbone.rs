@@ -153,7 +153,7 @@ fn a_prepared_tensor_of_another_size_is_refused_clearly() {
     let right = bb.prepare_file(&image("chelsea.jpg")).unwrap();
     // Alone, and behind a right one in a batch: an error naming the sizes, no panic.
     for batch in [vec![small.clone()], vec![right, small]] {
-        let e = bb.run(&batch).err().expect("a 32×32 tensor is refused");
+        let e = bb.run(&batch).expect_err("a 32×32 tensor is refused");
         let text = e.to_string();
         assert!(
             text.contains("3072 values") && text.contains("224"),

@@ -270,7 +270,7 @@ impl GraftDepthwise {
         // evenly, whole planes: a band interleaves its halo rows too (14×14, 5×5 taps: 11
         // input rows for 7 output rows).
         let t = threads();
-        let bands = if out_len > 64 && (g.batch * blocks) % t != 0 {
+        let bands = if out_len > 64 && !(g.batch * blocks).is_multiple_of(t) {
             t.min(g.ho)
         } else {
             1
