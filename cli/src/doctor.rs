@@ -159,10 +159,12 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
                 check: "cpu kernels",
                 status: Status::Ok,
                 detail: format!(
-                    "graft's depthwise (planes and channel-blocked), 1x1 and matrix-vector kernels ({}) match tract's on {} + {} operators (largest difference {:.1e} relative){}",
+                    "graft's depthwise (planes and channel-blocked), 1x1 and matrix-vector kernels ({}) and int8 1x1 kernel ({}) match tract's on {} + {} + {} operators (largest difference {:.1e} relative){}",
                     k.isa,
+                    k.int8_isa,
                     k.convolutions,
                     k.pointwise,
+                    k.int8,
                     k.max_rel_error,
                     if k.isa == "scalar" {
                         "; no vectorised kernel for this CPU, so the plan keeps tract's"

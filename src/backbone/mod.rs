@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod pointwise;
 pub mod preprocess;
 mod profile;
+pub mod quant;
 mod rewrite;
 mod simd;
 pub mod top;
@@ -62,6 +63,12 @@ pub struct KernelCheck {
     pub pointwise: usize,
     /// Largest difference to tract, relative to the largest output value.
     pub max_rel_error: f32,
+    /// The integer kernel checked, e.g. `avx512-vnni` (the scalar reference where this CPU
+    /// has none and the plan keeps the float kernel).
+    pub int8_isa: &'static str,
+    /// int8 cases compared: 30 activation quantise/dequantise pairs (exactly), EfficientNet-
+    /// Lite0's 19 1×1 shapes and 30 random ones over quantised inputs.
+    pub int8: usize,
 }
 
 /// Runs graft's depthwise and 1×1 convolution kernels, on the instruction set this CPU would
@@ -80,16 +87,27 @@ pub fn check_cpu_kernels() -> Result<KernelCheck, BackboneError> {
         depthwise::check_against_tract(isa, 2026, 30, true).map_err(|e| fail("depthwise", e))?;
     let point = pointwise::check_against_tract(isa, 2026, 30, true)
         .map_err(|e| fail("1x1 convolution", e))?;
+    let isa8 = quant::Isa8::vectorised().unwrap_or(quant::Isa8::Scalar);
+    let int8 = quant::check_against_tract(isa8, 2026, 30, true).map_err(|e| {
+        let e: TractError = e;
+        BackboneError::Inference {
+            model: format!("graft's int8 1x1 convolution kernel ({})", isa8.name()),
+            reason: error::chain(&e),
+        }
+    })?;
     let worst = depth
         .iter()
         .map(|c| c.max_rel_error)
         .chain(point.iter().map(|c| c.max_rel_error))
+        .chain(int8.iter().map(|c| c.max_rel_error))
         .fold(0.0, f32::max);
     Ok(KernelCheck {
         isa: isa.name(),
         convolutions: depth.len(),
         pointwise: point.len(),
         max_rel_error: worst,
+        int8_isa: isa8.name(),
+        int8: int8.len(),
     })
 }
 
@@ -730,15 +748,23 @@ impl Backbone {
             (_, d) => {
                 let p = self.substituted.1;
                 format!(
-                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded; graft 1x1: {} convolutions, {} clips and {} residual adds folded; {} matrix-vector products",
+                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded; graft 1x1: {} convolutions{}, {} clips and {} residual adds folded; {} matrix-vector products{}",
                     depthwise::Isa::detect().name(),
                     d.convolutions,
                     d.dense,
                     d.clips,
                     p.convolutions,
+                    match (p.integer, quant::Isa8::vectorised()) {
+                        (0, _) | (_, None) => String::new(),
+                        (n, Some(i)) => format!(" ({n} in int8, {})", i.name()),
+                    },
                     p.clips,
                     p.residuals,
-                    p.products
+                    p.products,
+                    match p.fake_quant_pairs {
+                        0 => String::new(),
+                        n => format!("; {n} activation quantise/dequantise pairs in one pass each"),
+                    }
                 )
             }
         }
@@ -844,13 +870,24 @@ impl Backbone {
             (CpuKernels::Tract, _) | (_, None) => Default::default(),
             (kernels, Some(isa)) => {
                 let all = kernels == CpuKernels::Graft;
+                let pairs = if all && !m.graph.half {
+                    quant::fold_constants(&mut typed).map_err(load)?;
+                    quant::fake_quant_pairs(&mut typed).map_err(load)?
+                } else {
+                    0
+                };
                 let d = depthwise::substitute(&mut typed, isa, all).map_err(load)?;
                 // In f16 the 1×1 convolutions are what tract's f16 products are for.
                 let p = if m.graph.half || !all {
                     pointwise::Substituted::default()
                 } else {
-                    pointwise::substitute(&mut typed, isa, pointwise::MIN_POSITIONS)
+                    let int8 = quant::Isa8::vectorised();
+                    pointwise::substitute_with(&mut typed, isa, int8, pointwise::MIN_POSITIONS)
                         .map_err(load)?
+                };
+                let p = pointwise::Substituted {
+                    fake_quant_pairs: pairs,
+                    ..p
                 };
                 (d, p)
             }

@@ -245,10 +245,26 @@ fn graft_kernels_match_tracts_plan_on_the_whole_model() {
             ours.cpu_kernels_line()
         );
         assert_eq!(theirs.pointwise_kernels().convolutions, 0);
-        // And the classifier's matrix-vector product (in the QDQ graph it reads quantised
-        // values, so tract keeps it).
-        let products = usize::from(vectorised && !model.ends_with("int8"));
-        assert_eq!(pointwise.products, products, "{model}");
+        // And the classifier's matrix-vector product (in the QDQ graph too, once graft has
+        // folded the dequantisation of its `s8` matrix, which tract leaves to every pass).
+        assert_eq!(pointwise.products, usize::from(vectorised), "{model}");
+        // In the QDQ graph: the activation quantise/dequantise pairs run as one pass each,
+        // and on a CPU with an integer kernel (AVX-512 VNNI) every 1×1 convolution runs in
+        // int8.
+        let int8 = model.ends_with("int8");
+        assert_eq!(
+            pointwise.fake_quant_pairs > 60,
+            int8 && vectorised,
+            "{model}: {}",
+            ours.cpu_kernels_line()
+        );
+        let integer = backbone::quant::Isa8::vectorised().is_some() && int8 && vectorised;
+        assert_eq!(
+            pointwise.integer,
+            if integer { 32 } else { 0 },
+            "{model}: {}",
+            ours.cpu_kernels_line()
+        );
         // The stem: a dense convolution over the image's 3 channels, with its ReLU6.
         assert_eq!(done.dense, if vectorised { 1 } else { 0 });
         // `--cpu-kernels depthwise`, the A/B of the 1×1 and stem kernels: graft's depthwise
@@ -296,6 +312,7 @@ fn the_cpu_kernel_check_passes_on_this_machine() {
     let k = backbone::check_cpu_kernels().unwrap();
     assert_eq!(k.convolutions, 47);
     assert_eq!(k.pointwise, 55);
+    assert_eq!(k.int8, 30 + 19 + 30);
     assert!(k.max_rel_error <= 1e-5, "{k:?}");
     assert!(!k.isa.is_empty());
 }

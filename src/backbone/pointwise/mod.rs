@@ -24,6 +24,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
 use super::depthwise::clip_after;
+use super::quant::{FloatPointwise, GraftPointwiseQ8, Isa8};
 use super::simd::{par_parts, same_bits, seeded_uniform, Isa, SharedOut, SharedPtr};
 pub use kernel::Shape;
 
@@ -398,6 +399,11 @@ fn gemv_at(model: &TypedModel, id: usize) -> TractResult<Option<(GraftGemv, usiz
 pub struct Substituted {
     /// 1×1 convolutions now run by graft's kernel.
     pub convolutions: usize,
+    /// Of those, the ones run in integers ([`super::quant::GraftPointwiseQ8`]).
+    pub integer: usize,
+    /// Activation `QuantizeLinear → DequantizeLinear` pairs run as one pass
+    /// ([`super::quant::GraftFakeQuant`]; QDQ graphs only).
+    pub fake_quant_pairs: usize,
     /// `Max`/`Min` clips folded into them.
     pub clips: usize,
     /// Residual `Add`s folded into them.
@@ -414,6 +420,20 @@ pub struct Substituted {
 pub fn substitute(
     model: &mut TypedModel,
     isa: Isa,
+    min_positions: usize,
+) -> TractResult<Substituted> {
+    substitute_with(model, isa, None, min_positions)
+}
+
+/// Speaks tract's types: for the backbone and the benches, not graft's API.
+#[doc(hidden)]
+/// [`substitute`], and with `int8`, each 1×1 convolution that reads a
+/// [`super::quant::GraftFakeQuant`] and has per-channel `s8` weights in integers
+/// ([`super::quant::GraftPointwiseQ8`]).
+pub fn substitute_with(
+    model: &mut TypedModel,
+    isa: Isa,
+    int8: Option<Isa8>,
     min_positions: usize,
 ) -> TractResult<Substituted> {
     let mut done = Substituted::default();
@@ -443,7 +463,27 @@ pub fn substitute(
             taps.push(patch.tap_model(model, r)?);
         }
         let op = GraftPointwise { isa, ..found.op };
-        let out = patch.wire_node(name, op, &taps)?[0];
+        let q8 = int8.and_then(|i8isa| {
+            let f = FloatPointwise {
+                shape: op.shape,
+                hw: op.hw,
+                in_shape: &op.in_shape,
+                out_shape: &op.out_shape,
+                weights: &found.weights,
+                bias: &found.bias,
+                lo: op.lo,
+                hi: op.hi,
+                residual: op.residual,
+            };
+            GraftPointwiseQ8::of(model, node.inputs[0], &f, i8isa)
+        });
+        let out = match q8 {
+            Some(q8) => {
+                done.integer += 1;
+                patch.wire_node(name, q8, &taps)?[0]
+            }
+            None => patch.wire_node(name, op, &taps)?[0],
+        };
         patch.shunt_outside(model, OutletId::new(found.last, 0), out)?;
         patch.apply(model)?;
         done.convolutions += 1;
@@ -458,6 +498,9 @@ pub fn substitute(
 
 struct Found {
     op: GraftPointwise,
+    /// The convolution's `[cout][cin]` weights and `[cout]` bias, unpacked.
+    weights: Vec<f32>,
+    bias: Vec<f32>,
     clips: usize,
     residual: Option<OutletId>,
     last: usize,
@@ -600,7 +643,8 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
             }
         }
     }
-    let (weights, bias) = kernel::pack(k.try_as_plain_ram()?.as_slice::<f32>()?, &bias, cin, cout);
+    let raw = k.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let (weights, packed_bias) = kernel::pack(&raw, &bias, cin, cout);
     let op = GraftPointwise {
         shape: Shape {
             batch,
@@ -612,7 +656,7 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
         in_shape: xs.into(),
         out_shape: out_concrete,
         weights: weights.into(),
-        bias: bias.into(),
+        bias: packed_bias.into(),
         lo,
         hi,
         residual: residual.is_some(),
@@ -620,6 +664,8 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
     };
     Ok(Some(Found {
         op,
+        weights: raw,
+        bias,
         clips,
         residual,
         last,

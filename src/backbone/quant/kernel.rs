@@ -1,0 +1,491 @@
+//! graft's int8 kernels: plain pointers in, plain pointers out, no tract types.
+//!
+//! **A 1×1 convolution in integers.** In a static QDQ graph a 1×1 convolution reads
+//! `x = (q − zp) · s`, a `u8` activation `q` dequantised, and weights `w = qw · sw[co]`, per
+//! output channel `s8`. Its sum is then `s · sw[co] · (Σ q · qw − zp · Σ qw)`, with the integer
+//! sum exact in `i32`. [`Quantized`] computes it so: the input is quantised back to `u8` as it
+//! is packed (exactly the `QuantizeLinear` that precedes it in the graph), the products are
+//! summed four at a time by AVX-512 VNNI's `vpdpbusd` (`u8 × s8`, 64 multiply-adds per
+//! instruction against a float FMA's 16), and the epilogue subtracts `zp · Σ qw`, scales,
+//! adds the bias, clamps and adds the residual as graft's float kernel does.
+//!
+//! Layouts. `vpdpbusd` multiplies the four bytes of each 32-bit lane of one operand by the four
+//! bytes of the same lane of the other and adds them to the lane's `i32`. A lane holds one
+//! position, so its four bytes are four consecutive input channels of that position: the input
+//! is packed as `[image][group of 4 channels][block of TILE positions][TILE][4]` bytes, and
+//! the weights as `[block of ROWS output channels][group][ROWS]` words, each four channels of
+//! one output channel, broadcast to every lane. A tile is [`ROWS`] output channels × [`TILE`]
+//! positions, 16 accumulators.
+//!
+//! **Fake quantisation.** [`fake_quant`] is a `QuantizeLinear → DequantizeLinear` pair in
+//! floats: `clamp(round_even(x / s), −zp, 255 − zp) · s`, vectorised; the same values as
+//! tract's two passes (which round, convert to `u8`, then convert back), in one pass, in place.
+
+use std::ops::Range;
+
+use crate::backbone::pointwise::kernel::Shape;
+
+/// Output channels per tile.
+pub const ROWS: usize = 8;
+
+/// Positions per vector (`i32` lanes of a 512-bit register).
+pub const LANES: usize = 16;
+
+/// Positions per tile: two vectors.
+pub const TILE: usize = 2 * LANES;
+
+/// Input channels summed per byte group (per `vpdpbusd` lane).
+pub const GROUP: usize = 4;
+
+/// The fewest output channels whose tiles go channel block by channel block.
+const CHANNEL_MAJOR_FROM: usize = 64;
+
+/// Which compiled integer kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa8 {
+    /// Plain integer loops: the reference, and what the checks run on any CPU.
+    Scalar,
+    /// x86-64 AVX-512 with VNNI (`vpdpbusd`).
+    #[cfg(target_arch = "x86_64")]
+    Vnni512,
+}
+
+impl Isa8 {
+    /// The vectorised integer kernel this CPU runs, if any. Without one graft keeps its float
+    /// kernel for the convolution (the same values within float rounding, and faster than a
+    /// scalar integer loop).
+    pub fn vectorised() -> Option<Isa8> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+            {
+                return Some(Isa8::Vnni512);
+            }
+        }
+        None
+    }
+
+    /// Every integer kernel this CPU runs (the scalar reference first).
+    pub fn available() -> Vec<Isa8> {
+        let mut all = vec![Isa8::Scalar];
+        all.extend(Isa8::vectorised());
+        all
+    }
+
+    /// Short name, e.g. `avx512-vnni`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa8::Scalar => "scalar-i32",
+            #[cfg(target_arch = "x86_64")]
+            Isa8::Vnni512 => "avx512-vnni",
+        }
+    }
+}
+
+/// Groups of [`GROUP`] input channels.
+pub fn groups(cin: usize) -> usize {
+    cin.div_ceil(GROUP)
+}
+
+/// Blocks of [`ROWS`] output channels.
+fn blocks(cout: usize) -> usize {
+    cout.div_ceil(ROWS)
+}
+
+/// Blocks of [`TILE`] positions.
+fn position_blocks(hw: usize) -> usize {
+    hw.div_ceil(TILE)
+}
+
+/// `u32` words of the packed input of a pass.
+pub fn packed_input_words(s: &Shape) -> usize {
+    s.batch * groups(s.cin) * position_blocks(s.hw) * TILE
+}
+
+/// Quantises one value as tract's `QuantizeLinearU8` does: `round_even(v · inv) + zp`,
+/// saturated to `0..=255` (a NaN gives `zp`, as tract's float-to-integer conversion does).
+#[inline(always)]
+pub fn quantize(v: f32, inv: f32, zp: i32) -> u8 {
+    ((v * inv).round_ties_even().clamp(-512.0, 512.0) as i32 + zp).clamp(0, 255) as u8
+}
+
+/// `[cout][cin]` `s8` weights laid out for the kernel, `[block][group][ROWS]` words (four
+/// channels' bytes each, zero past the last channel), and each output channel's `Σ qw`
+/// (`[block][ROWS]`, zero past the last).
+pub fn pack_weights(q: &[i8], cin: usize, cout: usize) -> (Vec<i32>, Vec<i32>) {
+    assert_eq!(q.len(), cin * cout, "int8 1x1 convolution weights");
+    let (g, b) = (groups(cin), blocks(cout));
+    let mut packed = vec![0i32; b * g * ROWS];
+    let mut sums = vec![0i32; b * ROWS];
+    for co in 0..cout {
+        let (blk, r) = (co / ROWS, co % ROWS);
+        for gi in 0..g {
+            let mut bytes = [0u8; 4];
+            for (j, byte) in bytes.iter_mut().enumerate() {
+                let ci = gi * GROUP + j;
+                if ci < cin {
+                    *byte = q[co * cin + ci] as u8;
+                }
+            }
+            packed[(blk * g + gi) * ROWS + r] = i32::from_le_bytes(bytes);
+        }
+        sums[co] = q[co * cin..(co + 1) * cin].iter().map(|&w| w as i32).sum();
+    }
+    (packed, sums)
+}
+
+/// One int8 1×1 convolution, ready to run: [`Quantized::pack_input`] over every unit, then
+/// [`Quantized::run_tiles`] over every tile.
+#[derive(Debug, Clone, Copy)]
+pub struct Quantized<'a> {
+    /// The convolution's shape.
+    pub shape: Shape,
+    /// Weights from [`pack_weights`].
+    pub weights: &'a [i32],
+    /// `zp · Σ qw` per output channel (`[block][ROWS]`).
+    pub zp_sums: &'a [i32],
+    /// `s · sw[co]` per output channel (`[block][ROWS]`).
+    pub scales: &'a [f32],
+    /// Bias per output channel (`[block][ROWS]`).
+    pub bias: &'a [f32],
+    /// Outputs are clamped to `[lo, hi]` before the residual is added.
+    pub lo: f32,
+    /// See `lo`.
+    pub hi: f32,
+    /// The input's quantisation: `1 / s` as tract's `QuantizeLinearU8` holds it, and `zp`.
+    pub inv: f32,
+    /// See `inv`.
+    pub zero_point: u8,
+    /// Which compiled kernel runs it.
+    pub isa: Isa8,
+}
+
+impl Quantized<'_> {
+    /// Units of [`Quantized::pack_input`]: every (image, group of input channels).
+    pub fn units(&self) -> usize {
+        self.shape.batch * groups(self.shape.cin)
+    }
+
+    /// Whether consecutive tiles walk the positions of one block of output channels (else
+    /// the channel blocks of one block of positions, whose input then stays in L1). As in
+    /// graft's float kernel: with many output channels, position-inner order writes a few
+    /// long output rows at a time instead of every channel's row at once (on Lite0's
+    /// 16 → 96 over 112×112: 0.48 → 0.2x ms).
+    fn channel_major(&self) -> bool {
+        self.shape.cout >= CHANNEL_MAJOR_FROM
+    }
+
+    /// Tiles of [`Quantized::run_tiles`]: every (image, block of positions, block of output
+    /// channels), in [`Quantized::channel_major`]'s order.
+    pub fn tiles(&self) -> usize {
+        let s = &self.shape;
+        s.batch * position_blocks(s.hw) * blocks(s.cout)
+    }
+
+    fn check(&self) {
+        let s = &self.shape;
+        let b = blocks(s.cout) * ROWS;
+        assert_eq!(self.weights.len(), b / ROWS * groups(s.cin) * ROWS);
+        assert!(self.zp_sums.len() == b && self.scales.len() == b && self.bias.len() == b);
+    }
+
+    /// Runs the whole convolution on this thread: `input` is `[batch][cin][hw]`, `residual`
+    /// and `output` `[batch][cout][hw]`.
+    ///
+    /// # Panics
+    /// If a slice has the wrong length.
+    pub fn run(&self, input: &[f32], residual: Option<&[f32]>, output: &mut [f32]) {
+        let s = &self.shape;
+        self.check();
+        assert_eq!(input.len(), s.batch * s.cin * s.hw);
+        assert_eq!(output.len(), s.batch * s.cout * s.hw);
+        if let Some(r) = residual {
+            assert_eq!(r.len(), output.len());
+        }
+        let mut packed = vec![0u32; packed_input_words(s)];
+        // SAFETY: lengths checked above; one thread runs every unit and tile.
+        unsafe {
+            self.pack_input(input.as_ptr(), packed.as_mut_ptr(), 0..self.units());
+            self.run_tiles(
+                packed.as_ptr(),
+                residual.map(|r| r.as_ptr()),
+                output.as_mut_ptr(),
+                0..self.tiles(),
+            );
+        }
+    }
+
+    /// Quantises and packs `units` of the input (`[batch][cin][hw]` floats) into `packed`
+    /// ([`packed_input_words`]).
+    ///
+    /// # Safety
+    /// `input` and `packed` must have their full lengths, the CPU must run `self.isa`, and no
+    /// other thread may write the same units.
+    pub unsafe fn pack_input(&self, input: *const f32, packed: *mut u32, units: Range<usize>) {
+        let s = &self.shape;
+        let (g, pb) = (groups(s.cin), position_blocks(s.hw));
+        for unit in units {
+            let (image, gi) = (unit / g, unit % g);
+            // The four channel rows of this group (fewer past `cin`).
+            let rows: [Option<*const f32>; GROUP] = std::array::from_fn(|j| {
+                let c = gi * GROUP + j;
+                // SAFETY: in bounds of `input` when `c < cin`.
+                (c < s.cin).then(|| unsafe { input.add((image * s.cin + c) * s.hw) })
+            });
+            // SAFETY: `[image][gi]`'s blocks are in bounds of `packed`.
+            let out = unsafe { packed.add((image * g + gi) * pb * TILE) };
+            unsafe {
+                match self.isa {
+                    Isa8::Scalar => pack_scalar(rows, s.hw, self.inv, self.zero_point, out),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa8::Vnni512 => x86::pack(rows, s.hw, self.inv, self.zero_point, out),
+                }
+            }
+        }
+    }
+
+    /// Runs `tiles`, reading [`Quantized::pack_input`]'s output.
+    ///
+    /// # Safety
+    /// `packed` must hold the packed input, `residual` (if any) and `output` their full
+    /// lengths, the CPU must run `self.isa`, and no other thread may write the same tiles.
+    pub unsafe fn run_tiles(
+        &self,
+        packed: *const u32,
+        residual: Option<*const f32>,
+        output: *mut f32,
+        tiles: Range<usize>,
+    ) {
+        let s = &self.shape;
+        let (g, pb, cb) = (groups(s.cin), position_blocks(s.hw), blocks(s.cout));
+        for t in tiles {
+            let image = t / (pb * cb);
+            let (p, b) = if self.channel_major() {
+                (t % pb, (t / pb) % cb)
+            } else {
+                ((t / cb) % pb, t % cb)
+            };
+            let tile = Tile {
+                // SAFETY: the offsets below stay within the buffers' lengths.
+                packed: unsafe { packed.add((image * g * pb + p) * TILE) },
+                weights: unsafe { self.weights.as_ptr().add(b * g * ROWS) },
+                stride: pb * TILE,
+                groups: g,
+                first_channel: b * ROWS,
+                first_position: p * TILE,
+                image_out: unsafe { output.add(image * s.cout * s.hw) },
+                image_residual: residual.map(|r| unsafe { r.add(image * s.cout * s.hw) }),
+            };
+            unsafe {
+                match self.isa {
+                    Isa8::Scalar => tile_scalar(self, &tile),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa8::Vnni512 => x86::tile(self, &tile),
+                }
+            }
+        }
+    }
+}
+
+/// Where one tile reads and writes.
+struct Tile {
+    /// The tile's first group: `TILE` words, the next group `stride` words further.
+    packed: *const u32,
+    stride: usize,
+    groups: usize,
+    /// The channel block's weights, `[group][ROWS]`.
+    weights: *const i32,
+    first_channel: usize,
+    first_position: usize,
+    /// The image's output (and residual), `[cout][hw]`.
+    image_out: *mut f32,
+    image_residual: Option<*const f32>,
+}
+
+/// # Safety
+/// `rows` point at `hw` floats each, `out` at `position_blocks(hw) * TILE` words.
+unsafe fn pack_scalar(
+    rows: [Option<*const f32>; GROUP],
+    hw: usize,
+    inv: f32,
+    zp: u8,
+    out: *mut u32,
+) {
+    let words = position_blocks(hw) * TILE;
+    for p in 0..words {
+        let mut word = 0u32;
+        for (j, row) in rows.iter().enumerate() {
+            // Past the last position or channel: any byte does (a zero weight, or an output
+            // never stored); zero.
+            if let (Some(row), true) = (row, p < hw) {
+                word |= (quantize(unsafe { *row.add(p) }, inv, zp as i32) as u32) << (8 * j);
+            }
+        }
+        unsafe { *out.add(p) = word };
+    }
+}
+
+/// # Safety
+/// As [`Quantized::run_tiles`].
+unsafe fn tile_scalar(q: &Quantized, t: &Tile) {
+    let s = &q.shape;
+    for r in 0..ROWS {
+        let co = t.first_channel + r;
+        if co >= s.cout {
+            break;
+        }
+        for l in 0..TILE {
+            let p = t.first_position + l;
+            if p >= s.hw {
+                break;
+            }
+            let mut acc = 0i32;
+            for gi in 0..t.groups {
+                let x = unsafe { *t.packed.add(gi * t.stride + l) }.to_le_bytes();
+                let w = unsafe { *t.weights.add(gi * ROWS + r) }.to_le_bytes();
+                for j in 0..GROUP {
+                    acc += x[j] as i32 * (w[j] as i8) as i32;
+                }
+            }
+            let v = (acc - q.zp_sums[co]) as f32;
+            let mut y = v.mul_add(q.scales[co], q.bias[co]);
+            y = y.max(q.lo).min(q.hi);
+            if let Some(res) = t.image_residual {
+                y += unsafe { *res.add(co * s.hw + p) };
+            }
+            unsafe { *t.image_out.add(co * s.hw + p) = y };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// As [`super::pack_scalar`], and the CPU runs AVX-512 F and BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack(
+        rows: [Option<*const f32>; GROUP],
+        hw: usize,
+        inv: f32,
+        zp: u8,
+        out: *mut u32,
+    ) {
+        let (vinv, vzp) = (_mm512_set1_ps(inv), _mm512_set1_epi32(zp as i32));
+        let (lo, hi) = (_mm512_set1_ps(-512.0), _mm512_set1_ps(512.0));
+        let (zero, max) = (_mm512_setzero_si512(), _mm512_set1_epi32(255));
+        let words = position_blocks(hw) * TILE;
+        let mut p = 0;
+        while p < words {
+            let n = hw.saturating_sub(p).min(LANES);
+            let mask: __mmask16 = if n == LANES { 0xffff } else { (1u16 << n) - 1 };
+            let mut word = zero;
+            for (j, row) in rows.iter().enumerate() {
+                let Some(row) = row else { continue };
+                if n == 0 {
+                    break;
+                }
+                // SAFETY: only the first `n` positions (in bounds) are read.
+                let v = unsafe { _mm512_maskz_loadu_ps(mask, row.add(p)) };
+                let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), lo), hi);
+                let q = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    t,
+                );
+                let q = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(q, vzp), zero), max);
+                word = _mm512_or_si512(word, _mm512_sllv_epi32(q, _mm512_set1_epi32(8 * j as i32)));
+            }
+            unsafe { _mm512_storeu_si512(out.add(p) as *mut __m512i, word) };
+            p += LANES;
+        }
+    }
+
+    /// # Safety
+    /// As [`Quantized::run_tiles`], and the CPU runs AVX-512 F, BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile(q: &Quantized, t: &Tile) {
+        let mut acc = [[_mm512_setzero_si512(); 2]; ROWS];
+        for gi in 0..t.groups {
+            // SAFETY: the group's two vectors and ROWS weights are in bounds.
+            let x = unsafe { t.packed.add(gi * t.stride) };
+            let x0 = unsafe { _mm512_loadu_si512(x as *const __m512i) };
+            let x1 = unsafe { _mm512_loadu_si512(x.add(LANES) as *const __m512i) };
+            let w = unsafe { t.weights.add(gi * ROWS) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_epi32(unsafe { *w.add(r) });
+                a[0] = _mm512_dpbusd_epi32(a[0], x0, wv);
+                a[1] = _mm512_dpbusd_epi32(a[1], x1, wv);
+            }
+        }
+        let s = &q.shape;
+        let (lo, hi) = (_mm512_set1_ps(q.lo), _mm512_set1_ps(q.hi));
+        for (r, a) in acc.iter().enumerate() {
+            let co = t.first_channel + r;
+            if co >= s.cout {
+                break;
+            }
+            let corr = _mm512_set1_epi32(q.zp_sums[co]);
+            let (scale, bias) = (_mm512_set1_ps(q.scales[co]), _mm512_set1_ps(q.bias[co]));
+            for (j, &v) in a.iter().enumerate() {
+                let p = t.first_position + j * LANES;
+                if p >= s.hw {
+                    break;
+                }
+                let n = (s.hw - p).min(LANES);
+                let mask: __mmask16 = if n == LANES { 0xffff } else { (1u16 << n) - 1 };
+                let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(v, corr));
+                let mut y = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(v, scale, bias), lo), hi);
+                let at = co * s.hw + p;
+                if let Some(res) = t.image_residual {
+                    y = _mm512_add_ps(y, unsafe { _mm512_maskz_loadu_ps(mask, res.add(at)) });
+                }
+                unsafe { _mm512_mask_storeu_ps(t.image_out.add(at), mask, y) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// `x` holds `n` floats; the CPU runs AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fake_quant(x: *mut f32, n: usize, inv: f32, scale: f32, lo: f32, hi: f32) {
+        let (vinv, vs) = (_mm512_set1_ps(inv), _mm512_set1_ps(scale));
+        let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        let mut i = 0;
+        while i < n {
+            let m = (n - i).min(LANES);
+            let mask: __mmask16 = if m == LANES { 0xffff } else { (1u16 << m) - 1 };
+            let p = unsafe { x.add(i) };
+            let v = unsafe { _mm512_maskz_loadu_ps(mask, p) };
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(v, vinv),
+            );
+            // max/min return their second operand for a NaN first: 0, as tract's conversion.
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(t, t);
+            let t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
+            let t = _mm512_mask_blend_ps(nan, t, _mm512_setzero_ps());
+            unsafe { _mm512_mask_storeu_ps(p, mask, _mm512_mul_ps(t, vs)) };
+            i += LANES;
+        }
+    }
+}
+
+/// A `QuantizeLinear → DequantizeLinear` pair in floats, in place: each value becomes
+/// `clamp(round_even(x · inv), −zp, 255 − zp) · scale`, the value tract's two passes give (a
+/// NaN gives 0, as there).
+pub fn fake_quant(x: &mut [f32], inv: f32, scale: f32, zero_point: u8) {
+    let (lo, hi) = (-(zero_point as f32), 255.0 - zero_point as f32);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the slice's length, and the CPU runs AVX-512 F.
+        unsafe { x86::fake_quant(x.as_mut_ptr(), x.len(), inv, scale, lo, hi) };
+        return;
+    }
+    for v in x {
+        let t = (*v * inv).round_ties_even();
+        let t = if t.is_nan() { 0.0 } else { t.max(lo).min(hi) };
+        *v = t * scale;
+    }
+}

@@ -1,0 +1,789 @@
+//! graft's int8 path inside tract's plan, for static QDQ graphs (the `int8` manifest).
+//!
+//! tract 0.23.9 runs a QDQ graph's convolutions in float and every activation's
+//! `QuantizeLinear → DequantizeLinear` pair as two scalar passes over memory, 62 pairs and 60%
+//! of Lite0's int8 pass on x86 (`docs/performance.md`). graft changes two things, keeping the
+//! graph's values:
+//!
+//! - [`fake_quant_pairs`] replaces each such pair by [`GraftFakeQuant`]: one vectorised pass,
+//!   in place, giving the same values (`round_even`, saturate, scale back).
+//! - A 1×1 convolution that reads such a pair's output, on a CPU with an integer kernel
+//!   ([`kernel::Isa8::vectorised`]: AVX-512 VNNI), becomes [`GraftPointwiseQ8`]: the input is
+//!   quantised back to `u8` as it is packed (exact: it is already on the pair's grid), the
+//!   products are summed in `i32` from the `s8` weights the float constants were made of
+//!   ([`recover_weights`]), and the epilogue scales, adds the bias, clamps and adds the
+//!   residual as graft's float 1×1 kernel does ([`super::pointwise`] finds the chain).
+//!
+//! [`check_against_tract`] runs tract's plan and graft's on the same random quantised
+//! convolutions and pairs: the tests call it, and so does `graft doctor`.
+
+pub mod kernel;
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
+
+use super::pointwise::Shape;
+use super::simd::{par_parts, same_bits, seeded_uniform};
+pub use kernel::Isa8;
+
+/// A `QuantizeLinear → DequantizeLinear` pair (`u8`) run as one float pass, in place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraftFakeQuant {
+    /// `1 / s`, as tract's `QuantizeLinearU8` holds it.
+    pub inv: f32,
+    /// `s`, as tract's `DequantizeLinearF32` holds it.
+    pub scale: f32,
+    /// `zp`.
+    pub zero_point: u8,
+}
+
+impl Eq for GraftFakeQuant {}
+
+impl Op for GraftFakeQuant {
+    fn name(&self) -> StaticName {
+        "GraftFakeQuant".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "scale {} zero point {}",
+            self.scale, self.zero_point
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GraftFakeQuant {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1, "GraftFakeQuant takes one input");
+        // In place when this op holds the only reference (tract frees an activation once its
+        // last reader has it).
+        let mut t = inputs
+            .into_iter()
+            .next()
+            .map(|v| v.into_tensor())
+            .unwrap_or_default();
+        {
+            let mut view = t.try_as_plain_ram_mut()?;
+            let x = view.as_slice_mut::<f32>()?;
+            let n = x.len();
+            let at = x.as_mut_ptr() as usize;
+            const CHUNK: usize = 4096;
+            par_parts(n.div_ceil(CHUNK), n, |chunks| {
+                let start = chunks.start * CHUNK;
+                let end = (chunks.end * CHUNK).min(n);
+                // SAFETY: `start..end` is this thread's part of the `n` values.
+                let part = unsafe {
+                    std::slice::from_raw_parts_mut((at as *mut f32).add(start), end - start)
+                };
+                kernel::fake_quant(part, self.inv, self.scale, self.zero_point);
+            });
+        }
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl TypedOp for GraftFakeQuant {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    fn axes_mapping(
+        &self,
+        inputs: &[&TypedFact],
+        outputs: &[&TypedFact],
+    ) -> TractResult<AxesMapping> {
+        AxesMapping::natural(inputs, outputs)
+    }
+
+    fn change_axes(
+        &self,
+        model: &TypedModel,
+        node: &TypedNode,
+        _io: InOut,
+        change: &AxisOp,
+    ) -> TractResult<Option<AxisChangeConsequence>> {
+        Ok(Some(AxisChangeConsequence::new(model, node, None, change)))
+    }
+
+    as_op!();
+}
+
+/// Replaces every `QuantizeLinearU8 → DequantizeLinearF32` pair of a decluttered model (a
+/// float activation quantised and dequantised with the same zero point, the quantised tensor
+/// read by nothing else) by [`GraftFakeQuant`]. Returns how many.
+#[doc(hidden)]
+pub fn fake_quant_pairs(model: &mut TypedModel) -> TractResult<usize> {
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = &model.nodes[id];
+        let Some(q) = node
+            .op_as::<ElementWiseOp>()
+            .and_then(|e| e.0.downcast_ref::<QuantizeLinearU8>())
+        else {
+            continue;
+        };
+        if node.inputs.len() != 1
+            || model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type()
+        {
+            continue;
+        }
+        let outlet = OutletId::new(id, 0);
+        let [succ] = model.outlet_successors(outlet) else {
+            continue;
+        };
+        if model.outputs.contains(&outlet) {
+            continue;
+        }
+        let next = &model.nodes[succ.node];
+        let Some(dq) = next.op_as::<DequantizeLinearF32>() else {
+            continue;
+        };
+        if dq.zero_point != q.zero_point as i32 {
+            continue;
+        }
+        let op = GraftFakeQuant {
+            inv: q.scale,
+            scale: dq.scale,
+            zero_point: q.zero_point,
+        };
+        let mut patch = TypedModelPatch::new(format!("graft-fake-quant {}", node.name));
+        let x = patch.tap_model(model, node.inputs[0])?;
+        let y = patch.wire_node(&next.name, op, &[x])?[0];
+        patch.shunt_outside(model, OutletId::new(succ.node, 0), y)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    if done > 0 {
+        model.compact()?;
+    }
+    Ok(done)
+}
+
+/// Folds every node of a decluttered model whose inputs are all constants into a constant
+/// (returns how many). tract folds them too, but not past a 4 MiB output that is larger than
+/// its inputs: so in a QDQ graph the classifier's `s8` matrix (1.3 MB, 5.1 MB once in floats)
+/// was dequantised and packed again on every pass, 1.8 ms of Lite0's 7.
+#[doc(hidden)]
+pub fn fold_constants(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::konst::Const;
+    use tract_onnx::tract_core::ops::source::TypedSource;
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = &model.nodes[id];
+        if node.op_is::<Const>()
+            || node.op_is::<TypedSource>()
+            || node.outputs.len() != 1
+            || node.inputs.is_empty()
+            || model.outlet_fact(OutletId::new(id, 0))?.konst.is_some()
+        {
+            continue;
+        }
+        let inputs = model
+            .node_input_facts(id)?
+            .iter()
+            .map(|f| f.konst.clone().map(|k| k.into_tvalue()))
+            .collect::<Option<TVec<TValue>>>();
+        let Some(inputs) = inputs else {
+            continue;
+        };
+        let Ok(Some(mut out)) = node.op.eval_out_of_plan(inputs) else {
+            continue;
+        };
+        let Some(value) = out.pop().filter(|_| out.is_empty()) else {
+            continue;
+        };
+        let mut patch = TypedModelPatch::new(format!("graft-fold {}", node.name));
+        let k = patch.add_const(&node.name, value.into_tensor())?;
+        patch.shunt_outside(model, OutletId::new(id, 0), k)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    if done > 0 {
+        model.compact()?;
+    }
+    Ok(done)
+}
+
+/// Per output channel, the `s8` weights and scale a float `[cout][cin]` matrix was
+/// dequantised from (`w = qw · sw`, symmetric, the largest |qw| 127, as onnxruntime's
+/// quantiser makes them), or `None` if some channel is not exactly so.
+pub fn recover_weights(w: &[f32], cin: usize, cout: usize) -> Option<(Vec<i8>, Vec<f32>)> {
+    if w.len() != cin * cout || cin == 0 {
+        return None;
+    }
+    let mut q = Vec::with_capacity(w.len());
+    let mut scales = Vec::with_capacity(cout);
+    for row in w.chunks_exact(cin) {
+        let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if !m.is_finite() {
+            return None;
+        }
+        // The largest |qw| is 127 unless the channel's scale hit the quantiser's floor (a
+        // dead channel: onnxruntime then keeps a few levels): try 127 first, then fewer.
+        let exact = |k: f32| -> Option<(f32, Vec<i8>)> {
+            let s = m / k;
+            let mut out = Vec::with_capacity(cin);
+            for &v in row {
+                let t = if s > 0.0 { v / s } else { 0.0 };
+                let r = t.round();
+                if (t - r).abs() > 1e-3 || r.abs() > 127.0 {
+                    return None;
+                }
+                out.push(r as i8);
+            }
+            Some((s, out))
+        };
+        let (s, row_q) = (1..=127).rev().find_map(|k| exact(k as f32))?;
+        q.extend(row_q);
+        scales.push(s);
+    }
+    Some((q, scales))
+}
+
+/// A 1×1 convolution over a fake-quantised input, in integers ([`kernel::Quantized`]), with
+/// its bias, clip and residual.
+#[derive(Debug, Clone)]
+pub struct GraftPointwiseQ8 {
+    shape: Shape,
+    hw: [usize; 2],
+    in_shape: TVec<usize>,
+    out_shape: TVec<usize>,
+    /// [`kernel::pack_weights`]ed.
+    weights: Arc<[i32]>,
+    zp_sums: Arc<[i32]>,
+    scales: Arc<[f32]>,
+    bias: Arc<[f32]>,
+    lo: f32,
+    hi: f32,
+    inv: f32,
+    zero_point: u8,
+    residual: bool,
+    isa: Isa8,
+}
+
+impl PartialEq for GraftPointwiseQ8 {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            self.shape,
+            self.hw,
+            self.isa,
+            self.residual,
+            self.zero_point,
+        ) == (o.shape, o.hw, o.isa, o.residual, o.zero_point)
+            && self.in_shape == o.in_shape
+            && self.out_shape == o.out_shape
+            && [self.lo, self.hi, self.inv].map(f32::to_bits)
+                == [o.lo, o.hi, o.inv].map(f32::to_bits)
+            && self.weights == o.weights
+            && self.zp_sums == o.zp_sums
+            && same_bits(&self.scales, &o.scales)
+            && same_bits(&self.bias, &o.bias)
+    }
+}
+
+impl Eq for GraftPointwiseQ8 {}
+
+/// What a float 1×1 convolution found by [`super::pointwise`] is made of.
+pub(crate) struct FloatPointwise<'a> {
+    pub shape: Shape,
+    pub hw: [usize; 2],
+    pub in_shape: &'a [usize],
+    pub out_shape: &'a [usize],
+    /// `[cout][cin]`.
+    pub weights: &'a [f32],
+    /// `[cout]`.
+    pub bias: &'a [f32],
+    pub lo: f32,
+    pub hi: f32,
+    pub residual: bool,
+}
+
+impl GraftPointwiseQ8 {
+    /// The integer form of `f` if its input is [`GraftFakeQuant`]'s output (`input`) and its
+    /// weights are per-channel `s8` ([`recover_weights`]).
+    pub(crate) fn of(
+        model: &TypedModel,
+        input: OutletId,
+        f: &FloatPointwise,
+        isa: Isa8,
+    ) -> Option<GraftPointwiseQ8> {
+        let fq = model.nodes[input.node].op_as::<GraftFakeQuant>()?;
+        let s = f.shape;
+        let (q, wscales) = recover_weights(f.weights, s.cin, s.cout)?;
+        let (weights, sums) = kernel::pack_weights(&q, s.cin, s.cout);
+        let padded = sums.len();
+        let mut scales = vec![0f32; padded];
+        let mut bias = vec![0f32; padded];
+        for co in 0..s.cout {
+            scales[co] = fq.scale * wscales[co];
+            bias[co] = f.bias[co];
+        }
+        let zp = fq.zero_point as i32;
+        let zp_sums: Vec<i32> = sums.iter().map(|&v| v * zp).collect();
+        Some(GraftPointwiseQ8 {
+            shape: s,
+            hw: f.hw,
+            in_shape: f.in_shape.into(),
+            out_shape: f.out_shape.into(),
+            weights: weights.into(),
+            zp_sums: zp_sums.into(),
+            scales: scales.into(),
+            bias: bias.into(),
+            lo: f.lo,
+            hi: f.hi,
+            inv: fq.inv,
+            zero_point: fq.zero_point,
+            residual: f.residual,
+            isa,
+        })
+    }
+
+    fn kernel(&self) -> kernel::Quantized<'_> {
+        kernel::Quantized {
+            shape: self.shape,
+            weights: &self.weights,
+            zp_sums: &self.zp_sums,
+            scales: &self.scales,
+            bias: &self.bias,
+            lo: self.lo,
+            hi: self.hi,
+            inv: self.inv,
+            zero_point: self.zero_point,
+            isa: self.isa,
+        }
+    }
+}
+
+impl Op for GraftPointwiseQ8 {
+    fn name(&self) -> StaticName {
+        "GraftPointwiseQ8".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let s = &self.shape;
+        Ok(vec![format!(
+            "{}->{}ch {}x{}, input zp {}, clip [{}, {}]{}, {}",
+            s.cin,
+            s.cout,
+            self.hw[0],
+            self.hw[1],
+            self.zero_point,
+            self.lo,
+            self.hi,
+            if self.residual { ", + residual" } else { "" },
+            self.isa.name()
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GraftPointwiseQ8 {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let s = self.shape;
+        ensure!(
+            inputs.len() == 1 + self.residual as usize,
+            "GraftPointwiseQ8 takes {} inputs",
+            1 + self.residual as usize
+        );
+        let input = inputs[0].try_as_plain_ram()?;
+        let input = input.as_slice::<f32>()?;
+        ensure!(
+            input.len() == s.batch * s.cin * s.hw,
+            "GraftPointwiseQ8 input has {} values, expected {}",
+            input.len(),
+            s.batch * s.cin * s.hw
+        );
+        let residual = match inputs.get(1) {
+            Some(r) => {
+                let r = r.try_as_plain_ram()?.as_slice::<f32>()?;
+                ensure!(
+                    r.len() == s.batch * s.cout * s.hw,
+                    "GraftPointwiseQ8 residual"
+                );
+                Some(r.as_ptr() as usize)
+            }
+            None => None,
+        };
+        let k = self.kernel();
+        let mut packed = vec![0u32; kernel::packed_input_words(&s)];
+        let (x, pk) = (input.as_ptr() as usize, packed.as_mut_ptr() as usize);
+        par_parts(k.units(), s.batch * s.cin * s.hw * 8, |units| {
+            // SAFETY: lengths checked above; these units are this thread's alone.
+            unsafe { k.pack_input(x as *const f32, pk as *mut u32, units) };
+        });
+        // SAFETY: every value is written below: the tiles cover every (image, channel,
+        // position) once.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?.as_mut_ptr() as usize;
+            par_parts(k.tiles(), s.macs(), |tiles| {
+                // SAFETY: lengths checked above; these tiles are this thread's alone.
+                unsafe {
+                    k.run_tiles(
+                        pk as *const u32,
+                        residual.map(|r| r as *const f32),
+                        out as *mut f32,
+                        tiles,
+                    )
+                };
+            });
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for GraftPointwiseQ8 {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 + self.residual as usize);
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        ensure!(
+            inputs[0].shape.as_concrete() == Some(&self.in_shape[..]),
+            "GraftPointwiseQ8 expects {:?}, got {:?}",
+            self.in_shape,
+            inputs[0].shape
+        );
+        if let Some(r) = inputs.get(1) {
+            ensure!(r.shape.as_concrete() == Some(&self.out_shape[..]));
+        }
+        Ok(tvec!(f32::fact(self.out_shape.clone())))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        Ok(tvec!((
+            Cost::FMA(i32::datum_type()),
+            self.shape.macs().into()
+        )))
+    }
+
+    as_op!();
+}
+
+/// One case [`check_against_tract`] ran.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    /// The convolution (`cout` 0: a quantise/dequantise pair alone, over `cin × hw` values).
+    pub shape: Shape,
+    /// Largest |graft − tract| over the output, relative to the largest |tract| value (or,
+    /// where tract's float sum rounds more than that, to it plus the sum of the output's
+    /// terms' magnitudes); 0 for the pairs, which must match exactly.
+    pub max_rel_error: f32,
+}
+
+/// Speaks tract's error type: graft's API is [`super::check_cpu_kernels`].
+#[doc(hidden)]
+/// Runs tract's plan and graft's on the same seeded random cases, and errors if they differ:
+///
+/// - `random` quantise/dequantise pairs over values that overflow the `u8` range both ways
+///   (zero points 0, 128, 255 and random), which must match tract's exactly;
+/// - `random` int8 1×1 convolutions (`x → QuantizeLinear → DequantizeLinear → Conv` with
+///   per-channel `s8` weights, some channels with fewer than 127 levels, 2–40 channels in,
+///   2–80 out, 4–400 positions, batch 1–3, with a ReLU6, a residual `Add`, both or nothing),
+///   and with `lite0`, EfficientNet-Lite0's 19 shapes, on `isa`, within a relative 1e-5 of
+///   tract's float sums.
+pub fn check_against_tract(
+    isa: Isa8,
+    seed: u64,
+    random: usize,
+    lite0: bool,
+) -> TractResult<Vec<Checked>> {
+    use tract_onnx::tract_core::ops::quant::quantize_linear_u8;
+    let mut s = seed;
+    let mut next = |n: usize| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 33) as usize) % n
+    };
+    let mut checked = Vec::new();
+    // Pairs alone.
+    for i in 0..random {
+        let zp = match i % 4 {
+            0 => 0u8,
+            1 => 128,
+            2 => 255,
+            _ => next(256) as u8,
+        };
+        let scale = 0.01 + next(1000) as f32 / 997.0;
+        let n = 1 + next(5000);
+        let mut data_seed = seed ^ (i as u64 + 7).wrapping_mul(0x9E3779B97F4A7C15);
+        // Values past both ends of the range, and some exactly on ties.
+        let mut x = seeded_uniform(&mut data_seed, n, 300.0 * scale);
+        for (j, v) in x.iter_mut().enumerate().step_by(7) {
+            *v = (j as f32 - 100.0 + 0.5) * scale;
+        }
+        let mut model = TypedModel::default();
+        let src = model.add_source("x", f32::fact([n]))?;
+        let q = model.wire_node("q", quantize_linear_u8(scale.recip(), zp), &[src])?[0];
+        let y = model.wire_node("dq", DequantizeLinearF32::new(scale, zp as i32), &[q])?[0];
+        model.select_output_outlets(&[y])?;
+        let model = model.into_decluttered()?;
+        let input = tvec!(Tensor::from_shape(&[n], &x)?.into_tvalue());
+        let want = model
+            .clone()
+            .into_optimized()?
+            .into_runnable()?
+            .run(input.clone())?;
+        let mut ours = model;
+        ensure!(
+            fake_quant_pairs(&mut ours)? == 1,
+            "graft's fake quantisation did not take the pair (zero point {zp})"
+        );
+        let got = ours.into_optimized()?.into_runnable()?.run(input)?;
+        let (want, got) = (want[0].try_as_plain_ram()?, got[0].try_as_plain_ram()?);
+        let (want, got) = (want.as_slice::<f32>()?, got.as_slice::<f32>()?);
+        for (j, (a, b)) in got.iter().zip(want).enumerate() {
+            ensure!(
+                a == b,
+                "graft's fake quantisation differs from tract's pair at {j} (x {}, scale {scale}, zero point {zp}): {a} vs {b}",
+                x[j]
+            );
+        }
+        checked.push(Checked {
+            shape: Shape {
+                batch: 1,
+                cin: n,
+                cout: 0,
+                hw: 1,
+            },
+            max_rel_error: 0.0,
+        });
+    }
+    // Convolutions.
+    let mut cases: Vec<(Shape, [usize; 2], bool, bool)> = Vec::new();
+    if lite0 {
+        for (i, &(cin, cout, side, residual)) in super::pointwise::LITE0_SHAPES.iter().enumerate() {
+            let shape = Shape {
+                batch: 1,
+                cin,
+                cout,
+                hw: side * side,
+            };
+            cases.push((shape, [side, side], !residual && i % 2 == 1, residual));
+        }
+    }
+    for _ in 0..random {
+        let (h, w) = (2 + next(19), 2 + next(19));
+        let shape = Shape {
+            batch: 1 + next(3),
+            cin: 2 + next(39),
+            cout: 2 + next(79),
+            hw: h * w,
+        };
+        let t = next(4);
+        cases.push((shape, [h, w], t & 1 == 1, t & 2 == 2));
+    }
+    for (i, (shape, [h, w], clip, residual)) in cases.into_iter().enumerate() {
+        let sh = &shape;
+        let mut data_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15);
+        let zp = if i % 3 == 0 { 0u8 } else { next(256) as u8 };
+        let xs = 0.02 + next(100) as f32 / 1000.0;
+        let input = seeded_uniform(&mut data_seed, sh.batch * sh.cin * sh.hw, 300.0 * xs);
+        // s8 weights: each channel's largest |q| 127, except every fifth channel's (the
+        // floor a dead channel's scale hits), with a random scale per channel.
+        let mut weights = Vec::with_capacity(sh.cout * sh.cin);
+        for co in 0..sh.cout {
+            let levels = if co % 5 == 4 { 1 + next(60) } else { 127 };
+            let ws = 0.001 + next(1000) as f32 / 50_000.0;
+            let at = next(sh.cin);
+            for ci in 0..sh.cin {
+                let q = if ci == at {
+                    levels as i32 * if next(2) == 0 { 1 } else { -1 }
+                } else {
+                    next(2 * levels + 1) as i32 - levels as i32
+                };
+                weights.push(q as f32 * ws);
+            }
+        }
+        let bias = seeded_uniform(&mut data_seed, sh.cout, 2.0);
+        let res = seeded_uniform(&mut data_seed, sh.batch * sh.cout * sh.hw, 2.0);
+        let model = quantised_conv(sh, [h, w], clip, residual, xs, zp, &weights, &bias)?;
+        let mut inputs =
+            tvec!(Tensor::from_shape(&[sh.batch, sh.cin, h, w], &input)?.into_tvalue());
+        if residual {
+            inputs.push(Tensor::from_shape(&[sh.batch, sh.cout, h, w], &res)?.into_tvalue());
+        }
+        let want = model
+            .clone()
+            .into_optimized()?
+            .into_runnable()?
+            .run(inputs.clone())?;
+        let mut ours = model;
+        ensure!(fake_quant_pairs(&mut ours)? == 1);
+        let done =
+            super::pointwise::substitute_with(&mut ours, super::simd::Isa::Scalar, Some(isa), 1)?;
+        ensure!(
+            done.integer == 1 && done.residuals == residual as usize,
+            "graft's int8 1x1 convolution did not take {sh:?} (clip {clip}, residual {residual}): {done:?}"
+        );
+        let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;
+        let (want, got) = (want[0].try_as_plain_ram()?, got[0].try_as_plain_ram()?);
+        let (want, got) = (want.as_slice::<f32>()?, got.as_slice::<f32>()?);
+        ensure!(got.len() == want.len(), "{sh:?}: output sizes");
+        // graft's sums are exact integers; tract's are float sums of `cin` terms, whose
+        // rounding grows with their magnitudes (a ReLU6 may clip an output of 6 out of sums
+        // of hundreds): each output is allowed a relative 1e-5 of the largest output plus
+        // 1e-6 of its own terms' magnitudes.
+        let xq: Vec<f32> = input
+            .iter()
+            .map(|&v| (kernel::quantize(v, xs.recip(), zp as i32) as f32 - zp as f32) * xs)
+            .collect();
+        let magnitude = |j: usize| -> f32 {
+            let (image, co, p) = (j / (sh.cout * sh.hw), (j / sh.hw) % sh.cout, j % sh.hw);
+            (0..sh.cin)
+                .map(|ci| (xq[(image * sh.cin + ci) * sh.hw + p] * weights[co * sh.cin + ci]).abs())
+                .sum()
+        };
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let mut worst = 0f32;
+        for (j, (a, b)) in got.iter().zip(want).enumerate() {
+            let diff = (a - b).abs();
+            let rel = if diff <= 1e-5 * scale {
+                diff / scale
+            } else {
+                let m = magnitude(j);
+                ensure!(
+                    diff <= 1e-5 * scale + 1e-6 * m,
+                    "graft's int8 1x1 convolution ({}) differs from tract's on {sh:?} (zero point {zp}, clip {clip}, residual {residual}) at output {j}: {a} vs {b}",
+                    isa.name()
+                );
+                diff / (scale + m)
+            };
+            ensure!(
+                rel <= 1e-5,
+                "graft's int8 1x1 convolution ({}) differs from tract's on {sh:?} (zero point {zp}, clip {clip}, residual {residual}) at output {j}: {a} vs {b}",
+                isa.name()
+            );
+            worst = worst.max(rel);
+        }
+        checked.push(Checked {
+            shape,
+            max_rel_error: worst,
+        });
+    }
+    Ok(checked)
+}
+
+/// A decluttered model of `x → QuantizeLinear → DequantizeLinear → Conv 1×1` (as tract-onnx
+/// loads a QDQ graph, the weights already folded to floats), then a ReLU6 and a residual
+/// `Add` if asked.
+#[allow(clippy::too_many_arguments)]
+fn quantised_conv(
+    s: &Shape,
+    [h, w]: [usize; 2],
+    clip: bool,
+    residual: bool,
+    scale: f32,
+    zp: u8,
+    weights: &[f32],
+    bias: &[f32],
+) -> TractResult<TypedModel> {
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
+    use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+    use tract_onnx::tract_core::ops::math::{Add, Max, Min};
+    use tract_onnx::tract_core::ops::nn::DataFormat;
+    use tract_onnx::tract_core::ops::quant::quantize_linear_u8;
+    let mut model = TypedModel::default();
+    let x = model.add_source("x", f32::fact([s.batch, s.cin, h, w]))?;
+    let r = if residual {
+        Some(model.add_source("residual", f32::fact([s.batch, s.cout, h, w]))?)
+    } else {
+        None
+    };
+    let q = model.wire_node("q", quantize_linear_u8(scale.recip(), zp), &[x])?[0];
+    let x = model.wire_node("dq", DequantizeLinearF32::new(scale, zp as i32), &[q])?[0];
+    let k = model.add_const(
+        "kernel",
+        Tensor::from_shape(&[s.cout, s.cin, 1, 1], weights)?,
+    )?;
+    let b = model.add_const("bias", Tensor::from_shape(&[s.cout], bias)?)?;
+    let conv = Conv {
+        pool_spec: PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![1, 1],
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides: None,
+            input_channels: s.cin,
+            output_channels: s.cout,
+        },
+        kernel_fmt: KernelFormat::OIHW,
+        group: 1,
+        q_params: None,
+    };
+    let mut y = model.wire_node("conv", conv, &[x, k, b])?[0];
+    if clip {
+        let zero = model.add_const("zero", Tensor::from_shape(&[1, 1, 1, 1], &[0f32])?)?;
+        let six = model.add_const("six", Tensor::from_shape(&[1, 1, 1, 1], &[6f32])?)?;
+        y = model.wire_node("relu6.min", TypedBinOp(Box::new(Max), None), &[y, zero])?[0];
+        y = model.wire_node("relu6.max", TypedBinOp(Box::new(Min), None), &[y, six])?[0];
+    }
+    if let Some(r) = r {
+        y = model.wire_node("add", TypedBinOp(Box::new(Add), None), &[y, r])?[0];
+    }
+    model.select_output_outlets(&[y])?;
+    model.into_decluttered()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_integer_kernel_matches_tracts_quantised_1x1_convolution_and_pairs() {
+        for isa in Isa8::available() {
+            let checked = check_against_tract(isa, 31, 30, true).unwrap();
+            assert_eq!(checked.len(), 30 + 19 + 30);
+        }
+    }
+
+    /// Over three threads each takes a third of the packing units and of the tiles.
+    #[test]
+    fn integer_tiles_shared_by_three_threads_match_tract() {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        for isa in Isa8::available() {
+            let checked = multithread_tract_scope(Executor::multithread(3), || {
+                check_against_tract(isa, 37, 10, true)
+            })
+            .unwrap();
+            assert_eq!(checked.len(), 10 + 19 + 10);
+        }
+    }
+
+    #[test]
+    fn weights_not_quantised_per_channel_stay_float() {
+        // A channel whose values are no integer multiples of a common step.
+        let w = [0.5f32, 0.3, 0.123_456, 1.0, 0.25, -0.5];
+        assert!(recover_weights(&w, 3, 2).is_none());
+        // Exact multiples: recovered, the largest |q| 127 where the step allows it.
+        let w: Vec<f32> = [127i32, -3, 0, 4, -2, 1]
+            .iter()
+            .map(|&q| q as f32 * 0.01)
+            .collect();
+        let (q, s) = recover_weights(&w, 3, 2).unwrap();
+        assert_eq!(&q[..3], &[127, -3, 0]);
+        assert!((s[0] - 0.01).abs() < 1e-9);
+        // The second channel's step is any that makes every value an integer multiple
+        // (here 0.04 / 124: 124, -62, 31).
+        for (j, &v) in w.iter().enumerate() {
+            assert!((q[j] as f32 * s[j / 3] - v).abs() < 1e-6, "{j}");
+        }
+        assert!(q.iter().all(|&v| v != i8::MIN));
+    }
+}
