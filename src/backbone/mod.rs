@@ -763,7 +763,10 @@ impl Backbone {
                     p.products,
                     match p.fake_quant_pairs {
                         0 => String::new(),
-                        n => format!("; {n} activation quantise/dequantise pairs in one pass each"),
+                        n => format!(
+                            "; {n} activation quantise/dequantise pairs in one pass each, {} of them folded into the convolution before",
+                            p.fake_quant_fused
+                        ),
                     }
                 )
             }
@@ -885,8 +888,14 @@ impl Backbone {
                     pointwise::substitute_with(&mut typed, isa, int8, pointwise::MIN_POSITIONS)
                         .map_err(load)?
                 };
+                let fused = if pairs > 0 {
+                    quant::fuse_fake_quant(&mut typed).map_err(load)?
+                } else {
+                    0
+                };
                 let p = pointwise::Substituted {
                     fake_quant_pairs: pairs,
+                    fake_quant_fused: fused,
                     ..p
                 };
                 (d, p)

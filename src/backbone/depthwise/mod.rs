@@ -30,6 +30,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec
 use tract_onnx::tract_core::ops::math::{Max, Min};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use super::quant::Grid;
 use super::simd::{par_parts, same_bits, seeded_uniform, threads, SharedOut, SharedPtr};
 pub use kernel::{Geometry, Isa};
 
@@ -58,6 +59,10 @@ pub struct GraftDepthwise {
     blocked: Option<Packed>,
     /// `[N, C, H, W]` tensors; without, `[C, H, W]` (tract drops a batch axis of 1).
     batch_axis: bool,
+    /// The fake quantisation that follows in a QDQ graph, folded in
+    /// ([`super::quant::fuse_fake_quant`]): applied to each part of the output as it is
+    /// written.
+    grid: Option<Grid>,
 }
 
 thread_local! {
@@ -75,6 +80,7 @@ impl PartialEq for GraftDepthwise {
             && self.dense == other.dense
             && self.isa == other.isa
             && self.batch_axis == other.batch_axis
+            && self.grid == other.grid
             && self.blocked.is_some() == other.blocked.is_some()
             && self.lo.to_bits() == other.lo.to_bits()
             && self.hi.to_bits() == other.hi.to_bits()
@@ -121,7 +127,15 @@ impl Op for GraftDepthwise {
             self.hi,
             self.isa.name(),
             layout
-        )])
+        )]
+        .into_iter()
+        .chain(self.grid.map(|g| {
+            format!(
+                "then on the grid of scale {} zero point {}",
+                g.scale, g.zero_point
+            )
+        }))
+        .collect())
     }
 
     fn validation(&self) -> Validation {
@@ -182,6 +196,9 @@ impl EvalOp for GraftDepthwise {
                         o,
                         &mut scratch,
                     );
+                    if let Some(g) = self.grid {
+                        g.apply(o);
+                    }
                 }
                 Ok(())
             })?;
@@ -191,6 +208,14 @@ impl EvalOp for GraftDepthwise {
 }
 
 impl GraftDepthwise {
+    /// This convolution with the fake quantisation `grid` folded in (`None` if it has one).
+    pub(crate) fn with_grid(&self, grid: Grid) -> Option<GraftDepthwise> {
+        self.grid.is_none().then(|| GraftDepthwise {
+            grid: Some(grid),
+            ..self.clone()
+        })
+    }
+
     /// This convolution run on `isa`, laid out as `layout` says (a dense one: planes).
     fn for_isa(self, isa: Isa, layout: Layout) -> GraftDepthwise {
         let g = &self.geo;
@@ -277,6 +302,7 @@ impl GraftDepthwise {
         };
         let band_rows = g.ho.div_ceil(bands);
         let (input, output) = (SharedPtr(input.as_ptr()), SharedOut(out.as_mut_ptr()));
+        let (grid, g_wo) = (self.grid, g.wo);
         par_parts(g.batch * bands * blocks, g.macs(), |items| {
             let (input, output) = (input, output);
             BLOCK_SCRATCH.with_borrow_mut(|scratch| {
@@ -294,7 +320,15 @@ impl GraftDepthwise {
                     // block's `cn` planes, which no other item does.
                     unsafe {
                         let x = std::slice::from_raw_parts(input.0.add(c0 * in_len), cn * in_len);
-                        op.run_rows(x, b, rows, output.0.add(c0 * out_len), scratch);
+                        op.run_rows(x, b, rows.clone(), output.0.add(c0 * out_len), scratch);
+                        if let Some(g) = grid {
+                            for c in c0..c0 + cn {
+                                g.apply(std::slice::from_raw_parts_mut(
+                                    output.0.add(c * out_len + rows.start * g_wo),
+                                    rows.len() * g_wo,
+                                ));
+                            }
+                        }
                     }
                 }
             });
@@ -343,6 +377,9 @@ impl GraftDepthwise {
                             o,
                             &mut flat,
                         );
+                        if let Some(g) = self.grid {
+                            g.apply(o);
+                        }
                     }
                     Ok(())
                 },
@@ -382,6 +419,7 @@ impl GraftDepthwise {
             op.pad(image, &mut padded);
             let padded = &padded;
             let output = SharedOut(out.as_mut_ptr());
+            let (grid, g_ho, g_wo) = (self.grid, g.ho, g.wo);
             // One (empty) item per output row.
             let mut rows = vec![(); g.ho];
             tract_linalg::multithread::par_chunks_mut(
@@ -393,7 +431,15 @@ impl GraftDepthwise {
                     // SAFETY: `out` is one image's `cout × ho × wo`, and rows `first..` are this
                     // chunk's alone.
                     unsafe {
-                        op.run_rows(padded, first..first + chunk.len(), output.ptr(), &mut row)
+                        op.run_rows(padded, first..first + chunk.len(), output.ptr(), &mut row);
+                        if let Some(g) = grid {
+                            for co in 0..cout {
+                                g.apply(std::slice::from_raw_parts_mut(
+                                    output.ptr().add((co * g_ho + first) * g_wo),
+                                    chunk.len() * g_wo,
+                                ));
+                            }
+                        }
                     };
                     Ok(())
                 },
@@ -623,6 +669,7 @@ fn depthwise_at(
         isa: Isa::Scalar,
         blocked: None,
         batch_axis,
+        grid: None,
     };
     Ok(Some((op, clips, last)))
 }
@@ -838,10 +885,17 @@ pub fn check_against_tract(
                     && done.clips == 2,
                 "graft's depthwise did not take {g:?} {dense:?} (substituted {done:?})"
             );
-            let ours = ours.into_optimized()?.into_runnable()?;
-            let got = ours.run(tvec!(input.clone().into_tvalue()))?;
+            let plan = ours.clone().into_optimized()?.into_runnable()?;
+            let got = plan.run(tvec!(input.clone().into_tvalue()))?;
             let got = got[0].try_as_plain_ram()?;
             let got = got.as_slice::<f32>()?;
+            // A QDQ graph's fake quantisation folded in gives the same values as after it.
+            super::quant::check_fused_grid(
+                &ours,
+                tvec!(input.clone().into_tvalue()),
+                got,
+                super::quant::check_grid(i),
+            )?;
             ensure!(
                 got.len() == want.len(),
                 "{g:?}: {} outputs vs tract's {}",

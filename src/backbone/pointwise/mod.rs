@@ -404,6 +404,8 @@ pub struct Substituted {
     /// Activation `QuantizeLinear → DequantizeLinear` pairs run as one pass
     /// ([`super::quant::GraftFakeQuant`]; QDQ graphs only).
     pub fake_quant_pairs: usize,
+    /// Of those, the ones folded into the graft convolution that writes their input.
+    pub fake_quant_fused: usize,
     /// `Max`/`Min` clips folded into them.
     pub clips: usize,
     /// Residual `Add`s folded into them.

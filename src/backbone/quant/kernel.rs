@@ -158,6 +158,8 @@ pub struct Quantized<'a> {
     pub inv: f32,
     /// See `inv`.
     pub zero_point: u8,
+    /// The fake quantisation that follows, folded in (after the clip and residual).
+    pub grid: Option<Grid>,
     /// Which compiled kernel runs it.
     pub isa: Isa8,
 }
@@ -355,6 +357,9 @@ unsafe fn tile_scalar(q: &Quantized, t: &Tile) {
             if let Some(res) = t.image_residual {
                 y += unsafe { *res.add(co * s.hw + p) };
             }
+            if let Some(g) = q.grid {
+                y = g.one(y);
+            }
             unsafe { *t.image_out.add(co * s.hw + p) = y };
         }
     }
@@ -422,6 +427,14 @@ mod x86 {
         }
         let s = &q.shape;
         let (lo, hi) = (_mm512_set1_ps(q.lo), _mm512_set1_ps(q.hi));
+        let grid = q.grid.map(|g| {
+            (
+                _mm512_set1_ps(g.inv),
+                _mm512_set1_ps(g.scale),
+                _mm512_set1_ps(-(g.zero_point as f32)),
+                _mm512_set1_ps(255.0 - g.zero_point as f32),
+            )
+        });
         for (r, a) in acc.iter().enumerate() {
             let co = t.first_channel + r;
             if co >= s.cout {
@@ -442,9 +455,25 @@ mod x86 {
                 if let Some(res) = t.image_residual {
                     y = _mm512_add_ps(y, unsafe { _mm512_maskz_loadu_ps(mask, res.add(at)) });
                 }
+                if let Some((inv, scale, glo, ghi)) = grid {
+                    y = on_grid(y, inv, scale, glo, ghi);
+                }
                 unsafe { _mm512_mask_storeu_ps(t.image_out.add(at), mask, y) };
             }
         }
+    }
+
+    /// [`super::Grid::one`] of 16 values.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn on_grid(v: __m512, inv: __m512, scale: __m512, lo: __m512, hi: __m512) -> __m512 {
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(v, inv),
+        );
+        // max/min return their second operand for a NaN first: 0, as tract's conversion.
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(t, t);
+        let t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+        _mm512_mul_ps(_mm512_mask_blend_ps(nan, t, _mm512_setzero_ps()), scale)
     }
 
     /// # Safety
@@ -459,16 +488,37 @@ mod x86 {
             let mask: __mmask16 = if m == LANES { 0xffff } else { (1u16 << m) - 1 };
             let p = unsafe { x.add(i) };
             let v = unsafe { _mm512_maskz_loadu_ps(mask, p) };
-            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm512_mul_ps(v, vinv),
-            );
-            // max/min return their second operand for a NaN first: 0, as tract's conversion.
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(t, t);
-            let t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
-            let t = _mm512_mask_blend_ps(nan, t, _mm512_setzero_ps());
-            unsafe { _mm512_mask_storeu_ps(p, mask, _mm512_mul_ps(t, vs)) };
+            unsafe { _mm512_mask_storeu_ps(p, mask, on_grid(v, vinv, vs, vlo, vhi)) };
             i += LANES;
         }
+    }
+}
+
+/// The grid of a `u8` quantisation, `(q − zp) · scale` for `q` in `0..=255`: where a fake
+/// quantisation puts each value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Grid {
+    /// `1 / scale`, as tract's `QuantizeLinearU8` holds it.
+    pub inv: f32,
+    /// `scale`.
+    pub scale: f32,
+    /// `zp`.
+    pub zero_point: u8,
+}
+
+impl Grid {
+    /// [`fake_quant`] with this grid.
+    pub fn apply(&self, x: &mut [f32]) {
+        fake_quant(x, self.inv, self.scale, self.zero_point);
+    }
+
+    /// [`Grid::apply`] of one value.
+    #[inline(always)]
+    pub fn one(&self, v: f32) -> f32 {
+        let (lo, hi) = (-(self.zero_point as f32), 255.0 - self.zero_point as f32);
+        let t = (v * self.inv).round_ties_even();
+        let t = if t.is_nan() { 0.0 } else { t.max(lo).min(hi) };
+        t * self.scale
     }
 }
 
@@ -483,9 +533,12 @@ pub fn fake_quant(x: &mut [f32], inv: f32, scale: f32, zero_point: u8) {
         unsafe { x86::fake_quant(x.as_mut_ptr(), x.len(), inv, scale, lo, hi) };
         return;
     }
+    let g = Grid {
+        inv,
+        scale,
+        zero_point,
+    };
     for v in x {
-        let t = (*v * inv).round_ties_even();
-        let t = if t.is_nan() { 0.0 } else { t.max(lo).min(hi) };
-        *v = t * scale;
+        *v = g.one(*v);
     }
 }

@@ -28,7 +28,7 @@ use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
 
 use super::pointwise::Shape;
 use super::simd::{par_parts, same_bits, seeded_uniform};
-pub use kernel::Isa8;
+pub use kernel::{Grid, Isa8};
 
 /// A `QuantizeLinear → DequantizeLinear` pair (`u8`) run as one float pass, in place.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +42,17 @@ pub struct GraftFakeQuant {
 }
 
 impl Eq for GraftFakeQuant {}
+
+impl GraftFakeQuant {
+    /// Its grid.
+    pub fn grid(&self) -> Grid {
+        Grid {
+            inv: self.inv,
+            scale: self.scale,
+            zero_point: self.zero_point,
+        }
+    }
+}
 
 impl Op for GraftFakeQuant {
     fn name(&self) -> StaticName {
@@ -213,6 +224,53 @@ pub fn fold_constants(model: &mut TypedModel) -> TractResult<usize> {
     Ok(done)
 }
 
+/// Folds each [`GraftFakeQuant`] into the graft operator before it (an int8 1×1 convolution,
+/// a depthwise or the stem) when it is that operator's only reader: the operator then puts its
+/// output on the grid as it writes it, while it is in cache, and the pass over memory is gone.
+/// The values are the same, bit for bit. Returns how many.
+#[doc(hidden)]
+pub fn fuse_fake_quant(model: &mut TypedModel) -> TractResult<usize> {
+    use super::depthwise::GraftDepthwise;
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let Some(fq) = model.nodes[id].op_as::<GraftFakeQuant>() else {
+            continue;
+        };
+        let grid = fq.grid();
+        let input = model.nodes[id].inputs[0];
+        if model.outputs.contains(&input)
+            || model.outlet_successors(input).len() != 1
+            || model.nodes[input.node].outputs.len() != 1
+        {
+            continue;
+        }
+        let producer = &model.nodes[input.node];
+        let op: Box<dyn TypedOp> = if let Some(q8) = producer.op_as::<GraftPointwiseQ8>() {
+            if q8.grid.is_some() {
+                continue;
+            }
+            Box::new(GraftPointwiseQ8 {
+                grid: Some(grid),
+                ..q8.clone()
+            })
+        } else if let Some(d) = producer.op_as::<GraftDepthwise>() {
+            match d.with_grid(grid) {
+                Some(d) => Box::new(d),
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        let patch = TypedModelPatch::fuse_with_next(model, producer, op)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    if done > 0 {
+        model.compact()?;
+    }
+    Ok(done)
+}
+
 /// Per output channel, the `s8` weights and scale a float `[cout][cin]` matrix was
 /// dequantised from (`w = qw · sw`, symmetric, the largest |qw| 127, as onnxruntime's
 /// quantiser makes them), or `None` if some channel is not exactly so.
@@ -267,6 +325,8 @@ pub struct GraftPointwiseQ8 {
     inv: f32,
     zero_point: u8,
     residual: bool,
+    /// The fake quantisation that follows, folded in ([`fuse_fake_quant`]).
+    grid: Option<Grid>,
     isa: Isa8,
 }
 
@@ -281,6 +341,7 @@ impl PartialEq for GraftPointwiseQ8 {
         ) == (o.shape, o.hw, o.isa, o.residual, o.zero_point)
             && self.in_shape == o.in_shape
             && self.out_shape == o.out_shape
+            && self.grid == o.grid
             && [self.lo, self.hi, self.inv].map(f32::to_bits)
                 == [o.lo, o.hi, o.inv].map(f32::to_bits)
             && self.weights == o.weights
@@ -343,6 +404,7 @@ impl GraftPointwiseQ8 {
             inv: fq.inv,
             zero_point: fq.zero_point,
             residual: f.residual,
+            grid: None,
             isa,
         })
     }
@@ -358,6 +420,7 @@ impl GraftPointwiseQ8 {
             hi: self.hi,
             inv: self.inv,
             zero_point: self.zero_point,
+            grid: self.grid,
             isa: self.isa,
         }
     }
@@ -381,7 +444,15 @@ impl Op for GraftPointwiseQ8 {
             self.hi,
             if self.residual { ", + residual" } else { "" },
             self.isa.name()
-        )])
+        )]
+        .into_iter()
+        .chain(self.grid.map(|g| {
+            format!(
+                "then on the grid of scale {} zero point {}",
+                g.scale, g.zero_point
+            )
+        }))
+        .collect())
     }
 
     fn validation(&self) -> Validation {
@@ -632,10 +703,15 @@ pub fn check_against_tract(
             done.integer == 1 && done.residuals == residual as usize,
             "graft's int8 1x1 convolution did not take {sh:?} (clip {clip}, residual {residual}): {done:?}"
         );
-        let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;
+        let got = ours
+            .clone()
+            .into_optimized()?
+            .into_runnable()?
+            .run(inputs.clone())?;
         let (want, got) = (want[0].try_as_plain_ram()?, got[0].try_as_plain_ram()?);
         let (want, got) = (want.as_slice::<f32>()?, got.as_slice::<f32>()?);
         ensure!(got.len() == want.len(), "{sh:?}: output sizes");
+        check_fused_grid(&ours, inputs, got, check_grid(i))?;
         // graft's sums are exact integers; tract's are float sums of `cin` terms, whose
         // rounding grows with their magnitudes (a ReLU6 may clip an output of 6 out of sums
         // of hundreds): each output is allowed a relative 1e-5 of the largest output plus
@@ -678,6 +754,59 @@ pub fn check_against_tract(
         });
     }
     Ok(checked)
+}
+
+/// Checks [`fuse_fake_quant`] on a model whose output node is a graft convolution (after its
+/// substitution) that gave `plain` on `inputs`: with a [`GraftFakeQuant`] of `grid` after it,
+/// folded in, every output must be `grid` applied to `plain`, bit for bit.
+pub(crate) fn check_fused_grid(
+    model: &TypedModel,
+    inputs: TVec<TValue>,
+    plain: &[f32],
+    grid: Grid,
+) -> TractResult<()> {
+    let mut m = model.clone();
+    let out = m.output_outlets()?[0];
+    let fq = GraftFakeQuant {
+        inv: grid.inv,
+        scale: grid.scale,
+        zero_point: grid.zero_point,
+    };
+    let y = m.wire_node("fq", fq, &[out])?[0];
+    m.select_output_outlets(&[y])?;
+    ensure!(
+        fuse_fake_quant(&mut m)? == 1,
+        "the fake quantisation was not folded into {}",
+        model.node(out.node).op.name()
+    );
+    let got = m.into_optimized()?.into_runnable()?.run(inputs)?;
+    let got = got[0].try_as_plain_ram()?;
+    let got = got.as_slice::<f32>()?;
+    ensure!(got.len() == plain.len());
+    for (j, (a, p)) in got.iter().zip(plain).enumerate() {
+        let want = grid.one(*p);
+        ensure!(
+            a.to_bits() == want.to_bits() || (*a == 0.0 && want == 0.0),
+            "{} with its fake quantisation folded in gives {a} at output {j}, the pair gives {want} (from {p})",
+            model.node(out.node).op.name()
+        );
+    }
+    Ok(())
+}
+
+/// A grid for the checks: ReLU6's (scale 6/255, zero point 0) or a zero point inside the
+/// range, so that both ends saturate.
+pub(crate) fn check_grid(i: usize) -> Grid {
+    let (scale, zero_point) = if i % 2 == 0 {
+        (6.0 / 255.0, 0)
+    } else {
+        (0.011, 97)
+    };
+    Grid {
+        inv: f32::recip(scale),
+        scale,
+        zero_point,
+    }
 }
 
 /// A decluttered model of `x → QuantizeLinear → DequantizeLinear → Conv 1×1` (as tract-onnx
