@@ -45,9 +45,13 @@ const CHANNEL_MAJOR_FROM: usize = 64;
 pub enum Isa8 {
     /// Plain integer loops: the reference, and what the checks run on any CPU.
     Scalar,
-    /// x86-64 AVX-512 with VNNI (`vpdpbusd`).
+    /// x86-64 AVX-512 with VNNI (`vpdpbusd`, 16 lanes).
     #[cfg(target_arch = "x86_64")]
     Vnni512,
+    /// x86-64 AVX2 with AVX-VNNI (the same instruction on 8 lanes, VEX-encoded: Intel's
+    /// Alder Lake and later, the N100-class boards included, which lack AVX-512).
+    #[cfg(target_arch = "x86_64")]
+    Vnni256,
 }
 
 impl Isa8 {
@@ -63,14 +67,26 @@ impl Isa8 {
             {
                 return Some(Isa8::Vnni512);
             }
+            if avx_vnni() {
+                return Some(Isa8::Vnni256);
+            }
         }
         None
     }
 
     /// Every integer kernel this CPU runs (the scalar reference first).
     pub fn available() -> Vec<Isa8> {
+        #[allow(unused_mut)]
         let mut all = vec![Isa8::Scalar];
-        all.extend(Isa8::vectorised());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx_vnni() {
+                all.push(Isa8::Vnni256);
+            }
+            if Isa8::vectorised() == Some(Isa8::Vnni512) {
+                all.push(Isa8::Vnni512);
+            }
+        }
         all
     }
 
@@ -80,8 +96,18 @@ impl Isa8 {
             Isa8::Scalar => "scalar-i32",
             #[cfg(target_arch = "x86_64")]
             Isa8::Vnni512 => "avx512-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Isa8::Vnni256 => "avx-vnni",
         }
     }
+}
+
+/// Whether this CPU runs the AVX-VNNI kernel (AVX2, FMA and AVX-VNNI).
+#[cfg(target_arch = "x86_64")]
+fn avx_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("avxvnni")
 }
 
 /// Groups of [`GROUP`] input channels.
@@ -243,6 +269,8 @@ impl Quantized<'_> {
                     Isa8::Scalar => pack_scalar(rows, s.hw, self.inv, self.zero_point, out),
                     #[cfg(target_arch = "x86_64")]
                     Isa8::Vnni512 => x86::pack(rows, s.hw, self.inv, self.zero_point, out),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa8::Vnni256 => x86::pack256(rows, s.hw, self.inv, self.zero_point, out),
                 }
             }
         }
@@ -285,6 +313,16 @@ impl Quantized<'_> {
                     Isa8::Scalar => tile_scalar(self, &tile),
                     #[cfg(target_arch = "x86_64")]
                     Isa8::Vnni512 => x86::tile(self, &tile),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa8::Vnni256 => {
+                        // Four quarters of the tile: 16 accumulators and the operands do not
+                        // fit AVX2's 16 registers otherwise.
+                        for rows in [0, ROWS / 2] {
+                            for half in [0, LANES] {
+                                x86::quarter256(self, &tile, rows, half);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -476,6 +514,159 @@ mod x86 {
         _mm512_mul_ps(_mm512_mask_blend_ps(nan, t, _mm512_setzero_ps()), scale)
     }
 
+    /// [`super::Grid::one`] of 8 values.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn on_grid256(v: __m256, inv: __m256, scale: __m256, lo: __m256, hi: __m256) -> __m256 {
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(v, inv),
+        );
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(t, t);
+        let t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
+        _mm256_mul_ps(_mm256_blendv_ps(t, _mm256_setzero_ps(), nan), scale)
+    }
+
+    /// The whole vectors of [`super::fake_quant`] on AVX2: returns how many values it did
+    /// (the rest is the caller's).
+    ///
+    /// # Safety
+    /// `x` holds `n` floats; the CPU runs AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn fake_quant256(
+        x: *mut f32,
+        n: usize,
+        inv: f32,
+        scale: f32,
+        lo: f32,
+        hi: f32,
+    ) -> usize {
+        let (vinv, vs) = (_mm256_set1_ps(inv), _mm256_set1_ps(scale));
+        let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        let mut i = 0;
+        while i + 8 <= n {
+            let p = unsafe { x.add(i) };
+            let v = unsafe { _mm256_loadu_ps(p) };
+            unsafe { _mm256_storeu_ps(p, on_grid256(v, vinv, vs, vlo, vhi)) };
+            i += 8;
+        }
+        i
+    }
+
+    /// As [`pack`] on AVX2: 8 positions per vector, the tail a value at a time.
+    ///
+    /// # Safety
+    /// As [`super::pack_scalar`], and the CPU runs AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack256(
+        rows: [Option<*const f32>; GROUP],
+        hw: usize,
+        inv: f32,
+        zp: u8,
+        out: *mut u32,
+    ) {
+        let (vinv, vzp) = (_mm256_set1_ps(inv), _mm256_set1_epi32(zp as i32));
+        let (lo, hi) = (_mm256_set1_ps(-512.0), _mm256_set1_ps(512.0));
+        let (zero, max) = (_mm256_setzero_si256(), _mm256_set1_epi32(255));
+        let words = position_blocks(hw) * TILE;
+        let mut p = 0;
+        while p + 8 <= hw {
+            let mut word = zero;
+            for (j, row) in rows.iter().enumerate() {
+                let Some(row) = row else { continue };
+                // SAFETY: positions `p..p + 8` are in bounds.
+                let v = unsafe { _mm256_loadu_ps(row.add(p)) };
+                let t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vinv), lo), hi);
+                let t = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+                let q = _mm256_add_epi32(_mm256_cvtps_epi32(t), vzp);
+                let q = _mm256_min_epi32(_mm256_max_epi32(q, zero), max);
+                word = _mm256_or_si256(word, _mm256_sllv_epi32(q, _mm256_set1_epi32(8 * j as i32)));
+            }
+            unsafe { _mm256_storeu_si256(out.add(p) as *mut __m256i, word) };
+            p += 8;
+        }
+        for p in p..words {
+            let mut word = 0u32;
+            for (j, row) in rows.iter().enumerate() {
+                if let (Some(row), true) = (row, p < hw) {
+                    word |= (quantize(unsafe { *row.add(p) }, inv, zp as i32) as u32) << (8 * j);
+                }
+            }
+            unsafe { *out.add(p) = word };
+        }
+    }
+
+    /// A quarter of a tile on AVX-VNNI: output channels `rows..rows + ROWS / 2`, positions
+    /// `half..half + LANES` of the tile (two vectors of 8).
+    ///
+    /// # Safety
+    /// As [`Quantized::run_tiles`], and the CPU runs AVX2, FMA and AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn quarter256(q: &Quantized, t: &Tile, rows: usize, half: usize) {
+        const R: usize = ROWS / 2;
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for gi in 0..t.groups {
+            // SAFETY: the group's two vectors and its weights are in bounds.
+            let x = unsafe { t.packed.add(gi * t.stride + half) };
+            let x0 = unsafe { _mm256_loadu_si256(x as *const __m256i) };
+            let x1 = unsafe { _mm256_loadu_si256(x.add(8) as *const __m256i) };
+            let w = unsafe { t.weights.add(gi * ROWS + rows) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_set1_epi32(unsafe { *w.add(r) });
+                a[0] = _mm256_dpbusd_avx_epi32(a[0], x0, wv);
+                a[1] = _mm256_dpbusd_avx_epi32(a[1], x1, wv);
+            }
+        }
+        let s = &q.shape;
+        let (lo, hi) = (_mm256_set1_ps(q.lo), _mm256_set1_ps(q.hi));
+        let grid = q.grid.map(|g| {
+            (
+                _mm256_set1_ps(g.inv),
+                _mm256_set1_ps(g.scale),
+                _mm256_set1_ps(-(g.zero_point as f32)),
+                _mm256_set1_ps(255.0 - g.zero_point as f32),
+            )
+        });
+        for (r, a) in acc.iter().enumerate() {
+            let co = t.first_channel + rows + r;
+            if co >= s.cout {
+                break;
+            }
+            let corr = _mm256_set1_epi32(q.zp_sums[co]);
+            let (scale, bias) = (_mm256_set1_ps(q.scales[co]), _mm256_set1_ps(q.bias[co]));
+            for (j, &v) in a.iter().enumerate() {
+                let p = t.first_position + half + j * 8;
+                if p >= s.hw {
+                    break;
+                }
+                let n = (s.hw - p).min(8);
+                let at = co * s.hw + p;
+                let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, corr));
+                let mut y = _mm256_min_ps(_mm256_max_ps(_mm256_fmadd_ps(v, scale, bias), lo), hi);
+                let mut buf = [0f32; 8];
+                if let Some(res) = t.image_residual {
+                    let r = if n == 8 {
+                        unsafe { _mm256_loadu_ps(res.add(at)) }
+                    } else {
+                        // SAFETY: the first `n` residual values are in bounds.
+                        unsafe { std::ptr::copy_nonoverlapping(res.add(at), buf.as_mut_ptr(), n) };
+                        unsafe { _mm256_loadu_ps(buf.as_ptr()) }
+                    };
+                    y = _mm256_add_ps(y, r);
+                }
+                if let Some((inv, scale, glo, ghi)) = grid {
+                    y = on_grid256(y, inv, scale, glo, ghi);
+                }
+                if n == 8 {
+                    unsafe { _mm256_storeu_ps(t.image_out.add(at), y) };
+                } else {
+                    unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), y) };
+                    // SAFETY: the first `n` outputs are in bounds.
+                    unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), t.image_out.add(at), n) };
+                }
+            }
+        }
+    }
+
     /// # Safety
     /// `x` holds `n` floats; the CPU runs AVX-512 F.
     #[target_feature(enable = "avx512f")]
@@ -533,6 +724,14 @@ pub fn fake_quant(x: &mut [f32], inv: f32, scale: f32, zero_point: u8) {
         unsafe { x86::fake_quant(x.as_mut_ptr(), x.len(), inv, scale, lo, hi) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    let x = if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the slice's length, and the CPU runs AVX2; the tail is left to the loop.
+        let done = unsafe { x86::fake_quant256(x.as_mut_ptr(), x.len(), inv, scale, lo, hi) };
+        &mut x[done..]
+    } else {
+        x
+    };
     let g = Grid {
         inv,
         scale,
