@@ -717,6 +717,7 @@ impl Grid {
 /// `clamp(round_even(x · inv), −zp, 255 − zp) · scale`, the value tract's two passes give (a
 /// NaN gives 0, as there).
 pub fn fake_quant(x: &mut [f32], inv: f32, scale: f32, zero_point: u8) {
+    #[cfg(target_arch = "x86_64")]
     let (lo, hi) = (-(zero_point as f32), 255.0 - zero_point as f32);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {

@@ -797,7 +797,7 @@ pub(crate) fn check_fused_grid(
 /// A grid for the checks: ReLU6's (scale 6/255, zero point 0) or a zero point inside the
 /// range, so that both ends saturate.
 pub(crate) fn check_grid(i: usize) -> Grid {
-    let (scale, zero_point) = if i % 2 == 0 {
+    let (scale, zero_point) = if i.is_multiple_of(2) {
         (6.0 / 255.0, 0)
     } else {
         (0.011, 97)
