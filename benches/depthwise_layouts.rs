@@ -86,6 +86,7 @@ fn main() {
             isa,
             lo: 0.0,
             hi: 6.0,
+            grid: None,
         };
         let mut scratch = BlockScratch::default();
         let blocked_s = median(|| {

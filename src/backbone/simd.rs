@@ -107,6 +107,9 @@ pub(crate) trait Lanes: Copy {
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
     unsafe fn add(a: Self, b: Self) -> Self;
     unsafe fn clamp(self, lo: Self, hi: Self) -> Self;
+    unsafe fn mul(a: Self, b: Self) -> Self;
+    /// Rounds each lane to the nearest integer, ties to even.
+    unsafe fn round_even(self) -> Self;
     /// Loads `n < N` floats, the other lanes zero.
     unsafe fn load_tail(p: *const f32, n: usize) -> Self;
     /// Stores the first `n < N` lanes.
@@ -176,6 +179,14 @@ impl Lanes for Scalar {
     unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
         // max then min, as ONNX's Clip and tract's Max/Min chain do (NaN propagates the same).
         Scalar(self.0.max(lo.0).min(hi.0))
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        Scalar(a.0 * b.0)
+    }
+    #[inline(always)]
+    unsafe fn round_even(self) -> Self {
+        Scalar(self.0.round_ties_even())
     }
     #[inline(always)]
     unsafe fn load_tail(_: *const f32, _: usize) -> Self {
@@ -324,6 +335,16 @@ pub(crate) mod x86 {
             F32x16(unsafe { _mm512_min_ps(_mm512_max_ps(self.0, lo.0), hi.0) })
         }
         #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            F32x16(unsafe { _mm512_mul_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn round_even(self) -> Self {
+            F32x16(unsafe {
+                _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0)
+            })
+        }
+        #[inline(always)]
         unsafe fn load_tail(p: *const f32, n: usize) -> Self {
             let mask: __mmask16 = (1u16 << n) - 1;
             F32x16(unsafe { _mm512_maskz_loadu_ps(mask, p) })
@@ -410,6 +431,16 @@ pub(crate) mod x86 {
         #[inline(always)]
         unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
             F32x8(unsafe { _mm256_min_ps(_mm256_max_ps(self.0, lo.0), hi.0) })
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            F32x8(unsafe { _mm256_mul_ps(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn round_even(self) -> Self {
+            F32x8(unsafe {
+                _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0)
+            })
         }
         #[inline(always)]
         unsafe fn load_tail(p: *const f32, n: usize) -> Self {
@@ -508,6 +539,14 @@ pub(crate) mod arm {
         #[inline(always)]
         unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
             Neon(unsafe { vminq_f32(vmaxq_f32(self.0, lo.0), hi.0) })
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            Neon(unsafe { vmulq_f32(a.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn round_even(self) -> Self {
+            Neon(unsafe { vrndnq_f32(self.0) })
         }
         #[inline(always)]
         unsafe fn load_tail(p: *const f32, n: usize) -> Self {

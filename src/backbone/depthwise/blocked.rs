@@ -25,6 +25,7 @@
 use std::ops::Range;
 
 use super::kernel::Geometry;
+use crate::backbone::quant::Grid;
 use crate::backbone::simd::{dispatch, Isa, Lanes, Work};
 
 /// Whether the channel-blocked layout is the one to run on `isa`: where the interleaving is an
@@ -119,6 +120,8 @@ pub struct Blocked<'a> {
     pub lo: f32,
     /// See `lo`.
     pub hi: f32,
+    /// Then put on a quantisation grid (a QDQ graph's fake quantisation, folded in).
+    pub grid: Option<Grid>,
 }
 
 impl Blocked<'_> {
@@ -199,6 +202,7 @@ impl Blocked<'_> {
                 bias,
                 lo: self.lo,
                 hi: self.hi,
+                grid: self.grid,
                 ring: aligned(&mut scratch.ring, g.kh * wp * lanes),
                 offsets: &mut scratch.offsets,
                 tile: aligned(&mut scratch.tile, lanes * lanes),
@@ -245,6 +249,7 @@ impl Blocked<'_> {
             bias,
             lo: self.lo,
             hi: self.hi,
+            grid: self.grid,
             padded: aligned(&mut scratch.padded, trash + lanes),
             slots: &scratch.slots,
             offsets: &scratch.offsets,
@@ -269,6 +274,7 @@ struct Job<'a> {
     bias: &'a [f32],
     lo: f32,
     hi: f32,
+    grid: Option<Grid>,
     padded: &'a mut [f32],
     slots: &'a [usize],
     offsets: &'a [usize],
@@ -325,6 +331,7 @@ impl Work for Job<'_> {
             bias: self.bias.as_ptr(),
             lo: self.lo,
             hi: self.hi,
+            grid: self.grid,
             dst: tile,
         };
         let (mut q0, q_end) = (self.rows.start * g.wo, self.rows.end * g.wo);
@@ -366,6 +373,7 @@ struct RowsJob<'a> {
     bias: &'a [f32],
     lo: f32,
     hi: f32,
+    grid: Option<Grid>,
     ring: &'a mut [f32],
     offsets: &'a mut [usize],
     tile: &'a mut [f32],
@@ -430,6 +438,7 @@ impl Work for RowsJob<'_> {
                     bias: self.bias.as_ptr(),
                     lo: self.lo,
                     hi: self.hi,
+                    grid: self.grid,
                     dst: tile,
                 };
                 let base = |ox: usize| ox * g.sw * n;
@@ -440,6 +449,55 @@ impl Work for RowsJob<'_> {
                     k.positions::<L, false>(count, |i| base(x0 + i), self.cn, o, out_plane);
                     x0 += count;
                 }
+            }
+        }
+    }
+}
+
+/// The end of every output vector of a block: the bias, the clamp, and in a QDQ graph the
+/// grid of the fake quantisation that follows (`clamp(round_even(y / s), −zp, 255 − zp) · s`,
+/// [`Grid::one`]'s operations on a vector: the same values for finite sums).
+#[derive(Clone, Copy)]
+struct Finish<L> {
+    bias: L,
+    lo: L,
+    hi: L,
+    grid: Option<[L; 4]>,
+}
+
+impl<L: Lanes> Finish<L> {
+    /// # Safety
+    /// `bias` points at one vector; the CPU runs `L`.
+    #[inline(always)]
+    unsafe fn new(bias: *const f32, lo: f32, hi: f32, grid: Option<Grid>) -> Self {
+        unsafe {
+            Finish {
+                bias: L::load(bias),
+                lo: L::splat(lo),
+                hi: L::splat(hi),
+                grid: grid.map(|g| {
+                    [
+                        L::splat(g.inv),
+                        L::splat(g.scale),
+                        L::splat(-(g.zero_point as f32)),
+                        L::splat(255.0 - g.zero_point as f32),
+                    ]
+                }),
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU runs `L`.
+    #[inline(always)]
+    unsafe fn apply(&self, a: L) -> L {
+        unsafe {
+            let y = L::add(a, self.bias).clamp(self.lo, self.hi);
+            match self.grid {
+                Some([inv, scale, lo, hi]) => {
+                    L::mul(L::mul(y, inv).round_even().clamp(lo, hi), scale)
+                }
+                None => y,
             }
         }
     }
@@ -460,6 +518,7 @@ struct Taps<'a> {
     bias: *const f32,
     lo: f32,
     hi: f32,
+    grid: Option<Grid>,
     dst: *mut f32,
 }
 
@@ -628,11 +687,9 @@ impl Taps<'_> {
                     }
                 }
             }
-            let (lo, hi, bias) = (L::splat(self.lo), L::splat(self.hi), L::load(self.bias));
+            let fin = Finish::<L>::new(self.bias, self.lo, self.hi, self.grid);
             for (r, a) in acc.iter().enumerate() {
-                L::add(*a, bias)
-                    .clamp(lo, hi)
-                    .store(self.dst.add((q + r) * n));
+                fin.apply(*a).store(self.dst.add((q + r) * n));
             }
         }
     }
@@ -666,11 +723,9 @@ impl Taps<'_> {
                     }
                 }
             }
-            let (lo, hi, bias) = (L::splat(self.lo), L::splat(self.hi), L::load(self.bias));
+            let fin = Finish::<L>::new(self.bias, self.lo, self.hi, self.grid);
             for (r, a) in acc.iter().enumerate() {
-                L::add(*a, bias)
-                    .clamp(lo, hi)
-                    .store(self.dst.add((q + r) * n));
+                fin.apply(*a).store(self.dst.add((q + r) * n));
             }
         }
     }
@@ -691,11 +746,9 @@ impl Taps<'_> {
                     *a = L::mul_add(L::load(p.add(*b)), w, *a);
                 }
             }
-            let (lo, hi, bias) = (L::splat(self.lo), L::splat(self.hi), L::load(self.bias));
+            let fin = Finish::<L>::new(self.bias, self.lo, self.hi, self.grid);
             for (r, a) in acc.iter().enumerate() {
-                L::add(*a, bias)
-                    .clamp(lo, hi)
-                    .store(self.dst.add((q + r) * n));
+                fin.apply(*a).store(self.dst.add((q + r) * n));
             }
         }
     }
@@ -724,6 +777,8 @@ pub struct DenseBlocked<'a> {
     pub lo: f32,
     /// See `lo`.
     pub hi: f32,
+    /// Then put on a quantisation grid (a QDQ graph's fake quantisation, folded in).
+    pub grid: Option<Grid>,
 }
 
 impl DenseBlocked<'_> {
@@ -834,6 +889,7 @@ impl Work for DenseJob<'_> {
             bias: unsafe { d.bias.as_ptr().add(cb * n) },
             lo: d.lo,
             hi: d.hi,
+            grid: d.grid,
             dst,
         };
         // SAFETY: `row` holds two blocks' rows of `wo` vectors (`run_rows`).
@@ -922,6 +978,7 @@ struct Broadcasts<'a> {
     bias: *const f32,
     lo: f32,
     hi: f32,
+    grid: Option<Grid>,
     dst: *mut f32,
 }
 
@@ -946,11 +1003,9 @@ impl Broadcasts<'_> {
                 }
             }
             for (k, acc) in [self, other].into_iter().zip(&acc) {
-                let (lo, hi, bias) = (L::splat(k.lo), L::splat(k.hi), L::load(k.bias));
+                let fin = Finish::<L>::new(k.bias, k.lo, k.hi, k.grid);
                 for (r, a) in acc.iter().enumerate() {
-                    L::add(*a, bias)
-                        .clamp(lo, hi)
-                        .store(k.dst.add((ox + r) * n));
+                    fin.apply(*a).store(k.dst.add((ox + r) * n));
                 }
             }
         }
@@ -970,11 +1025,9 @@ impl Broadcasts<'_> {
                     *a = L::mul_add(L::splat(*p.add(*b)), w, *a);
                 }
             }
-            let (lo, hi, bias) = (L::splat(self.lo), L::splat(self.hi), L::load(self.bias));
+            let fin = Finish::<L>::new(self.bias, self.lo, self.hi, self.grid);
             for (r, a) in acc.iter().enumerate() {
-                L::add(*a, bias)
-                    .clamp(lo, hi)
-                    .store(self.dst.add((ox + r) * n));
+                fin.apply(*a).store(self.dst.add((ox + r) * n));
             }
         }
     }
@@ -1037,6 +1090,7 @@ mod tests {
                     isa,
                     lo: -0.5,
                     hi: 1.5,
+                    grid: None,
                 };
                 // Whole planes, then bands of 3 rows (one scratch throughout, as a thread's
                 // is across the blocks and bands it takes).

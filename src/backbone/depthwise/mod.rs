@@ -60,8 +60,8 @@ pub struct GraftDepthwise {
     /// `[N, C, H, W]` tensors; without, `[C, H, W]` (tract drops a batch axis of 1).
     batch_axis: bool,
     /// The fake quantisation that follows in a QDQ graph, folded in
-    /// ([`super::quant::fuse_fake_quant`]): applied to each part of the output as it is
-    /// written.
+    /// ([`super::quant::fuse_fake_quant`]): the channel-blocked kernels apply it to each
+    /// output vector before they store it, the plane kernels to each plane they wrote.
     grid: Option<Grid>,
 }
 
@@ -283,6 +283,7 @@ impl GraftDepthwise {
             isa: self.isa,
             lo: self.lo,
             hi: self.hi,
+            grid: self.grid,
         };
         let lanes = blocked::block_channels(self.isa);
         let blocks = g.channels.div_ceil(lanes);
@@ -302,7 +303,6 @@ impl GraftDepthwise {
         };
         let band_rows = g.ho.div_ceil(bands);
         let (input, output) = (SharedPtr(input.as_ptr()), SharedOut(out.as_mut_ptr()));
-        let (grid, g_wo) = (self.grid, g.wo);
         par_parts(g.batch * bands * blocks, g.macs(), |items| {
             let (input, output) = (input, output);
             BLOCK_SCRATCH.with_borrow_mut(|scratch| {
@@ -320,15 +320,7 @@ impl GraftDepthwise {
                     // block's `cn` planes, which no other item does.
                     unsafe {
                         let x = std::slice::from_raw_parts(input.0.add(c0 * in_len), cn * in_len);
-                        op.run_rows(x, b, rows.clone(), output.0.add(c0 * out_len), scratch);
-                        if let Some(g) = grid {
-                            for c in c0..c0 + cn {
-                                g.apply(std::slice::from_raw_parts_mut(
-                                    output.0.add(c * out_len + rows.start * g_wo),
-                                    rows.len() * g_wo,
-                                ));
-                            }
-                        }
+                        op.run_rows(x, b, rows, output.0.add(c0 * out_len), scratch);
                     }
                 }
             });
@@ -409,6 +401,7 @@ impl GraftDepthwise {
             isa: self.isa,
             lo: self.lo,
             hi: self.hi,
+            grid: self.grid,
         };
         let (in_len, out_len) = (g.channels * g.h * g.w, cout * g.ho * g.wo);
         let mut padded = Vec::new();
@@ -419,7 +412,6 @@ impl GraftDepthwise {
             op.pad(image, &mut padded);
             let padded = &padded;
             let output = SharedOut(out.as_mut_ptr());
-            let (grid, g_ho, g_wo) = (self.grid, g.ho, g.wo);
             // One (empty) item per output row.
             let mut rows = vec![(); g.ho];
             tract_linalg::multithread::par_chunks_mut(
@@ -431,15 +423,7 @@ impl GraftDepthwise {
                     // SAFETY: `out` is one image's `cout × ho × wo`, and rows `first..` are this
                     // chunk's alone.
                     unsafe {
-                        op.run_rows(padded, first..first + chunk.len(), output.ptr(), &mut row);
-                        if let Some(g) = grid {
-                            for co in 0..cout {
-                                g.apply(std::slice::from_raw_parts_mut(
-                                    output.ptr().add((co * g_ho + first) * g_wo),
-                                    chunk.len() * g_wo,
-                                ));
-                            }
-                        }
+                        op.run_rows(padded, first..first + chunk.len(), output.ptr(), &mut row)
                     };
                     Ok(())
                 },
