@@ -391,7 +391,9 @@ unsafe fn tile_scalar(q: &Quantized, t: &Tile) {
             }
             let v = (acc - q.zp_sums[co]) as f32;
             let mut y = v.mul_add(q.scales[co], q.bias[co]);
-            y = y.max(q.lo).min(q.hi);
+            if q.lo > f32::NEG_INFINITY || q.hi < f32::INFINITY {
+                y = y.max(q.lo).min(q.hi);
+            }
             if let Some(res) = t.image_residual {
                 y += unsafe { *res.add(co * s.hw + p) };
             }
@@ -465,6 +467,7 @@ mod x86 {
         }
         let s = &q.shape;
         let (lo, hi) = (_mm512_set1_ps(q.lo), _mm512_set1_ps(q.hi));
+        let clip = q.lo > f32::NEG_INFINITY || q.hi < f32::INFINITY;
         let grid = q.grid.map(|g| {
             (
                 _mm512_set1_ps(g.inv),
@@ -488,13 +491,21 @@ mod x86 {
                 let n = (s.hw - p).min(LANES);
                 let mask: __mmask16 = if n == LANES { 0xffff } else { (1u16 << n) - 1 };
                 let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(v, corr));
-                let mut y = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(v, scale, bias), lo), hi);
+                let mut y = _mm512_fmadd_ps(v, scale, bias);
+                if clip {
+                    y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+                }
                 let at = co * s.hw + p;
                 if let Some(res) = t.image_residual {
                     y = _mm512_add_ps(y, unsafe { _mm512_maskz_loadu_ps(mask, res.add(at)) });
                 }
                 if let Some((inv, scale, glo, ghi)) = grid {
-                    y = on_grid(y, inv, scale, glo, ghi);
+                    // Without a residual the sum is finite: no NaN to map to 0.
+                    y = if t.image_residual.is_some() {
+                        on_grid(y, inv, scale, glo, ghi)
+                    } else {
+                        on_grid_finite(y, inv, scale, glo, ghi)
+                    };
                 }
                 unsafe { _mm512_mask_storeu_ps(t.image_out.add(at), mask, y) };
             }
@@ -618,6 +629,7 @@ mod x86 {
         }
         let s = &q.shape;
         let (lo, hi) = (_mm256_set1_ps(q.lo), _mm256_set1_ps(q.hi));
+        let clip = q.lo > f32::NEG_INFINITY || q.hi < f32::INFINITY;
         let grid = q.grid.map(|g| {
             (
                 _mm256_set1_ps(g.inv),
@@ -641,7 +653,10 @@ mod x86 {
                 let n = (s.hw - p).min(8);
                 let at = co * s.hw + p;
                 let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, corr));
-                let mut y = _mm256_min_ps(_mm256_max_ps(_mm256_fmadd_ps(v, scale, bias), lo), hi);
+                let mut y = _mm256_fmadd_ps(v, scale, bias);
+                if clip {
+                    y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+                }
                 let mut buf = [0f32; 8];
                 if let Some(res) = t.image_residual {
                     let r = if n == 8 {
@@ -665,6 +680,16 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// [`on_grid`] for values that are not NaN.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn on_grid_finite(v: __m512, inv: __m512, scale: __m512, lo: __m512, hi: __m512) -> __m512 {
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(v, inv),
+        );
+        _mm512_mul_ps(_mm512_min_ps(_mm512_max_ps(t, lo), hi), scale)
     }
 
     /// # Safety
