@@ -206,7 +206,8 @@ impl Quantized<'_> {
     }
 
     /// Tiles of [`Quantized::run_tiles`]: every (image, block of positions, block of output
-    /// channels), in [`Quantized::channel_major`]'s order.
+    /// channels); from 64 output channels, the positions of one channel block first (as the
+    /// float kernel), else the channel blocks of one block of positions first.
     pub fn tiles(&self) -> usize {
         let s = &self.shape;
         s.batch * position_blocks(s.hw) * blocks(s.cout)
