@@ -9,29 +9,12 @@
 //! GRAFT_BENCH_ISA=avx2+fma cargo bench --bench depthwise_layouts
 //! ```
 
-use std::time::Instant;
+mod common;
 
+use common::median;
 use graft::backbone::depthwise::blocked::{self, BlockScratch, Blocked};
 use graft::backbone::depthwise::kernel::{Plane, Scratch};
 use graft::backbone::depthwise::{lite0_geometry, Isa, LITE0_SHAPES};
-
-/// Median seconds of one call of `f`, over 25 batches of 10 after 10 warm-up calls.
-fn median(mut f: impl FnMut()) -> f64 {
-    for _ in 0..10 {
-        f();
-    }
-    let mut times: Vec<f64> = (0..25)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..10 {
-                f();
-            }
-            t.elapsed().as_secs_f64() / 10.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
 
 fn main() {
     let isa = match std::env::var("GRAFT_BENCH_ISA") {

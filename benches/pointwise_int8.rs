@@ -10,30 +10,13 @@
 //! cargo bench --bench pointwise_int8
 //! ```
 
-use std::time::Instant;
+mod common;
 
+use common::median;
 use graft::backbone::depthwise::Isa;
 use graft::backbone::pointwise::kernel::{pack, Pointwise, Shape};
 use graft::backbone::pointwise::LITE0_SHAPES;
 use graft::backbone::quant::kernel::{pack_weights, Isa8, Quantized};
-
-/// Median seconds of one call of `f`, over 25 batches of 10 after 10 warm-up calls.
-fn median(mut f: impl FnMut()) -> f64 {
-    for _ in 0..10 {
-        f();
-    }
-    let mut times: Vec<f64> = (0..25)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..10 {
-                f();
-            }
-            t.elapsed().as_secs_f64() / 10.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
 
 fn main() {
     let floats: Vec<Isa> = Isa::available()

@@ -129,12 +129,7 @@ impl Op for GraftDepthwise {
             layout
         )]
         .into_iter()
-        .chain(self.grid.map(|g| {
-            format!(
-                "then on the grid of scale {} zero point {}",
-                g.scale, g.zero_point
-            )
-        }))
+        .chain(self.grid.map(|g| g.describe()))
         .collect())
     }
 

@@ -102,30 +102,8 @@ impl EvalOp for GraftPointwise {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let s = self.shape;
-        ensure!(
-            inputs.len() == 1 + self.residual as usize,
-            "GraftPointwise takes {} inputs",
-            1 + self.residual as usize
-        );
-        let input = inputs[0].try_as_plain_ram()?;
-        let input = input.as_slice::<f32>()?;
-        ensure!(
-            input.len() == s.batch * s.cin * s.hw,
-            "GraftPointwise input has {} values, expected {}",
-            input.len(),
-            s.batch * s.cin * s.hw
-        );
-        let residual = match inputs.get(1) {
-            Some(r) => {
-                let r = r.try_as_plain_ram()?.as_slice::<f32>()?;
-                ensure!(
-                    r.len() == s.batch * s.cout * s.hw,
-                    "GraftPointwise residual"
-                );
-                Some(r.as_ptr())
-            }
-            None => None,
-        };
+        let (input, residual) = inputs_of("GraftPointwise", &inputs, &s, self.residual)?;
+        let residual = residual.map(|r| r.as_ptr());
         // SAFETY: every value is written below: the tiles cover every (image, channel,
         // position) once.
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
@@ -156,18 +134,13 @@ impl EvalOp for GraftPointwise {
 
 impl TypedOp for GraftPointwise {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 1 + self.residual as usize);
-        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
-        ensure!(
-            inputs[0].shape.as_concrete() == Some(&self.in_shape[..]),
-            "GraftPointwise expects {:?}, got {:?}",
-            self.in_shape,
-            inputs[0].shape
-        );
-        if let Some(r) = inputs.get(1) {
-            ensure!(r.shape.as_concrete() == Some(&self.out_shape[..]));
-        }
-        Ok(tvec!(f32::fact(self.out_shape.clone())))
+        output_facts_of(
+            "GraftPointwise",
+            inputs,
+            &self.in_shape,
+            &self.out_shape,
+            self.residual,
+        )
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -178,6 +151,64 @@ impl TypedOp for GraftPointwise {
     }
 
     as_op!();
+}
+
+/// A 1×1 operator's output fact, its inputs' facts checked: float, `in_shape` and (the
+/// residual, if it takes one) `out_shape`.
+pub(crate) fn output_facts_of(
+    op: &str,
+    inputs: &[&TypedFact],
+    in_shape: &[usize],
+    out_shape: &[usize],
+    residual: bool,
+) -> TractResult<TVec<TypedFact>> {
+    ensure!(inputs.len() == 1 + residual as usize);
+    ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+    ensure!(
+        inputs[0].shape.as_concrete() == Some(in_shape),
+        "{op} expects {in_shape:?}, got {:?}",
+        inputs[0].shape
+    );
+    if let Some(r) = inputs.get(1) {
+        ensure!(r.shape.as_concrete() == Some(out_shape));
+    }
+    Ok(tvec!(f32::fact(out_shape)))
+}
+
+/// A 1×1 operator's input (`batch × cin × hw` floats) and, if it takes one, its residual
+/// (`batch × cout × hw`), their counts checked.
+pub(crate) fn inputs_of<'a>(
+    op: &str,
+    inputs: &'a [TValue],
+    s: &Shape,
+    residual: bool,
+) -> TractResult<(&'a [f32], Option<&'a [f32]>)> {
+    ensure!(
+        inputs.len() == 1 + residual as usize,
+        "{op} takes {} inputs",
+        1 + residual as usize
+    );
+    let input = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+    ensure!(
+        input.len() == s.batch * s.cin * s.hw,
+        "{op} input has {} values, expected {}",
+        input.len(),
+        s.batch * s.cin * s.hw
+    );
+    let residual = match inputs.get(1) {
+        Some(r) => {
+            let r = r.try_as_plain_ram()?.as_slice::<f32>()?;
+            ensure!(
+                r.len() == s.batch * s.cout * s.hw,
+                "{op} residual has {} values, expected {}",
+                r.len(),
+                s.batch * s.cout * s.hw
+            );
+            Some(r)
+        }
+        None => None,
+    };
+    Ok((input, residual))
 }
 
 /// A matrix–vector product with a constant matrix and its bias (a classifier over pooled

@@ -724,6 +724,14 @@ pub struct Grid {
 }
 
 impl Grid {
+    /// For an operator's info, e.g. `then on the grid of scale 0.0235 zero point 0`.
+    pub fn describe(&self) -> String {
+        format!(
+            "then on the grid of scale {} zero point {}",
+            self.scale, self.zero_point
+        )
+    }
+
     /// [`fake_quant`] with this grid.
     pub fn apply(&self, x: &mut [f32]) {
         fake_quant(x, self.inv, self.scale, self.zero_point);

@@ -26,7 +26,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
 
-use super::pointwise::Shape;
+use super::pointwise::{inputs_of, output_facts_of, Shape};
 use super::simd::{par_parts, same_bits, seeded_uniform};
 pub use kernel::{Grid, Isa8};
 
@@ -446,12 +446,7 @@ impl Op for GraftPointwiseQ8 {
             self.isa.name()
         )]
         .into_iter()
-        .chain(self.grid.map(|g| {
-            format!(
-                "then on the grid of scale {} zero point {}",
-                g.scale, g.zero_point
-            )
-        }))
+        .chain(self.grid.map(|g| g.describe()))
         .collect())
     }
 
@@ -467,30 +462,8 @@ impl EvalOp for GraftPointwiseQ8 {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let s = self.shape;
-        ensure!(
-            inputs.len() == 1 + self.residual as usize,
-            "GraftPointwiseQ8 takes {} inputs",
-            1 + self.residual as usize
-        );
-        let input = inputs[0].try_as_plain_ram()?;
-        let input = input.as_slice::<f32>()?;
-        ensure!(
-            input.len() == s.batch * s.cin * s.hw,
-            "GraftPointwiseQ8 input has {} values, expected {}",
-            input.len(),
-            s.batch * s.cin * s.hw
-        );
-        let residual = match inputs.get(1) {
-            Some(r) => {
-                let r = r.try_as_plain_ram()?.as_slice::<f32>()?;
-                ensure!(
-                    r.len() == s.batch * s.cout * s.hw,
-                    "GraftPointwiseQ8 residual"
-                );
-                Some(r.as_ptr() as usize)
-            }
-            None => None,
-        };
+        let (input, residual) = inputs_of("GraftPointwiseQ8", &inputs, &s, self.residual)?;
+        let residual = residual.map(|r| r.as_ptr() as usize);
         let k = self.kernel();
         let mut packed = vec![0u32; kernel::packed_input_words(&s)];
         let (x, pk) = (input.as_ptr() as usize, packed.as_mut_ptr() as usize);
@@ -522,18 +495,13 @@ impl EvalOp for GraftPointwiseQ8 {
 
 impl TypedOp for GraftPointwiseQ8 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 1 + self.residual as usize);
-        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
-        ensure!(
-            inputs[0].shape.as_concrete() == Some(&self.in_shape[..]),
-            "GraftPointwiseQ8 expects {:?}, got {:?}",
-            self.in_shape,
-            inputs[0].shape
-        );
-        if let Some(r) = inputs.get(1) {
-            ensure!(r.shape.as_concrete() == Some(&self.out_shape[..]));
-        }
-        Ok(tvec!(f32::fact(self.out_shape.clone())))
+        output_facts_of(
+            "GraftPointwiseQ8",
+            inputs,
+            &self.in_shape,
+            &self.out_shape,
+            self.residual,
+        )
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
