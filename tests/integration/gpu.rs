@@ -15,9 +15,11 @@ fn argmax(v: &[f32]) -> usize {
 /// float rounding (measured on lavapipe, 2026-11-28: cosine 1.0000000, largest difference
 /// 1.4e-6 of the largest feature, fp32 and w8). The int8 QDQ graph re-quantises every
 /// activation (62 Q/DQ pairs), so a sum that lands within rounding of a quantisation boundary
-/// goes one step one way on one engine and the other way on the other, and that step travels:
-/// cosine 0.9992–0.9995, the same spread as tract against onnxruntime on that file
-/// (tests/integration/backbone.rs); held to 0.999.
+/// goes one step one way on one engine and the other way on the other, and that step travels.
+/// Against tract's plan the GPU gave 0.9992–0.9995; against graft's integer 1×1 convolutions
+/// (the CPU path on a VNNI CPU since 2026-12-04) 0.9989–0.9997. Any two engines spread so on
+/// that file: tract's plan against onnxruntime's int8 0.9976–0.9994 on these photos, graft's
+/// 0.9977–0.9995 (docs/performance.md); held to 0.998.
 #[test]
 fn gpu_embeddings_and_logits_match_tract_on_the_bundled_models() {
     for (model, floor, rel) in [
@@ -25,7 +27,7 @@ fn gpu_embeddings_and_logits_match_tract_on_the_bundled_models() {
         ("efficientnet-lite0-w8", 0.9999, 1e-4),
         ("efficientnet-lite0-fp32-gem", 0.9999, 1e-4),
         ("efficientnet-lite0-w8-gem", 0.9999, 1e-4),
-        ("efficientnet-lite0-int8", 0.999, 1.0),
+        ("efficientnet-lite0-int8", 0.998, 1.0),
     ] {
         let mut bb = Backbone::load_named(model).unwrap();
         let images: Vec<_> = PHOTOS
