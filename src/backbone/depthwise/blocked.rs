@@ -17,7 +17,7 @@
 //! 3. the `[position][channel]` results are transposed back into the `N` NCHW output planes.
 //!
 //! A block can run only some of its output rows ([`Blocked::run_rows`]): with several threads
-//! the tract op splits rows into bands as well as channels into blocks. [`DenseBlocked`] runs a
+//! the tract op cuts the rows of a block that falls between two threads' shares. [`DenseBlocked`] runs a
 //! network's stem the same way, with *output* channels side by side. The tract op
 //! ([`super::GraftDepthwise`]) picks this layout or the planes ([`suits`]); both are checked
 //! against tract's own depthwise.
