@@ -660,13 +660,13 @@ impl Backbone {
             model: self.model_name(),
             reason: error::chain(&e),
         };
-        let input = self.input_tensor(&plan, images)?;
-        let outputs = self
-            .in_pool(|| {
-                let out = plan.run(tvec!(input.into()))?;
-                Ok::<_, TractError>(out.into_iter().map(|v| v.into_tensor()).collect::<Vec<_>>())
-            })
-            .map_err(fail)?;
+        // The input tensor is filled on the pool's thread that runs the plan: its first
+        // operator then reads it from that core's cache, not from the caller's core.
+        let outputs = self.in_pool(|| {
+            let input = self.input_tensor(&plan, images)?;
+            let out = plan.run(tvec!(input.into())).map_err(fail)?;
+            Ok::<_, BackboneError>(out.into_iter().map(|v| v.into_tensor()).collect::<Vec<_>>())
+        })?;
         let flat = outputs
             .iter()
             .map(|o| {
