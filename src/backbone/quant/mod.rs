@@ -84,18 +84,11 @@ impl EvalOp for GraftFakeQuant {
         {
             let mut view = t.try_as_plain_ram_mut()?;
             let x = view.as_slice_mut::<f32>()?;
-            let n = x.len();
-            let at = x.as_mut_ptr() as usize;
-            const CHUNK: usize = 4096;
-            par_parts(n.div_ceil(CHUNK), n, |chunks| {
-                let start = chunks.start * CHUNK;
-                let end = (chunks.end * CHUNK).min(n);
-                // SAFETY: `start..end` is this thread's part of the `n` values.
-                let part = unsafe {
-                    std::slice::from_raw_parts_mut((at as *mut f32).add(start), end - start)
-                };
-                kernel::fake_quant(part, self.inv, self.scale, self.zero_point);
-            });
+            // On the running thread alone: a pass over memory, mostly just written by this
+            // core (the image, a residual sum). Split over two threads the other core read
+            // its half from this one's cache: the image's pass took 0.055 ms against 0.021
+            // (2 threads, same process, alternating passes; a frame 0.024 ms faster).
+            kernel::fake_quant(x, self.inv, self.scale, self.zero_point);
         }
         Ok(tvec!(t.into_tvalue()))
     }
