@@ -76,7 +76,6 @@ fn main() {
         let w: Vec<f32> = q.iter().map(|&v| v as f32 * ws).collect();
         let bias = vec![0.1f32; cout];
         let res = residual.then(|| vec![0.5f32; cout * shape.hw]);
-        let (pw, pb) = pack(&w, &bias, cin, cout);
         let (qw, sums) = pack_weights(&q, cin, cout);
         let padded = sums.len();
         let zp_sums: Vec<i32> = sums.iter().map(|s| s * zp as i32).collect();
@@ -92,6 +91,7 @@ fn main() {
         );
         let mut tf = vec![0.0; floats.len()];
         for (k, &isa) in floats.iter().enumerate() {
+            let (pw, pb) = pack(&w, &bias, cin, cout, shape.rows(isa));
             let float = Pointwise {
                 shape,
                 weights: &pw,

@@ -495,7 +495,20 @@ pub fn substitute_with(
         if let Some(r) = found.residual {
             taps.push(patch.tap_model(model, r)?);
         }
-        let op = GraftPointwise { isa, ..found.op };
+        // Packed for the tiles this ISA runs on this map (`Shape::rows`).
+        let (weights, bias) = kernel::pack(
+            &found.weights,
+            &found.bias,
+            found.op.shape.cin,
+            found.op.shape.cout,
+            found.op.shape.rows(isa),
+        );
+        let op = GraftPointwise {
+            isa,
+            weights: weights.into(),
+            bias: bias.into(),
+            ..found.op
+        };
         let q8 = int8.and_then(|i8isa| {
             let f = FloatPointwise {
                 shape: op.shape,
@@ -677,7 +690,6 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
         }
     }
     let raw = k.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
-    let (weights, packed_bias) = kernel::pack(&raw, &bias, cin, cout);
     let op = GraftPointwise {
         shape: Shape {
             batch,
@@ -688,8 +700,9 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
         hw: [h, w],
         in_shape: xs.into(),
         out_shape: out_concrete,
-        weights: weights.into(),
-        bias: packed_bias.into(),
+        // Packed once the ISA is known (`substitute_with`).
+        weights: Arc::from([]),
+        bias: Arc::from([]),
         lo,
         hi,
         residual: residual.is_some(),
