@@ -70,6 +70,7 @@ fn main() {
             lo: 0.0,
             hi: 6.0,
             grid: None,
+            expand: None,
         };
         let mut scratch = BlockScratch::default();
         let blocked_s = median(|| {

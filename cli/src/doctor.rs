@@ -154,7 +154,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
             status: Status::Ok,
             detail: "tract's for every operator (--cpu-kernels tract)".into(),
         },
-        graft::CpuKernels::Graft | graft::CpuKernels::Depthwise => match graft::backbone::check_cpu_kernels() {
+        graft::CpuKernels::Graft | graft::CpuKernels::Unfused | graft::CpuKernels::Depthwise => match graft::backbone::check_cpu_kernels() {
             Ok(k) => Check {
                 check: "cpu kernels",
                 status: Status::Ok,

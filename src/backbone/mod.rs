@@ -246,9 +246,12 @@ impl Default for LoadOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuKernels {
-    /// graft's depthwise, stem and 1×1 kernels on the best instruction set this CPU has.
+    /// graft's depthwise, stem and 1×1 kernels on the best instruction set this CPU has, the
+    /// wide maps' expand 1×1 convolutions run inside the depthwise ones after them.
     #[default]
     Graft,
+    /// The same kernels, each operator on its own (the A/B of that fusion).
+    Unfused,
     /// graft's depthwise kernel alone, tract's 1×1 and stem convolutions (the A/B of graft's
     /// 1×1 and stem kernels).
     Depthwise,
@@ -261,6 +264,7 @@ impl CpuKernels {
     pub fn name(self) -> &'static str {
         match self {
             CpuKernels::Graft => "graft",
+            CpuKernels::Unfused => "unfused",
             CpuKernels::Depthwise => "depthwise",
             CpuKernels::Tract => "tract",
         }
@@ -273,18 +277,23 @@ impl std::fmt::Display for CpuKernels {
     }
 }
 
-/// A kernel choice that is not `graft` or `tract`.
+/// A kernel choice that is not one of [`CpuKernels`]'.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a kernel choice (graft, depthwise or tract)")]
+#[error("{0:?} is not a kernel choice (graft, unfused, depthwise or tract)")]
 pub struct ParseCpuKernelsError(pub String);
 
 impl std::str::FromStr for CpuKernels {
     type Err = ParseCpuKernelsError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [CpuKernels::Graft, CpuKernels::Depthwise, CpuKernels::Tract]
-            .into_iter()
-            .find(|k| k.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| ParseCpuKernelsError(s.to_string()))
+        [
+            CpuKernels::Graft,
+            CpuKernels::Unfused,
+            CpuKernels::Depthwise,
+            CpuKernels::Tract,
+        ]
+        .into_iter()
+        .find(|k| k.name().eq_ignore_ascii_case(s))
+        .ok_or_else(|| ParseCpuKernelsError(s.to_string()))
     }
 }
 
@@ -748,11 +757,15 @@ impl Backbone {
             (_, d) => {
                 let p = self.substituted.1;
                 format!(
-                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded; graft 1x1: {} convolutions{}, {} clips and {} residual adds folded; {} matrix-vector products{}",
+                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded{}; graft 1x1: {} convolutions{}, {} clips and {} residual adds folded; {} matrix-vector products{}",
                     depthwise::Isa::detect().name(),
                     d.convolutions,
                     d.dense,
                     d.clips,
+                    match d.expands {
+                        0 => String::new(),
+                        n => format!(", {n} with the expand 1x1 before run inside"),
+                    },
                     p.convolutions,
                     match (p.integer, quant::Isa8::vectorised()) {
                         (0, _) | (_, None) => String::new(),
@@ -872,7 +885,7 @@ impl Backbone {
         let substituted = match (self.cpu_kernels, depthwise::Isa::vectorised()) {
             (CpuKernels::Tract, _) | (_, None) => Default::default(),
             (kernels, Some(isa)) => {
-                let all = kernels == CpuKernels::Graft;
+                let all = matches!(kernels, CpuKernels::Graft | CpuKernels::Unfused);
                 let pairs = if all && !m.graph.half {
                     quant::fold_constants(&mut typed).map_err(load)?;
                     quant::fake_quant_pairs(&mut typed).map_err(load)?
@@ -898,7 +911,13 @@ impl Backbone {
                     fake_quant_fused: fused,
                     ..p
                 };
-                (d, p)
+                // Then the wide maps' expand 1×1s into the depthwise convolutions they feed.
+                let expands = if m.graph.half || kernels != CpuKernels::Graft {
+                    0
+                } else {
+                    depthwise::fuse_expand(&mut typed).map_err(load)?
+                };
+                (depthwise::Substituted { expands, ..d }, p)
             }
         };
         if m.graph.half {

@@ -100,9 +100,9 @@ pub struct BlockScratch {
     slots: Vec<usize>,
     /// Scratch offset of each tap from an output's first input, row-major like the weights.
     offsets: Vec<usize>,
-    /// What `padded` is laid out for: its zeros (the padding) are written once per geometry,
-    /// and each block only overwrites the input's own positions.
-    laid_out: Option<(Geometry, usize)>,
+    /// What `padded` (or the ring: `true`) is laid out for: its zeros (the padding) are
+    /// written once per geometry, and each block only overwrites the input's own positions.
+    laid_out: Option<(Geometry, usize, bool)>,
 }
 
 /// One convolution, ready to run block by block.
@@ -122,6 +122,118 @@ pub struct Blocked<'a> {
     pub hi: f32,
     /// Then put on a quantisation grid (a QDQ graph's fake quantisation, folded in).
     pub grid: Option<Grid>,
+    /// The 1×1 convolution before, computed into the ring as its rows are reached
+    /// ([`Expand`]): the input is then that convolution's.
+    pub expand: Option<Expand<'a>>,
+}
+
+/// A 1×1 convolution (with its bias and clip) whose only reader is this depthwise
+/// convolution, run inside it ([`super::fuse_expand`]): each row of its output is computed
+/// straight into the ring of interleaved rows the taps read, `N` channels side by side, and
+/// never goes to memory. On a wide map that output is the largest tensor of the network
+/// (96 × 112 × 112 floats, 4.8 MB, on Lite0), written once and read back by the depthwise
+/// convolution.
+#[derive(Debug, Clone, Copy)]
+pub struct Expand<'a> {
+    /// Its input channels.
+    pub cin: usize,
+    /// Weights from [`pack_expand`] with this ISA's lanes.
+    pub weights: &'a [f32],
+    /// Biases from [`pack_expand`].
+    pub bias: &'a [f32],
+    /// Outputs are clamped to `[lo, hi]` (±∞: no clip).
+    pub lo: f32,
+    /// See `lo`.
+    pub hi: f32,
+}
+
+/// `[cout][cin]` 1×1 weights and `[cout]` biases laid out for [`Expand`] with blocks of `lanes`
+/// output channels: `[block][ci][lane]` and `[block][lane]`, zero past the last channel.
+pub fn pack_expand(
+    weights: &[f32],
+    bias: &[f32],
+    cin: usize,
+    cout: usize,
+    lanes: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(weights.len(), cin * cout, "1x1 convolution weights");
+    assert_eq!(bias.len(), cout, "1x1 convolution bias");
+    let blocks = cout.div_ceil(lanes);
+    let mut packed = vec![0.0; blocks * cin * lanes];
+    let mut padded = vec![0.0; blocks * lanes];
+    for co in 0..cout {
+        let (b, l) = (co / lanes, co % lanes);
+        for ci in 0..cin {
+            packed[(b * cin + ci) * lanes + l] = weights[co * cin + ci];
+        }
+        padded[co] = bias[co];
+    }
+    (packed, padded)
+}
+
+/// One block's part of an [`Expand`].
+#[derive(Clone, Copy)]
+struct ExpandRows {
+    cin: usize,
+    /// The block's `[ci][lane]` weights and its biases.
+    weights: *const f32,
+    bias: *const f32,
+    lo: f32,
+    hi: f32,
+}
+
+impl ExpandRows {
+    /// Columns `0..cols` of one row of the 1×1 convolution's output into `dst`
+    /// (`[column][lane]`): per column the bias, then per input channel a fused multiply-add of
+    /// the input broadcast by the channel's weights, then the clip. The same operations in the
+    /// same order as the 1×1 kernel (`pointwise::kernel`): the same values.
+    ///
+    /// # Safety
+    /// `x` is the row's first input of channel 0, channel `ci`'s `plane` floats further on,
+    /// each with `cols` values; `dst` holds `cols` vectors; the CPU runs `L`.
+    #[inline(always)]
+    unsafe fn row<L: Lanes>(&self, x: *const f32, plane: usize, cols: usize, dst: *mut f32) {
+        unsafe {
+            let clip = self.lo > f32::NEG_INFINITY || self.hi < f32::INFINITY;
+            let mut c = 0;
+            while c + 8 <= cols {
+                self.group::<L, 8>(x, plane, c, dst, clip);
+                c += 8;
+            }
+            while c < cols {
+                self.group::<L, 1>(x, plane, c, dst, clip);
+                c += 1;
+            }
+        }
+    }
+
+    /// Columns `c0 .. c0 + R` of [`ExpandRows::row`].
+    #[inline(always)]
+    unsafe fn group<L: Lanes, const R: usize>(
+        &self,
+        x: *const f32,
+        plane: usize,
+        c0: usize,
+        dst: *mut f32,
+        clip: bool,
+    ) {
+        unsafe {
+            let n = L::N;
+            let mut acc = [L::load(self.bias); R];
+            for ci in 0..self.cin {
+                let w = L::load(self.weights.add(ci * n));
+                let xp = x.add(ci * plane + c0);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = L::mul_add(L::splat(*xp.add(j)), w, *a);
+                }
+            }
+            let (lo, hi) = (L::splat(self.lo), L::splat(self.hi));
+            for (j, a) in acc.iter().enumerate() {
+                let y = if clip { a.clamp(lo, hi) } else { *a };
+                y.store(dst.add((c0 + j) * n));
+            }
+        }
+    }
 }
 
 impl Blocked<'_> {
@@ -165,7 +277,20 @@ impl Blocked<'_> {
             in_plane > 0 && input.len().is_multiple_of(in_plane),
             "depthwise input block"
         );
-        let cn = input.len() / in_plane;
+        // With an expand, the input is the image's `cin` planes, from which the block's
+        // channels are computed.
+        let cn = match &self.expand {
+            Some(e) => {
+                assert_eq!(input.len(), e.cin * in_plane, "expand input");
+                assert!(
+                    e.weights.len() >= (block + 1) * e.cin * lanes
+                        && e.bias.len() >= (block + 1) * lanes,
+                    "expand packed weights"
+                );
+                lanes.min(g.channels.saturating_sub(block * lanes))
+            }
+            None => input.len() / in_plane,
+        };
         assert!(
             (1..=lanes).contains(&cn),
             "depthwise block of {cn} channels"
@@ -181,8 +306,16 @@ impl Blocked<'_> {
         let (hp, wp) = g.padded();
         let weights = &self.weights[block * taps * lanes..(block + 1) * taps * lanes];
         let bias = &self.bias[block * lanes..(block + 1) * lanes];
-        if by_rows(g, lanes) {
-            if scratch.laid_out != Some((*g, lanes)) {
+        let expand = self.expand.map(|e| ExpandRows {
+            cin: e.cin,
+            // SAFETY (both): block `block` is inside the packed buffers (checked above).
+            weights: unsafe { e.weights.as_ptr().add(block * e.cin * lanes) },
+            bias: unsafe { e.bias.as_ptr().add(block * lanes) },
+            lo: e.lo,
+            hi: e.hi,
+        });
+        if expand.is_some() || by_rows(g, lanes) {
+            if scratch.laid_out != Some((*g, lanes, true)) {
                 for (v, len) in [
                     (&mut scratch.ring, g.kh * wp * lanes),
                     (&mut scratch.tile, lanes * lanes),
@@ -191,11 +324,12 @@ impl Blocked<'_> {
                     v.resize(len + ALIGN_FLOATS, 0.0);
                 }
                 scratch.offsets = vec![0; taps];
-                scratch.laid_out = Some((*g, lanes));
+                scratch.laid_out = Some((*g, lanes, true));
             }
             let job = RowsJob {
                 g,
                 input,
+                expand,
                 cn,
                 rows,
                 weights,
@@ -210,14 +344,15 @@ impl Blocked<'_> {
             };
             // SAFETY: `RowsJob::run` writes ring row `r % kh` (`wp × lanes` floats) at columns
             // `pad_left + x < wp`, reads it at `offset + ox·sw·lanes` with `ox·sw + kx < wp`,
-            // writes `tile` (`lanes` vectors) and the `cn` planes of `input` and `output`,
+            // writes `tile` (`lanes` vectors) and the `cn` planes of `input` and `output` (with
+            // an expand: reads its `cin` planes of `input` and the block's packed weights),
             // whose lengths are checked above; the ISA is one this CPU runs.
             unsafe { dispatch(self.isa, job) };
             return;
         }
         // The padded input, then one vector of trash for the input positions no output reads.
         let trash = hp * wp * lanes;
-        if scratch.laid_out != Some((*g, lanes)) {
+        if scratch.laid_out != Some((*g, lanes, false)) {
             for (v, len) in [
                 (&mut scratch.padded, trash + lanes),
                 (&mut scratch.tile, lanes * lanes),
@@ -238,7 +373,7 @@ impl Blocked<'_> {
             scratch.offsets = (0..g.kh)
                 .flat_map(|ky| (0..g.kw).map(move |kx| (ky * wp + kx) * lanes))
                 .collect();
-            scratch.laid_out = Some((*g, lanes));
+            scratch.laid_out = Some((*g, lanes, false));
         }
         let job = Job {
             g,
@@ -353,7 +488,7 @@ impl Work for Job<'_> {
 /// 112×112 and 56×56 maps (215–830 KB; measured 1.2–1.25× on the 112×112 maps, and 0.20 →
 /// 0.15 ms on the 56×56 → 28×28 stride-2 convolution), not the 28×28 (54–64 KB; measured no
 /// gain with 5×5 taps and 0.06 → 0.08 ms with 3×3, stride 2).
-fn by_rows(g: &Geometry, lanes: usize) -> bool {
+pub(crate) fn by_rows(g: &Geometry, lanes: usize) -> bool {
     let (hp, wp) = g.padded();
     lanes > 1 && hp * wp * lanes * std::mem::size_of::<f32>() >= ROWS_FROM_BYTES
 }
@@ -367,6 +502,8 @@ const ROWS_FROM_BYTES: usize = 96 * 1024;
 struct RowsJob<'a> {
     g: &'a Geometry,
     input: &'a [f32],
+    /// With it, `input` is the expand's input, and the ring's rows are computed from it.
+    expand: Option<ExpandRows>,
     cn: usize,
     rows: Range<usize>,
     weights: &'a [f32],
@@ -404,6 +541,11 @@ impl Work for RowsJob<'_> {
                             // else is ever written there.
                             let row = src.add(y * g.w);
                             let dst = slot.add(g.pad_left * n);
+                            if let Some(e) = &self.expand {
+                                e.row::<L>(row, in_plane, cols, dst);
+                                filled += 1;
+                                continue;
+                            }
                             let mut x = 0;
                             if self.cn == n {
                                 while x + n <= cols {
@@ -1091,6 +1233,7 @@ mod tests {
                     lo: -0.5,
                     hi: 1.5,
                     grid: None,
+                    expand: None,
                 };
                 // Whole planes, then bands of 3 rows (one scratch throughout, as a thread's
                 // is across the blocks and bands it takes).
@@ -1120,6 +1263,139 @@ mod tests {
                             (a - b).abs() <= 1e-5,
                             "{isa:?} {g:?} band {band} at {i}: {a} vs {b}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// With an [`Expand`], a block computes its channels of the 1×1 convolution itself, row
+    /// by row into the ring: the very numbers of that convolution (one fused multiply-add per
+    /// input channel, in order, then the clip) written out and convolved without it.
+    #[test]
+    fn an_expand_run_inside_gives_the_very_numbers_of_the_two_convolutions() {
+        let mut seed = 23;
+        // (cin, channels, h, w, k, s, pad_top, pad_left, extra bottom/right padding): small
+        // maps too (an expand forces the ring), channel counts off every vector width.
+        let cases = [
+            (5, 21, 9, 13, 3, 2, 1, 0, 0),
+            (16, 19, 14, 14, 5, 1, 2, 2, 2),
+            (3, 33, 34, 70, 3, 2, 1, 0, 1),
+            (7, 18, 40, 40, 5, 1, 2, 2, 2),
+            (1, 16, 3, 5, 3, 1, 1, 1, 1),
+            // A ring with 8 lanes too.
+            (2, 9, 60, 60, 3, 1, 1, 1, 1),
+        ];
+        for (cin, c, h, w, k, s, pt, pl, extra) in cases {
+            let ho = (h + pt + extra - k) / s + 1;
+            let wo = (w + pl + extra - k) / s + 1;
+            let g = Geometry {
+                batch: 2,
+                channels: c,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                sh: s,
+                sw: s,
+                pad_top: pt,
+                pad_left: pl,
+                ho,
+                wo,
+            };
+            let uniform = crate::backbone::simd::seeded_uniform;
+            let input = uniform(&mut seed, 2 * cin * h * w, 1.0);
+            let ew = uniform(&mut seed, c * cin, 1.0);
+            let eb = uniform(&mut seed, c, 1.0);
+            let weights = uniform(&mut seed, c * k * k, 1.0);
+            let bias = uniform(&mut seed, c, 1.0);
+            // The 1×1 convolution as its kernel computes it.
+            let (elo, ehi) = (0.0, 1.25);
+            let mut expanded = vec![0.0; 2 * c * h * w];
+            for n in 0..2 {
+                for co in 0..c {
+                    for q in 0..h * w {
+                        let mut a = eb[co];
+                        for ci in 0..cin {
+                            a = input[(n * cin + ci) * h * w + q].mul_add(ew[co * cin + ci], a);
+                        }
+                        expanded[(n * c + co) * h * w + q] = a.clamp(elo, ehi);
+                    }
+                }
+            }
+            let near = naive(&g, &expanded, &weights, &bias, -0.5, 1.5);
+            for isa in Isa::available() {
+                let lanes = block_channels(isa);
+                let (pw, pb) = pack(&weights, &bias, c, k * k, lanes);
+                let (xw, xb) = pack_expand(&ew, &eb, cin, c, lanes);
+                let plain = Blocked {
+                    geo: &g,
+                    weights: &pw,
+                    bias: &pb,
+                    isa,
+                    lo: -0.5,
+                    hi: 1.5,
+                    grid: None,
+                    expand: None,
+                };
+                let fused = Blocked {
+                    expand: Some(Expand {
+                        cin,
+                        weights: &xw,
+                        bias: &xb,
+                        lo: elo,
+                        hi: ehi,
+                    }),
+                    ..plain
+                };
+                let mut want = vec![f32::NAN; near.len()];
+                let mut got = [vec![f32::NAN; near.len()], vec![f32::NAN; near.len()]];
+                let mut scratch = BlockScratch::default();
+                for n in 0..2 {
+                    for b in 0..c.div_ceil(lanes) {
+                        let (c0, cn) = (b * lanes, lanes.min(c - b * lanes));
+                        let i = (n * c + c0) * h * w;
+                        let o = (n * c + c0) * ho * wo;
+                        plain.run(
+                            &expanded[i..i + cn * h * w],
+                            b,
+                            &mut want[o..o + cn * ho * wo],
+                            &mut scratch,
+                        );
+                        let image = &input[n * cin * h * w..(n + 1) * cin * h * w];
+                        // Whole, and in bands of 2 rows (as two threads' shares cut a block).
+                        for (band, got) in [ho, 2].into_iter().zip(&mut got) {
+                            for r in (0..ho).step_by(band) {
+                                let rows = r..(r + band).min(ho);
+                                // SAFETY: `got[o..]` holds the block's output planes.
+                                unsafe {
+                                    fused.run_rows(
+                                        image,
+                                        b,
+                                        rows,
+                                        got[o..].as_mut_ptr(),
+                                        &mut scratch,
+                                    )
+                                };
+                            }
+                        }
+                    }
+                }
+                // Bit for bit where the plain convolution takes the ring too (as every one
+                // `fuse_expand` folds into does); elsewhere its layout sums the taps in
+                // another order.
+                let ring = by_rows(&g, lanes);
+                for got in &got {
+                    for (i, ((a, b), t)) in got.iter().zip(&want).zip(&near).enumerate() {
+                        if ring {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{isa:?} {g:?} at {i}: {a} vs {b}"
+                            );
+                        }
+                        assert!((a - b).abs() <= 1e-5, "{isa:?} {g:?} at {i}: {a} vs {b}");
+                        assert!((a - t).abs() <= 1e-4, "{isa:?} {g:?} at {i}: {a} vs {t}");
                     }
                 }
             }

@@ -63,6 +63,29 @@ pub struct GraftDepthwise {
     /// ([`super::quant::fuse_fake_quant`]): the channel-blocked kernels apply it to each
     /// output vector before they store it, the plane kernels to each plane they wrote.
     grid: Option<Grid>,
+    /// The 1×1 convolution before, folded in ([`fuse_expand`]): the input is then its input.
+    expand: Option<ExpandOp>,
+}
+
+/// A 1×1 convolution run inside a channel-blocked depthwise one ([`blocked::Expand`]).
+#[derive(Debug, Clone)]
+struct ExpandOp {
+    cin: usize,
+    /// [`blocked::pack_expand`]ed for the depthwise's lanes.
+    weights: Arc<[f32]>,
+    bias: Arc<[f32]>,
+    lo: f32,
+    hi: f32,
+}
+
+impl PartialEq for ExpandOp {
+    fn eq(&self, other: &Self) -> bool {
+        self.cin == other.cin
+            && self.lo.to_bits() == other.lo.to_bits()
+            && self.hi.to_bits() == other.hi.to_bits()
+            && same_bits(&self.weights, &other.weights)
+            && same_bits(&self.bias, &other.bias)
+    }
 }
 
 thread_local! {
@@ -81,6 +104,7 @@ impl PartialEq for GraftDepthwise {
             && self.isa == other.isa
             && self.batch_axis == other.batch_axis
             && self.grid == other.grid
+            && self.expand == other.expand
             && self.blocked.is_some() == other.blocked.is_some()
             && self.lo.to_bits() == other.lo.to_bits()
             && self.hi.to_bits() == other.hi.to_bits()
@@ -93,17 +117,22 @@ impl Eq for GraftDepthwise {}
 
 impl Op for GraftDepthwise {
     fn name(&self) -> StaticName {
-        match self.dense {
-            None => "GraftDepthWise".into(),
-            Some(_) => "GraftDenseConv".into(),
+        match (self.dense, &self.expand) {
+            (Some(_), _) => "GraftDenseConv".into(),
+            (None, Some(_)) => "GraftExpandDepthWise".into(),
+            (None, None) => "GraftDepthWise".into(),
         }
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
         let g = &self.geo;
-        let channels = match self.dense {
-            None => format!("{}ch", g.channels),
-            Some(out) => format!("{}->{}ch", g.channels, out),
+        let channels = match (self.dense, &self.expand) {
+            (Some(out), _) => format!("{}->{}ch", g.channels, out),
+            (None, Some(e)) => format!(
+                "1x1 {}->{}ch clip [{}, {}], then {}ch",
+                e.cin, g.channels, e.lo, e.hi, g.channels
+            ),
+            (None, None) => format!("{}ch", g.channels),
         };
         let layout = if self.blocked.is_some() {
             ", channel-blocked"
@@ -148,12 +177,13 @@ impl EvalOp for GraftDepthwise {
         ensure!(inputs.len() == 1, "{} takes one input", self.name());
         let input = inputs[0].try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
+        let cin = self.expand.as_ref().map_or(g.channels, |e| e.cin);
         ensure!(
-            input.len() == g.batch * g.channels * g.h * g.w,
+            input.len() == g.batch * cin * g.h * g.w,
             "{} input has {} values, expected {:?}",
             self.name(),
             input.len(),
-            [g.batch, g.channels, g.h, g.w]
+            [g.batch, cin, g.h, g.w]
         );
         // SAFETY: every value is written below (each plane of the output is one row of
         // `par_chunks_mut`, and `Plane::run` writes all `ho × wo` values of its plane).
@@ -248,7 +278,8 @@ impl GraftDepthwise {
 
     fn in_shape(&self) -> TVec<usize> {
         let g = &self.geo;
-        self.shape(g.channels, g.h, g.w)
+        let cin = self.expand.as_ref().map_or(g.channels, |e| e.cin);
+        self.shape(cin, g.h, g.w)
     }
 
     fn out_shape(&self) -> TVec<usize> {
@@ -258,7 +289,12 @@ impl GraftDepthwise {
 
     /// Multiply-adds of one pass.
     fn macs(&self) -> usize {
-        self.geo.macs() * self.dense.unwrap_or(1)
+        let g = &self.geo;
+        let expand = self
+            .expand
+            .as_ref()
+            .map_or(0, |e| g.batch * e.cin * g.channels * g.h * g.w);
+        g.macs() * self.dense.unwrap_or(1) + expand
     }
 
     /// Channel blocks of [`blocked::block_channels`], every image's, split over the
@@ -279,10 +315,19 @@ impl GraftDepthwise {
             lo: self.lo,
             hi: self.hi,
             grid: self.grid,
+            expand: self.expand.as_ref().map(|e| blocked::Expand {
+                cin: e.cin,
+                weights: &e.weights,
+                bias: &e.bias,
+                lo: e.lo,
+                hi: e.hi,
+            }),
         };
         let lanes = blocked::block_channels(self.isa);
         let blocks = g.channels.div_ceil(lanes);
         let (in_len, out_len) = (g.h * g.w, g.ho * g.wo);
+        // With an expand a block reads all of its image's `cin` input planes.
+        let cin = self.expand.as_ref().map(|e| e.cin);
         // Each thread takes an equal, contiguous share of the (image, channel block, output
         // row) units: whole blocks, and where the blocks do not split evenly over the threads,
         // the rows of the one block on the boundary (its halo rows interleaved twice). Channel
@@ -304,13 +349,19 @@ impl GraftDepthwise {
                         let stop = end.min((nb + 1) * g.ho);
                         let (n, b) = (nb / blocks, nb % blocks);
                         let c0 = n * g.channels + b * lanes;
-                        let cn = lanes.min(g.channels - b * lanes);
-                        // SAFETY: the input holds `batch × channels` planes (checked in
-                        // `eval`), and so does the output; units never overlap, so rows
-                        // `row..` of this block's `cn` planes are this part's alone.
+                        let (first, planes) = match cin {
+                            Some(cin) => (n * cin, cin),
+                            None => (c0, lanes.min(g.channels - b * lanes)),
+                        };
+                        // SAFETY: the input holds `batch × channels` planes (`batch × cin`
+                        // with an expand; checked in `eval`), the output `batch × channels`;
+                        // units never overlap, so rows `row..` of this block's output planes
+                        // are this part's alone.
                         unsafe {
-                            let x =
-                                std::slice::from_raw_parts(input.0.add(c0 * in_len), cn * in_len);
+                            let x = std::slice::from_raw_parts(
+                                input.0.add(first * in_len),
+                                planes * in_len,
+                            );
                             let rows = row..row + (stop - u);
                             op.run_rows(x, b, rows, output.0.add(c0 * out_len), scratch);
                         }
@@ -468,6 +519,8 @@ pub struct Substituted {
     pub dense: usize,
     /// `Max`/`Min` clips folded into them.
     pub clips: usize,
+    /// 1×1 convolutions run inside the depthwise convolution after them ([`fuse_expand`]).
+    pub expands: usize,
 }
 
 /// Speaks tract's types: for the backbone and `benches/depthwise.rs`, not graft's API.
@@ -522,6 +575,84 @@ fn substitute_with(
     }
     if done.convolutions + done.dense > 0 {
         // Drops the replaced nodes and their now unused constants.
+        model.compact()?;
+    }
+    Ok(done)
+}
+
+/// Speaks tract's types: for the backbone, not graft's API.
+#[doc(hidden)]
+/// Folds each graft 1×1 convolution without a residual whose only reader is a channel-blocked
+/// depthwise convolution that runs row by row (the wide maps: [`blocked::Expand`]) into that
+/// convolution. Returns how many it folded.
+pub fn fuse_expand(model: &mut TypedModel) -> TractResult<usize> {
+    use super::pointwise::GraftPointwise;
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let Some(d) = model.nodes[id].op_as::<GraftDepthwise>() else {
+            continue;
+        };
+        let g = d.geo;
+        if d.blocked.is_none()
+            || d.dense.is_some()
+            || d.grid.is_some()
+            || d.expand.is_some()
+            || !blocked::by_rows(&g, blocked::block_channels(d.isa))
+        {
+            continue;
+        }
+        let input = model.nodes[id].inputs[0];
+        if model.outputs.contains(&input)
+            || model.outlet_successors(input).len() != 1
+            || model.nodes[input.node].outputs.len() != 1
+        {
+            continue;
+        }
+        let producer = &model.nodes[input.node];
+        let Some(p) = producer
+            .op_as::<GraftPointwise>()
+            .and_then(GraftPointwise::parts)
+        else {
+            continue;
+        };
+        let s = p.shape;
+        let lanes = blocked::block_channels(d.isa);
+        let fused = GraftDepthwise {
+            expand: Some(ExpandOp {
+                cin: s.cin,
+                weights: Arc::from([]),
+                bias: Arc::from([]),
+                lo: p.lo,
+                hi: p.hi,
+            }),
+            ..d.clone()
+        };
+        // The same images and map, and the input's shape as the fused op reads it.
+        if s.cout != g.channels
+            || s.batch != g.batch
+            || p.hw != [g.h, g.w]
+            || p.in_shape != fused.in_shape()
+        {
+            continue;
+        }
+        let (weights, bias) = blocked::pack_expand(&p.weights, &p.bias, s.cin, s.cout, lanes);
+        let fused = GraftDepthwise {
+            expand: fused.expand.map(|e| ExpandOp {
+                weights: weights.into(),
+                bias: bias.into(),
+                ..e
+            }),
+            ..fused
+        };
+        let name = model.nodes[id].name.clone();
+        let mut patch = TypedModelPatch::new(format!("graft-expand-depthwise {name}"));
+        let x = patch.tap_model(model, producer.inputs[0])?;
+        let out = patch.wire_node(name, fused, &[x])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    if done > 0 {
         model.compact()?;
     }
     Ok(done)
@@ -648,6 +779,7 @@ fn depthwise_at(
         blocked: None,
         batch_axis,
         grid: None,
+        expand: None,
     };
     Ok(Some((op, clips, last)))
 }

@@ -53,6 +53,48 @@ pub struct GraftPointwise {
     isa: Isa,
 }
 
+/// A graft 1×1 convolution as plain numbers, for [`super::depthwise::fuse_expand`].
+#[derive(Debug, Clone)]
+pub(crate) struct PointwiseParts {
+    pub shape: Shape,
+    /// `[h, w]`.
+    pub hw: [usize; 2],
+    /// Its input's shape.
+    pub in_shape: TVec<usize>,
+    /// `[cout][cin]` and `[cout]`, unpacked.
+    pub weights: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl GraftPointwise {
+    /// This convolution's weights, bias and clip, unpacked (`None` if it adds a residual).
+    pub(crate) fn parts(&self) -> Option<PointwiseParts> {
+        if self.residual {
+            return None;
+        }
+        let s = self.shape;
+        let rows = s.rows(self.isa);
+        let mut weights = vec![0.0; s.cout * s.cin];
+        for co in 0..s.cout {
+            let (b, r) = (co / rows, co % rows);
+            for ci in 0..s.cin {
+                weights[co * s.cin + ci] = self.weights[(b * s.cin + ci) * rows + r];
+            }
+        }
+        Some(PointwiseParts {
+            shape: s,
+            hw: self.hw,
+            in_shape: self.in_shape.clone(),
+            weights,
+            bias: self.bias[..s.cout].to_vec(),
+            lo: self.lo,
+            hi: self.hi,
+        })
+    }
+}
+
 impl PartialEq for GraftPointwise {
     fn eq(&self, other: &Self) -> bool {
         self.shape == other.shape
