@@ -196,6 +196,10 @@ impl ExpandRows {
         unsafe {
             let clip = self.lo > f32::NEG_INFINITY || self.hi < f32::INFINITY;
             let mut c = 0;
+            while c + 16 <= cols {
+                self.group::<L, 16>(x, plane, c, dst, clip);
+                c += 16;
+            }
             while c + 8 <= cols {
                 self.group::<L, 8>(x, plane, c, dst, clip);
                 c += 8;
