@@ -71,6 +71,7 @@ fn main() {
             hi: 6.0,
             grid: None,
             expand: None,
+            stem: None,
         };
         let mut scratch = BlockScratch::default();
         let blocked_s = median(|| {

@@ -764,7 +764,7 @@ impl Backbone {
                     d.clips,
                     match d.expands {
                         0 => String::new(),
-                        n => format!(", {n} with the expand 1x1 before run inside"),
+                        n => format!(", {n} with the expand 1x1 or stem before run inside"),
                     },
                     p.convolutions,
                     match (p.integer, quant::Isa8::vectorised()) {
@@ -911,7 +911,8 @@ impl Backbone {
                     fake_quant_fused: fused,
                     ..p
                 };
-                // Then the wide maps' expand 1×1s into the depthwise convolutions they feed.
+                // Then the wide maps' expand 1×1s and the stem into the depthwise convolutions
+                // they feed.
                 let expands = if m.graph.half || kernels != CpuKernels::Graft {
                     0
                 } else {

@@ -125,6 +125,10 @@ pub struct Blocked<'a> {
     /// The 1×1 convolution before, computed into the ring as its rows are reached
     /// ([`Expand`]): the input is then that convolution's.
     pub expand: Option<Expand<'a>>,
+    /// Or the stem before, computed into the ring the same way: the input is then the stem's
+    /// input as [`DenseBlocked::pad`] lays it out, and the stem's output blocks are this
+    /// convolution's channel blocks (its `cout` = these channels, packed with the same lanes).
+    pub stem: Option<DenseBlocked<'a>>,
 }
 
 /// A 1×1 convolution (with its bias and clip) whose only reader is this depthwise
@@ -240,6 +244,65 @@ impl ExpandRows {
     }
 }
 
+/// One block's part of a stem run inside a depthwise convolution ([`Blocked::stem`]).
+struct StemRows {
+    /// The stem's padded input, `[channel][hp][wp]`.
+    src: *const f32,
+    /// Offset of each tap `(ci, ky, kx)` from an output's first input.
+    offsets: Vec<usize>,
+    /// The block's `[tap][lane]` weights and its biases.
+    weights: *const f32,
+    bias: *const f32,
+    lo: f32,
+    hi: f32,
+    wp: usize,
+    sh: usize,
+    sw: usize,
+}
+
+impl StemRows {
+    /// Output row `y` of the stem, columns `0..cols`, into `dst` (`[column][lane]`): what
+    /// [`DenseBlocked::run_rows`] computes for this block (the same taps in the same order,
+    /// then the bias and clip), eight columns at a time.
+    ///
+    /// # Safety
+    /// `y < ho` and `cols ≤ wo` of the stem; `dst` holds `cols` vectors; the CPU runs `L`.
+    #[inline(always)]
+    unsafe fn row<L: Lanes>(&self, y: usize, cols: usize, dst: *mut f32) {
+        let k = Broadcasts {
+            src: self.src,
+            offsets: &self.offsets,
+            weights: self.weights,
+            bias: self.bias,
+            lo: self.lo,
+            hi: self.hi,
+            grid: None,
+            dst,
+        };
+        let base = |ox: usize| y * self.sh * self.wp + ox * self.sw;
+        // SAFETY: the caller's contract; every read is inside the padded input (as in
+        // `DenseBlocked::run_rows`).
+        unsafe {
+            let mut ox = 0;
+            while ox + 8 <= cols {
+                k.run::<L, 8>(ox, std::array::from_fn(|i| base(ox + i)));
+                ox += 8;
+            }
+            if ox + 4 <= cols {
+                k.run::<L, 4>(ox, std::array::from_fn(|i| base(ox + i)));
+                ox += 4;
+            }
+            if ox + 2 <= cols {
+                k.run::<L, 2>(ox, std::array::from_fn(|i| base(ox + i)));
+                ox += 2;
+            }
+            if ox < cols {
+                k.run::<L, 1>(ox, [base(ox)]);
+            }
+        }
+    }
+}
+
 impl Blocked<'_> {
     /// Convolves channel block `block` of one image: `input` holds its `cn ≤ lanes` planes of
     /// `h × w` (channels `block·lanes ..`), `output` their `ho × wo` results.
@@ -278,12 +341,45 @@ impl Blocked<'_> {
         let taps = g.kh * g.kw;
         let in_plane = g.h * g.w;
         assert!(
-            in_plane > 0 && input.len().is_multiple_of(in_plane),
+            in_plane > 0 && (self.stem.is_some() || input.len().is_multiple_of(in_plane)),
             "depthwise input block"
         );
         // With an expand, the input is the image's `cin` planes, from which the block's
-        // channels are computed.
+        // channels are computed; with a stem, the image padded for it.
+        let stem = self.stem.map(|d| {
+            let sg = d.geo;
+            let (hp, wp) = sg.padded();
+            let taps = sg.channels * sg.kh * sg.kw;
+            assert_eq!(input.len(), sg.channels * hp * wp, "stem input");
+            assert!(
+                d.cout == g.channels && sg.ho == g.h && sg.wo == g.w && d.isa == self.isa,
+                "stem shape"
+            );
+            assert!(
+                d.weights.len() >= (block + 1) * taps * lanes
+                    && d.bias.len() >= (block + 1) * lanes,
+                "stem packed weights"
+            );
+            StemRows {
+                src: input.as_ptr(),
+                offsets: (0..sg.channels)
+                    .flat_map(|c| {
+                        (0..sg.kh)
+                            .flat_map(move |ky| (0..sg.kw).map(move |kx| (c * hp + ky) * wp + kx))
+                    })
+                    .collect(),
+                // SAFETY (both): block `block` is inside the packed buffers (checked above).
+                weights: unsafe { d.weights.as_ptr().add(block * taps * lanes) },
+                bias: unsafe { d.bias.as_ptr().add(block * lanes) },
+                lo: d.lo,
+                hi: d.hi,
+                wp,
+                sh: sg.sh,
+                sw: sg.sw,
+            }
+        });
         let cn = match &self.expand {
+            _ if stem.is_some() => lanes.min(g.channels.saturating_sub(block * lanes)),
             Some(e) => {
                 assert_eq!(input.len(), e.cin * in_plane, "expand input");
                 assert!(
@@ -318,7 +414,7 @@ impl Blocked<'_> {
             lo: e.lo,
             hi: e.hi,
         });
-        if expand.is_some() || by_rows(g, lanes) {
+        if expand.is_some() || stem.is_some() || by_rows(g, lanes) {
             if scratch.laid_out != Some((*g, lanes, true)) {
                 for (v, len) in [
                     (&mut scratch.ring, g.kh * wp * lanes),
@@ -334,6 +430,7 @@ impl Blocked<'_> {
                 g,
                 input,
                 expand,
+                stem,
                 cn,
                 rows,
                 weights,
@@ -508,6 +605,8 @@ struct RowsJob<'a> {
     input: &'a [f32],
     /// With it, `input` is the expand's input, and the ring's rows are computed from it.
     expand: Option<ExpandRows>,
+    /// Or the stem's, from its padded input.
+    stem: Option<StemRows>,
     cn: usize,
     rows: Range<usize>,
     weights: &'a [f32],
@@ -547,6 +646,11 @@ impl Work for RowsJob<'_> {
                             let dst = slot.add(g.pad_left * n);
                             if let Some(e) = &self.expand {
                                 e.row::<L>(row, in_plane, cols, dst);
+                                filled += 1;
+                                continue;
+                            }
+                            if let Some(d) = &self.stem {
+                                d.row::<L>(y, cols, dst);
                                 filled += 1;
                                 continue;
                             }
@@ -1238,6 +1342,7 @@ mod tests {
                     hi: 1.5,
                     grid: None,
                     expand: None,
+                    stem: None,
                 };
                 // Whole planes, then bands of 3 rows (one scratch throughout, as a thread's
                 // is across the blocks and bands it takes).
@@ -1341,6 +1446,7 @@ mod tests {
                     hi: 1.5,
                     grid: None,
                     expand: None,
+                    stem: None,
                 };
                 let fused = Blocked {
                     expand: Some(Expand {
@@ -1401,6 +1507,129 @@ mod tests {
                         assert!((a - b).abs() <= 1e-5, "{isa:?} {g:?} at {i}: {a} vs {b}");
                         assert!((a - t).abs() <= 1e-4, "{isa:?} {g:?} at {i}: {a} vs {t}");
                     }
+                }
+            }
+        }
+    }
+
+    /// With a stem ([`Blocked::stem`]), a block computes its channels of the stem itself, row
+    /// by row into the ring, from the padded image: the stem's very numbers, convolved.
+    #[test]
+    fn a_stem_run_inside_gives_the_very_numbers_of_the_two_convolutions() {
+        let mut seed = 29;
+        // (stem input channels, h, w, stem stride, stem pads, stem extra; channels; depthwise
+        // k, pads, extra): the second and third with a ring wide enough for 8 and 16 lanes.
+        let cases = [
+            (3, 20, 26, 2, 0, 1, 21, 3, 1, 1),
+            (3, 224, 224, 2, 0, 1, 32, 3, 1, 1),
+            (2, 70, 66, 1, 1, 1, 19, 5, 2, 2),
+        ];
+        for (cs, h, w, ss, sp, se, c, k, dp, de) in cases {
+            let (hs, ws) = ((h + sp + se - 3) / ss + 1, (w + sp + se - 3) / ss + 1);
+            let sg = Geometry {
+                batch: 1,
+                channels: cs,
+                h,
+                w,
+                kh: 3,
+                kw: 3,
+                sh: ss,
+                sw: ss,
+                pad_top: sp,
+                pad_left: sp,
+                ho: hs,
+                wo: ws,
+            };
+            let (ho, wo) = ((hs + dp + de - k) + 1, (ws + dp + de - k) + 1);
+            let g = Geometry {
+                batch: 1,
+                channels: c,
+                h: hs,
+                w: ws,
+                kh: k,
+                kw: k,
+                sh: 1,
+                sw: 1,
+                pad_top: dp,
+                pad_left: dp,
+                ho,
+                wo,
+            };
+            let uniform = crate::backbone::simd::seeded_uniform;
+            let image = uniform(&mut seed, cs * h * w, 1.0);
+            let sw_ = uniform(&mut seed, c * cs * 9, 1.0);
+            let sb = uniform(&mut seed, c, 1.0);
+            let weights = uniform(&mut seed, c * k * k, 1.0);
+            let bias = uniform(&mut seed, c, 1.0);
+            for isa in Isa::available() {
+                let lanes = block_channels(isa);
+                let (spw, spb) = pack(&sw_, &sb, c, cs * 9, lanes);
+                let stem = DenseBlocked {
+                    geo: &sg,
+                    cout: c,
+                    weights: &spw,
+                    bias: &spb,
+                    isa,
+                    lo: 0.0,
+                    hi: 6.0,
+                    grid: None,
+                };
+                let mut padded = Vec::new();
+                stem.pad(&image, &mut padded);
+                let mut stemmed = vec![f32::NAN; c * hs * ws];
+                let mut row = Vec::new();
+                // SAFETY: `stemmed` holds the stem's `c × hs × ws` outputs.
+                unsafe { stem.run_rows(&padded, 0..hs, stemmed.as_mut_ptr(), &mut row) };
+                let (pw, pb) = pack(&weights, &bias, c, k * k, lanes);
+                let plain = Blocked {
+                    geo: &g,
+                    weights: &pw,
+                    bias: &pb,
+                    isa,
+                    lo: -0.5,
+                    hi: 1.5,
+                    grid: None,
+                    expand: None,
+                    stem: None,
+                };
+                let fused = Blocked {
+                    stem: Some(stem),
+                    ..plain
+                };
+                let near = naive(&g, &stemmed, &weights, &bias, -0.5, 1.5);
+                let mut want = vec![f32::NAN; near.len()];
+                let mut got = vec![f32::NAN; near.len()];
+                let mut scratch = BlockScratch::default();
+                for b in 0..c.div_ceil(lanes) {
+                    let (c0, cn) = (b * lanes, lanes.min(c - b * lanes));
+                    let (i, o) = (c0 * hs * ws, c0 * ho * wo);
+                    plain.run(
+                        &stemmed[i..i + cn * hs * ws],
+                        b,
+                        &mut want[o..o + cn * ho * wo],
+                        &mut scratch,
+                    );
+                    // In bands of 3 rows, as threads' shares cut a block.
+                    for r in (0..ho).step_by(3) {
+                        // SAFETY: `got[o..]` holds the block's output planes.
+                        unsafe {
+                            fused.run_rows(
+                                &padded,
+                                b,
+                                r..(r + 3).min(ho),
+                                got[o..].as_mut_ptr(),
+                                &mut scratch,
+                            )
+                        };
+                    }
+                }
+                let ring = by_rows(&g, lanes);
+                for (i, ((a, b), t)) in got.iter().zip(&want).zip(&near).enumerate() {
+                    if ring {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} {g:?} at {i}: {a} vs {b}");
+                    }
+                    assert!((a - b).abs() <= 1e-5, "{isa:?} {g:?} at {i}: {a} vs {b}");
+                    assert!((a - t).abs() <= 1e-4, "{isa:?} {g:?} at {i}: {a} vs {t}");
                 }
             }
         }

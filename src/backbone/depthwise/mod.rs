@@ -65,6 +65,8 @@ pub struct GraftDepthwise {
     grid: Option<Grid>,
     /// The 1×1 convolution before, folded in ([`fuse_expand`]): the input is then its input.
     expand: Option<ExpandOp>,
+    /// Or the stem before (a channel-blocked dense convolution), folded in the same way.
+    stem: Option<Box<GraftDepthwise>>,
 }
 
 /// A 1×1 convolution run inside a channel-blocked depthwise one ([`blocked::Expand`]).
@@ -105,6 +107,7 @@ impl PartialEq for GraftDepthwise {
             && self.batch_axis == other.batch_axis
             && self.grid == other.grid
             && self.expand == other.expand
+            && self.stem == other.stem
             && self.blocked.is_some() == other.blocked.is_some()
             && self.lo.to_bits() == other.lo.to_bits()
             && self.hi.to_bits() == other.hi.to_bits()
@@ -117,10 +120,11 @@ impl Eq for GraftDepthwise {}
 
 impl Op for GraftDepthwise {
     fn name(&self) -> StaticName {
-        match (self.dense, &self.expand) {
-            (Some(_), _) => "GraftDenseConv".into(),
-            (None, Some(_)) => "GraftExpandDepthWise".into(),
-            (None, None) => "GraftDepthWise".into(),
+        match (self.dense, &self.expand, &self.stem) {
+            (Some(_), ..) => "GraftDenseConv".into(),
+            (None, Some(_), _) => "GraftExpandDepthWise".into(),
+            (None, None, Some(_)) => "GraftStemDepthWise".into(),
+            (None, None, None) => "GraftDepthWise".into(),
         }
     }
 
@@ -132,7 +136,10 @@ impl Op for GraftDepthwise {
                 "1x1 {}->{}ch clip [{}, {}], then {}ch",
                 e.cin, g.channels, e.lo, e.hi, g.channels
             ),
-            (None, None) => format!("{}ch", g.channels),
+            (None, None) => match &self.stem {
+                Some(d) => format!("{}, then {}ch", d.info()?.join("; "), g.channels),
+                None => format!("{}ch", g.channels),
+            },
         };
         let layout = if self.blocked.is_some() {
             ", channel-blocked"
@@ -177,13 +184,13 @@ impl EvalOp for GraftDepthwise {
         ensure!(inputs.len() == 1, "{} takes one input", self.name());
         let input = inputs[0].try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
-        let cin = self.expand.as_ref().map_or(g.channels, |e| e.cin);
+        let [cin, h, w] = self.input_planes();
         ensure!(
-            input.len() == g.batch * cin * g.h * g.w,
+            input.len() == g.batch * cin * h * w,
             "{} input has {} values, expected {:?}",
             self.name(),
             input.len(),
-            [g.batch, cin, g.h, g.w]
+            [g.batch, cin, h, w]
         );
         // SAFETY: every value is written below (each plane of the output is one row of
         // `par_chunks_mut`, and `Plane::run` writes all `ho × wo` values of its plane).
@@ -276,10 +283,20 @@ impl GraftDepthwise {
         }
     }
 
-    fn in_shape(&self) -> TVec<usize> {
+    /// Channels, rows and columns of the input: this convolution's, or with an expand or a
+    /// stem folded in, theirs.
+    fn input_planes(&self) -> [usize; 3] {
         let g = &self.geo;
-        let cin = self.expand.as_ref().map_or(g.channels, |e| e.cin);
-        self.shape(cin, g.h, g.w)
+        match (&self.expand, &self.stem) {
+            (Some(e), _) => [e.cin, g.h, g.w],
+            (None, Some(d)) => [d.geo.channels, d.geo.h, d.geo.w],
+            (None, None) => [g.channels, g.h, g.w],
+        }
+    }
+
+    fn in_shape(&self) -> TVec<usize> {
+        let [c, h, w] = self.input_planes();
+        self.shape(c, h, w)
     }
 
     fn out_shape(&self) -> TVec<usize> {
@@ -294,7 +311,8 @@ impl GraftDepthwise {
             .expand
             .as_ref()
             .map_or(0, |e| g.batch * e.cin * g.channels * g.h * g.w);
-        g.macs() * self.dense.unwrap_or(1) + expand
+        let stem = self.stem.as_ref().map_or(0, |d| d.macs());
+        g.macs() * self.dense.unwrap_or(1) + expand + stem
     }
 
     /// Channel blocks of [`blocked::block_channels`], every image's, split over the
@@ -322,7 +340,23 @@ impl GraftDepthwise {
                 lo: e.lo,
                 hi: e.hi,
             }),
+            stem: self.stem.as_ref().and_then(|d| {
+                let (weights, bias) = d.blocked.as_ref()?;
+                Some(blocked::DenseBlocked {
+                    geo: &d.geo,
+                    cout: g.channels,
+                    weights,
+                    bias,
+                    isa: d.isa,
+                    lo: d.lo,
+                    hi: d.hi,
+                    grid: None,
+                })
+            }),
         };
+        if let Some(stem) = op.stem {
+            return self.eval_stem_blocked(op, stem, input, out);
+        }
         let lanes = blocked::block_channels(self.isa);
         let blocks = g.channels.div_ceil(lanes);
         let (in_len, out_len) = (g.h * g.w, g.ho * g.wo);
@@ -370,6 +404,54 @@ impl GraftDepthwise {
                 }
             });
         });
+        Ok(())
+    }
+
+    /// With the stem folded in: per image, the image padded once for the stem, then the
+    /// (channel block, output row) units split over the threads as [`Self::eval_blocked`]
+    /// splits them, each ring row computed by the stem from the padded image.
+    fn eval_stem_blocked(
+        &self,
+        op: blocked::Blocked,
+        stem: blocked::DenseBlocked,
+        input: &[f32],
+        out: &mut [f32],
+    ) -> TractResult<()> {
+        let g = self.geo;
+        let lanes = blocked::block_channels(self.isa);
+        let blocks = g.channels.div_ceil(lanes);
+        let sg = stem.geo;
+        let (in_len, out_len) = (sg.channels * sg.h * sg.w, g.ho * g.wo);
+        let mut padded = Vec::new();
+        for (image, out) in input
+            .chunks_exact(in_len)
+            .zip(out.chunks_exact_mut(g.channels * out_len))
+        {
+            stem.pad(image, &mut padded);
+            let padded = &padded;
+            let units = blocks * g.ho;
+            let parts = threads().min(units);
+            let output = SharedOut(out.as_mut_ptr());
+            par_parts(parts, g.macs(), |range| {
+                BLOCK_SCRATCH.with_borrow_mut(|scratch| {
+                    for part in range {
+                        let (mut u, end) = (part * units / parts, (part + 1) * units / parts);
+                        while u < end {
+                            let (b, row) = (u / g.ho, u % g.ho);
+                            let stop = end.min((b + 1) * g.ho);
+                            // SAFETY: `out` holds this image's `channels` planes; units never
+                            // overlap, so rows `row..` of block `b`'s planes are this part's.
+                            unsafe {
+                                let rows = row..row + (stop - u);
+                                let at = output.ptr().add(b * lanes * out_len);
+                                op.run_rows(padded, b, rows, at, scratch);
+                            }
+                            u = stop;
+                        }
+                    }
+                });
+            });
+        }
         Ok(())
     }
 
@@ -519,7 +601,8 @@ pub struct Substituted {
     pub dense: usize,
     /// `Max`/`Min` clips folded into them.
     pub clips: usize,
-    /// 1×1 convolutions run inside the depthwise convolution after them ([`fuse_expand`]).
+    /// 1×1 convolutions and stems run inside the depthwise convolution after them
+    /// ([`fuse_expand`]).
     pub expands: usize,
 }
 
@@ -582,9 +665,10 @@ fn substitute_with(
 
 /// Speaks tract's types: for the backbone, not graft's API.
 #[doc(hidden)]
-/// Folds each graft 1×1 convolution without a residual whose only reader is a channel-blocked
-/// depthwise convolution that runs row by row (the wide maps: [`blocked::Expand`]) into that
-/// convolution. Returns how many it folded.
+/// Folds each graft 1×1 convolution without a residual, and the stem, whose only reader is a
+/// channel-blocked depthwise convolution that runs row by row (the wide maps:
+/// [`blocked::Expand`], [`blocked::Blocked::stem`]) into that convolution. Returns how many it
+/// folded.
 ///
 /// Only there: on Lite0's 28×28 maps folding measured no gain, and on the 14×14 and 7×7 maps
 /// (large weights, small outputs) each row re-reading its block's weights made the frame
@@ -613,6 +697,33 @@ pub fn fuse_expand(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let producer = &model.nodes[input.node];
+        // A channel-blocked stem: its output blocks are this convolution's.
+        if let Some(stem) = producer.op_as::<GraftDepthwise>().filter(|p| {
+            p.dense == Some(g.channels)
+                && p.blocked.is_some()
+                && p.grid.is_none()
+                && p.isa == d.isa
+                && [p.geo.ho, p.geo.wo] == [g.h, g.w]
+                && p.geo.batch == g.batch
+        }) {
+            let fused = GraftDepthwise {
+                stem: Some(Box::new(stem.clone())),
+                ..d.clone()
+            };
+            if model.outlet_fact(producer.inputs[0])?.shape.as_concrete()
+                != Some(&fused.in_shape()[..])
+            {
+                continue;
+            }
+            let name = model.nodes[id].name.clone();
+            let mut patch = TypedModelPatch::new(format!("graft-stem-depthwise {name}"));
+            let x = patch.tap_model(model, producer.inputs[0])?;
+            let out = patch.wire_node(name, fused, &[x])?[0];
+            patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+            patch.apply(model)?;
+            done += 1;
+            continue;
+        }
         let Some(p) = producer
             .op_as::<GraftPointwise>()
             .and_then(GraftPointwise::parts)
@@ -784,6 +895,7 @@ fn depthwise_at(
         batch_axis,
         grid: None,
         expand: None,
+        stem: None,
     };
     Ok(Some((op, clips, last)))
 }
