@@ -918,6 +918,16 @@ impl Backbone {
                 } else {
                     depthwise::fuse_expand(&mut typed).map_err(load)?
                 };
+                // And a clip of the image into the stem that reads it.
+                let input_clips = if m.graph.half {
+                    0
+                } else {
+                    depthwise::fuse_input_clip(&mut typed).map_err(load)?
+                };
+                let d = depthwise::Substituted {
+                    clips: d.clips + input_clips,
+                    ..d
+                };
                 (depthwise::Substituted { expands, ..d }, p)
             }
         };

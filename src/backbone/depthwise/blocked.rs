@@ -1029,6 +1029,8 @@ pub struct DenseBlocked<'a> {
     pub hi: f32,
     /// Then put on a quantisation grid (a QDQ graph's fake quantisation, folded in).
     pub grid: Option<Grid>,
+    /// The input clamped to this range as it is padded (a clip before the convolution).
+    pub in_clip: Option<(f32, f32)>,
 }
 
 impl DenseBlocked<'_> {
@@ -1053,7 +1055,16 @@ impl DenseBlocked<'_> {
             for y in 0..rows {
                 let src = &image[(c * g.h + y) * g.w..][..cols];
                 let at = (c * hp + y + g.pad_top) * wp + g.pad_left;
-                padded[at..at + cols].copy_from_slice(src);
+                let dst = &mut padded[at..at + cols];
+                match self.in_clip {
+                    // `max` then `min`, as the clip's nodes.
+                    Some((lo, hi)) => {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = v.max(lo).min(hi);
+                        }
+                    }
+                    None => dst.copy_from_slice(src),
+                }
             }
         }
     }
@@ -1573,6 +1584,7 @@ mod tests {
                     lo: 0.0,
                     hi: 6.0,
                     grid: None,
+                    in_clip: None,
                 };
                 let mut padded = Vec::new();
                 stem.pad(&image, &mut padded);
