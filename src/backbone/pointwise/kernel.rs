@@ -32,7 +32,7 @@ pub const ROWS: usize = 6;
 pub const WIDE_ROWS: usize = 12;
 
 /// The largest map (positions) that runs [`WIDE_ROWS`] tiles.
-const WIDE_UP_TO: usize = 64;
+pub const WIDE_UP_TO: usize = 64;
 
 /// The fewest output channels whose tiles go channel block by channel block
 /// ([`Shape::channel_major`]).
