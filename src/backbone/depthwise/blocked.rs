@@ -141,38 +141,14 @@ pub struct Blocked<'a> {
 pub struct Expand<'a> {
     /// Its input channels.
     pub cin: usize,
-    /// Weights from [`pack_expand`] with this ISA's lanes.
+    /// `[cout][cin]` weights from [`pack`] (`cin` taps per channel) with this ISA's lanes.
     pub weights: &'a [f32],
-    /// Biases from [`pack_expand`].
+    /// Biases from [`pack`].
     pub bias: &'a [f32],
     /// Outputs are clamped to `[lo, hi]` (±∞: no clip).
     pub lo: f32,
     /// See `lo`.
     pub hi: f32,
-}
-
-/// `[cout][cin]` 1×1 weights and `[cout]` biases laid out for [`Expand`] with blocks of `lanes`
-/// output channels: `[block][ci][lane]` and `[block][lane]`, zero past the last channel.
-pub fn pack_expand(
-    weights: &[f32],
-    bias: &[f32],
-    cin: usize,
-    cout: usize,
-    lanes: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    assert_eq!(weights.len(), cin * cout, "1x1 convolution weights");
-    assert_eq!(bias.len(), cout, "1x1 convolution bias");
-    let blocks = cout.div_ceil(lanes);
-    let mut packed = vec![0.0; blocks * cin * lanes];
-    let mut padded = vec![0.0; blocks * lanes];
-    for co in 0..cout {
-        let (b, l) = (co / lanes, co % lanes);
-        for ci in 0..cin {
-            packed[(b * cin + ci) * lanes + l] = weights[co * cin + ci];
-        }
-        padded[co] = bias[co];
-    }
-    (packed, padded)
 }
 
 /// One block's part of an [`Expand`].
@@ -1447,7 +1423,7 @@ mod tests {
             for isa in Isa::available() {
                 let lanes = block_channels(isa);
                 let (pw, pb) = pack(&weights, &bias, c, k * k, lanes);
-                let (xw, xb) = pack_expand(&ew, &eb, cin, c, lanes);
+                let (xw, xb) = pack(&ew, &eb, c, cin, lanes);
                 let plain = Blocked {
                     geo: &g,
                     weights: &pw,

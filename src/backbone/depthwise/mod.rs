@@ -76,7 +76,7 @@ pub struct GraftDepthwise {
 #[derive(Debug, Clone)]
 struct ExpandOp {
     cin: usize,
-    /// [`blocked::pack_expand`]ed for the depthwise's lanes.
+    /// [`blocked::pack`]ed for the depthwise's lanes (`cin` taps per channel).
     weights: Arc<[f32]>,
     bias: Arc<[f32]>,
     lo: f32,
@@ -726,12 +726,7 @@ pub fn fuse_expand(model: &mut TypedModel) -> TractResult<usize> {
             {
                 continue;
             }
-            let name = model.nodes[id].name.clone();
-            let mut patch = TypedModelPatch::new(format!("graft-stem-depthwise {name}"));
-            let x = patch.tap_model(model, producer.inputs[0])?;
-            let out = patch.wire_node(name, fused, &[x])?[0];
-            patch.shunt_outside(model, OutletId::new(id, 0), out)?;
-            patch.apply(model)?;
+            replace_with(model, producer.inputs[0], id, fused, "graft-stem-depthwise")?;
             done += 1;
             continue;
         }
@@ -761,7 +756,7 @@ pub fn fuse_expand(model: &mut TypedModel) -> TractResult<usize> {
         {
             continue;
         }
-        let (weights, bias) = blocked::pack_expand(&p.weights, &p.bias, s.cin, s.cout, lanes);
+        let (weights, bias) = blocked::pack(&p.weights, &p.bias, s.cout, s.cin, lanes);
         let fused = GraftDepthwise {
             expand: fused.expand.map(|e| ExpandOp {
                 weights: weights.into(),
@@ -770,12 +765,13 @@ pub fn fuse_expand(model: &mut TypedModel) -> TractResult<usize> {
             }),
             ..fused
         };
-        let name = model.nodes[id].name.clone();
-        let mut patch = TypedModelPatch::new(format!("graft-expand-depthwise {name}"));
-        let x = patch.tap_model(model, producer.inputs[0])?;
-        let out = patch.wire_node(name, fused, &[x])?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
-        patch.apply(model)?;
+        replace_with(
+            model,
+            producer.inputs[0],
+            id,
+            fused,
+            "graft-expand-depthwise",
+        )?;
         done += 1;
     }
     if done > 0 {
@@ -844,16 +840,12 @@ pub fn fuse_input_clip(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         // In the graph's order: the clamp the chain computes.
-        let (mut lo, mut hi) = (f32::NEG_INFINITY, f32::INFINITY);
-        for &(is_max, bound) in chain.iter().rev() {
-            if is_max {
-                lo = lo.max(bound);
-                hi = hi.max(bound);
-            } else {
-                lo = lo.min(bound);
-                hi = hi.min(bound);
-            }
-        }
+        let (lo, hi) = chain
+            .iter()
+            .rev()
+            .fold((f32::NEG_INFINITY, f32::INFINITY), |r, &(m, b)| {
+                then_clip(r, m, b)
+            });
         let fused = match &d.stem {
             Some(stem) => GraftDepthwise {
                 stem: Some(Box::new(GraftDepthwise {
@@ -867,18 +859,39 @@ pub fn fuse_input_clip(model: &mut TypedModel) -> TractResult<usize> {
                 ..d.clone()
             },
         };
-        let name = model.nodes[id].name.clone();
-        let mut patch = TypedModelPatch::new(format!("graft-input-clip {name}"));
-        let x = patch.tap_model(model, input)?;
-        let out = patch.wire_node(name, fused, &[x])?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
-        patch.apply(model)?;
+        replace_with(model, input, id, fused, "graft-input-clip")?;
         done += chain.len();
     }
     if done > 0 {
         model.compact()?;
     }
     Ok(done)
+}
+
+/// A clip range `(lo, hi)` followed by `Max(x, bound)` (`is_max`) or `Min(x, bound)`: the range
+/// of the two, as one clamp.
+pub(super) fn then_clip((lo, hi): (f32, f32), is_max: bool, bound: f32) -> (f32, f32) {
+    if is_max {
+        (lo.max(bound), hi.max(bound))
+    } else {
+        (lo.min(bound), hi.min(bound))
+    }
+}
+
+/// Replaces the nodes from `input`'s reader to `last` by `op` on `input`.
+fn replace_with(
+    model: &mut TypedModel,
+    input: OutletId,
+    last: usize,
+    op: GraftDepthwise,
+    what: &str,
+) -> TractResult<()> {
+    let name = model.nodes[last].name.clone();
+    let mut patch = TypedModelPatch::new(format!("{what} {name}"));
+    let x = patch.tap_model(model, input)?;
+    let out = patch.wire_node(name, op, &[x])?[0];
+    patch.shunt_outside(model, OutletId::new(last, 0), out)?;
+    patch.apply(model)
 }
 
 /// If node `id` is a depthwise convolution graft runs: the op (with scalar ISA), the number of
@@ -973,18 +986,13 @@ fn depthwise_at(
         vec![bias[0]; cout].into()
     };
     // Fold the clip chain that follows, if this convolution is its only input.
-    let (mut lo, mut hi, mut last, mut clips) = (f32::NEG_INFINITY, f32::INFINITY, id, 0);
+    let (mut range, mut last, mut clips) = ((f32::NEG_INFINITY, f32::INFINITY), id, 0);
     while let Some((is_max, bound, next)) = clip_after(model, last)? {
-        if is_max {
-            lo = lo.max(bound);
-            hi = hi.max(bound);
-        } else {
-            lo = lo.min(bound);
-            hi = hi.min(bound);
-        }
+        range = then_clip(range, is_max, bound);
         last = next;
         clips += 1;
     }
+    let (lo, hi) = range;
     let (dense, offsets) = if depthwise {
         (None, geo.tap_offsets())
     } else {

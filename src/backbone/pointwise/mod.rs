@@ -23,7 +23,7 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
-use super::depthwise::clip_after;
+use super::depthwise::{clip_after, then_clip};
 use super::quant::{FloatPointwise, GraftPointwiseQ8, Isa8};
 use super::simd::{par_parts, same_bits, seeded_uniform, Isa, SharedOut, SharedPtr};
 pub use kernel::Shape;
@@ -699,18 +699,13 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
     if bias.iter().any(|b| !b.is_finite()) {
         return Ok(None);
     }
-    let (mut lo, mut hi, mut clips) = (f32::NEG_INFINITY, f32::INFINITY, 0);
+    let (mut range, mut clips) = ((f32::NEG_INFINITY, f32::INFINITY), 0);
     while let Some((is_max, bound, next)) = clip_after(model, last)? {
-        if is_max {
-            lo = lo.max(bound);
-            hi = hi.max(bound);
-        } else {
-            lo = lo.min(bound);
-            hi = hi.min(bound);
-        }
+        range = then_clip(range, is_max, bound);
         last = next;
         clips += 1;
     }
+    let (lo, hi) = range;
     // The residual: an `Add` of another tensor of the same shape.
     let mut residual = None;
     if let Some((next, slot)) = sole_successor(model, last) {
