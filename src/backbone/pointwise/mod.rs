@@ -50,6 +50,10 @@ pub struct GraftPointwise {
     hi: f32,
     /// A second input, added after the clip.
     residual: bool,
+    /// With the residual, the sum clamped to `[lo, hi]`: in the `w8` graph, a residual
+    /// block's output range (its quantisation pair made a `Max`/`Min` clip), which tract
+    /// would otherwise run as a pass of its own on one thread.
+    post: Option<[f32; 2]>,
     isa: Isa,
 }
 
@@ -101,6 +105,7 @@ impl PartialEq for GraftPointwise {
             && self.hw == other.hw
             && self.isa == other.isa
             && self.residual == other.residual
+            && self.post.map(|p| p.map(f32::to_bits)) == other.post.map(|p| p.map(f32::to_bits))
             && self.in_shape == other.in_shape
             && self.out_shape == other.out_shape
             && self.lo.to_bits() == other.lo.to_bits()
@@ -120,7 +125,7 @@ impl Op for GraftPointwise {
     fn info(&self) -> TractResult<Vec<String>> {
         let s = &self.shape;
         Ok(vec![format!(
-            "{}->{}ch {}x{}, clip [{}, {}]{}, {}",
+            "{}->{}ch {}x{}, clip [{}, {}]{}{}, {}",
             s.cin,
             s.cout,
             self.hw[0],
@@ -128,6 +133,10 @@ impl Op for GraftPointwise {
             self.lo,
             self.hi,
             if self.residual { ", + residual" } else { "" },
+            match self.post {
+                Some([lo, hi]) => format!(", clip [{lo}, {hi}]"),
+                None => String::new(),
+            },
             self.isa.name()
         )])
     }
@@ -158,6 +167,7 @@ impl EvalOp for GraftPointwise {
                 bias: &self.bias,
                 lo: self.lo,
                 hi: self.hi,
+                post: self.post.as_ref(),
                 isa: self.isa,
             };
             let input = SharedPtr(input.as_ptr());
@@ -551,7 +561,9 @@ pub fn substitute_with(
             bias: bias.into(),
             ..found.op
         };
-        let q8 = int8.and_then(|i8isa| {
+        // The integer kernel has no clip after its residual (nor a graph that needs one: the
+        // `int8` graph quantises the sum instead).
+        let q8 = int8.filter(|_| op.post.is_none()).and_then(|i8isa| {
             let f = FloatPointwise {
                 shape: op.shape,
                 hw: op.hw,
@@ -726,6 +738,19 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
             }
         }
     }
+    // The sum's clip.
+    let mut post = None;
+    if residual.is_some() {
+        let mut range = (f32::NEG_INFINITY, f32::INFINITY);
+        while let Some((is_max, bound, next)) = clip_after(model, last)? {
+            range = then_clip(range, is_max, bound);
+            last = next;
+            clips += 1;
+        }
+        if range != (f32::NEG_INFINITY, f32::INFINITY) {
+            post = Some([range.0, range.1]);
+        }
+    }
     let raw = k.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     let op = GraftPointwise {
         shape: Shape {
@@ -743,6 +768,7 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
         lo,
         hi,
         residual: residual.is_some(),
+        post,
         isa: Isa::Scalar,
     };
     Ok(Some(Found {
@@ -789,18 +815,21 @@ pub const LITE0_SHAPES: [(usize, usize, usize, bool); 19] = [
     (320, 1280, 7, false),
 ];
 
-/// What follows a convolution in a check: a ReLU6, the residual `Add`, both, or nothing.
+/// What follows a convolution in a check: a ReLU6, the residual `Add`, both, or nothing;
+/// with the `Add`, maybe a clip of the sum (the `w8` graph's residual blocks).
 #[derive(Debug, Clone, Copy)]
 struct Tail {
     clip: bool,
     residual: bool,
+    post: bool,
 }
 
 /// Speaks tract's error type: graft's API is [`super::check_cpu_kernels`].
 #[doc(hidden)]
 /// Runs `random` seeded random 1×1 convolutions (2–40 channels in and out: tract declutters a
 /// single channel into something else, maps of 4–400
-/// positions, batch 1–3, each followed by a ReLU6, a residual `Add`, both or nothing) and, with
+/// positions, batch 1–3, each followed by a ReLU6, a residual `Add` (then maybe a clip of the
+/// sum), both or nothing) and, with
 /// `lite0`, EfficientNet-Lite0's 19 shapes, once through tract's own plan and once with graft's
 /// kernel on `isa` (taking every size, whatever [`MIN_POSITIONS`] says). Errors if an output
 /// differs by more than a relative 1e-5.
@@ -820,7 +849,16 @@ pub fn check_against_tract(
                 hw: side * side,
             };
             let clip = !residual && i % 2 == 1;
-            cases.push((shape, [side, side], Tail { clip, residual }));
+            let post = residual && i % 3 != 0;
+            cases.push((
+                shape,
+                [side, side],
+                Tail {
+                    clip,
+                    residual,
+                    post,
+                },
+            ));
         }
     }
     let mut s = seed;
@@ -839,10 +877,11 @@ pub fn check_against_tract(
             cout: 2 + next(79),
             hw: h * w,
         };
-        let t = next(4);
+        let t = next(8);
         let tail = Tail {
             clip: t & 1 == 1,
             residual: t & 2 == 2,
+            post: t & 6 == 6,
         };
         cases.push((shape, [h, w], tail));
     }
@@ -855,16 +894,37 @@ pub fn check_against_tract(
         let weights = values(s.cout * s.cin);
         let bias = values(s.cout);
         let residual = values(s.batch * s.cout * s.hw);
-        let model = single_conv(s, [h, w], tail, &weights, &bias)?;
         let mut inputs = tvec!(Tensor::from_shape(&[s.batch, s.cin, h, w], &input)?.into_tvalue());
         if tail.residual {
             inputs.push(Tensor::from_shape(&[s.batch, s.cout, h, w], &residual)?.into_tvalue());
         }
+        // The outputs' range before a clip of the sum: the errors' scale (the largest |value|),
+        // and where the sum's clip is put so that it cuts both ends (a quarter in from each).
+        let range = |tail: Tail| -> TractResult<(f32, f32)> {
+            let model = single_conv(s, [h, w], tail, &weights, &bias, [0.0; 2])?;
+            let y = model
+                .into_optimized()?
+                .into_runnable()?
+                .run(inputs.clone())?;
+            let y = y[0].try_as_plain_ram()?;
+            Ok(y.as_slice::<f32>()?
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                }))
+        };
+        let (lo, hi) = range(Tail {
+            post: false,
+            ..tail
+        })?;
+        let scale = lo.abs().max(hi.abs()).max(1e-6);
+        let post = [lo + 0.25 * (hi - lo), hi - 0.25 * (hi - lo)];
+        let model = single_conv(s, [h, w], tail, &weights, &bias, post)?;
         let reference = model.clone().into_optimized()?.into_runnable()?;
         let want = reference.run(inputs.clone())?;
         let mut ours = model;
         let done = substitute(&mut ours, isa, 1)?;
-        let want_clips = if tail.clip { 2 } else { 0 };
+        let want_clips = 2 * tail.clip as usize + 2 * tail.post as usize;
         ensure!(
             done.convolutions == 1
                 && done.clips == want_clips
@@ -883,7 +943,12 @@ pub fn check_against_tract(
             got.len(),
             want.len()
         );
-        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        if tail.post {
+            ensure!(
+                want.contains(&post[0]) && want.contains(&post[1]),
+                "{s:?} {tail:?}: the sum's clip {post:?} cuts nothing"
+            );
+        }
         let mut worst = 0f32;
         for (j, (a, b)) in got.iter().zip(want).enumerate() {
             let rel = (a - b).abs() / scale;
@@ -973,13 +1038,15 @@ pub fn check_against_tract(
 }
 
 /// A decluttered model of one 1×1 `Conv`, as tract-onnx loads it, with what `tail` asks after
-/// it: a ReLU6 as `Max(x, 0)`, `Min(x, 6)`, then the `Add` of a second input.
+/// it: a ReLU6 as `Max(x, 0)`, `Min(x, 6)`, then the `Add` of a second input, then its clip
+/// to `post`.
 fn single_conv(
     s: &Shape,
     [h, w]: [usize; 2],
     tail: Tail,
     weights: &[f32],
     bias: &[f32],
+    post: [f32; 2],
 ) -> TractResult<TypedModel> {
     use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
     use tract_onnx::tract_core::ops::math::{Max, Min};
@@ -1019,6 +1086,12 @@ fn single_conv(
     }
     if let Some(r) = r {
         y = model.wire_node("add", TypedBinOp(Box::new(Add), None), &[y, r])?[0];
+        if tail.post {
+            let lo = model.add_const("lo", Tensor::from_shape(&[1, 1, 1, 1], &post[..1])?)?;
+            let hi = model.add_const("hi", Tensor::from_shape(&[1, 1, 1, 1], &post[1..])?)?;
+            y = model.wire_node("sum.max", TypedBinOp(Box::new(Max), None), &[y, lo])?[0];
+            y = model.wire_node("sum.min", TypedBinOp(Box::new(Min), None), &[y, hi])?[0];
+        }
     }
     model.select_output_outlets(&[y])?;
     model.into_decluttered()
