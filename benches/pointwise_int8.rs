@@ -98,6 +98,7 @@ fn main() {
                 bias: &pb,
                 lo: f32::NEG_INFINITY,
                 hi: f32::INFINITY,
+                post: None,
                 isa,
             };
             tf[k] = median(|| float.run(&x, res.as_deref(), &mut out_f));
@@ -116,6 +117,7 @@ fn main() {
                 inv: xs.recip(),
                 zero_point: zp,
                 grid: None,
+                sum: None,
                 isa: i8isa,
             };
             let tq = median(|| quantized.run(&x, res.as_deref(), &mut out_q));

@@ -903,6 +903,7 @@ impl Backbone {
                 };
                 let fused = if pairs > 0 {
                     quant::fuse_fake_quant(&mut typed).map_err(load)?
+                        + quant::fuse_residual_sums(&mut typed).map_err(load)?
                 } else {
                     0
                 };

@@ -107,6 +107,26 @@ fn the_prepared_graph_has_its_own_identity_and_no_quantize_ops() {
         "{w8_ops:?}"
     );
     assert!(w8_ops.iter().any(|o| o.contains("DepthWise")), "{w8_ops:?}");
+    // Every residual `Add` and what follows it before the next convolution runs inside the
+    // 1×1 convolution that feeds it: in `w8` the clip of the sum (its quantisation pair made
+    // a clip), in `int8` on a VNNI CPU the pair itself. tract ran those as 9 `Max+Min`, or 9
+    // `Add` and 9 pair passes of their own, on one thread. What stays: the clips of the
+    // pooled features and of the logits.
+    let vectorised = backbone::depthwise::Isa::vectorised().is_some();
+    if vectorised {
+        let p = w8.profile(std::slice::from_ref(&photo), 1).unwrap();
+        let clips: usize = p
+            .by_op
+            .iter()
+            .filter(|o| o.op.contains("Max+Min"))
+            .map(|o| o.nodes)
+            .sum();
+        assert!(clips <= 3, "{:?}", p.by_op);
+        assert!(w8_ops.iter().all(|o| !o.contains("Add")), "{w8_ops:?}");
+    }
+    if vectorised && backbone::quant::Isa8::vectorised().is_some() {
+        assert!(int8_ops.iter().all(|o| !o.contains("Add")), "{int8_ops:?}");
+    }
     // The finding behind the rewrite (docs/performance.md): tract 0.23 runs the QDQ graph's
     // convolutions in float between quantise/dequantise passes. If a tract upgrade starts
     // fusing them, this fails, and the per-board model choice should be measured again.

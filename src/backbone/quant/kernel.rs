@@ -186,6 +186,10 @@ pub struct Quantized<'a> {
     pub zero_point: u8,
     /// The fake quantisation that follows, folded in (after the clip and residual).
     pub grid: Option<Grid>,
+    /// With a residual: the residual added after `grid` instead of before, and the sum put on
+    /// this grid (a QDQ graph's residual `Add` and the quantisation pair after it), in a
+    /// sweep over each tile once stored, while it is in L1.
+    pub sum: Option<Grid>,
     /// Which compiled kernel runs it.
     pub isa: Isa8,
 }
@@ -307,7 +311,10 @@ impl Quantized<'_> {
                 first_channel: b * ROWS,
                 first_position: p * TILE,
                 image_out: unsafe { output.add(image * s.cout * s.hw) },
-                image_residual: residual.map(|r| unsafe { r.add(image * s.cout * s.hw) }),
+                // With `sum`, the residual is added by the sweep below.
+                image_residual: residual
+                    .filter(|_| self.sum.is_none())
+                    .map(|r| unsafe { r.add(image * s.cout * s.hw) }),
             };
             unsafe {
                 match self.isa {
@@ -323,6 +330,38 @@ impl Quantized<'_> {
                                 x86::quarter256(self, &tile, rows, half);
                             }
                         }
+                    }
+                }
+            }
+            if let (Some(g), Some(res)) = (self.sum, residual) {
+                let (p0, c0) = (p * TILE, b * ROWS);
+                let n = (s.hw - p0).min(TILE);
+                let rows = (s.cout - c0).min(ROWS);
+                let at = (image * s.cout + c0) * s.hw + p0;
+                // SAFETY: this tile's `rows` channels of `n` positions, in bounds.
+                unsafe { self.sum_on_grid(output.add(at), res.add(at), rows, n, g) };
+            }
+        }
+    }
+
+    /// `out[i] = g.one(out[i] + res[i])` for the first `n` values of `rows` rows `hw` apart:
+    /// the residual `Add` and the quantisation pair after it, the values tract's three
+    /// passes give.
+    ///
+    /// # Safety
+    /// `out` and `res` must hold those rows; the CPU must run `self.isa`.
+    #[inline]
+    unsafe fn sum_on_grid(&self, out: *mut f32, res: *const f32, rows: usize, n: usize, g: Grid) {
+        let hw = self.shape.hw;
+        match self.isa {
+            // SAFETY: the caller's.
+            #[cfg(target_arch = "x86_64")]
+            Isa8::Vnni512 => unsafe { x86::sum_on_grid(out, res, hw, rows, n, g) },
+            _ => {
+                for r in 0..rows {
+                    for i in r * hw..r * hw + n {
+                        // SAFETY: the caller's.
+                        unsafe { *out.add(i) = g.one(*out.add(i) + *res.add(i)) };
                     }
                 }
             }
@@ -691,6 +730,39 @@ mod x86 {
             _mm512_mul_ps(v, inv),
         );
         _mm512_mul_ps(_mm512_min_ps(_mm512_max_ps(t, lo), hi), scale)
+    }
+
+    /// # Safety
+    /// `out` and `res` hold `n` floats, and the CPU runs AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sum_on_grid(
+        out: *mut f32,
+        res: *const f32,
+        hw: usize,
+        rows: usize,
+        n: usize,
+        g: super::Grid,
+    ) {
+        let (vinv, vs) = (_mm512_set1_ps(g.inv), _mm512_set1_ps(g.scale));
+        let vlo = _mm512_set1_ps(-(g.zero_point as f32));
+        let vhi = _mm512_set1_ps(255.0 - g.zero_point as f32);
+        for row in 0..rows {
+            let mut i = 0;
+            while i < n {
+                let m = (n - i).min(LANES);
+                let mask: __mmask16 = if m == LANES { 0xffff } else { (1u16 << m) - 1 };
+                let at = row * hw + i;
+                let (p, r) = unsafe { (out.add(at), res.add(at)) };
+                let v = unsafe {
+                    _mm512_add_ps(
+                        _mm512_maskz_loadu_ps(mask, p),
+                        _mm512_maskz_loadu_ps(mask, r),
+                    )
+                };
+                unsafe { _mm512_mask_storeu_ps(p, mask, on_grid(v, vinv, vs, vlo, vhi)) };
+                i += LANES;
+            }
+        }
     }
 
     /// # Safety

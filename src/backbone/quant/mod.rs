@@ -264,6 +264,73 @@ pub fn fuse_fake_quant(model: &mut TypedModel) -> TractResult<usize> {
     Ok(done)
 }
 
+/// Folds each residual `Add` of an integer 1×1 convolution's fake-quantised output and the
+/// [`GraftFakeQuant`] after it into that convolution ([`GraftPointwiseQ8`]'s `sum`): tract ran
+/// the `Add` and graft the pair as two passes on one thread. Returns how many.
+#[doc(hidden)]
+pub fn fuse_residual_sums(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
+    use tract_onnx::tract_core::ops::math::Add;
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let Some(fq) = model.nodes[id].op_as::<GraftFakeQuant>() else {
+            continue;
+        };
+        let sum_grid = fq.grid();
+        let add_out = model.nodes[id].inputs[0];
+        let add = &model.nodes[add_out.node];
+        let is_add = add
+            .op_as::<TypedBinOp>()
+            .is_some_and(|b| b.0.is::<Add>() && b.1.is_none());
+        if !is_add
+            || add.inputs.len() != 2
+            || add.outputs.len() != 1
+            || model.outputs.contains(&add_out)
+            || model.outlet_successors(add_out).len() != 1
+        {
+            continue;
+        }
+        // The convolution: an input of the `Add` read by nothing else, with its output on a
+        // grid and no residual of its own.
+        let found = (0..2).find_map(|slot| {
+            let from = add.inputs[slot];
+            let q8 = model.nodes[from.node].op_as::<GraftPointwiseQ8>()?;
+            let alone = model.outlet_successors(from).len() == 1
+                && model.nodes[from.node].outputs.len() == 1
+                && !model.outputs.contains(&from);
+            (alone && q8.grid.is_some() && !q8.residual && q8.sum.is_none())
+                .then(|| (q8.clone(), from.node, add.inputs[1 - slot]))
+        });
+        let Some((q8, conv, other)) = found else {
+            continue;
+        };
+        let fact = model.outlet_fact(other)?;
+        if fact.datum_type != f32::datum_type()
+            || fact.shape.as_concrete() != Some(&q8.out_shape[..])
+            || model.outlet_fact(add_out)?.shape != fact.shape
+        {
+            continue;
+        }
+        let name = model.nodes[conv].name.clone();
+        let mut patch = TypedModelPatch::new(format!("graft-residual-sum {name}"));
+        let x = patch.tap_model(model, model.nodes[conv].inputs[0])?;
+        let r = patch.tap_model(model, other)?;
+        let op = GraftPointwiseQ8 {
+            residual: true,
+            sum: Some(sum_grid),
+            ..q8
+        };
+        let out = patch.wire_node(name, op, &[x, r])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    if done > 0 {
+        model.compact()?;
+    }
+    Ok(done)
+}
+
 /// Per output channel, the `s8` weights and scale a float `[cout][cin]` matrix was
 /// dequantised from (`w = qw · sw`, symmetric, the largest |qw| 127, as onnxruntime's
 /// quantiser makes them), or `None` if some channel is not exactly so.
@@ -320,6 +387,9 @@ pub struct GraftPointwiseQ8 {
     residual: bool,
     /// The fake quantisation that follows, folded in ([`fuse_fake_quant`]).
     grid: Option<Grid>,
+    /// The residual added after `grid` and the sum fake-quantised on this grid
+    /// ([`fuse_residual_sums`]).
+    sum: Option<Grid>,
     isa: Isa8,
 }
 
@@ -335,6 +405,7 @@ impl PartialEq for GraftPointwiseQ8 {
             && self.in_shape == o.in_shape
             && self.out_shape == o.out_shape
             && self.grid == o.grid
+            && self.sum == o.sum
             && [self.lo, self.hi, self.inv].map(f32::to_bits)
                 == [o.lo, o.hi, o.inv].map(f32::to_bits)
             && self.weights == o.weights
@@ -398,6 +469,7 @@ impl GraftPointwiseQ8 {
             zero_point: fq.zero_point,
             residual: f.residual,
             grid: None,
+            sum: None,
             isa,
         })
     }
@@ -414,6 +486,7 @@ impl GraftPointwiseQ8 {
             inv: self.inv,
             zero_point: self.zero_point,
             grid: self.grid,
+            sum: self.sum,
             isa: self.isa,
         }
     }
@@ -440,6 +513,10 @@ impl Op for GraftPointwiseQ8 {
         )]
         .into_iter()
         .chain(self.grid.map(|g| g.describe()))
+        .chain(
+            self.sum
+                .map(|g| format!("then + residual, {}", g.describe())),
+        )
         .collect())
     }
 
@@ -672,7 +749,11 @@ pub fn check_against_tract(
         let (want, got) = (want[0].try_as_plain_ram()?, got[0].try_as_plain_ram()?);
         let (want, got) = (want.as_slice::<f32>()?, got.as_slice::<f32>()?);
         ensure!(got.len() == want.len(), "{sh:?}: output sizes");
-        check_fused_grid(&ours, inputs, got, check_grid(i))?;
+        check_fused_grid(&ours, inputs.clone(), got, check_grid(i))?;
+        if !residual {
+            let grids = [check_grid(i), check_grid(i + 1)];
+            check_fused_sum(&ours, inputs, got, &res, grids)?;
+        }
         // graft's sums are exact integers; tract's are float sums of `cin` terms, whose
         // rounding grows with their magnitudes (a ReLU6 may clip an output of 6 out of sums
         // of hundreds): each output is allowed a relative 1e-5 of the largest output plus
@@ -749,6 +830,60 @@ pub(crate) fn check_fused_grid(
         ensure!(
             a.to_bits() == want.to_bits() || (*a == 0.0 && want == 0.0),
             "{} with its fake quantisation folded in gives {a} at output {j}, the pair gives {want} (from {p})",
+            model.node(out.node).op.name()
+        );
+    }
+    Ok(())
+}
+
+/// Checks [`fuse_residual_sums`] on a model whose output node is a graft integer convolution
+/// without a residual that gave `plain` on `inputs`: with a [`GraftFakeQuant`] of `grids[0]`,
+/// the `Add` of `residual` (one more input) and a [`GraftFakeQuant`] of `grids[1]` after it,
+/// all folded in, every output must be what the three give, bit for bit.
+fn check_fused_sum(
+    model: &TypedModel,
+    mut inputs: TVec<TValue>,
+    plain: &[f32],
+    residual: &[f32],
+    grids: [Grid; 2],
+) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
+    use tract_onnx::tract_core::ops::math::Add;
+    let mut m = model.clone();
+    let out = m.output_outlets()?[0];
+    let shape: TVec<usize> = m
+        .outlet_fact(out)?
+        .shape
+        .as_concrete()
+        .context("a concrete output shape")?
+        .into();
+    let r = m.add_source("sum.residual", f32::fact(&shape))?;
+    let fq = |g: Grid| GraftFakeQuant {
+        inv: g.inv,
+        scale: g.scale,
+        zero_point: g.zero_point,
+    };
+    let y = m.wire_node("fq", fq(grids[0]), &[out])?[0];
+    let y = m.wire_node("sum", TypedBinOp(Box::new(Add), None), &[y, r])?[0];
+    let y = m.wire_node("sum.fq", fq(grids[1]), &[y])?[0];
+    m.select_output_outlets(&[y])?;
+    ensure!(
+        fuse_fake_quant(&mut m)? == 1 && fuse_residual_sums(&mut m)? == 1,
+        "the residual sum was not folded into {}",
+        model.node(out.node).op.name()
+    );
+    ensure!(residual.len() == plain.len());
+    inputs.push(Tensor::from_shape(&shape, residual)?.into_tvalue());
+    let got = m.into_optimized()?.into_runnable()?.run(inputs)?;
+    let got = got[0].try_as_plain_ram()?;
+    let got = got.as_slice::<f32>()?;
+    ensure!(got.len() == plain.len());
+    for (j, ((a, p), r)) in got.iter().zip(plain).zip(residual).enumerate() {
+        let sum = grids[0].one(*p) + r;
+        let want = grids[1].one(sum);
+        ensure!(
+            a.to_bits() == want.to_bits() || (*a == 0.0 && want == 0.0),
+            "{} with its residual sum folded in gives {a} at output {j}, the three passes give {want} (from {p} + {r})",
             model.node(out.node).op.name()
         );
     }
