@@ -353,17 +353,16 @@ impl Quantized<'_> {
     #[inline]
     unsafe fn sum_on_grid(&self, out: *mut f32, res: *const f32, rows: usize, n: usize, g: Grid) {
         let hw = self.shape.hw;
-        match self.isa {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.isa, Isa8::Vnni512) {
             // SAFETY: the caller's.
-            #[cfg(target_arch = "x86_64")]
-            Isa8::Vnni512 => unsafe { x86::sum_on_grid(out, res, hw, rows, n, g) },
-            _ => {
-                for r in 0..rows {
-                    for i in r * hw..r * hw + n {
-                        // SAFETY: the caller's.
-                        unsafe { *out.add(i) = g.one(*out.add(i) + *res.add(i)) };
-                    }
-                }
+            unsafe { x86::sum_on_grid(out, res, hw, rows, n, g) };
+            return;
+        }
+        for r in 0..rows {
+            for i in r * hw..r * hw + n {
+                // SAFETY: the caller's.
+                unsafe { *out.add(i) = g.one(*out.add(i) + *res.add(i)) };
             }
         }
     }
