@@ -607,7 +607,7 @@ struct Found {
 }
 
 /// The only node reading node `id`'s only output, when that output is not a model output.
-fn sole_successor(model: &TypedModel, id: usize) -> Option<(usize, usize)> {
+pub(crate) fn sole_successor(model: &TypedModel, id: usize) -> Option<(usize, usize)> {
     let outlet = OutletId::new(id, 0);
     if model.outputs.contains(&outlet) || model.nodes[id].outputs.len() != 1 {
         return None;

@@ -26,7 +26,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
 
-use super::pointwise::{inputs_of, output_facts_of, Shape};
+use super::pointwise::{inputs_of, output_facts_of, sole_successor, Shape};
 use super::simd::{par_parts, same_bits, seeded_uniform};
 pub use kernel::{Grid, Isa8};
 
@@ -282,12 +282,7 @@ pub fn fuse_residual_sums(model: &mut TypedModel) -> TractResult<usize> {
         let is_add = add
             .op_as::<TypedBinOp>()
             .is_some_and(|b| b.0.is::<Add>() && b.1.is_none());
-        if !is_add
-            || add.inputs.len() != 2
-            || add.outputs.len() != 1
-            || model.outputs.contains(&add_out)
-            || model.outlet_successors(add_out).len() != 1
-        {
+        if !is_add || add.inputs.len() != 2 || sole_successor(model, add_out.node).is_none() {
             continue;
         }
         // The convolution: an input of the `Add` read by nothing else, with its output on a
@@ -295,9 +290,7 @@ pub fn fuse_residual_sums(model: &mut TypedModel) -> TractResult<usize> {
         let found = (0..2).find_map(|slot| {
             let from = add.inputs[slot];
             let q8 = model.nodes[from.node].op_as::<GraftPointwiseQ8>()?;
-            let alone = model.outlet_successors(from).len() == 1
-                && model.nodes[from.node].outputs.len() == 1
-                && !model.outputs.contains(&from);
+            let alone = sole_successor(model, from.node).is_some();
             (alone && q8.grid.is_some() && !q8.residual && q8.sum.is_none())
                 .then(|| (q8.clone(), from.node, add.inputs[1 - slot]))
         });
