@@ -119,6 +119,7 @@ fn main() {
                 grid: None,
                 sum: None,
                 isa: i8isa,
+                pack_positions: false,
             };
             let tq = median(|| quantized.run(&x, res.as_deref(), &mut out_q));
             total_q[k] += tq;

@@ -902,8 +902,10 @@ impl Backbone {
                         .map_err(load)?
                 };
                 let fused = if pairs > 0 {
-                    quant::fuse_fake_quant(&mut typed).map_err(load)?
-                        + quant::fuse_residual_sums(&mut typed).map_err(load)?
+                    let fused = quant::fuse_fake_quant(&mut typed).map_err(load)?
+                        + quant::fuse_residual_sums(&mut typed).map_err(load)?;
+                    quant::align_packing(&mut typed).map_err(load)?;
+                    fused
                 } else {
                     0
                 };

@@ -22,6 +22,7 @@
 //! tract's two passes (which round, convert to `u8`, then convert back), in one pass, in place.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::backbone::pointwise::kernel::Shape;
 
@@ -192,12 +193,24 @@ pub struct Quantized<'a> {
     pub sum: Option<Grid>,
     /// Which compiled kernel runs it.
     pub isa: Isa8,
+    /// [`Quantized::pack_input`]'s units are (image, block of [`TILE`] positions), every
+    /// group of each, instead of (image, group of input channels), every position of each:
+    /// where the input was written by threads that each took a range of positions (the 1×1
+    /// convolution before, below 64 output channels), each thread then quantises what it wrote.
+    pub pack_positions: bool,
 }
 
 impl Quantized<'_> {
-    /// Units of [`Quantized::pack_input`]: every (image, group of input channels).
+    /// Units of [`Quantized::pack_input`]: every (image, group of input channels), or with
+    /// `pack_positions` every (image, block of positions).
     pub fn units(&self) -> usize {
-        self.shape.batch * groups(self.shape.cin)
+        let s = &self.shape;
+        s.batch
+            * if self.pack_positions {
+                position_blocks(s.hw)
+            } else {
+                groups(s.cin)
+            }
     }
 
     /// Whether consecutive tiles walk the positions of one block of output channels (else
@@ -205,7 +218,7 @@ impl Quantized<'_> {
     /// graft's float kernel: with many output channels, position-inner order writes a few
     /// long output rows at a time instead of every channel's row at once (on Lite0's
     /// 16 → 96 over 112×112: 0.48 → 0.2x ms).
-    fn channel_major(&self) -> bool {
+    pub(crate) fn channel_major(&self) -> bool {
         self.shape.cout >= CHANNEL_MAJOR_FROM
     }
 
@@ -259,25 +272,142 @@ impl Quantized<'_> {
     pub unsafe fn pack_input(&self, input: *const f32, packed: *mut u32, units: Range<usize>) {
         let s = &self.shape;
         let (g, pb) = (groups(s.cin), position_blocks(s.hw));
+        if self.pack_positions {
+            // Each image's run of blocks in `units`: every group's positions there, one
+            // stream per channel row.
+            let mut u = units.start;
+            while u < units.end {
+                let (image, first) = (u / pb, u % pb);
+                let last = units.end.min((image + 1) * pb) - image * pb;
+                let (p0, n) = (first * TILE, s.hw.min(last * TILE) - first * TILE);
+                for gi in 0..g {
+                    // SAFETY: as below, from position `p0` on; `n` positions of `[image][gi]`
+                    // from block `first` on are in bounds of `packed`.
+                    unsafe {
+                        self.pack_rows(
+                            input,
+                            image,
+                            gi,
+                            p0,
+                            n,
+                            packed.add(((image * g + gi) * pb + first) * TILE),
+                        )
+                    };
+                }
+                u = image * pb + last;
+            }
+            return;
+        }
         for unit in units {
             let (image, gi) = (unit / g, unit % g);
-            // The four channel rows of this group (fewer past `cin`).
-            let rows: [Option<*const f32>; GROUP] = std::array::from_fn(|j| {
-                let c = gi * GROUP + j;
-                // SAFETY: in bounds of `input` when `c < cin`.
-                (c < s.cin).then(|| unsafe { input.add((image * s.cin + c) * s.hw) })
-            });
             // SAFETY: `[image][gi]`'s blocks are in bounds of `packed`.
-            let out = unsafe { packed.add((image * g + gi) * pb * TILE) };
             unsafe {
-                match self.isa {
-                    Isa8::Scalar => pack_scalar(rows, s.hw, self.inv, self.zero_point, out),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa8::Vnni512 => x86::pack(rows, s.hw, self.inv, self.zero_point, out),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa8::Vnni256 => x86::pack256(rows, s.hw, self.inv, self.zero_point, out),
-                }
+                self.pack_rows(
+                    input,
+                    image,
+                    gi,
+                    0,
+                    s.hw,
+                    packed.add((image * g + gi) * pb * TILE),
+                )
+            };
+        }
+    }
+
+    /// Packs positions `p0..p0 + n` of group `gi` of image `image` into `out`.
+    ///
+    /// # Safety
+    /// As [`Quantized::pack_input`]; `out` holds `position_blocks(n)` blocks.
+    #[inline]
+    unsafe fn pack_rows(
+        &self,
+        input: *const f32,
+        image: usize,
+        gi: usize,
+        p0: usize,
+        n: usize,
+        out: *mut u32,
+    ) {
+        let s = &self.shape;
+        // The four channel rows of this group (fewer past `cin`).
+        let rows: [Option<*const f32>; GROUP] = std::array::from_fn(|j| {
+            let c = gi * GROUP + j;
+            // SAFETY: in bounds of `input` when `c < cin`.
+            (c < s.cin).then(|| unsafe { input.add((image * s.cin + c) * s.hw + p0) })
+        });
+        unsafe {
+            match self.isa {
+                Isa8::Scalar => pack_scalar(rows, n, self.inv, self.zero_point, out),
+                #[cfg(target_arch = "x86_64")]
+                Isa8::Vnni512 => x86::pack(rows, n, self.inv, self.zero_point, out),
+                #[cfg(target_arch = "x86_64")]
+                Isa8::Vnni256 => x86::pack256(rows, n, self.inv, self.zero_point, out),
             }
+        }
+    }
+
+    /// The units of [`Quantized::pack_input`] that `tiles` read (a range of units that may
+    /// hold a few more): their images' groups, or their blocks of positions.
+    fn units_of_tiles(&self, tiles: Range<usize>) -> Range<usize> {
+        let s = &self.shape;
+        let (pb, cb) = (position_blocks(s.hw), blocks(s.cout));
+        let (first, last) = (tiles.start, tiles.end - 1);
+        let (i0, i1) = (first / (pb * cb), last / (pb * cb));
+        if !self.pack_positions {
+            let g = groups(s.cin);
+            return i0 * g..(i1 + 1) * g;
+        }
+        if !self.channel_major() {
+            // Tiles go (image, block of positions, block of channels): a unit's tiles are
+            // consecutive.
+            return first / cb..last / cb + 1;
+        }
+        // (image, block of channels, block of positions): all of each image's positions
+        // unless the tiles stay within one block of channels.
+        if first / pb == last / pb {
+            let base = i0 * pb;
+            base + first % pb..base + last % pb + 1
+        } else {
+            i0 * pb..(i1 + 1) * pb
+        }
+    }
+
+    /// Part `part` of `parts` of the whole convolution, the parts run at the same time by as
+    /// many threads (or one after another by fewer): packs an equal share of the units, then
+    /// runs an equal share of the tiles. The tiles wait only for the units they read; a unit
+    /// no thread has taken yet is packed by the first thread that needs it, so a thread that
+    /// starts late finds its share done rather than holding the others up. One meeting of the
+    /// threads per convolution instead of one for the packing and one for the tiles.
+    ///
+    /// # Safety
+    /// As [`Quantized::pack_input`] and [`Quantized::run_tiles`]; `claims` holds
+    /// [`Quantized::units`] values, all [`Claims::FREE`] before the first part starts, shared
+    /// by every part of this run, and `packed` by them too.
+    pub unsafe fn run_part(
+        &self,
+        io: (*const f32, *mut u32, Option<*const f32>, *mut f32),
+        part: usize,
+        parts: usize,
+        claims: &Claims,
+    ) {
+        let (input, packed, residual, output) = io;
+        let (units, tiles) = (self.units(), self.tiles());
+        // SAFETY: the caller's.
+        unsafe {
+            claims.ensure(part * units / parts..(part + 1) * units / parts, |r| {
+                self.pack_input(input, packed, r)
+            });
+        }
+        let mine = part * tiles / parts..(part + 1) * tiles / parts;
+        if mine.is_empty() {
+            return;
+        }
+        // SAFETY: the caller's.
+        unsafe {
+            claims.ensure(self.units_of_tiles(mine.clone()), |r| {
+                self.pack_input(input, packed, r)
+            });
+            self.run_tiles(packed, residual, output, mine);
         }
     }
 
@@ -364,6 +494,56 @@ impl Quantized<'_> {
                 // SAFETY: the caller's.
                 unsafe { *out.add(i) = g.one(*out.add(i) + *res.add(i)) };
             }
+        }
+    }
+}
+
+/// Who packs which unit of one [`Quantized`] run: each unit free, taken by a thread that is
+/// packing it, or packed.
+pub struct Claims(Vec<AtomicU8>);
+
+impl Claims {
+    /// Not taken.
+    pub const FREE: u8 = 0;
+    const BUSY: u8 = 1;
+    const DONE: u8 = 2;
+
+    /// `units` free units.
+    pub fn new(units: usize) -> Claims {
+        Claims((0..units).map(|_| AtomicU8::new(Self::FREE)).collect())
+    }
+
+    /// Returns once every unit of `r` is packed: takes each run of free units and packs it
+    /// with `pack` (in one call, so a thread's whole share streams its rows once), and waits
+    /// for those another thread is packing (which wait for nothing: no deadlock, whatever
+    /// the number of threads).
+    fn ensure(&self, r: Range<usize>, pack: impl Fn(Range<usize>)) {
+        let c = &self.0;
+        let mut u = r.start;
+        while u < r.end {
+            let mut e = u;
+            // A load first: a failed compare-exchange still takes the line from the other
+            // core's cache.
+            while e < r.end
+                && c[e].load(Ordering::Relaxed) == Self::FREE
+                && c[e]
+                    .compare_exchange(Self::FREE, Self::BUSY, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                e += 1;
+            }
+            if e > u {
+                pack(u..e);
+                for claim in &c[u..e] {
+                    claim.store(Self::DONE, Ordering::Release);
+                }
+                u = e;
+                continue;
+            }
+            while c[u].load(Ordering::Acquire) != Self::DONE {
+                std::hint::spin_loop();
+            }
+            u += 1;
         }
     }
 }

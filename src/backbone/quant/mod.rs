@@ -27,8 +27,15 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
 
 use super::pointwise::{inputs_of, output_facts_of, sole_successor, Shape};
-use super::simd::{par_parts, same_bits, seeded_uniform};
+use super::simd::{par_parts, same_bits, seeded_uniform, threads};
 pub use kernel::{Grid, Isa8};
+
+thread_local! {
+    /// The packed input of the integer 1×1 convolutions run from this thread, kept between
+    /// them: each reuses the memory the one before just used (in cache), without allocating
+    /// and clearing it.
+    static PACKED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// A `QuantizeLinear → DequantizeLinear` pair (`u8`) run as one float pass, in place.
 #[derive(Debug, Clone, PartialEq)]
@@ -324,6 +331,34 @@ pub fn fuse_residual_sums(model: &mut TypedModel) -> TractResult<usize> {
     Ok(done)
 }
 
+/// Has each integer 1×1 convolution whose input another one wrote by ranges of positions (its
+/// tiles position-major: fewer than 64 output channels) pack that input by positions too, so
+/// that on several threads each quantises the values its own core wrote (on two threads, read
+/// by channel groups, half of every row came from the other core's cache: Lite0's expansions
+/// after its projections packed slower on two threads than on one). Returns how many.
+#[doc(hidden)]
+pub fn align_packing(model: &mut TypedModel) -> TractResult<usize> {
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let Some(q8) = model.nodes[id].op_as::<GraftPointwiseQ8>() else {
+            continue;
+        };
+        let from = model.nodes[id].inputs[0].node;
+        let by_positions = model.nodes[from]
+            .op_as::<GraftPointwiseQ8>()
+            .is_some_and(|p| !p.kernel().channel_major());
+        if by_positions && !q8.pack_positions {
+            let op = GraftPointwiseQ8 {
+                pack_positions: true,
+                ..q8.clone()
+            };
+            model.nodes[id].op = Box::new(op);
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
 /// Per output channel, the `s8` weights and scale a float `[cout][cin]` matrix was
 /// dequantised from (`w = qw · sw`, symmetric, the largest |qw| 127, as onnxruntime's
 /// quantiser makes them), or `None` if some channel is not exactly so.
@@ -384,6 +419,9 @@ pub struct GraftPointwiseQ8 {
     /// ([`fuse_residual_sums`]).
     sum: Option<Grid>,
     isa: Isa8,
+    /// Pack the input by positions ([`kernel::Quantized::pack_positions`]; set by
+    /// [`align_packing`]).
+    pack_positions: bool,
 }
 
 impl PartialEq for GraftPointwiseQ8 {
@@ -394,8 +432,15 @@ impl PartialEq for GraftPointwiseQ8 {
             self.isa,
             self.residual,
             self.zero_point,
-        ) == (o.shape, o.hw, o.isa, o.residual, o.zero_point)
-            && self.in_shape == o.in_shape
+            self.pack_positions,
+        ) == (
+            o.shape,
+            o.hw,
+            o.isa,
+            o.residual,
+            o.zero_point,
+            o.pack_positions,
+        ) && self.in_shape == o.in_shape
             && self.out_shape == o.out_shape
             && self.grid == o.grid
             && self.sum == o.sum
@@ -464,6 +509,7 @@ impl GraftPointwiseQ8 {
             grid: None,
             sum: None,
             isa,
+            pack_positions: false,
         })
     }
 
@@ -481,6 +527,7 @@ impl GraftPointwiseQ8 {
             grid: self.grid,
             sum: self.sum,
             isa: self.isa,
+            pack_positions: self.pack_positions,
         }
     }
 }
@@ -528,30 +575,35 @@ impl EvalOp for GraftPointwiseQ8 {
         let (input, residual) = inputs_of("GraftPointwiseQ8", &inputs, &s, self.residual)?;
         let residual = residual.map(|r| r.as_ptr() as usize);
         let k = self.kernel();
-        let mut packed = vec![0u32; kernel::packed_input_words(&s)];
-        let (x, pk) = (input.as_ptr() as usize, packed.as_mut_ptr() as usize);
-        par_parts(k.units(), s.batch * s.cin * s.hw * 8, |units| {
-            // SAFETY: lengths checked above; these units are this thread's alone.
-            unsafe { k.pack_input(x as *const f32, pk as *mut u32, units) };
-        });
         // SAFETY: every value is written below: the tiles cover every (image, channel,
         // position) once.
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
-        {
-            let mut view = output.try_as_plain_ram_mut()?;
-            let out = view.as_slice_mut::<f32>()?.as_mut_ptr() as usize;
-            par_parts(k.tiles(), s.macs(), |tiles| {
-                // SAFETY: lengths checked above; these tiles are this thread's alone.
-                unsafe {
-                    k.run_tiles(
-                        pk as *const u32,
-                        residual.map(|r| r as *const f32),
-                        out as *mut f32,
-                        tiles,
-                    )
-                };
-            });
-        }
+        let out = output
+            .try_as_plain_ram_mut()?
+            .as_slice_mut::<f32>()?
+            .as_mut_ptr() as usize;
+        let x = input.as_ptr() as usize;
+        // Taken out while in use (a run nested in this one, on this thread, gets an empty one).
+        let mut packed = PACKED.take();
+        // Every unit is packed before a tile reads it (`Claims`): no need to clear it.
+        packed.resize(packed.len().max(kernel::packed_input_words(&s)), 0);
+        let pk = packed.as_mut_ptr() as usize;
+        let claims = kernel::Claims::new(k.units());
+        let parts = threads().min(k.tiles()).max(1);
+        par_parts(parts, s.macs(), |range| {
+            for part in range {
+                let io = (
+                    x as *const f32,
+                    pk as *mut u32,
+                    residual.map(|r| r as *const f32),
+                    out as *mut f32,
+                );
+                // SAFETY: lengths checked above; the claims are this run's; each part writes
+                // its own tiles.
+                unsafe { k.run_part(io, part, parts, &claims) };
+            }
+        });
+        PACKED.set(packed);
         Ok(tvec!(output.into_tvalue()))
     }
 }
@@ -743,6 +795,7 @@ pub fn check_against_tract(
         let (want, got) = (want.as_slice::<f32>()?, got.as_slice::<f32>()?);
         ensure!(got.len() == want.len(), "{sh:?}: output sizes");
         check_fused_grid(&ours, inputs.clone(), got, check_grid(i))?;
+        check_packed_by_positions(&ours, inputs.clone(), got)?;
         if !residual {
             let grids = [check_grid(i), check_grid(i + 1)];
             check_fused_sum(&ours, inputs, got, &res, grids)?;
@@ -789,6 +842,34 @@ pub fn check_against_tract(
         });
     }
     Ok(checked)
+}
+
+/// Checks [`align_packing`]'s packing by positions on a model holding one
+/// [`GraftPointwiseQ8`] that gave `plain` on `inputs` packed by groups: the same bits.
+fn check_packed_by_positions(
+    model: &TypedModel,
+    inputs: TVec<TValue>,
+    plain: &[f32],
+) -> TractResult<()> {
+    let mut m = model.clone();
+    let id = m
+        .nodes
+        .iter()
+        .position(|n| n.op_is::<GraftPointwiseQ8>())
+        .context("no integer 1x1 convolution")?;
+    let q8 = m.nodes[id].op_as::<GraftPointwiseQ8>().context("checked")?;
+    let shape = q8.shape;
+    m.nodes[id].op = Box::new(GraftPointwiseQ8 {
+        pack_positions: true,
+        ..q8.clone()
+    });
+    let got = m.into_optimized()?.into_runnable()?.run(inputs)?;
+    let got = got[0].try_as_plain_ram()?;
+    ensure!(
+        same_bits(got.as_slice::<f32>()?, plain),
+        "the int8 1x1 convolution {shape:?} packed by positions differs from packed by groups"
+    );
+    Ok(())
 }
 
 /// Checks [`fuse_fake_quant`] on a model whose output node is a graft convolution (after its
@@ -981,6 +1062,64 @@ mod tests {
             })
             .unwrap();
             assert_eq!(checked.len(), 10 + 19 + 10);
+        }
+    }
+
+    /// The parts of one run, on one thread and in any order, give `run`'s bits: a part
+    /// packs what earlier parts left, and finds done what they packed.
+    #[test]
+    fn parts_run_in_any_order_give_the_same_bits() {
+        for isa in Isa8::available() {
+            for (cin, cout, hw, batch) in [(16, 96, 700, 1), (144, 24, 300, 2), (40, 70, 33, 3)] {
+                let s = Shape {
+                    batch,
+                    cin,
+                    cout,
+                    hw,
+                };
+                let mut seed = (cin * cout + hw) as u64;
+                let x: Vec<f32> = seeded_uniform(&mut seed, batch * cin * hw, 4.0);
+                let q: Vec<i8> = (0..cin * cout).map(|i| ((i * 7919) % 255) as i8).collect();
+                let (weights, sums) = kernel::pack_weights(&q, cin, cout);
+                let n = sums.len();
+                let zp_sums: Vec<i32> = sums.iter().map(|v| v * 3).collect();
+                let scales = vec![0.001f32; n];
+                let bias = seeded_uniform(&mut seed, n, 1.0);
+                for pack_positions in [false, true] {
+                    let k = kernel::Quantized {
+                        shape: s,
+                        weights: &weights,
+                        zp_sums: &zp_sums,
+                        scales: &scales,
+                        bias: &bias,
+                        lo: -3.0,
+                        hi: 3.0,
+                        inv: 20.0,
+                        zero_point: 3,
+                        grid: None,
+                        sum: None,
+                        isa,
+                        pack_positions,
+                    };
+                    let mut want = vec![0f32; batch * cout * hw];
+                    k.run(&x, None, &mut want);
+                    for parts in [2, 3, 5] {
+                        let mut got = vec![f32::NAN; want.len()];
+                        let mut packed = vec![0u32; kernel::packed_input_words(&s)];
+                        let claims = kernel::Claims::new(k.units());
+                        let io = (x.as_ptr(), packed.as_mut_ptr(), None, got.as_mut_ptr());
+                        for part in (0..parts).rev() {
+                            // SAFETY: full-length buffers, this CPU's ISA, one thread.
+                            unsafe { k.run_part(io, part, parts, &claims) };
+                        }
+                        assert!(
+                            same_bits(&got, &want),
+                            "{} {s:?} by positions {pack_positions}, {parts} parts",
+                            isa.name()
+                        );
+                    }
+                }
+            }
         }
     }
 
