@@ -359,7 +359,7 @@ impl GraftDepthwise {
                     isa: d.isa,
                     lo: d.lo,
                     hi: d.hi,
-                    grid: None,
+                    grid: d.grid,
                     in_clip: d.in_clip,
                 })
             }),
@@ -694,7 +694,6 @@ pub fn fuse_expand(model: &mut TypedModel) -> TractResult<usize> {
         let g = d.geo;
         if d.blocked.is_none()
             || d.dense.is_some()
-            || d.grid.is_some()
             || d.expand.is_some()
             || !blocked::by_rows(&g, blocked::block_channels(d.isa))
         {
@@ -708,11 +707,11 @@ pub fn fuse_expand(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let producer = &model.nodes[input.node];
-        // A channel-blocked stem: its output blocks are this convolution's.
+        // A channel-blocked stem: its output blocks are this convolution's (each on its grid
+        // in a QDQ graph).
         if let Some(stem) = producer.op_as::<GraftDepthwise>().filter(|p| {
             p.dense == Some(g.channels)
                 && p.blocked.is_some()
-                && p.grid.is_none()
                 && p.isa == d.isa
                 && [p.geo.ho, p.geo.wo] == [g.h, g.w]
                 && p.geo.batch == g.batch
@@ -730,9 +729,11 @@ pub fn fuse_expand(model: &mut TypedModel) -> TractResult<usize> {
             done += 1;
             continue;
         }
+        // An expand's own output has no grid here: not in a QDQ graph.
         let Some(p) = producer
             .op_as::<GraftPointwise>()
             .and_then(GraftPointwise::parts)
+            .filter(|_| d.grid.is_none())
         else {
             continue;
         };
