@@ -222,9 +222,16 @@ impl ExpandRows {
 
 /// One block's part of a stem run inside a depthwise convolution ([`Blocked::stem`]).
 struct StemRows {
-    /// The stem's padded input, `[channel][hp][wp]`.
-    src: *const f32,
-    /// Offset of each tap `(ci, ky, kx)` from an output's first input.
+    /// The stem's input, the image (`[channel][h][w]`).
+    image: *const f32,
+    /// The stem's geometry.
+    sg: Geometry,
+    /// The `kh` padded input rows of each channel that one output row reads
+    /// (`[channel][ky][wp]`), gathered from the image for each output row, zeros around:
+    /// in the cache of the thread that reads them, instead of a padded copy of the whole
+    /// image made by one thread before the others start.
+    rows: Vec<f32>,
+    /// Offset of each tap `(ci, ky, kx)` in `rows` from an output's first input.
     offsets: Vec<usize>,
     /// The block's `[tap][lane]` weights and its biases.
     weights: *const f32,
@@ -233,22 +240,58 @@ struct StemRows {
     hi: f32,
     /// The stem's output put on this grid (a QDQ graph's fake quantisation after it).
     grid: Option<Grid>,
-    wp: usize,
-    sh: usize,
-    sw: usize,
+    /// The image clamped to this range as it is gathered ([`DenseBlocked::in_clip`]).
+    in_clip: Option<(f32, f32)>,
 }
 
 impl StemRows {
     /// Output row `y` of the stem, columns `0..cols`, into `dst` (`[column][lane]`): what
-    /// [`DenseBlocked::run_rows`] computes for this block (the same taps in the same order,
-    /// then the bias, clip and grid), eight columns at a time.
+    /// [`DenseBlocked::run_rows`] computes for this block from [`DenseBlocked::pad`]'s
+    /// padded image (the same taps, values and order, then the bias, clip and grid), eight
+    /// columns at a time.
     ///
     /// # Safety
     /// `y < ho` and `cols ≤ wo` of the stem; `dst` holds `cols` vectors; the CPU runs `L`.
     #[inline(always)]
-    unsafe fn row<L: Lanes>(&self, y: usize, cols: usize, dst: *mut f32) {
+    unsafe fn row<L: Lanes>(&mut self, y: usize, cols: usize, dst: *mut f32) {
+        let sg = &self.sg;
+        let (_, wp) = sg.padded();
+        let width = sg.w.min(wp.saturating_sub(sg.pad_left));
+        // The rows `y` reads, as `DenseBlocked::pad` lays them out; columns outside
+        // `pad_left..pad_left + width` stay zero (nothing else is written there).
+        for c in 0..sg.channels {
+            for ky in 0..sg.kh {
+                let at = (c * sg.kh + ky) * wp;
+                let slot = &mut self.rows[at..at + wp];
+                match (y * sg.sh + ky)
+                    .checked_sub(sg.pad_top)
+                    .filter(|&iy| iy < sg.h)
+                {
+                    Some(iy) => {
+                        // SAFETY: row `iy` of channel `c` is inside the image.
+                        let src = unsafe {
+                            std::slice::from_raw_parts(
+                                self.image.add((c * sg.h + iy) * sg.w),
+                                width,
+                            )
+                        };
+                        let dst = &mut slot[sg.pad_left..sg.pad_left + width];
+                        match self.in_clip {
+                            // `max` then `min`, as the clip's nodes.
+                            Some((lo, hi)) => {
+                                for (d, &v) in dst.iter_mut().zip(src) {
+                                    *d = v.max(lo).min(hi);
+                                }
+                            }
+                            None => dst.copy_from_slice(src),
+                        }
+                    }
+                    None => slot.fill(0.0),
+                }
+            }
+        }
         let k = Broadcasts {
-            src: self.src,
+            src: self.rows.as_ptr(),
             offsets: &self.offsets,
             weights: self.weights,
             bias: self.bias,
@@ -257,9 +300,10 @@ impl StemRows {
             grid: self.grid,
             dst,
         };
-        let base = |ox: usize| y * self.sh * self.wp + ox * self.sw;
-        // SAFETY: the caller's contract; every read is inside the padded input (as in
-        // `DenseBlocked::run_rows`).
+        let sw = sg.sw;
+        let base = |ox: usize| ox * sw;
+        // SAFETY: the caller's contract; every read is inside `rows` (as in
+        // `DenseBlocked::run_rows`, one output row's taps).
         unsafe {
             let mut ox = 0;
             while ox + 8 <= cols {
@@ -323,12 +367,12 @@ impl Blocked<'_> {
             "depthwise input block"
         );
         // With an expand, the input is the image's `cin` planes, from which the block's
-        // channels are computed; with a stem, the image padded for it.
+        // channels are computed; with a stem, the stem's input (the image).
         let stem = self.stem.map(|d| {
             let sg = d.geo;
-            let (hp, wp) = sg.padded();
+            let (_, wp) = sg.padded();
             let taps = sg.channels * sg.kh * sg.kw;
-            assert_eq!(input.len(), sg.channels * hp * wp, "stem input");
+            assert_eq!(input.len(), sg.channels * sg.h * sg.w, "stem input");
             assert!(
                 d.cout == g.channels && sg.ho == g.h && sg.wo == g.w && d.isa == self.isa,
                 "stem shape"
@@ -338,12 +382,15 @@ impl Blocked<'_> {
                     && d.bias.len() >= (block + 1) * lanes,
                 "stem packed weights"
             );
+            let kh = sg.kh;
             StemRows {
-                src: input.as_ptr(),
+                image: input.as_ptr(),
+                sg: *sg,
+                rows: vec![0.0; sg.channels * kh * wp],
                 offsets: (0..sg.channels)
                     .flat_map(|c| {
-                        (0..sg.kh)
-                            .flat_map(move |ky| (0..sg.kw).map(move |kx| (c * hp + ky) * wp + kx))
+                        (0..kh)
+                            .flat_map(move |ky| (0..sg.kw).map(move |kx| (c * kh + ky) * wp + kx))
                     })
                     .collect(),
                 // SAFETY (both): block `block` is inside the packed buffers (checked above).
@@ -352,9 +399,7 @@ impl Blocked<'_> {
                 lo: d.lo,
                 hi: d.hi,
                 grid: d.grid,
-                wp,
-                sh: sg.sh,
-                sw: sg.sw,
+                in_clip: d.in_clip,
             }
         });
         let cn = match &self.expand {
@@ -584,7 +629,7 @@ struct RowsJob<'a> {
     input: &'a [f32],
     /// With it, `input` is the expand's input, and the ring's rows are computed from it.
     expand: Option<ExpandRows>,
-    /// Or the stem's, from its padded input.
+    /// Or the stem's, from the image.
     stem: Option<StemRows>,
     cn: usize,
     rows: Range<usize>,
@@ -610,6 +655,7 @@ impl Work for RowsJob<'_> {
         let cols = g.w.min(wp.saturating_sub(g.pad_left));
         let (src, ring) = (self.input.as_ptr(), self.ring.as_mut_ptr());
         let (tile, out) = (self.tile.as_mut_ptr(), self.output);
+        let mut stem = self.stem;
         // Padded rows `..filled` have been laid into the ring.
         let mut filled = self.rows.start * g.sh;
         // SAFETY: see `Blocked::run`.
@@ -628,7 +674,7 @@ impl Work for RowsJob<'_> {
                                 filled += 1;
                                 continue;
                             }
-                            if let Some(d) = &self.stem {
+                            if let Some(d) = &mut stem {
                                 d.row::<L>(y, cols, dst);
                                 filled += 1;
                                 continue;
@@ -1504,7 +1550,8 @@ mod tests {
     }
 
     /// With a stem ([`Blocked::stem`]), a block computes its channels of the stem itself, row
-    /// by row into the ring, from the padded image: the stem's very numbers, convolved.
+    /// by row into the ring, from the image rows it gathers and pads: the stem's very numbers
+    /// (from the image padded whole), convolved.
     #[test]
     fn a_stem_run_inside_gives_the_very_numbers_of_the_two_convolutions() {
         let mut seed = 29;
@@ -1569,7 +1616,8 @@ mod tests {
                     lo: 0.0,
                     hi: 6.0,
                     grid: stem_grid,
-                    in_clip: None,
+                    // (With the grids, the image clipped too.)
+                    in_clip: stem_grid.map(|_| (-0.5, 0.75)),
                 };
                 let mut padded = Vec::new();
                 stem.pad(&image, &mut padded);
@@ -1611,7 +1659,7 @@ mod tests {
                         // SAFETY: `got[o..]` holds the block's output planes.
                         unsafe {
                             fused.run_rows(
-                                &padded,
+                                &image,
                                 b,
                                 r..(r + 3).min(ho),
                                 got[o..].as_mut_ptr(),

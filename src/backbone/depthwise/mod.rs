@@ -417,9 +417,12 @@ impl GraftDepthwise {
         Ok(())
     }
 
-    /// With the stem folded in: per image, the image padded once for the stem, then the
-    /// (channel block, output row) units split over the threads as [`Self::eval_blocked`]
-    /// splits them, each ring row computed by the stem from the padded image.
+    /// With the stem folded in: per image, the (channel block, output row) units split over
+    /// the threads as [`Self::eval_blocked`] splits them, each ring row computed by the stem
+    /// from the image rows it reads, gathered and padded by the thread that reads them, a few
+    /// rows at a time (no padded copy of the whole image, written by one thread before the
+    /// others start: the stem with the depthwise 0.46 → 0.43 ms on one thread; no change
+    /// measured on two).
     fn eval_stem_blocked(
         &self,
         op: blocked::Blocked,
@@ -432,13 +435,10 @@ impl GraftDepthwise {
         let blocks = g.channels.div_ceil(lanes);
         let sg = stem.geo;
         let (in_len, out_len) = (sg.channels * sg.h * sg.w, g.ho * g.wo);
-        let mut padded = Vec::new();
         for (image, out) in input
             .chunks_exact(in_len)
             .zip(out.chunks_exact_mut(g.channels * out_len))
         {
-            stem.pad(image, &mut padded);
-            let padded = &padded;
             let units = blocks * g.ho;
             let parts = threads().min(units);
             let output = SharedOut(out.as_mut_ptr());
@@ -454,7 +454,7 @@ impl GraftDepthwise {
                             unsafe {
                                 let rows = row..row + (stop - u);
                                 let at = output.ptr().add(b * lanes * out_len);
-                                op.run_rows(padded, b, rows, at, scratch);
+                                op.run_rows(image, b, rows, at, scratch);
                             }
                             u = stop;
                         }
