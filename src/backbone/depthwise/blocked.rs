@@ -126,7 +126,7 @@ pub struct Blocked<'a> {
     /// ([`Expand`]): the input is then that convolution's.
     pub expand: Option<Expand<'a>>,
     /// Or the stem before, computed into the ring the same way: the input is then the stem's
-    /// input as [`DenseBlocked::pad`] lays it out, and the stem's output blocks are this
+    /// input (the image, `[channel][h][w]`), and the stem's output blocks are this
     /// convolution's channel blocks (its `cout` = these channels, packed with the same lanes).
     pub stem: Option<DenseBlocked<'a>>,
 }
