@@ -1,5 +1,6 @@
 //! `graft serve --fleet ...` and `graft fleet status | simulate` (docs/FLEET.md).
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::bail;
@@ -190,7 +191,9 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
             if g.json {
                 return super::output::json_line(&s);
             }
-            println!(
+            let mut out = String::new();
+            writeln!(
+                out,
                 "fleet {}: {} members, {}",
                 s.fleet,
                 s.members.len(),
@@ -199,12 +202,13 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
                 } else {
                     format!("diverged: {}", s.diverged.join(", "))
                 }
-            );
+            )?;
             for m in &s.members {
                 let st = &m.status;
                 let classes: Vec<String> =
                     st.classes.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!(
+                writeln!(
+                    out,
                     "  {:<28} {:<8} seen {:>6.1} s ago  {:>5} examples  digest {}  {}  [{}]{}",
                     st.kiosk,
                     if m.online { "online" } else { "offline" },
@@ -218,15 +222,16 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
                     } else {
                         String::new()
                     }
-                );
+                )?;
             }
             if s.refused > 0 {
-                println!(
+                writeln!(
+                    out,
                     "  {} heartbeats refused (not signed with this fleet key)",
                     s.refused
-                );
+                )?;
             }
-            Ok(())
+            super::output::text(&out)
         }
         FleetCommand::Simulate {
             fleet,
@@ -258,7 +263,9 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
             if g.json {
                 return super::output::json_line(&r);
             }
-            println!(
+            let mut out = String::new();
+            writeln!(
+                out,
                 "{} kiosks × {} examples (dim {}): {} of {} kiosks converged in {:.1} s; {:.0} bytes per example published; {} deliveries ({:.0} MB); {:.1} MB per client (peak {:.1}){}",
                 r.kiosks,
                 r.examples_each,
@@ -274,14 +281,16 @@ pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
                 r.broker_mb
                     .map(|(now, peak)| format!("; broker {now:.0} MB (peak {peak:.0} MB)"))
                     .unwrap_or_default()
-            );
+            )?;
             if r.connection_errors > 0 {
-                println!(
+                writeln!(
+                    out,
                     "{} connection errors; the last: {}",
                     r.connection_errors,
                     r.last_error.as_deref().unwrap_or("?")
-                );
+                )?;
             }
+            super::output::text(&out)?;
             if r.converged_kiosks < r.kiosks {
                 bail!(
                     "{} kiosks did not converge within {timeout} s",

@@ -208,11 +208,6 @@ enum Command {
 
 /// Runs the CLI and maps errors to one line on stderr and a non-zero exit.
 fn main() -> ExitCode {
-    // `graft ... | head` must end quietly, as other Unix tools do, not panic on a closed pipe.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     // Mesa's device-select Vulkan layer (present wherever Mesa's drivers are) probes for a
     // Wayland display and prints an error line without one; graft enumerates adapters itself.
     // SAFETY: before any thread starts, as set_var requires.
@@ -221,6 +216,17 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
     }
     let cli = Cli::parse();
+    // `graft ... | head` must end quietly, as other Unix tools do, not panic on a closed pipe:
+    // the one-shot commands take SIGPIPE's default disposition. The commands that hold network
+    // connections keep Rust's (ignored): a peer that resets its connection while graft writes
+    // to it (the MQTT client writes with `writev`, which has no MSG_NOSIGNAL) must be an error
+    // on that connection, never the kiosk's death.
+    if !matches!(cli.command, Command::Serve(_) | Command::Fleet(_)) {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

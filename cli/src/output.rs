@@ -7,8 +7,21 @@ use serde::Serialize;
 
 /// Prints one JSON object as a line on stdout.
 pub fn json_line<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(value)?);
-    Ok(())
+    let mut line = serde_json::to_string(value)?;
+    line.push('\n');
+    text(&line)
+}
+
+/// Writes `text` to stdout. A reader that has gone (`graft fleet status | head -1`) ends the
+/// output quietly: the commands that hold network connections keep SIGPIPE ignored (see
+/// `main`), so they learn of it as an error here instead of from the signal.
+pub fn text(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// A progress bar on stderr for `len` steps; invisible when stderr is not a terminal or there

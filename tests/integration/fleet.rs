@@ -649,6 +649,26 @@ fn a_kiosk_with_another_backbone_is_refused_with_a_log_line() {
         classes(&labels(&f_addr)),
         classes("OK labels=tools counts=1")
     );
+    // `graft fleet status | head -1`: a reader that has gone ends the status quietly (the
+    // fleet commands keep SIGPIPE ignored, for their broker connection), never with a panic.
+    for json in [false, true] {
+        let mut c = graft(&dir.join("cache"));
+        c.env("GRAFT_FLEET_KEY", KEY)
+            .args(if json { &["--json"][..] } else { &[][..] })
+            .args(["fleet", "status", "--fleet", &broker.url()])
+            .args(["--fleet-name", "shop", "--wait", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "{:?}: {err}",
+            out.status
+        );
+    }
     a.stop();
     f.stop();
 }

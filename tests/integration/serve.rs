@@ -117,6 +117,11 @@ impl Served {
         );
     }
 
+    /// Whether the server process is still running.
+    fn child_alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     fn rss_kb(&self) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         s.lines()
@@ -1048,4 +1053,50 @@ fn a_request_sent_while_the_kiosk_stops_is_answered_at_once() {
     let (took, refused) = waited.lock().unwrap().take().unwrap();
     assert!(refused, "a stopped kiosk answered");
     assert!(took < Duration::from_secs(5), "the request waited {took:?}");
+}
+
+/// Regression (CI, 2026-12-04): a fleet kiosk stopped by SIGTERM right after it reconnected
+/// died of SIGPIPE instead. graft gave every command SIGPIPE's default disposition (so that
+/// `graft ... | head` ends quietly), and the MQTT client writes with `writev`, which, unlike
+/// `send`, raises SIGPIPE when the broker has already closed the connection. A kiosk must
+/// survive a SIGPIPE (a write to a closed peer is an error on that connection) and keep
+/// answering; the one-shot commands still end quietly when their reader goes away.
+#[test]
+fn a_broken_pipe_never_kills_a_kiosk() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut server, addr) = tcp_server(t.path());
+    let mut c = tcp(&addr);
+    assert!(c.ask("LABELS").starts_with("OK "));
+    let st = std::process::Command::new("kill")
+        .args(["-PIPE", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        server.child_alive(),
+        "SIGPIPE killed the kiosk: {}",
+        std::fs::read_to_string(&server.stderr).unwrap_or_default()
+    );
+    assert!(tcp(&addr).ask("LABELS").starts_with("OK "));
+    server.stop();
+
+    // A one-shot command whose reader has gone ends without a panic message.
+    let mut one = graft(&t.path().join("cache"));
+    one.arg("classify")
+        .arg(crate::common::image("dog.jpg"))
+        .arg(crate::common::image("eagle.jpg"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = one.spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        out.status
+    );
 }
