@@ -1,6 +1,5 @@
 //! `graft serve --fleet ...` and `graft fleet status | simulate` (docs/FLEET.md).
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::bail;
@@ -174,6 +173,7 @@ pub fn run(_g: &Global, _c: FleetCommand) -> anyhow::Result<()> {
 
 #[cfg(feature = "fleet")]
 pub fn run(g: &Global, c: FleetCommand) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
     use std::time::Duration;
     let seconds = |s: f64, what: &str| -> anyhow::Result<Duration> {
         if !(s.is_finite() && s > 0.0 && s < 1e6) {
