@@ -212,21 +212,51 @@ pub(crate) fn threads() -> usize {
 /// tract's `par_chunks_mut` cuts `4 × threads` chunks of a rounded-up size instead: 42 items
 /// make 7 chunks of 6, four on one thread and three on the other.
 pub(crate) fn par_parts(items: usize, macs: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    use rayon::prelude::*;
     use tract_linalg::multithread::{current_tract_executor, Executor};
     match current_tract_executor() {
         Executor::MultiThread(pool)
             if pool.current_num_threads() > 1 && items > 1 && macs >= 32768 =>
         {
             let t = pool.current_num_threads().min(items);
-            pool.install(|| {
-                (0..t)
-                    .into_par_iter()
-                    .for_each(|i| f(i * items / t..(i + 1) * items / t))
-            });
+            pool.install(|| spin_parts(t, |i| f(i * items / t..(i + 1) * items / t)));
         }
         _ => f(0..items),
     }
+}
+
+/// Runs `f(0)` .. `f(t - 1)`, part 0 on this thread and the others as jobs for the pool's
+/// other threads, and waits for them spinning, never asleep. rayon's own join puts a thread
+/// that waits for a stolen job to sleep after 32 rounds of `sched_yield` (a few µs), and
+/// waking it cost 15–30 µs on a 2-vCPU VM: measured with a part 6 µs longer than the other,
+/// one parallel loop took 42 µs instead of 24. A frame runs ~50 such loops. While it waits,
+/// this thread also runs any part no other thread has taken (`yield_now`), so it finishes
+/// alone when the others are busy or asleep.
+fn spin_parts(t: usize, f: impl Fn(usize) + Sync) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// Counts a part as finished when it ends, returning or unwinding, so a panicking part
+    /// cannot leave the wait below spinning (the scope then carries its panic on).
+    struct Finished<'a>(&'a AtomicUsize);
+    impl Drop for Finished<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::Release);
+        }
+    }
+    let finished = AtomicUsize::new(0);
+    rayon::in_place_scope(|s| {
+        for i in 1..t {
+            let (f, finished) = (&f, &finished);
+            s.spawn(move |_| {
+                let _done = Finished(finished);
+                f(i)
+            });
+        }
+        f(0);
+        while finished.load(Ordering::Acquire) < t - 1 {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::hint::spin_loop();
+            }
+        }
+    });
 }
 
 /// An output pointer shared by the threads of one operator, each writing its own disjoint
@@ -596,6 +626,53 @@ mod tests {
             // An N × N block out of rows 2N + 3 long, into rows N + 5 long.
             let dst = self.dst.as_mut_ptr();
             unsafe { L::transpose(self.src.as_ptr(), 2 * L::N + 3, |j| dst.add(j * (L::N + 5))) }
+        }
+    }
+
+    /// Every part runs once, on a pool whose other threads are asleep (no spinner: this thread
+    /// then runs the parts nobody took) and from inside a part of an outer run.
+    #[test]
+    fn spin_parts_runs_every_part_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for t in 1..=5 {
+            let runs: Vec<AtomicUsize> = (0..t).map(|_| AtomicUsize::new(0)).collect();
+            pool.install(|| {
+                spin_parts(t, |i| {
+                    runs[i].fetch_add(1, Ordering::Relaxed);
+                })
+            });
+            assert!(
+                runs.iter().all(|r| r.load(Ordering::Relaxed) == 1),
+                "{t} parts"
+            );
+        }
+        let inner = AtomicUsize::new(0);
+        pool.install(|| {
+            spin_parts(3, |_| {
+                spin_parts(4, |_| {
+                    inner.fetch_add(1, Ordering::Relaxed);
+                })
+            })
+        });
+        assert_eq!(inner.load(Ordering::Relaxed), 12);
+    }
+
+    /// A part that panics ends the run with its panic; the wait does not spin for ever.
+    #[test]
+    fn a_panicking_part_is_carried_on() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for bad in 0..3 {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| spin_parts(3, |i| assert_ne!(i, bad, "part {i}")))
+            }));
+            assert!(r.is_err(), "part {bad}'s panic was lost");
         }
     }
 
