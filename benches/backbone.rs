@@ -31,9 +31,9 @@ fn bench(c: &mut Criterion) {
         let p = bb.prepare_frame(&frame);
         for batch in [1usize, 8] {
             let inputs = vec![p.clone(); batch];
-            bb.run(&inputs).unwrap(); // build the plan outside the timing
+            bb.embed(&inputs).unwrap(); // build the plan outside the timing
             g.bench_with_input(BenchmarkId::new(model, batch), &inputs, |b, inputs| {
-                b.iter(|| bb.run(inputs).unwrap())
+                b.iter(|| bb.embed(inputs).unwrap())
             });
         }
     }

@@ -4,6 +4,8 @@ For each bundled model and thread count it runs `graft bench --json` (load, embe
 latency, median of --runs) and onnxruntime on the same .onnx with the reference preprocessing
 (models/export/preprocess.py, which graft's golden test checks it matches), then prints the
 latency ratio and the cosine between graft's and onnxruntime's embeddings of the photo.
+Both embed: graft's plan stops at the features (`Backbone::embed`, no ImageNet classifier), and
+onnxruntime runs the file with the features as its only output, so it prunes the classifier too.
 
     cargo build --release
     .venv/bin/python benches/compare_onnxruntime.py [--graft target/release/graft] [--runs 30]
@@ -55,10 +57,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def ort_session(path: Path, threads: int, with_features: bool):
+def ort_session(path: Path, threads: int):
+    """onnxruntime on `path` with the features as the only output (the logits' classifier,
+    which nothing then reads, is pruned: as graft's embedding plan skips it)."""
     model = onnx.load(str(path))
-    if with_features:
-        model.graph.output.append(onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, None))
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -79,14 +83,14 @@ def main():
     args = ap.parse_args()
     x = preprocess_path(args.image)
     # The accuracy yardstick for every form: onnxruntime's fp32 embedding of the photo.
-    fp32_sess, _ = ort_session(MODELS["efficientnet-lite0-fp32"], 1, with_features=True)
+    fp32_sess, _ = ort_session(MODELS["efficientnet-lite0-fp32"], 1)
     fp32_ref = fp32_sess.run(["features"], {"input": x})[0][0]
     rows = []
     for name in args.models.split(","):
         path = MODELS[name]
         for threads in [int(t) for t in args.threads.split(",")]:
             for kernels in args.kernels.split(","):
-                sess, load_ms = ort_session(path, threads, with_features=False)
+                sess, load_ms = ort_session(path, threads)
                 sess.run(None, {"input": x})
                 graft_rounds, ort_rounds, loads = [], [], []
                 for _ in range(args.rounds):
@@ -110,7 +114,7 @@ def main():
                 spread = (min(g / o for g, o in zip(graft_rounds, ort_rounds)),
                           max(g / o for g, o in zip(graft_rounds, ort_rounds)))
                 # Embedding agreement on the same photo.
-                fsess, _ = ort_session(path, 1, with_features=True)
+                fsess, _ = ort_session(path, 1)
                 ref = fsess.run(["features"], {"input": x})[0][0]
                 with tempfile.TemporaryDirectory() as d:
                     out = Path(d) / "e.jsonl"

@@ -36,9 +36,9 @@ fn bench(c: &mut Criterion) {
         let inputs = vec![p.clone(); batch];
         g.throughput(Throughput::Elements(batch as u64));
         for (name, bb) in [("cpu", &cpu), ("gpu", &gpu)] {
-            bb.run(&inputs).unwrap(); // plans, pipelines, first-use costs outside the timing
+            bb.embed(&inputs).unwrap(); // plans, pipelines, first-use costs outside the timing
             g.bench_with_input(BenchmarkId::new(name, batch), &inputs, |b, inputs| {
-                b.iter(|| bb.run(inputs).unwrap())
+                b.iter(|| bb.embed(inputs).unwrap())
             });
         }
     }

@@ -74,9 +74,8 @@ pub fn classify(
     let prepared = backbone.prepare_frame(&frame.image);
     let t1 = Instant::now();
     let embedding = backbone
-        .run(std::slice::from_ref(&prepared))?
+        .embed(std::slice::from_ref(&prepared))?
         .remove(0)
-        .embedding
         .vector;
     let t2 = Instant::now();
     // One pass through the head: the smoother wants every class's score, the report the top 3.

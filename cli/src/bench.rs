@@ -134,7 +134,7 @@ pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
     let preprocess_ms = time(runs, || Ok(bb.prepare_frame(&frame)))?;
     let p = bb.prepare_frame(&frame);
 
-    let embed_batch1_ms = time(runs, || Ok(bb.run(std::slice::from_ref(&p))?))?;
+    let embed_batch1_ms = time(runs, || Ok(bb.embed(std::slice::from_ref(&p))?))?;
     let mut batches = vec![BatchTime {
         batch: 1,
         ms_per_image: embed_batch1_ms,
@@ -143,7 +143,7 @@ pub fn run(g: &Global, o: Options) -> anyhow::Result<()> {
     while batch <= o.max_batch {
         let images = vec![p.clone(); batch];
         // Fewer runs for bigger batches: each is `batch` images' worth of work.
-        let ms = time(runs.div_ceil(batch).max(3), || Ok(bb.run(&images)?))?;
+        let ms = time(runs.div_ceil(batch).max(3), || Ok(bb.embed(&images)?))?;
         batches.push(BatchTime {
             batch,
             ms_per_image: ms / batch as f64,

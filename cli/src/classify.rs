@@ -16,7 +16,7 @@ struct Line<'a> {
 }
 
 pub fn run(g: &Global, images: &[PathBuf], top: usize) -> anyhow::Result<()> {
-    let bb = super::load_backbone(g)?;
+    let bb = super::load_classifier(g)?;
     for path in images {
         let scores = bb
             .classify_file(path, top)

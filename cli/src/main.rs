@@ -313,6 +313,16 @@ pub fn load_backbone(g: &Global) -> anyhow::Result<graft::backbone::Backbone> {
     load_backbone_or(g, &fallback)
 }
 
+/// [`load_backbone`] with the plan that also runs the model's own classifier built at load
+/// (`graft classify`); the other commands' plan stops at the features.
+pub fn load_classifier(g: &Global) -> anyhow::Result<graft::backbone::Backbone> {
+    let fallback = match g.board()? {
+        Some((b, _)) => b.model,
+        None => graft::backbone::DEFAULT_MODEL.to_string(),
+    };
+    Ok(load_model_with(g, g.model.as_deref().unwrap_or(&fallback), true)?.0)
+}
+
 /// Loads `--model`, or `fallback` when it was not given, on the `--device` chosen.
 pub fn load_backbone_or(g: &Global, fallback: &str) -> anyhow::Result<graft::backbone::Backbone> {
     Ok(load_backbone_on_device(g, fallback)?.0)
@@ -342,10 +352,20 @@ pub fn load_model(
     g: &Global,
     name: &str,
 ) -> anyhow::Result<(graft::backbone::Backbone, Option<device::Gpu>)> {
+    load_model_with(g, name, false)
+}
+
+/// [`load_model`], with `logits`: [`graft::backbone::LoadOptions::logits`].
+fn load_model_with(
+    g: &Global,
+    name: &str,
+    logits: bool,
+) -> anyhow::Result<(graft::backbone::Backbone, Option<device::Gpu>)> {
     let spec = graft::backbone::ModelSpec::resolve(name)?;
     let options = graft::backbone::LoadOptions {
         threads: g.threads()?,
         cpu_kernels: g.cpu_kernels,
+        logits,
     };
     let mut bb = graft::backbone::Backbone::load(spec, &options)?;
     let gpu = device::attach(g, &mut bb)?;

@@ -59,10 +59,11 @@ pub struct Profile {
 }
 
 impl Backbone {
-    /// Runs `images` (one batch) `runs` times through the plan with every node timed.
+    /// Runs `images` (one batch) `runs` times through the plan that embeds them (no
+    /// classifier) with every node timed.
     pub fn profile(&self, images: &[Prepared], runs: usize) -> Result<Profile, BackboneError> {
         let batch = images.len().max(1);
-        let plan = self.plan(batch)?;
+        let plan = self.plan(batch, false)?;
         let input = self.input_tensor(&plan, images)?;
         let fail = |e: TractError| BackboneError::Inference {
             model: self.model_name(),

@@ -446,12 +446,8 @@ impl SavedFrame {
     /// (`graft train`) will see.
     pub fn embed(&self, backbone: &Backbone) -> Result<NewExample, BackboneError> {
         let decoded = preprocess::decode_bytes(&self.jpeg, &self.path)?;
-        let out = backbone.run(&[backbone.prepare_frame(&decoded)])?;
-        let embedding = out
-            .into_iter()
-            .next()
-            .map(|o| o.embedding.vector)
-            .unwrap_or_default();
+        let out = backbone.embed(&[backbone.prepare_frame(&decoded)])?;
+        let embedding = out.into_iter().next().map(|e| e.vector).unwrap_or_default();
         Ok(NewExample {
             path: self.path.clone(),
             sha256: sha256_hex(&self.jpeg),

@@ -311,3 +311,53 @@ fn gem_features_are_the_generalised_mean_of_the_map_and_logits_are_unchanged() {
         );
     }
 }
+
+/// The plan that embeds stops at the features (no ImageNet classifier: 4–5% of a frame) and
+/// gives the very same numbers as the plan that also classifies, in every form, one image or
+/// a batch; a backbone loaded to classify embeds the same too.
+#[test]
+fn embedding_without_the_classifier_gives_the_same_numbers() {
+    let photos: Vec<_> = ["dog.jpg", "eagle.jpg", "coffee.jpg"]
+        .iter()
+        .map(|n| image(n))
+        .collect();
+    for model in [
+        "efficientnet-lite0-fp32",
+        "efficientnet-lite0-int8",
+        "efficientnet-lite0-w8-gem",
+    ] {
+        let spec = || graft::backbone::ModelSpec::resolve(model).unwrap();
+        let embedder = Backbone::load(spec(), &Default::default()).unwrap();
+        let classifier = Backbone::load(
+            spec(),
+            &graft::backbone::LoadOptions {
+                logits: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let prepared: Vec<_> = photos
+            .iter()
+            .map(|p| embedder.prepare_file(p).unwrap())
+            .collect();
+        for bb in [&embedder, &classifier] {
+            let full = bb.run(&prepared).unwrap();
+            assert!(full.iter().all(|o| o.logits.is_some()), "{model}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let batch = bb.embed(&prepared).unwrap();
+            for (i, o) in full.iter().enumerate() {
+                let one = bb.embed(std::slice::from_ref(&prepared[i])).unwrap();
+                assert_eq!(
+                    bits(&one[0].vector),
+                    bits(&o.embedding.vector),
+                    "{model} {i}"
+                );
+                assert_eq!(
+                    bits(&batch[i].vector),
+                    bits(&o.embedding.vector),
+                    "{model} {i}"
+                );
+            }
+        }
+    }
+}
