@@ -925,6 +925,7 @@ impl Backbone {
                 let all = matches!(kernels, CpuKernels::Graft | CpuKernels::Unfused);
                 let pairs = if all && !m.graph.half {
                     quant::fold_constants(&mut typed).map_err(load)?;
+                    quant::integer_powers(&mut typed).map_err(load)?;
                     quant::fake_quant_pairs(&mut typed).map_err(load)?
                 } else {
                     0
