@@ -304,22 +304,23 @@ impl Global {
     }
 }
 
-/// Loads the backbone `--model` names (or the board's default model, or the default).
-pub fn load_backbone(g: &Global) -> anyhow::Result<graft::backbone::Backbone> {
-    let fallback = match g.board()? {
+/// The model a command runs when `--model` is not given: the board's, or the default.
+fn fallback_model(g: &Global) -> anyhow::Result<String> {
+    Ok(match g.board()? {
         Some((b, _)) => b.model,
         None => graft::backbone::DEFAULT_MODEL.to_string(),
-    };
-    load_backbone_or(g, &fallback)
+    })
+}
+
+/// Loads the backbone `--model` names (or the board's default model, or the default).
+pub fn load_backbone(g: &Global) -> anyhow::Result<graft::backbone::Backbone> {
+    load_backbone_or(g, &fallback_model(g)?)
 }
 
 /// [`load_backbone`] with the plan that also runs the model's own classifier built at load
 /// (`graft classify`); the other commands' plan stops at the features.
 pub fn load_classifier(g: &Global) -> anyhow::Result<graft::backbone::Backbone> {
-    let fallback = match g.board()? {
-        Some((b, _)) => b.model,
-        None => graft::backbone::DEFAULT_MODEL.to_string(),
-    };
+    let fallback = fallback_model(g)?;
     Ok(load_model_with(g, g.model.as_deref().unwrap_or(&fallback), true)?.0)
 }
 
@@ -332,11 +333,7 @@ pub fn load_backbone_or(g: &Global, fallback: &str) -> anyhow::Result<graft::bac
 pub fn load_backbone_with_gpu(
     g: &Global,
 ) -> anyhow::Result<(graft::backbone::Backbone, Option<device::Gpu>)> {
-    let fallback = match g.board()? {
-        Some((b, _)) => b.model,
-        None => graft::backbone::DEFAULT_MODEL.to_string(),
-    };
-    load_backbone_on_device(g, &fallback)
+    load_backbone_on_device(g, &fallback_model(g)?)
 }
 
 fn load_backbone_on_device(

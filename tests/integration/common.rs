@@ -42,6 +42,19 @@ pub fn graft(cache: &Path) -> Command {
     c
 }
 
+/// Runs `c` with nobody reading its stdout (the reader gone before it writes, as in
+/// `graft ... | head -0`); returns its exit status and stderr.
+pub fn with_stdout_closed(mut c: Command) -> (std::process::ExitStatus, String) {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().expect("run graft");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for graft");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs and insists on success, returning stdout.
 pub fn ok(mut c: Command) -> String {
     let out = c.output().expect("run graft");

@@ -656,17 +656,11 @@ fn a_kiosk_with_another_backbone_is_refused_with_a_log_line() {
         c.env("GRAFT_FLEET_KEY", KEY)
             .args(if json { &["--json"][..] } else { &[][..] })
             .args(["fleet", "status", "--fleet", &broker.url()])
-            .args(["--fleet-name", "shop", "--wait", "1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+            .args(["--fleet-name", "shop", "--wait", "1"]);
+        let (status, err) = with_stdout_closed(c);
         assert!(
-            out.status.success() && !err.contains("panicked"),
-            "{:?}: {err}",
-            out.status
+            status.success() && !err.contains("panicked"),
+            "{status:?}: {err}"
         );
     }
     a.stop();

@@ -1084,19 +1084,13 @@ fn a_broken_pipe_never_kills_a_kiosk() {
     // A one-shot command whose reader has gone ends without a panic message.
     let mut one = graft(&t.path().join("cache"));
     one.arg("classify")
-        .arg(crate::common::image("dog.jpg"))
-        .arg(crate::common::image("eagle.jpg"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = one.spawn().unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+        .arg(image("dog.jpg"))
+        .arg(image("eagle.jpg"));
+    let (status, err) = with_stdout_closed(one);
     assert!(!err.contains("panicked"), "{err}");
     use std::os::unix::process::ExitStatusExt;
     assert!(
-        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
-        "{:?}: {err}",
-        out.status
+        status.success() || status.signal() == Some(libc::SIGPIPE),
+        "{status:?}: {err}"
     );
 }
