@@ -44,6 +44,7 @@ pub fn graft(cache: &Path) -> Command {
 
 /// Runs `c` with nobody reading its stdout (the reader gone before it writes, as in
 /// `graft ... | head -0`); returns its exit status and stderr.
+#[cfg(any(feature = "serial", feature = "fleet"))]
 pub fn with_stdout_closed(mut c: Command) -> (std::process::ExitStatus, String) {
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().expect("run graft");
