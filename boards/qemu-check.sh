@@ -34,6 +34,11 @@ import json, sys
 info = json.loads(open(sys.argv[1]).readline())
 assert info["target_arch"] == sys.argv[2], info["target_arch"]
 assert info["model"] == "efficientnet-lite0-w8-gem", "ARM builds default to w8-gem: " + info["model"]
+if sys.argv[2] == "aarch64":
+    # graft's NEON kernels take every convolution of Lite0: 16 depthwise and 32 1x1 (tract's
+    # declutter would move them channel-last, where graft took 1 and 2 of them).
+    k = info["cpu_kernels"]
+    assert "graft depthwise (neon): 16 convolutions and 1 dense" in k and "graft 1x1: 32 convolutions" in k, k
 print("qemu-check: info ok: %s, %s, cpu features %s" % (info["target_arch"], info["model"], ",".join(info["cpu_features"]) or "-"))
 PY
 
@@ -96,33 +101,37 @@ PY
     echo "qemu-check $target: $model top-1 '$a' = host, embedding cosine $cos"
 done
 
-# Which kernels tract picks here for what graft's kernels leave it, per model (timings under
-# emulation mean nothing: not checked).
-# aarch64 always has NEON; on armv7 tract asks the kernel's hwcaps, which qemu-user may not
-# report as a board would, so there the kernel names are printed, not required.
+# Which kernels run here, per model and per `--cpu-kernels` (timings under emulation mean
+# nothing: not checked). With graft's kernels (the default) every convolution is graft's; with
+# tract's plan, its products run tract's NEON kernels. aarch64 always has NEON; on armv7 tract
+# asks the kernel's hwcaps, which qemu-user may not report as a board would, so there the
+# kernel names are printed, not required.
 case "$arch" in aarch64) simd=arm64simd ;; arm) simd=armv7neon? ;; esac
+for kernels in graft tract; do
 for model in efficientnet-lite0-int8 efficientnet-lite0-w8; do
-    $arm --json bench --model $model --runs 1 --max-batch 1 --profile --skip-heads > "$work/bench.json"
-    python3 - "$work/bench.json" "$model" "$simd" <<'PY'
+    $arm --json bench --model $model --cpu-kernels $kernels --runs 1 --max-batch 1 --profile --skip-heads > "$work/bench.json"
+    python3 - "$work/bench.json" "$model" "$simd" "$kernels" "$arch" <<'PY'
 import json, sys
 r = json.loads(open(sys.argv[1]).readline())
-model, simd = sys.argv[2], sys.argv[3]
+model, simd, which, arch = sys.argv[2:6]
 p = r["profile"]
 ops = {o["op"]: o["share"] for o in p["by_op"]}
 kernels = sorted({w.strip("[],;") for n in p["nodes"] for w in n["info"].split() if "mmm" in w})
-if simd.endswith("?"):
+if which == "graft" and arch == "aarch64":
+    # Every convolution graft's: no tract product left in the embedding's plan.
+    assert "GraftPointwise" in ops and "GraftDepthWise" in ops and not kernels, f"{model}: {ops} {kernels}"
+elif simd.endswith("?"):
     if not any(simd[:-1] in k for k in kernels):
         print(f"qemu-check: note: {model}: no {simd[:-1]} kernel under emulation: {kernels}")
-elif kernels or model.endswith("int8"):
-    # (graft's own kernels may take every product of w8's plan; the int8 graph keeps tract's
-    # classifier at least.)
+elif which == "tract":
     assert any(simd in k for k in kernels), f"{model}: no {simd} kernel among {kernels}"
 qdq = sum(s for op, s in ops.items() if "uantizeLinear" in op)
 if model.endswith("w8"):
     assert qdq == 0, f"w8 still has quantise ops: {ops}"
-print(f"qemu-check: bench {model}: kernels {', '.join(kernels)}; quantise/dequantise share {qdq:.0%}; "
-      f"peak {r['peak_rss_mib']:.0f} MiB")
+print(f"qemu-check: bench {model} --cpu-kernels {which}: ops {', '.join(sorted(ops))}; tract kernels "
+      f"{', '.join(kernels) or '-'}; quantise/dequantise share {qdq:.0%}; peak {r['peak_rss_mib']:.0f} MiB")
 PY
+done
 done
 
 if [ "$mode" = full ]; then

@@ -914,9 +914,20 @@ impl Backbone {
                 error::chain(&e)
             ),
         };
+        // graft's kernels read NCHW: with them on, tract's declutter keeps the convolutions
+        // channels-first (on aarch64 it would move them channel-last).
+        let channels_first =
+            self.cpu_kernels != CpuKernels::Tract && depthwise::Isa::vectorised().is_some();
         let mut typed = graph
             .into_typed()
-            .and_then(|m| m.into_decluttered())
+            .and_then(|mut m| {
+                if channels_first {
+                    depthwise::declutter_channels_first(&mut m)?;
+                } else {
+                    m.declutter()?;
+                }
+                Ok(m)
+            })
             .map_err(not_image)?;
         // graft's own kernels go in between tract's declutter and its codegen.
         let substituted = match (self.cpu_kernels, depthwise::Isa::vectorised()) {

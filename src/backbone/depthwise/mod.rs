@@ -603,6 +603,113 @@ pub fn is_depthwise(node: &TypedNode) -> bool {
         })
 }
 
+/// Speaks tract's types: for the backbone, not graft's API.
+#[doc(hidden)]
+/// tract's declutter, keeping the convolutions channels-first (NCHW, as in the ONNX file).
+///
+/// Where tract has a channel-last depthwise kernel (aarch64's NEON `depthwise_c_f32`), its
+/// `Conv` suggests moving every depthwise convolution's channels last, and tract's layout pass
+/// carries that through the graph: on Lite0 under aarch64 every depthwise and 1×1 convolution
+/// but the stem's became channel-last, and graft's kernels, which read NCHW, took 1 of 16
+/// depthwise and 2 of 32 1×1 convolutions. This runs the same passes as
+/// `TypedModel::declutter` with tract's `ChangeAxes` replaced by [`ChannelsFirst`], which
+/// makes every change `ChangeAxes` makes but the convolutions' own suggestions. On x86 tract
+/// suggests none, so the result is the same graph.
+pub fn declutter_channels_first(model: &mut TypedModel) -> TractResult<()> {
+    use tract_onnx::tract_core::optim::Optimizer;
+    let mut optimizer = Optimizer::declutter();
+    let at = optimizer
+        .passes
+        .iter()
+        .position(|p| format!("{p:?}") == "ChangeAxes")
+        .context("tract's declutter has no ChangeAxes pass (tract's version moved?)")?;
+    optimizer.passes[at] = Box::<ChannelsFirst>::default();
+    optimizer.session().optimize(model)
+}
+
+/// tract 0.23.9's `ChangeAxes` pass (`core/src/optim/change_axes.rs`), line for line, but for
+/// the suggestions of `Conv` nodes, which it skips: see [`declutter_channels_first`].
+#[derive(Clone, Default)]
+struct ChannelsFirst(
+    std::collections::HashSet<tract_onnx::tract_core::ops::change_axes::AxisChange>,
+    usize,
+);
+
+impl std::fmt::Debug for ChannelsFirst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChannelsFirst")
+    }
+}
+
+impl tract_onnx::tract_core::optim::TypedPass for ChannelsFirst {
+    fn reset(&mut self) -> TractResult<()> {
+        self.0.clear();
+        self.1 = 0;
+        Ok(())
+    }
+
+    fn next(
+        &mut self,
+        _session: &mut tract_onnx::tract_core::optim::OptimizerSession,
+        model: &TypedModel,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        use tract_onnx::tract_core::ops::change_axes::AxisChange;
+        use tract_onnx::tract_core::ops::dummy::Dummy;
+        use tract_onnx::tract_core::optim::change_axes::change_axes;
+        let mut explored = Default::default();
+        let mut interfaces = model.output_outlets()?.to_vec();
+        interfaces.extend(model.input_outlets()?.iter());
+        for node in &model.nodes[self.1..] {
+            if node.op_is::<Dummy>() {
+                continue;
+            }
+            let suggestions = if node.op_is::<Conv>() {
+                tvec!()
+            } else {
+                node.op.suggested_axis_changes()?
+            };
+            for suggestion in suggestions {
+                let outlet = suggestion.0.as_outlet(node);
+                let change = AxisChange {
+                    outlet,
+                    op: suggestion.1,
+                };
+                if self.0.insert(change.clone()) {
+                    if let Some((patch, _)) =
+                        change_axes(model, &change, &interfaces, &[], &mut explored)
+                            .with_context(|| format!("Making patch for {change:?} from {node}"))?
+                    {
+                        self.1 = node.id;
+                        return Ok(Some(patch));
+                    }
+                }
+            }
+            for (slot, fact) in node.outputs.iter().enumerate() {
+                for (ix, dim) in fact.fact.shape.iter().enumerate() {
+                    if dim.is_one() {
+                        let change = AxisChange {
+                            outlet: OutletId::new(node.id, slot),
+                            op: AxisOp::Rm(ix),
+                        };
+                        if self.0.insert(change.clone()) {
+                            if let Some((patch, _)) =
+                                change_axes(model, &change, &interfaces, &[], &mut explored)
+                                    .with_context(|| {
+                                        format!("Making patch for {change:?} from {node}")
+                                    })?
+                            {
+                                self.1 = node.id;
+                                return Ok(Some(patch));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// What [`substitute`] did to a model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Substituted {
@@ -1365,6 +1472,48 @@ mod tests {
             TypedBinOp(Box::new(Min), None),
             &[y, six],
         )?[0])
+    }
+
+    /// Lite0's own graph, decluttered with [`declutter_channels_first`]: every convolution
+    /// stays channels-first, where graft's kernels take it; and on a host where tract has no
+    /// channel-last depthwise kernel (x86: it suggests nothing) the graph is the one tract's
+    /// own declutter makes, node for node. (On aarch64 tract's declutter moves all but the
+    /// stem channel-last: `boards/qemu-check.sh` checks there that graft takes them all.)
+    #[test]
+    fn lite0_stays_channels_first_and_else_decluttered_as_tract_does() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/efficientnet-lite0/fp32.onnx"
+        );
+        let mut typed = tract_onnx::onnx().model_for_path(path).unwrap();
+        typed
+            .set_input_fact(0, f32::fact([1, 3, 224, 224]).into())
+            .unwrap();
+        let typed = typed.into_typed().unwrap();
+        let mut ours = typed.clone();
+        declutter_channels_first(&mut ours).unwrap();
+        let convs: Vec<_> = ours
+            .nodes
+            .iter()
+            .filter_map(|n| n.op_as::<Conv>())
+            .collect();
+        // (the 1×1s are einsums by now)
+        assert_eq!(convs.len(), 1 + 16, "stem and depthwise convolutions");
+        for c in &convs {
+            // (NCHW, or CHW once tract has dropped the batch of 1)
+            assert!(!c.pool_spec.data_format.c_is_last(), "{c:?}");
+        }
+        if tract_linalg::routines::depthwise_c_f32().is_none() {
+            let theirs = typed.into_decluttered().unwrap();
+            let ops = |m: &TypedModel| -> Vec<String> {
+                m.eval_order()
+                    .unwrap()
+                    .iter()
+                    .map(|&id| format!("{} {:?}", m.nodes[id].name, m.nodes[id].op))
+                    .collect()
+            };
+            assert_eq!(ops(&ours), ops(&theirs));
+        }
     }
 
     /// The `w8` graph's front: a clip of the image, the stem, a depthwise convolution. The clip
