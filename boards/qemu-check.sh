@@ -56,6 +56,31 @@ assert want in k[0]["detail"], k[0]["detail"]
 print("qemu-check: " + k[0]["detail"])
 PY
 
+# The int8 1x1 kernel on Armv8.2's dot product (sdot), as a Cortex-A76 (the Pi 5's core; the
+# A72 above has none): checked against tract's operators, taken by all 32 1x1 convolutions of
+# the int8 graph, and its embedding the host's (the same integers: measured bit-identical).
+if [ "$arch" = aarch64 ]; then
+    a76="qemu-aarch64 -cpu cortex-a76 -L /usr/aarch64-linux-gnu target/$target/release/graft"
+    $a76 --json doctor > "$work/doctor76.json" 2>/dev/null || true
+    $a76 --json info --model efficientnet-lite0-int8 > "$work/info76.json"
+    $a76 embed --model efficientnet-lite0-int8 --out "$work/a76.jsonl" tests/fixtures/images/dog.jpg 2>/dev/null
+    $host embed --model efficientnet-lite0-int8 --out "$work/host76.jsonl" tests/fixtures/images/dog.jpg 2>/dev/null
+    python3 - "$work/doctor76.json" "$work/info76.json" "$work/a76.jsonl" "$work/host76.jsonl" <<'PY'
+import json, math, sys
+checks = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+k = [c for c in checks if c["check"] == "cpu kernels"]
+assert k and k[0]["status"] == "ok" and "(neon-sdot)" in k[0]["detail"], f"cpu kernel check: {k or checks}"
+info = json.loads(open(sys.argv[2]).readline())
+assert "32 convolutions (32 in int8, neon-sdot)" in info["cpu_kernels"], info["cpu_kernels"]
+vec = lambda p: json.loads(open(p).read().splitlines()[1])["embedding"]
+a, b = vec(sys.argv[3]), vec(sys.argv[4])
+cos = sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+assert cos >= 0.99999, f"int8 embedding on sdot: cosine {cos} to the host's"
+print(f"qemu-check: as a Cortex-A76: {k[0]['detail']}; int8 embedding cosine {cos:.7f} to the host's "
+      f"(largest difference {max(abs(x - y) for x, y in zip(a, b)):.1e})")
+PY
+fi
+
 # Fleets on this target (a build with --features fleet, as CI's board builds): the wire codec,
 # the HMAC tags and the merge, through a Mosquitto started here: 2 simulated kiosks x 20
 # examples each until both hold all 40.

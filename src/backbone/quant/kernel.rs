@@ -53,6 +53,11 @@ pub enum Isa8 {
     /// Alder Lake and later, the N100-class boards included, which lack AVX-512).
     #[cfg(target_arch = "x86_64")]
     Vnni256,
+    /// aarch64 with Armv8.2's dot product (`sdot`, signed bytes, 4 lanes: the Pi 5's
+    /// Cortex-A76 and Jetson Orin's A78AE; not the Pi 4's A72). Signed, so the input is
+    /// packed as `q − 128` ([`zp_correction`]).
+    #[cfg(target_arch = "aarch64")]
+    Sdot,
 }
 
 impl Isa8 {
@@ -72,6 +77,10 @@ impl Isa8 {
                 return Some(Isa8::Vnni256);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            return Some(Isa8::Sdot);
+        }
         None
     }
 
@@ -88,6 +97,10 @@ impl Isa8 {
                 all.push(Isa8::Vnni512);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if Isa8::vectorised() == Some(Isa8::Sdot) {
+            all.push(Isa8::Sdot);
+        }
         all
     }
 
@@ -99,7 +112,22 @@ impl Isa8 {
             Isa8::Vnni512 => "avx512-vnni",
             #[cfg(target_arch = "x86_64")]
             Isa8::Vnni256 => "avx-vnni",
+            #[cfg(target_arch = "aarch64")]
+            Isa8::Sdot => "neon-sdot",
         }
+    }
+}
+
+/// The entry of [`Quantized::zp_sums`] for an output channel whose `s8` weights sum to `sum`,
+/// its input's zero point `zp`, on `isa`: what the kernel subtracts from its integer sum. The
+/// `u8 × s8` kernels sum `Σ q · qw` and subtract `zp · Σ qw`; [`Isa8::Sdot`] multiplies signed
+/// bytes, so it packs each `q` as `q − 128`, sums `Σ q · qw − 128 · Σ qw`, and subtracts
+/// `(zp − 128) · Σ qw`: the same integer in the end, so the same floats.
+pub fn zp_correction(isa: Isa8, zp: i32, sum: i32) -> i32 {
+    match isa {
+        #[cfg(target_arch = "aarch64")]
+        Isa8::Sdot => (zp - 128) * sum,
+        _ => zp * sum,
     }
 }
 
@@ -171,7 +199,8 @@ pub struct Quantized<'a> {
     pub shape: Shape,
     /// Weights from [`pack_weights`].
     pub weights: &'a [i32],
-    /// `zp · Σ qw` per output channel (`[block][ROWS]`).
+    /// `zp · Σ qw` per output channel (`[block][ROWS]`), as [`zp_correction`] gives it for
+    /// `isa`.
     pub zp_sums: &'a [i32],
     /// `s · sw[co]` per output channel (`[block][ROWS]`).
     pub scales: &'a [f32],
@@ -342,6 +371,8 @@ impl Quantized<'_> {
                 Isa8::Vnni512 => x86::pack(rows, n, self.inv, self.zero_point, out),
                 #[cfg(target_arch = "x86_64")]
                 Isa8::Vnni256 => x86::pack256(rows, n, self.inv, self.zero_point, out),
+                #[cfg(target_arch = "aarch64")]
+                Isa8::Sdot => arm::pack(rows, n, self.inv, self.zero_point, out),
             }
         }
     }
@@ -461,6 +492,8 @@ impl Quantized<'_> {
                             }
                         }
                     }
+                    #[cfg(target_arch = "aarch64")]
+                    Isa8::Sdot => arm::tile(self, &tile),
                 }
             }
             if let (Some(g), Some(res)) = (self.sum, residual) {
@@ -620,6 +653,228 @@ unsafe fn tile_scalar(q: &Quantized, t: &Tile) {
                 y = g.one(y);
             }
             unsafe { *t.image_out.add(co * s.hw + p) = y };
+        }
+    }
+}
+
+/// The aarch64 builds: NEON (every aarch64 CPU) for the packing and the fake quantisation,
+/// and the dot-product extension's `sdot` for the tiles.
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::*;
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// `$acc += $x · $w[$lane]`: each 32-bit lane of `$acc` gains the dot product of that
+    /// lane's four signed bytes of `$x` with the four of lane `$lane` of `$w` (`sdot`, by
+    /// element). Its intrinsic (`vdotq_laneq_s32`) is unstable in Rust 1.95
+    /// (`stdarch_neon_dotprod`); the instruction is not, in a function that enables
+    /// `dotprod`.
+    macro_rules! sdot {
+        ($acc:expr, $x:expr, $w:expr, $lane:literal) => {
+            asm!(
+                concat!("sdot {a:v}.4s, {x:v}.16b, {w:v}.4b[", $lane, "]"),
+                a = inout(vreg) $acc,
+                x = in(vreg) $x,
+                w = in(vreg) $w,
+                options(pure, nomem, nostack, preserves_flags)
+            )
+        };
+    }
+
+    /// As [`super::pack_scalar`], four positions per vector, each byte stored as `q − 128`
+    /// (`q ^ 0x80`: a signed byte for `sdot`).
+    ///
+    /// # Safety
+    /// As [`super::pack_scalar`].
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn pack(
+        rows: [Option<*const f32>; GROUP],
+        hw: usize,
+        inv: f32,
+        zp: u8,
+        out: *mut u32,
+    ) {
+        let (vinv, vzp) = (vdupq_n_f32(inv), vdupq_n_s32(zp as i32));
+        let (lo, hi) = (vdupq_n_f32(-512.0), vdupq_n_f32(512.0));
+        let (zero, max) = (vdupq_n_s32(0), vdupq_n_s32(255));
+        let flip = vdupq_n_u32(0x8080_8080);
+        let words = position_blocks(hw) * TILE;
+        let mut p = 0;
+        while p + 4 <= hw {
+            let mut word = vdupq_n_u32(0);
+            for (j, row) in rows.iter().enumerate() {
+                let Some(row) = row else { continue };
+                // SAFETY: positions `p..p + 4` are in bounds.
+                let v = unsafe { vld1q_f32(row.add(p)) };
+                // A NaN stays NaN through max and min, converts to 0 and becomes `zp`, as
+                // in `quantize`.
+                let t = vminq_f32(vmaxq_f32(vmulq_f32(v, vinv), lo), hi);
+                let q = vcvtnq_s32_f32(t);
+                let q = vminq_s32(vmaxq_s32(vaddq_s32(q, vzp), zero), max);
+                let q = vshlq_u32(vreinterpretq_u32_s32(q), vdupq_n_s32(8 * j as i32));
+                word = vorrq_u32(word, q);
+            }
+            // SAFETY: `p + 4 <= words`.
+            unsafe { vst1q_u32(out.add(p), veorq_u32(word, flip)) };
+            p += 4;
+        }
+        while p < words {
+            let mut word = 0u32;
+            if p < hw {
+                for (j, row) in rows.iter().enumerate() {
+                    if let Some(row) = row {
+                        let q = quantize(unsafe { *row.add(p) }, inv, zp as i32);
+                        word |= (q as u32) << (8 * j);
+                    }
+                }
+            }
+            unsafe { *out.add(p) = word ^ 0x8080_8080 };
+            p += 1;
+        }
+    }
+
+    /// [`super::Grid::one`] of 4 values.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn on_grid(
+        v: float32x4_t,
+        inv: float32x4_t,
+        scale: float32x4_t,
+        lo: float32x4_t,
+        hi: float32x4_t,
+    ) -> float32x4_t {
+        let t = vrndnq_f32(vmulq_f32(v, inv));
+        let number = vceqq_f32(t, t);
+        let t = vminq_f32(vmaxq_f32(t, lo), hi);
+        // A NaN becomes 0, as tract's conversion.
+        let t = vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(t), number));
+        vmulq_f32(t, scale)
+    }
+
+    /// The whole vectors of [`super::fake_quant`]: returns how many values it did.
+    ///
+    /// # Safety
+    /// `x` holds `n` floats.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn fake_quant(x: *mut f32, n: usize, inv: f32, scale: f32, zp: u8) -> usize {
+        let (vinv, vs) = (vdupq_n_f32(inv), vdupq_n_f32(scale));
+        let lo = vdupq_n_f32(-(zp as f32));
+        let hi = vdupq_n_f32(255.0 - zp as f32);
+        let mut i = 0;
+        while i + 4 <= n {
+            // SAFETY: `i + 4 <= n`.
+            unsafe {
+                let p = x.add(i);
+                vst1q_f32(p, on_grid(vld1q_f32(p), vinv, vs, lo, hi));
+            }
+            i += 4;
+        }
+        i
+    }
+
+    /// One tile in four runs of 8 positions (two vectors) × [`ROWS`] output channels: 16
+    /// accumulators, and per group two loads of inputs, two of weights and 16 `sdot`s.
+    ///
+    /// # Safety
+    /// As [`Quantized::run_tiles`], the input packed by [`pack`], and the CPU runs `dotprod`.
+    #[target_feature(enable = "neon,dotprod")]
+    pub(super) unsafe fn tile(q: &Quantized, t: &Tile) {
+        let s = &q.shape;
+        for run in 0..TILE / 8 {
+            let p0 = t.first_position + run * 8;
+            if p0 >= s.hw {
+                break;
+            }
+            let mut acc = [[vdupq_n_s32(0); 2]; ROWS];
+            for gi in 0..t.groups {
+                // SAFETY: the group's 8 words of this run and its ROWS weights are in bounds.
+                unsafe {
+                    let x = t.packed.add(gi * t.stride + run * 8) as *const i8;
+                    let (x0, x1) = (vld1q_s8(x), vld1q_s8(x.add(16)));
+                    let w = t.weights.add(gi * ROWS) as *const i8;
+                    let (w0, w1) = (vld1q_s8(w), vld1q_s8(w.add(16)));
+                    sdot!(acc[0][0], x0, w0, 0);
+                    sdot!(acc[0][1], x1, w0, 0);
+                    sdot!(acc[1][0], x0, w0, 1);
+                    sdot!(acc[1][1], x1, w0, 1);
+                    sdot!(acc[2][0], x0, w0, 2);
+                    sdot!(acc[2][1], x1, w0, 2);
+                    sdot!(acc[3][0], x0, w0, 3);
+                    sdot!(acc[3][1], x1, w0, 3);
+                    sdot!(acc[4][0], x0, w1, 0);
+                    sdot!(acc[4][1], x1, w1, 0);
+                    sdot!(acc[5][0], x0, w1, 1);
+                    sdot!(acc[5][1], x1, w1, 1);
+                    sdot!(acc[6][0], x0, w1, 2);
+                    sdot!(acc[6][1], x1, w1, 2);
+                    sdot!(acc[7][0], x0, w1, 3);
+                    sdot!(acc[7][1], x1, w1, 3);
+                }
+            }
+            // SAFETY: the caller's.
+            unsafe { finish(q, t, &acc, p0) };
+        }
+    }
+
+    /// The epilogue of [`tile`]'s run at position `p0`: as [`super::tile_scalar`]'s, four
+    /// positions at a time.
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn finish(q: &Quantized, t: &Tile, acc: &[[int32x4_t; 2]; ROWS], p0: usize) {
+        let s = &q.shape;
+        let clip = q.lo > f32::NEG_INFINITY || q.hi < f32::INFINITY;
+        let (lo, hi) = (vdupq_n_f32(q.lo), vdupq_n_f32(q.hi));
+        let grid = q.grid.map(|g| {
+            (
+                vdupq_n_f32(g.inv),
+                vdupq_n_f32(g.scale),
+                vdupq_n_f32(-(g.zero_point as f32)),
+                vdupq_n_f32(255.0 - g.zero_point as f32),
+            )
+        });
+        for (r, a) in acc.iter().enumerate() {
+            let co = t.first_channel + r;
+            if co >= s.cout {
+                break;
+            }
+            let corr = vdupq_n_s32(q.zp_sums[co]);
+            let (scale, bias) = (vdupq_n_f32(q.scales[co]), vdupq_n_f32(q.bias[co]));
+            for (v, &sum) in a.iter().enumerate() {
+                let p = p0 + 4 * v;
+                if p >= s.hw {
+                    break;
+                }
+                let n = (s.hw - p).min(4);
+                let at = co * s.hw + p;
+                let mut y = vfmaq_f32(bias, vcvtq_f32_s32(vsubq_s32(sum, corr)), scale);
+                if clip {
+                    // `f32::max`/`min`: a NaN gives the bound (none arises: the sum is finite).
+                    y = vminnmq_f32(vmaxnmq_f32(y, lo), hi);
+                }
+                if let Some(res) = t.image_residual {
+                    let mut r = [0f32; 4];
+                    // SAFETY: the first `n` residuals of this row are in bounds.
+                    unsafe { std::ptr::copy_nonoverlapping(res.add(at), r.as_mut_ptr(), n) };
+                    y = vaddq_f32(y, unsafe { vld1q_f32(r.as_ptr()) });
+                }
+                if let Some((inv, gs, glo, ghi)) = grid {
+                    y = on_grid(y, inv, gs, glo, ghi);
+                }
+                // SAFETY: the first `n` outputs of this row are in bounds.
+                unsafe {
+                    if n == 4 {
+                        vst1q_f32(t.image_out.add(at), y);
+                    } else {
+                        let mut o = [0f32; 4];
+                        vst1q_f32(o.as_mut_ptr(), y);
+                        std::ptr::copy_nonoverlapping(o.as_ptr(), t.image_out.add(at), n);
+                    }
+                }
+            }
         }
     }
 }
@@ -1010,6 +1265,12 @@ pub fn fake_quant(x: &mut [f32], inv: f32, scale: f32, zero_point: u8) {
         unsafe { x86::fake_quant(x.as_mut_ptr(), x.len(), inv, scale, lo, hi) };
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: the slice's length; aarch64 always has NEON. The tail is left to the loop.
+    let x = {
+        let done = unsafe { arm::fake_quant(x.as_mut_ptr(), x.len(), inv, scale, zero_point) };
+        &mut x[done..]
+    };
     #[cfg(target_arch = "x86_64")]
     let x = if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the slice's length, and the CPU runs AVX2; the tail is left to the loop.

@@ -538,7 +538,10 @@ impl GraftPointwiseQ8 {
             bias[co] = f.bias[co];
         }
         let zp = fq.zero_point as i32;
-        let zp_sums: Vec<i32> = sums.iter().map(|&v| v * zp).collect();
+        let zp_sums: Vec<i32> = sums
+            .iter()
+            .map(|&v| kernel::zp_correction(isa, zp, v))
+            .collect();
         Some(GraftPointwiseQ8 {
             shape: s,
             hw: f.hw,
@@ -1132,7 +1135,10 @@ mod tests {
                 let q: Vec<i8> = (0..cin * cout).map(|i| ((i * 7919) % 255) as i8).collect();
                 let (weights, sums) = kernel::pack_weights(&q, cin, cout);
                 let n = sums.len();
-                let zp_sums: Vec<i32> = sums.iter().map(|v| v * 3).collect();
+                let zp_sums: Vec<i32> = sums
+                    .iter()
+                    .map(|&v| kernel::zp_correction(isa, 3, v))
+                    .collect();
                 let scales = vec![0.001f32; n];
                 let bias = seeded_uniform(&mut seed, n, 1.0);
                 for pack_positions in [false, true] {
