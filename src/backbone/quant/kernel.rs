@@ -120,7 +120,7 @@ impl Isa8 {
 
 /// The entry of [`Quantized::zp_sums`] for an output channel whose `s8` weights sum to `sum`,
 /// its input's zero point `zp`, on `isa`: what the kernel subtracts from its integer sum. The
-/// `u8 × s8` kernels sum `Σ q · qw` and subtract `zp · Σ qw`; [`Isa8::Sdot`] multiplies signed
+/// `u8 × s8` kernels sum `Σ q · qw` and subtract `zp · Σ qw`; `Isa8::Sdot` (aarch64) multiplies signed
 /// bytes, so it packs each `q` as `q − 128`, sums `Σ q · qw − 128 · Σ qw`, and subtracts
 /// `(zp − 128) · Σ qw`: the same integer in the end, so the same floats.
 pub fn zp_correction(isa: Isa8, zp: i32, sum: i32) -> i32 {
