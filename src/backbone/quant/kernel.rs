@@ -522,6 +522,12 @@ impl Quantized<'_> {
             unsafe { x86::sum_on_grid(out, res, hw, rows, n, g) };
             return;
         }
+        #[cfg(target_arch = "aarch64")]
+        if matches!(self.isa, Isa8::Sdot) {
+            // SAFETY: the caller's; aarch64 always has NEON.
+            unsafe { arm::sum_on_grid(out, res, hw, rows, n, g) };
+            return;
+        }
         for r in 0..rows {
             for i in r * hw..r * hw + n {
                 // SAFETY: the caller's.
@@ -771,6 +777,39 @@ mod arm {
             i += 4;
         }
         i
+    }
+
+    /// [`Quantized::sum_on_grid`] four values at a time.
+    ///
+    /// # Safety
+    /// As [`Quantized::sum_on_grid`].
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn sum_on_grid(
+        out: *mut f32,
+        res: *const f32,
+        hw: usize,
+        rows: usize,
+        n: usize,
+        g: Grid,
+    ) {
+        let (vinv, vs) = (vdupq_n_f32(g.inv), vdupq_n_f32(g.scale));
+        let lo = vdupq_n_f32(-(g.zero_point as f32));
+        let hi = vdupq_n_f32(255.0 - g.zero_point as f32);
+        for row in 0..rows {
+            let mut i = 0;
+            // SAFETY: the first `n` values of each row are in bounds.
+            unsafe {
+                while i + 4 <= n {
+                    let (p, r) = (out.add(row * hw + i), res.add(row * hw + i));
+                    let v = vaddq_f32(vld1q_f32(p), vld1q_f32(r));
+                    vst1q_f32(p, on_grid(v, vinv, vs, lo, hi));
+                    i += 4;
+                }
+                for at in row * hw + i..row * hw + n {
+                    *out.add(at) = g.one(*out.add(at) + *res.add(at));
+                }
+            }
+        }
     }
 
     /// One tile in four runs of 8 positions (two vectors) × [`ROWS`] output channels: 16
