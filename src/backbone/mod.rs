@@ -25,6 +25,7 @@ pub mod exported;
 pub mod graph;
 pub mod manifest;
 pub mod pointwise;
+pub mod pool;
 pub mod preprocess;
 mod profile;
 pub mod quant;
@@ -775,7 +776,7 @@ impl Backbone {
             (_, d) => {
                 let p = self.substituted.1;
                 format!(
-                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded{}; graft 1x1: {} convolutions{}, {} clips and {} residual adds folded; {}{}",
+                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded{}; graft 1x1: {} convolutions{}, {} clips and {} residual adds folded; {}{}{}",
                     depthwise::Isa::detect().name(),
                     d.convolutions,
                     d.dense,
@@ -804,6 +805,10 @@ impl Backbone {
                             "; {n} activation quantise/dequantise pairs in one pass each, {} of them folded into the convolution before",
                             p.fake_quant_fused
                         ),
+                    },
+                    match p.pools {
+                        0 => String::new(),
+                        _ => "; the pooling's powers and sum in one pass".to_string(),
                     }
                 )
             }
@@ -934,12 +939,13 @@ impl Backbone {
             (CpuKernels::Tract, _) | (_, None) => Default::default(),
             (kernels, Some(isa)) => {
                 let all = matches!(kernels, CpuKernels::Graft | CpuKernels::Unfused);
-                let pairs = if all && !m.graph.half {
+                let (pairs, pools) = if all && !m.graph.half {
                     quant::fold_constants(&mut typed).map_err(load)?;
                     quant::integer_powers(&mut typed).map_err(load)?;
-                    quant::fake_quant_pairs(&mut typed).map_err(load)?
+                    let pools = pool::fuse_pow_sums(&mut typed).map_err(load)?;
+                    (quant::fake_quant_pairs(&mut typed).map_err(load)?, pools)
                 } else {
-                    0
+                    (0, 0)
                 };
                 let d = depthwise::substitute(&mut typed, isa, all).map_err(load)?;
                 // In f16 the 1×1 convolutions are what tract's f16 products are for.
@@ -961,6 +967,7 @@ impl Backbone {
                 let p = pointwise::Substituted {
                     fake_quant_pairs: pairs,
                     fake_quant_fused: fused,
+                    pools,
                     ..p
                 };
                 // Then the wide maps' expand 1×1s and the stem into the depthwise convolutions

@@ -281,6 +281,13 @@ fn graft_kernels_match_tracts_plan_on_the_whole_model() {
         // the QDQ graph too, once graft has folded the dequantisation of its `s8` matrix,
         // which tract leaves to every pass).
         assert_eq!(pointwise.products, 0, "{model}");
+        // The pooling (the average's sum, or GeM's cube and sum) is one graft pass.
+        assert_eq!(
+            pointwise.pools,
+            usize::from(vectorised),
+            "{model}: {}",
+            ours.cpu_kernels_line()
+        );
         let classifier = Backbone::load(
             backbone::ModelSpec::resolve(model).unwrap(),
             &backbone::LoadOptions {

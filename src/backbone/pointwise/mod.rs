@@ -495,6 +495,8 @@ pub struct Substituted {
     pub residuals: usize,
     /// Matrix–vector products (a classifier) now run by graft's kernel.
     pub products: usize,
+    /// Poolings whose powers and sum run as one pass ([`super::pool::GraftPowSum`]).
+    pub pools: usize,
 }
 
 /// Speaks tract's types: for the backbone and the benches, not graft's API.
