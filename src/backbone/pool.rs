@@ -55,7 +55,7 @@ impl EvalOp for GraftPowSum {
         let shape = inputs[0].shape();
         ensure!(shape.len() >= 3, "GraftPowSum: rank {} < 3", shape.len());
         let plane: usize = shape[shape.len() - 2..].iter().product();
-        let rows = if plane == 0 { 0 } else { x.len() / plane };
+        let rows = x.len().checked_div(plane).unwrap_or(0);
         let mut out_shape: TVec<usize> = shape.into();
         let rank = out_shape.len();
         out_shape[rank - 2] = 1;
