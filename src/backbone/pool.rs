@@ -20,6 +20,7 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Mul, Square};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
 
+use super::depthwise::replace_with;
 use super::simd::{par_parts, SharedOut};
 
 /// `Σ x^power` over the last two axes of a float tensor (kept, of size 1, as `Reduce` keeps
@@ -181,12 +182,7 @@ pub fn fuse_pow_sums(model: &mut TypedModel) -> TractResult<usize> {
                 (x, power) = (input, 2);
             }
         }
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::new(format!("graft-pow-sum {name}"));
-        let tapped = patch.tap_model(model, x)?;
-        let y = patch.wire_node(name, GraftPowSum { power }, &[tapped])?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
-        patch.apply(model)?;
+        replace_with(model, x, id, GraftPowSum { power }, "graft-pow-sum")?;
         done += 1;
     }
     if done > 0 {

@@ -987,11 +987,11 @@ pub(super) fn then_clip((lo, hi): (f32, f32), is_max: bool, bound: f32) -> (f32,
 }
 
 /// Replaces the nodes from `input`'s reader to `last` by `op` on `input`.
-fn replace_with(
+pub(super) fn replace_with(
     model: &mut TypedModel,
     input: OutletId,
     last: usize,
-    op: GraftDepthwise,
+    op: impl TypedOp,
     what: &str,
 ) -> TractResult<()> {
     let name = model.nodes[last].name.clone();
