@@ -1,7 +1,8 @@
 //! The vector types graft's own CPU kernels (`depthwise`, `pointwise`) are written against: one
 //! small trait ([`Lanes`]) implemented with `std::arch` intrinsics for AVX-512F (16 lanes),
-//! AVX2+FMA (8) and aarch64 NEON (4), and a scalar reference; [`Isa`] says which one this CPU
-//! runs. A kernel is one generic body compiled once per instruction set.
+//! AVX2+FMA (8) and aarch64 NEON (4), with inline assembly for armv7 NEON (2: its intrinsics
+//! are unstable), and a scalar reference; [`Isa`] says which one this CPU runs. A kernel is one
+//! generic body compiled once per instruction set.
 
 /// The instruction set a kernel is compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -14,8 +15,9 @@ pub enum Isa {
     /// x86-64 AVX2 with FMA, 8 lanes.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
-    /// aarch64 Advanced SIMD (NEON), 4 lanes, FMA.
-    #[cfg(target_arch = "aarch64")]
+    /// aarch64 Advanced SIMD (NEON), 4 lanes, FMA; on armv7, NEON on 64-bit `d` registers,
+    /// 2 lanes, multiply then add as tract's armv7 kernels do ([`arm7`]).
+    #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
     Neon,
 }
 
@@ -37,21 +39,25 @@ impl Isa {
         {
             return Isa::Neon;
         }
+        #[cfg(target_arch = "arm")]
+        if arm7::detected() {
+            return Isa::Neon;
+        }
         #[allow(unreachable_code)]
         Isa::Scalar
     }
 
     /// The best vector instruction set this CPU runs, if graft has a kernel for one. Without
-    /// one (armv7 on stable Rust, whose NEON intrinsics are unstable) the plan keeps tract's
-    /// depthwise: the scalar reference computes the flat layout's extra columns and is no
-    /// faster than tract's own scalar code.
+    /// one (an armv7 CPU without NEON) the plan keeps tract's depthwise: the scalar
+    /// reference computes the flat layout's extra columns and is no faster than tract's own
+    /// scalar code.
     pub fn vectorised() -> Option<Isa> {
         Some(Isa::detect()).filter(|i| *i != Isa::Scalar)
     }
 
     /// Every instruction set this CPU runs, the reference first.
     pub fn available() -> Vec<Isa> {
-        // Only x86-64 and aarch64 add to it (armv7: the scalar reference alone).
+        // x86-64 and ARM add to it.
         #[allow(unused_mut)]
         let mut all = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
@@ -67,6 +73,10 @@ impl Isa {
         }
         #[cfg(target_arch = "aarch64")]
         all.push(Isa::Neon);
+        #[cfg(target_arch = "arm")]
+        if arm7::detected() {
+            all.push(Isa::Neon);
+        }
         all
     }
 
@@ -78,7 +88,7 @@ impl Isa {
             Isa::Avx512 => "avx512",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => "avx2+fma",
-            #[cfg(target_arch = "aarch64")]
+            #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
             Isa::Neon => "neon",
         }
     }
@@ -93,6 +103,8 @@ impl Isa {
             Isa::Avx2Fma => 8,
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => 4,
+            #[cfg(target_arch = "arm")]
+            Isa::Neon => 2,
         }
     }
 }
@@ -101,6 +113,12 @@ impl Isa {
 pub(crate) trait Lanes: Copy {
     const N: usize;
     unsafe fn splat(x: f32) -> Self;
+    /// [`Lanes::splat`] of the float at `p` (x86 and aarch64 fold the load into the broadcast
+    /// anyway; armv7 loads it straight into every lane, not through a core register).
+    #[inline(always)]
+    unsafe fn splat_at(p: *const f32) -> Self {
+        unsafe { Self::splat(*p) }
+    }
     unsafe fn load(p: *const f32) -> Self;
     unsafe fn store(self, p: *mut f32);
     /// `a · b + c`.
@@ -322,6 +340,8 @@ pub(crate) unsafe fn dispatch<W: Work>(isa: Isa, work: W) {
             Isa::Avx2Fma => x86::avx2(work),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => work.run::<arm::Neon>(),
+            #[cfg(target_arch = "arm")]
+            Isa::Neon => work.run::<arm7::Neon2>(),
         }
     }
 }
@@ -607,6 +627,166 @@ pub(crate) mod arm {
                 if n > 2 {
                     *dst.add(2) = *src.add(2);
                 }
+            }
+        }
+    }
+}
+
+/// armv7 NEON through inline assembly: `core::arch::arm`'s intrinsics and vector types, the
+/// `neon` target feature and ARM feature detection are all unstable in Rust 1.95, while `asm!`
+/// is stable. A vector is two floats in one 64-bit `d` register, carried as the bits of an
+/// `f64` (the `dreg` operand class takes `f64`; its 128-bit `q` class takes only SIMD types,
+/// which cannot be named on stable). That halves the floats per instruction, not the rate, on
+/// the cores of the Pi 2, 3 and Zero 2 (Cortex-A7, A53: 64-bit NEON datapaths, a `q` operation
+/// issues as two halves); and 32 `d` registers hold the same tiles of accumulators as
+/// aarch64's 32 `q` ones. Each operation is one instruction, each block pure, so the compiler
+/// allocates the registers and schedules the loads around them. `mul_add` is `vmla`, multiply
+/// then add, not VFPv4's fused `vfma`: tract's armv7 kernels (NEON `vmla`, and VFP's where it
+/// finds no NEON) round the product too, and over the 1152 terms of Lite0's last projections
+/// the fused sums drifted 6e-5 from theirs, past the kernels' check (1e-5 of the largest
+/// output). NEON on armv7 also flushes subnormal floats to zero.
+#[cfg(target_arch = "arm")]
+pub(crate) mod arm7 {
+    use super::Lanes;
+    use std::arch::asm;
+
+    /// Whether this CPU has NEON (every armv7 Raspberry Pi: the Pi 2's Cortex-A7, the Pi 3's
+    /// and Zero 2's A53, the Pi 4's A72 in 32-bit mode), from the kernel's hardware
+    /// capabilities.
+    pub(crate) fn detected() -> bool {
+        /// `HWCAP_NEON` of Linux's `arch/arm/include/uapi/asm/hwcap.h`.
+        const HWCAP_NEON: libc::c_ulong = 1 << 12;
+        // SAFETY: getauxval only reads the auxiliary vector.
+        let caps = unsafe { libc::getauxval(libc::AT_HWCAP) };
+        caps & HWCAP_NEON != 0
+    }
+
+    /// One NEON instruction on `d` registers; the `.fpu` line lets the assembler take NEON
+    /// instructions, which the target's default features leave out.
+    macro_rules! neon {
+        ($($t:tt)*) => {
+            asm!(".fpu neon", $($t)*)
+        };
+    }
+
+    /// Two floats, lane 0 in the low half.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Neon2(f64);
+
+    impl Neon2 {
+        #[inline(always)]
+        fn from_lanes(lo: f32, hi: f32) -> Self {
+            Neon2(f64::from_bits(
+                lo.to_bits() as u64 | (hi.to_bits() as u64) << 32,
+            ))
+        }
+        #[inline(always)]
+        fn lanes(self) -> (f32, f32) {
+            let b = self.0.to_bits();
+            (f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32))
+        }
+    }
+
+    impl Lanes for Neon2 {
+        const N: usize = 2;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            let v: f64;
+            unsafe {
+                neon!("vdup.32 {v}, {x}", v = out(dreg) v, x = in(reg) x.to_bits(),
+                    options(pure, nomem, nostack, preserves_flags));
+            }
+            Neon2(v)
+        }
+        #[inline(always)]
+        unsafe fn splat_at(p: *const f32) -> Self {
+            let v: f64;
+            unsafe {
+                neon!("vld1.32 {{{v}[]}}, [{p}]", v = out(dreg) v, p = in(reg) p,
+                    options(pure, readonly, nostack, preserves_flags));
+            }
+            Neon2(v)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            let v: f64;
+            unsafe {
+                neon!("vld1.32 {{{v}}}, [{p}]", v = out(dreg) v, p = in(reg) p,
+                    options(pure, readonly, nostack, preserves_flags));
+            }
+            Neon2(v)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe {
+                neon!("vst1.32 {{{v}}}, [{p}]", v = in(dreg) self.0, p = in(reg) p,
+                    options(nostack, preserves_flags));
+            }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            let mut acc = c.0;
+            unsafe {
+                neon!("vmla.f32 {acc}, {a}, {b}", acc = inout(dreg) acc, a = in(dreg) a.0,
+                    b = in(dreg) b.0, options(pure, nomem, nostack, preserves_flags));
+            }
+            Neon2(acc)
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            let v: f64;
+            unsafe {
+                neon!("vadd.f32 {v}, {a}, {b}", v = lateout(dreg) v, a = in(dreg) a.0,
+                    b = in(dreg) b.0, options(pure, nomem, nostack, preserves_flags));
+            }
+            Neon2(v)
+        }
+        #[inline(always)]
+        unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+            let mut v = self.0;
+            unsafe {
+                neon!("vmax.f32 {v}, {v}, {lo}", "vmin.f32 {v}, {v}, {hi}", v = inout(dreg) v,
+                    lo = in(dreg) lo.0, hi = in(dreg) hi.0,
+                    options(pure, nomem, nostack, preserves_flags));
+            }
+            Neon2(v)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            let v: f64;
+            unsafe {
+                neon!("vmul.f32 {v}, {a}, {b}", v = lateout(dreg) v, a = in(dreg) a.0,
+                    b = in(dreg) b.0, options(pure, nomem, nostack, preserves_flags));
+            }
+            Neon2(v)
+        }
+        #[inline(always)]
+        unsafe fn round_even(self) -> Self {
+            // armv7 NEON has no rounding instruction (`vrintn` is Armv8): a lane at a time.
+            let (lo, hi) = self.lanes();
+            Neon2::from_lanes(lo.round_ties_even(), hi.round_ties_even())
+        }
+        #[inline(always)]
+        unsafe fn load_tail(p: *const f32, n: usize) -> Self {
+            // n ≤ 1.
+            Neon2::from_lanes(if n > 0 { unsafe { *p } } else { 0.0 }, 0.0)
+        }
+        #[inline(always)]
+        unsafe fn store_tail(self, p: *mut f32, n: usize) {
+            if n > 0 {
+                unsafe { *p = self.lanes().0 };
+            }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            unsafe {
+                asm!("pld [{p}]", p = in(reg) p, options(nostack, preserves_flags, readonly));
+            }
+        }
+        #[inline(always)]
+        unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize) {
+            if n > 0 {
+                unsafe { *dst = *src };
             }
         }
     }

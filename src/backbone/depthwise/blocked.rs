@@ -208,7 +208,7 @@ impl ExpandRows {
                 let w = L::load(self.weights.add(ci * n));
                 let xp = x.add(ci * plane + c0);
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = L::mul_add(L::splat(*xp.add(j)), w, *a);
+                    *a = L::mul_add(L::splat_at(xp.add(j)), w, *a);
                 }
             }
             let (lo, hi) = (L::splat(self.lo), L::splat(self.hi));
@@ -1283,7 +1283,7 @@ impl Broadcasts<'_> {
                 ];
                 let p = self.src.add(o);
                 for (i, b) in bases.iter().enumerate() {
-                    let x = L::splat(*p.add(*b));
+                    let x = L::splat_at(p.add(*b));
                     acc[0][i] = L::mul_add(x, w[0], acc[0][i]);
                     acc[1][i] = L::mul_add(x, w[1], acc[1][i]);
                 }
@@ -1308,7 +1308,7 @@ impl Broadcasts<'_> {
                 let w = L::load(self.weights.add(t * n));
                 let p = self.src.add(o);
                 for (a, b) in acc.iter_mut().zip(&bases) {
-                    *a = L::mul_add(L::splat(*p.add(*b)), w, *a);
+                    *a = L::mul_add(L::splat_at(p.add(*b)), w, *a);
                 }
             }
             let fin = Finish::<L>::new(self.bias, self.lo, self.hi, self.grid);

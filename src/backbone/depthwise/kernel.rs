@@ -505,7 +505,7 @@ impl Block<'_> {
             let mut t = 0;
             while t < full {
                 for (s, set) in acc.iter_mut().enumerate() {
-                    let w = L::splat(*self.weights.get_unchecked(t + s));
+                    let w = L::splat_at(self.weights.as_ptr().add(t + s));
                     let p = base.add(*self.offsets.get_unchecked(t + s));
                     for (r, a) in set.iter_mut().enumerate() {
                         *a = L::mul_add(L::load(p.add(r * n)), w, *a);
@@ -514,7 +514,7 @@ impl Block<'_> {
                 t += S;
             }
             for t in full..self.taps {
-                let w = L::splat(*self.weights.get_unchecked(t));
+                let w = L::splat_at(self.weights.as_ptr().add(t));
                 let p = base.add(*self.offsets.get_unchecked(t));
                 for (r, a) in acc[0].iter_mut().enumerate() {
                     *a = L::mul_add(L::load(p.add(r * n)), w, *a);
