@@ -299,6 +299,14 @@ fn limits_text() -> String {
     )
 }
 
+/// Whether a decoder's refusal is of the picture's size: the image crate says so only in
+/// words (`GenericFeature("Image dimensions (WxH ...) are too large")`, BMP, GIF, PNM, HDR,
+/// DDS and farbfeld).
+fn claims_too_much(e: &image::error::UnsupportedError) -> bool {
+    matches!(e.kind(), image::error::UnsupportedErrorKind::GenericFeature(f)
+        if f.starts_with("Image dimensions") && f.ends_with("are too large"))
+}
+
 /// Decodes an image file to RGB, applying its EXIF orientation. Only a regular file is opened
 /// ([`crate::userfile`]), and only one within [`MAX_FILE_BYTES`].
 pub fn decode_file(path: &Path) -> Result<RgbFrame, BackboneError> {
@@ -384,6 +392,11 @@ fn decode_reader<R: BufRead + Seek>(
             ),
             _ => l.to_string(),
         }),
+        // A decoder whose buffer for the claimed size would not fit this platform's address
+        // space refuses it before the limits are checked (on 32-bit ARM, a 65535² BMP).
+        image::ImageError::Unsupported(u) if claims_too_much(&u) => {
+            too_large(format!("the decoder refused its size: {u}"))
+        }
         e => bad(e.to_string()),
     };
     // Each decoder checks the sides against the limits as it reads the header.
@@ -843,6 +856,26 @@ mod tests {
         }
     }
 
+    /// The image crate's own refusals of a size (the words its BMP decoder uses on a 32-bit
+    /// target for the 65535² fixture) count as too large; other unsupported features do not.
+    #[test]
+    fn a_decoders_size_refusal_is_too_large() {
+        use image::error::{ImageFormatHint, UnsupportedError, UnsupportedErrorKind};
+        let said = |f: &str| {
+            UnsupportedError::from_format_and_kind(
+                ImageFormatHint::Exact(image::ImageFormat::Bmp),
+                UnsupportedErrorKind::GenericFeature(f.into()),
+            )
+        };
+        assert!(claims_too_much(&said(
+            "Image dimensions (65535x65535 w/3 channels) are too large"
+        )));
+        assert!(claims_too_much(&said(
+            "Image dimensions (65535, 65535) are too large"
+        )));
+        assert!(!claims_too_much(&said("RLE4 bitfields")));
+    }
+
     #[test]
     fn pictures_beyond_the_limits_are_refused_from_their_header() {
         let dir = Path::new(concat!(
@@ -892,8 +925,11 @@ mod tests {
             png.extend_from_slice(&crc32(&chunk).to_be_bytes());
         }
         let err = decode_bytes(&png, Path::new("deep.png")).unwrap_err();
+        // On a 32-bit target the PNG decoder itself cannot size a 2 GiB buffer and refuses
+        // before graft sees the dimensions.
+        let named = cfg!(target_pointer_width = "32") || err.to_string().contains("16384x16384");
         assert!(
-            matches!(&err, BackboneError::TooLarge { reason, .. } if reason.contains("16384x16384")),
+            matches!(&err, BackboneError::TooLarge { .. }) && named,
             "{err}"
         );
     }

@@ -669,6 +669,16 @@ pub(crate) mod arm7 {
         };
     }
 
+    /// `INSN d, a, b` for a two-operand NEON instruction on `Neon2`s.
+    macro_rules! two {
+        ($insn:literal, $a:expr, $b:expr) => {{
+            let v: f64;
+            neon!(concat!($insn, " {v}, {a}, {b}"), v = lateout(dreg) v, a = in(dreg) $a.0,
+                b = in(dreg) $b.0, options(pure, nomem, nostack, preserves_flags));
+            Neon2(v)
+        }};
+    }
+
     /// Two floats, lane 0 in the low half.
     #[derive(Clone, Copy)]
     pub(crate) struct Neon2(f64);
@@ -734,12 +744,7 @@ pub(crate) mod arm7 {
         }
         #[inline(always)]
         unsafe fn add(a: Self, b: Self) -> Self {
-            let v: f64;
-            unsafe {
-                neon!("vadd.f32 {v}, {a}, {b}", v = lateout(dreg) v, a = in(dreg) a.0,
-                    b = in(dreg) b.0, options(pure, nomem, nostack, preserves_flags));
-            }
-            Neon2(v)
+            unsafe { two!("vadd.f32", a, b) }
         }
         #[inline(always)]
         unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
@@ -753,12 +758,7 @@ pub(crate) mod arm7 {
         }
         #[inline(always)]
         unsafe fn mul(a: Self, b: Self) -> Self {
-            let v: f64;
-            unsafe {
-                neon!("vmul.f32 {v}, {a}, {b}", v = lateout(dreg) v, a = in(dreg) a.0,
-                    b = in(dreg) b.0, options(pure, nomem, nostack, preserves_flags));
-            }
-            Neon2(v)
+            unsafe { two!("vmul.f32", a, b) }
         }
         #[inline(always)]
         unsafe fn round_even(self) -> Self {
