@@ -224,8 +224,10 @@ struct Job<'a> {
 /// What every tile of a job shares.
 #[derive(Clone, Copy)]
 struct Tile {
-    /// First input value of the tile: `x[0][p0]` of its image.
+    /// First input value of the tile: `x[0][p0]` of its image, or of its panel.
     x: *const f32,
+    /// Floats from one input channel's positions to the next's: `hw`, or a panel's stride.
+    xs: usize,
     /// The tile's first packed weight and bias.
     w: *const f32,
     b: *const f32,
@@ -277,70 +279,221 @@ impl Job<'_> {
     #[inline(always)]
     unsafe fn tiles_of<L: Lanes, const R: usize, const V: usize, const CLIP: bool>(self) {
         let s = self.p.shape;
-        let per_tile = V * L::N;
+        let per_tile = s.tile_positions(self.p.isa);
         let pblocks = s.hw.div_ceil(per_tile);
         let blocks = s.blocks(self.p.isa);
         let channel_major = s.channel_major();
-        for t in self.range.clone() {
-            let (block, pb) = if channel_major {
-                ((t / pblocks) % blocks, t % pblocks)
+        let Range { start, end } = self.range;
+        // With panels, by (image, block of positions), then by block of channels, whichever
+        // order `channel_major` numbers them in: every block of channels of one block of
+        // positions reads the same input, so it is copied once into an aligned panel
+        // (`pack_panel`) and read from there. Its rows are whole vectors, so that each starts
+        // on a cache line. Without, in their numbering order, reading the input where it lies.
+        let panels = L::N >= PACK_MIN_LANES && s.hw <= PACK_UP_TO && blocks >= PACK_FROM_BLOCKS;
+        let stride = per_tile.next_multiple_of(L::N);
+        let panel = if panels {
+            panel(s.cin * stride)
+        } else {
+            std::ptr::null_mut()
+        };
+        // `o` runs over (image, block of positions) and `i` over blocks of channels, or `o`
+        // over (image, block of channels) and `i` over blocks of positions. One loop, one call
+        // of `tile`: written twice, the 7×7 maps' tiles ran 15% slower.
+        let by_positions = panels || !channel_major;
+        let (outer, inner) = if by_positions {
+            (s.batch * pblocks, blocks)
+        } else {
+            (s.batch * blocks, pblocks)
+        };
+        for o in 0..outer {
+            // The tile of `i` is number `first + i × step`.
+            let (first, step) = match (by_positions, channel_major) {
+                (true, true) => ((o / pblocks * blocks) * pblocks + o % pblocks, pblocks),
+                (true, false) => (o * blocks, 1),
+                (false, _) => (o * pblocks, 1),
+            };
+            let from = start.saturating_sub(first).div_ceil(step);
+            let to = end.saturating_sub(first).div_ceil(step).min(inner);
+            if from >= to {
+                continue;
+            }
+            let (mut x, mut xs) = (std::ptr::null(), 0);
+            if panels && to - from >= PACK_FROM_BLOCKS {
+                let (n, p0) = (o / pblocks, o % pblocks * per_tile);
+                // SAFETY: the panel holds `cin × stride` floats; the positions are inside the
+                // input (the caller's contract on lengths) and at most `stride`.
+                unsafe {
+                    pack_panel::<L>(
+                        self.input.add(n * s.cin * s.hw + p0),
+                        s.hw,
+                        s.cin,
+                        (s.hw - p0).min(per_tile),
+                        panel,
+                        stride,
+                    )
+                };
+                (x, xs) = (panel.cast_const(), stride);
+            }
+            for i in from..to {
+                let (g, block) = if by_positions {
+                    (o, i)
+                } else {
+                    (o / blocks * pblocks + i, o % blocks)
+                };
+                unsafe { self.tile::<L, R, V, CLIP>(g, block, x, xs) };
+            }
+        }
+    }
+
+    /// Tile (`g`: image × blocks of positions + block of positions; `block` of channels),
+    /// reading its input from `x`, channels `xs` floats apart, or (null) from the input.
+    #[inline(always)]
+    unsafe fn tile<L: Lanes, const R: usize, const V: usize, const CLIP: bool>(
+        &self,
+        g: usize,
+        block: usize,
+        x: *const f32,
+        xs: usize,
+    ) {
+        let s = self.p.shape;
+        let per_tile = s.tile_positions(self.p.isa);
+        let pblocks = s.hw.div_ceil(per_tile);
+        let (n, pb) = (g / pblocks, g % pblocks);
+        let p0 = pb * per_tile;
+        let co0 = block * R;
+        let out_at = (n * s.cout + co0) * s.hw + p0;
+        // SAFETY: every offset is inside its buffer (the caller's contract on lengths).
+        unsafe {
+            let (x, xs) = if x.is_null() {
+                (self.input.add(n * s.cin * s.hw + p0), s.hw)
             } else {
-                (t % blocks, (t / blocks) % pblocks)
+                (x, xs)
             };
-            let n = t / (blocks * pblocks);
-            let p0 = pb * per_tile;
-            let positions = (s.hw - p0).min(per_tile);
-            let co0 = block * R;
-            let out_at = (n * s.cout + co0) * s.hw + p0;
-            // SAFETY: every offset is inside its buffer (the caller's contract on lengths).
-            let tile = unsafe {
-                Tile {
-                    x: self.input.add(n * s.cin * s.hw + p0),
-                    w: self.p.weights.as_ptr().add(block * s.cin * R),
-                    b: self.p.bias.as_ptr().add(co0),
-                    out: self.output.add(out_at),
-                    res: self.residual.map_or(std::ptr::null(), |r| r.add(out_at)),
-                    post: self.p.post.map_or(std::ptr::null(), |p| p.as_ptr()),
-                    hw: s.hw,
-                    cin: s.cin,
-                    rows: (s.cout - co0).min(R),
-                    lo: self.p.lo,
-                    hi: self.p.hi,
-                }
-            };
-            unsafe {
-                if positions == per_tile {
-                    tile.run::<L, R, V, false, CLIP, false>(L::N);
-                    continue;
-                }
-                let vectors = positions.div_ceil(L::N);
-                let last = positions - (vectors - 1) * L::N;
-                // One position past whole vectors (a 7×7 map's 49th): a vector of the tile's
-                // rows for it, rather than a 16-lane vector holding one.
-                if last == 1 && vectors >= 2 && L::N > R {
-                    match vectors - 1 {
-                        1 => tile.run::<L, R, 1, false, CLIP, true>(L::N),
-                        2 => tile.run::<L, R, 2, false, CLIP, true>(L::N),
-                        _ => tile.run::<L, R, 3, false, CLIP, true>(L::N),
-                    }
-                    continue;
-                }
-                match (vectors, last == L::N) {
-                    (1, true) => tile.run::<L, R, 1, false, CLIP, false>(last),
-                    (1, false) => tile.run::<L, R, 1, true, CLIP, false>(last),
-                    (2, true) => tile.run::<L, R, 2, false, CLIP, false>(last),
-                    (2, false) => tile.run::<L, R, 2, true, CLIP, false>(last),
-                    (3, true) => tile.run::<L, R, 3, false, CLIP, false>(last),
-                    (3, false) => tile.run::<L, R, 3, true, CLIP, false>(last),
-                    (_, true) => tile.run::<L, R, 4, false, CLIP, false>(last),
-                    (_, false) => tile.run::<L, R, 4, true, CLIP, false>(last),
-                }
+            Tile {
+                x,
+                xs,
+                w: self.p.weights.as_ptr().add(block * s.cin * R),
+                b: self.p.bias.as_ptr().add(co0),
+                out: self.output.add(out_at),
+                res: self.residual.map_or(std::ptr::null(), |r| r.add(out_at)),
+                post: self.p.post.map_or(std::ptr::null(), |p| p.as_ptr()),
+                hw: s.hw,
+                cin: s.cin,
+                rows: (s.cout - co0).min(R),
+                lo: self.p.lo,
+                hi: self.p.hi,
+            }
+            .run_positions::<L, R, V, CLIP>((s.hw - p0).min(per_tile))
+        }
+    }
+}
+
+/// The fewest lanes whose kernels read their input from an aligned panel: measured on x86
+/// (below). On ARM it is not measured, so NEON reads the input where it lies, as before.
+const PACK_MIN_LANES: usize = 8;
+
+/// The largest map (positions) whose input is copied into panels: on wider maps (Lite0's
+/// 16 → 96 over 112×112) a block of positions' tiles write 64 positions of every output
+/// channel, rows 50 KB apart, and ran 26% slower than walking one block of channels along
+/// its rows (`cargo bench --bench pointwise_tiles`).
+const PACK_UP_TO: usize = 56 * 56;
+
+/// The fewest blocks of channels that share a block of positions for the positions to be
+/// copied into a panel first: the copy costs about one tile's reading of the input.
+const PACK_FROM_BLOCKS: usize = 8;
+
+/// 64 bytes, aligned as a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+thread_local! {
+    /// Each thread's panel of input positions (`pack_panel`), kept between convolutions.
+    static PANEL: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's panel, grown to at least `floats`, 64-byte aligned. The pointer stays valid
+/// until the next call on this thread (no kernel calls another).
+fn panel(floats: usize) -> *mut f32 {
+    PANEL.with_borrow_mut(|p| {
+        let lines = floats.div_ceil(16);
+        if p.len() < lines {
+            p.resize(lines, Line([0.0; 16]));
+        }
+        p.as_mut_ptr().cast()
+    })
+}
+
+/// Copies `positions` floats of each of `cin` rows `hw` apart from `x` into `panel`, rows
+/// `stride` apart. A row of a 14×14 or 7×7 map starts 784 or 196 bytes after the one before,
+/// so most of the tiles' vector loads of the input crossed a cache line; from the panel none
+/// do. Measured on x86 (AVX-512, one thread, `cargo bench --bench pointwise_tiles`): the
+/// same loop over 64-byte-aligned rows ran 82–88 GMAC/s, over rows 16 bytes off 73–79.
+///
+/// # Safety
+/// `x` must hold the rows, `panel` `cin × stride` floats, and `positions ≤ stride`.
+#[inline(always)]
+unsafe fn pack_panel<L: Lanes>(
+    x: *const f32,
+    hw: usize,
+    cin: usize,
+    positions: usize,
+    panel: *mut f32,
+    stride: usize,
+) {
+    let n = L::N;
+    let (whole, rest) = (positions / n, positions % n);
+    for ci in 0..cin {
+        unsafe {
+            let (src, dst) = (x.add(ci * hw), panel.add(ci * stride));
+            for v in 0..whole {
+                L::load(src.add(v * n)).store(dst.add(v * n));
+            }
+            if rest > 0 {
+                L::load_tail(src.add(whole * n), rest).store_tail(dst.add(whole * n), rest);
             }
         }
     }
 }
 
 impl Tile {
+    /// The tile over its `positions` (a whole tile's, or fewer at the end of a map).
+    #[inline(always)]
+    unsafe fn run_positions<L: Lanes, const R: usize, const V: usize, const CLIP: bool>(
+        self,
+        positions: usize,
+    ) {
+        let per_tile = V * L::N;
+        unsafe {
+            if positions == per_tile {
+                self.run::<L, R, V, false, CLIP, false>(L::N);
+                return;
+            }
+            let vectors = positions.div_ceil(L::N);
+            let last = positions - (vectors - 1) * L::N;
+            // One position past whole vectors (a 7×7 map's 49th): a vector of the tile's
+            // rows for it, rather than a 16-lane vector holding one.
+            if last == 1 && vectors >= 2 && L::N > R {
+                match vectors - 1 {
+                    1 => self.run::<L, R, 1, false, CLIP, true>(L::N),
+                    2 => self.run::<L, R, 2, false, CLIP, true>(L::N),
+                    _ => self.run::<L, R, 3, false, CLIP, true>(L::N),
+                }
+                return;
+            }
+            match (vectors, last == L::N) {
+                (1, true) => self.run::<L, R, 1, false, CLIP, false>(last),
+                (1, false) => self.run::<L, R, 1, true, CLIP, false>(last),
+                (2, true) => self.run::<L, R, 2, false, CLIP, false>(last),
+                (2, false) => self.run::<L, R, 2, true, CLIP, false>(last),
+                (3, true) => self.run::<L, R, 3, false, CLIP, false>(last),
+                (3, false) => self.run::<L, R, 3, true, CLIP, false>(last),
+                (_, true) => self.run::<L, R, 4, false, CLIP, false>(last),
+                (_, false) => self.run::<L, R, 4, true, CLIP, false>(last),
+            }
+        }
+    }
+
     /// `R × V` vectors of outputs (`R` rows: [`ROWS`] or [`WIDE_ROWS`]); with `TAIL`, the last
     /// vector has only `last` lanes. With `EXTRA` (vectors wider than `R` only), one more
     /// position after the `V` vectors, its `R` outputs held in the lanes of one more vector:
@@ -372,7 +525,7 @@ impl Tile {
             };
             let zero = L::splat(0.0);
             for ci in 0..self.cin {
-                let xp = self.x.add(ci * self.hw);
+                let xp = self.x.add(ci * self.xs);
                 let mut xv = [zero; V];
                 for (v, x) in xv.iter_mut().enumerate() {
                     *x = if TAIL && v == V - 1 {
@@ -397,28 +550,21 @@ impl Tile {
                 }
             }
             let (lo, hi) = (L::splat(self.lo), L::splat(self.hi));
-            for (r, row) in acc.iter().enumerate().take(self.rows) {
-                let out = self.out.add(r * self.hw);
-                let res = self.res;
-                for (v, a) in row.iter().enumerate() {
-                    let tail = TAIL && v == V - 1;
-                    let mut y = if CLIP { a.clamp(lo, hi) } else { *a };
-                    if !res.is_null() {
-                        let rp = res.add(r * self.hw + v * n);
-                        let rv = if tail {
-                            L::load_tail(rp, last)
-                        } else {
-                            L::load(rp)
-                        };
-                        y = L::add(y, rv);
+            // Row by row with every index a constant: written as a loop (`take(rows)`, or
+            // `R` rounds), the compiler did not always unroll it, so the accumulators had to
+            // live in memory and were stored there on every input channel (12-row tiles at
+            // half speed).
+            macro_rules! store_rows {
+                ($($r:literal)*) => {$(
+                    if let Some(row) = acc.get($r) {
+                        if $r < self.rows {
+                            self.store_row::<L, V, TAIL, CLIP>($r, row, lo, hi, last);
+                        }
                     }
-                    if tail {
-                        y.store_tail(out.add(v * n), last);
-                    } else {
-                        y.store(out.add(v * n));
-                    }
-                }
+                )*};
             }
+            const { assert!(R <= 12, "store_rows names rows 0 to 11") };
+            store_rows!(0 1 2 3 4 5 6 7 8 9 10 11);
             if EXTRA {
                 // Clamped as the vectors are, then the residual added and stored per row.
                 let y = if CLIP { extra.clamp(lo, hi) } else { extra };
@@ -457,6 +603,41 @@ impl Tile {
                         let p = out.add(V * n);
                         *p = (*p).max(plo).min(phi);
                     }
+                }
+            }
+        }
+    }
+
+    /// Stores row `r` of a tile: clamped to `[lo, hi]` with `CLIP`, plus the residual's row
+    /// if there is one; with `TAIL` the last vector's first `last` lanes only.
+    #[inline(always)]
+    unsafe fn store_row<L: Lanes, const V: usize, const TAIL: bool, const CLIP: bool>(
+        &self,
+        r: usize,
+        row: &[L; V],
+        lo: L,
+        hi: L,
+        last: usize,
+    ) {
+        let n = L::N;
+        unsafe {
+            let out = self.out.add(r * self.hw);
+            for (v, a) in row.iter().enumerate() {
+                let tail = TAIL && v == V - 1;
+                let mut y = if CLIP { a.clamp(lo, hi) } else { *a };
+                if !self.res.is_null() {
+                    let rp = self.res.add(r * self.hw + v * n);
+                    let rv = if tail {
+                        L::load_tail(rp, last)
+                    } else {
+                        L::load(rp)
+                    };
+                    y = L::add(y, rv);
+                }
+                if tail {
+                    y.store_tail(out.add(v * n), last);
+                } else {
+                    y.store(out.add(v * n));
                 }
             }
         }
@@ -695,6 +876,63 @@ mod tests {
                 g.run(&x, &mut got);
                 for (o, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert!((a - b).abs() <= 1e-4, "{isa:?} {n}x{k} at {o}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// Threads take runs of tiles that start and end anywhere: each run, taken block of
+    /// positions by block of positions (copied into a panel where enough blocks of channels
+    /// share it) or in its numbering order, computes its tiles once and no others.
+    #[test]
+    fn every_cut_of_the_tiles_computes_each_once() {
+        let mut seed = 23;
+        // (batch, cin, cout, hw): channel-major with panels (cout ≥ 64), position-major with
+        // panels (4 or more blocks of channels), without (fewer blocks; a map too wide), and
+        // 12-row tiles on small maps, each with a part-filled last block of positions.
+        let cases = [
+            (2, 20, 70, 200),
+            (1, 33, 30, 196),
+            (2, 7, 12, 100),
+            (1, 5, 64, 3200),
+            (2, 24, 50, 49),
+        ];
+        for (batch, cin, cout, hw) in cases {
+            let s = Shape {
+                batch,
+                cin,
+                cout,
+                hw,
+            };
+            let input = random(&mut seed, batch * cin * hw);
+            let weights = random(&mut seed, cout * cin);
+            let bias = random(&mut seed, cout);
+            let want = naive(&s, &input, &weights, &bias, -0.5, 0.75, None, None);
+            for isa in Isa::available() {
+                let (packed, padded) = pack(&weights, &bias, cin, cout, s.rows(isa));
+                let p = Pointwise {
+                    shape: s,
+                    weights: &packed,
+                    bias: &padded,
+                    lo: -0.5,
+                    hi: 0.75,
+                    post: None,
+                    isa,
+                };
+                let tiles = s.tiles(isa);
+                for parts in [1, 2, 3, 7] {
+                    let mut got = vec![f32::NAN; want.len()];
+                    for part in 0..parts {
+                        let range = part * tiles / parts..(part + 1) * tiles / parts;
+                        // SAFETY: lengths as the kernel asks; the runs do not overlap.
+                        unsafe { p.run_tiles(input.as_ptr(), None, got.as_mut_ptr(), range) };
+                    }
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5,
+                            "{isa:?} {s:?} in {parts} parts, at {i}: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }

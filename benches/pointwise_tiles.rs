@@ -1,0 +1,90 @@
+//! graft's float 1×1 convolution kernel (`pointwise::kernel`, what fp32 and w8 run) on
+//! EfficientNet-Lite0's 19 1×1 shapes, one thread, in GMAC/s: once with the input's first
+//! row on a cache line, once 16 bytes off (a tensor's rows of 14×14 or 7×7 positions start
+//! anywhere in a line, whatever the first does), for every vectorised instruction set this
+//! CPU has. With `CIN COUT HW` it times that one shape 20 times (for `perf record`).
+//!
+//! ```sh
+//! cargo bench --bench pointwise_tiles
+//! cargo bench --bench pointwise_tiles -- 672 112 196
+//! ```
+
+mod common;
+
+use common::median;
+use graft::backbone::depthwise::Isa;
+use graft::backbone::pointwise::kernel::{pack, Pointwise, Shape};
+use graft::backbone::pointwise::LITE0_SHAPES;
+
+/// GMAC/s of one convolution over an input `off` floats past a 64-byte boundary.
+fn gmacs(shape: Shape, isa: Isa, off: usize) -> f64 {
+    let Shape { cin, cout, hw, .. } = shape;
+    let buffer: Vec<f32> = (0..cin * hw + 32)
+        .map(|i| ((i * 104729) % 256) as f32 * 0.01)
+        .collect();
+    let at = (64 - buffer.as_ptr() as usize % 64) % 64 / 4 + off;
+    let x = &buffer[at..at + cin * hw];
+    let w: Vec<f32> = (0..cin * cout)
+        .map(|i| ((i * 7919) % 255) as f32 * 0.001)
+        .collect();
+    let (pw, pb) = pack(&w, &vec![0.1; cout], cin, cout, shape.rows(isa));
+    let p = Pointwise {
+        shape,
+        weights: &pw,
+        bias: &pb,
+        lo: 0.0,
+        hi: 6.0,
+        post: None,
+        isa,
+    };
+    let mut out = vec![0f32; cout * hw];
+    let t = median(|| p.run(x, None, &mut out));
+    shape.macs() as f64 / t / 1e9
+}
+
+fn main() {
+    let isas: Vec<Isa> = Isa::available()
+        .into_iter()
+        .filter(|i| *i != Isa::Scalar)
+        .collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    if let ([cin, cout, hw], Some(&isa)) = (args.as_slice(), isas.last()) {
+        let shape = Shape {
+            batch: 1,
+            cin: *cin,
+            cout: *cout,
+            hw: *hw,
+        };
+        for _ in 0..20 {
+            println!("{} {:.1} GMAC/s", isa.name(), gmacs(shape, isa, 0));
+        }
+        return;
+    }
+    print!("GMAC/s, one thread, input aligned / 16 bytes off:");
+    for isa in &isas {
+        print!(" {}", isa.name());
+    }
+    println!();
+    let mut totals = vec![0.0; isas.len()];
+    for &(cin, cout, side, _) in LITE0_SHAPES.iter() {
+        let shape = Shape {
+            batch: 1,
+            cin,
+            cout,
+            hw: side * side,
+        };
+        print!("{cin:>5} -> {cout:>5} {side:>3}x{side:<3}");
+        for (k, &isa) in isas.iter().enumerate() {
+            let (a, b) = (gmacs(shape, isa, 0), gmacs(shape, isa, 4));
+            totals[k] += shape.macs() as f64 / a / 1e6;
+            print!("  {} {a:5.1} / {b:5.1}", isa.name());
+        }
+        println!();
+    }
+    for (isa, t) in isas.iter().zip(&totals) {
+        println!("all 19, aligned: {} {t:.3} ms", isa.name());
+    }
+}
