@@ -2,12 +2,14 @@
 //!
 //! In NCHW a 1×1 convolution is `out[co][p] = bias[co] + Σ_ci w[co][ci] · x[ci][p]` over the
 //! `hw` positions `p` of each channel plane, and every input row `x[ci][..]` is already
-//! contiguous. So the kernel vectorises along positions and reads the input where it lies: no
-//! packing pass. A tile is `R` output channels ([`ROWS`], or [`WIDE_ROWS`] on small maps) ×
-//! `V` vectors of positions held in registers; per input channel it loads `V` vectors of that
-//! channel's row, broadcasts the `R` weights once each and issues `R × V` fused multiply-adds.
-//! The weights are packed once, at load, so that a tile reads them as one stream
-//! (`[block][ci][R]`, zero rows past the last channel). Before the store the tile is clamped (the ReLU6 or `w8` range that
+//! contiguous. So the kernel vectorises along positions and, on ARM and on the widest maps,
+//! reads the input where it lies; on x86 a block of positions that four or more blocks of
+//! channels read is first copied into an aligned panel (`pack_panel`). A tile is `R` output
+//! channels ([`ROWS`], or [`WIDE_ROWS`] on small maps) × `V` vectors of positions held in
+//! registers; per input channel it loads `V` vectors of that channel's row, broadcasts the `R`
+//! weights once each and issues `R × V` fused multiply-adds. The weights are packed once, at
+//! load, so that a tile reads them as one stream (`[block][ci][R]`, zero rows past the last
+//! channel). Before the store the tile is clamped (the ReLU6 or `w8` range that
 //! follows the convolution) and, for the convolutions that end a residual block, the block's
 //! input is added: the passes tract would make over memory for both are gone.
 //!
