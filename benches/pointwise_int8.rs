@@ -57,12 +57,7 @@ fn main() {
     println!();
     let (mut total_f, mut total_q) = (vec![0.0; floats.len()], vec![0.0; int8.len()]);
     for &(cin, cout, side, residual) in LITE0_SHAPES.iter() {
-        let shape = Shape {
-            batch: 1,
-            cin,
-            cout,
-            hw: side * side,
-        };
+        let shape = Shape::square(cin, cout, side);
         // An input on a u8 grid (scale 0.05, zero point 128) and s8 weights (scale 0.01).
         let (xs, zp) = (0.05f32, 128u8);
         let x: Vec<f32> = (0..cin * shape.hw)

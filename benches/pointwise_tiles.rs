@@ -70,12 +70,7 @@ fn main() {
     println!();
     let mut totals = vec![0.0; isas.len()];
     for &(cin, cout, side, _) in LITE0_SHAPES.iter() {
-        let shape = Shape {
-            batch: 1,
-            cin,
-            cout,
-            hw: side * side,
-        };
+        let shape = Shape::square(cin, cout, side);
         print!("{cin:>5} -> {cout:>5} {side:>3}x{side:<3}");
         for (k, &isa) in isas.iter().enumerate() {
             let (a, b) = (gmacs(shape, isa, 0), gmacs(shape, isa, 4));

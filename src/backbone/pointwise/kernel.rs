@@ -57,6 +57,16 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// One image's convolution over a `side × side` map.
+    pub fn square(cin: usize, cout: usize, side: usize) -> Shape {
+        Shape {
+            batch: 1,
+            cin,
+            cout,
+            hw: side * side,
+        }
+    }
+
     /// Multiply-adds of one pass.
     pub fn macs(&self) -> usize {
         self.batch * self.cin * self.cout * self.hw
@@ -822,6 +832,26 @@ mod tests {
         crate::backbone::simd::seeded_uniform(seed, n, 1.0)
     }
 
+    /// A shape with seeded random input, `[cout][cin]` weights and biases.
+    fn random_case(
+        seed: &mut u64,
+        batch: usize,
+        cin: usize,
+        cout: usize,
+        hw: usize,
+    ) -> (Shape, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = Shape {
+            batch,
+            cin,
+            cout,
+            hw,
+        };
+        let input = random(seed, batch * cin * hw);
+        let weights = random(seed, cout * cin);
+        let bias = random(seed, cout);
+        (s, input, weights, bias)
+    }
+
     /// Without a clip a NaN input stays NaN, as in tract's plan (a clamp to ±∞ made it −∞).
     #[test]
     fn a_nan_passes_through_when_nothing_clips() {
@@ -883,69 +913,24 @@ mod tests {
         }
     }
 
-    /// Threads take runs of tiles that start and end anywhere: each run, taken block of
-    /// positions by block of positions (copied into a panel where enough blocks of channels
-    /// share it) or in its numbering order, computes its tiles once and no others.
+    /// Each case whole, and cut in runs of tiles that start and end anywhere, as threads take
+    /// them: each run, taken block of positions by block of positions (copied into a panel
+    /// where enough blocks of channels share it) or in its numbering order, computes its tiles
+    /// once and no others.
     #[test]
-    fn every_cut_of_the_tiles_computes_each_once() {
-        let mut seed = 23;
-        // (batch, cin, cout, hw): channel-major with panels (cout ≥ 64), position-major with
-        // panels (4 or more blocks of channels), without (fewer blocks; a map too wide), and
-        // 12-row tiles on small maps, each with a part-filled last block of positions.
+    fn every_isa_matches_the_plain_loops() {
+        let mut seed = 11;
+        // (batch, cin, cout, hw): channel counts around the tiles' 6 and 12 rows, positions
+        // around every vector width and tile size (up to 64 positions AVX-512 runs 12 rows);
+        // then channel-major with panels (cout ≥ 64), position-major with panels (4 or more
+        // blocks of channels), without (fewer blocks; a map too wide), and 12-row tiles, each
+        // with a part-filled last block of positions.
         let cases = [
             (2, 20, 70, 200),
             (1, 33, 30, 196),
             (2, 7, 12, 100),
             (1, 5, 64, 3200),
             (2, 24, 50, 49),
-        ];
-        for (batch, cin, cout, hw) in cases {
-            let s = Shape {
-                batch,
-                cin,
-                cout,
-                hw,
-            };
-            let input = random(&mut seed, batch * cin * hw);
-            let weights = random(&mut seed, cout * cin);
-            let bias = random(&mut seed, cout);
-            let want = naive(&s, &input, &weights, &bias, -0.5, 0.75, None, None);
-            for isa in Isa::available() {
-                let (packed, padded) = pack(&weights, &bias, cin, cout, s.rows(isa));
-                let p = Pointwise {
-                    shape: s,
-                    weights: &packed,
-                    bias: &padded,
-                    lo: -0.5,
-                    hi: 0.75,
-                    post: None,
-                    isa,
-                };
-                let tiles = s.tiles(isa);
-                for parts in [1, 2, 3, 7] {
-                    let mut got = vec![f32::NAN; want.len()];
-                    for part in 0..parts {
-                        let range = part * tiles / parts..(part + 1) * tiles / parts;
-                        // SAFETY: lengths as the kernel asks; the runs do not overlap.
-                        unsafe { p.run_tiles(input.as_ptr(), None, got.as_mut_ptr(), range) };
-                    }
-                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (a - b).abs() <= 1e-5,
-                            "{isa:?} {s:?} in {parts} parts, at {i}: {a} vs {b}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn every_isa_matches_the_plain_loops() {
-        let mut seed = 11;
-        // (batch, cin, cout, hw): channel counts around the tiles' 6 and 12 rows, positions
-        // around every vector width and tile size (up to 64 positions AVX-512 runs 12 rows).
-        let cases = [
             (1, 16, 96, 300),
             (2, 5, 7, 49),
             (1, 40, 25, 49),
@@ -958,15 +943,7 @@ mod tests {
             (2, 40, 11, 15),
         ];
         for (batch, cin, cout, hw) in cases {
-            let s = Shape {
-                batch,
-                cin,
-                cout,
-                hw,
-            };
-            let input = random(&mut seed, batch * cin * hw);
-            let weights = random(&mut seed, cout * cin);
-            let bias = random(&mut seed, cout);
+            let (s, input, weights, bias) = random_case(&mut seed, batch, cin, cout, hw);
             let res = random(&mut seed, batch * cout * hw);
             // The sum's clip cuts into the sums' range (|sum| reaches a few units here).
             let post = [-0.4, 0.3];
@@ -1001,6 +978,28 @@ mod tests {
                     p.run(&input, residual, &mut got);
                     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                         assert!((a - b).abs() <= 1e-5, "{isa:?} {s:?} at {i}: {a} vs {b}");
+                    }
+                    let tiles = s.tiles(isa);
+                    for parts in [2, 3, 7] {
+                        let mut cut = vec![f32::NAN; want.len()];
+                        for part in 0..parts {
+                            let range = part * tiles / parts..(part + 1) * tiles / parts;
+                            // SAFETY: lengths as the kernel asks; the runs do not overlap.
+                            unsafe {
+                                p.run_tiles(
+                                    input.as_ptr(),
+                                    residual.map(|r| r.as_ptr()),
+                                    cut.as_mut_ptr(),
+                                    range,
+                                )
+                            };
+                        }
+                        assert!(
+                            cut.iter()
+                                .zip(&got)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} {s:?} in {parts} parts"
+                        );
                     }
                 }
             }

@@ -844,12 +844,7 @@ pub fn check_against_tract(
     let mut cases: Vec<(Shape, [usize; 2], Tail)> = Vec::new();
     if lite0 {
         for (i, &(cin, cout, side, residual)) in LITE0_SHAPES.iter().enumerate() {
-            let shape = Shape {
-                batch: 1,
-                cin,
-                cout,
-                hw: side * side,
-            };
+            let shape = Shape::square(cin, cout, side);
             let clip = !residual && i % 2 == 1;
             let post = residual && i % 3 != 0;
             cases.push((

@@ -776,12 +776,7 @@ pub fn check_against_tract(
     let mut cases: Vec<(Shape, [usize; 2], bool, bool)> = Vec::new();
     if lite0 {
         for (i, &(cin, cout, side, residual)) in super::pointwise::LITE0_SHAPES.iter().enumerate() {
-            let shape = Shape {
-                batch: 1,
-                cin,
-                cout,
-                hw: side * side,
-            };
+            let shape = Shape::square(cin, cout, side);
             cases.push((shape, [side, side], !residual && i % 2 == 1, residual));
         }
     }
