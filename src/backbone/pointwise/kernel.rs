@@ -3,7 +3,7 @@
 //! In NCHW a 1×1 convolution is `out[co][p] = bias[co] + Σ_ci w[co][ci] · x[ci][p]` over the
 //! `hw` positions `p` of each channel plane, and every input row `x[ci][..]` is already
 //! contiguous. So the kernel vectorises along positions and, on ARM and on the widest maps,
-//! reads the input where it lies; on x86 a block of positions that four or more blocks of
+//! reads the input where it lies; on x86 a block of positions that eight or more blocks of
 //! channels read is first copied into an aligned panel (`pack_panel`). A tile is `R` output
 //! channels ([`ROWS`], or [`WIDE_ROWS`] on small maps) × `V` vectors of positions held in
 //! registers; per input channel it loads `V` vectors of that channel's row, broadcasts the `R`
@@ -411,7 +411,9 @@ const PACK_MIN_LANES: usize = 8;
 const PACK_UP_TO: usize = 56 * 56;
 
 /// The fewest blocks of channels that share a block of positions for the positions to be
-/// copied into a panel first: the copy costs about one tile's reading of the input.
+/// copied into a panel first: the copy costs about one tile's reading of the input. From 4,
+/// Lite0's 28×28 projections (7 blocks) lost 0.01 ms each in one profile; whole frames could
+/// not tell 4 from 8 apart (`docs/performance.md`).
 const PACK_FROM_BLOCKS: usize = 8;
 
 /// 64 bytes, aligned as a cache line.
@@ -922,15 +924,15 @@ mod tests {
         let mut seed = 11;
         // (batch, cin, cout, hw): channel counts around the tiles' 6 and 12 rows, positions
         // around every vector width and tile size (up to 64 positions AVX-512 runs 12 rows);
-        // then channel-major with panels (cout ≥ 64), position-major with panels (4 or more
-        // blocks of channels), without (fewer blocks; a map too wide), and 12-row tiles, each
-        // with a part-filled last block of positions.
+        // then channel-major with panels (cout ≥ 64), position-major with panels (8 or more
+        // blocks of channels), without (fewer blocks; a map too wide), and 12-row tiles with
+        // panels, each with a part-filled last block of positions.
         let cases = [
             (2, 20, 70, 200),
-            (1, 33, 30, 196),
-            (2, 7, 12, 100),
+            (1, 33, 50, 196),
+            (2, 7, 30, 100),
             (1, 5, 64, 3200),
-            (2, 24, 50, 49),
+            (2, 24, 100, 49),
             (1, 16, 96, 300),
             (2, 5, 7, 49),
             (1, 40, 25, 49),
