@@ -2,11 +2,16 @@
 //! EfficientNet-Lite0's 19 1×1 shapes, one thread, in GMAC/s: once with the input's first
 //! row on a cache line, once 16 bytes off (a tensor's rows of 14×14 or 7×7 positions start
 //! anywhere in a line, whatever the first does), for every vectorised instruction set this
-//! CPU has. With `CIN COUT HW` it times that one shape 20 times (for `perf record`).
+//! CPU has. With `CIN COUT HW` it times that one shape 20 times (for `perf record`), on the
+//! widest instruction set or `GRAFT_BENCH_ISA`'s.
+//!
+//! `GRAFT_BENCH_INPUTS=N` takes turns over `N` copies of the input, so that on the wide maps
+//! it comes from beyond L2, as in a frame, where the operator before wrote it and more.
 //!
 //! ```sh
 //! cargo bench --bench pointwise_tiles
 //! cargo bench --bench pointwise_tiles -- 672 112 196
+//! GRAFT_BENCH_ISA=avx2+fma GRAFT_BENCH_INPUTS=8 cargo bench --bench pointwise_tiles -- 144 24 3136
 //! ```
 
 mod common;
@@ -19,11 +24,25 @@ use graft::backbone::pointwise::LITE0_SHAPES;
 /// GMAC/s of one convolution over an input `off` floats past a 64-byte boundary.
 fn gmacs(shape: Shape, isa: Isa, off: usize) -> f64 {
     let Shape { cin, cout, hw, .. } = shape;
-    let buffer: Vec<f32> = (0..cin * hw + 32)
-        .map(|i| ((i * 104729) % 256) as f32 * 0.01)
+    let copies = std::env::var("GRAFT_BENCH_INPUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize)
+        .max(1);
+    let buffers: Vec<Vec<f32>> = (0..copies)
+        .map(|_| {
+            (0..cin * hw + 32)
+                .map(|i| ((i * 104729) % 256) as f32 * 0.01)
+                .collect()
+        })
         .collect();
-    let at = (64 - buffer.as_ptr() as usize % 64) % 64 / 4 + off;
-    let x = &buffer[at..at + cin * hw];
+    let inputs: Vec<&[f32]> = buffers
+        .iter()
+        .map(|b| {
+            let at = (64 - b.as_ptr() as usize % 64) % 64 / 4 + off;
+            &b[at..at + cin * hw]
+        })
+        .collect();
     let w: Vec<f32> = (0..cin * cout)
         .map(|i| ((i * 7919) % 255) as f32 * 0.001)
         .collect();
@@ -38,7 +57,11 @@ fn gmacs(shape: Shape, isa: Isa, off: usize) -> f64 {
         isa,
     };
     let mut out = vec![0f32; cout * hw];
-    let t = median(|| p.run(x, None, &mut out));
+    let mut turn = 0;
+    let t = median(|| {
+        turn += 1;
+        p.run(inputs[turn % copies], None, &mut out)
+    });
     shape.macs() as f64 / t / 1e9
 }
 
@@ -51,7 +74,11 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    if let ([cin, cout, hw], Some(&isa)) = (args.as_slice(), isas.last()) {
+    let chosen = match std::env::var("GRAFT_BENCH_ISA") {
+        Ok(name) => isas.iter().find(|i| i.name() == name),
+        Err(_) => isas.last(),
+    };
+    if let ([cin, cout, hw], Some(&isa)) = (args.as_slice(), chosen) {
         let shape = Shape {
             batch: 1,
             cin: *cin,

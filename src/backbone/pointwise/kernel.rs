@@ -250,6 +250,13 @@ struct Tile {
     post: *const f32,
     hw: usize,
     cin: usize,
+    /// The first input of positions this tile asks for as it goes (null: none): the next block
+    /// of positions of the same image, which its tiles read next, where they read the input
+    /// where it lies. The rows a block reads are `hw` apart, more rows than the hardware's
+    /// prefetcher follows (Lite0's wide maps: 32–144 rows, 12 KB to 50 KB apart), so without
+    /// it every block began with its input's misses. Measured (AVX-512, `w8`, one thread):
+    /// Lite0's three wide-map projections 0.07–0.11, 0.025–0.03 and 0.025 ms faster each.
+    ahead: *const f32,
     /// Valid output channels (≤ the tile's rows).
     rows: usize,
     lo: f32,
@@ -352,13 +359,27 @@ impl Job<'_> {
                 } else {
                     (o / blocks * pblocks + i, o % blocks)
                 };
-                unsafe { self.tile::<L, R, V, CLIP>(g, block, x, xs) };
+                // Without a panel, the first tile of a block of positions asks for the next
+                // block's input ([`Tile::ahead`]; x86 only, as the panels: measured there).
+                let ahead = if L::N >= PACK_MIN_LANES
+                    && by_positions
+                    && x.is_null()
+                    && i == from
+                    && o % pblocks + 1 < pblocks
+                {
+                    let (n, p1) = (o / pblocks, (o % pblocks + 1) * per_tile);
+                    self.input.wrapping_add(n * s.cin * s.hw + p1)
+                } else {
+                    std::ptr::null()
+                };
+                unsafe { self.tile::<L, R, V, CLIP>(g, block, x, xs, ahead) };
             }
         }
     }
 
     /// Tile (`g`: image × blocks of positions + block of positions; `block` of channels),
-    /// reading its input from `x`, channels `xs` floats apart, or (null) from the input.
+    /// reading its input from `x`, channels `xs` floats apart, or (null) from the input;
+    /// asking for the input from `ahead` on (null: nothing) as it goes.
     #[inline(always)]
     unsafe fn tile<L: Lanes, const R: usize, const V: usize, const CLIP: bool>(
         &self,
@@ -366,6 +387,7 @@ impl Job<'_> {
         block: usize,
         x: *const f32,
         xs: usize,
+        ahead: *const f32,
     ) {
         let s = self.p.shape;
         let per_tile = s.tile_positions(self.p.isa);
@@ -391,6 +413,7 @@ impl Job<'_> {
                 post: self.p.post.map_or(std::ptr::null(), |p| p.as_ptr()),
                 hw: s.hw,
                 cin: s.cin,
+                ahead,
                 rows: (s.cout - co0).min(R),
                 lo: self.p.lo,
                 hi: self.p.hi,
@@ -556,6 +579,13 @@ impl Tile {
                 // The weights stream from L3 (a frame's 13 MB do not stay in L2): asked for
                 // 32 input channels ahead, the 7×7 stage's products ran 12% faster.
                 L::prefetch(wp.wrapping_add(PREFETCH_AHEAD * R));
+                if !self.ahead.is_null() {
+                    // Each cache line of this channel's row of the next block, once.
+                    let p = self.ahead.wrapping_add(ci * self.hw);
+                    for v in (0..V * n).step_by(16) {
+                        L::prefetch(p.wrapping_add(v));
+                    }
+                }
                 for (r, row) in acc.iter_mut().enumerate() {
                     let w = L::splat_at(wp.add(r));
                     for (a, x) in row.iter_mut().zip(&xv) {
