@@ -598,20 +598,38 @@ pub(crate) mod arm {
         unsafe fn round_even(self) -> Self {
             Neon(unsafe { vrndnq_f32(self.0) })
         }
+        /// n ≤ 3, lane by lane: written as a loop over a stack array, the compiler made it a
+        /// `memcpy` call, and a tile whose last vector is short then saved and reloaded all
+        /// its accumulators around that call on every input channel (`benches/hot_loops.py`).
         #[inline(always)]
         unsafe fn load_tail(p: *const f32, n: usize) -> Self {
-            let mut lanes = [0f32; 4];
-            for (i, l) in lanes.iter_mut().enumerate().take(n) {
-                *l = unsafe { *p.add(i) };
+            unsafe {
+                let mut v = vdupq_n_f32(0.0);
+                if n > 0 {
+                    v = vld1q_lane_f32::<0>(p, v);
+                }
+                if n > 1 {
+                    v = vld1q_lane_f32::<1>(p.add(1), v);
+                }
+                if n > 2 {
+                    v = vld1q_lane_f32::<2>(p.add(2), v);
+                }
+                Neon(v)
             }
-            Neon(unsafe { vld1q_f32(lanes.as_ptr()) })
         }
+        /// n ≤ 3, lane by lane, as [`Lanes::load_tail`].
         #[inline(always)]
         unsafe fn store_tail(self, p: *mut f32, n: usize) {
-            let mut lanes = [0f32; 4];
-            unsafe { vst1q_f32(lanes.as_mut_ptr(), self.0) };
-            for (i, l) in lanes.iter().enumerate().take(n) {
-                unsafe { *p.add(i) = *l };
+            unsafe {
+                if n > 0 {
+                    vst1q_lane_f32::<0>(p, self.0);
+                }
+                if n > 1 {
+                    vst1q_lane_f32::<1>(p.add(1), self.0);
+                }
+                if n > 2 {
+                    vst1q_lane_f32::<2>(p.add(2), self.0);
+                }
             }
         }
         #[inline(always)]

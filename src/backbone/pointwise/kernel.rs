@@ -508,25 +508,28 @@ impl Tile {
             }
             let vectors = positions.div_ceil(L::N);
             let last = positions - (vectors - 1) * L::N;
+            // At most `V` vectors: the arms for more are left out at compile time (`V > k`),
+            // so no tile wider than the registers hold is ever built (`benches/hot_loops.py`
+            // found 12-row tiles of 3 and 4 vectors, never run, their sums on the stack).
             // One position past whole vectors (a 7×7 map's 49th): a vector of the tile's
             // rows for it, rather than a 16-lane vector holding one.
             if last == 1 && vectors >= 2 && L::N > R {
                 match vectors - 1 {
-                    1 => self.run::<L, R, 1, false, CLIP, true>(L::N),
-                    2 => self.run::<L, R, 2, false, CLIP, true>(L::N),
-                    _ => self.run::<L, R, 3, false, CLIP, true>(L::N),
+                    3 if V > 3 => self.run::<L, R, 3, false, CLIP, true>(L::N),
+                    2 if V > 2 => self.run::<L, R, 2, false, CLIP, true>(L::N),
+                    _ => self.run::<L, R, 1, false, CLIP, true>(L::N),
                 }
                 return;
             }
             match (vectors, last == L::N) {
-                (1, true) => self.run::<L, R, 1, false, CLIP, false>(last),
-                (1, false) => self.run::<L, R, 1, true, CLIP, false>(last),
+                (4, true) if V >= 4 => self.run::<L, R, 4, false, CLIP, false>(last),
+                (4, false) if V >= 4 => self.run::<L, R, 4, true, CLIP, false>(last),
+                (3, true) if V >= 3 => self.run::<L, R, 3, false, CLIP, false>(last),
+                (3, false) if V >= 3 => self.run::<L, R, 3, true, CLIP, false>(last),
                 (2, true) => self.run::<L, R, 2, false, CLIP, false>(last),
                 (2, false) => self.run::<L, R, 2, true, CLIP, false>(last),
-                (3, true) => self.run::<L, R, 3, false, CLIP, false>(last),
-                (3, false) => self.run::<L, R, 3, true, CLIP, false>(last),
-                (_, true) => self.run::<L, R, 4, false, CLIP, false>(last),
-                (_, false) => self.run::<L, R, 4, true, CLIP, false>(last),
+                (_, true) => self.run::<L, R, 1, false, CLIP, false>(last),
+                (_, false) => self.run::<L, R, 1, true, CLIP, false>(last),
             }
         }
     }
