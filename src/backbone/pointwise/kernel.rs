@@ -255,7 +255,8 @@ struct Tile {
     /// where it lies. The rows a block reads are `hw` apart, more rows than the hardware's
     /// prefetcher follows (Lite0's wide maps: 32–144 rows, 12 KB to 50 KB apart), so without
     /// it every block began with its input's misses. Measured (AVX-512, `w8`, one thread):
-    /// Lite0's three wide-map projections 0.07–0.11, 0.025–0.03 and 0.025 ms faster each.
+    /// Lite0's three wide-map projections 0.05–0.11, 0.02–0.04 and 0.01–0.03 ms faster each,
+    /// the frame 1% (`docs/performance.md`).
     ahead: *const f32,
     /// Valid output channels (≤ the tile's rows).
     rows: usize,
