@@ -6,8 +6,9 @@ channels. If the compiler cannot keep them there (it happened: a rolled store lo
 epilogue made it keep all 24 in memory), every multiply-add is followed by a store of its
 register to the stack, and the kernel runs at half speed with the very same results: no test
 of values can see it. This script disassembles a release binary, finds the innermost loops of
-graft's kernels (a backward branch whose body holds no other loop) that do at least
-MIN_FMAS vector multiply-adds, and fails if any of them stores a vector register to the stack.
+graft's kernels (from a backward branch's target to the last branch back to it, holding no
+other loop) that do at least MIN_FMAS vector multiply-adds, and fails if any of them stores a
+vector register to the stack.
 
     python3 benches/hot_loops.py target/release/graft
     python3 benches/hot_loops.py target/aarch64-unknown-linux-gnu/release/graft
@@ -93,18 +94,23 @@ def functions(objdump, kernels, path):
 
 
 def innermost_loops(body):
-    """(start, end) index ranges of loops closed by a backward branch with no loop inside."""
+    """(start, end) index ranges of the innermost loops: each loop runs from its header (the
+    target of a backward branch) to the last branch back to it (a loop may branch back from
+    more than one place: its fast path and the detour around a call), and holds no other."""
     index = {addr: i for i, (addr, _, _) in enumerate(body)}
-    loops = []
+    ends = {}
     for i, (addr, mnemonic, operands) in enumerate(body):
-        if not (mnemonic.startswith("j") or mnemonic.startswith("b")):
+        # x86 `j*`; Arm `b`, `b.ne`, `bne`, `cbz`, `cbnz`, `tbz`, `tbnz` (a call's target lies
+        # outside the function, so it is never taken for a loop).
+        if not mnemonic.startswith(("j", "b", "cb", "tb")):
             continue
         m = BRANCH_TARGET.search(operands)
         if not m:
             continue
         target = int(m.group(1), 16)
         if target < addr and target in index:
-            loops.append((index[target], i))
+            ends[index[target]] = max(ends.get(index[target], i), i)
+    loops = sorted(ends.items())
     return [
         (s, e)
         for (s, e) in loops
