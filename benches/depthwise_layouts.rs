@@ -14,18 +14,11 @@ mod common;
 use common::median;
 use graft::backbone::depthwise::blocked::{self, BlockScratch, Blocked};
 use graft::backbone::depthwise::kernel::{Plane, Scratch};
-use graft::backbone::depthwise::{lite0_geometry, Isa, LITE0_SHAPES};
+use graft::backbone::depthwise::{lite0_geometry, LITE0_SHAPES};
 
 fn main() {
-    let isa = match std::env::var("GRAFT_BENCH_ISA") {
-        Ok(name) => match Isa::available().into_iter().find(|i| i.name() == name) {
-            Some(isa) => isa,
-            None => {
-                eprintln!("depthwise_layouts: this CPU has no {name} kernel");
-                return;
-            }
-        },
-        Err(_) => Isa::detect(),
+    let Some(isa) = common::isa("depthwise_layouts") else {
+        std::process::exit(1);
     };
     let lanes = blocked::block_channels(isa);
     println!(

@@ -74,11 +74,10 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let chosen = match std::env::var("GRAFT_BENCH_ISA") {
-        Ok(name) => isas.iter().find(|i| i.name() == name),
-        Err(_) => isas.last(),
-    };
-    if let ([cin, cout, hw], Some(&isa)) = (args.as_slice(), chosen) {
+    if let [cin, cout, hw] = args.as_slice() {
+        let Some(isa) = common::isa("pointwise_tiles") else {
+            std::process::exit(1);
+        };
         let shape = Shape {
             batch: 1,
             cin: *cin,
