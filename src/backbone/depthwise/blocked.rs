@@ -100,6 +100,10 @@ pub struct BlockScratch {
     slots: Vec<usize>,
     /// Scratch offset of each tap from an output's first input, row-major like the weights.
     offsets: Vec<usize>,
+    /// Scratch offset of each output's first input (the whole block's layout): a table, not
+    /// `q / wo` and `q % wo` per output, whose divisions cost more than the taps of a 3×3
+    /// convolution on a 7×7 map.
+    bases: Vec<usize>,
     /// What `padded` (or the ring: `true`) is laid out for: its zeros (the padding) are
     /// written once per geometry, and each block only overwrites the input's own positions.
     laid_out: Option<(Geometry, usize, bool)>,
@@ -498,6 +502,9 @@ impl Blocked<'_> {
             scratch.offsets = (0..g.kh)
                 .flat_map(|ky| (0..g.kw).map(move |kx| (ky * wp + kx) * lanes))
                 .collect();
+            scratch.bases = (0..g.ho * g.wo)
+                .map(|q| ((q / g.wo) * g.sh * wp + (q % g.wo) * g.sw) * lanes)
+                .collect();
             scratch.laid_out = Some((*g, lanes, false));
         }
         let job = Job {
@@ -513,6 +520,7 @@ impl Blocked<'_> {
             padded: aligned(&mut scratch.padded, trash + lanes),
             slots: &scratch.slots,
             offsets: &scratch.offsets,
+            bases: &scratch.bases,
             tile: aligned(&mut scratch.tile, lanes * lanes),
             output,
         };
@@ -538,6 +546,8 @@ struct Job<'a> {
     padded: &'a mut [f32],
     slots: &'a [usize],
     offsets: &'a [usize],
+    /// Each output's first input in `padded` (`ho × wo` of them).
+    bases: &'a [usize],
     tile: &'a mut [f32],
     output: *mut f32,
 }
@@ -547,7 +557,6 @@ impl Work for Job<'_> {
     unsafe fn run<L: Lanes>(self) {
         let g = self.g;
         let n = L::N;
-        let (_, wp) = g.padded();
         let (in_plane, out_plane) = (g.h * g.w, g.ho * g.wo);
         let (src, pad, slots) = (self.input.as_ptr(), self.padded.as_mut_ptr(), self.slots);
         // 1. Interleave the block's planes into the padded scratch, `N` positions × `N`
@@ -579,7 +588,10 @@ impl Work for Job<'_> {
         }
         // 2. Convolve `N` output positions at a time into the tile, eight (eight accumulator
         // chains) at a time, then 3. transpose the tile into the block's output planes.
-        let base = |q: usize| ((q / g.wo) * g.sh * wp + (q % g.wo) * g.sw) * n;
+        let bases = self.bases;
+        assert_eq!(bases.len(), g.ho * g.wo, "depthwise output offsets");
+        // SAFETY: `q < ho × wo` (below: `q0 + i < q_end ≤ ho × wo`).
+        let base = |q: usize| unsafe { *bases.get_unchecked(q) };
         let (tile, out) = (self.tile.as_mut_ptr(), self.output);
         let k = Taps {
             src: pad,
