@@ -211,6 +211,9 @@ impl ExpandRows {
             for ci in 0..self.cin {
                 let w = L::load(self.weights.add(ci * n));
                 let xp = x.add(ci * plane + c0);
+                if R == 16 {
+                    L::prefetch(xp.wrapping_add(R));
+                }
                 for (j, a) in acc.iter_mut().enumerate() {
                     *a = L::mul_add(L::splat_at(xp.add(j)), w, *a);
                 }
