@@ -138,6 +138,33 @@ pub(crate) trait Lanes: Copy {
     unsafe fn prefetch(_p: *const f32) {}
     /// Copies `n < N` floats (the tail of [`Lanes::copy`]).
     unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize);
+    /// Lane `i` takes lane `idx[i]` of `a`, or for `idx[i] ≥ N` lane `idx[i] − N` of `b`
+    /// (`i < N`). Lane by lane here; AVX-512 overrides it with one `vpermt2ps`.
+    #[inline(always)]
+    unsafe fn permute2(a: Self, b: Self, idx: &[u32; 16]) -> Self {
+        let (mut x, mut y, mut out) = ([0f32; 32], [0f32; 32], [0f32; 32]);
+        unsafe {
+            a.store(x.as_mut_ptr());
+            b.store(y.as_mut_ptr());
+            for (o, &k) in out.iter_mut().zip(idx).take(Self::N) {
+                let k = k as usize;
+                *o = if k < Self::N { x[k] } else { y[k - Self::N] };
+            }
+            Self::load(out.as_ptr())
+        }
+    }
+    /// The four floats at `p` over the lanes: lane `i` is `p[i % 4]`. Lane by lane here;
+    /// AVX-512 overrides it with one broadcast load.
+    #[inline(always)]
+    unsafe fn repeat4(p: *const f32) -> Self {
+        let mut out = [0f32; 32];
+        unsafe {
+            for (i, o) in out.iter_mut().enumerate().take(Self::N) {
+                *o = *p.add(i % 4);
+            }
+            Self::load(out.as_ptr())
+        }
+    }
     /// Copies `n` floats with vector loads and stores, inline (a `memcpy` call costs more than
     /// the copy on the short rows of the last stages).
     #[inline(always)]
@@ -408,6 +435,17 @@ pub(crate) mod x86 {
         unsafe fn copy_tail(src: *const f32, dst: *mut f32, n: usize) {
             let mask: __mmask16 = (1u16 << n) - 1;
             unsafe { _mm512_mask_storeu_ps(dst, mask, _mm512_maskz_loadu_ps(mask, src)) }
+        }
+        #[inline(always)]
+        unsafe fn permute2(a: Self, b: Self, idx: &[u32; 16]) -> Self {
+            unsafe {
+                let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+                F32x16(_mm512_permutex2var_ps(a.0, idx, b.0))
+            }
+        }
+        #[inline(always)]
+        unsafe fn repeat4(p: *const f32) -> Self {
+            F32x16(unsafe { _mm512_broadcast_f32x4(_mm_loadu_ps(p)) })
         }
         /// The classic four rounds: interleave pairs of rows (floats, then float pairs), then
         /// gather 128-bit lanes twice.
