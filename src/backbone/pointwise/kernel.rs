@@ -112,7 +112,7 @@ impl Shape {
     }
 
     /// Whether the map's last block of positions, 4 of them (a 14×14 map's 196 are three
-    /// blocks of 64 and 4), runs four blocks of channels to a tile ([`Job::grouped_tail`]) on
+    /// blocks of 64 and 4), runs four blocks of channels to a tile (`Job::grouped_tail`) on
     /// `isa`: AVX-512 with [`ROWS`]-row tiles. One block's tile of 4 positions holds 6
     /// accumulators of one quarter-filled vector, and each waits on its own last fused
     /// multiply-add, so it took a third of a whole tile's time for a sixteenth of its work: a
@@ -142,7 +142,7 @@ fn vectors_per_tile(isa: Isa, rows: usize) -> usize {
 
 /// `[cout][cin]` weights and `[cout]` biases laid out for tiles of `rows` output channels
 /// ([`Shape::rows`]): `[block][ci][rows]` and `[block][rows]`, zero past the last channel
-/// (and [`PACK_PAD`] zeros after the weights).
+/// (and 16 zeros after the weights, which the grouped tail reads past the last channel).
 pub fn pack(
     weights: &[f32],
     bias: &[f32],
@@ -472,6 +472,8 @@ impl Job<'_> {
             ],
             [2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5],
         ];
+        // Which blocks' weights each vector takes its lanes from (`IDX`'s first and second).
+        const SOURCES: [(usize, usize); 6] = [(0, 0), (0, 1), (1, 1), (2, 2), (2, 3), (3, 3)];
         const ROWS4: usize = TAIL_BLOCKS * ROWS;
         let s = self.p.shape;
         let blocks = s.blocks(self.p.isa);
@@ -507,9 +509,8 @@ impl Job<'_> {
                 }
                 let xv = L::repeat4(x.add(ci * xs));
                 for (k, acc) in acc.iter_mut().enumerate() {
-                    let (first, second) =
-                        (a[k / 3 * 2 + k % 3 / 2], a[k / 3 * 2 + (k % 3 + 1) / 2]);
-                    let wv = L::permute2(first, second, &IDX[k]);
+                    let (first, second) = SOURCES[k];
+                    let wv = L::permute2(a[first], a[second], &IDX[k]);
                     *acc = L::mul_add(xv, wv, *acc);
                 }
             }
