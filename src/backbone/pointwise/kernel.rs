@@ -428,49 +428,17 @@ impl Job<'_> {
         xs: usize,
     ) {
         // Vector k, lane i: row 4k + i / 4 of the group, position i % 4; rows 6b.. are block
-        // b's. `A` picks from the first source, `B + j` lane j of the second.
-        const B: u32 = 16;
+        // b's. An index below 16 picks a lane of the first source, 16 + j lane j of the second.
+        const ROWS_0_3: [u32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
+        const ROWS_4_5_0_1: [u32; 16] = [4, 4, 4, 4, 5, 5, 5, 5, 16, 16, 16, 16, 17, 17, 17, 17];
+        const ROWS_2_5: [u32; 16] = [2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5];
         const IDX: [[u32; 16]; 6] = [
-            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3],
-            [
-                4,
-                4,
-                4,
-                4,
-                5,
-                5,
-                5,
-                5,
-                B,
-                B,
-                B,
-                B,
-                B + 1,
-                B + 1,
-                B + 1,
-                B + 1,
-            ],
-            [2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5],
-            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3],
-            [
-                4,
-                4,
-                4,
-                4,
-                5,
-                5,
-                5,
-                5,
-                B,
-                B,
-                B,
-                B,
-                B + 1,
-                B + 1,
-                B + 1,
-                B + 1,
-            ],
-            [2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5],
+            ROWS_0_3,
+            ROWS_4_5_0_1,
+            ROWS_2_5,
+            ROWS_0_3,
+            ROWS_4_5_0_1,
+            ROWS_2_5,
         ];
         // Which blocks' weights each vector takes its lanes from (`IDX`'s first and second).
         const SOURCES: [(usize, usize); 6] = [(0, 0), (0, 1), (1, 1), (2, 2), (2, 3), (3, 3)];
