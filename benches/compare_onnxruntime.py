@@ -14,7 +14,8 @@ onnxruntime runs the file with the features as its only output, so it prunes the
 Each row is measured in `--rounds` rounds, graft and onnxruntime alternating within a round
 (graft bench runs `--runs` passes, then onnxruntime as many), and reports the median of the
 rounds: on a shared VM a neighbour's burst then hits both sides instead of one. `--kernels`
-also runs graft with `--cpu-kernels tract` (tract's plan unchanged) for the A/B.
+also runs graft with `--cpu-kernels tract` (tract's plan unchanged) for the A/B, or `vector`
+(graft's 1×1s on the vector units where the CPU has a matrix unit, AMX).
 
 Needs numpy, pillow, onnx, onnxruntime (models/export/requirements.txt).
 """

@@ -154,16 +154,30 @@ pub fn run(g: &Global, a: DoctorArgs) -> anyhow::Result<()> {
             status: Status::Ok,
             detail: "tract's for every operator (--cpu-kernels tract)".into(),
         },
-        graft::CpuKernels::Graft | graft::CpuKernels::Unfused | graft::CpuKernels::Depthwise => match graft::backbone::check_cpu_kernels() {
+        graft::CpuKernels::Graft
+        | graft::CpuKernels::Unfused
+        | graft::CpuKernels::Vector
+        | graft::CpuKernels::Depthwise => match graft::backbone::check_cpu_kernels() {
             Ok(k) => Check {
                 check: "cpu kernels",
                 status: Status::Ok,
                 detail: format!(
-                    "graft's depthwise (planes and channel-blocked), 1x1 and matrix-vector kernels ({}) and int8 1x1 kernel ({}) match tract's on {} + {} + {} operators (largest difference {:.1e} relative){}",
+                    "graft's depthwise (planes and channel-blocked), 1x1 and matrix-vector kernels ({}){} and int8 1x1 kernel ({}) match tract's on {} + {}{} + {} operators (largest difference {:.1e} relative){}",
                     k.isa,
+                    match k.matrix_unit {
+                        Some(unit) => format!(
+                            ", 1x1 kernel on the matrix unit ({unit}, within {:.1e} relative: 16-bit products)",
+                            k.matrix_max_rel_error
+                        ),
+                        None => String::new(),
+                    },
                     k.int8_isa,
                     k.convolutions,
                     k.pointwise,
+                    match k.matrix {
+                        0 => String::new(),
+                        n => format!(" + {n}"),
+                    },
                     k.int8,
                     k.max_rel_error,
                     if k.isa == "scalar" {

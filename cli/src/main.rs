@@ -66,10 +66,11 @@ pub struct Global {
     pub device: DeviceChoice,
     /// Whose CPU kernels run the convolutions: graft (its own depthwise, stem and 1x1 kernels,
     /// vectorised for this CPU, the wide maps' expand 1x1s run inside the depthwise ones),
-    /// unfused (the same, each operator on its own), depthwise (graft's depthwise alone) or
-    /// tract (tract's plan unchanged); the last three are for A/B comparisons.
+    /// unfused (the same, each operator on its own), depthwise (graft's depthwise alone),
+    /// tract (tract's plan unchanged) or vector (graft's, the 1x1s on the vector units even
+    /// where the CPU has a matrix unit, AMX); the last four are for A/B comparisons.
     #[arg(long, global = true, env = "GRAFT_CPU_KERNELS", default_value_t = CpuKernels::Graft,
-          value_parser = clap::builder::PossibleValuesParser::new(["graft", "unfused", "depthwise", "tract"])
+          value_parser = clap::builder::PossibleValuesParser::new(["graft", "unfused", "depthwise", "tract", "vector"])
               .map(|s| s.parse::<CpuKernels>().unwrap_or_default()))]
     pub cpu_kernels: CpuKernels,
     /// With the GPU: take the adapter whose name contains this text (see `graft info`).

@@ -73,6 +73,14 @@ pub struct KernelCheck {
     /// int8 cases compared: 30 activation quantise/dequantise pairs (exactly), EfficientNet-
     /// Lite0's 19 1×1 shapes and 30 random ones over quantised inputs.
     pub int8: usize,
+    /// The matrix unit the 1×1 convolutions run on where the CPU has one (`amx-bf16`).
+    pub matrix_unit: Option<&'static str>,
+    /// 1×1 convolutions compared on it (as `pointwise`; 0 without one).
+    pub matrix: usize,
+    /// Its largest difference to tract, relative to the largest output value: each product
+    /// of its bfloat16 halves keeps 16 bits (`pointwise::amx`), so this is larger than the
+    /// vector kernels' and is not in `max_rel_error`.
+    pub matrix_max_rel_error: f32,
 }
 
 /// Runs graft's depthwise and 1×1 convolution kernels, on the instruction set this CPU would
@@ -91,6 +99,13 @@ pub fn check_cpu_kernels() -> Result<KernelCheck, BackboneError> {
         depthwise::check_against_tract(isa, 2026, 30, true).map_err(|e| fail("depthwise", e))?;
     let point = pointwise::check_against_tract(isa, 2026, 30, true)
         .map_err(|e| fail("1x1 convolution", e))?;
+    let matrix = pointwise::check_matrix_against_tract(2026, 30, true)
+        .transpose()
+        .map_err(|e| BackboneError::Inference {
+            model: "graft's 1x1 convolution kernel (matrix unit)".into(),
+            reason: error::chain(&e),
+        })?
+        .unwrap_or_default();
     let isa8 = quant::Isa8::vectorised().unwrap_or(quant::Isa8::Scalar);
     let int8 = quant::check_against_tract(isa8, 2026, 30, true).map_err(|e| {
         let e: TractError = e;
@@ -112,6 +127,9 @@ pub fn check_cpu_kernels() -> Result<KernelCheck, BackboneError> {
         max_rel_error: worst,
         int8_isa: isa8.name(),
         int8: int8.len(),
+        matrix_unit: pointwise::matrix_unit(),
+        matrix: matrix.len(),
+        matrix_max_rel_error: matrix.iter().map(|c| c.max_rel_error).fold(0.0, f32::max),
     })
 }
 
@@ -266,6 +284,9 @@ pub enum CpuKernels {
     Depthwise,
     /// tract's plan as tract builds it.
     Tract,
+    /// As `graft`, but the 1×1 convolutions on the vector units even where the CPU has a
+    /// matrix unit (AMX; the A/B of that kernel).
+    Vector,
 }
 
 impl CpuKernels {
@@ -276,6 +297,7 @@ impl CpuKernels {
             CpuKernels::Unfused => "unfused",
             CpuKernels::Depthwise => "depthwise",
             CpuKernels::Tract => "tract",
+            CpuKernels::Vector => "vector",
         }
     }
 }
@@ -288,7 +310,7 @@ impl std::fmt::Display for CpuKernels {
 
 /// A kernel choice that is not one of [`CpuKernels`]'.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a kernel choice (graft, unfused, depthwise or tract)")]
+#[error("{0:?} is not a kernel choice (graft, unfused, depthwise, tract or vector)")]
 pub struct ParseCpuKernelsError(pub String);
 
 impl std::str::FromStr for CpuKernels {
@@ -299,6 +321,7 @@ impl std::str::FromStr for CpuKernels {
             CpuKernels::Unfused,
             CpuKernels::Depthwise,
             CpuKernels::Tract,
+            CpuKernels::Vector,
         ]
         .into_iter()
         .find(|k| k.name().eq_ignore_ascii_case(s))
@@ -776,7 +799,7 @@ impl Backbone {
             (_, d) => {
                 let p = self.substituted.1;
                 format!(
-                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded{}; graft 1x1: {} convolutions{}, {} clips and {} residual adds folded; {}{}{}",
+                    "graft depthwise ({}): {} convolutions and {} dense (stem), {} clips folded{}; graft 1x1: {} convolutions{}{}, {} clips and {} residual adds folded; {}{}{}",
                     depthwise::Isa::detect().name(),
                     d.convolutions,
                     d.dense,
@@ -789,6 +812,10 @@ impl Backbone {
                     match (p.integer, quant::Isa8::vectorised()) {
                         (0, _) | (_, None) => String::new(),
                         (n, Some(i)) => format!(" ({n} in int8, {})", i.name()),
+                    },
+                    match (p.matrix, pointwise::matrix_unit()) {
+                        (0, _) | (_, None) => String::new(),
+                        (n, Some(unit)) => format!(" ({n} on the matrix unit, {unit})"),
                     },
                     p.clips,
                     p.residuals,
@@ -938,7 +965,10 @@ impl Backbone {
         let substituted = match (self.cpu_kernels, depthwise::Isa::vectorised()) {
             (CpuKernels::Tract, _) | (_, None) => Default::default(),
             (kernels, Some(isa)) => {
-                let all = matches!(kernels, CpuKernels::Graft | CpuKernels::Unfused);
+                let all = matches!(
+                    kernels,
+                    CpuKernels::Graft | CpuKernels::Unfused | CpuKernels::Vector
+                );
                 let (pairs, pools) = if all && !m.graph.half {
                     quant::fold_constants(&mut typed).map_err(load)?;
                     quant::integer_powers(&mut typed).map_err(load)?;
@@ -972,17 +1002,27 @@ impl Backbone {
                 };
                 // Then the wide maps' expand 1×1s and the stem into the depthwise convolutions
                 // they feed.
-                let expands = if m.graph.half || kernels != CpuKernels::Graft {
-                    0
-                } else {
-                    depthwise::fuse_expand(&mut typed).map_err(load)?
-                };
+                let expands =
+                    if m.graph.half || !matches!(kernels, CpuKernels::Graft | CpuKernels::Vector) {
+                        0
+                    } else {
+                        depthwise::fuse_expand(&mut typed).map_err(load)?
+                    };
                 // And a clip of the image into the stem that reads it.
                 let input_clips = if m.graph.half {
                     0
                 } else {
                     depthwise::fuse_input_clip(&mut typed).map_err(load)?
                 };
+                // Then what is left of the 1×1s onto the CPU's matrix unit, if it has one.
+                let matrix = if m.graph.half
+                    || !matches!(kernels, CpuKernels::Graft | CpuKernels::Unfused)
+                {
+                    0
+                } else {
+                    pointwise::use_matrix_unit(&mut typed).map_err(load)?
+                };
+                let p = pointwise::Substituted { matrix, ..p };
                 let d = depthwise::Substituted {
                     clips: d.clips + input_clips,
                     ..d

@@ -781,6 +781,25 @@ fn substitute_with(
     Ok(done)
 }
 
+/// Whether `outlet`'s only reader is a channel-blocked depthwise convolution that runs row by
+/// row, with nothing folded into it yet: where [`fuse_expand`] folds the 1×1 convolution
+/// writing it.
+pub(crate) fn reads_rows(model: &TypedModel, outlet: OutletId) -> bool {
+    let readers = model.outlet_successors(outlet);
+    let [reader] = readers else {
+        return false;
+    };
+    model.nodes[reader.node]
+        .op_as::<GraftDepthwise>()
+        .is_some_and(|d| {
+            d.blocked.is_some()
+                && d.dense.is_none()
+                && d.expand.is_none()
+                && d.stem.is_none()
+                && blocked::by_rows(&d.geo, blocked::block_channels(d.isa))
+        })
+}
+
 /// Speaks tract's types: for the backbone, not graft's API.
 #[doc(hidden)]
 /// Folds each graft 1×1 convolution without a residual, and the stem, whose only reader is a

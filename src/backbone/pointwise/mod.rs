@@ -13,6 +13,8 @@
 //! products over threads (a second thread gained them 0–20%), and graft's tiles split. [`check_against_tract`] runs tract's plan and
 //! ours on the same random convolutions: the tests call it, and so does `graft doctor`.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod kernel;
 
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use tract_onnx::tract_core::ops::math::Add;
 
 use super::depthwise::{clip_after, then_clip};
 use super::quant::{FloatPointwise, GraftPointwiseQ8, Isa8};
-use super::simd::{par_parts, same_bits, seeded_uniform, Isa, SharedOut, SharedPtr};
+use super::simd::{par_parts, same_bits, seeded_uniform, threads, Isa, SharedOut, SharedPtr};
 pub use kernel::Shape;
 
 /// The smallest map (`h × w`) whose 1×1 convolutions graft's kernel takes over: every map.
@@ -55,7 +57,18 @@ pub struct GraftPointwise {
     /// would otherwise run as a pass of its own on one thread.
     post: Option<[f32; 2]>,
     isa: Isa,
+    /// Packed for the CPU's matrix unit ([`use_matrix_unit`]), which then runs it instead of
+    /// the vector kernel (`weights` and `bias` are then empty).
+    matrix: Option<Arc<MatrixWeights>>,
 }
+
+/// The weights of the matrix unit's kernel: AMX's ([`amx::Weights`]) on x86-64; no other
+/// architecture has one graft uses.
+#[cfg(target_arch = "x86_64")]
+type MatrixWeights = amx::Weights;
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Debug)]
+enum MatrixWeights {}
 
 /// A graft 1×1 convolution as plain numbers, for [`super::depthwise::fuse_expand`].
 #[derive(Debug, Clone)]
@@ -75,7 +88,7 @@ pub(crate) struct PointwiseParts {
 impl GraftPointwise {
     /// This convolution's weights, bias and clip, unpacked (`None` if it adds a residual).
     pub(crate) fn parts(&self) -> Option<PointwiseParts> {
-        if self.residual {
+        if self.residual || self.matrix.is_some() {
             return None;
         }
         let s = self.shape;
@@ -104,6 +117,11 @@ impl PartialEq for GraftPointwise {
         self.shape == other.shape
             && self.hw == other.hw
             && self.isa == other.isa
+            && match (&self.matrix, &other.matrix) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
             && self.residual == other.residual
             && self.post.map(|p| p.map(f32::to_bits)) == other.post.map(|p| p.map(f32::to_bits))
             && self.in_shape == other.in_shape
@@ -137,7 +155,11 @@ impl Op for GraftPointwise {
                 Some([lo, hi]) => format!(", clip [{lo}, {hi}]"),
                 None => String::new(),
             },
-            self.isa.name()
+            if self.matrix.is_some() {
+                MATRIX_UNIT
+            } else {
+                self.isa.name()
+            }
         )])
     }
 
@@ -158,6 +180,30 @@ impl EvalOp for GraftPointwise {
         // SAFETY: every value is written below: the tiles cover every (image, channel,
         // position) once.
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(weights) = &self.matrix {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = SharedOut(view.as_slice_mut::<f32>()?.as_mut_ptr());
+            let m = amx::Matrix {
+                weights,
+                batch: s.batch,
+                hw: s.hw,
+                lo: self.lo,
+                hi: self.hi,
+                post: self.post.as_ref(),
+                threads: threads(),
+            };
+            let input = SharedPtr(input.as_ptr());
+            let residual = residual.map(SharedPtr);
+            // Each thread takes an equal run of consecutive items (`amx::Matrix::items`).
+            par_parts(m.items(), s.macs(), |items| {
+                let (out, input) = (out, input);
+                // SAFETY: lengths were checked above; these items are this thread's alone.
+                unsafe { m.run_items(input.0, residual.map(|r| r.0), out.0, items) };
+            });
+            drop(view);
+            return Ok(tvec!(output.into_tvalue()));
+        }
         {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = SharedOut(view.as_slice_mut::<f32>()?.as_mut_ptr());
@@ -484,6 +530,8 @@ pub struct Substituted {
     pub convolutions: usize,
     /// Of those, the ones run in integers ([`super::quant::GraftPointwiseQ8`]).
     pub integer: usize,
+    /// Of those, the ones run on the CPU's matrix unit ([`use_matrix_unit`]).
+    pub matrix: usize,
     /// Activation `QuantizeLinear → DequantizeLinear` pairs run as one pass
     /// ([`super::quant::GraftFakeQuant`]; QDQ graphs only).
     pub fake_quant_pairs: usize,
@@ -596,6 +644,75 @@ pub fn substitute_with(
         model.compact()?;
     }
     Ok(done)
+}
+
+/// How `info` names the matrix unit's kernel.
+const MATRIX_UNIT: &str = "amx-bf16";
+
+/// The fewest output channels a 1×1 convolution has for the matrix unit to run it. Its
+/// tiles hold 32 output channels and it splits each input into two bfloat16 halves first: on
+/// Lite0's 56×56 projections to 24 channels it ran 0.01–0.03 ms slower than the vector kernel
+/// (AMX, one thread, `docs/performance.md`); from 40 channels on it ran faster.
+const MATRIX_FROM_COUT: usize = 32;
+
+/// Whether this CPU has a matrix unit graft's 1×1 kernel runs on: AMX-BF16 (x86-64, Linux).
+pub fn matrix_unit() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        return Some(MATRIX_UNIT);
+    }
+    None
+}
+
+/// Speaks tract's types: for the backbone, not graft's API.
+#[doc(hidden)]
+/// Moves every [`GraftPointwise`] of `model` onto the CPU's matrix unit ([`matrix_unit`]),
+/// but those of fewer than [`MATRIX_FROM_COUT`] output channels and those that feed a
+/// depthwise convolution run row by row with nothing folded in yet: those are the expands
+/// [`super::depthwise::fuse_expand`] runs inside it, whose numbers must not depend on whether
+/// they are fused (`--cpu-kernels unfused`). Returns how many moved (0 without a unit).
+pub fn use_matrix_unit(model: &mut TypedModel) -> TractResult<usize> {
+    move_to_matrix(model, MATRIX_FROM_COUT)
+}
+
+/// [`use_matrix_unit`] for 1×1 convolutions of at least `from_cout` output channels.
+fn move_to_matrix(model: &mut TypedModel, from_cout: usize) -> TractResult<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        let mut moved = 0;
+        for id in 0..model.nodes.len() {
+            let Some(op) = model.nodes[id].op_as::<GraftPointwise>() else {
+                continue;
+            };
+            if op.matrix.is_some()
+                || op.shape.cout < from_cout
+                || super::depthwise::reads_rows(model, OutletId::new(id, 0))
+            {
+                continue;
+            }
+            let s = op.shape;
+            let rows = s.rows(op.isa);
+            let mut weights = vec![0.0; s.cout * s.cin];
+            for co in 0..s.cout {
+                let (b, r) = (co / rows, co % rows);
+                for ci in 0..s.cin {
+                    weights[co * s.cin + ci] = op.weights[(b * s.cin + ci) * rows + r];
+                }
+            }
+            let packed = amx::Weights::pack(&weights, &op.bias[..s.cout], s.cin, s.cout);
+            let op = GraftPointwise {
+                matrix: Some(Arc::new(packed)),
+                weights: Arc::from([]),
+                bias: Arc::from([]),
+                ..op.clone()
+            };
+            model.nodes[id].op = Box::new(op);
+            moved += 1;
+        }
+        return Ok(moved);
+    }
+    let _ = (model, from_cout);
+    Ok(0)
 }
 
 struct Found {
@@ -772,6 +889,7 @@ fn pointwise_at(model: &TypedModel, id: usize, min_positions: usize) -> TractRes
         residual: residual.is_some(),
         post,
         isa: Isa::Scalar,
+        matrix: None,
     };
     Ok(Some(Found {
         op,
@@ -841,6 +959,28 @@ pub fn check_against_tract(
     random: usize,
     lite0: bool,
 ) -> TractResult<Vec<CheckedShape>> {
+    check_with(isa, false, seed, random, lite0)
+}
+
+/// [`check_against_tract`] for the matrix unit's kernel ([`matrix_unit`]), every convolution
+/// on it whatever its channels; `None` where the CPU has no matrix unit.
+pub fn check_matrix_against_tract(
+    seed: u64,
+    random: usize,
+    lite0: bool,
+) -> Option<TractResult<Vec<CheckedShape>>> {
+    matrix_unit()?;
+    Some(check_with(Isa::detect(), true, seed, random, lite0))
+}
+
+fn check_with(
+    isa: Isa,
+    matrix: bool,
+    seed: u64,
+    random: usize,
+    lite0: bool,
+) -> TractResult<Vec<CheckedShape>> {
+    let kernel = if matrix { MATRIX_UNIT } else { isa.name() };
     let mut cases: Vec<(Shape, [usize; 2], Tail)> = Vec::new();
     if lite0 {
         for (i, &(cin, cout, side, residual)) in LITE0_SHAPES.iter().enumerate() {
@@ -928,6 +1068,12 @@ pub fn check_against_tract(
                 && done.residuals == tail.residual as usize,
             "graft's 1x1 convolution did not take {s:?} {tail:?} (substituted {done:?})"
         );
+        if matrix {
+            ensure!(
+                move_to_matrix(&mut ours, 1)? == 1,
+                "the matrix unit's 1x1 convolution did not take {s:?}"
+            );
+        }
         let ours = ours.into_optimized()?.into_runnable()?;
         let got = ours.run(inputs)?;
         let want = want[0].try_as_plain_ram()?;
@@ -949,10 +1095,20 @@ pub fn check_against_tract(
         let mut worst = 0f32;
         for (j, (a, b)) in got.iter().zip(want).enumerate() {
             let rel = (a - b).abs() / scale;
+            // The matrix unit's bfloat16 halves keep 16 bits of each float, so each product
+            // may be off by 2⁻¹⁶ of its size: bounded by the sum of |w·x| of this output.
+            let bound = if matrix {
+                let (p, co, n) = (j % s.hw, j / s.hw % s.cout, j / (s.hw * s.cout));
+                let sum: f32 = (0..s.cin)
+                    .map(|ci| (weights[co * s.cin + ci] * input[(n * s.cin + ci) * s.hw + p]).abs())
+                    .sum();
+                1e-5 + sum * 2f32.powi(-16) / scale
+            } else {
+                1e-5
+            };
             ensure!(
-                rel <= 1e-5,
-                "graft's 1x1 convolution ({}) differs from tract's on {s:?} {tail:?} at output {j}: {a} vs {b}",
-                isa.name()
+                rel <= bound,
+                "graft's 1x1 convolution ({kernel}) differs from tract's on {s:?} {tail:?} at output {j}: {a} vs {b}",
             );
             worst = worst.max(rel);
         }

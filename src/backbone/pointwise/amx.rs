@@ -1,0 +1,721 @@
+//! graft's 1×1 convolution on the AMX tile unit of recent Intel Xeons (x86-64 with AMX-TILE,
+//! AMX-BF16 and AVX-512): `out[co][p] = bias[co] + Σ_ci w[co][ci] · x[ci][p]` as products of
+//! bfloat16 tiles, `TDPBF16PS`, which sums pairs of products into `f32`.
+//!
+//! One `TDPBF16PS` is 16 × 16 × 32 = 8192 multiply-adds: measured on the x86 VM of
+//! `docs/performance.md`, 1277 G a second on one core, against 110 G for AVX-512's `f32` FMA.
+//! A bfloat16 keeps 8 bits of a float's 24, so each input value is split in two, `hi = bf16(v)`
+//! and `lo = bf16(v − hi)` (16 bits together, each rounded to nearest even). Float weights are
+//! split alike and each product is `x_hi·w_hi + x_lo·w_hi + x_hi·w_lo`, three tile products,
+//! the `lo·lo` term (2⁻¹⁸ of the product) left out. `w8`'s weights are integers times a scale
+//! per output channel ([`recover_weights`]): the tiles hold the integers, exact in bfloat16,
+//! each product is `x_hi·q + x_lo·q` and the scale multiplies the sum. So every product is
+//! within about 2⁻¹⁶ of the float one, and the sums are `f32` in another order than the vector
+//! kernel's: outputs differ from it by up to ~1e-4 of the largest (tested against the plain
+//! loops here; `check_matrix_against_tract`, which `graft doctor` runs, bounds each output by
+//! 2⁻¹⁶ of its `Σ|w·x|`). The vector kernel stays the reference everywhere else.
+//!
+//! Layout. A tile is 16 rows of 64 bytes. The weights, packed once at load: per block of 16
+//! output channels, per half (`hi`, `lo`; the integers alone for `w8`), per block of 32 input
+//! channels, the 16 × 32 tile `A[m][k] = w[16b + m][32kb + k]`. The input, packed by the thread
+//! that runs it, per unit of 32 positions: per 16 positions, per half, per block of 32 channels,
+//! the tile of 16 pairs of channels `B[r][2n + j] = x[32kb + 2r + j][p0 + n]`. Four accumulator
+//! tiles (32 output channels × 32 positions), two of weights and two of input are the 8 tile
+//! registers. Rows and positions past the convolution's are zero in the packed operands, and
+//! never stored.
+//!
+//! Rust has no stable AMX intrinsics: the tile instructions are `asm!`, each naming its tile
+//! registers (the compiler allocates none); the packing and the epilogue (bias, clip, residual,
+//! the sum's clip, as the vector kernel's `Tile::run`) use AVX-512.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use crate::backbone::quant::recover_weights;
+
+/// Output channels (rows) and positions (columns) of an accumulator tile.
+const TILE: usize = 16;
+
+/// Input channels per tile product (bfloat16 values in a 64-byte row).
+const K_BLOCK: usize = 32;
+
+/// Positions per unit: two accumulator tiles' columns.
+pub const UNIT: usize = 2 * TILE;
+
+/// Output channels per pass over a unit: two accumulator tiles' rows.
+const PAIR: usize = 2 * TILE;
+
+/// One tile's bytes, aligned as a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Tile([u16; TILE * K_BLOCK]);
+
+const ZERO: Tile = Tile([0; TILE * K_BLOCK]);
+
+/// Whether this CPU and OS run the kernel: AVX-512 (F, BW, BF16), AMX-TILE and AMX-BF16, the tile
+/// state enabled in XCR0, and (Linux) the process granted the tile data by `arch_prctl`.
+/// Asked once.
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+fn detect() -> bool {
+    if !is_x86_feature_detected!("avx512f")
+        || !is_x86_feature_detected!("avx512bw")
+        || !is_x86_feature_detected!("avx512bf16")
+        || !is_x86_feature_detected!("xsave")
+    {
+        return false;
+    }
+    // CPUID leaf 7 exists on every CPU with AVX-512.
+    let leaf7 = __cpuid_count(7, 0);
+    let (bf16, tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
+    if !(bf16 && tile) {
+        return false;
+    }
+    let (lo, _hi): (u32, u32);
+    // SAFETY: XGETBV with ECX = 0 is defined where the OS set CR4.OSXSAVE, which
+    // `is_x86_feature_detected!("xsave")` checks (it reads OSXSAVE too).
+    unsafe {
+        asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") _hi, options(nomem, nostack));
+    }
+    // Bits 17 (XTILECFG) and 18 (XTILEDATA).
+    if (lo >> 17) & 3 != 3 {
+        return false;
+    }
+    request_tile_data()
+}
+
+/// Linux hands the tile data state only to processes that ask for it.
+#[cfg(target_os = "linux")]
+fn request_tile_data() -> bool {
+    const SYS_ARCH_PRCTL: u64 = 158;
+    const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+    const XFEATURE_XTILEDATA: u64 = 18;
+    let ret: i64;
+    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) reads no memory and only
+    // grants this process the feature; the syscall clobbers rcx and r11.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL as i64 => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_data() -> bool {
+    false
+}
+
+/// `v` rounded to the nearest bfloat16 (ties to even), as its 16 bits; a NaN stays a NaN.
+fn bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b | 0x0040_0000) >> 16) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `v` as `hi + lo`, two bfloat16s.
+fn split(v: f32) -> (u16, u16) {
+    let hi = bf16(v);
+    (hi, bf16(v - f32::from_bits(u32::from(hi) << 16)))
+}
+
+/// A convolution's weights and bias packed for the tiles.
+#[derive(Debug)]
+pub struct Weights {
+    tiles: Vec<Tile>,
+    bias: Vec<f32>,
+    /// Per output channel, the scale of its integer weights (`None`: the tiles are halves).
+    scales: Option<Vec<f32>>,
+    cin: usize,
+    cout: usize,
+}
+
+impl std::fmt::Debug for Tile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tile")
+    }
+}
+
+impl Weights {
+    /// `[cout][cin]` weights and `[cout]` biases. Where every output channel's weights are
+    /// an `s8` matrix times a scale (`w8`, [`recover_weights`]), the tiles hold the integers,
+    /// exact in bfloat16, and the scale multiplies the sums: a product of two halves, not
+    /// three, over half the bytes.
+    pub fn pack(weights: &[f32], bias: &[f32], cin: usize, cout: usize) -> Weights {
+        assert_eq!(weights.len(), cin * cout, "1x1 convolution weights");
+        assert_eq!(bias.len(), cout, "1x1 convolution bias");
+        let kblocks = cin.div_ceil(K_BLOCK);
+        let blocks = cout.div_ceil(PAIR) * 2;
+        let recovered = recover_weights(weights, cin, cout);
+        let halves = if recovered.is_some() { 1 } else { 2 };
+        let mut tiles = vec![ZERO; blocks * halves * kblocks];
+        for co in 0..cout {
+            let (b, m) = (co / TILE, co % TILE);
+            for ci in 0..cin {
+                let (kb, k) = (ci / K_BLOCK, ci % K_BLOCK);
+                let (hi, lo) = match &recovered {
+                    Some((q, _)) => (bf16(f32::from(q[co * cin + ci])), 0),
+                    None => split(weights[co * cin + ci]),
+                };
+                tiles[(b * halves) * kblocks + kb].0[m * K_BLOCK + k] = hi;
+                if halves == 2 {
+                    tiles[(b * 2 + 1) * kblocks + kb].0[m * K_BLOCK + k] = lo;
+                }
+            }
+        }
+        let mut padded = bias.to_vec();
+        padded.resize(blocks * TILE, 0.0);
+        let scales = recovered.map(|(_, mut s)| {
+            s.resize(blocks * TILE, 0.0);
+            s
+        });
+        Weights {
+            tiles,
+            bias: padded,
+            scales,
+            cin,
+            cout,
+        }
+    }
+
+    /// Input channels.
+    pub fn cin(&self) -> usize {
+        self.cin
+    }
+
+    /// Output channels.
+    pub fn cout(&self) -> usize {
+        self.cout
+    }
+
+    /// Tiles of weights per block of 16 output channels and block of 32 input channels: the
+    /// `hi` and `lo` halves, or the integers alone.
+    fn halves(&self) -> usize {
+        if self.scales.is_some() {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// One convolution over `batch` images of `hw` positions, ready to run unit by unit.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    /// From [`Weights::pack`].
+    pub weights: &'a Weights,
+    /// Images.
+    pub batch: usize,
+    /// Positions per channel plane.
+    pub hw: usize,
+    /// Outputs are clamped to `[lo, hi]` (±∞: no clip) before the residual is added.
+    pub lo: f32,
+    /// See `lo`.
+    pub hi: f32,
+    /// With a residual, the sum clamped to `[lo, hi]`.
+    pub post: Option<&'a [f32; 2]>,
+    /// Threads that share the items ([`Matrix::items`] depends on it).
+    pub threads: usize,
+}
+
+thread_local! {
+    /// Each thread's packed input of one chunk, kept between convolutions.
+    static PANEL: std::cell::RefCell<Vec<Tile>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The tile configuration: palette 1, all 8 tiles 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+impl Config {
+    const fn full() -> Config {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = TILE as u8;
+            t += 1;
+        }
+        Config(c)
+    }
+}
+
+static CONFIG: Config = Config::full();
+
+impl Matrix<'_> {
+    /// Units of [`UNIT`] positions of one image.
+    fn units(&self) -> usize {
+        self.batch * self.hw.div_ceil(UNIT)
+    }
+
+    /// Units per chunk, and chunks: the units split evenly into as few chunks as the panel
+    /// holds ([`group`]), and where the input outweighs the weights, into at least one per
+    /// thread. Threads share a chunk's pairs of channel blocks, each packing the whole chunk:
+    /// right where each would otherwise stream all the weights (Lite0's 7×7 maps and 14×14
+    /// expands, 2 threads: 1.4–1.9× faster than one), wrong where the packing is most of the
+    /// work (its 14×14 and 28×28 projections ran 1.4–1.7× slower on two threads than on one).
+    fn chunks(&self) -> (usize, usize) {
+        let (units, w) = (self.units(), self.weights);
+        let mut count = units.div_ceil(group(w.cin.div_ceil(K_BLOCK)));
+        if w.cout <= self.hw {
+            count = count.max(units.min(self.threads));
+        }
+        let per = units.div_ceil(count);
+        (per, units.div_ceil(per))
+    }
+
+    /// Items of work, what threads share: each (chunk of units, pair of blocks of 16 output
+    /// channels), pairs inner. A thread packs each chunk it has items of, then runs them: a
+    /// 7×7 map's one chunk is packed by both threads, and each streams half the weights.
+    pub fn items(&self) -> usize {
+        self.chunks().1 * self.weights.cout.div_ceil(PAIR)
+    }
+
+    /// Runs the whole convolution on this thread: `input` is `[batch][cin][hw]`, `residual`
+    /// and `output` `[batch][cout][hw]`.
+    ///
+    /// # Panics
+    /// If a slice has the wrong length, or the CPU has no AMX ([`available`]).
+    pub fn run(&self, input: &[f32], residual: Option<&[f32]>, output: &mut [f32]) {
+        let w = self.weights;
+        assert_eq!(input.len(), self.batch * w.cin * self.hw, "1x1 input");
+        assert_eq!(output.len(), self.batch * w.cout * self.hw, "1x1 output");
+        if let Some(r) = residual {
+            assert_eq!(r.len(), output.len(), "1x1 residual");
+        }
+        // SAFETY: lengths checked above; one caller holds the whole output.
+        unsafe {
+            self.run_items(
+                input.as_ptr(),
+                residual.map(|r| r.as_ptr()),
+                output.as_mut_ptr(),
+                0..self.items(),
+            )
+        }
+    }
+
+    /// Runs items `range` of [`Matrix::items`].
+    ///
+    /// # Safety
+    /// `input` must hold `batch × cin × hw` floats, `output` (and `residual`)
+    /// `batch × cout × hw`; no one else may write these items' outputs meanwhile.
+    ///
+    /// # Panics
+    /// If the CPU has no AMX ([`available`]).
+    pub unsafe fn run_items(
+        &self,
+        input: *const f32,
+        residual: Option<*const f32>,
+        output: *mut f32,
+        range: Range<usize>,
+    ) {
+        assert!(available(), "the AMX 1x1 kernel needs AMX-BF16");
+        assert!(range.end <= self.items(), "1x1 items");
+        let kblocks = self.weights.cin.div_ceil(K_BLOCK);
+        let tiles = self.chunks().0 * 4 * kblocks;
+        PANEL.with_borrow_mut(|panel| {
+            if panel.len() < tiles {
+                panel.resize(tiles, ZERO);
+            }
+            // SAFETY: the caller's contract; AVX-512 (F, BW, BF16) and AMX are there
+            // (`available`).
+            unsafe { self.items_avx512(input, residual, output, range, panel.as_mut_ptr()) }
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn items_avx512(
+        &self,
+        input: *const f32,
+        residual: Option<*const f32>,
+        output: *mut f32,
+        range: Range<usize>,
+        panel: *mut Tile,
+    ) {
+        let w = self.weights;
+        let (cin, cout, hw) = (w.cin, w.cout, self.hw);
+        let kblocks = cin.div_ceil(K_BLOCK);
+        let per_image = hw.div_ceil(UNIT);
+        let pairs = cout.div_ceil(PAIR);
+        let mut sums = Sums([0.0; PAIR * UNIT]);
+        // SAFETY (the whole body): offsets stay inside the buffers (the caller's contract,
+        // the packing's sizes); the CPU runs AVX-512 and AMX.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+            let (halves, per_unit) = (w.halves(), 4 * kblocks);
+            let (per_chunk, _) = self.chunks();
+            let units = self.units();
+            let mut packed = None;
+            for item in range {
+                let (chunk, pair) = (item / pairs, item % pairs);
+                let first = chunk * per_chunk;
+                let chunk_units = first..(first + per_chunk).min(units);
+                if packed != Some(chunk) {
+                    for (i, u) in chunk_units.clone().enumerate() {
+                        let (n, p0) = (u / per_image, u % per_image * UNIT);
+                        let x = input.add(n * cin * hw + p0);
+                        let positions = (hw - p0).min(UNIT);
+                        pack_input(x, hw, cin, positions, panel.add(i * per_unit), kblocks);
+                    }
+                    packed = Some(chunk);
+                }
+                let a = w.tiles.as_ptr().add(pair * 2 * halves * kblocks);
+                for (i, u) in chunk_units.clone().enumerate() {
+                    let (n, p0) = (u / per_image, u % per_image * UNIT);
+                    product(a, halves, panel.add(i * per_unit), kblocks);
+                    asm!(
+                        "tilestored [{c} + {s}], tmm0",
+                        "tilestored [{c1} + {s}], tmm1",
+                        "tilestored [{c2} + {s}], tmm2",
+                        "tilestored [{c3} + {s}], tmm3",
+                        c = in(reg) sums.0.as_mut_ptr(),
+                        c1 = in(reg) sums.0.as_mut_ptr().add(TILE),
+                        c2 = in(reg) sums.0.as_mut_ptr().add(TILE * UNIT),
+                        c3 = in(reg) sums.0.as_mut_ptr().add(TILE * UNIT + TILE),
+                        s = in(reg) UNIT * 4,
+                        options(nostack)
+                    );
+                    let co0 = pair * PAIR;
+                    let at = (n * cout + co0) * hw + p0;
+                    self.store(
+                        &sums,
+                        w.bias.as_ptr().add(co0),
+                        w.scales.as_ref().map(|s| s.as_ptr().add(co0)),
+                        (cout - co0).min(PAIR),
+                        (hw - p0).min(UNIT),
+                        output.add(at),
+                        residual.map(|r| r.add(at)),
+                    );
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// Bias, clip, residual and the sum's clip of `rows × positions` sums, into the output
+    /// rows at `out` (`hw` apart), as the vector kernel's `Tile::run`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(
+        &self,
+        sums: &Sums,
+        bias: *const f32,
+        scales: Option<*const f32>,
+        rows: usize,
+        positions: usize,
+        out: *mut f32,
+        res: Option<*const f32>,
+    ) {
+        let clip = self.lo > f32::NEG_INFINITY || self.hi < f32::INFINITY;
+        let (lo, hi) = (_mm512_set1_ps(self.lo), _mm512_set1_ps(self.hi));
+        let post = self.post.filter(|_| res.is_some()).copied();
+        let (plo, phi) = match post {
+            Some([a, b]) => (_mm512_set1_ps(a), _mm512_set1_ps(b)),
+            None => (lo, hi),
+        };
+        // SAFETY: `rows` rows of `positions` outputs (and residuals) from `out`, `hw` apart.
+        unsafe {
+            for r in 0..rows {
+                let b = _mm512_set1_ps(*bias.add(r));
+                let scale = _mm512_set1_ps(scales.map_or(1.0, |s| *s.add(r)));
+                for half in 0..2 {
+                    let first = half * TILE;
+                    if first >= positions {
+                        break;
+                    }
+                    let mask: __mmask16 = ((1u32 << (positions - first).min(TILE)) - 1) as u16;
+                    let s = _mm512_loadu_ps(sums.0.as_ptr().add(r * UNIT + first));
+                    let mut y = if scales.is_some() {
+                        _mm512_fmadd_ps(s, scale, b)
+                    } else {
+                        _mm512_add_ps(s, b)
+                    };
+                    if clip {
+                        y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+                    }
+                    let at = r * self.hw + first;
+                    if let Some(res) = res {
+                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.add(at)));
+                        if post.is_some() {
+                            y = _mm512_min_ps(_mm512_max_ps(y, plo), phi);
+                        }
+                    }
+                    _mm512_mask_storeu_ps(out.add(at), mask, y);
+                }
+            }
+        }
+    }
+}
+
+/// The most input tiles a thread packs before the weights' pass over them: 512 KB, a
+/// quarter of a core's L2 on the VM measured. Each pass over the units packed reads the
+/// weights once (from L3: a frame's do not stay in L2), so the units of a small map are all
+/// packed first: on a 7×7 map's two units, the weights were read twice.
+const PANEL_TILES: usize = 512;
+
+/// Units packed at a time for `kblocks` blocks of input channels.
+fn group(kblocks: usize) -> usize {
+    (PANEL_TILES / (4 * kblocks)).max(1)
+}
+
+/// The accumulator tiles of one pass, stored: 32 rows of [`UNIT`] sums.
+#[repr(C, align(64))]
+struct Sums([f32; PAIR * UNIT]);
+
+/// Packs `positions ≤ UNIT` positions of `cin` rows `hw` apart from `x` into the panel: per 16
+/// positions `t`, per half `h`, per block of 32 channels, one tile (`panel[(t·2 + h)·kblocks
+/// + kb]`), zero past the positions and channels. Each pair of rows is rounded to bfloat16 by
+/// one `VCVTNE2PS2BF16` (to nearest even, a NaN kept a NaN), the rounded values widened back
+/// to floats for the `lo` halves, and each half's two rows interleaved by one `VPERMW`: 13
+/// operations a pair, where the same rounding in integer operations took 45 and made the
+/// packing most of a small map's time.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_input(
+    x: *const f32,
+    hw: usize,
+    cin: usize,
+    positions: usize,
+    panel: *mut Tile,
+    kblocks: usize,
+) {
+    // Lane 2n of a row takes lane n of the first row (the low 256 bits), 2n + 1 lane n of the
+    // second (the high 256 bits).
+    const INTERLEAVE: [u16; 32] = {
+        let mut idx = [0u16; 32];
+        let mut n = 0;
+        while n < 16 {
+            idx[2 * n] = n as u16;
+            idx[2 * n + 1] = 16 + n as u16;
+            n += 1;
+        }
+        idx
+    };
+    let zero = _mm512_setzero_ps();
+    // SAFETY: rows `ci < cin` of `positions` floats from `x`; the panel holds 4·kblocks tiles.
+    unsafe {
+        let interleave = _mm512_loadu_si512(INTERLEAVE.as_ptr().cast());
+        let widen = |half: __m256i| {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
+        };
+        for t in 0..2 {
+            let first = t * TILE;
+            let valid = positions.saturating_sub(first).min(TILE);
+            let mask: __mmask16 = ((1u32 << valid) - 1) as u16;
+            for kb in 0..kblocks {
+                let hi_tile = (*panel.add(t * 2 * kblocks + kb)).0.as_mut_ptr();
+                let lo_tile = (*panel.add((t * 2 + 1) * kblocks + kb)).0.as_mut_ptr();
+                for r in 0..TILE {
+                    let (ca, cb) = (kb * K_BLOCK + 2 * r, kb * K_BLOCK + 2 * r + 1);
+                    let a = if ca < cin && valid > 0 {
+                        _mm512_maskz_loadu_ps(mask, x.add(ca * hw + first))
+                    } else {
+                        zero
+                    };
+                    let b = if cb < cin && valid > 0 {
+                        _mm512_maskz_loadu_ps(mask, x.add(cb * hw + first))
+                    } else {
+                        zero
+                    };
+                    let hi: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+                    let a_lo = _mm512_sub_ps(a, widen(_mm512_castsi512_si256(hi)));
+                    let b_lo = _mm512_sub_ps(b, widen(_mm512_extracti64x4_epi64::<1>(hi)));
+                    let lo: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b_lo, a_lo));
+                    let hi_row = _mm512_permutexvar_epi16(interleave, hi);
+                    let lo_row = _mm512_permutexvar_epi16(interleave, lo);
+                    _mm512_store_si512(hi_tile.add(r * K_BLOCK).cast(), hi_row);
+                    _mm512_store_si512(lo_tile.add(r * K_BLOCK).cast(), lo_row);
+                }
+            }
+        }
+    }
+}
+
+/// The four accumulator tiles of one pair of weight blocks and one unit: zeroed, then for
+/// each of `(w_hi, x_hi)`, `(w_hi, x_lo)`, `(w_lo, x_hi)` (with integer weights, `halves` 1,
+/// the first two) and each block of 32 input channels, four tile products.
+///
+/// # Safety
+/// `w` must hold the pair's `2·halves·kblocks` weight tiles, `x` the unit's `4·kblocks` input
+/// tiles; the tiles configured by [`CONFIG`].
+#[inline(always)]
+unsafe fn product(w: *const Tile, halves: usize, x: *const Tile, kblocks: usize) {
+    // A tile's rows are 64 bytes apart.
+    const STRIDE: usize = 2 * K_BLOCK;
+    // SAFETY: the caller's contract.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for &(wh, xh) in &[(0, 0), (0, 1), (1, 0)][..halves + 1] {
+            for kb in 0..kblocks {
+                // Weight block 0 and 1 of the pair (`[block][half][kb]`), input positions
+                // 0–15 and 16–31 (`[t][half][kb]`).
+                let a0 = w.add(wh * kblocks + kb);
+                let a1 = w.add((halves + wh) * kblocks + kb);
+                let b0 = x.add(xh * kblocks + kb);
+                let b1 = x.add((2 + xh) * kblocks + kb);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {s}]",
+                    "tileloadd tmm5, [{a1} + {s}]",
+                    "tileloadd tmm6, [{b0} + {s}]",
+                    "tileloadd tmm7, [{b1} + {s}]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a1,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b1,
+                    s = in(reg) STRIDE,
+                    options(nostack, readonly)
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::pointwise::kernel::{naive, Shape};
+
+    fn random(seed: &mut u64, n: usize) -> Vec<f32> {
+        crate::backbone::simd::seeded_uniform(seed, n, 1.0)
+    }
+
+    #[test]
+    fn splits_keep_sixteen_bits() {
+        for v in [1.0f32, -3.25, 0.1, 1e-3, 6.0, 123.456, -0.0] {
+            let (hi, lo) = split(v);
+            let back = f32::from_bits(u32::from(hi) << 16) + f32::from_bits(u32::from(lo) << 16);
+            assert!(
+                (back - v).abs() <= v.abs() * 2f32.powi(-16),
+                "{v} -> {back}"
+            );
+        }
+        assert!(f32::from_bits(u32::from(bf16(f32::NAN)) << 16).is_nan());
+    }
+
+    #[test]
+    fn matches_the_plain_loops() {
+        if !available() {
+            eprintln!("no AMX-BF16 here: nothing to check");
+            return;
+        }
+        let mut seed = 17u64;
+        // (batch, cin, cout, hw): Lite0's shapes' remainders (49, 196 positions; 24, 40
+        // channels), channel counts that are no multiple of 32, a second image.
+        for (batch, cin, cout, hw) in [
+            (1, 1152, 192, 49),
+            (1, 672, 112, 196),
+            (1, 144, 40, 784),
+            (2, 40, 24, 70),
+            (1, 3, 5, 1),
+            (1, 33, 47, 33),
+        ] {
+            let x = random(&mut seed, batch * cin * hw);
+            let b = random(&mut seed, cout);
+            let res = random(&mut seed, batch * cout * hw);
+            // Float weights (two halves each), then `w8`'s: integers times a scale per
+            // output channel, the largest |integer| 127 (the tiles hold the integers).
+            let float = random(&mut seed, cout * cin);
+            let scales = random(&mut seed, cout);
+            let integer: Vec<f32> = float
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let q = if i % cin == 0 {
+                        127.0
+                    } else {
+                        (v * 127.0).round()
+                    };
+                    q * (scales[i / cin].abs() + 0.01) / 100.0
+                })
+                .collect();
+            for (w, halves) in [(&float, 2), (&integer, 1)] {
+                let packed = Weights::pack(w, &b, cin, cout);
+                assert_eq!(packed.halves(), halves, "{cin}->{cout}");
+                for (lo, hi, residual, post) in [
+                    (f32::NEG_INFINITY, f32::INFINITY, false, None),
+                    (0.0, 6.0, false, None),
+                    (-1.0, 1.5, true, Some([-0.5f32, 2.0])),
+                ] {
+                    let m = Matrix {
+                        weights: &packed,
+                        batch,
+                        hw,
+                        lo,
+                        hi,
+                        post: post.as_ref(),
+                        threads: 1,
+                    };
+                    let mut got = vec![f32::NAN; batch * cout * hw];
+                    m.run(&x, residual.then_some(&res[..]), &mut got);
+                    // Chunked for two threads (the input cut by positions where it outweighs
+                    // the weights), as two threads share them: the items in two runs.
+                    let m = Matrix { threads: 2, ..m };
+                    let mut split = vec![f32::NAN; batch * cout * hw];
+                    let cut = m.items() / 2 + 1;
+                    for items in [0..cut.min(m.items()), cut.min(m.items())..m.items()] {
+                        // SAFETY: the lengths are the convolution's; the runs do not overlap.
+                        unsafe {
+                            m.run_items(
+                                x.as_ptr(),
+                                residual.then(|| res.as_ptr()),
+                                split.as_mut_ptr(),
+                                items,
+                            )
+                        };
+                    }
+                    assert!(
+                        crate::backbone::simd::same_bits(&got, &split),
+                        "{cin}->{cout}x{hw}"
+                    );
+                    let shape = Shape {
+                        batch,
+                        cin,
+                        cout,
+                        hw,
+                    };
+                    let want = naive(
+                        &shape,
+                        &x,
+                        w,
+                        &b,
+                        lo,
+                        hi,
+                        residual.then_some(&res[..]),
+                        post,
+                    );
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        // Sums of `cin` products of values in [-1, 1]: the split leaves 2⁻¹⁶ of
+                        // each, the f32 sums their rounding.
+                        let tol = 1e-5 * (cin as f32).sqrt().max(1.0) + 1e-6 * e.abs();
+                        assert!(
+                            (g - e).abs() <= tol,
+                            "{batch}x{cin}->{cout}x{hw} at {i}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
