@@ -344,6 +344,32 @@ fn graft_kernels_match_tracts_plan_on_the_whole_model() {
             "{model}: {}",
             ours.cpu_kernels_line()
         );
+        // On a CPU with a matrix unit (AMX), the float forms' 1×1s of 32 or more output
+        // channels that no depthwise convolution takes in run on it: 26 of Lite0's 32 (not the
+        // three wide-map expands run inside the depthwise ones, nor the three projections to
+        // 16 and 24 channels); `--cpu-kernels vector` keeps them all on the vector kernel, and
+        // the two agree to a cosine of 0.99999.
+        let matrix = backbone::pointwise::matrix_unit().is_some() && vectorised && !int8;
+        assert_eq!(
+            pointwise.matrix,
+            if matrix { 26 } else { 0 },
+            "{model}: {}",
+            ours.cpu_kernels_line()
+        );
+        if matrix {
+            let vector = load(backbone::CpuKernels::Vector);
+            assert_eq!(vector.pointwise_kernels().matrix, 0);
+            assert_eq!(vector.pointwise_kernels().convolutions, 32);
+            for ((name, (ea, _)), (eb, _)) in
+                PHOTOS.iter().zip(outputs(&ours)).zip(outputs(&vector))
+            {
+                let c = cosine(&ea, &eb);
+                assert!(
+                    c >= 0.99999,
+                    "{model} {name}: matrix unit vs vector cosine {c}"
+                );
+            }
+        }
         let unfused = load(backbone::CpuKernels::Unfused);
         assert_eq!(unfused.cpu_kernels().1.expands, 0);
         assert_eq!(

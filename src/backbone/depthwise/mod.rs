@@ -784,6 +784,7 @@ fn substitute_with(
 /// Whether `outlet`'s only reader is a channel-blocked depthwise convolution that runs row by
 /// row, with nothing folded into it yet: where [`fuse_expand`] folds the 1×1 convolution
 /// writing it.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn reads_rows(model: &TypedModel, outlet: OutletId) -> bool {
     let readers = model.outlet_successors(outlet);
     let [reader] = readers else {

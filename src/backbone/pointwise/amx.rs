@@ -391,34 +391,34 @@ impl Matrix<'_> {
                     );
                     let co0 = pair * PAIR;
                     let at = (n * cout + co0) * hw + p0;
-                    self.store(
-                        &sums,
-                        w.bias.as_ptr().add(co0),
-                        w.scales.as_ref().map(|s| s.as_ptr().add(co0)),
-                        (cout - co0).min(PAIR),
-                        (hw - p0).min(UNIT),
-                        output.add(at),
-                        residual.map(|r| r.add(at)),
-                    );
+                    self.store(&sums, co0, p0, output.add(at), residual.map(|r| r.add(at)));
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
         }
     }
 
-    /// Bias, clip, residual and the sum's clip of `rows × positions` sums, into the output
-    /// rows at `out` (`hw` apart), as the vector kernel's `Tile::run`.
+    /// Bias, clip, residual and the sum's clip of the sums of output channels `co0..` and
+    /// positions `p0..` (as many as there are, up to a pass's), into the output rows at `out`
+    /// (`hw` apart), as the vector kernel's `Tile::run`.
     #[target_feature(enable = "avx512f")]
     unsafe fn store(
         &self,
         sums: &Sums,
-        bias: *const f32,
-        scales: Option<*const f32>,
-        rows: usize,
-        positions: usize,
+        co0: usize,
+        p0: usize,
         out: *mut f32,
         res: Option<*const f32>,
     ) {
+        let w = self.weights;
+        let (rows, positions) = ((w.cout - co0).min(PAIR), (self.hw - p0).min(UNIT));
+        // SAFETY: `co0 + rows` channels are inside the padded bias and scales.
+        let (bias, scales) = unsafe {
+            (
+                w.bias.as_ptr().add(co0),
+                w.scales.as_ref().map(|s| s.as_ptr().add(co0)),
+            )
+        };
         let clip = self.lo > f32::NEG_INFINITY || self.hi < f32::INFINITY;
         let (lo, hi) = (_mm512_set1_ps(self.lo), _mm512_set1_ps(self.hi));
         let post = self.post.filter(|_| res.is_some()).copied();
@@ -476,8 +476,8 @@ fn group(kblocks: usize) -> usize {
 struct Sums([f32; PAIR * UNIT]);
 
 /// Packs `positions ≤ UNIT` positions of `cin` rows `hw` apart from `x` into the panel: per 16
-/// positions `t`, per half `h`, per block of 32 channels, one tile (`panel[(t·2 + h)·kblocks
-/// + kb]`), zero past the positions and channels. Each pair of rows is rounded to bfloat16 by
+/// positions `t`, per half `h`, per block `kb` of 32 channels, one tile, number
+/// `(t·2 + h)·kblocks + kb`, zero past the positions and channels. Each pair of rows is rounded to bfloat16 by
 /// one `VCVTNE2PS2BF16` (to nearest even, a NaN kept a NaN), the rounded values widened back
 /// to floats for the `lo` halves, and each half's two rows interleaved by one `VPERMW`: 13
 /// operations a pair, where the same rounding in integer operations took 45 and made the
@@ -679,7 +679,7 @@ mod tests {
                         unsafe {
                             m.run_items(
                                 x.as_ptr(),
-                                residual.then(|| res.as_ptr()),
+                                residual.then_some(res.as_ptr()),
                                 split.as_mut_ptr(),
                                 items,
                             )

@@ -27,7 +27,9 @@ use tract_onnx::tract_core::ops::math::Add;
 
 use super::depthwise::{clip_after, then_clip};
 use super::quant::{FloatPointwise, GraftPointwiseQ8, Isa8};
-use super::simd::{par_parts, same_bits, seeded_uniform, threads, Isa, SharedOut, SharedPtr};
+#[cfg(target_arch = "x86_64")]
+use super::simd::threads;
+use super::simd::{par_parts, same_bits, seeded_uniform, Isa, SharedOut, SharedPtr};
 pub use kernel::Shape;
 
 /// The smallest map (`h × w`) whose 1×1 convolutions graft's kernel takes over: every map.
@@ -182,26 +184,27 @@ impl EvalOp for GraftPointwise {
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
         #[cfg(target_arch = "x86_64")]
         if let Some(weights) = &self.matrix {
-            let mut view = output.try_as_plain_ram_mut()?;
-            let out = SharedOut(view.as_slice_mut::<f32>()?.as_mut_ptr());
-            let m = amx::Matrix {
-                weights,
-                batch: s.batch,
-                hw: s.hw,
-                lo: self.lo,
-                hi: self.hi,
-                post: self.post.as_ref(),
-                threads: threads(),
-            };
-            let input = SharedPtr(input.as_ptr());
-            let residual = residual.map(SharedPtr);
-            // Each thread takes an equal run of consecutive items (`amx::Matrix::items`).
-            par_parts(m.items(), s.macs(), |items| {
-                let (out, input) = (out, input);
-                // SAFETY: lengths were checked above; these items are this thread's alone.
-                unsafe { m.run_items(input.0, residual.map(|r| r.0), out.0, items) };
-            });
-            drop(view);
+            {
+                let mut view = output.try_as_plain_ram_mut()?;
+                let out = SharedOut(view.as_slice_mut::<f32>()?.as_mut_ptr());
+                let m = amx::Matrix {
+                    weights,
+                    batch: s.batch,
+                    hw: s.hw,
+                    lo: self.lo,
+                    hi: self.hi,
+                    post: self.post.as_ref(),
+                    threads: threads(),
+                };
+                let input = SharedPtr(input.as_ptr());
+                let residual = residual.map(SharedPtr);
+                // Each thread takes an equal run of consecutive items (`amx::Matrix::items`).
+                par_parts(m.items(), s.macs(), |items| {
+                    let (out, input) = (out, input);
+                    // SAFETY: lengths were checked above; these items are this thread's alone.
+                    unsafe { m.run_items(input.0, residual.map(|r| r.0), out.0, items) };
+                });
+            }
             return Ok(tvec!(output.into_tvalue()));
         }
         {
