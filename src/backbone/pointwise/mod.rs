@@ -88,12 +88,13 @@ pub(crate) struct PointwiseParts {
 }
 
 impl GraftPointwise {
-    /// This convolution's weights, bias and clip, unpacked (`None` if it adds a residual).
-    pub(crate) fn parts(&self) -> Option<PointwiseParts> {
-        if self.residual || self.matrix.is_some() {
-            return None;
-        }
+    /// The vector kernel's packed weights back as `[cout][cin]` (empty once on the matrix
+    /// unit).
+    fn unpacked_weights(&self) -> Vec<f32> {
         let s = self.shape;
+        if self.matrix.is_some() {
+            return Vec::new();
+        }
         let rows = s.rows(self.isa);
         let mut weights = vec![0.0; s.cout * s.cin];
         for co in 0..s.cout {
@@ -102,6 +103,17 @@ impl GraftPointwise {
                 weights[co * s.cin + ci] = self.weights[(b * s.cin + ci) * rows + r];
             }
         }
+        weights
+    }
+
+    /// This convolution's weights, bias and clip, unpacked (`None` if it adds a residual, or
+    /// runs on the matrix unit).
+    pub(crate) fn parts(&self) -> Option<PointwiseParts> {
+        if self.residual || self.matrix.is_some() {
+            return None;
+        }
+        let s = self.shape;
+        let weights = self.unpacked_weights();
         Some(PointwiseParts {
             shape: s,
             hw: self.hw,
@@ -694,14 +706,7 @@ fn move_to_matrix(model: &mut TypedModel, from_cout: usize) -> TractResult<usize
                 continue;
             }
             let s = op.shape;
-            let rows = s.rows(op.isa);
-            let mut weights = vec![0.0; s.cout * s.cin];
-            for co in 0..s.cout {
-                let (b, r) = (co / rows, co % rows);
-                for ci in 0..s.cin {
-                    weights[co * s.cin + ci] = op.weights[(b * s.cin + ci) * rows + r];
-                }
-            }
+            let weights = op.unpacked_weights();
             let packed = amx::Weights::pack(&weights, &op.bias[..s.cout], s.cin, s.cout);
             let op = GraftPointwise {
                 matrix: Some(Arc::new(packed)),
