@@ -75,7 +75,8 @@ pub struct KernelCheck {
     pub int8: usize,
     /// The matrix unit the 1×1 convolutions run on where the CPU has one (`amx-bf16`).
     pub matrix_unit: Option<&'static str>,
-    /// 1×1 convolutions compared on it (as `pointwise`; 0 without one).
+    /// 1×1 convolutions compared on it: Lite0's 19 shapes and 30 random ones (0 without
+    /// one).
     pub matrix: usize,
     /// Its largest difference to tract, relative to the largest output value: each product
     /// of its bfloat16 halves keeps 16 bits (`pointwise::amx`), so this is larger than the

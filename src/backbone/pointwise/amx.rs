@@ -191,16 +191,6 @@ impl Weights {
         }
     }
 
-    /// Input channels.
-    pub fn cin(&self) -> usize {
-        self.cin
-    }
-
-    /// Output channels.
-    pub fn cout(&self) -> usize {
-        self.cout
-    }
-
     /// Tiles of weights per block of 16 output channels and block of 32 input channels: the
     /// `hi` and `lo` halves, or the integers alone.
     fn halves(&self) -> usize {
