@@ -370,9 +370,42 @@ impl GraftDepthwise {
         let lanes = blocked::block_channels(self.isa);
         let blocks = g.channels.div_ceil(lanes);
         let (in_len, out_len) = (g.h * g.w, g.ho * g.wo);
-        // With an expand a block reads all of its image's `cin` input planes.
-        let cin = self.expand.as_ref().map(|e| e.cin);
-        // Each thread takes an equal, contiguous share of the (image, channel block, output
+        let (input, output) = (SharedPtr(input.as_ptr()), SharedOut(out.as_mut_ptr()));
+        if let Some(cin) = self.expand.as_ref().map(|e| e.cin) {
+            // With an expand, each block reads all of its image's `cin` input planes: the
+            // threads take bands of output rows instead, each of every block, and read only
+            // their band of the input (and its halo), which the 1×1 convolution before wrote
+            // cutting its positions in the same order; the 1×1 convolution after cuts them so
+            // too. (Cut by blocks, each thread read the whole input, half of it from the other
+            // core's cache. Cut in bands, here and in the stem's node, Lite0's w8 on two
+            // threads: the stem's node 0.215 → 0.208 ms, the projections of blocks 1 and 2
+            // 0.063 → 0.053 and 0.091 → 0.081 ms; the frame 2% faster.)
+            let parts = threads().min(g.ho);
+            par_parts(parts, g.macs(), |range| {
+                let (input, output) = (input, output);
+                BLOCK_SCRATCH.with_borrow_mut(|scratch| {
+                    for part in range {
+                        let rows = part * g.ho / parts..(part + 1) * g.ho / parts;
+                        for nb in 0..g.batch * blocks {
+                            let (n, b) = (nb / blocks, nb % blocks);
+                            // SAFETY: the input holds `batch × cin` planes (checked in
+                            // `eval`), the output `batch × channels`; bands never overlap, so
+                            // these rows of this block's output planes are this part's alone.
+                            unsafe {
+                                let x = std::slice::from_raw_parts(
+                                    input.0.add(n * cin * in_len),
+                                    cin * in_len,
+                                );
+                                let at = output.0.add((n * g.channels + b * lanes) * out_len);
+                                op.run_rows(x, b, rows.clone(), at, scratch);
+                            }
+                        }
+                    }
+                });
+            });
+            return Ok(());
+        }
+        // Else each thread takes an equal, contiguous share of the (image, channel block, output
         // row) units: whole blocks, and where the blocks do not split evenly over the threads,
         // the rows of the one block on the boundary (its halo rows interleaved twice). Channel
         // order matches the 1×1 convolution before (each of its threads computes a contiguous
@@ -382,7 +415,6 @@ impl GraftDepthwise {
         // for the 9- and 15-block maps of Lite0, against 1.6–2.2× for the even ones.)
         let units = g.batch * blocks * g.ho;
         let parts = threads().min(units);
-        let (input, output) = (SharedPtr(input.as_ptr()), SharedOut(out.as_mut_ptr()));
         par_parts(parts, g.macs(), |range| {
             let (input, output) = (input, output);
             BLOCK_SCRATCH.with_borrow_mut(|scratch| {
@@ -393,17 +425,13 @@ impl GraftDepthwise {
                         let stop = end.min((nb + 1) * g.ho);
                         let (n, b) = (nb / blocks, nb % blocks);
                         let c0 = n * g.channels + b * lanes;
-                        let (first, planes) = match cin {
-                            Some(cin) => (n * cin, cin),
-                            None => (c0, lanes.min(g.channels - b * lanes)),
-                        };
-                        // SAFETY: the input holds `batch × channels` planes (`batch × cin`
-                        // with an expand; checked in `eval`), the output `batch × channels`;
-                        // units never overlap, so rows `row..` of this block's output planes
-                        // are this part's alone.
+                        let planes = lanes.min(g.channels - b * lanes);
+                        // SAFETY: the input and the output hold `batch × channels` planes
+                        // (checked in `eval`); units never overlap, so rows `row..` of this
+                        // block's output planes are this part's alone.
                         unsafe {
                             let x = std::slice::from_raw_parts(
-                                input.0.add(first * in_len),
+                                input.0.add(c0 * in_len),
                                 planes * in_len,
                             );
                             let rows = row..row + (stop - u);
@@ -417,8 +445,9 @@ impl GraftDepthwise {
         Ok(())
     }
 
-    /// With the stem folded in: per image, the (channel block, output row) units split over
-    /// the threads as [`Self::eval_blocked`] splits them, each ring row computed by the stem
+    /// With the stem folded in: per image, bands of output rows, each of every channel block,
+    /// split over the threads as [`Self::eval_blocked`] splits them with an expand (each
+    /// thread reads its band of the image, not all of it), each ring row computed by the stem
     /// from the image rows it reads, gathered and padded by the thread that reads them, a few
     /// rows at a time (no padded copy of the whole image, written by one thread before the
     /// others start: the stem with the depthwise 0.46 → 0.43 ms on one thread; no change
@@ -439,24 +468,19 @@ impl GraftDepthwise {
             .chunks_exact(in_len)
             .zip(out.chunks_exact_mut(g.channels * out_len))
         {
-            let units = blocks * g.ho;
-            let parts = threads().min(units);
+            let parts = threads().min(g.ho);
             let output = SharedOut(out.as_mut_ptr());
             par_parts(parts, g.macs(), |range| {
                 BLOCK_SCRATCH.with_borrow_mut(|scratch| {
                     for part in range {
-                        let (mut u, end) = (part * units / parts, (part + 1) * units / parts);
-                        while u < end {
-                            let (b, row) = (u / g.ho, u % g.ho);
-                            let stop = end.min((b + 1) * g.ho);
-                            // SAFETY: `out` holds this image's `channels` planes; units never
-                            // overlap, so rows `row..` of block `b`'s planes are this part's.
+                        let rows = part * g.ho / parts..(part + 1) * g.ho / parts;
+                        for b in 0..blocks {
+                            // SAFETY: `out` holds this image's `channels` planes; bands never
+                            // overlap, so these rows of block `b`'s planes are this part's.
                             unsafe {
-                                let rows = row..row + (stop - u);
                                 let at = output.ptr().add(b * lanes * out_len);
-                                op.run_rows(image, b, rows, at, scratch);
+                                op.run_rows(image, b, rows.clone(), at, scratch);
                             }
-                            u = stop;
                         }
                     }
                 });
@@ -1604,13 +1628,28 @@ mod tests {
             let lanes = blocked::block_channels(isa);
             assert_eq!(fused, usize::from(blocked::by_rows(&dw, lanes)), "{isa:?}");
             assert_eq!(fuse_input_clip(&mut ours).unwrap(), 2, "{isa:?}");
-            let got = ours
-                .into_optimized()
-                .unwrap()
-                .into_runnable()
-                .unwrap()
-                .run(input)
-                .unwrap();
+            let plan = ours.into_optimized().unwrap().into_runnable().unwrap();
+            let got = plan.run(input.clone()).unwrap();
+            // Three threads, each a band of rows of every block: the very same numbers.
+            let three = tract_linalg::multithread::multithread_tract_scope(
+                tract_linalg::multithread::Executor::multithread(3),
+                || plan.run(input.clone()).unwrap(),
+            );
+            assert!(
+                crate::backbone::simd::same_bits(
+                    got[0]
+                        .try_as_plain_ram()
+                        .unwrap()
+                        .as_slice::<f32>()
+                        .unwrap(),
+                    three[0]
+                        .try_as_plain_ram()
+                        .unwrap()
+                        .as_slice::<f32>()
+                        .unwrap(),
+                ),
+                "{isa:?}: 3 threads"
+            );
             let (want, got) = (
                 want[0].try_as_plain_ram().unwrap(),
                 got[0].try_as_plain_ram().unwrap(),

@@ -31,6 +31,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use crate::backbone::quant::recover_weights;
@@ -224,6 +225,37 @@ pub struct Matrix<'a> {
 thread_local! {
     /// Each thread's packed input of one chunk, kept between convolutions.
     static PANEL: std::cell::RefCell<Vec<Tile>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's partial sums of [`Matrix::run_share`]: a slot per part, of a
+    /// [`Sums`] per (unit, pair of channel blocks), kept between convolutions.
+    static PARTIALS: std::cell::RefCell<Vec<Sums>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What the threads running one convolution cut by input channels ([`Matrix::run_share`])
+/// share: which parts are claimed and how many summed, where each left its sums, which runs
+/// of the output are claimed and how many written.
+pub struct Reduction {
+    claimed: Vec<AtomicBool>,
+    arrived: AtomicUsize,
+    partials: Vec<AtomicPtr<Sums>>,
+    taken: Vec<AtomicBool>,
+    reduced: AtomicUsize,
+}
+
+impl Reduction {
+    /// For `parts` parts ([`Matrix::k_parts`]).
+    pub fn new(parts: usize) -> Reduction {
+        let flags = || (0..parts).map(|_| AtomicBool::new(false)).collect();
+        Reduction {
+            claimed: flags(),
+            arrived: AtomicUsize::new(0),
+            partials: (0..parts)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
+            taken: flags(),
+            reduced: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// The tile configuration: palette 1, all 8 tiles 16 rows of 64 bytes.
@@ -253,15 +285,17 @@ impl Matrix<'_> {
     }
 
     /// Units per chunk, and chunks: the units split evenly into as few chunks as the panel
-    /// holds ([`group`]), and where the input outweighs the weights, into at least one per
-    /// thread. Threads share a chunk's pairs of channel blocks, each packing the whole chunk:
-    /// right where each would otherwise stream all the weights (Lite0's 7×7 maps and 14×14
-    /// expands, 2 threads: 1.4–1.9× faster than one), wrong where the packing is most of the
-    /// work (its 14×14 and 28×28 projections ran 1.4–1.7× slower on two threads than on one).
+    /// holds ([`group`]), and for a projection (more input channels than output) not cut by
+    /// input channels ([`Matrix::k_parts`]), into at least one per thread. Threads share a
+    /// chunk's pairs of channel blocks, each packing the whole chunk: right where the input
+    /// is small (expansions: each thread streams half the weights and writes one contiguous
+    /// half of the output; the 28×28 expansions, cut by positions, were 8–17% slower on two
+    /// threads), wrong where the packing is most of the work (the 28×28 projection with two
+    /// pairs, 40 channels, would pack its 144 channels twice).
     fn chunks(&self) -> (usize, usize) {
         let (units, w) = (self.units(), self.weights);
         let mut count = units.div_ceil(group(w.cin.div_ceil(K_BLOCK)));
-        if w.cout <= self.hw {
+        if w.cin > w.cout && w.cout <= self.hw {
             count = count.max(units.min(self.threads));
         }
         let per = units.div_ceil(count);
@@ -327,6 +361,218 @@ impl Matrix<'_> {
         })
     }
 
+    /// In how many parts the input channels are cut, a part per thread, each summing its
+    /// channels' products for every output into its own partial sums, which the threads then
+    /// add up, each a contiguous run of output channels ([`Matrix::run_share`]); 1: not cut
+    /// ([`Matrix::run_items`]). Cut where the input has at least three times the channels of
+    /// the partial sums (output channels rounded up to pairs of blocks): Lite0's projections
+    /// but the 28×28 one of 40 channels and the 14×14 one of 80 from 240. Each thread then
+    /// packs and reads only the input channels it wrote itself (the depthwise convolution
+    /// before splits its channels over the threads in the same order) and streams its share
+    /// of the weights, once. (Cut by positions instead, the 14×14 projections' packing read
+    /// half its input from the other core's cache: on two threads they ran no faster than on
+    /// one; cut by input channels, 1.3–1.6× faster. The two left out ran 10–25% slower cut.)
+    pub fn k_parts(&self) -> usize {
+        let w = self.weights;
+        if self.threads > 1 && 3 * w.cout.div_ceil(PAIR) * PAIR <= w.cin {
+            self.threads.min(w.cin.div_ceil(K_BLOCK))
+        } else {
+            1
+        }
+    }
+
+    /// This thread's share of a convolution cut by input channels ([`Matrix::k_parts`]):
+    /// parts of the input channels, each summing its channels' products for every unit and
+    /// pair of channel blocks into this thread's partial sums; then, once every part has its
+    /// sums, runs of the output's pairs of channel blocks (the parts' sums added, then bias,
+    /// clip, residual and the sum's clip). Part and run `first` first (a thread's index: each
+    /// thread then reads the input channels it wrote and writes the output run it will read),
+    /// then any no other thread has claimed. So no thread waits for a part no thread has
+    /// started, however many threads run (one runs them all); a thread that summed a part
+    /// returns only once every run is written, as the others read its sums until then.
+    ///
+    /// # Safety
+    /// As [`Matrix::run_items`]; every thread must share one `shared`; no one else may write
+    /// the output meanwhile.
+    ///
+    /// # Panics
+    /// If the CPU has no AMX ([`available`]).
+    pub unsafe fn run_share(
+        &self,
+        input: *const f32,
+        residual: Option<*const f32>,
+        output: *mut f32,
+        first: usize,
+        shared: &Reduction,
+    ) {
+        assert!(available(), "the AMX 1x1 kernel needs AMX-BF16");
+        let parts = shared.partials.len();
+        let order = || std::iter::once(first % parts).chain(0..parts);
+        let pairs = self.weights.cout.div_ceil(PAIR);
+        let items = self.units() * pairs;
+        let kblocks = self.weights.cin.div_ceil(K_BLOCK);
+        let mut summed = false;
+        for part in order() {
+            if shared.claimed[part].swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let (k0, k1) = (part * kblocks / parts, (part + 1) * kblocks / parts);
+            let tiles = group(k1 - k0).min(self.units()) * 4 * (k1 - k0);
+            let sums = PANEL.with_borrow_mut(|panel| {
+                if panel.len() < tiles {
+                    panel.resize(tiles, ZERO);
+                }
+                PARTIALS.with_borrow_mut(|partials| {
+                    // Room for every part at once, so that a second part summed by this
+                    // thread never moves the first's sums, which other threads may read.
+                    if partials.len() < parts * items {
+                        *partials = (0..parts * items)
+                            .map(|_| Sums([0.0; PAIR * UNIT]))
+                            .collect();
+                    }
+                    let sums = partials[part * items..].as_mut_ptr();
+                    // SAFETY: the caller's contract; AVX-512 (F, BW, BF16) and AMX are there
+                    // (`available`); the slot holds `items` sums.
+                    unsafe { self.part_avx512(input, k0..k1, sums, panel.as_mut_ptr()) };
+                    sums
+                })
+            });
+            shared.partials[part].store(sums, Ordering::Release);
+            shared.arrived.fetch_add(1, Ordering::AcqRel);
+            summed = true;
+        }
+        // Every part is claimed now, each by a thread that sums it without waiting on
+        // anything.
+        while shared.arrived.load(Ordering::Acquire) < parts {
+            std::hint::spin_loop();
+        }
+        let partials: Vec<*const Sums> = shared
+            .partials
+            .iter()
+            .map(|p| p.load(Ordering::Acquire).cast_const())
+            .collect();
+        for run in order() {
+            if shared.taken[run].swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            for n in 0..self.batch {
+                // SAFETY: every part's sums are written (`arrived`), and stay until every run
+                // is (`reduced`); this run is this thread's alone (`taken`); the caller's
+                // contract for the rest.
+                unsafe {
+                    self.reduce_avx512(
+                        n,
+                        run * pairs / parts..(run + 1) * pairs / parts,
+                        &partials,
+                        residual,
+                        output,
+                    )
+                };
+            }
+            shared.reduced.fetch_add(1, Ordering::AcqRel);
+        }
+        if summed {
+            while shared.reduced.load(Ordering::Acquire) < parts {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// The sums of input channel blocks `ks` of every unit and pair of channel blocks, into
+    /// `sums`, a [`Sums`] per (unit, pair), pairs inner.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn part_avx512(
+        &self,
+        input: *const f32,
+        ks: Range<usize>,
+        sums: *mut Sums,
+        panel: *mut Tile,
+    ) {
+        let w = self.weights;
+        let (cin, hw) = (w.cin, self.hw);
+        let kblocks = cin.div_ceil(K_BLOCK);
+        let nk = ks.len();
+        let c0 = ks.start * K_BLOCK;
+        let per_image = hw.div_ceil(UNIT);
+        let pairs = w.cout.div_ceil(PAIR);
+        let (halves, per_unit, units) = (w.halves(), 4 * nk, self.units());
+        // SAFETY (the whole body): offsets stay inside the buffers (the caller's contract,
+        // the packing's sizes); the CPU runs AVX-512 and AMX.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+            let per_chunk = group(nk);
+            let mut first = 0;
+            while first < units {
+                let chunk = first..(first + per_chunk).min(units);
+                for (i, u) in chunk.clone().enumerate() {
+                    let (n, p0) = (u / per_image, u % per_image * UNIT);
+                    let x = input.add((n * cin + c0) * hw + p0);
+                    let positions = (hw - p0).min(UNIT);
+                    let channels = (cin - c0).min(nk * K_BLOCK);
+                    pack_input(x, hw, channels, positions, panel.add(i * per_unit), nk);
+                }
+                for pair in 0..pairs {
+                    let a = w.tiles.as_ptr().add(pair * 2 * halves * kblocks + ks.start);
+                    for (i, u) in chunk.clone().enumerate() {
+                        product(a, kblocks, halves, panel.add(i * per_unit), nk);
+                        let c = sums.add(u * pairs + pair).cast::<f32>();
+                        asm!(
+                            "tilestored [{c} + {s}], tmm0",
+                            "tilestored [{c1} + {s}], tmm1",
+                            "tilestored [{c2} + {s}], tmm2",
+                            "tilestored [{c3} + {s}], tmm3",
+                            c = in(reg) c,
+                            c1 = in(reg) c.add(TILE),
+                            c2 = in(reg) c.add(TILE * UNIT),
+                            c3 = in(reg) c.add(TILE * UNIT + TILE),
+                            s = in(reg) UNIT * 4,
+                            options(nostack)
+                        );
+                    }
+                }
+                first = chunk.end;
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// Pairs `range` of image `n`'s output, unit by unit: the parts' partial sums added, in
+    /// part order, then [`Matrix::store`]d.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce_avx512(
+        &self,
+        n: usize,
+        range: Range<usize>,
+        partials: &[*const Sums],
+        residual: Option<*const f32>,
+        output: *mut f32,
+    ) {
+        let (cout, hw) = (self.weights.cout, self.hw);
+        let pairs = cout.div_ceil(PAIR);
+        let per_image = hw.div_ceil(UNIT);
+        let mut sums = Sums([0.0; PAIR * UNIT]);
+        // SAFETY: each partial holds `units × pairs` sums; the output (and residual) rows of
+        // these pairs are inside `batch × cout × hw` (the caller's contract).
+        unsafe {
+            for (pair, u) in range.flat_map(|p| (0..per_image).map(move |u| (p, u))) {
+                let (unit, p0) = (n * per_image + u, u * UNIT);
+                let co0 = pair * PAIR;
+                let rows = (cout - co0).min(PAIR);
+                for v in (0..rows * UNIT).step_by(TILE) {
+                    let mut acc =
+                        _mm512_load_ps((*partials[0].add(unit * pairs + pair)).0.as_ptr().add(v));
+                    for p in &partials[1..] {
+                        let s = (*p.add(unit * pairs + pair)).0.as_ptr().add(v);
+                        acc = _mm512_add_ps(acc, _mm512_load_ps(s));
+                    }
+                    _mm512_store_ps(sums.0.as_mut_ptr().add(v), acc);
+                }
+                let at = (n * cout + co0) * hw + p0;
+                self.store(&sums, co0, p0, output.add(at), residual.map(|r| r.add(at)));
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn items_avx512(
         &self,
@@ -366,7 +612,7 @@ impl Matrix<'_> {
                 let a = w.tiles.as_ptr().add(pair * 2 * halves * kblocks);
                 for (i, u) in chunk_units.clone().enumerate() {
                     let (n, p0) = (u / per_image, u % per_image * UNIT);
-                    product(a, halves, panel.add(i * per_unit), kblocks);
+                    product(a, kblocks, halves, panel.add(i * per_unit), kblocks);
                     asm!(
                         "tilestored [{c} + {s}], tmm0",
                         "tilestored [{c1} + {s}], tmm1",
@@ -535,13 +781,13 @@ unsafe fn pack_input(
 
 /// The four accumulator tiles of one pair of weight blocks and one unit: zeroed, then for
 /// each of `(w_hi, x_hi)`, `(w_hi, x_lo)`, `(w_lo, x_hi)` (with integer weights, `halves` 1,
-/// the first two) and each block of 32 input channels, four tile products.
+/// the first two) and each of `kblocks` blocks of 32 input channels, four tile products.
 ///
 /// # Safety
-/// `w` must hold the pair's `2·halves·kblocks` weight tiles, `x` the unit's `4·kblocks` input
-/// tiles; the tiles configured by [`CONFIG`].
+/// `w` must hold the pair's `2·halves` runs of weight tiles, `wstride` apart, `kblocks` each;
+/// `x` the unit's `4·kblocks` input tiles; the tiles configured by [`CONFIG`].
 #[inline(always)]
-unsafe fn product(w: *const Tile, halves: usize, x: *const Tile, kblocks: usize) {
+unsafe fn product(w: *const Tile, wstride: usize, halves: usize, x: *const Tile, kblocks: usize) {
     // A tile's rows are 64 bytes apart.
     const STRIDE: usize = 2 * K_BLOCK;
     // SAFETY: the caller's contract.
@@ -557,8 +803,8 @@ unsafe fn product(w: *const Tile, halves: usize, x: *const Tile, kblocks: usize)
             for kb in 0..kblocks {
                 // Weight block 0 and 1 of the pair (`[block][half][kb]`), input positions
                 // 0–15 and 16–31 (`[t][half][kb]`).
-                let a0 = w.add(wh * kblocks + kb);
-                let a1 = w.add((halves + wh) * kblocks + kb);
+                let a0 = w.add(wh * wstride + kb);
+                let a1 = w.add((halves + wh) * wstride + kb);
                 let b0 = x.add(xh * kblocks + kb);
                 let b1 = x.add((2 + xh) * kblocks + kb);
                 asm!(
@@ -586,6 +832,13 @@ unsafe fn product(w: *const Tile, halves: usize, x: *const Tile, kblocks: usize)
 mod tests {
     use super::*;
     use crate::backbone::pointwise::kernel::{naive, Shape};
+
+    /// A pointer the test's threads share.
+    #[derive(Clone, Copy)]
+    struct SendPtr(*const f32);
+    // SAFETY: the parts write disjoint outputs and read what no one writes.
+    unsafe impl Send for SendPtr {}
+    unsafe impl Sync for SendPtr {}
 
     fn random(seed: &mut u64, n: usize) -> Vec<f32> {
         crate::backbone::simd::seeded_uniform(seed, n, 1.0)
@@ -616,6 +869,8 @@ mod tests {
         for (batch, cin, cout, hw) in [
             (1, 1152, 192, 49),
             (1, 672, 112, 196),
+            (2, 240, 40, 100),
+            (1, 100, 20, 37),
             (1, 144, 40, 784),
             (2, 40, 24, 70),
             (1, 3, 5, 1),
@@ -679,6 +934,63 @@ mod tests {
                         crate::backbone::simd::same_bits(&got, &split),
                         "{cin}->{cout}x{hw}"
                     );
+                    // Cut by input channels (`k_parts`), all the shares run on this thread
+                    // (the first claims every part and run), and at once on as many threads:
+                    // the same numbers, which differ from one thread's by the sums' order.
+                    for threads in [2, 3] {
+                        let m = Matrix { threads, ..m };
+                        let parts = m.k_parts();
+                        if 3 * cout.div_ceil(PAIR) * PAIR > cin {
+                            assert_eq!(parts, 1, "{cin}->{cout}");
+                            continue;
+                        }
+                        assert_eq!(parts, threads.min(cin.div_ceil(K_BLOCK)));
+                        let run = |out: &mut Vec<f32>, together: bool| {
+                            let shared = Reduction::new(parts);
+                            let (x, res) = (SendPtr(x.as_ptr()), SendPtr(res.as_ptr()));
+                            let o = SendPtr(out.as_mut_ptr().cast_const());
+                            let part = |p: usize| {
+                                let (x, res, o) = (x, res, o);
+                                // SAFETY: the lengths are the convolution's; every part runs
+                                // once with `shared`.
+                                unsafe {
+                                    m.run_share(
+                                        x.0,
+                                        residual.then_some(res.0),
+                                        o.0.cast_mut(),
+                                        p,
+                                        &shared,
+                                    )
+                                }
+                            };
+                            if together {
+                                std::thread::scope(|s| {
+                                    for p in 1..parts {
+                                        s.spawn(move || part(p));
+                                    }
+                                    part(0);
+                                });
+                            } else {
+                                (0..parts).for_each(part);
+                            }
+                        };
+                        let mut one = vec![f32::NAN; batch * cout * hw];
+                        let mut together = vec![f32::NAN; batch * cout * hw];
+                        run(&mut one, false);
+                        run(&mut together, true);
+                        assert!(
+                            crate::backbone::simd::same_bits(&one, &together),
+                            "{cin}->{cout}x{hw}, {threads} threads"
+                        );
+                        for (i, (a, b)) in one.iter().zip(&got).enumerate() {
+                            // Sums of `cin` products in another order: their roundings.
+                            let tol = 2e-6 * (cin as f32).sqrt() + 1e-6 * b.abs();
+                            assert!(
+                                (a - b).abs() <= tol,
+                                "{cin}->{cout}x{hw} at {i}, {threads} parts: {a} vs {b}"
+                            );
+                        }
+                    }
                     let shape = Shape {
                         batch,
                         cin,

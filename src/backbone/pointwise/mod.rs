@@ -210,6 +210,22 @@ impl EvalOp for GraftPointwise {
                 };
                 let input = SharedPtr(input.as_ptr());
                 let residual = residual.map(SharedPtr);
+                let parts = m.k_parts();
+                if parts > 1 {
+                    // Each thread sums its own input channels, then they add up the output
+                    // between them (`amx::Matrix::run_share`).
+                    let shared = amx::Reduction::new(parts);
+                    par_parts(parts, s.macs(), |range| {
+                        let (out, input) = (out, input);
+                        for first in range {
+                            // SAFETY: lengths were checked above; the threads share `shared`.
+                            unsafe {
+                                m.run_share(input.0, residual.map(|r| r.0), out.0, first, &shared)
+                            };
+                        }
+                    });
+                    return Ok(tvec!(output.into_tvalue()));
+                }
                 // Each thread takes an equal run of consecutive items (`amx::Matrix::items`).
                 par_parts(m.items(), s.macs(), |items| {
                     let (out, input) = (out, input);
