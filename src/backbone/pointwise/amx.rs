@@ -384,8 +384,8 @@ impl Matrix<'_> {
     /// This thread's share of a convolution cut by input channels ([`Matrix::k_parts`]):
     /// parts of the input channels, each summing its channels' products for every unit and
     /// pair of channel blocks into this thread's partial sums; then, once every part has its
-    /// sums, runs of the output's pairs of channel blocks (the parts' sums added, then bias,
-    /// clip, residual and the sum's clip). Part and run `first` first (a thread's index: each
+    /// sums, runs of the output (of its pairs of channel blocks, or where those are too few,
+    /// of its units): the parts' sums added, then bias, clip, residual and the sum's clip. Part and run `first` first (a thread's index: each
     /// thread then reads the input channels it wrote and writes the output run it will read),
     /// then any no other thread has claimed. So no thread waits for a part no thread has
     /// started, however many threads run (one runs them all); a thread that summed a part
@@ -455,20 +455,20 @@ impl Matrix<'_> {
             if shared.taken[run].swap(true, Ordering::AcqRel) {
                 continue;
             }
-            for n in 0..self.batch {
-                // SAFETY: every part's sums are written (`arrived`), and stay until every run
-                // is (`reduced`); this run is this thread's alone (`taken`); the caller's
-                // contract for the rest.
-                unsafe {
-                    self.reduce_avx512(
-                        n,
-                        run * pairs / parts..(run + 1) * pairs / parts,
-                        &partials,
-                        residual,
-                        output,
-                    )
-                };
-            }
+            // Runs of pairs, every unit; with no more pairs than runs, runs of units, every
+            // pair (Lite0's 28×28 projection to 40 channels: cut in pairs, 32 and 8 channels,
+            // it took 0.060 ms on two threads; cut in units, 0.055; its 14×14 ones to 80,
+            // cut in units, 5–8% longer than in pairs).
+            let units = self.units();
+            let (pair_run, unit_run) = if pairs > parts {
+                (run * pairs / parts..(run + 1) * pairs / parts, 0..units)
+            } else {
+                (0..pairs, run * units / parts..(run + 1) * units / parts)
+            };
+            // SAFETY: every part's sums are written (`arrived`), and stay until every run is
+            // (`reduced`); this run is this thread's alone (`taken`); the caller's contract
+            // for the rest.
+            unsafe { self.reduce_avx512(pair_run, unit_run, &partials, residual, output) };
             shared.reduced.fetch_add(1, Ordering::AcqRel);
         }
         if summed {
@@ -536,13 +536,13 @@ impl Matrix<'_> {
         }
     }
 
-    /// Pairs `range` of image `n`'s output, unit by unit: the parts' partial sums added, in
-    /// part order, then [`Matrix::store`]d.
+    /// Pairs `pair_run` of units `unit_run` (of every image's) of the output, pair by pair:
+    /// the parts' partial sums added, in part order, then [`Matrix::store`]d.
     #[target_feature(enable = "avx512f")]
     unsafe fn reduce_avx512(
         &self,
-        n: usize,
-        range: Range<usize>,
+        pair_run: Range<usize>,
+        unit_run: Range<usize>,
         partials: &[*const Sums],
         residual: Option<*const f32>,
         output: *mut f32,
@@ -552,10 +552,10 @@ impl Matrix<'_> {
         let per_image = hw.div_ceil(UNIT);
         let mut sums = Sums([0.0; PAIR * UNIT]);
         // SAFETY: each partial holds `units × pairs` sums; the output (and residual) rows of
-        // these pairs are inside `batch × cout × hw` (the caller's contract).
+        // these pairs and units are inside `batch × cout × hw` (the caller's contract).
         unsafe {
-            for (pair, u) in range.flat_map(|p| (0..per_image).map(move |u| (p, u))) {
-                let (unit, p0) = (n * per_image + u, u * UNIT);
+            for (pair, unit) in pair_run.flat_map(|p| unit_run.clone().map(move |u| (p, u))) {
+                let (n, p0) = (unit / per_image, unit % per_image * UNIT);
                 let co0 = pair * PAIR;
                 let rows = (cout - co0).min(PAIR);
                 for v in (0..rows * UNIT).step_by(TILE) {
