@@ -289,7 +289,7 @@ impl Matrix<'_> {
     /// input channels ([`Matrix::k_parts`]), into at least one per thread. Threads share a
     /// chunk's pairs of channel blocks, each packing the whole chunk: right where the input
     /// is small (expansions: each thread streams half the weights and writes one contiguous
-    /// half of the output; the 28×28 expansions, cut by positions, were 8–17% slower on two
+    /// half of the output; the 28×28 expansions, cut by positions, were 8–21% slower on two
     /// threads), wrong where the packing is most of the work (the 28×28 projection with two
     /// pairs, 40 channels, would pack its 144 channels twice).
     fn chunks(&self) -> (usize, usize) {
@@ -371,7 +371,8 @@ impl Matrix<'_> {
     /// before splits its channels over the threads in the same order) and streams its share
     /// of the weights, once. (Cut by positions instead, the 14×14 projections' packing read
     /// half its input from the other core's cache: on two threads they ran no faster than on
-    /// one; cut by input channels, 1.3–1.6× faster. The two left out ran 10–25% slower cut.)
+    /// one; cut by input channels, 1.3–1.8× faster. Of the two left out, the 28×28 one ran 30%
+    /// slower cut, the other no faster.)
     pub fn k_parts(&self) -> usize {
         let w = self.weights;
         if self.threads > 1 && 3 * w.cout.div_ceil(PAIR) * PAIR <= w.cin {
