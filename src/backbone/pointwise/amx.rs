@@ -386,9 +386,10 @@ impl Matrix<'_> {
     /// parts of the input channels, each summing its channels' products for every unit and
     /// pair of channel blocks into this thread's partial sums; then, once every part has its
     /// sums, runs of the output (of its pairs of channel blocks, or where those are too few,
-    /// of its units): the parts' sums added, then bias, clip, residual and the sum's clip. Part and run `first` first (a thread's index: each
-    /// thread then reads the input channels it wrote and writes the output run it will read),
-    /// then any no other thread has claimed. So no thread waits for a part no thread has
+    /// of its units): the parts' sums added, then bias, clip, residual and the sum's clip.
+    /// Part and run `first` first (a thread's index: each thread then reads the input
+    /// channels it wrote and writes the output run it will read), then any no other thread
+    /// has claimed. So no thread waits for a part no thread has
     /// started, however many threads run (one runs them all); a thread that summed a part
     /// returns only once every run is written, as the others read its sums until then.
     ///
