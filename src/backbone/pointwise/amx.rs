@@ -231,29 +231,65 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The most parts a convolution's input channels are cut in ([`Matrix::k_parts`]): on more
+/// threads, the others sit the projection out (at batch 1 a part of Lite0's largest, 1152
+/// channels, would be 36 / 8 blocks of 32).
+const MAX_PARTS: usize = 8;
+
 /// What the threads running one convolution cut by input channels ([`Matrix::run_share`])
 /// share: which parts are claimed and how many summed, where each left its sums, which runs
-/// of the output are claimed and how many written.
+/// of the output are claimed and how many written, and whether a thread died holding one.
+/// On the stack, no allocation: Lite0's 11 such convolutions a frame.
 pub struct Reduction {
-    claimed: Vec<AtomicBool>,
+    parts: usize,
+    claimed: [AtomicBool; MAX_PARTS],
     arrived: AtomicUsize,
-    partials: Vec<AtomicPtr<Sums>>,
-    taken: Vec<AtomicBool>,
+    partials: [AtomicPtr<Sums>; MAX_PARTS],
+    taken: [AtomicBool; MAX_PARTS],
     reduced: AtomicUsize,
+    failed: AtomicBool,
 }
 
 impl Reduction {
     /// For `parts` parts ([`Matrix::k_parts`]).
+    ///
+    /// # Panics
+    /// If `parts` is 0 or over [`Matrix::k_parts`]' most.
     pub fn new(parts: usize) -> Reduction {
-        let flags = || (0..parts).map(|_| AtomicBool::new(false)).collect();
+        assert!((1..=MAX_PARTS).contains(&parts), "{parts} parts");
         Reduction {
-            claimed: flags(),
+            parts,
+            claimed: [const { AtomicBool::new(false) }; MAX_PARTS],
             arrived: AtomicUsize::new(0),
-            partials: (0..parts)
-                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
-                .collect(),
-            taken: flags(),
+            partials: [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_PARTS],
+            taken: [const { AtomicBool::new(false) }; MAX_PARTS],
             reduced: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Spins until `count` reaches the parts. Panics if a thread sharing the convolution
+    /// panicked holding a part or a run ([`Unwinding`]), which would never be counted: its
+    /// panic then reaches the caller through this one, not a thread spinning for ever.
+    fn wait_for(&self, count: &AtomicUsize) {
+        while count.load(Ordering::Acquire) < self.parts {
+            assert!(
+                !self.failed.load(Ordering::Acquire),
+                "a thread sharing this 1x1 convolution panicked"
+            );
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Marks a [`Reduction`] failed if its thread unwinds while this lives (from claiming a part
+/// until the share's end).
+struct Unwinding<'a>(&'a Reduction);
+
+impl Drop for Unwinding<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.failed.store(true, Ordering::Release);
         }
     }
 }
@@ -376,7 +412,7 @@ impl Matrix<'_> {
     pub fn k_parts(&self) -> usize {
         let w = self.weights;
         if self.threads > 1 && 3 * w.cout.div_ceil(PAIR) * PAIR <= w.cin {
-            self.threads.min(w.cin.div_ceil(K_BLOCK))
+            self.threads.min(w.cin.div_ceil(K_BLOCK)).min(MAX_PARTS)
         } else {
             1
         }
@@ -408,7 +444,8 @@ impl Matrix<'_> {
         shared: &Reduction,
     ) {
         assert!(available(), "the AMX 1x1 kernel needs AMX-BF16");
-        let parts = shared.partials.len();
+        let parts = shared.parts;
+        let _unwinding = Unwinding(shared);
         let order = || std::iter::once(first % parts).chain(0..parts);
         let pairs = self.weights.cout.div_ceil(PAIR);
         let items = self.units() * pairs;
@@ -445,14 +482,12 @@ impl Matrix<'_> {
         }
         // Every part is claimed now, each by a thread that sums it without waiting on
         // anything.
-        while shared.arrived.load(Ordering::Acquire) < parts {
-            std::hint::spin_loop();
-        }
-        let partials: Vec<*const Sums> = shared
+        shared.wait_for(&shared.arrived);
+        let partials = shared
             .partials
-            .iter()
-            .map(|p| p.load(Ordering::Acquire).cast_const())
-            .collect();
+            .each_ref()
+            .map(|p| p.load(Ordering::Acquire).cast_const());
+        let partials = &partials[..parts];
         for run in order() {
             if shared.taken[run].swap(true, Ordering::AcqRel) {
                 continue;
@@ -470,13 +505,11 @@ impl Matrix<'_> {
             // SAFETY: every part's sums are written (`arrived`), and stay until every run is
             // (`reduced`); this run is this thread's alone (`taken`); the caller's contract
             // for the rest.
-            unsafe { self.reduce_avx512(pair_run, unit_run, &partials, residual, output) };
+            unsafe { self.reduce_avx512(pair_run, unit_run, partials, residual, output) };
             shared.reduced.fetch_add(1, Ordering::AcqRel);
         }
         if summed {
-            while shared.reduced.load(Ordering::Acquire) < parts {
-                std::hint::spin_loop();
-            }
+            shared.wait_for(&shared.reduced);
         }
     }
 
@@ -517,19 +550,7 @@ impl Matrix<'_> {
                     let a = w.tiles.as_ptr().add(pair * 2 * halves * kblocks + ks.start);
                     for (i, u) in chunk.clone().enumerate() {
                         product(a, kblocks, halves, panel.add(i * per_unit), nk);
-                        let c = sums.add(u * pairs + pair).cast::<f32>();
-                        asm!(
-                            "tilestored [{c} + {s}], tmm0",
-                            "tilestored [{c1} + {s}], tmm1",
-                            "tilestored [{c2} + {s}], tmm2",
-                            "tilestored [{c3} + {s}], tmm3",
-                            c = in(reg) c,
-                            c1 = in(reg) c.add(TILE),
-                            c2 = in(reg) c.add(TILE * UNIT),
-                            c3 = in(reg) c.add(TILE * UNIT + TILE),
-                            s = in(reg) UNIT * 4,
-                            options(nostack)
-                        );
+                        store_accumulators(sums.add(u * pairs + pair));
                     }
                 }
                 first = chunk.end;
@@ -615,18 +636,7 @@ impl Matrix<'_> {
                 for (i, u) in chunk_units.clone().enumerate() {
                     let (n, p0) = (u / per_image, u % per_image * UNIT);
                     product(a, kblocks, halves, panel.add(i * per_unit), kblocks);
-                    asm!(
-                        "tilestored [{c} + {s}], tmm0",
-                        "tilestored [{c1} + {s}], tmm1",
-                        "tilestored [{c2} + {s}], tmm2",
-                        "tilestored [{c3} + {s}], tmm3",
-                        c = in(reg) sums.0.as_mut_ptr(),
-                        c1 = in(reg) sums.0.as_mut_ptr().add(TILE),
-                        c2 = in(reg) sums.0.as_mut_ptr().add(TILE * UNIT),
-                        c3 = in(reg) sums.0.as_mut_ptr().add(TILE * UNIT + TILE),
-                        s = in(reg) UNIT * 4,
-                        options(nostack)
-                    );
+                    store_accumulators(&mut sums);
                     let co0 = pair * PAIR;
                     let at = (n * cout + co0) * hw + p0;
                     self.store(&sums, co0, p0, output.add(at), residual.map(|r| r.add(at)));
@@ -778,6 +788,31 @@ unsafe fn pack_input(
                 }
             }
         }
+    }
+}
+
+/// Stores the accumulator tiles of [`product`] into `sums`: tiles 0 and 1 the first 16 rows
+/// (positions 0–15 and 16–31), tiles 2 and 3 the next 16.
+///
+/// # Safety
+/// `sums` must be valid for writes; the tiles configured ([`CONFIG`]).
+#[inline(always)]
+unsafe fn store_accumulators(sums: *mut Sums) {
+    let c = sums.cast::<f32>();
+    // SAFETY: the caller's contract; four 16 × 16 tiles fill the 32 × 32 sums.
+    unsafe {
+        asm!(
+            "tilestored [{c} + {s}], tmm0",
+            "tilestored [{c1} + {s}], tmm1",
+            "tilestored [{c2} + {s}], tmm2",
+            "tilestored [{c3} + {s}], tmm3",
+            c = in(reg) c,
+            c1 = in(reg) c.add(TILE),
+            c2 = in(reg) c.add(TILE * UNIT),
+            c3 = in(reg) c.add(TILE * UNIT + TILE),
+            s = in(reg) UNIT * 4,
+            options(nostack)
+        );
     }
 }
 
@@ -1021,5 +1056,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A thread that panics holding a part of a convolution cut by input channels makes the
+    /// others sharing it panic too, instead of spinning for ever on sums that never come
+    /// (before `Reduction::failed`, this test timed out).
+    #[test]
+    fn a_share_that_panics_stops_the_others() {
+        if !available() {
+            eprintln!("no AMX-BF16 here: nothing to check");
+            return;
+        }
+        let mut seed = 5u64;
+        let (cin, cout, hw) = (240, 40, 49);
+        // Leaked: a thread that never stops (without the fix) may still hold them.
+        let weights: &'static Weights = Box::leak(Box::new(Weights::pack(
+            &random(&mut seed, cout * cin),
+            &random(&mut seed, cout),
+            cin,
+            cout,
+        )));
+        let x: &'static [f32] = random(&mut seed, cin * hw).leak();
+        let out: &'static mut [f32] = vec![0.0; cout * hw].leak();
+        let shared: &'static Reduction = Box::leak(Box::new(Reduction::new(2)));
+        let m = Matrix {
+            weights,
+            batch: 1,
+            hw,
+            lo: f32::NEG_INFINITY,
+            hi: f32::INFINITY,
+            post: None,
+            threads: 2,
+        };
+        assert_eq!(m.k_parts(), 2);
+        // One thread claims part 1 and dies before its sums arrive.
+        let dead = std::thread::spawn(move || {
+            let _unwinding = Unwinding(shared);
+            shared.claimed[1].store(true, Ordering::Release);
+            panic!("a share's thread dies holding part 1 (this test's doing)");
+        });
+        assert!(dead.join().is_err());
+        // The other runs its share: it sums part 0, then waits for part 1's sums.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let run = std::panic::AssertUnwindSafe(|| {
+                // SAFETY: the lengths are the convolution's; no one else writes `out`.
+                unsafe { m.run_share(x.as_ptr(), None, out.as_mut_ptr(), 0, shared) }
+            });
+            let _ = tx.send(std::panic::catch_unwind(run).is_err());
+        });
+        let panicked = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the other thread still waits for the dead one's sums after 30 s");
+        assert!(panicked, "the other thread returned without part 1's sums");
     }
 }
