@@ -1153,6 +1153,9 @@ impl Backbone {
             // plane: the band the stem's threads then read (`depthwise`, the stem cut in bands
             // of rows), each from its own core's cache. (Copied whole by the thread that runs
             // the plan, the other thread's band of the stem ran 9% longer than this one's.)
+            // That holds where the other thread is awake: on frames back to back it wakes
+            // 20–40 µs into the run, and this thread has copied both bands by then
+            // (`docs/performance.md`, ninth session); `par_parts` lets it.
             let parts = simd::threads().min(size);
             let out = simd::SharedOut(dst.as_mut_ptr());
             simd::par_parts(parts, dst.len(), |range| {
