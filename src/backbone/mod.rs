@@ -31,6 +31,7 @@ mod profile;
 pub mod quant;
 mod rewrite;
 mod simd;
+mod team;
 pub mod top;
 
 use std::collections::HashMap;
@@ -421,6 +422,10 @@ pub struct Backbone {
     cpu_kernels: CpuKernels,
     substituted: Substitutions,
     executor: Executor,
+    /// With graft's 1×1 kernels on several threads: the workers that share each run's parallel
+    /// loops with the thread that runs it ([`team`]); tract's executor then serves only
+    /// operators of tract's left in the plan.
+    team: Option<team::Team>,
     /// One run at a time on the pool: a run's spinning threads would otherwise take up another
     /// run's spinner while waiting inside it, each then spinning until the other ends.
     pool_turn: Mutex<()>,
@@ -538,6 +543,7 @@ impl Backbone {
             cpu_kernels: options.cpu_kernels,
             substituted: Default::default(),
             executor,
+            team: None,
             pool_turn: Mutex::new(()),
             plans: Mutex::new(HashMap::new()),
             load_time: Duration::ZERO,
@@ -577,6 +583,15 @@ impl Backbone {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert((1, options.logits), plan);
+        // Where graft's kernels run the 1×1 convolutions (most of a frame), the thread that
+        // runs the plan is one of its threads ([`team`]).
+        if threads > 1 && substituted.1.convolutions > 0 {
+            let team = team::Team::new(threads).map_err(|e| BackboneError::Load {
+                model: backbone.id.name.clone(),
+                reason: format!("cannot start {} worker threads: {e}", threads - 1),
+            })?;
+            backbone.team = Some(team);
+        }
         Ok(Backbone {
             load_time: start.elapsed(),
             load_stages: LoadStages { verify, ..stages },
@@ -646,6 +661,14 @@ impl Backbone {
             return f();
         }
         let executor = self.executor.clone();
+        if let Some(team) = &self.team {
+            if let team::Here::None = team::here() {
+                let _turn = self.pool_turn.lock().unwrap_or_else(|e| e.into_inner());
+                return team.enter(|| multithread_tract_scope(executor, f));
+            }
+            // A run inside a run (or inside one of its parts): as it is.
+            return multithread_tract_scope(executor, f);
+        }
         match &self.executor {
             // Already on this pool (a run inside a run): as it is.
             Executor::MultiThread(pool) if pool.current_thread_index().is_some() => {

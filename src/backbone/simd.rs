@@ -244,20 +244,37 @@ impl Lanes for Scalar {
     unsafe fn copy_tail(_: *const f32, _: *mut f32, _: usize) {}
 }
 
-/// Threads of the backbone's executor (tract's).
+/// Threads a parallel loop here would share: the run's [`Team`](super::team::Team)'s, 1 inside
+/// one of its parts, else the backbone's executor's (tract's).
 pub(crate) fn threads() -> usize {
+    use super::team::{here, Here};
+    match here() {
+        Here::Team(team) => return team.threads(),
+        Here::Inline => return 1,
+        Here::None => {}
+    }
     match tract_linalg::multithread::current_tract_executor() {
         tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
         _ => 1,
     }
 }
 
-/// Runs `f` over `0..items` cut in as many equal, contiguous parts as the backbone's executor
-/// has threads, a part per thread (inline below `macs` = 32768, tract's own threshold).
+/// Runs `f` over `0..items` cut in as many equal, contiguous parts as [`threads`], a part per
+/// thread (inline below `macs` = 32768, tract's own threshold): on the run's
+/// [`Team`](super::team::Team) where it has one, else on the backbone's executor (tract's).
 /// tract's `par_chunks_mut` cuts `4 × threads` chunks of a rounded-up size instead: 42 items
 /// make 7 chunks of 6, four on one thread and three on the other.
 pub(crate) fn par_parts(items: usize, macs: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    use super::team::{here, Here};
     use tract_linalg::multithread::{current_tract_executor, Executor};
+    match here() {
+        Here::Team(team) if team.threads() > 1 && items > 1 && macs >= 32768 => {
+            let t = team.threads().min(items);
+            return team.run(t, &|i| f(i * items / t..(i + 1) * items / t));
+        }
+        Here::Team(_) | Here::Inline => return f(0..items),
+        Here::None => {}
+    }
     match current_tract_executor() {
         Executor::MultiThread(pool)
             if pool.current_num_threads() > 1 && items > 1 && macs >= 32768 =>
