@@ -654,8 +654,9 @@ impl Backbone {
         }
     }
 
-    /// Runs `f` (a tract plan run) with this backbone's thread pool, or single-threaded on a
-    /// bulk-embedding worker (whose parallelism is across images).
+    /// Runs `f` (a tract plan run) with this backbone's threads: on this thread with its
+    /// [`team::Team`] where graft's 1×1 kernels run (most of the frame), else on tract's pool;
+    /// single-threaded on a bulk-embedding worker (whose parallelism is across images).
     pub(crate) fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         if BULK_WORKER.with(|b| b.get()) {
             return f();
@@ -1176,9 +1177,10 @@ impl Backbone {
             // plane: the band the stem's threads then read (`depthwise`, the stem cut in bands
             // of rows), each from its own core's cache. (Copied whole by the thread that runs
             // the plan, the other thread's band of the stem ran 9% longer than this one's.)
-            // That holds where the other thread is awake: on frames back to back it wakes
-            // 20–40 µs into the run, and this thread has copied both bands by then
-            // (`docs/performance.md`, ninth session); `par_parts` lets it.
+            // That holds where the other thread is awake: the team's workers linger between
+            // frames back to back ([`team::LINGER`]); after a longer pause they wake 20–40 µs
+            // into the run, and this thread copies both bands meanwhile (the team's parts
+            // are claimed; `docs/performance.md`, ninth and tenth sessions).
             let parts = simd::threads().min(size);
             let out = simd::SharedOut(dst.as_mut_ptr());
             simd::par_parts(parts, dst.len(), |range| {
