@@ -24,11 +24,17 @@ use std::time::{Duration, Instant};
 /// bulk), short beside a camera's frame interval (33 ms at 30 fps).
 pub(crate) const LINGER: Duration = Duration::from_millis(2);
 
-/// One parallel loop: `parts` calls of `f`, claimed in order by whichever thread comes first.
+/// One parallel loop: `parts` calls of `f`. Each thread claims the part of its own index
+/// first (the caller 0, worker `i` part `i`), then any part left, lowest first: with as many
+/// parts as threads, a part then runs on the same thread loop after loop while all are
+/// awake, and graft's kernels cut each operator so that a part reads what the same part of
+/// the operator before wrote, in that core's cache.
 struct Job<'a> {
     f: &'a (dyn Fn(usize) + Sync),
     parts: usize,
-    /// The next part to claim (past `parts`: none left).
+    /// Parts claimed, a bit each, of the first 64.
+    claimed: AtomicU64,
+    /// Past the first 64: the next part to claim.
     next: AtomicUsize,
     /// Parts finished, returned or unwound.
     done: AtomicUsize,
@@ -36,14 +42,45 @@ struct Job<'a> {
     panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
+/// Parts a job claims by its bit mask.
+const MASKED: usize = 64;
+
 impl Job<'_> {
-    /// Claims and runs parts until none is left; a panic is caught and kept (on a worker).
-    fn work(&self, catch: bool) {
+    /// A part for the thread of index `me` to run, if one is left.
+    fn claim(&self, me: usize) -> Option<usize> {
+        let masked = self.parts.min(MASKED);
+        let all = if masked == MASKED {
+            u64::MAX
+        } else {
+            (1u64 << masked) - 1
+        };
+        if me < masked && self.claimed.fetch_or(1 << me, Ordering::AcqRel) & (1 << me) == 0 {
+            return Some(me);
+        }
         loop {
-            let part = self.next.fetch_add(1, Ordering::AcqRel);
-            if part >= self.parts {
-                return;
+            let free = !self.claimed.load(Ordering::Acquire) & all;
+            if free == 0 {
+                break;
             }
+            let part = free.trailing_zeros() as usize;
+            if self.claimed.fetch_or(1 << part, Ordering::AcqRel) & (1 << part) == 0 {
+                return Some(part);
+            }
+        }
+        let part = MASKED + self.next.fetch_add(1, Ordering::AcqRel);
+        (part < self.parts).then_some(part)
+    }
+
+    /// Lets no thread claim another part.
+    fn close(&self) {
+        self.claimed.store(u64::MAX, Ordering::Release);
+        self.next.fetch_max(self.parts, Ordering::AcqRel);
+    }
+
+    /// Claims and runs parts until none is left, as the thread of index `me`; a panic is
+    /// caught and kept (on a worker).
+    fn work(&self, me: usize, catch: bool) {
+        while let Some(part) = self.claim(me) {
             if catch {
                 if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| (self.f)(part))) {
                     let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
@@ -137,7 +174,7 @@ impl Team {
             // On failure `team` drops, stopping the workers already started.
             let handle = std::thread::Builder::new()
                 .name(format!("graft-cpu-{i}"))
-                .spawn(move || worker(&shared))?;
+                .spawn(move || worker(&shared, i))?;
             team.workers.push(handle);
         }
         Ok(team)
@@ -180,6 +217,7 @@ impl Team {
         let job = Job {
             f,
             parts,
+            claimed: AtomicU64::new(0),
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             panic: Mutex::new(None),
@@ -190,7 +228,7 @@ impl Team {
         impl Drop for Close<'_> {
             fn drop(&mut self) {
                 let (shared, job) = (self.0, self.1);
-                job.next.fetch_max(job.parts, Ordering::AcqRel);
+                job.close();
                 shared.job.store(std::ptr::null_mut(), Ordering::SeqCst);
                 while shared.inside.load(Ordering::SeqCst) != 0 {
                     std::hint::spin_loop();
@@ -215,7 +253,7 @@ impl Team {
                 }
             }
             let _out = Out(outer);
-            job.work(false);
+            job.work(0, false);
             while job.done.load(Ordering::Acquire) < parts {
                 std::hint::spin_loop();
             }
@@ -239,8 +277,9 @@ impl Drop for Team {
     }
 }
 
-/// A worker: runs the parts of each loop posted, spins [`LINGER`] for the next, then parks.
-fn worker(shared: &Shared) {
+/// Worker `me` (from 1): runs parts of each loop posted, spins [`LINGER`] for the next, then
+/// parks.
+fn worker(shared: &Shared, me: usize) {
     IN_PART.with(|p| p.set(true));
     // Nothing posted yet when the team was made; a loop posted before this thread got here
     // is still to be seen.
@@ -256,7 +295,7 @@ fn worker(shared: &Shared) {
             if !job.is_null() {
                 // SAFETY: the caller keeps the job alive until `inside` is back to 0
                 // (`Team::run`'s `Close`), and it was not yet nulled when read after entering.
-                unsafe { (*job).work(true) };
+                unsafe { (*job).work(me, true) };
             }
             shared.inside.fetch_sub(1, Ordering::SeqCst);
             continue;
@@ -310,20 +349,38 @@ mod tests {
     }
 
     /// The workers take parts: with parts that wait for each other, a loop of as many parts as
-    /// threads finishes only if every thread runs one at the same time.
+    /// threads finishes only if every thread runs one at the same time. And each thread takes
+    /// the part of its own index, loop after loop (the caller part 0), whichever wakes first.
     #[test]
     fn the_workers_run_parts_alongside() {
-        let team = Team::new(3).unwrap();
-        for _ in 0..20 {
+        let team = Team::new(4).unwrap();
+        let mut first: Option<Vec<std::thread::ThreadId>> = None;
+        for round in 0..20 {
+            if round % 5 == 4 {
+                // Some loops find the workers parked.
+                std::thread::sleep(LINGER * 2);
+            }
             let arrived = AtomicUsize::new(0);
-            team.run(3, &|_| {
+            let ran: Vec<Mutex<Option<std::thread::ThreadId>>> =
+                (0..4).map(|_| Mutex::new(None)).collect();
+            team.run(4, &|part| {
+                *ran[part].lock().unwrap() = Some(std::thread::current().id());
                 arrived.fetch_add(1, Ordering::AcqRel);
                 let start = Instant::now();
-                while arrived.load(Ordering::Acquire) < 3 {
+                while arrived.load(Ordering::Acquire) < 4 {
                     assert!(start.elapsed() < Duration::from_secs(30), "no partner came");
                     std::hint::spin_loop();
                 }
             });
+            let ran: Vec<_> = ran
+                .into_iter()
+                .map(|r| r.into_inner().unwrap().unwrap())
+                .collect();
+            assert_eq!(ran[0], std::thread::current().id(), "the caller ran part 0");
+            match &first {
+                None => first = Some(ran),
+                Some(f) => assert_eq!(f, &ran, "round {round}: parts moved between threads"),
+            }
         }
     }
 
